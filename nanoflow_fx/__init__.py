@@ -1,0 +1,33 @@
+"""nanoflow_fx: NanoFlow-style nano-batching for any Hugging Face decoder, as a torch.compile / FX library.
+
+    model = nanoflow_fx.optimize(hf_model)   # same object, accelerated in place
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=64)
+"""
+
+from nanoflow_fx.capture.backend import backend
+from nanoflow_fx.config import NanoFlowConfig
+from nanoflow_fx.errors import (
+    BatchTooLargeError,
+    CaptureMismatchError,
+    InvalidInputError,
+    KVCacheExhaustedError,
+    NanoFlowError,
+    RequestTooLongError,
+    UnsupportedModelError,
+)
+from nanoflow_fx.optimize import optimize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchTooLargeError",
+    "CaptureMismatchError",
+    "InvalidInputError",
+    "KVCacheExhaustedError",
+    "NanoFlowConfig",
+    "NanoFlowError",
+    "RequestTooLongError",
+    "UnsupportedModelError",
+    "backend",
+    "optimize",
+]

@@ -1,0 +1,124 @@
+"""The attention function nanoflow_fx registers in transformers' `AttentionInterface`.
+
+With `nanoflow_metadata` among the forward's keyword arguments (the token-packed step), attention becomes one
+`nanoflow::paged_attention` call. Without it (a plain `model(...)` or HF's own `generate()`), it runs the
+model's own eager attention, so the optimized model still behaves as before for every other use. The matching
+mask function builds HF's eager mask for those plain calls; in the packed step that mask is unused and
+dead-code elimination drops it from the captured graph.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from nanoflow_fx.errors import UnsupportedModelError
+from nanoflow_fx.ops import AttentionMetadata, paged_attention
+
+__all__ = ["ATTN_IMPLEMENTATION", "LayerSpec", "ShapeProbe", "register"]
+
+ATTN_IMPLEMENTATION = "nanoflow"
+METADATA_KWARG = "nanoflow_metadata"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one attention layer needs from the KV cache and the kernel."""
+
+    layer_idx: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int  # <= 0: none
+    softcap: float  # <= 0: none
+
+
+@dataclass
+class ShapeProbe:
+    """Passed instead of `AttentionMetadata` in a discovery forward: records each layer's `LayerSpec`."""
+
+    layers: dict[int, LayerSpec] = field(default_factory=dict)
+
+
+def register() -> None:
+    """Register the attention and mask functions under `ATTN_IMPLEMENTATION` (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, nanoflow_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+
+
+def nanoflow_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, H, T, D]
+    key: torch.Tensor,  # [1, Hkv, T, D]
+    value: torch.Tensor,  # [1, Hkv, T, D]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    meta = kwargs.pop(METADATA_KWARG, None)
+    if meta is None:
+        return _eager_fallback(module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+            sliding_window=sliding_window, softcap=softcap, **kwargs,
+        )
+    spec = _layer_spec(module, key, value, sliding_window, softcap, kwargs)
+    if isinstance(meta, ShapeProbe):
+        meta.layers[spec.layer_idx] = spec
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+    if not isinstance(meta, AttentionMetadata):
+        raise TypeError(f"{METADATA_KWARG} must be an AttentionMetadata, got {type(meta).__name__}")
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    out = paged_attention(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),  # [T, heads, D]
+        meta.kv_caches[spec.layer_idx], *meta.tensors(),
+        scale, spec.sliding_window, spec.softcap,
+    )
+    return out.unsqueeze(0), None  # [1, T, H, D], as HF's attention functions return
+
+
+def _layer_spec(
+    module: torch.nn.Module,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sliding_window: int | None,
+    softcap: float | None,
+    kwargs: dict[str, Any],
+) -> LayerSpec:
+    name = type(module).__name__
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int):
+        raise UnsupportedModelError(f"{name} has no integer `layer_idx`; nanoflow_fx needs it to find its KV cache")
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
+        raise UnsupportedModelError(f"{name} uses non-causal attention; nanoflow_fx supports causal decoders only")
+    for sink_kwarg in ("s_aux", "sinks"):
+        if kwargs.get(sink_kwarg) is not None:
+            raise UnsupportedModelError(f"{name} uses attention sinks (`{sink_kwarg}`), which nanoflow_fx lacks")
+    if key.shape[0] != 1:
+        raise ValueError(f"the packed step expects batch dimension 1, got key shape {tuple(key.shape)}")
+    if key.shape[-1] != value.shape[-1]:
+        raise UnsupportedModelError(f"{name} has key head dim {key.shape[-1]} != value head dim {value.shape[-1]}")
+    return LayerSpec(
+        layer_idx=layer_idx,
+        num_kv_heads=key.shape[1],
+        head_dim=key.shape[-1],
+        sliding_window=int(sliding_window) if sliding_window else 0,
+        softcap=float(softcap) if softcap else 0.0,
+    )
+
+
+def _eager_fallback(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """The model's own `eager_attention_forward` (it honours every variant the model has)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: its modeling file has no eager_attention_forward to serve plain forwards"
+        )
+    return fn  # type: ignore[no-any-return]

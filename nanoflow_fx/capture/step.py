@@ -1,0 +1,60 @@
+"""`StepFunction`: the model's forward over one token-packed step, captured by Dynamo with `fullgraph=True`."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from nanoflow_fx.capture.backend import backend
+from nanoflow_fx.capture.hf_attention import METADATA_KWARG
+from nanoflow_fx.config import NanoFlowConfig
+from nanoflow_fx.ops import AttentionMetadata
+
+__all__ = ["StepFunction"]
+
+
+class StepFunction:
+    """Calls `model(input_ids [1, T], position_ids [1, T], ...)` (given as [T] and unsqueezed inside) through the nanoflow backend.
+
+    Returns the logits of the rows `logits_indices` selects: [len(logits_indices), vocab].
+    Every ATen graph captured (one per distinct shape specialisation Dynamo makes) lands in `graphs`.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: NanoFlowConfig) -> None:
+        self.model = model
+        self.graphs: list[torch.fx.GraphModule] = []
+        # A private copy of the code object gives this model its own Dynamo cache and recompile limit;
+        # otherwise every optimized model in the process would share (and evict) one cache.
+        fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_step")
+        self._compiled = torch.compile(
+            fn, backend=backend(config, on_graph=self.graphs.append), fullgraph=True, dynamic=True
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        position_ids: torch.Tensor,  # [T]
+        logits_indices: torch.Tensor,  # [N] int64
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [N, vocab]
+        # Without duck sizing, sizes that happen to be equal in one step (say 8 tokens and 8 pages) are not
+        # unified into one symbol, which would force a recompile the first step they differ.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self._compiled(self.model, input_ids, position_ids, logits_indices, metadata)  # type: ignore[no-any-return]
+
+
+def _packed_forward(
+    model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_indices: torch.Tensor, metadata: Any
+) -> torch.Tensor:
+    out = model(
+        input_ids=input_ids.unsqueeze(0),
+        position_ids=position_ids.unsqueeze(0),
+        use_cache=False,
+        logits_to_keep=logits_indices,
+        **{METADATA_KWARG: metadata},
+    )
+    return out.logits[0]  # type: ignore[no-any-return]

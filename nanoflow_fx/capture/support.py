@@ -1,0 +1,52 @@
+"""Which models nanoflow_fx can capture, and the discovery forward that learns each attention layer's shape."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+
+from nanoflow_fx.capture.hf_attention import METADATA_KWARG, LayerSpec, ShapeProbe
+from nanoflow_fx.errors import UnsupportedModelError
+
+__all__ = ["check_supported", "discover_layers"]
+
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def check_supported(model: object) -> None:
+    """Raise `UnsupportedModelError` naming the reason if `model` is not a softmax-attention causal LM."""
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(f"optimize() takes a transformers PreTrainedModel, got {type(model).__name__}")
+    name, config = type(model).__name__, model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder model; nanoflow_fx supports decoder-only LMs")
+    if not isinstance(model, GenerationMixin) or model.get_output_embeddings() is None:
+        raise UnsupportedModelError(f"{name} is not a causal LM with an LM head (use its *ForCausalLM class)")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{name} does not route attention through transformers' AttentionInterface "
+            "(_supports_attention_backend is False), so nanoflow_fx cannot capture its attention"
+        )
+    other = sorted(set(getattr(config, "layer_types", None) or []) - _ATTENTION_LAYER_TYPES)
+    if other:
+        raise UnsupportedModelError(
+            f"{name} has layers of type {other}; nanoflow_fx supports softmax attention layers only "
+            f"({sorted(_ATTENTION_LAYER_TYPES)}), not state-space or linear-attention hybrids"
+        )
+    if getattr(config, "model_type", "") in {"mamba", "mamba2", "rwkv", "falcon_mamba", "xlstm"}:
+        raise UnsupportedModelError(f"{name} is a recurrent / state-space model, not softmax attention")
+
+
+@torch.no_grad()
+def discover_layers(model: PreTrainedModel) -> list[LayerSpec]:
+    """Run a 2-token forward whose attention only records each layer's KV shape, window and soft-cap."""
+    probe = ShapeProbe()
+    ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)
+    model(input_ids=ids, position_ids=torch.arange(2, device=model.device)[None], use_cache=False,
+          **{METADATA_KWARG: probe})
+    indices = sorted(probe.layers)
+    if not indices:
+        raise UnsupportedModelError(f"{type(model).__name__}: no attention layer called the attention interface")
+    if indices != list(range(len(indices))):
+        raise UnsupportedModelError(f"{type(model).__name__}: attention layer indices {indices} are not 0..N-1")
+    return [probe.layers[i] for i in indices]

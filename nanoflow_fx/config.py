@@ -1,0 +1,83 @@
+"""`NanoFlowConfig`: the one configuration object of nanoflow_fx."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["NanoFlowConfig", "ATTENTION_BACKENDS"]
+
+ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
+
+
+@dataclass(frozen=True)
+class NanoFlowConfig:
+    """How `optimize()` captures and runs a model. Frozen; round-trips through `to_dict`/`from_dict`.
+
+    The model's dtype and device are taken from the model itself, not from here.
+    """
+
+    max_batch_size: int = 64
+    """Most sequences in flight at once; `generate()` rejects larger batches."""
+
+    max_seq_len: int = 2048
+    """Longest sequence (prompt plus generated tokens) a request may reach."""
+
+    page_size: int = 16
+    """Tokens per KV-cache page."""
+
+    num_pages: int | None = None
+    """KV-cache pages (per layer). None: enough for `max_batch_size` sequences of `max_seq_len`."""
+
+    max_num_tokens: int = 4096
+    """Token budget of one step; longer prefills are split into chunks of at most this many tokens."""
+
+    num_nanobatches: int | Literal["auto"] = 1
+    """Nano-batches a step is split into; "auto" lets the search decide (1 until the search exists)."""
+
+    attention_backend: str = "auto"
+    """Paged attention kernel: "torch" (reference, CPU and GPU), "flashinfer", or "auto"."""
+
+    check_capture: bool = True
+    """Compare the captured step with the eager model on a probe input in `optimize()`."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_seq_len", "page_size", "max_num_tokens"):
+            _require_positive_int(name, getattr(self, name))
+        if self.num_pages is not None:
+            _require_positive_int("num_pages", self.num_pages)
+        if self.num_nanobatches != "auto":
+            _require_positive_int("num_nanobatches", self.num_nanobatches)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"NanoFlowConfig.attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
+            )
+        if not isinstance(self.check_capture, bool):
+            raise ValueError(f"NanoFlowConfig.check_capture must be a bool, got {self.check_capture!r}")
+
+    @property
+    def pages_per_seq(self) -> int:
+        """Pages one sequence of `max_seq_len` tokens needs."""
+        return -(-self.max_seq_len // self.page_size)
+
+    @property
+    def total_pages(self) -> int:
+        """KV-cache pages to allocate per layer."""
+        return self.num_pages if self.num_pages is not None else self.max_batch_size * self.pages_per_seq
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> NanoFlowConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"NanoFlowConfig has no field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+def _require_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"NanoFlowConfig.{name} must be a positive int, got {value!r}")

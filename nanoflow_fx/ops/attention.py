@@ -1,0 +1,44 @@
+"""`nanoflow::paged_attention`: the one operator attention is captured into.
+
+It owns the step's only mutation: it writes the new keys/values into the paged KV cache in place
+(`mutates_args`), then attends. Because the op declares the mutation itself, the captured ATen graph keeps
+the write in place instead of copying the whole cache every step (functionalisation would).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanoflow_fx.ops.reference import paged_attention_reference, write_kv_
+
+__all__ = ["paged_attention"]
+
+
+@torch.library.custom_op("nanoflow::paged_attention", mutates_args=("kv_cache",))
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    scaling: float,
+    sliding_window: int,
+    softcap: float,
+) -> torch.Tensor:
+    """Write k/v ([T, Hkv, D]) to their slots, then attend q ([T, H, D]) causally per request -> [T, H, D].
+
+    `sliding_window` <= 0 means no window; `softcap` <= 0 means no logit soft-capping.
+    """
+    write_kv_(kv_cache, k, v, slot_mapping)
+    return paged_attention_reference(
+        q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling, sliding_window, softcap
+    )
+
+
+@paged_attention.register_fake
+def _(q, k, v, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, slot_mapping, scaling, sliding_window, softcap):  # type: ignore[no-untyped-def]  # noqa: E501
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])

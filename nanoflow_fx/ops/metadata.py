@@ -1,0 +1,38 @@
+"""Attention metadata of one token-packed step (FlashInfer's paged, CSR layout)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AttentionMetadata"]
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each request's queries and cached keys/values are, for one step.
+
+    The step's tokens are packed: request r owns query rows `qo_indptr[r]:qo_indptr[r+1]`. Its KV (the cached
+    prefix plus this step's tokens, already counted) lives in pages `kv_indices[kv_indptr[r]:kv_indptr[r+1]]`,
+    the last of which holds `kv_last_page_len[r]` tokens. Token t's new K/V goes to flat slot
+    `slot_mapping[t]` = page * page_size + offset. Queries are the last tokens of their request, so the query at
+    row j of request r sits at position kv_len[r] - q_len[r] + j and attends causally.
+    """
+
+    qo_indptr: torch.Tensor  # [R + 1] int32
+    kv_indptr: torch.Tensor  # [R + 1] int32
+    kv_indices: torch.Tensor  # [num_used_pages] int32
+    kv_last_page_len: torch.Tensor  # [R] int32
+    slot_mapping: torch.Tensor  # [T] int64
+    kv_caches: tuple[torch.Tensor, ...]  # per layer [num_pages, 2, page_size, num_kv_heads, head_dim]
+
+    def to(self, device: torch.device | str) -> AttentionMetadata:
+        return AttentionMetadata(
+            *(t.to(device) for t in self.tensors()),
+            kv_caches=self.kv_caches,
+        )
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The per-step index tensors, in field order (the caches excluded)."""
+        return (self.qo_indptr, self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.slot_mapping)

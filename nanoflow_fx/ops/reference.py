@@ -1,0 +1,68 @@
+"""Pure-torch paged attention: the reference every faster backend must match. Runs on CPU and GPU."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["write_kv_", "paged_attention_reference"]
+
+
+def write_kv_(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys/values: token t goes to flat slot `slot_mapping[t]` of `kv_cache`.
+
+    kv_cache: [P, 2, page, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T] int64.
+    """
+    page_size = kv_cache.shape[2]
+    page, offset = slot_mapping // page_size, slot_mapping % page_size
+    kv_cache[page, 0, offset] = k.to(kv_cache.dtype)
+    kv_cache[page, 1, offset] = v.to(kv_cache.dtype)
+
+
+def paged_attention_reference(
+    q: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,  # [P, 2, page, Hkv, D]
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    scaling: float,
+    sliding_window: int,
+    softcap: float,
+) -> torch.Tensor:  # [T, H, D]
+    """Causal attention of each request's queries over its cached KV, one request at a time, in fp32."""
+    out = torch.empty(q.shape[0], q.shape[1], kv_cache.shape[-1], dtype=q.dtype, device=q.device)
+    qo, kvp, last = qo_indptr.tolist(), kv_indptr.tolist(), kv_last_page_len.tolist()
+    page_size = kv_cache.shape[2]
+    for r in range(len(qo) - 1):
+        if qo[r + 1] == qo[r]:
+            continue
+        pages = kv_indices[kvp[r] : kvp[r + 1]].long()
+        kv_len = (len(pages) - 1) * page_size + last[r]
+        kv = kv_cache[pages].transpose(0, 1).flatten(1, 2)[:, :kv_len]  # [2, L, Hkv, D]
+        out[qo[r] : qo[r + 1]] = _attend_one(q[qo[r] : qo[r + 1]], kv[0], kv[1], scaling, sliding_window, softcap)
+    return out
+
+
+def _attend_one(
+    q: torch.Tensor,  # [Tq, H, D]
+    k: torch.Tensor,  # [L, Hkv, D]
+    v: torch.Tensor,  # [L, Hkv, D]
+    scaling: float,
+    sliding_window: int,
+    softcap: float,
+) -> torch.Tensor:
+    num_q, num_kv = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scaling  # [H, Tq, L]
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_pos = torch.arange(num_kv - num_q, num_kv, device=q.device)[:, None]
+    k_pos = torch.arange(num_kv, device=q.device)[None, :]
+    visible = k_pos <= q_pos
+    if sliding_window > 0:  # HF semantics: a query sees the last `sliding_window` positions, itself included
+        visible &= k_pos > q_pos - sliding_window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)

@@ -1,0 +1,116 @@
+"""`optimize()`: accelerate a Hugging Face causal LM in place."""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from nanoflow_fx.capture import hf_attention
+from nanoflow_fx.capture.step import StepFunction
+from nanoflow_fx.capture.support import check_supported, discover_layers
+from nanoflow_fx.config import NanoFlowConfig
+from nanoflow_fx.errors import CaptureMismatchError
+from nanoflow_fx.runtime.batch import Chunk
+from nanoflow_fx.runtime.engine import StepEngine
+from nanoflow_fx.runtime.generate import plan_generation, run_generation
+from nanoflow_fx.runtime.kv_cache import PagedKVCache
+
+__all__ = ["optimize", "NanoFlowRuntime"]
+
+log = logging.getLogger(__name__)
+
+_PROBE_LENGTHS = (5, 3)  # two requests of different lengths: packing, per-request causality and paging
+# Relative max-abs logits difference allowed between the captured step and the eager model on the probe:
+# fp32 differs only by reduction order (~1e-6 seen); half precision by rounding in every layer.
+_PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+
+
+class NanoFlowRuntime:
+    """What `optimize()` attaches to a model as `model.nanoflow`: config, captured step, KV cache, engine."""
+
+    def __init__(self, model: PreTrainedModel, config: NanoFlowConfig) -> None:
+        self.config = config
+        self.layers = discover_layers(model)
+        dtype = next(model.parameters()).dtype
+        self.kv_cache = PagedKVCache(self.layers, config.total_pages, config.page_size, dtype, model.device)
+        self.step_fn = StepFunction(model, config)
+        self.engine = StepEngine(self.step_fn, self.kv_cache, config)
+        self.capture_seconds = 0.0
+
+
+def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> PreTrainedModel:
+    """Accelerate `model` in place and return it (the same object; `isinstance` checks still hold).
+
+    After this, `model.generate(...)` runs on nanoflow's paged, token-packed captured step, and `model(...)`
+    keeps working as before. Raises `UnsupportedModelError` for models outside the supported class and
+    `CaptureMismatchError` if the captured step disagrees with the eager model on a probe input.
+    """
+    config = config or NanoFlowConfig()
+    check_supported(model)
+    hf_attention.register()
+    model.eval()
+    model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
+    _use_static_experts(model)
+    runtime = NanoFlowRuntime(model, config)
+    start = time.perf_counter()
+    if config.check_capture:
+        _check_against_eager(model, runtime)
+    runtime.capture_seconds = time.perf_counter() - start
+    model.nanoflow = runtime  # type: ignore[assignment]
+    model.generate = types.MethodType(_generate, model)  # type: ignore[method-assign]
+    log.info("nanoflow_fx: optimized %s (%d attention layers, KV cache %.1f MiB, capture %.1f s)",
+             type(model).__name__, len(runtime.layers), runtime.kv_cache.num_bytes / 2**20, runtime.capture_seconds)
+    return model
+
+
+def _use_static_experts(model: PreTrainedModel) -> None:
+    """MoE layers: HF's default experts loop is data-dependent (no full-graph capture); `batched_mm` is
+    static-shaped and token-parallel, so it captures into one graph and splits along tokens."""
+    if getattr(model, "_can_set_experts_implementation", lambda: False)() and hasattr(model.config, "_experts_implementation"):
+        if model.config._experts_implementation in (None, "eager"):
+            model.set_experts_implementation("batched_mm")
+
+
+def _generate(
+    self: PreTrainedModel,
+    inputs: torch.Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | GenerateDecoderOnlyOutput:
+    """HF's `generate()` contract on nanoflow's fast path; other options run HF's own generate()."""
+    plan = plan_generation(self, inputs, generation_config, kwargs)
+    if isinstance(plan, str):
+        log.info("nanoflow_fx: running transformers' generate() because %s", plan)
+        return type(self).generate(self, inputs, generation_config, **kwargs)  # type: ignore[no-any-return]
+    return run_generation(self.nanoflow.engine, plan)  # type: ignore[union-attr]
+
+
+@torch.no_grad()
+def _check_against_eager(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
+    """Run the captured step on a probe (two packed prompts) and compare every logit with the eager model."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in _PROBE_LENGTHS]
+    engine = runtime.engine
+    requests = engine.admit(prompts, max_new_tokens=1)
+    try:
+        got = engine.run([Chunk(r, len(r.prompt)) for r in requests], all_logits=True).float()
+    finally:
+        engine.release(requests)
+    want = torch.cat([model(torch.tensor([p], device=model.device), use_cache=False).logits[0] for p in prompts])
+    want = want.float()
+    dtype = next(model.parameters()).dtype
+    scale = max(1.0, want.abs().max().item())
+    diff = (got - want).abs().max().item()
+    if not diff <= _PROBE_TOLERANCE.get(dtype, 5e-2) * scale:
+        raise CaptureMismatchError(
+            f"{type(model).__name__} ({model.config.model_type}): the captured nanoflow step differs from the eager "
+            f"model on the probe by max |logit diff| {diff:.3g} (logit scale {scale:.3g}, dtype {dtype}); "
+            "this model uses something nanoflow_fx does not reproduce; please report it with the model name"
+        )

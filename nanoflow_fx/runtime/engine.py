@@ -1,0 +1,83 @@
+"""`StepEngine`: admits requests into the paged KV cache, schedules token-packed steps and runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from nanoflow_fx.capture.step import StepFunction
+from nanoflow_fx.config import NanoFlowConfig
+from nanoflow_fx.errors import BatchTooLargeError, RequestTooLongError
+from nanoflow_fx.runtime.batch import Chunk, Request, build_step
+from nanoflow_fx.runtime.kv_cache import PagedKVCache
+
+__all__ = ["StepEngine"]
+
+
+class StepEngine:
+    """Runs requests through the captured step.
+
+    Pages for a request's whole budget (prompt + max_new_tokens) are reserved when it is admitted, so an
+    admitted request can never run out of cache mid-generation and an oversized batch fails before any work.
+    """
+
+    def __init__(self, step_fn: StepFunction, kv_cache: PagedKVCache, config: NanoFlowConfig) -> None:
+        self.step_fn = step_fn
+        self.kv_cache = kv_cache
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_cache.caches[0].device
+
+    def admit(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Request]:
+        """Create requests and reserve their pages; raises before reserving anything if they cannot fit."""
+        cfg = self.config
+        if len(prompts) > cfg.max_batch_size:
+            raise BatchTooLargeError(
+                f"batch of {len(prompts)} sequences exceeds NanoFlowConfig.max_batch_size={cfg.max_batch_size}; "
+                "raise max_batch_size in optimize() or split the batch"
+            )
+        for i, prompt in enumerate(prompts):
+            total = len(prompt) + max_new_tokens
+            if total > cfg.max_seq_len:
+                raise RequestTooLongError(
+                    f"sequence {i}: prompt of {len(prompt)} tokens + {max_new_tokens} new tokens = {total} "
+                    f"exceeds NanoFlowConfig.max_seq_len={cfg.max_seq_len}; raise max_seq_len in optimize() "
+                    "or shorten the prompt / lower max_new_tokens"
+                )
+        need = [self.kv_cache.pages_for(len(p) + max_new_tokens) for p in prompts]
+        pages = self.kv_cache.allocator.allocate(sum(need))  # all-or-nothing
+        requests, start = [], 0
+        for prompt, n in zip(prompts, need):
+            requests.append(Request(prompt=list(prompt), max_new_tokens=max_new_tokens, pages=pages[start : start + n]))
+            start += n
+        return requests
+
+    def release(self, requests: Sequence[Request]) -> None:
+        for req in requests:
+            self.kv_cache.allocator.free(req.pages)
+            req.pages = []
+
+    def schedule(self, requests: Sequence[Request]) -> list[Chunk]:
+        """Decode tokens first, then prefill chunks fill the rest of the `max_num_tokens` budget."""
+        budget = self.config.max_num_tokens
+        active = [r for r in requests if not r.finished and r.num_pending > 0]
+        decodes = [r for r in active if r.num_cached >= len(r.prompt)]
+        chunks = [Chunk(r, 1) for r in decodes]
+        budget -= len(chunks)
+        for req in active:
+            if req.num_cached < len(req.prompt) and budget > 0:
+                n = min(req.num_pending, budget)
+                chunks.append(Chunk(req, n))
+                budget -= n
+        return chunks
+
+    def run(self, chunks: Sequence[Chunk], all_logits: bool = False) -> torch.Tensor:
+        """Run one step; returns logits of completing chunks in order ([N, vocab]), or of every token."""
+        inputs = build_step(chunks, self.kv_cache.caches, self.kv_cache.page_size, self.device, all_logits)
+        logits = self.step_fn(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+        for chunk in chunks:
+            chunk.request.num_cached += chunk.num_tokens
+        return logits

@@ -1,0 +1,53 @@
+"""Next-token selection with HF's own logits warpers, so sampling restricts the distribution as HF does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+__all__ = ["SamplingParams", "select_tokens"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The generation options the fast path honours (already merged with the model's defaults)."""
+
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    eos_token_ids: tuple[int, ...]
+    min_new_tokens: int  # EOS is suppressed until a sequence has generated this many tokens
+
+    def warpers(self) -> LogitsProcessorList:
+        """HF's warpers in HF's order (temperature, top-k, top-p), each only when it changes something."""
+        warpers = LogitsProcessorList()
+        if self.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k != 0:
+            warpers.append(TopKLogitsWarper(top_k=self.top_k, min_tokens_to_keep=1))
+        if self.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=self.top_p, min_tokens_to_keep=1))
+        return warpers
+
+
+def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: SamplingParams) -> torch.Tensor:
+    """Pick one token per row of `logits` [N, vocab]; row i has generated `num_generated[i]` tokens so far."""
+    scores = logits.float()
+    if params.eos_token_ids and params.min_new_tokens > 0:
+        young = torch.tensor([n < params.min_new_tokens for n in num_generated], device=scores.device)
+        eos = torch.tensor(params.eos_token_ids, device=scores.device)
+        scores[young.nonzero()[:, :1], eos[None, :]] = float("-inf")
+    if not params.do_sample:
+        return scores.argmax(dim=-1)
+    scores = params.warpers()(None, scores)  # type: ignore[arg-type]  # HF's warpers ignore input_ids
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
