@@ -72,9 +72,9 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> Pr
 def _use_static_experts(model: PreTrainedModel) -> None:
     """MoE layers: HF's default experts loop is data-dependent (no full-graph capture); `batched_mm` is
     static-shaped and token-parallel, so it captures into one graph and splits along tokens."""
-    if getattr(model, "_can_set_experts_implementation", lambda: False)() and hasattr(model.config, "_experts_implementation"):
-        if model.config._experts_implementation in (None, "eager"):
-            model.set_experts_implementation("batched_mm")
+    can_set = getattr(model, "_can_set_experts_implementation", lambda: False)()
+    if can_set and getattr(model.config, "_experts_implementation", None) in (None, "eager"):
+        model.set_experts_implementation("batched_mm")
 
 
 def _generate(

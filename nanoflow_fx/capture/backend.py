@@ -37,7 +37,8 @@ def backend(config: NanoFlowConfig | None = None, on_graph: GraphSink | None = N
             return aten_gm
 
         return aot_module_simplified(
-            gm, list(example_inputs), fw_compiler=compile_aten, disable_functionalization=True
+            gm, list(example_inputs), fw_compiler=compile_aten, disable_functionalization=True,
+            keep_inference_input_mutations=True,
         )
 
     return compile_fn

@@ -17,7 +17,9 @@ __all__ = ["StepFunction"]
 
 
 class StepFunction:
-    """Calls `model(input_ids [1, T], position_ids [1, T], ...)` (given as [T] and unsqueezed inside) through the nanoflow backend.
+    """Calls `model(input_ids [1, T], position_ids [1, T], ...)` through the nanoflow backend.
+
+    The ids and positions are given as [T] and unsqueezed inside the graph.
 
     Returns the logits of the rows `logits_indices` selects: [len(logits_indices), vocab].
     Every ATen graph captured (one per distinct shape specialisation Dynamo makes) lands in `graphs`.
@@ -29,9 +31,7 @@ class StepFunction:
         # A private copy of the code object gives this model its own Dynamo cache and recompile limit;
         # otherwise every optimized model in the process would share (and evict) one cache.
         fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_step")
-        self._compiled = torch.compile(
-            fn, backend=backend(config, on_graph=self.graphs.append), fullgraph=True, dynamic=True
-        )
+        self._compiled = torch.compile(fn, backend=backend(config, on_graph=self.graphs.append), fullgraph=True)
 
     @torch.no_grad()
     def __call__(
@@ -41,6 +41,10 @@ class StepFunction:
         logits_indices: torch.Tensor,  # [N] int64
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [N, vocab]
+        # The step's sizes (tokens, requests, pages used, logits rows) are symbolic; the builder keeps each >= 2
+        # so Dynamo never specialises them on 0/1. The KV caches and weights keep static shapes.
+        for tensor in (input_ids, position_ids, logits_indices, *metadata.tensors()):
+            torch._dynamo.mark_dynamic(tensor, 0)
         # Without duck sizing, sizes that happen to be equal in one step (say 8 tokens and 8 pages) are not
         # unified into one symbol, which would force a recompile the first step they differ.
         with torch.fx.experimental._config.patch(use_duck_shape=False):

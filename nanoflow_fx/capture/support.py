@@ -22,16 +22,16 @@ def check_supported(model: object) -> None:
         raise UnsupportedModelError(f"{name} is an encoder-decoder model; nanoflow_fx supports decoder-only LMs")
     if not isinstance(model, GenerationMixin) or model.get_output_embeddings() is None:
         raise UnsupportedModelError(f"{name} is not a causal LM with an LM head (use its *ForCausalLM class)")
-    if not getattr(model, "_supports_attention_backend", False):
-        raise UnsupportedModelError(
-            f"{name} does not route attention through transformers' AttentionInterface "
-            "(_supports_attention_backend is False), so nanoflow_fx cannot capture its attention"
-        )
     other = sorted(set(getattr(config, "layer_types", None) or []) - _ATTENTION_LAYER_TYPES)
     if other:
         raise UnsupportedModelError(
             f"{name} has layers of type {other}; nanoflow_fx supports softmax attention layers only "
             f"({sorted(_ATTENTION_LAYER_TYPES)}), not state-space or linear-attention hybrids"
+        )
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{name} does not route attention through transformers' AttentionInterface "
+            "(_supports_attention_backend is False), so nanoflow_fx cannot capture its attention"
         )
     if getattr(config, "model_type", "") in {"mamba", "mamba2", "rwkv", "falcon_mamba", "xlstm"}:
         raise UnsupportedModelError(f"{name} is a recurrent / state-space model, not softmax attention")

@@ -54,60 +54,95 @@ class Chunk:
 class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     position_ids: torch.Tensor  # [T] int64
-    logits_indices: torch.Tensor  # [N] int64: rows whose logits are needed
+    logits_indices: torch.Tensor  # [N] int64: rows whose logits are computed
+    num_logits: int  # the first `num_logits` rows of the output are real; the rest are padding
     metadata: AttentionMetadata
+
+
+@dataclass
+class _Packed:
+    """Growing host-side lists of one step; `add` appends one request's chunk."""
+
+    page_size: int
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    qo: list[int] = field(default_factory=lambda: [0])
+    kv_ptr: list[int] = field(default_factory=lambda: [0])
+    kv_idx: list[int] = field(default_factory=list)
+    last_len: list[int] = field(default_factory=list)
+
+    def add(self, tokens: Sequence[int], start: int, pages: Sequence[int]) -> None:
+        """Tokens at positions start.. of a request whose KV lives in `pages` (all cached before `start`)."""
+        end = start + len(tokens)
+        num_pages = -(-end // self.page_size)
+        self.ids += tokens
+        self.positions += range(start, end)
+        self.slots += [pages[p // self.page_size] * self.page_size + p % self.page_size for p in range(start, end)]
+        self.qo.append(len(self.ids))
+        self.kv_idx += pages[:num_pages]
+        self.kv_ptr.append(len(self.kv_idx))
+        self.last_len.append(end - (num_pages - 1) * self.page_size)
 
 
 def build_step(
     chunks: Sequence[Chunk],
     kv_caches: tuple[torch.Tensor, ...],
     page_size: int,
+    scratch_page: int,
     device: torch.device,
     all_logits: bool = False,
+    min_tokens: int = 2,
 ) -> StepInputs:
     """Pack the chunks' tokens into one step. Requests' pages must already cover their new tokens.
 
     Logits are kept for the last token of each completing chunk (or every token with `all_logits`).
+    A padding request of at least one token (KV written to `scratch_page`, never read by a real request)
+    closes every step and pads it to `min_tokens`: every step size stays >= 2, so the captured graph never
+    specialises on sizes 0 or 1, and padded shapes are what CUDA-graph buckets need.
     """
-    ids: list[int] = []
-    slots: list[int] = []
+    packed = _Packed(page_size)
     logits_rows: list[int] = []
-    qo, kv_ptr, kv_idx, last_len = [0], [0], [], []
     for chunk in chunks:
-        req, start = chunk.request, chunk.start
-        end = start + chunk.num_tokens
+        req, start, end = chunk.request, chunk.start, chunk.start + chunk.num_tokens
         if chunk.num_tokens < 1 or end > len(req.tokens) or start != req.num_cached:
             raise ValueError(f"chunk [{start}, {end}) does not follow the {req.num_cached} cached tokens of a "
                              f"request of {len(req.tokens)} tokens")
-        num_pages = -(-end // page_size)
-        if num_pages > len(req.pages):
-            raise ValueError(f"request holds {len(req.pages)} pages but needs {num_pages} for {end} tokens")
-        ids += req.tokens[start:end]
-        slots += [req.pages[p // page_size] * page_size + p % page_size for p in range(start, end)]
-        if all_logits:
-            logits_rows += range(len(ids) - chunk.num_tokens, len(ids))
-        elif chunk.completes:
-            logits_rows.append(len(ids) - 1)
-        qo.append(len(ids))
-        kv_idx += req.pages[:num_pages]
-        kv_ptr.append(len(kv_idx))
-        last_len.append(end - (num_pages - 1) * page_size)
-    positions = [p for c in chunks for p in range(c.start, c.start + c.num_tokens)]
+        if -(-end // page_size) > len(req.pages):
+            raise ValueError(f"request holds {len(req.pages)} pages, too few for {end} tokens")
+        packed.add(req.tokens[start:end], start, req.pages)
+        if all_logits or chunk.completes:
+            logits_rows += range(len(packed.ids) - (chunk.num_tokens if all_logits else 1), len(packed.ids))
+    num_pad = max(1, min_tokens - len(packed.ids))
+    # The padding request: position 0 for every token (valid for any position embedding), one scratch page
+    # reused for all its slots (colliding writes are harmless: only the padding request reads them).
+    pad_pages = [scratch_page] * -(-num_pad // page_size)
+    packed.add([0] * num_pad, 0, pad_pages)
+    packed.positions[-num_pad:] = [0] * num_pad
+    num_logits = len(logits_rows)
+    logits_rows += [len(packed.ids) - 1] * max(0, 2 - num_logits)  # >= 2 rows, for the same reason
+    return _to_tensors(packed, logits_rows, num_logits, kv_caches, device)
 
-    def i32(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
+
+def _to_tensors(
+    packed: _Packed, logits_rows: list[int], num_logits: int, kv_caches: tuple[torch.Tensor, ...],
+    device: torch.device,
+) -> StepInputs:
+    def tensor(values: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
 
     metadata = AttentionMetadata(
-        qo_indptr=i32(qo),
-        kv_indptr=i32(kv_ptr),
-        kv_indices=i32(kv_idx),
-        kv_last_page_len=i32(last_len),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        qo_indptr=tensor(packed.qo),
+        kv_indptr=tensor(packed.kv_ptr),
+        kv_indices=tensor(packed.kv_idx),
+        kv_last_page_len=tensor(packed.last_len),
+        slot_mapping=tensor(packed.slots, torch.int64),
         kv_caches=kv_caches,
     )
     return StepInputs(
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        position_ids=torch.tensor(positions, dtype=torch.int64, device=device),
-        logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=device),
+        input_ids=tensor(packed.ids, torch.int64),
+        position_ids=tensor(packed.positions, torch.int64),
+        logits_indices=tensor(logits_rows, torch.int64),
+        num_logits=num_logits,
         metadata=metadata,
     )

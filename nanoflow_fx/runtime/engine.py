@@ -76,8 +76,10 @@ class StepEngine:
 
     def run(self, chunks: Sequence[Chunk], all_logits: bool = False) -> torch.Tensor:
         """Run one step; returns logits of completing chunks in order ([N, vocab]), or of every token."""
-        inputs = build_step(chunks, self.kv_cache.caches, self.kv_cache.page_size, self.device, all_logits)
+        cache = self.kv_cache
+        inputs = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, self.device, all_logits)
         logits = self.step_fn(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+        logits = logits[: inputs.num_logits]
         for chunk in chunks:
             chunk.request.num_cached += chunk.num_tokens
         return logits

@@ -37,7 +37,10 @@ class PageAllocator:
 
 
 class PagedKVCache:
-    """One [num_pages, 2, page_size, num_kv_heads, head_dim] tensor per layer (FlashInfer's NHD layout)."""
+    """One [num_pages + 1, 2, page_size, num_kv_heads, head_dim] tensor per layer (FlashInfer's NHD layout).
+
+    Pages 0..num_pages-1 belong to the allocator; the last one, `scratch_page`, takes the padding tokens' writes.
+    """
 
     def __init__(
         self,
@@ -51,8 +54,9 @@ class PagedKVCache:
             raise ValueError(f"layers must be numbered 0..{len(layers) - 1}, got {[s.layer_idx for s in layers]}")
         self.page_size = page_size
         self.allocator = PageAllocator(num_pages)
+        self.scratch_page = num_pages
         self.caches = tuple(
-            torch.zeros(num_pages, 2, page_size, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
+            torch.zeros(num_pages + 1, 2, page_size, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
             for spec in layers
         )
 

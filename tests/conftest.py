@@ -1,0 +1,43 @@
+"""Shared fixtures: optimized tiny models are built once per (family, config) and reused across tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanoflow_fx
+from tests.tiny_models import FAMILIES, build
+
+_CACHE: dict[tuple[str, nanoflow_fx.NanoFlowConfig, str], torch.nn.Module] = {}
+
+DEFAULT_CONFIG = nanoflow_fx.NanoFlowConfig(max_batch_size=8, max_seq_len=96, page_size=4)
+
+
+def optimized(family: str, config: nanoflow_fx.NanoFlowConfig = DEFAULT_CONFIG, device: str = "cpu") -> torch.nn.Module:
+    """An optimized tiny model of `family` (seed 0), shared by every test that asks for the same one.
+
+    Tests must not change it; they may run it (the KV cache pages are released after each call).
+    """
+    key = (family, config, device)
+    if key not in _CACHE:
+        _CACHE[key] = nanoflow_fx.optimize(build(family, device=device), config)
+    return _CACHE[key]
+
+
+def reference(family: str, device: str = "cpu") -> torch.nn.Module:
+    """The same weights (seed 0) as `optimized(family)`, left as HF built it (eager attention)."""
+    return build(family, device=device)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+ALL_FAMILIES = sorted(FAMILIES)
+# Tests that take a `device` run on the CPU always and on CUDA under `pytest -m cuda` on a GPU machine.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

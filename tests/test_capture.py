@@ -1,0 +1,63 @@
+"""Structure of the captured step: one ATen graph, one attention op per layer, no whole-cache copies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanoflow_fx
+from tests.conftest import ALL_FAMILIES, optimized
+from tests.test_generate_parity import _left_padded_batch
+
+ATTENTION = torch.ops.nanoflow.paged_attention.default
+
+
+def _mutating_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and n.target._schema.is_mutable]
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_one_graph_one_attention_op_per_layer_and_cache_mutated_in_place(family: str) -> None:
+    model = optimized(family)
+    ids, mask = _left_padded_batch([6, 2, 9])
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    model.generate(ids[:1], max_new_tokens=3, do_sample=False)  # batch of one: 1-token decode steps
+    graphs = model.nanoflow.step_fn.graphs
+    assert len(graphs) == 1, "step sizes are kept >= 2, so no shape may trigger a recompile"
+    gm = graphs[0]
+    num_layers = len(model.nanoflow.layers)
+    attention = [n for n in gm.graph.nodes if n.target is ATTENTION]
+    assert len(attention) == num_layers
+    # Every KV cache is a graph input written only by its layer's attention op: no functionalised copy of it.
+    caches = {n.args[3] for n in attention}
+    assert len(caches) == num_layers and all(c.op == "placeholder" for c in caches)
+    for node in _mutating_nodes(gm):
+        if node.target is not ATTENTION:  # in-place ops elsewhere may only touch intermediates
+            mutated = [a for a, arg in zip(node.args, node.target._schema.arguments) if arg.is_write]
+            assert all(isinstance(m, torch.fx.Node) and m.op != "placeholder" for m in mutated), node.format_node()
+    users = {u for c in caches for u in c.users}
+    assert users <= set(attention), f"cache read outside attention: {users - set(attention)}"
+
+
+def test_backend_works_with_torch_compile_directly() -> None:
+    graphs: list[torch.fx.GraphModule] = []
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ w).sum(-1)
+
+    compiled = torch.compile(f, backend=nanoflow_fx.backend(on_graph=graphs.append), fullgraph=True)
+    x, w = torch.randn(5, 4), torch.randn(4, 3)
+    torch.testing.assert_close(compiled(x, w), f(x, w))
+    assert len(graphs) == 1
+    targets = {n.target for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.mm.default in targets  # lowered to ATen
+
+
+def test_optimize_returns_the_same_object() -> None:
+    from tests.tiny_models import build
+
+    model = build("qwen2")
+    cls = type(model)
+    assert nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(max_batch_size=2, max_seq_len=16)) is model
+    assert type(model) is cls and isinstance(model, cls)
