@@ -4,7 +4,6 @@
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=64)
 """
 
-from nanoflow_fx.capture.backend import backend
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import (
     BatchTooLargeError,
@@ -15,7 +14,8 @@ from nanoflow_fx.errors import (
     RequestTooLongError,
     UnsupportedModelError,
 )
-from nanoflow_fx.optimize import optimize
+from nanoflow_fx.explain import Explanation, explain
+from nanoflow_fx.optimize import backend, optimize
 
 __version__ = "0.1.0"
 
@@ -24,10 +24,12 @@ __all__ = [
     "CaptureMismatchError",
     "InvalidInputError",
     "KVCacheExhaustedError",
+    "Explanation",
     "NanoFlowConfig",
     "NanoFlowError",
     "RequestTooLongError",
     "UnsupportedModelError",
     "backend",
+    "explain",
     "optimize",
 ]

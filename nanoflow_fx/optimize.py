@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from nanoflow_fx.capture import hf_attention
+from nanoflow_fx.capture.backend import GraphSink, make_backend
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.capture.support import check_supported, discover_layers
 from nanoflow_fx.config import NanoFlowConfig
@@ -20,8 +22,9 @@ from nanoflow_fx.runtime.batch import Chunk
 from nanoflow_fx.runtime.engine import StepEngine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
+from nanoflow_fx.runtime.nanobatch import NanobatchRunner
 
-__all__ = ["optimize", "NanoFlowRuntime"]
+__all__ = ["optimize", "backend", "NanoFlowRuntime"]
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,22 @@ class NanoFlowRuntime:
         self.layers = discover_layers(model)
         dtype = next(model.parameters()).dtype
         self.kv_cache = PagedKVCache(self.layers, config.total_pages, config.page_size, dtype, model.device)
-        self.step_fn = StepFunction(model, config)
+        self.step_fn = StepFunction(model, lambda on_graph: backend(config, on_graph))
         self.engine = StepEngine(self.step_fn, self.kv_cache, config)
         self.capture_seconds = 0.0
+
+
+def backend(config: NanoFlowConfig | None = None, on_graph: GraphSink | None = None) -> Callable[..., Any]:
+    """The nanoflow `torch.compile` backend: `torch.compile(fn, backend=nanoflow_fx.backend(config))`.
+
+    Captures to one ATen graph (in-place KV-cache writes kept in place). With `num_nanobatches` > 1 the graph
+    runs through the passes (annotate, group, split, assign units) and the CPU Schedule executor; otherwise
+    it runs as captured. `on_graph` receives each captured (unsplit) ATen GraphModule.
+    """
+    config = config or NanoFlowConfig()
+    count = config.num_nanobatches
+    lower = (lambda gm: NanobatchRunner(gm, count)) if isinstance(count, int) and count > 1 else None
+    return make_backend(lower, on_graph)
 
 
 def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> PreTrainedModel:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from nanoflow_fx.capture.backend import backend
+from nanoflow_fx.capture.backend import GraphSink
 from nanoflow_fx.capture.hf_attention import METADATA_KWARG
-from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.ops import AttentionMetadata
 
 __all__ = ["StepFunction"]
@@ -25,13 +25,14 @@ class StepFunction:
     Every ATen graph captured (one per distinct shape specialisation Dynamo makes) lands in `graphs`.
     """
 
-    def __init__(self, model: PreTrainedModel, config: NanoFlowConfig) -> None:
+    def __init__(self, model: PreTrainedModel, make_backend: Callable[[GraphSink], Any]) -> None:
+        """`make_backend(on_graph)` returns the torch.compile backend to capture with."""
         self.model = model
         self.graphs: list[torch.fx.GraphModule] = []
         # A private copy of the code object gives this model its own Dynamo cache and recompile limit;
         # otherwise every optimized model in the process would share (and evict) one cache.
         fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_step")
-        self._compiled = torch.compile(fn, backend=backend(config, on_graph=self.graphs.append), fullgraph=True)
+        self._compiled = torch.compile(fn, backend=make_backend(self.graphs.append), fullgraph=True)
 
     @torch.no_grad()
     def __call__(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import GenerationMixin, PreTrainedModel
 
 from nanoflow_fx.capture.hf_attention import METADATA_KWARG, LayerSpec, ShapeProbe
@@ -39,11 +42,17 @@ def check_supported(model: object) -> None:
 
 @torch.no_grad()
 def discover_layers(model: PreTrainedModel) -> list[LayerSpec]:
-    """Run a 2-token forward whose attention only records each layer's KV shape, window and soft-cap."""
+    """Run a 2-token forward whose attention only records each layer's KV shape, window and soft-cap.
+
+    A meta-device model (graph inspection without weights) runs it on fake tensors, since HF's mask code
+    reads values; others run it for real (2 tokens), since some kernels' fake rules are stricter than their
+    eager paths (e.g. grouped_mm's dtype check against its fp32 CPU fallback).
+    """
     probe = ShapeProbe()
-    ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)
-    model(input_ids=ids, position_ids=torch.arange(2, device=model.device)[None], use_cache=False,
-          **{METADATA_KWARG: probe})
+    fake = FakeTensorMode(allow_non_fake_inputs=True) if model.device.type == "meta" else contextlib.nullcontext()
+    with fake:
+        ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)
+        model(input_ids=ids, use_cache=False, **{METADATA_KWARG: probe})
     indices = sorted(probe.layers)
     if not indices:
         raise UnsupportedModelError(f"{type(model).__name__}: no attention layer called the attention interface")

@@ -1,0 +1,49 @@
+"""A hand-sized step graph: a toy token-parallel GEMM, the nanoflow attention op and a token-mixing op."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from nanoflow_fx.capture.backend import make_backend
+from nanoflow_fx.capture.hf_attention import LayerSpec
+from nanoflow_fx.ops import paged_attention
+from nanoflow_fx.runtime import Chunk, PagedKVCache, Request, build_step
+
+HIDDEN = 4
+
+
+def toy_step(x: torch.Tensor, w: torch.Tensor, kv_cache: torch.Tensor, qo: torch.Tensor, kvp: torch.Tensor,
+             kvi: torch.Tensor, last: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    h = torch.relu(x @ w)  # [T, 4]: a GEMM against a weight, then a pointwise op (token-parallel)
+    q = h.view(-1, 1, HIDDEN)  # one head of dim 4
+    a = paged_attention(q, q, q, kv_cache, qo, kvp, kvi, last, slots, 0.5, 0, 0.0)
+    y = a.view(-1, HIDDEN) * 2.0
+    return y.cumsum(0)  # mixes tokens: its group stays whole
+
+
+def capture_toy() -> GraphModule:
+    """The toy step captured by the nanoflow backend (symbolic token count), and nothing run yet."""
+    graphs: list[GraphModule] = []
+    compiled = torch.compile(toy_step, backend=make_backend(on_graph=graphs.append), fullgraph=True)
+    args = toy_inputs([3, 2])[0]
+    for i in (0, 3, 4, 5, 6, 7):
+        torch._dynamo.mark_dynamic(args[i], 0)
+    compiled(*args)
+    return graphs[0]
+
+
+def toy_inputs(lengths: list[int], page_size: int = 2) -> tuple[list[torch.Tensor], PagedKVCache]:
+    """Inputs of `toy_step` for one prefill step of requests of `lengths` tokens."""
+    torch.manual_seed(0)
+    cache = PagedKVCache([LayerSpec(0, 1, HIDDEN, 0, 0.0)], num_pages=16, page_size=page_size,
+                         dtype=torch.float32, device=torch.device("cpu"))
+    requests = [Request(prompt=list(range(1, n + 1)), max_new_tokens=0) for n in lengths]
+    for req in requests:
+        req.pages = cache.allocator.allocate(cache.pages_for(len(req.prompt)))
+    step = build_step([Chunk(r, len(r.prompt)) for r in requests], cache.caches, page_size, cache.scratch_page,
+                      torch.device("cpu"))
+    num_tokens = step.input_ids.shape[0]
+    x = torch.randn(num_tokens, HIDDEN)
+    w = torch.randn(HIDDEN, HIDDEN)
+    return [x, w, cache.caches[0], *step.metadata.tensors()], cache
