@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 __all__ = ["NanoFlowConfig", "ATTENTION_BACKENDS"]
 
-ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,11 @@ class NanoFlowConfig:
     """Nano-batches a step is split into; "auto" lets the search decide (1 until the search exists)."""
 
     attention_backend: str = "auto"
-    """Paged attention kernel: "torch" (reference, CPU and GPU), "flashinfer", or "auto"."""
+    """Paged attention kernel: "torch" (reference, CPU and GPU), "triton" (GPU), "flashinfer" (not yet
+    implemented: rejected by optimize()), or "auto" (triton on CUDA when Triton imports, else torch)."""
+
+    cuda_graphs: bool = True
+    """On CUDA with the "triton" backend and one nano-batch: replay decode-sized steps as CUDA graphs."""
 
     check_capture: bool = True
     """Compare the captured step with the eager model on a probe input in `optimize()`."""
@@ -53,8 +57,9 @@ class NanoFlowConfig:
             raise ValueError(
                 f"NanoFlowConfig.attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
             )
-        if not isinstance(self.check_capture, bool):
-            raise ValueError(f"NanoFlowConfig.check_capture must be a bool, got {self.check_capture!r}")
+        for name in ("check_capture", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def pages_per_seq(self) -> int:

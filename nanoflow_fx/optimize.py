@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import time
 import types
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from nanoflow_fx.capture.backend import GraphSink, make_backend
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.capture.support import check_supported, discover_layers
 from nanoflow_fx.config import NanoFlowConfig
-from nanoflow_fx.errors import CaptureMismatchError
+from nanoflow_fx.errors import CaptureMismatchError, NanoFlowError
 from nanoflow_fx.runtime.batch import Chunk
 from nanoflow_fx.runtime.engine import StepEngine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
@@ -43,7 +45,8 @@ class NanoFlowRuntime:
         dtype = next(model.parameters()).dtype
         self.kv_cache = PagedKVCache(self.layers, config.total_pages, config.page_size, dtype, model.device)
         self.step_fn = StepFunction(model, lambda on_graph: backend(config, on_graph))
-        self.engine = StepEngine(self.step_fn, self.kv_cache, config)
+        self.attention_backend = resolve_attention_backend(config.attention_backend, model.device)
+        self.engine = StepEngine(self.step_fn, self.kv_cache, config, self.attention_backend)
         self.capture_seconds = 0.0
 
 
@@ -77,12 +80,33 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> Pr
     start = time.perf_counter()
     if config.check_capture:
         _check_against_eager(model, runtime)
+    if config.cuda_graphs and runtime.engine.device.type == "cuda" and runtime.attention_backend == "triton" \
+            and config.num_nanobatches in (1, "auto"):
+        runtime.engine.enable_cuda_graphs()
     runtime.capture_seconds = time.perf_counter() - start
     model.nanoflow = runtime  # type: ignore[assignment]
     model.generate = types.MethodType(_generate, model)  # type: ignore[method-assign]
     log.info("nanoflow_fx: optimized %s (%d attention layers, KV cache %.1f MiB, capture %.1f s)",
              type(model).__name__, len(runtime.layers), runtime.kv_cache.num_bytes / 2**20, runtime.capture_seconds)
     return model
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The kernel `attention_backend` means on `device` (see `NanoFlowConfig.attention_backend`)."""
+    if name == "flashinfer":
+        raise NanoFlowError(
+            "attention_backend='flashinfer' is not implemented yet; use 'triton' (GPU), 'torch', or 'auto'"
+        )
+    triton_ok = importlib.util.find_spec("triton") is not None
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_ok else "torch"
+    if name == "triton":
+        if not triton_ok:
+            raise NanoFlowError("attention_backend='triton' needs the triton package: pip install triton")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise NanoFlowError(f"attention_backend='triton' runs on CUDA (the model is on {device}); "
+                                "use 'torch', or set TRITON_INTERPRET=1 to interpret the kernel on the CPU")
+    return name
 
 
 def _use_static_experts(model: PreTrainedModel) -> None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-import nanoflow_fx
-from tests.tiny_models import FAMILIES, build
+# Without a GPU, Triton kernels run in Triton's interpreter. This must be set before anything imports triton
+# (torch may, at import), since triton's own library functions are decorated then.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import nanoflow_fx  # noqa: E402
+from tests.tiny_models import FAMILIES, build  # noqa: E402
 
 _CACHE: dict[tuple[str, nanoflow_fx.NanoFlowConfig, str], torch.nn.Module] = {}
 

@@ -79,7 +79,7 @@ def nanoflow_attention(
     out = paged_attention(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),  # [T, heads, D]
         meta.kv_caches[spec.layer_idx], *meta.tensors(),
-        scale, spec.sliding_window, spec.softcap,
+        scale, spec.sliding_window, spec.softcap, meta.backend,
     )
     return out.unsqueeze(0), None  # [1, T, H, D], as HF's attention functions return
 

@@ -28,19 +28,27 @@ def paged_attention(
     scaling: float,
     sliding_window: int,
     softcap: float,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Write k/v ([T, Hkv, D]) to their slots, then attend q ([T, H, D]) causally per request -> [T, H, D].
 
-    `sliding_window` <= 0 means no window; `softcap` <= 0 means no logit soft-capping.
+    `sliding_window` <= 0 means no window; `softcap` <= 0 means no logit soft-capping. `backend` picks the
+    kernel: "torch" (the reference, any device) or "triton" (CUDA, or Triton's interpreter on the CPU).
     """
     write_kv_(kv_cache, k, v, slot_mapping)
-    return paged_attention_reference(
-        q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling, sliding_window, softcap
-    )
+    if backend == "triton":
+        from nanoflow_fx.ops.triton_attention import paged_attention_triton  # imports Triton only when used
+
+        kernel = paged_attention_triton
+    elif backend == "torch":
+        kernel = paged_attention_reference
+    else:
+        raise ValueError(f"unknown paged-attention backend {backend!r}; use 'torch' or 'triton'")
+    return kernel(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling, sliding_window, softcap)
 
 
 @paged_attention.register_fake
-def _(q, k, v, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, slot_mapping, scaling, sliding_window, softcap):  # type: ignore[no-untyped-def]  # noqa: E501
+def _(q, k, v, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, slot_mapping, scaling, sliding_window, softcap, backend="torch"):  # type: ignore[no-untyped-def]  # noqa: E501
     # Tie every per-token input to the query's token count, so a captured graph has one token-count symbol
     # (the split pass finds the token dimension of `slot_mapping`, k and v by it).
     torch._check(k.shape[0] == q.shape[0])

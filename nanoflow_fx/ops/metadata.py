@@ -26,11 +26,13 @@ class AttentionMetadata:
     kv_last_page_len: torch.Tensor  # [R] int32
     slot_mapping: torch.Tensor  # [T] int64
     kv_caches: tuple[torch.Tensor, ...]  # per layer [num_pages, 2, page_size, num_kv_heads, head_dim]
+    backend: str = "torch"  # the attention kernel (a constant of the captured graph)
 
     def to(self, device: torch.device | str) -> AttentionMetadata:
         return AttentionMetadata(
             *(t.to(device) for t in self.tensors()),
             kv_caches=self.kv_caches,
+            backend=self.backend,
         )
 
     def tensors(self) -> tuple[torch.Tensor, ...]:

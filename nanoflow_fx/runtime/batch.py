@@ -9,7 +9,7 @@ import torch
 
 from nanoflow_fx.ops import AttentionMetadata
 
-__all__ = ["Request", "Chunk", "StepInputs", "build_step"]
+__all__ = ["Request", "Chunk", "StepInputs", "StepShape", "build_step"]
 
 
 @dataclass
@@ -59,6 +59,16 @@ class StepInputs:
     metadata: AttentionMetadata
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """Fixed sizes a step is padded to, so that one captured CUDA graph serves every step of its bucket."""
+
+    tokens: int
+    requests: int  # including the padding request
+    pages: int
+    logits: int
+
+
 @dataclass
 class _Packed:
     """Growing host-side lists of one step; `add` appends one request's chunk."""
@@ -93,13 +103,17 @@ def build_step(
     device: torch.device,
     all_logits: bool = False,
     min_tokens: int = 2,
+    backend: str = "torch",
+    shape: StepShape | None = None,
 ) -> StepInputs:
     """Pack the chunks' tokens into one step. Requests' pages must already cover their new tokens.
 
     Logits are kept for the last token of each completing chunk (or every token with `all_logits`).
     A padding request of at least one token (KV written to `scratch_page`, never read by a real request)
     closes every step and pads it to `min_tokens`: every step size stays >= 2, so the captured graph never
-    specialises on sizes 0 or 1, and padded shapes are what CUDA-graph buckets need.
+    specialises on sizes 0 or 1. With `shape` (a CUDA-graph bucket) the padding request fills the step up to
+    `shape.tokens` (and is left out when nothing is missing), and the request table, page list and logits
+    rows are padded with empty entries to their fixed sizes.
     """
     packed = _Packed(page_size)
     logits_rows: list[int] = []
@@ -113,20 +127,35 @@ def build_step(
         packed.add(req.tokens[start:end], start, req.pages)
         if all_logits or chunk.completes:
             logits_rows += range(len(packed.ids) - (chunk.num_tokens if all_logits else 1), len(packed.ids))
-    num_pad = max(1, min_tokens - len(packed.ids))
-    # The padding request: position 0 for every token (valid for any position embedding), one scratch page
-    # reused for all its slots (colliding writes are harmless: only the padding request reads them).
-    pad_pages = [scratch_page] * -(-num_pad // page_size)
-    packed.add([0] * num_pad, 0, pad_pages)
-    packed.positions[-num_pad:] = [0] * num_pad
+    num_pad = max(1, min_tokens - len(packed.ids)) if shape is None else shape.tokens - len(packed.ids)
+    if num_pad < 0:
+        raise ValueError(f"step of {len(packed.ids)} tokens does not fit its bucket of {shape.tokens}")
+    if num_pad:
+        # The padding request: position 0 for every token (valid for any position embedding), one scratch page
+        # reused for all its slots (colliding writes are harmless: only the padding request reads them).
+        packed.add([0] * num_pad, 0, [scratch_page] * -(-num_pad // page_size))
+        packed.positions[-num_pad:] = [0] * num_pad
     num_logits = len(logits_rows)
-    logits_rows += [len(packed.ids) - 1] * max(0, 2 - num_logits)  # >= 2 rows, for the same reason
-    return _to_tensors(packed, logits_rows, num_logits, kv_caches, device)
+    logits_rows += [len(packed.ids) - 1] * max(0, (2 if shape is None else shape.logits) - num_logits)
+    if shape is not None:
+        _pad_table(packed, shape)
+    return _to_tensors(packed, logits_rows, num_logits, kv_caches, device, backend)
+
+
+def _pad_table(packed: _Packed, shape: StepShape) -> None:
+    """Empty requests (no queries, no pages) up to `shape.requests`; unused page ids up to `shape.pages`."""
+    missing = shape.requests - len(packed.last_len)
+    if missing < 0 or len(packed.kv_idx) > shape.pages:
+        raise ValueError(f"step of {len(packed.last_len)} requests / {len(packed.kv_idx)} pages exceeds {shape}")
+    packed.qo += [packed.qo[-1]] * missing
+    packed.kv_ptr += [packed.kv_ptr[-1]] * missing
+    packed.last_len += [packed.page_size] * missing
+    packed.kv_idx += [0] * (shape.pages - len(packed.kv_idx))
 
 
 def _to_tensors(
     packed: _Packed, logits_rows: list[int], num_logits: int, kv_caches: tuple[torch.Tensor, ...],
-    device: torch.device,
+    device: torch.device, backend: str,
 ) -> StepInputs:
     def tensor(values: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device)
@@ -138,6 +167,7 @@ def _to_tensors(
         kv_last_page_len=tensor(packed.last_len),
         slot_mapping=tensor(packed.slots, torch.int64),
         kv_caches=kv_caches,
+        backend=backend,
     )
     return StepInputs(
         input_ids=tensor(packed.ids, torch.int64),

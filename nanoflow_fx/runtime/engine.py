@@ -10,6 +10,7 @@ from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import BatchTooLargeError, RequestTooLongError
 from nanoflow_fx.runtime.batch import Chunk, Request, build_step
+from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 
 __all__ = ["StepEngine"]
@@ -22,10 +23,23 @@ class StepEngine:
     admitted request can never run out of cache mid-generation and an oversized batch fails before any work.
     """
 
-    def __init__(self, step_fn: StepFunction, kv_cache: PagedKVCache, config: NanoFlowConfig) -> None:
+    def __init__(
+        self, step_fn: StepFunction, kv_cache: PagedKVCache, config: NanoFlowConfig, attention_backend: str = "torch"
+    ) -> None:
         self.step_fn = step_fn
         self.kv_cache = kv_cache
         self.config = config
+        self.attention_backend = attention_backend  # resolved: "torch" or "triton"
+        self.cuda_graphs: CudaGraphRunner | None = None  # set by enable_cuda_graphs()
+
+    def enable_cuda_graphs(self) -> float:
+        """Capture decode-bucket CUDA graphs now; returns the capture time in seconds."""
+        if self.device.type != "cuda" or self.attention_backend != "triton":
+            raise ValueError("CUDA graphs need a CUDA model and attention_backend 'triton' (no host syncs)")
+        runner = CudaGraphRunner(self.step_fn, self.kv_cache, self.config.max_batch_size, self.attention_backend)
+        runner.capture_all()
+        self.cuda_graphs = runner
+        return runner.capture_seconds
 
     @property
     def device(self) -> torch.device:
@@ -77,9 +91,17 @@ class StepEngine:
     def run(self, chunks: Sequence[Chunk], all_logits: bool = False) -> torch.Tensor:
         """Run one step; returns logits of completing chunks in order ([N, vocab]), or of every token."""
         cache = self.kv_cache
-        inputs = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, self.device, all_logits)
-        logits = self.step_fn(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
-        logits = logits[: inputs.num_logits]
+        shape = None
+        if self.cuda_graphs is not None:
+            num_logits = sum(c.num_tokens if all_logits else int(c.completes) for c in chunks)
+            shape = self.cuda_graphs.shape_for(sum(c.num_tokens for c in chunks), num_logits)
+        if shape is not None:
+            logits = self.cuda_graphs.run(chunks, shape, all_logits)  # type: ignore[union-attr]
+        else:
+            inputs = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, self.device, all_logits,
+                                backend=self.attention_backend)
+            logits = self.step_fn(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+            logits = logits[: inputs.num_logits]
         for chunk in chunks:
             chunk.request.num_cached += chunk.num_tokens
         return logits

@@ -1,0 +1,101 @@
+"""Paged attention in Triton: one program per (query token, KV head), online softmax over the token's KV.
+
+Needs no host-side planning and no host/device sync, so it runs inside CUDA graphs. Each program finds its
+request by counting `qo_indptr` entries <= its token (requests padded with empty entries are skipped), loads
+the query heads that share its KV head (GQA: K/V are read once per group), and walks its request's pages in
+blocks of BLOCK_N tokens from the window start to its own position. Runs under TRITON_INTERPRET=1 on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["paged_attention_triton"]
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, cache_ptr, out_ptr, qo_ptr, kvp_ptr, kvi_ptr, last_ptr,
+    num_requests, stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cp, stride_ckv, stride_cs, stride_ch,
+    scaling, softcap, sliding_window,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+):
+    t = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r_idx = tl.arange(0, R_PAD)
+    ends = tl.load(qo_ptr + 1 + r_idx, mask=r_idx < num_requests, other=2147483647)
+    r = tl.sum((ends <= t).to(tl.int32), axis=0)  # the request whose rows contain t
+    q_end = tl.load(qo_ptr + r + 1)
+    page_lo = tl.load(kvp_ptr + r)
+    kv_len = (tl.load(kvp_ptr + r + 1) - page_lo - 1) * PAGE_SIZE + tl.load(last_ptr + r)
+    q_pos = kv_len - (q_end - t)
+    kv_start = 0
+    if HAS_WINDOW:
+        kv_start = tl.maximum(q_pos - sliding_window + 1, 0)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D_PAD)
+    heads = kvh * GROUP + g
+    d_ok = d[None, :] < HEAD_DIM
+    q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=(g[:, None] < GROUP) & d_ok,
+                other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    for n0 in range((kv_start // BLOCK_N) * BLOCK_N, q_pos + 1, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = (n <= q_pos) & (n >= kv_start)
+        page = tl.load(kvi_ptr + page_lo + n // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        base = page * stride_cp + (n % PAGE_SIZE) * stride_cs + kvh * stride_ch
+        kv_mask = valid[:, None] & d_ok
+        k = tl.load(cache_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(cache_ptr + stride_ckv + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling  # [GROUP_PAD, BLOCK_N]
+        if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh through exp (no libdevice needed)
+            s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(g[:, None] < GROUP) & d_ok)
+
+
+def paged_attention_triton(
+    q: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,  # [P, 2, page, Hkv, D]
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    scaling: float,
+    sliding_window: int,
+    softcap: float,
+) -> torch.Tensor:  # [T, H, D]
+    num_tokens, num_heads, head_dim = q.shape
+    _, _, page_size, num_kv_heads, _ = kv_cache.shape
+    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
+        raise ValueError("paged_attention_triton needs the head dimension contiguous")
+    out = torch.empty(num_tokens, num_heads, kv_cache.shape[-1], dtype=q.dtype, device=q.device)
+    group = num_heads // num_kv_heads
+    num_requests = kv_last_page_len.shape[0]
+    _paged_attention_kernel[(num_tokens, num_kv_heads)](
+        q, kv_cache, out, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+        num_requests, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        scaling, softcap if softcap > 0 else 1.0, sliding_window,
+        PAGE_SIZE=page_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=64 if head_dim <= 128 else 32,
+        R_PAD=max(16, triton.next_power_of_2(num_requests)), HAS_SOFTCAP=softcap > 0, HAS_WINDOW=sliding_window > 0,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out

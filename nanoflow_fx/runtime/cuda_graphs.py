@@ -1,0 +1,100 @@
+"""`CudaGraphRunner`: decode-sized steps replayed as CUDA graphs, one per token bucket.
+
+Each bucket's graph is captured over static input tensors padded to a fixed `StepShape` (tokens, requests,
+pages, logits rows): everything baked into its launches (grid sizes, buffer addresses, the attention
+backend) is determined by the bucket, which is the graph's key. Buckets are captured largest first into one
+memory pool. Steps larger than the largest bucket (long prefills) run the captured step directly, where
+launch overhead is small next to the work. Capture needs a backend without host syncs ("triton").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nanoflow_fx.capture.step import StepFunction
+from nanoflow_fx.runtime.batch import Chunk, StepInputs, StepShape, build_step
+from nanoflow_fx.runtime.kv_cache import PagedKVCache
+
+__all__ = ["CudaGraphRunner", "decode_buckets"]
+
+log = logging.getLogger(__name__)
+
+
+def decode_buckets(max_batch_size: int) -> list[int]:
+    """Token buckets covering decode steps of up to max_batch_size tokens: 2, 4, 8, ..., 64, then +64."""
+    buckets = [2]
+    while buckets[-1] < max_batch_size:
+        buckets.append(buckets[-1] * 2 if buckets[-1] < 64 else buckets[-1] + 64)
+    return buckets
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: StepInputs  # static tensors the graph reads
+    logits: torch.Tensor  # static output [shape.logits, vocab]
+
+
+class CudaGraphRunner:
+    def __init__(self, step_fn: StepFunction, kv_cache: PagedKVCache, max_batch_size: int, backend: str) -> None:
+        self.step_fn, self.kv_cache, self.backend = step_fn, kv_cache, backend
+        self.buckets = decode_buckets(max_batch_size)
+        self.max_requests = max_batch_size + 1  # and the padding request
+        padding_pages = -(-self.buckets[-1] // kv_cache.page_size)
+        self.max_pages = kv_cache.allocator.num_pages + padding_pages
+        self.graphs: dict[StepShape, _Graph] = {}
+        self.capture_seconds = 0.0
+
+    def shape_for(self, num_tokens: int, num_logits: int) -> StepShape | None:
+        for bucket in self.buckets:
+            if num_tokens <= bucket:
+                shape = StepShape(bucket, self.max_requests, self.max_pages, min(bucket, self.max_requests))
+                return shape if num_logits <= shape.logits else None
+        return None
+
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first (later, smaller graphs reuse the pool's blocks)."""
+        start = time.perf_counter()
+        pool = None
+        for bucket in reversed(self.buckets):
+            shape = self.shape_for(bucket, 0)
+            assert shape is not None
+            self.graphs[shape] = self._capture(shape, pool)
+            pool = self.graphs[shape].graph.pool()
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+        log.info("nanoflow_fx: captured %d CUDA graphs (buckets %s) in %.1f s", len(self.graphs), self.buckets,
+                 self.capture_seconds)
+
+    def _capture(self, shape: StepShape, pool: object) -> _Graph:
+        cache = self.kv_cache
+        inputs = build_step([], cache.caches, cache.page_size, cache.scratch_page, cache.caches[0].device,
+                            backend=self.backend, shape=shape)  # only the padding request: writes scratch only
+        args = (inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Dynamo guards, Triton compilation, allocator
+            for _ in range(2):
+                self.step_fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self.step_fn(*args)
+        return _Graph(graph, inputs, logits)
+
+    def run(self, chunks: Sequence[Chunk], shape: StepShape, all_logits: bool) -> torch.Tensor:
+        """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
+        cache, entry = self.kv_cache, self.graphs[shape]
+        host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
+                          all_logits, backend=self.backend, shape=shape)
+        static = entry.inputs
+        for dst, src in zip((static.input_ids, static.position_ids, static.logits_indices, *static.metadata.tensors()),
+                            (host.input_ids, host.position_ids, host.logits_indices, *host.metadata.tensors())):
+            dst.copy_(src, non_blocking=True)
+        entry.graph.replay()
+        return entry.logits[: host.num_logits]
