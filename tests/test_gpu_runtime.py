@@ -19,7 +19,11 @@ GRAPHS = dataclasses.replace(DEFAULT_CONFIG, attention_backend="triton", cuda_gr
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_cuda_graph_generation_equals_hf(family: str) -> None:
     model = optimized(family, GRAPHS, device="cuda")
-    assert model.nanoflow.engine.cuda_graphs is not None
+    engine = model.nanoflow.engine
+    if family == "mixtral":  # fp32 MoE: HF's grouped-mm fallback syncs (.tolist()), so capture must give up
+        assert engine.cuda_graphs is None and "capture failed" in engine.cuda_graphs_off_reason
+    else:
+        assert engine.cuda_graphs is not None
     ids, mask = (t.cuda() for t in _left_padded_batch([3, 12, 7, 9]))
     got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     want = reference(family, device="cuda").generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)

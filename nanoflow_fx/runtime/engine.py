@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,8 @@ from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 
 __all__ = ["StepEngine"]
+
+log = logging.getLogger(__name__)
 
 
 class StepEngine:
@@ -31,15 +34,25 @@ class StepEngine:
         self.config = config
         self.attention_backend = attention_backend  # resolved: "torch" or "triton"
         self.cuda_graphs: CudaGraphRunner | None = None  # set by enable_cuda_graphs()
+        self.cuda_graphs_off_reason = "not enabled"
 
-    def enable_cuda_graphs(self) -> float:
-        """Capture decode-bucket CUDA graphs now; returns the capture time in seconds."""
+    def enable_cuda_graphs(self) -> bool:
+        """Capture decode-bucket CUDA graphs now. A model whose step syncs with the host (e.g. HF's fp32
+        grouped-MoE fallback calls .tolist()) cannot be captured: then graphs stay off, with the reason logged
+        and kept in `cuda_graphs_off_reason`, and every step runs the captured step directly (still correct)."""
         if self.device.type != "cuda" or self.attention_backend != "triton":
             raise ValueError("CUDA graphs need a CUDA model and attention_backend 'triton' (no host syncs)")
         runner = CudaGraphRunner(self.step_fn, self.kv_cache, self.config.max_batch_size, self.attention_backend)
-        runner.capture_all()
+        try:
+            runner.capture_all()
+        except RuntimeError as err:
+            torch.cuda.synchronize()
+            self.cuda_graphs_off_reason = f"capture failed: {str(err).splitlines()[0]}"
+            log.warning("nanoflow_fx: CUDA graphs off: %s", self.cuda_graphs_off_reason)
+            return False
         self.cuda_graphs = runner
-        return runner.capture_seconds
+        self.cuda_graphs_off_reason = ""
+        return True
 
     @property
     def device(self) -> torch.device:
