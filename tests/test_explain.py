@@ -1,0 +1,41 @@
+"""`explain(model)`: printable, and its parts are the real graph, plan, schedule and pass records."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import nanoflow_fx
+from nanoflow_fx.schedule import parse_schedule, validate
+from tests.conftest import DEFAULT_CONFIG, optimized
+from tests.test_generate_parity import _left_padded_batch
+
+
+def test_explain_a_nanobatched_model() -> None:
+    model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
+    ids, mask = _left_padded_batch([3, 12, 7, 9])
+    model.generate(ids, attention_mask=mask, max_new_tokens=3)
+    e = nanoflow_fx.explain(model, num_tokens=40)
+    assert e.op_counts["attention"] == 2 and e.op_counts["gemm"] == 15  # 2 layers x 7 GEMMs + the LM head
+    assert e.groups[0] == "embed" and "L1.attn" in e.groups and e.groups[-1] == "L1.mix"
+    assert "L1.mix" not in e.splittable
+    assert dict(e.plan.splits)["nb"].boundaries == (0, 20, 40)
+    schedule = parse_schedule(e.schedule_text)
+    validate(schedule)
+    assert {op.unit for op in schedule.ops} == {"compute", "memory"}
+    assert [r.name for r in e.passes] == ["captured", "annotate", "group_ops", "split_nanobatches"]
+    assert e.timeline.count("\n") >= 2  # header + one row per unit
+    text = str(e)
+    for part in ("LlamaForCausalLM", "op groups", "plan for 40 tokens", "split_nanobatches", "memory"):
+        assert part in text
+
+
+def test_explain_an_unsplit_model_and_a_bare_model() -> None:
+    e = nanoflow_fx.explain(optimized("qwen2"), num_tokens=16)
+    assert e.plan.max_nanobatches == 1
+    assert {op.unit for op in parse_schedule(e.schedule_text).ops} == {"compute"}
+    from tests.tiny_models import build
+
+    with pytest.raises(ValueError, match="optimize"):
+        nanoflow_fx.explain(build("qwen2"))
