@@ -24,13 +24,22 @@ class Request:
     finished: bool = False
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list (the per-step hot path reads 1 decode token)."""
+        split = len(self.prompt)
+        return self.prompt[start:min(end, split)] + self.output[max(start - split, 0) : max(end - split, 0)]
 
     @property
     def num_pending(self) -> int:
         """Tokens not yet run through the model (prompt remainder, or the last sampled token)."""
-        return len(self.prompt) + len(self.output) - self.num_cached
+        return self.num_tokens - self.num_cached
 
 
 @dataclass(frozen=True)
@@ -119,12 +128,12 @@ def build_step(
     logits_rows: list[int] = []
     for chunk in chunks:
         req, start, end = chunk.request, chunk.start, chunk.start + chunk.num_tokens
-        if chunk.num_tokens < 1 or end > len(req.tokens) or start != req.num_cached:
+        if chunk.num_tokens < 1 or end > req.num_tokens or start != req.num_cached:
             raise ValueError(f"chunk [{start}, {end}) does not follow the {req.num_cached} cached tokens of a "
-                             f"request of {len(req.tokens)} tokens")
+                             f"request of {req.num_tokens} tokens")
         if -(-end // page_size) > len(req.pages):
             raise ValueError(f"request holds {len(req.pages)} pages, too few for {end} tokens")
-        packed.add(req.tokens[start:end], start, req.pages)
+        packed.add(req.token_slice(start, end), start, req.pages)
         if all_logits or chunk.completes:
             logits_rows += range(len(packed.ids) - (chunk.num_tokens if all_logits else 1), len(packed.ids))
     num_pad = max(1, min_tokens - len(packed.ids)) if shape is None else shape.tokens - len(packed.ids)

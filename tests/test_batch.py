@@ -1,0 +1,17 @@
+"""Request bookkeeping used on the per-step hot path."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nanoflow_fx.runtime.batch import Request
+
+
+@given(st.lists(st.integers(), max_size=8), st.lists(st.integers(), max_size=8), st.integers(0, 20),
+       st.integers(0, 20))
+def test_token_slice_equals_slicing_the_whole_sequence(prompt: list[int], output: list[int], start: int,
+                                                       end: int) -> None:
+    request = Request(prompt=prompt, max_new_tokens=0, output=output)
+    assert request.token_slice(start, end) == request.tokens[start:end]
+    assert request.num_tokens == len(request.tokens)
