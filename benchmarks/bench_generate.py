@@ -67,13 +67,13 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, bandwidth: float
     if "hf_eager" in args.cases:
         rows.append(measure("HF eager (dynamic cache)", model, ids, args.new_tokens, float("nan")))
     if "hf_compiled" in args.cases:
-        # The first call compiles; it must include decode steps (a 1-token call runs only the prefill, and the
-        # decode graph's compile would then land inside the timed call).
+        # One static cache length for every call (HF sizes it from max_new_tokens otherwise, and each new size
+        # recompiles); the first call compiles and must include decode steps (a 1-token call only prefills).
+        static = dict(cache_implementation="static", max_cache_len=args.prompt_len + args.new_tokens)
         start = time.perf_counter()
-        timed_generate(model, ids, 3, cache_implementation="static")
+        timed_generate(model, ids, 3, **static)
         first = time.perf_counter() - start
-        rows.append(measure("HF static cache + torch.compile", model, ids, args.new_tokens, first,
-                            cache_implementation="static"))
+        rows.append(measure("HF static cache + torch.compile", model, ids, args.new_tokens, first, **static))
         torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
