@@ -80,8 +80,7 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> Pr
     start = time.perf_counter()
     if config.check_capture:
         _check_against_eager(model, runtime)
-    if config.cuda_graphs and runtime.engine.device.type == "cuda" and runtime.attention_backend == "triton" \
-            and config.num_nanobatches in (1, "auto"):
+    if config.cuda_graphs:
         runtime.engine.enable_cuda_graphs()
     runtime.capture_seconds = time.perf_counter() - start
     model.nanoflow = runtime  # type: ignore[assignment]

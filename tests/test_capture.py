@@ -61,3 +61,21 @@ def test_optimize_returns_the_same_object() -> None:
     cls = type(model)
     assert nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(max_batch_size=2, max_seq_len=16)) is model
     assert type(model) is cls and isinstance(model, cls)
+
+
+def test_loading_another_model_class_does_not_recompile_the_step() -> None:
+    """transformers registers every model class in a process-wide registry on first use; that must not
+    invalidate an already captured step (Dynamo would otherwise guard on the registry's size)."""
+    import transformers as tf
+
+    from tests.tiny_models import build
+
+    model = nanoflow_fx.optimize(build("llama"), nanoflow_fx.NanoFlowConfig(max_batch_size=2, max_seq_len=32))
+    ids, _ = _left_padded_batch([5])
+    model.generate(ids, max_new_tokens=2)
+    before = len(model.nanoflow.step_fn.graphs)
+    other = tf.OlmoForCausalLM(tf.OlmoConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2)).eval()
+    other(torch.tensor([[1, 2, 3]]))  # registers OlmoModel's class in transformers' registry
+    model.generate(ids, max_new_tokens=2)
+    assert len(model.nanoflow.step_fn.graphs) == before

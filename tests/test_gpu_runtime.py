@@ -33,6 +33,12 @@ def test_cuda_graph_generation_equals_hf(family: str) -> None:
                                                                            do_sample=False))
 
 
+def test_cuda_graphs_stay_off_with_the_reason_where_they_cannot_run() -> None:
+    engine = optimized("llama").nanoflow.engine  # CPU, reference attention: cuda_graphs=True cannot apply
+    assert engine.cuda_graphs is None and engine.cuda_graphs_off_reason == "the model is not on CUDA"
+    assert not engine.enable_cuda_graphs()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_padded_bucket_step_equals_unpadded_step(device: str) -> None:
     """A step padded to a bucket shape (padding request, empty requests, unused pages) computes the same."""

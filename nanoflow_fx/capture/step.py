@@ -32,7 +32,8 @@ class StepFunction:
         # A private copy of the code object gives this model its own Dynamo cache and recompile limit;
         # otherwise every optimized model in the process would share (and evict) one cache.
         fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_step")
-        self._compiled = torch.compile(fn, backend=make_backend(self.graphs.append), fullgraph=True)
+        self._compiled = torch.compile(fn, backend=make_backend(self.graphs.append), fullgraph=True,
+                                       options={"guard_filter_fn": _drop_registry_guards})
 
     @torch.no_grad()
     def __call__(
@@ -50,6 +51,16 @@ class StepFunction:
         # unified into one symbol, which would force a recompile the first step they differ.
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             return self._compiled(self.model, input_ids, position_ids, logits_indices, metadata)  # type: ignore[no-any-return]
+
+
+def _drop_registry_guards(guards: list[Any]) -> list[bool]:
+    """Keep every Dynamo guard but those on transformers' process-wide `_CAN_RECORD_REGISTRY`.
+
+    transformers (5.2x) registers each model class there on first use, and Dynamo guards on the registry's
+    length, so loading any other model class would recompile every captured step. Our model's own entry
+    (all the traced code reads) never changes, so that guard cannot protect anything we depend on.
+    """
+    return ["_CAN_RECORD_REGISTRY" not in guard.name for guard in guards]
 
 
 def _packed_forward(

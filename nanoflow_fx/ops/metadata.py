@@ -28,13 +28,6 @@ class AttentionMetadata:
     kv_caches: tuple[torch.Tensor, ...]  # per layer [num_pages, 2, page_size, num_kv_heads, head_dim]
     backend: str = "torch"  # the attention kernel (a constant of the captured graph)
 
-    def to(self, device: torch.device | str) -> AttentionMetadata:
-        return AttentionMetadata(
-            *(t.to(device) for t in self.tensors()),
-            kv_caches=self.kv_caches,
-            backend=self.backend,
-        )
-
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The per-step index tensors, in field order (the caches excluded)."""
         return (self.qo_indptr, self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.slot_mapping)

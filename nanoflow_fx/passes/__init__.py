@@ -8,6 +8,8 @@ weights are never split or copied, only token-dimension activations; the only mu
 op's KV-cache write, and no pass adds aliasing; `meta["val"]` stays valid where present.
 """
 
+from torch.fx import GraphModule
+
 from nanoflow_fx.passes.annotate import annotate, token_symbol
 from nanoflow_fx.passes.assign_units import UnitPolicy, assign_units, nanoop_nodes
 from nanoflow_fx.passes.group_ops import group_names, group_ops
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-def splittable_groups(gm):  # type: ignore[no-untyped-def]
+def splittable_groups(gm: GraphModule) -> list[str]:
     """Groups of an annotated, grouped graph whose nodes are all token-parallel (the ones a plan may cut)."""
     blocked = {info(n).group for n in gm.graph.nodes if n.op == "call_function" and info(n).group is not None
                and not info(n).token_parallel}

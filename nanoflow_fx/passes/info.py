@@ -18,9 +18,9 @@ META_KEY = "nanoflow"
 ATTENTION_OP = paged_attention._opoverload  # the op the capture emits
 aten = torch.ops.aten
 
-GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.matmul.default,
-            aten._grouped_mm.default} if hasattr(aten, "_grouped_mm") else {aten.mm.default, aten.addmm.default,
-                                                                              aten.bmm.default}
+GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.matmul.default}
+if hasattr(aten, "_grouped_mm"):
+    GEMM_OPS.add(aten._grouped_mm.default)
 COLLECTIVE_NAMESPACES = {"_c10d_functional", "c10d_functional", "c10d"}
 
 
@@ -79,10 +79,6 @@ def token_dims(value: Any, token: sympy.Expr) -> list[int]:
     if not isinstance(value, torch.Tensor):
         return []
     return [d for d, size in enumerate(value.shape) if symbol_of(size) == token]
-
-
-def is_symint_node(node: Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.SymInt)
 
 
 def is_getitem(node: Node) -> bool:

@@ -37,11 +37,17 @@ class StepEngine:
         self.cuda_graphs_off_reason = "not enabled"
 
     def enable_cuda_graphs(self) -> bool:
-        """Capture decode-bucket CUDA graphs now. A model whose step syncs with the host (e.g. HF's fp32
-        grouped-MoE fallback calls .tolist()) cannot be captured: then graphs stay off, with the reason logged
-        and kept in `cuda_graphs_off_reason`, and every step runs the captured step directly (still correct)."""
-        if self.device.type != "cuda" or self.attention_backend != "triton":
-            raise ValueError("CUDA graphs need a CUDA model and attention_backend 'triton' (no host syncs)")
+        """Capture decode-bucket CUDA graphs now, if this engine can replay them; returns whether it did.
+
+        They need a CUDA model, the "triton" attention backend and one nano-batch (the reference kernel and
+        the nano-batch executor sync with the host). A model whose step syncs with the host (e.g. HF's fp32
+        grouped-MoE fallback calls .tolist()) fails to capture: it is logged. Whenever graphs stay off, the
+        reason is in `cuda_graphs_off_reason` and every step runs the captured step directly (still correct).
+        """
+        reason = self._cuda_graphs_blocker()
+        if reason:
+            self.cuda_graphs_off_reason = reason
+            return False
         runner = CudaGraphRunner(self.step_fn, self.kv_cache, self.config.max_batch_size, self.attention_backend)
         try:
             runner.capture_all()
@@ -53,6 +59,15 @@ class StepEngine:
         self.cuda_graphs = runner
         self.cuda_graphs_off_reason = ""
         return True
+
+    def _cuda_graphs_blocker(self) -> str:
+        if self.device.type != "cuda":
+            return "the model is not on CUDA"
+        if self.attention_backend != "triton":
+            return f"attention backend {self.attention_backend!r} syncs with the host (use 'triton')"
+        if self.config.num_nanobatches not in (1, "auto"):
+            return "nano-batched steps run through the CPU Schedule executor"
+        return ""
 
     @property
     def device(self) -> torch.device:

@@ -93,10 +93,9 @@ def run_generation(engine: StepEngine, plan: GenerationPlan) -> torch.Tensor | G
     finally:
         engine.release(requests)
     width = max(len(r.output) for r in requests)
-    new = plan.input_ids.new_full((len(requests), width), plan.pad_token_id if plan.pad_token_id is not None else 0)
-    for row, req in enumerate(requests):
-        new[row, : len(req.output)] = torch.tensor(req.output, dtype=new.dtype)
-    sequences = torch.cat([plan.input_ids, new], dim=1)
+    pad = plan.pad_token_id if plan.pad_token_id is not None else 0
+    new = torch.tensor([r.output + [pad] * (width - len(r.output)) for r in requests], dtype=plan.input_ids.dtype)
+    sequences = torch.cat([plan.input_ids, new.to(plan.input_ids.device)], dim=1)
     return GenerateDecoderOnlyOutput(sequences=sequences) if plan.return_dict else sequences
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...]
     min_new_tokens: int  # EOS is suppressed until a sequence has generated this many tokens
 
+    @functools.cached_property
     def warpers(self) -> LogitsProcessorList:
         """HF's warpers in HF's order (temperature, top-k, top-p), each only when it changes something."""
         warpers = LogitsProcessorList()
@@ -43,11 +45,12 @@ def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: Sa
     """Pick one token per row of `logits` [N, vocab]; row i has generated `num_generated[i]` tokens so far."""
     scores = logits.float()
     if params.eos_token_ids and params.min_new_tokens > 0:
+        # A mask, not indices: no nonzero(), so no host sync on the per-step path.
         young = torch.tensor([n < params.min_new_tokens for n in num_generated], device=scores.device)
-        eos = torch.tensor(params.eos_token_ids, device=scores.device)
-        scores[young.nonzero()[:, :1], eos[None, :]] = float("-inf")
+        eos = list(params.eos_token_ids)
+        scores[:, eos] = scores[:, eos].masked_fill(young[:, None], float("-inf"))
     if not params.do_sample:
         return scores.argmax(dim=-1)
-    scores = params.warpers()(None, scores)  # type: ignore[arg-type]  # HF's warpers ignore input_ids
+    scores = params.warpers(None, scores)  # type: ignore[arg-type]  # HF's warpers ignore input_ids
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1).squeeze(1)
