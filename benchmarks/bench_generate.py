@@ -77,8 +77,9 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, bandwidth: float
         torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
-    for count in args.nanobatches:
-        rows.append(run_nanoflow(model, ids, count, args))
+    for backend in args.backends:
+        for count in args.nanobatches:
+            rows.append(run_nanoflow(model, ids, count, backend, args))
     kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * 128 * 2
     context = args.prompt_len + args.new_tokens / 2
     floor_ms = (weight_bytes + batch * context * kv_per_token) / bandwidth * 1e3
@@ -89,18 +90,21 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, bandwidth: float
     return rows
 
 
-def run_nanoflow(model: Any, ids: torch.Tensor, count: int, args: argparse.Namespace) -> dict:
+def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, args: argparse.Namespace) -> dict:
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=ids.shape[0], max_seq_len=args.prompt_len + args.new_tokens,
-                                        num_nanobatches=count, max_num_tokens=args.max_num_tokens)
+                                        num_nanobatches=count, max_num_tokens=args.max_num_tokens,
+                                        attention_backend=backend)
     torch.cuda.synchronize()
     start = time.perf_counter()
     nanoflow_fx.optimize(model, config)
     timed_generate(model, ids, 1)
     first = time.perf_counter() - start
-    backend = model.nanoflow.attention_backend
-    graphs = model.nanoflow.engine.cuda_graphs is not None
-    row = measure(f"nanoflow_fx, {count} nano-batch(es), {backend} attention, CUDA graphs {graphs}", model, ids,
-                  args.new_tokens, first)
+    runtime = model.nanoflow
+    graphs = runtime.engine.cuda_graphs is not None
+    row = measure(f"nanoflow_fx, {count} nano-batch(es), {runtime.attention_backend} attention, CUDA graphs "
+                  f"{graphs}", model, ids, args.new_tokens, first)
+    row.update(optimize_s=runtime.capture_seconds, steps=dict(runtime.engine.stats),
+               cuda_graphs_off_reason=runtime.engine.cuda_graphs_off_reason)
     del model.nanoflow, model.generate  # free the KV cache and graphs before the next case
     model.set_attn_implementation("sdpa")  # HF's default, for the next batch size's HF cases
     gc.collect()
@@ -114,8 +118,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--max-num-tokens", type=int, default=4096)
-    parser.add_argument("--cases", nargs="+", default=["hf_eager", "hf_compiled"])
+    parser.add_argument("--cases", nargs="*", default=["hf_eager", "hf_compiled"])
     parser.add_argument("--nanobatches", type=int, nargs="*", default=[1])
+    parser.add_argument("--backends", nargs="+", default=["auto"], help="attention backends of nanoflow_fx cases")
     parser.add_argument("--out", default="bench_generate.json")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -1,11 +1,13 @@
-"""Where a decode step's time goes: CUDA kernels (torch.profiler) and host phases, Llama-3-8B shape, bf16.
+"""Where a decode step's time goes, Llama-3-8B shape, bf16: GPU time of the step alone, each host phase, the
+whole loop, and (with --kernels) the CUDA kernel table from torch.profiler.
 
-    python benchmarks/profile_decode.py --batch-size 64 --context 512
+    python benchmarks/profile_decode.py --batch-size 64 --context 512 [--kernels] [--out profile.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,48 +22,104 @@ from nanoflow_fx.runtime import Chunk  # noqa: E402
 from nanoflow_fx.runtime.batch import build_step  # noqa: E402
 
 
+def gpu_ms(fn, repeats: int = 20) -> float:
+    """Mean GPU time of fn() between CUDA events (the host enqueues all repeats before waiting)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def host_ms(fn, repeats: int = 20) -> float:
+    """Mean wall time of fn() with a device sync after each call."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--kernels", action="store_true", help="print torch.profiler's kernel table")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_model("llama3-8b", "cuda", torch.bfloat16)
-    config = nanoflow_fx.NanoFlowConfig(max_batch_size=args.batch_size, max_seq_len=args.context + args.steps + 1,
+    config = nanoflow_fx.NanoFlowConfig(max_batch_size=args.batch_size, max_seq_len=args.context + 64,
+                                        attention_backend=args.backend,
                                         check_capture=False)  # profiling only; correctness is the tests' job
     nanoflow_fx.optimize(model, config)
     engine = model.nanoflow.engine
     prompts = [[5] * args.context for _ in range(args.batch_size)]
-    requests = engine.admit(prompts, max_new_tokens=args.steps + 1)
-    for chunk_start in range(0, args.batch_size, max(1, 4096 // args.context)):  # prefill
-        group = requests[chunk_start : chunk_start + max(1, 4096 // args.context)]
+    requests = engine.admit(prompts, max_new_tokens=64)
+    per_chunk = max(1, config.max_num_tokens // args.context)
+    for first in range(0, args.batch_size, per_chunk):  # prefill
+        group = requests[first : first + per_chunk]
         engine.run([Chunk(r, args.context) for r in group])
         for r in group:
             r.output.append(7)
-    chunks = lambda: [Chunk(r, 1) for r in requests]  # noqa: E731
-    engine.run(chunks())
-    for r in requests:
-        r.output.append(7)
     torch.cuda.synchronize()
     cache = engine.kv_cache
+    chunks = [Chunk(r, 1) for r in requests]  # replayed at the same position: timing only
+    result = dict(batch=args.batch_size, context=args.context, backend=engine.attention_backend,
+                  cuda_graphs=engine.cuda_graphs is not None, off_reason=engine.cuda_graphs_off_reason)
+
+    def rewind() -> None:
+        for r in requests:
+            r.num_cached = args.context
+
+    def run_step() -> None:
+        engine.run(chunks)
+        rewind()
+
+    shape = engine.cuda_graphs.shape_for(args.batch_size, args.batch_size) if engine.cuda_graphs else None
+    result["engine_run_enqueue_gpu_ms"] = gpu_ms(run_step)
+    result["engine_run_synced_ms"] = host_ms(run_step)
     start = time.perf_counter()
     for _ in range(20):
-        build_step(chunks(), cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                   backend="triton", shape=engine.cuda_graphs.shape_for(args.batch_size, args.batch_size))
-    print(f"host build_step: {(time.perf_counter() - start) / 20 * 1e3:.2f} ms")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            logits = engine.run(chunks())
-            token = logits.argmax(-1).tolist()
-            for r, t in zip(requests, token):
-                r.output.append(t)
-        torch.cuda.synchronize()
-    print(f"decode step wall: {(time.perf_counter() - start) / args.steps * 1e3:.2f} ms (batch {args.batch_size}, "
-          f"context {args.context}, CUDA graphs {engine.cuda_graphs is not None})")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+        run_step()
+    result["engine_run_host_ms"] = (time.perf_counter() - start) / 20 * 1e3  # host time to enqueue a step
+    torch.cuda.synchronize()
+    if shape is not None:  # the bucket's static inputs now hold this decode step (and its FlashInfer plan)
+        entry = engine.cuda_graphs.graphs[shape]
+        result["graph_replay_gpu_ms"] = gpu_ms(entry.graph.replay)
+    start = time.perf_counter()
+    for _ in range(20):
+        build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
+                   backend=engine.attention_backend, shape=shape)
+    result["host_build_step_ms"] = (time.perf_counter() - start) / 20 * 1e3
+    start = time.perf_counter()
+    for _ in range(20):
+        engine.schedule(requests)
+    result["host_schedule_ms"] = (time.perf_counter() - start) / 20 * 1e3
+
+    def full_step() -> None:  # what the generate loop does per step
+        logits = engine.run(engine.schedule(requests))
+        logits.argmax(-1).tolist()
+        rewind()
+
+    result["loop_step_ms"] = host_ms(full_step)
+    for key, value in result.items():
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.kernels:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                full_step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -37,11 +37,12 @@ class NanoFlowConfig:
     """Nano-batches a step is split into; "auto" lets the search decide (1 until the search exists)."""
 
     attention_backend: str = "auto"
-    """Paged attention kernel: "torch" (reference, CPU and GPU), "triton" (GPU), "flashinfer" (not yet
-    implemented: rejected by optimize()), or "auto" (triton on CUDA when Triton imports, else torch)."""
+    """Paged attention kernel: "torch" (reference, CPU and GPU), "triton" (GPU), "flashinfer" (GPU, fp16/bf16,
+    one nano-batch; needs `pip install flashinfer-python`), or "auto": flashinfer where it can run, else triton
+    on CUDA when Triton imports, else torch."""
 
     cuda_graphs: bool = True
-    """On CUDA with the "triton" backend and one nano-batch: replay decode-sized steps as CUDA graphs."""
+    """On CUDA with the "triton" or "flashinfer" backend: replay decode-sized steps as CUDA graphs."""
 
     check_capture: bool = True
     """Compare the captured step with the eager model on a probe input in `optimize()`."""

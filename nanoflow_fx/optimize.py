@@ -7,7 +7,7 @@ import logging
 import os
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.capture.support import check_supported, discover_layers
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import CaptureMismatchError, NanoFlowError
+from nanoflow_fx.ops import flashinfer_attention
+from nanoflow_fx.ops.flashinfer_attention import AttentionConfig
 from nanoflow_fx.runtime.batch import Chunk
 from nanoflow_fx.runtime.engine import StepEngine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
@@ -45,8 +47,12 @@ class NanoFlowRuntime:
         dtype = next(model.parameters()).dtype
         self.kv_cache = PagedKVCache(self.layers, config.total_pages, config.page_size, dtype, model.device)
         self.step_fn = StepFunction(model, lambda on_graph: backend(config, on_graph))
-        self.attention_backend = resolve_attention_backend(config.attention_backend, model.device)
-        self.engine = StepEngine(self.step_fn, self.kv_cache, config, self.attention_backend)
+        self.attention_configs = tuple(dict.fromkeys(
+            AttentionConfig(s.num_qo_heads, s.num_kv_heads, s.head_dim, s.scaling, s.sliding_window, s.softcap)
+            for s in self.layers
+        ))
+        self.attention_backend = resolve_attention_backend(config, model.device, dtype, self.attention_configs)
+        self.engine = StepEngine(self.step_fn, self.kv_cache, config, self.attention_backend, self.attention_configs)
         self.capture_seconds = 0.0
 
 
@@ -90,14 +96,22 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> Pr
     return model
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """The kernel `attention_backend` means on `device` (see `NanoFlowConfig.attention_backend`)."""
-    if name == "flashinfer":
-        raise NanoFlowError(
-            "attention_backend='flashinfer' is not implemented yet; use 'triton' (GPU), 'torch', or 'auto'"
-        )
+def resolve_attention_backend(
+    config: NanoFlowConfig, device: torch.device, dtype: torch.dtype, attention_configs: Sequence[AttentionConfig],
+) -> str:
+    """The kernel `config.attention_backend` means for this model (see `NanoFlowConfig.attention_backend`)."""
+    name = config.attention_backend
+    nanobatched = isinstance(config.num_nanobatches, int) and config.num_nanobatches > 1
+    flashinfer_blocker = flashinfer_attention.unsupported_reason(attention_configs, dtype, device)
+    if nanobatched and not flashinfer_blocker:
+        flashinfer_blocker = "nano-batched steps attend per nano-batch, and FlashInfer plans whole steps"
+    if name == "flashinfer" and flashinfer_blocker:
+        raise NanoFlowError(f"attention_backend='flashinfer' cannot run here: {flashinfer_blocker}; "
+                            "use 'triton' (GPU), 'torch' or 'auto'")
     triton_ok = importlib.util.find_spec("triton") is not None
     if name == "auto":
+        if not flashinfer_blocker:
+            return "flashinfer"
         return "triton" if device.type == "cuda" and triton_ok else "torch"
     if name == "triton":
         if not triton_ok:

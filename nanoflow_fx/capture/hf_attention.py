@@ -36,6 +36,8 @@ class LayerSpec:
     head_dim: int
     sliding_window: int  # <= 0: none
     softcap: float  # <= 0: none
+    num_qo_heads: int = 0  # 0: not recorded
+    scaling: float = 0.0  # the softmax scale the model passes (0: not recorded)
 
 
 @dataclass
@@ -69,13 +71,13 @@ def nanoflow_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
             sliding_window=sliding_window, softcap=softcap, **kwargs,
         )
-    spec = _layer_spec(module, key, value, sliding_window, softcap, kwargs)
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    spec = _layer_spec(module, key, value, sliding_window, softcap, kwargs, query.shape[1], scale)
     if isinstance(meta, ShapeProbe):
         meta.layers[spec.layer_idx] = spec
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     if not isinstance(meta, AttentionMetadata):
         raise TypeError(f"{METADATA_KWARG} must be an AttentionMetadata, got {type(meta).__name__}")
-    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     out = paged_attention(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),  # [T, heads, D]
         meta.kv_caches[spec.layer_idx], *meta.tensors(),
@@ -91,6 +93,8 @@ def _layer_spec(
     sliding_window: int | None,
     softcap: float | None,
     kwargs: dict[str, Any],
+    num_qo_heads: int = 0,
+    scaling: float = 0.0,
 ) -> LayerSpec:
     name = type(module).__name__
     layer_idx = getattr(module, "layer_idx", None)
@@ -111,6 +115,8 @@ def _layer_spec(
         head_dim=key.shape[-1],
         sliding_window=int(sliding_window) if sliding_window else 0,
         softcap=float(softcap) if softcap else 0.0,
+        num_qo_heads=num_qo_heads,
+        scaling=scaling,
     )
 
 

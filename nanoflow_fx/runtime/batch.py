@@ -9,7 +9,12 @@ import torch
 
 from nanoflow_fx.ops import AttentionMetadata
 
-__all__ = ["Request", "Chunk", "StepInputs", "StepShape", "build_step"]
+__all__ = ["PENDING", "Request", "Chunk", "StepInputs", "StepShape", "build_step", "feed_pending", "to_device"]
+
+# An output token sampled on the device whose value the host has not read back yet. A step that needs it as
+# input carries PENDING in `input_ids` and the request's slot in `feed_slots`; `feed_pending` substitutes the
+# device-side value, so the host never waits for the GPU to schedule the next step.
+PENDING = -1
 
 
 @dataclass
@@ -20,8 +25,9 @@ class Request:
     max_new_tokens: int
     pages: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
-    output: list[int] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)  # may end in PENDING tokens (see `PENDING`)
     finished: bool = False
+    slot: int = 0  # index of this request's entry in the engine's device-side last-token table
 
     @property
     def num_tokens(self) -> int:
@@ -63,9 +69,21 @@ class Chunk:
 class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     position_ids: torch.Tensor  # [T] int64
+    feed_slots: torch.Tensor  # [T] int64: the request slot of each token (read where input_ids is PENDING)
     logits_indices: torch.Tensor  # [N] int64: rows whose logits are computed
     num_logits: int  # the first `num_logits` rows of the output are real; the rest are padding
     metadata: AttentionMetadata
+
+    def to(self, device: torch.device) -> StepInputs:
+        """These inputs on `device` (from pinned host tensors the copies do not block the host)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        meta = self.metadata
+        metadata = AttentionMetadata(*(move(t) for t in meta.tensors()), kv_caches=meta.kv_caches,
+                                     backend=meta.backend)
+        return StepInputs(move(self.input_ids), move(self.position_ids), move(self.feed_slots),
+                          move(self.logits_indices), self.num_logits, metadata)
 
 
 @dataclass(frozen=True)
@@ -86,16 +104,18 @@ class _Packed:
     ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
+    feed: list[int] = field(default_factory=list)
     qo: list[int] = field(default_factory=lambda: [0])
     kv_ptr: list[int] = field(default_factory=lambda: [0])
     kv_idx: list[int] = field(default_factory=list)
     last_len: list[int] = field(default_factory=list)
 
-    def add(self, tokens: Sequence[int], start: int, pages: Sequence[int]) -> None:
+    def add(self, tokens: Sequence[int], start: int, pages: Sequence[int], slot: int = 0) -> None:
         """Tokens at positions start.. of a request whose KV lives in `pages` (all cached before `start`)."""
         end = start + len(tokens)
         num_pages = -(-end // self.page_size)
         self.ids += tokens
+        self.feed += [slot] * len(tokens)
         self.positions += range(start, end)
         self.slots += [pages[p // self.page_size] * self.page_size + p % self.page_size for p in range(start, end)]
         self.qo.append(len(self.ids))
@@ -114,6 +134,7 @@ def build_step(
     min_tokens: int = 2,
     backend: str = "torch",
     shape: StepShape | None = None,
+    pin: bool = False,
 ) -> StepInputs:
     """Pack the chunks' tokens into one step. Requests' pages must already cover their new tokens.
 
@@ -122,7 +143,8 @@ def build_step(
     closes every step and pads it to `min_tokens`: every step size stays >= 2, so the captured graph never
     specialises on sizes 0 or 1. With `shape` (a CUDA-graph bucket) the padding request fills the step up to
     `shape.tokens` (and is left out when nothing is missing), and the request table, page list and logits
-    rows are padded with empty entries to their fixed sizes.
+    rows are padded with empty entries to their fixed sizes. Tensors for a CUDA device travel from pinned host
+    memory without blocking the host; `pin` pins CPU results (the source of a later non-blocking copy).
     """
     packed = _Packed(page_size)
     logits_rows: list[int] = []
@@ -133,7 +155,7 @@ def build_step(
                              f"request of {req.num_tokens} tokens")
         if -(-end // page_size) > len(req.pages):
             raise ValueError(f"request holds {len(req.pages)} pages, too few for {end} tokens")
-        packed.add(req.token_slice(start, end), start, req.pages)
+        packed.add(req.token_slice(start, end), start, req.pages, req.slot)
         if all_logits or chunk.completes:
             logits_rows += range(len(packed.ids) - (chunk.num_tokens if all_logits else 1), len(packed.ids))
     num_pad = max(1, min_tokens - len(packed.ids)) if shape is None else shape.tokens - len(packed.ids)
@@ -148,7 +170,7 @@ def build_step(
     logits_rows += [len(packed.ids) - 1] * max(0, (2 if shape is None else shape.logits) - num_logits)
     if shape is not None:
         _pad_table(packed, shape)
-    return _to_tensors(packed, logits_rows, num_logits, kv_caches, device, backend)
+    return _to_tensors(packed, logits_rows, num_logits, kv_caches, device, backend, pin)
 
 
 def _pad_table(packed: _Packed, shape: StepShape) -> None:
@@ -164,10 +186,10 @@ def _pad_table(packed: _Packed, shape: StepShape) -> None:
 
 def _to_tensors(
     packed: _Packed, logits_rows: list[int], num_logits: int, kv_caches: tuple[torch.Tensor, ...],
-    device: torch.device, backend: str,
+    device: torch.device, backend: str, pin: bool,
 ) -> StepInputs:
     def tensor(values: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+        return to_device(values, dtype, device, pin)
 
     metadata = AttentionMetadata(
         qo_indptr=tensor(packed.qo),
@@ -181,7 +203,25 @@ def _to_tensors(
     return StepInputs(
         input_ids=tensor(packed.ids, torch.int64),
         position_ids=tensor(packed.positions, torch.int64),
+        feed_slots=tensor(packed.feed, torch.int64),
         logits_indices=tensor(logits_rows, torch.int64),
         num_logits=num_logits,
         metadata=metadata,
     )
+
+
+def to_device(values: list[int], dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """A host list as a tensor on `device`. A copy from pageable memory would make the host wait for the GPU
+    (CUDA syncs the stream first), so CUDA-bound values go through pinned memory, asynchronously; the caching
+    host allocator keeps the pinned block alive until the copy has run."""
+    if device.type == "cuda" or (pin and torch.cuda.is_available()):
+        host = torch.tensor(values, dtype=dtype, pin_memory=True)
+        return host.to(device, non_blocking=True) if device.type == "cuda" else host
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def feed_pending(input_ids: torch.Tensor, feed_slots: torch.Tensor, last_tokens: torch.Tensor | None) -> torch.Tensor:
+    """`input_ids` with each PENDING token replaced by its request's last sampled token (on the device)."""
+    if last_tokens is None:
+        return input_ids
+    return torch.where(input_ids == PENDING, last_tokens[feed_slots], input_ids)

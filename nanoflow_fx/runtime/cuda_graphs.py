@@ -4,7 +4,8 @@ Each bucket's graph is captured over static input tensors padded to a fixed `Ste
 pages, logits rows): everything baked into its launches (grid sizes, buffer addresses, the attention
 backend) is determined by the bucket, which is the graph's key. Buckets are captured largest first into one
 memory pool. Steps larger than the largest bucket (long prefills) run the captured step directly, where
-launch overhead is small next to the work. Capture needs a backend without host syncs ("triton").
+launch overhead is small next to the work. Capture needs a backend without host syncs ("triton", or
+"flashinfer", whose per-step planning happens on the host before each replay).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from nanoflow_fx.capture.step import StepFunction
-from nanoflow_fx.runtime.batch import Chunk, StepInputs, StepShape, build_step
+from nanoflow_fx.ops.flashinfer_attention import AttentionConfig, FlashInferPlanner
+from nanoflow_fx.runtime.batch import Chunk, StepInputs, StepShape, build_step, feed_pending
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 
 __all__ = ["CudaGraphRunner", "decode_buckets"]
@@ -38,11 +40,20 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: StepInputs  # static tensors the graph reads
     logits: torch.Tensor  # static output [shape.logits, vocab]
+    planner: FlashInferPlanner | None  # the bucket's FlashInfer plans (flashinfer backend)
 
 
 class CudaGraphRunner:
-    def __init__(self, step_fn: StepFunction, kv_cache: PagedKVCache, max_batch_size: int, backend: str) -> None:
-        self.step_fn, self.kv_cache, self.backend = step_fn, kv_cache, backend
+    def __init__(
+        self, step_fn: StepFunction, kv_cache: PagedKVCache, max_batch_size: int, backend: str,
+        last_tokens: torch.Tensor,
+        attention_configs: Sequence[AttentionConfig] = (),
+    ) -> None:
+        """`last_tokens` is the engine's device-side table of each request's last sampled token; the graphs
+        read PENDING input tokens from it (see `feed_pending`). With the "flashinfer" backend each bucket has
+        its own planner (fixed buffers), re-planned before every replay."""
+        self.step_fn, self.kv_cache, self.backend, self.last_tokens = step_fn, kv_cache, backend, last_tokens
+        self.attention_configs = tuple(attention_configs)
         self.buckets = decode_buckets(max_batch_size)
         self.max_requests = max_batch_size + 1  # and the padding request
         padding_pages = -(-self.buckets[-1] // kv_cache.page_size)
@@ -73,28 +84,43 @@ class CudaGraphRunner:
 
     def _capture(self, shape: StepShape, pool: object) -> _Graph:
         cache = self.kv_cache
-        inputs = build_step([], cache.caches, cache.page_size, cache.scratch_page, cache.caches[0].device,
-                            backend=self.backend, shape=shape)  # only the padding request: writes scratch only
-        args = (inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+        host = build_step([], cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
+                          backend=self.backend, shape=shape, pin=True)  # only the padding request: writes scratch
+        inputs = host.to(cache.caches[0].device)
+        planner = None
+        if self.backend == "flashinfer":
+            planner = FlashInferPlanner(self.attention_configs, cache.page_size, cache.caches[0].dtype,
+                                        cache.caches[0].device, cuda_graph_shape=(shape.requests, shape.pages))
+            planner.plan(host.metadata, inputs.metadata.kv_indices)
+
+        def step() -> torch.Tensor:
+            input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
+            return self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Dynamo guards, Triton compilation, allocator
             for _ in range(2):
-                self.step_fn(*args)
+                step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            logits = self.step_fn(*args)
-        return _Graph(graph, inputs, logits)
+            logits = step()
+        return _Graph(graph, inputs, logits, planner)
 
     def run(self, chunks: Sequence[Chunk], shape: StepShape, all_logits: bool) -> torch.Tensor:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          all_logits, backend=self.backend, shape=shape)
-        static = entry.inputs
-        for dst, src in zip((static.input_ids, static.position_ids, static.logits_indices, *static.metadata.tensors()),
-                            (host.input_ids, host.position_ids, host.logits_indices, *host.metadata.tensors())):
-            dst.copy_(src, non_blocking=True)
+                          all_logits, backend=self.backend, shape=shape, pin=True)
+        for dst, src in zip(_step_tensors(entry.inputs), _step_tensors(host)):
+            dst.copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
+        if entry.planner is not None:
+            entry.planner.plan(host.metadata, entry.inputs.metadata.kv_indices)
         entry.graph.replay()
         return entry.logits[: host.num_logits]
+
+
+def _step_tensors(inputs: StepInputs) -> tuple[torch.Tensor, ...]:
+    return (inputs.input_ids, inputs.position_ids, inputs.feed_slots, inputs.logits_indices,
+            *inputs.metadata.tensors())

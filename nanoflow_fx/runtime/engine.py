@@ -10,7 +10,8 @@ import torch
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import BatchTooLargeError, RequestTooLongError
-from nanoflow_fx.runtime.batch import Chunk, Request, build_step
+from nanoflow_fx.ops.flashinfer_attention import AttentionConfig, FlashInferPlanner
+from nanoflow_fx.runtime.batch import Chunk, Request, build_step, feed_pending, to_device
 from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 
@@ -27,28 +28,47 @@ class StepEngine:
     """
 
     def __init__(
-        self, step_fn: StepFunction, kv_cache: PagedKVCache, config: NanoFlowConfig, attention_backend: str = "torch"
+        self,
+        step_fn: StepFunction,
+        kv_cache: PagedKVCache,
+        config: NanoFlowConfig,
+        attention_backend: str = "torch",
+        attention_configs: Sequence[AttentionConfig] = (),
     ) -> None:
+        """`attention_configs` (the model's distinct attention layer configurations) are needed by the
+        "flashinfer" backend, which plans each configuration before every step."""
         self.step_fn = step_fn
         self.kv_cache = kv_cache
         self.config = config
-        self.attention_backend = attention_backend  # resolved: "torch" or "triton"
+        self.attention_backend = attention_backend  # resolved: "torch", "triton" or "flashinfer"
+        self.attention_configs = tuple(attention_configs)
+        self.planner: FlashInferPlanner | None = None  # plans eager steps (graphs have their own)
+        if attention_backend == "flashinfer":
+            if not self.attention_configs:
+                raise ValueError("the flashinfer backend needs the model's attention configurations")
+            self.planner = FlashInferPlanner(self.attention_configs, kv_cache.page_size, kv_cache.caches[0].dtype,
+                                             self.device)
         self.cuda_graphs: CudaGraphRunner | None = None  # set by enable_cuda_graphs()
         self.cuda_graphs_off_reason = "not enabled"
+        # Each admitted request's last sampled token, on the device, by request slot (see batch.PENDING).
+        self.last_tokens = torch.zeros(config.max_batch_size, dtype=torch.int64, device=self.device)
+        self.stats = {"graph_steps": 0, "eager_steps": 0}
 
     def enable_cuda_graphs(self) -> bool:
         """Capture decode-bucket CUDA graphs now, if this engine can replay them; returns whether it did.
 
-        They need a CUDA model, the "triton" attention backend and one nano-batch (the reference kernel and
-        the nano-batch executor sync with the host). A model whose step syncs with the host (e.g. HF's fp32
-        grouped-MoE fallback calls .tolist()) fails to capture: it is logged. Whenever graphs stay off, the
-        reason is in `cuda_graphs_off_reason` and every step runs the captured step directly (still correct).
+        They need a CUDA model, the "triton" or "flashinfer" attention backend and one nano-batch (the
+        reference kernel and the nano-batch executor sync with the host). A model whose step syncs with the
+        host (e.g. HF's fp32 grouped-MoE fallback calls .tolist()) fails to capture: it is logged. Whenever
+        graphs stay off, the reason is in `cuda_graphs_off_reason` and every step runs the captured step
+        directly (still correct).
         """
         reason = self._cuda_graphs_blocker()
         if reason:
             self.cuda_graphs_off_reason = reason
             return False
-        runner = CudaGraphRunner(self.step_fn, self.kv_cache, self.config.max_batch_size, self.attention_backend)
+        runner = CudaGraphRunner(self.step_fn, self.kv_cache, self.config.max_batch_size, self.attention_backend,
+                                 self.last_tokens, self.attention_configs)
         try:
             runner.capture_all()
         except RuntimeError as err:
@@ -63,8 +83,8 @@ class StepEngine:
     def _cuda_graphs_blocker(self) -> str:
         if self.device.type != "cuda":
             return "the model is not on CUDA"
-        if self.attention_backend != "triton":
-            return f"attention backend {self.attention_backend!r} syncs with the host (use 'triton')"
+        if self.attention_backend not in ("triton", "flashinfer"):
+            return f"attention backend {self.attention_backend!r} syncs with the host (use 'triton' or 'flashinfer')"
         if self.config.num_nanobatches not in (1, "auto"):
             return "nano-batched steps run through the CPU Schedule executor"
         return ""
@@ -92,10 +112,17 @@ class StepEngine:
         need = [self.kv_cache.pages_for(len(p) + max_new_tokens) for p in prompts]
         pages = self.kv_cache.allocator.allocate(sum(need))  # all-or-nothing
         requests, start = [], 0
-        for prompt, n in zip(prompts, need):
-            requests.append(Request(prompt=list(prompt), max_new_tokens=max_new_tokens, pages=pages[start : start + n]))
+        for slot, (prompt, n) in enumerate(zip(prompts, need)):
+            requests.append(Request(prompt=list(prompt), max_new_tokens=max_new_tokens, pages=pages[start : start + n],
+                                    slot=slot))
             start += n
         return requests
+
+    def record_tokens(self, requests: Sequence[Request], tokens: torch.Tensor) -> None:
+        """Store each request's newly sampled token (on the device) where PENDING inputs are fed from."""
+        if requests:
+            slots = to_device([r.slot for r in requests], torch.int64, self.device)
+            self.last_tokens.index_copy_(0, slots, tokens.to(torch.int64))
 
     def release(self, requests: Sequence[Request]) -> None:
         for req in requests:
@@ -125,11 +152,21 @@ class StepEngine:
             shape = self.cuda_graphs.shape_for(sum(c.num_tokens for c in chunks), num_logits)
         if shape is not None:
             logits = self.cuda_graphs.run(chunks, shape, all_logits)  # type: ignore[union-attr]
+            self.stats["graph_steps"] += 1
         else:
-            inputs = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, self.device, all_logits,
-                                backend=self.attention_backend)
-            logits = self.step_fn(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+            if self.device.type == "cuda":  # built in pinned host memory, then copied without blocking
+                host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
+                                  all_logits, backend=self.attention_backend, pin=True)
+                inputs = host.to(self.device)
+                if self.planner is not None:
+                    self.planner.plan(host.metadata, inputs.metadata.kv_indices)
+            else:
+                inputs = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, self.device,
+                                    all_logits, backend=self.attention_backend)
+            input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
+            logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
             logits = logits[: inputs.num_logits]
+            self.stats["eager_steps"] += 1
         for chunk in chunks:
             chunk.request.num_cached += chunk.num_tokens
         return logits

@@ -7,6 +7,7 @@ optimized model's plain forward is HF's eager attention), with one log line nami
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from nanoflow_fx.errors import InvalidInputError
+from nanoflow_fx.runtime.batch import PENDING, Request
 from nanoflow_fx.runtime.engine import StepEngine
 from nanoflow_fx.runtime.sampling import SamplingParams, select_tokens
 
@@ -78,18 +80,66 @@ def plan_generation(
     return GenerationPlan(input_ids, prompts, max_new, sampling, pad, bool(gen.return_dict_in_generate))
 
 
+# Steps the host may run ahead of the tokens it has read back. The GPU keeps this many steps queued while the
+# host reads step n - MAX_LAG's tokens (EOS detection), so it never idles waiting for the host.
+MAX_LAG = 2
+
+
+class _Readback:
+    """One step's sampled tokens on their way to the host (a non-blocking copy into pinned memory)."""
+
+    def __init__(self, tokens: torch.Tensor, targets: list[tuple[Request, int]]) -> None:
+        self.targets = targets  # (request, index into its output) per token
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event: torch.cuda.Event | None = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = tokens, None
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def resolve(self, eos_token_ids: tuple[int, ...]) -> None:
+        """Write the tokens into the requests' outputs; a request that sampled EOS ends there (tokens it ran
+        ahead with are dropped; they were never visible)."""
+        if self.event is not None:
+            self.event.synchronize()
+        for (req, index), token in zip(self.targets, self.host.tolist()):
+            if index >= len(req.output):  # already cut at an earlier EOS
+                continue
+            req.output[index] = token
+            if token in eos_token_ids:
+                del req.output[index + 1 :]
+                req.finished = True
+
+
 def run_generation(engine: StepEngine, plan: GenerationPlan) -> torch.Tensor | GenerateDecoderOnlyOutput:
-    """Generate with `engine` and shape the result exactly as HF's `generate()` does."""
+    """Generate with `engine` and shape the result exactly as HF's `generate()` does.
+
+    The loop never waits for the step it just queued: sampled tokens stay on the device (the next step reads
+    them there, see `batch.PENDING`) and reach the host `MAX_LAG` steps later, where EOS is detected.
+    """
     requests = engine.admit(plan.prompts, plan.max_new_tokens)
+    eos = plan.sampling.eos_token_ids
+    inflight: deque[_Readback] = deque()
     try:
         while any(not r.finished for r in requests):
             chunks = engine.schedule(requests)
             logits = engine.run(chunks)
             completing = [c.request for c in chunks if c.completes]
-            tokens = select_tokens(logits, [len(r.output) for r in completing], plan.sampling).tolist()
-            for req, token in zip(completing, tokens):
-                req.output.append(token)
-                req.finished = token in plan.sampling.eos_token_ids or len(req.output) >= req.max_new_tokens
+            if completing:
+                tokens = select_tokens(logits, [len(r.output) for r in completing], plan.sampling)
+                engine.record_tokens(completing, tokens)
+                inflight.append(_Readback(tokens, [(r, len(r.output)) for r in completing]))
+                for req in completing:
+                    req.output.append(PENDING)
+                    req.finished = len(req.output) >= req.max_new_tokens
+            while inflight and (len(inflight) > MAX_LAG or inflight[0].ready()):
+                inflight.popleft().resolve(eos)
+        while inflight:
+            inflight.popleft().resolve(eos)
     finally:
         engine.release(requests)
     width = max(len(r.output) for r in requests)

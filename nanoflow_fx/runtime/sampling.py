@@ -14,6 +14,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from nanoflow_fx.runtime.batch import to_device
+
 __all__ = ["SamplingParams", "select_tokens"]
 
 
@@ -46,7 +48,7 @@ def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: Sa
     scores = logits.float()
     if params.eos_token_ids and params.min_new_tokens > 0:
         # A mask, not indices: no nonzero(), so no host sync on the per-step path.
-        young = torch.tensor([n < params.min_new_tokens for n in num_generated], device=scores.device)
+        young = to_device([n < params.min_new_tokens for n in num_generated], torch.bool, scores.device)
         eos = list(params.eos_token_ids)
         scores[:, eos] = scores[:, eos].masked_fill(young[:, None], float("-inf"))
     if not params.do_sample:
