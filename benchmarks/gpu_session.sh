@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One GPU-machine session: GPU tests, the example and the benchmarks, all results under $OUT.
-# Run from the repo root on the device machine (carry .whl with the wheels it lacks: FlashInfer, hypothesis).
+# One GPU-machine session: GPU tests, profiles and benchmarks, all results under $OUT.
+# Run from the repo root on the device machine. Carry .whl (wheels it lacks: FlashInfer, hypothesis, ...) and,
+# if you have it, .ficache/ficache.tgz (FlashInfer's JIT-built kernels from an earlier session: saves minutes).
+#   STEPS="bench256 profile256 bench1_64 tests" bash benchmarks/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/nanoflow_out}
 mkdir -p "$OUT"
@@ -9,20 +11,26 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PWD:/tmp/site
 fi
+[ -f .ficache/ficache.tgz ] && mkdir -p ~/.cache && tar xzf .ficache/ficache.tgz -C ~/.cache
 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import datetime, torch, transformers, triton
 print("date", datetime.date.today(), "| device", torch.cuda.get_device_name(), "| torch", torch.__version__,
       "| transformers", transformers.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)
 PY
-run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
-  local name=$1; shift
+run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on failure or timeout
+  local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
-  "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 25
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 30
 }
+B=benchmarks/bench_generate.py
 for step in ${STEPS:-tests example}; do
   case $step in
-    tests) run pytest_cuda python3 -m pytest -m cuda -q -p no:cacheprovider ;;
-    example) run example python3 examples/generate.py --device cuda --batch-size 64 --prompt-len 128 --max-new-tokens 64 ;;
-    *) run "$step" python3 "$step" ;;
+    tests) run pytest_cuda 400 python3 -m pytest -m cuda -q -p no:cacheprovider ;;
+    example) run example 200 python3 examples/generate.py --device cuda --batch-size 64 --prompt-len 128 --max-new-tokens 64 ;;
+    bench1_64) run bench1_64 420 python3 $B --batch-sizes 1 64 --backends flashinfer triton --out "$OUT/bench1_64.json" ;;
+    bench256) run bench256 480 python3 $B --batch-sizes 256 --backends flashinfer triton --out "$OUT/bench256.json" ;;
+    profile64) run profile64 150 python3 benchmarks/profile_decode.py --batch-size 64 --context 1024 --out "$OUT/profile64.json" ;;
+    profile256) run profile256 200 python3 benchmarks/profile_decode.py --batch-size 256 --context 1024 --out "$OUT/profile256.json" ;;
+    *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac
 done

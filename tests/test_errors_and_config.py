@@ -98,6 +98,12 @@ def test_capture_mismatch_is_caught_at_optimize() -> None:
     model = BatchMixingLlama(build("llama").config).eval()
     with pytest.raises(nanoflow_fx.CaptureMismatchError, match=r"max \|logit diff\|"):
         nanoflow_fx.optimize(model, SMALL)
+    # bf16: judged by each token row's relative RMS difference (rounding alone stays far below the bound)
+    torch.manual_seed(0)
+    model = BatchMixingLlama(build("llama").config).to(torch.bfloat16).eval()
+    with pytest.raises(nanoflow_fx.CaptureMismatchError, match=r"relative RMS logit diff"):
+        nanoflow_fx.optimize(model, SMALL)
+    nanoflow_fx.optimize(build("llama", dtype=torch.bfloat16), SMALL)  # the plain model in bf16 passes
 
 
 @pytest.mark.parametrize(
