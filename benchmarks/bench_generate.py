@@ -57,8 +57,10 @@ def measure(name: str, model: Any, ids: torch.Tensor, new_tokens: int, first_cal
     t_one = timed_generate(model, ids, 1, **kw)
     t_all = timed_generate(model, ids, new_tokens, **kw)
     batch = ids.shape[0]
-    return dict(case=name, batch=batch, tokens_per_s=batch * new_tokens / t_all,
-                decode_step_ms=(t_all - t_one) / (new_tokens - 1) * 1e3, first_token_s=first_call_s)
+    row = dict(case=name, batch=batch, tokens_per_s=batch * new_tokens / t_all,
+               decode_step_ms=(t_all - t_one) / (new_tokens - 1) * 1e3, first_token_s=first_call_s)
+    print(f"[measured] {row}", flush=True)  # at once: a later case that crashes the process loses only itself
+    return row
 
 
 def run_batch(model: Any, batch: int, args: argparse.Namespace, bandwidth: float, weight_bytes: int) -> list[dict]:

@@ -59,5 +59,12 @@ def test_padded_bucket_step_equals_unpadded_step(device: str) -> None:
         got = model.nanoflow.step_fn(padded.input_ids, padded.position_ids, padded.logits_indices, padded.metadata)
         assert got.shape[0] == 12
         torch.testing.assert_close(got[: padded.num_logits], want[: plain.num_logits], rtol=0, atol=1e-5)
+        # Padding as one-token requests (FlashInfer's decode graphs): one request per padding token, no empties
+        shape = StepShape(tokens=16, requests=16 - 9 + 3, pages=cache.allocator.num_pages + 16, logits=12)
+        padded = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, engine.device, True,
+                            shape=shape, pad_as_decodes=True)
+        assert padded.metadata.qo_indptr.tolist()[3:] == list(range(9, 17))  # 7 one-token padding requests
+        got = model.nanoflow.step_fn(padded.input_ids, padded.position_ids, padded.logits_indices, padded.metadata)
+        torch.testing.assert_close(got[: padded.num_logits], want[: plain.num_logits], rtol=0, atol=1e-5)
     finally:
         engine.release(requests)

@@ -4,9 +4,11 @@ FlashInfer splits a step's work on the host (`plan`, from the request table) and
 split from device buffers. `FlashInferPlanner` owns one `BatchPrefillWithPagedKVCacheWrapper` per distinct
 attention configuration of the model (heads, head dim, scale, window, soft-cap: Gemma-2 has two), plans them
 all before a step, and makes them the active plans that `nanoflow::paged_attention(backend="flashinfer")` runs.
-The prefill wrapper serves every step (decode tokens are 1-row requests; prefill chunks attend causally to
-their cached prefix). A planner made for a CUDA-graph bucket keeps fixed-size buffers (`use_cuda_graph`), so
-the graph captured with it stays valid when it is re-planned (outside the graph) before each replay.
+Eager steps use the prefill wrapper (any mix: decode tokens are 1-row requests, prefill chunks attend
+causally to their cached prefix). CUDA graphs are captured for pure decode steps only, with decode wrappers
+of fixed batch and buffers (`use_cuda_graph`): FlashInfer sizes a captured launch by the plan it was captured
+with, and a decode bucket's plans all have the same shape (bucket-many one-token requests), so the graph stays
+valid when it is re-planned (outside the graph) before each replay.
 Our cache layout [pages, 2, page_size, kv_heads, head_dim] is FlashInfer's NHD layout.
 """
 
@@ -67,7 +69,8 @@ def unsupported_reason(configs: Sequence[AttentionConfig], dtype: torch.dtype, d
 
 
 class FlashInferPlanner:
-    """The FlashInfer wrappers of one step shape (a CUDA-graph bucket) or of all eager steps."""
+    """The FlashInfer wrappers of all eager steps (prefill wrappers: any mix of query lengths), or of one
+    CUDA-graph decode bucket (decode wrappers with fixed buffers: `decode_batch` one-token requests)."""
 
     def __init__(
         self,
@@ -75,28 +78,32 @@ class FlashInferPlanner:
         page_size: int,
         dtype: torch.dtype,
         device: torch.device,
-        cuda_graph_shape: tuple[int, int] | None = None,
+        decode_batch: int | None = None,
+        max_pages: int = 0,
     ) -> None:
-        """`cuda_graph_shape` = (requests, pages) of a bucket: fixed buffers, so a graph can capture the run."""
+        """With `decode_batch` (and `max_pages`, the bucket's page-list length) the planner serves a captured
+        decode graph: every step it plans has exactly `decode_batch` requests of one query token each, so the
+        launch FlashInfer captured (its grid is sized by the batch) stays valid when re-planned."""
         import flashinfer
 
-        self.page_size, self.dtype = page_size, dtype
+        self.page_size, self.dtype, self.decode = page_size, dtype, decode_batch is not None
         if device not in _float_workspaces:
             _float_workspaces[device] = torch.empty(_FLOAT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         workspace = _float_workspaces[device]
         self.wrappers: dict[AttentionConfig, Any] = {}
         for config in dict.fromkeys(configs):
-            if cuda_graph_shape is None:
+            if decode_batch is None:
                 wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
             else:
-                requests, pages = cuda_graph_shape
                 int32 = dict(dtype=torch.int32, device=device)
-                wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                    workspace, "NHD", use_cuda_graph=True, backend="fa2",
-                    qo_indptr_buf=torch.zeros(requests + 1, **int32),
-                    paged_kv_indptr_buf=torch.zeros(requests + 1, **int32),
-                    paged_kv_indices_buf=torch.zeros(pages, **int32),
-                    paged_kv_last_page_len_buf=torch.zeros(requests, **int32),
+                wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    workspace, "NHD", use_cuda_graph=True,
+                    # Grouped-query heads (>= 4 per KV head) run on tensor cores (FlashInfer's advice), through
+                    # the same JIT module as prefill, so no second kernel family is built.
+                    use_tensor_cores=config.num_qo_heads // config.num_kv_heads >= 4,
+                    paged_kv_indptr_buffer=torch.zeros(decode_batch + 1, **int32),
+                    paged_kv_indices_buffer=torch.zeros(max_pages, **int32),
+                    paged_kv_last_page_len_buffer=torch.zeros(decode_batch, **int32),
                 )
             self.wrappers[config] = wrapper
 
@@ -111,14 +118,16 @@ class FlashInferPlanner:
         if qo.is_pinned():
             seq_lens = seq_lens.pin_memory()
         for config, wrapper in self.wrappers.items():
-            wrapper.plan(
-                qo, kv_ptr, kv_indices, last,
-                config.num_qo_heads, config.num_kv_heads, config.head_dim, self.page_size,
-                causal=True, sm_scale=config.scaling,
+            common = dict(
                 window_left=config.sliding_window - 1 if config.sliding_window > 0 else -1,
-                logits_soft_cap=config.softcap if config.softcap > 0 else None,
+                logits_soft_cap=config.softcap if config.softcap > 0 else None, sm_scale=config.scaling,
                 q_data_type=self.dtype, kv_data_type=self.dtype, non_blocking=True, seq_lens=seq_lens,
             )
+            heads = (config.num_qo_heads, config.num_kv_heads, config.head_dim, self.page_size)
+            if self.decode:  # queries are one token per request: qo_indptr is implied
+                wrapper.plan(kv_ptr, kv_indices, last, *heads, **common)
+            else:
+                wrapper.plan(qo, kv_ptr, kv_indices, last, *heads, causal=True, **common)
         _ACTIVE.update(self.wrappers)
 
 

@@ -135,6 +135,7 @@ def build_step(
     backend: str = "torch",
     shape: StepShape | None = None,
     pin: bool = False,
+    pad_as_decodes: bool = False,
 ) -> StepInputs:
     """Pack the chunks' tokens into one step. Requests' pages must already cover their new tokens.
 
@@ -145,6 +146,8 @@ def build_step(
     `shape.tokens` (and is left out when nothing is missing), and the request table, page list and logits
     rows are padded with empty entries to their fixed sizes. Tensors for a CUDA device travel from pinned host
     memory without blocking the host; `pin` pins CPU results (the source of a later non-blocking copy).
+    With `pad_as_decodes` each padding token is a request of its own (a one-token "decode" at position 0 on
+    the scratch page), so a step of decodes stays a step of one-token requests (FlashInfer's decode graphs).
     """
     packed = _Packed(page_size)
     logits_rows: list[int] = []
@@ -161,7 +164,10 @@ def build_step(
     num_pad = max(1, min_tokens - len(packed.ids)) if shape is None else shape.tokens - len(packed.ids)
     if num_pad < 0:
         raise ValueError(f"step of {len(packed.ids)} tokens does not fit its bucket of {shape.tokens}")
-    if num_pad:
+    if num_pad and pad_as_decodes:
+        for _ in range(num_pad):
+            packed.add([0], 0, [scratch_page])
+    elif num_pad:
         # The padding request: position 0 for every token (valid for any position embedding), one scratch page
         # reused for all its slots (colliding writes are harmless: only the padding request reads them).
         packed.add([0] * num_pad, 0, [scratch_page] * -(-num_pad // page_size))

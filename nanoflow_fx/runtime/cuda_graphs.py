@@ -61,10 +61,21 @@ class CudaGraphRunner:
         self.graphs: dict[StepShape, _Graph] = {}
         self.capture_seconds = 0.0
 
-    def shape_for(self, num_tokens: int, num_logits: int) -> StepShape | None:
+    @property
+    def decode_only(self) -> bool:
+        """FlashInfer graphs serve only steps of one-token requests (see `flashinfer_attention`)."""
+        return self.backend == "flashinfer"
+
+    def shape_for(self, num_tokens: int, num_logits: int, all_decodes: bool = True) -> StepShape | None:
+        """The bucket shape a step of `num_tokens` tokens replays in, or None (then it runs eagerly)."""
+        if self.decode_only and not all_decodes:
+            return None
         for bucket in self.buckets:
             if num_tokens <= bucket:
-                shape = StepShape(bucket, self.max_requests, self.max_pages, min(bucket, self.max_requests))
+                if self.decode_only:  # bucket-many one-token requests, one page each for the padding ones
+                    shape = StepShape(bucket, bucket, self.kv_cache.allocator.num_pages + bucket, bucket)
+                else:
+                    shape = StepShape(bucket, self.max_requests, self.max_pages, min(bucket, self.max_requests))
                 return shape if num_logits <= shape.logits else None
         return None
 
@@ -85,12 +96,13 @@ class CudaGraphRunner:
     def _capture(self, shape: StepShape, pool: object) -> _Graph:
         cache = self.kv_cache
         host = build_step([], cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          backend=self.backend, shape=shape, pin=True)  # only the padding request: writes scratch
+                          backend=self.backend, shape=shape, pin=True,  # only padding: writes scratch only
+                          pad_as_decodes=self.decode_only)
         inputs = host.to(cache.caches[0].device)
         planner = None
         if self.backend == "flashinfer":
             planner = FlashInferPlanner(self.attention_configs, cache.page_size, cache.caches[0].dtype,
-                                        cache.caches[0].device, cuda_graph_shape=(shape.requests, shape.pages))
+                                        cache.caches[0].device, decode_batch=shape.requests, max_pages=shape.pages)
             planner.plan(host.metadata, inputs.metadata.kv_indices)
 
         def step() -> torch.Tensor:
@@ -112,7 +124,7 @@ class CudaGraphRunner:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          all_logits, backend=self.backend, shape=shape, pin=True)
+                          all_logits, backend=self.backend, shape=shape, pin=True, pad_as_decodes=self.decode_only)
         for dst, src in zip(_step_tensors(entry.inputs), _step_tensors(host)):
             dst.copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
         if entry.planner is not None:

@@ -149,7 +149,8 @@ class StepEngine:
         shape = None
         if self.cuda_graphs is not None:
             num_logits = sum(c.num_tokens if all_logits else int(c.completes) for c in chunks)
-            shape = self.cuda_graphs.shape_for(sum(c.num_tokens for c in chunks), num_logits)
+            shape = self.cuda_graphs.shape_for(sum(c.num_tokens for c in chunks), num_logits,
+                                               all(c.num_tokens == 1 for c in chunks))
         if shape is not None:
             logits = self.cuda_graphs.run(chunks, shape, all_logits)  # type: ignore[union-attr]
             self.stats["graph_steps"] += 1
