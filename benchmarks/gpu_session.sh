@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/nanoflow_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH=$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PWD:/tmp/site
@@ -27,10 +27,10 @@ for step in ${STEPS:-tests example}; do
   case $step in
     tests) run pytest_cuda 400 python3 -m pytest -m cuda -q -p no:cacheprovider ;;
     example) run example 200 python3 examples/generate.py --device cuda --batch-size 64 --prompt-len 128 --max-new-tokens 64 ;;
-    bench1_64) run bench1_64 420 python3 $B --batch-sizes 1 64 --backends flashinfer triton --out "$OUT/bench1_64.json" ;;
-    bench256) run bench256 480 python3 $B --batch-sizes 256 --backends flashinfer triton --out "$OUT/bench256.json" ;;
+    bench1_64) run bench1_64 420 python3 $B --batch-sizes 1 64 --backends triton flashinfer --out "$OUT/bench1_64.json" ;;
+    bench256) run bench256 420 python3 $B --batch-sizes 256 --backends triton flashinfer --out "$OUT/bench256.json" ;;
     profile64) run profile64 150 python3 benchmarks/profile_decode.py --batch-size 64 --context 1024 --out "$OUT/profile64.json" ;;
-    profile256) run profile256 200 python3 benchmarks/profile_decode.py --batch-size 256 --context 1024 --out "$OUT/profile256.json" ;;
+    profile256) run profile256 150 python3 benchmarks/profile_decode.py --batch-size 256 --context 1024 --out "$OUT/profile256.json" ;;
     *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac
 done
