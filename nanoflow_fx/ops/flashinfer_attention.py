@@ -87,6 +87,7 @@ class FlashInferPlanner:
         import flashinfer
 
         self.page_size, self.dtype, self.decode = page_size, dtype, decode_batch is not None
+        self._planned: torch.cuda.Event | None = None  # when the last plan's host-to-device copies have run
         if device not in _float_workspaces:
             _float_workspaces[device] = torch.empty(_FLOAT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         workspace = _float_workspaces[device]
@@ -113,6 +114,10 @@ class FlashInferPlanner:
         `host` holds the step's metadata in pinned host memory (FlashInfer's planner reads it there; nothing
         waits for the GPU); `kv_indices` is the page list already on the device (copied device to device).
         """
+        # FlashInfer writes each plan into the wrapper's pinned buffer and copies it to the device
+        # asynchronously; the host may run a step ahead, so wait until the previous plan's copy has run.
+        if self._planned is not None:
+            self._planned.synchronize()
         qo, kv_ptr, _, last, _ = host.tensors()
         seq_lens = ((kv_ptr[1:] - kv_ptr[:-1] - 1) * self.page_size + last).clamp_(min=0)
         if qo.is_pinned():
@@ -128,6 +133,8 @@ class FlashInferPlanner:
                 wrapper.plan(kv_ptr, kv_indices, last, *heads, **common)
             else:
                 wrapper.plan(qo, kv_ptr, kv_indices, last, *heads, causal=True, **common)
+        self._planned = torch.cuda.Event()
+        self._planned.record()
         _ACTIVE.update(self.wrappers)
 
 

@@ -49,7 +49,7 @@ def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: Sa
     if params.eos_token_ids and params.min_new_tokens > 0:
         # A mask, not indices: no nonzero(), so no host sync on the per-step path.
         young = to_device([n < params.min_new_tokens for n in num_generated], torch.bool, scores.device)
-        eos = list(params.eos_token_ids)
+        eos = to_device(list(params.eos_token_ids), torch.int64, scores.device)  # pinned: no host sync
         scores[:, eos] = scores[:, eos].masked_fill(young[:, None], float("-inf"))
     if not params.do_sample:
         return scores.argmax(dim=-1)
