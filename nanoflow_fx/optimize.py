@@ -154,7 +154,8 @@ def _check_against_eager(model: PreTrainedModel, runtime: NanoFlowRuntime) -> No
     """Run the captured step on a probe (two packed prompts) and compare every logit with the eager model."""
     gen = torch.Generator().manual_seed(0)
     vocab = model.get_output_embeddings().weight.shape[0]
-    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in _PROBE_LENGTHS]
+    lengths = _PROBE_LENGTHS[: runtime.config.max_batch_size]  # one prompt only if the batch holds one
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
     engine = runtime.engine
     requests = engine.admit(prompts, max_new_tokens=1)
     try:

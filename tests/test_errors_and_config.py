@@ -139,3 +139,12 @@ def test_config_rejects_unknown_fields_and_is_frozen() -> None:
 def test_config_round_trips(**values: object) -> None:
     config = nanoflow_fx.NanoFlowConfig(**values)  # type: ignore[arg-type]
     assert nanoflow_fx.NanoFlowConfig.from_dict(config.to_dict()) == config
+
+
+def test_batch_of_one_optimizes_and_generates() -> None:
+    """max_batch_size=1 (the probe then checks one prompt) serves single-sequence generation."""
+    config = nanoflow_fx.NanoFlowConfig(max_batch_size=1, max_seq_len=32, page_size=4)
+    model = nanoflow_fx.optimize(build("llama"), config)
+    ids = _ids(1, 6)
+    want = build("llama").generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), want)
