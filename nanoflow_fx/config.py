@@ -9,6 +9,7 @@ from typing import Any, Literal
 __all__ = ["NanoFlowConfig", "ATTENTION_BACKENDS"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+SM_PARTITIONS = ("off", "streams", "soft", "hard")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,15 @@ class NanoFlowConfig:
     one nano-batch; needs `pip install flashinfer-python`), or "auto": flashinfer where it can run, else triton
     on CUDA when Triton imports, else torch."""
 
+    sm_partition: str = "off"
+    """How nano-batched steps (num_nanobatches > 1) run on CUDA: "off" (one stream, in the Schedule's order),
+    "streams" (one stream per execution unit, events for cross-unit waits), "soft" (the memory-bound unit's
+    stream confined to `memory_sms` SMs by a green context, the others free), or "hard" (the compute unit on
+    the remaining SMs too). Not yet measured on the GPU: "off" is the default."""
+
+    memory_sms: int = 32
+    """SMs of the memory-bound unit's partition ("soft"/"hard"); rounded up to a multiple of 8."""
+
     cuda_graphs: bool = True
     """On CUDA with the "triton" or "flashinfer" backend: replay decode-sized steps as CUDA graphs."""
 
@@ -54,6 +64,9 @@ class NanoFlowConfig:
             _require_positive_int("num_pages", self.num_pages)
         if self.num_nanobatches != "auto":
             _require_positive_int("num_nanobatches", self.num_nanobatches)
+        _require_positive_int("memory_sms", self.memory_sms)
+        if self.sm_partition not in SM_PARTITIONS:
+            raise ValueError(f"NanoFlowConfig.sm_partition={self.sm_partition!r} is not one of {SM_PARTITIONS}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"NanoFlowConfig.attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"

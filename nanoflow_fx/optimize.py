@@ -25,6 +25,7 @@ from nanoflow_fx.ops.flashinfer_attention import AttentionConfig
 from nanoflow_fx.runtime.batch import Chunk
 from nanoflow_fx.runtime.engine import StepEngine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
+from nanoflow_fx.runtime.green_context import partition_streams
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 from nanoflow_fx.runtime.nanobatch import NanobatchRunner
 
@@ -70,7 +71,11 @@ def backend(config: NanoFlowConfig | None = None, on_graph: GraphSink | None = N
     """
     config = config or NanoFlowConfig()
     count = config.num_nanobatches
-    lower = (lambda gm: NanobatchRunner(gm, count)) if isinstance(count, int) and count > 1 else None
+    streams = None
+    if config.sm_partition != "off":
+        mode, sms = config.sm_partition, config.memory_sms
+        streams = lambda device: partition_streams(mode, sms, device)  # noqa: E731
+    lower = (lambda gm: NanobatchRunner(gm, count, streams=streams)) if isinstance(count, int) and count > 1 else None
     return make_backend(lower, on_graph)
 
 

@@ -115,6 +115,8 @@ def test_capture_mismatch_is_caught_at_optimize() -> None:
         ("num_pages", 0, "num_pages"),
         ("num_nanobatches", "two", "num_nanobatches"),
         ("attention_backend", "cudnn", "attention_backend"),
+        ("sm_partition", "half", "sm_partition"),
+        ("memory_sms", 0, "memory_sms"),
         ("max_num_tokens", True, "max_num_tokens"),
         ("check_capture", "yes", "check_capture"),
     ],

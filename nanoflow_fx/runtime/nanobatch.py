@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from nanoflow_fx.passes import (
 )
 from nanoflow_fx.passes.info import ATTENTION_OP, token_dims
 from nanoflow_fx.runtime.schedule_executor import ScheduleExecutor
+from nanoflow_fx.runtime.streams import CudaScheduleExecutor
 from nanoflow_fx.schedule import Schedule, Split
 
 __all__ = ["NanobatchRunner", "ScheduledStep"]
@@ -55,9 +56,14 @@ class NanobatchRunner:
         num_nanobatches: int,
         policy: UnitPolicy | None = None,
         boundaries: Callable[[int], tuple[int, ...]] | None = None,
+        streams: Callable[[torch.device], Mapping[str, torch.cuda.Stream]] | None = None,
     ) -> None:
-        """`boundaries(num_tokens)` overrides the even split (tests use it to cut anywhere)."""
+        """`boundaries(num_tokens)` overrides the even split (tests use it to cut anywhere). With `streams`
+        (unit -> stream for a CUDA device, see `green_context.partition_streams`), CUDA steps run one stream
+        per unit (`CudaScheduleExecutor`); without it, nano-ops run in the Schedule's order on one stream."""
         self.num_nanobatches, self.policy, self.boundaries = num_nanobatches, policy, boundaries
+        self.streams = streams
+        self._cuda_executors: dict[NanobatchPlan, CudaScheduleExecutor] = {}
         self.graph, records = run_passes(gm, [("annotate", annotate), ("group_ops", group_ops)])
         self.records = tuple(records)
         self.splittable = splittable_groups(self.graph)
@@ -90,9 +96,15 @@ class NanobatchRunner:
         return self.steps[plan]
 
     def __call__(self, *args: Any) -> Any:
-        step = self.scheduled(args[self.token_input].shape[0])
+        tokens = args[self.token_input]
+        step = self.scheduled(tokens.shape[0])
         self.last = step
         extra = self._nanobatch_metadata(step, args)
+        if self.streams is not None and tokens.is_cuda:
+            if step.plan not in self._cuda_executors:
+                self._cuda_executors[step.plan] = CudaScheduleExecutor(step.graph, step.schedule,
+                                                                       self.streams(tokens.device))
+            return self._cuda_executors[step.plan](*args, *extra)
         return step.executor(*args, *extra)
 
     def _nanobatch_metadata(self, step: ScheduledStep, args: tuple[Any, ...]) -> list[torch.Tensor]:
