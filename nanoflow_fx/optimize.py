@@ -27,7 +27,7 @@ from nanoflow_fx.runtime.engine import StepEngine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
 from nanoflow_fx.runtime.green_context import partition_streams
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
-from nanoflow_fx.runtime.nanobatch import NanobatchRunner
+from nanoflow_fx.runtime.nanobatch import NanobatchRunner, StepContext
 
 __all__ = ["optimize", "backend", "NanoFlowRuntime"]
 
@@ -52,22 +52,28 @@ class NanoFlowRuntime:
         self.layers = discover_layers(model)
         dtype = next(model.parameters()).dtype
         self.kv_cache = PagedKVCache(self.layers, config.total_pages, config.page_size, dtype, model.device)
-        self.step_fn = StepFunction(model, lambda on_graph: backend(config, on_graph))
+        nanobatched = isinstance(config.num_nanobatches, int) and config.num_nanobatches > 1
+        self.step_context = StepContext(page_size=config.page_size) if nanobatched else None
+        self.step_fn = StepFunction(model, lambda on_graph: backend(config, on_graph, self.step_context))
         self.attention_configs = tuple(dict.fromkeys(
             AttentionConfig(s.num_qo_heads, s.num_kv_heads, s.head_dim, s.scaling, s.sliding_window, s.softcap)
             for s in self.layers
         ))
         self.attention_backend = resolve_attention_backend(config, model.device, dtype, self.attention_configs)
-        self.engine = StepEngine(self.step_fn, self.kv_cache, config, self.attention_backend, self.attention_configs)
+        self.engine = StepEngine(self.step_fn, self.kv_cache, config, self.attention_backend, self.attention_configs,
+                                 self.step_context)
         self.capture_seconds = 0.0
 
 
-def backend(config: NanoFlowConfig | None = None, on_graph: GraphSink | None = None) -> Callable[..., Any]:
+def backend(
+    config: NanoFlowConfig | None = None, on_graph: GraphSink | None = None, context: StepContext | None = None,
+) -> Callable[..., Any]:
     """The nanoflow `torch.compile` backend: `torch.compile(fn, backend=nanoflow_fx.backend(config))`.
 
     Captures to one ATen graph (in-place KV-cache writes kept in place). With `num_nanobatches` > 1 the graph
     runs through the passes (annotate, group, split, assign units) and the CPU Schedule executor; otherwise
-    it runs as captured. `on_graph` receives each captured (unsplit) ATen GraphModule.
+    it runs as captured. `on_graph` receives each captured (unsplit) ATen GraphModule. `context` (the
+    engine's) lets nano-batched steps split their attention metadata on the host instead of the device.
     """
     config = config or NanoFlowConfig()
     count = config.num_nanobatches
@@ -75,7 +81,10 @@ def backend(config: NanoFlowConfig | None = None, on_graph: GraphSink | None = N
     if config.sm_partition != "off":
         mode, sms = config.sm_partition, config.memory_sms
         streams = lambda device: partition_streams(mode, sms, device)  # noqa: E731
-    lower = (lambda gm: NanobatchRunner(gm, count, streams=streams)) if isinstance(count, int) and count > 1 else None
+    if isinstance(count, int) and count > 1:
+        lower = lambda gm: NanobatchRunner(gm, count, streams=streams, context=context)  # noqa: E731
+    else:
+        lower = None
     return make_backend(lower, on_graph)
 
 

@@ -14,12 +14,16 @@ def split_attention_metadata(
     kv_last_page_len: torch.Tensor,
     page_size: int,
     boundaries: tuple[int, ...],
+    pad: tuple[int, int] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(qo_indptr, kv_indptr, kv_indices, kv_last_page_len) of each nano-batch [b[i], b[i+1]) of the step.
 
     A request whose query rows straddle a boundary is cut there: its part in nano-batch i keeps the queries
     in [b[i], b[i+1]) and sees its KV up to its own last query, so causality and positions are unchanged.
     (Its later part reads KV the earlier part's attention wrote: those attention copies must run in order.)
+    With `pad` = (requests, pages) every nano-batch's table is padded to those fixed sizes (empty requests, unused
+    page ids), as a CUDA graph's static inputs need. Reads its inputs on the host: give host tensors on the hot
+    path (device tensors cost a sync each).
     """
     qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
     pages, last = kv_indices.tolist(), kv_last_page_len.tolist()
@@ -38,5 +42,13 @@ def split_attention_metadata(
             n_idx += pages[kvp[r] : kvp[r] + num_pages]
             n_kvp.append(len(n_idx))
             n_last.append(seen - (num_pages - 1) * page_size)
+        if pad is not None:
+            requests, max_pages = pad
+            if len(n_last) > requests or len(n_idx) > max_pages:
+                raise ValueError(f"nano-batch of {len(n_last)} requests / {len(n_idx)} pages exceeds pad {pad}")
+            n_qo += [n_qo[-1]] * (requests - len(n_last))
+            n_kvp += [n_kvp[-1]] * (requests - len(n_last))
+            n_last += [page_size] * (requests - len(n_last))
+            n_idx += [0] * (max_pages - len(n_idx))
         result.append(tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in (n_qo, n_kvp, n_idx, n_last)))
     return result  # type: ignore[return-value]

@@ -14,6 +14,7 @@ from nanoflow_fx.ops.flashinfer_attention import AttentionConfig, FlashInferPlan
 from nanoflow_fx.runtime.batch import Chunk, Request, build_step, feed_pending, to_device
 from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
+from nanoflow_fx.runtime.nanobatch import StepContext
 
 __all__ = ["StepEngine"]
 
@@ -34,9 +35,12 @@ class StepEngine:
         config: NanoFlowConfig,
         attention_backend: str = "torch",
         attention_configs: Sequence[AttentionConfig] = (),
+        step_context: StepContext | None = None,
     ) -> None:
         """`attention_configs` (the model's distinct attention layer configurations) are needed by the
-        "flashinfer" backend, which plans each configuration before every step."""
+        "flashinfer" backend, which plans each configuration before every step. `step_context` is shared with
+        the nano-batch runner of a nano-batched step (the engine gives it each step's metadata on the host)."""
+        self.step_context = step_context
         self.step_fn = step_fn
         self.kv_cache = kv_cache
         self.config = config
@@ -68,7 +72,7 @@ class StepEngine:
             self.cuda_graphs_off_reason = reason
             return False
         runner = CudaGraphRunner(self.step_fn, self.kv_cache, self.config.max_batch_size, self.attention_backend,
-                                 self.last_tokens, self.attention_configs)
+                                 self.last_tokens, self.attention_configs, self.step_context)
         try:
             runner.capture_all()
         except RuntimeError as err:
@@ -86,7 +90,8 @@ class StepEngine:
         if self.attention_backend not in ("triton", "flashinfer"):
             return f"attention backend {self.attention_backend!r} syncs with the host (use 'triton' or 'flashinfer')"
         if self.config.num_nanobatches not in (1, "auto"):
-            return "nano-batched steps run through the CPU Schedule executor"
+            if self.step_context is None or self.config.sm_partition == "off":
+                return "nano-batched steps replay CUDA graphs only with sm_partition set (not yet measured)"
         return ""
 
     @property
@@ -162,10 +167,16 @@ class StepEngine:
                 if self.planner is not None:
                     self.planner.plan(host.metadata, inputs.metadata.kv_indices)
             else:
-                inputs = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, self.device,
-                                    all_logits, backend=self.attention_backend)
+                inputs = host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, self.device,
+                                           all_logits, backend=self.attention_backend)
+            if self.step_context is not None:
+                self.step_context.host = host.metadata.tensors()[:4]
             input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
-            logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+            try:
+                logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+            finally:
+                if self.step_context is not None:
+                    self.step_context.host = None
             logits = logits[: inputs.num_logits]
             self.stats["eager_steps"] += 1
         for chunk in chunks:

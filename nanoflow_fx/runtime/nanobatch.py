@@ -29,9 +29,25 @@ from nanoflow_fx.runtime.schedule_executor import ScheduleExecutor
 from nanoflow_fx.runtime.streams import CudaScheduleExecutor
 from nanoflow_fx.schedule import Schedule, Split
 
-__all__ = ["NanobatchRunner", "ScheduledStep"]
+__all__ = ["NanobatchRunner", "ScheduledStep", "StepContext"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepContext:
+    """What the engine tells the nano-batch runner about the step it is about to run (shared by both).
+
+    `host`: the step's (qo_indptr, kv_indptr, kv_indices, kv_last_page_len) in host memory, so the runner
+    splits it per nano-batch without reading the device (a sync). `static`: device tensors already holding the
+    split metadata (a CUDA graph's static inputs, refilled by the engine before each replay); when set, the
+    runner uses them as they are. `runner`: the runner of the captured graph, once it exists.
+    """
+
+    page_size: int = 16
+    host: tuple[torch.Tensor, ...] | None = None
+    static: list[torch.Tensor] | None = None
+    runner: NanobatchRunner | None = None
 
 
 @dataclass(frozen=True)
@@ -57,12 +73,15 @@ class NanobatchRunner:
         policy: UnitPolicy | None = None,
         boundaries: Callable[[int], tuple[int, ...]] | None = None,
         streams: Callable[[torch.device], Mapping[str, torch.cuda.Stream]] | None = None,
+        context: StepContext | None = None,
     ) -> None:
         """`boundaries(num_tokens)` overrides the even split (tests use it to cut anywhere). With `streams`
         (unit -> stream for a CUDA device, see `green_context.partition_streams`), CUDA steps run one stream
         per unit (`CudaScheduleExecutor`); without it, nano-ops run in the Schedule's order on one stream."""
         self.num_nanobatches, self.policy, self.boundaries = num_nanobatches, policy, boundaries
-        self.streams = streams
+        self.streams, self.context = streams, context
+        if context is not None:
+            context.runner = self
         self._cuda_executors: dict[NanobatchPlan, CudaScheduleExecutor] = {}
         self.graph, records = run_passes(gm, [("annotate", annotate), ("group_ops", group_ops)])
         self.records = tuple(records)
@@ -108,10 +127,26 @@ class NanobatchRunner:
         return step.executor(*args, *extra)
 
     def _nanobatch_metadata(self, step: ScheduledStep, args: tuple[Any, ...]) -> list[torch.Tensor]:
+        ctx = self.context
+        if ctx is not None and ctx.static is not None:
+            return ctx.static
+        if ctx is not None and ctx.host is not None:
+            device = args[self.token_input].device
+            return [t.to(device, non_blocking=True) for t in self.host_split(step.plan, ctx.host, ctx.page_size)]
         page_size = args[self.cache_input].shape[2]
-        per_split = {
-            name: split_attention_metadata(*(args[i] for i in self.metadata_inputs), page_size, split.boundaries)
-            for name, split in step.plan.splits
-        }
+        return self._split(step, [args[i] for i in self.metadata_inputs], page_size, None)
+
+    def host_split(
+        self, plan: NanobatchPlan, host: tuple[torch.Tensor, ...], page_size: int, pad: tuple[int, int] | None = None
+    ) -> list[torch.Tensor]:
+        """The split graph's extra inputs for `plan`, from the step's metadata in host memory (pinned on a CUDA
+        machine, so copying them to the device does not block); `pad` fixes every table's size."""
+        tensors = self._split(self.steps[plan], list(host), page_size, pad)
+        return [t.pin_memory() for t in tensors] if torch.cuda.is_available() else tensors
+
+    def _split(self, step: ScheduledStep, metadata: list[torch.Tensor], page_size: int,
+               pad: tuple[int, int] | None) -> list[torch.Tensor]:
+        per_split = {name: split_attention_metadata(*metadata, page_size, split.boundaries, pad=pad)
+                     for name, split in step.plan.splits}
         wanted = step.graph.meta["nanoflow_extra_inputs"]
         return [t for name, i in wanted for t in per_split[name][i][: len(METADATA_FIELDS)]]
