@@ -81,7 +81,11 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, bandwidth: float
     torch.cuda.empty_cache()
     for backend in args.backends:
         for count in args.nanobatches:
-            rows.append(run_nanoflow(model, ids, count, backend, args))
+            if count == 1:
+                rows.append(run_nanoflow(model, ids, count, backend, "off", args))
+            elif backend == "triton":  # FlashInfer plans whole steps: nano-batched steps use Triton attention
+                for partition in args.partitions:
+                    rows.append(run_nanoflow(model, ids, count, backend, partition, args))
     kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * 128 * 2
     context = args.prompt_len + args.new_tokens / 2
     floor_ms = (weight_bytes + batch * context * kv_per_token) / bandwidth * 1e3
@@ -92,10 +96,12 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, bandwidth: float
     return rows
 
 
-def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, args: argparse.Namespace) -> dict:
+def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, partition: str,
+                 args: argparse.Namespace) -> dict:
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=ids.shape[0], max_seq_len=args.prompt_len + args.new_tokens,
                                         num_nanobatches=count, max_num_tokens=args.max_num_tokens,
-                                        attention_backend=backend)
+                                        attention_backend=backend, sm_partition=partition,
+                                        memory_sms=args.memory_sms)
     torch.cuda.synchronize()
     start = time.perf_counter()
     nanoflow_fx.optimize(model, config)
@@ -103,7 +109,9 @@ def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, args: 
     first = time.perf_counter() - start
     runtime = model.nanoflow
     graphs = runtime.engine.cuda_graphs is not None
-    row = measure(f"nanoflow_fx, {count} nano-batch(es), {runtime.attention_backend} attention, CUDA graphs "
+    where = f", {partition} ({args.memory_sms} SMs for memory)" if partition in ("soft", "hard") else (
+        f", {partition}" if count > 1 else "")
+    row = measure(f"nanoflow_fx, {count} nano-batch(es){where}, {runtime.attention_backend} attention, CUDA graphs "
                   f"{graphs}", model, ids, args.new_tokens, first)
     row.update(optimize_s=runtime.capture_seconds, steps=dict(runtime.engine.stats),
                cuda_graphs_off_reason=runtime.engine.cuda_graphs_off_reason)
@@ -123,6 +131,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=["hf_eager", "hf_compiled"])
     parser.add_argument("--nanobatches", type=int, nargs="*", default=[1])
     parser.add_argument("--backends", nargs="+", default=["auto"], help="attention backends of nanoflow_fx cases")
+    parser.add_argument("--partitions", nargs="+", default=["soft", "hard"],
+                        help="sm_partition of the cases with more than one nano-batch (streams, soft, hard)")
+    parser.add_argument("--memory-sms", type=int, default=32, help="SMs of the memory unit's partition")
     parser.add_argument("--out", default="bench_generate.json")
     args = parser.parse_args()
     torch.manual_seed(0)
