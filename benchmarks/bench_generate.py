@@ -82,7 +82,8 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, bandwidth: float
     for backend in args.backends:
         for count in args.nanobatches:
             if count == 1:
-                rows.append(run_nanoflow(model, ids, count, backend, "off", args))
+                for inductor in args.inductor:
+                    rows.append(run_nanoflow(model, ids, count, backend, "off", args, inductor == "on"))
             elif backend == "triton":  # FlashInfer plans whole steps: nano-batched steps use Triton attention
                 for partition in args.partitions:
                     rows.append(run_nanoflow(model, ids, count, backend, partition, args))
@@ -97,11 +98,11 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, bandwidth: float
 
 
 def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, partition: str,
-                 args: argparse.Namespace) -> dict:
+                 args: argparse.Namespace, inductor: bool = False) -> dict:
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=ids.shape[0], max_seq_len=args.prompt_len + args.new_tokens,
                                         num_nanobatches=count, max_num_tokens=args.max_num_tokens,
                                         attention_backend=backend, sm_partition=partition,
-                                        memory_sms=args.memory_sms)
+                                        memory_sms=args.memory_sms, inductor=inductor)
     torch.cuda.synchronize()
     start = time.perf_counter()
     nanoflow_fx.optimize(model, config)
@@ -110,7 +111,7 @@ def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, partit
     runtime = model.nanoflow
     graphs = runtime.engine.cuda_graphs is not None
     where = f", {partition} ({args.memory_sms} SMs for memory)" if partition in ("soft", "hard") else (
-        f", {partition}" if count > 1 else "")
+        f", {partition}" if count > 1 else "") + (", Inductor pieces" if inductor else "")
     row = measure(f"nanoflow_fx, {count} nano-batch(es){where}, {runtime.attention_backend} attention, CUDA graphs "
                   f"{graphs}", model, ids, args.new_tokens, first)
     row.update(optimize_s=runtime.capture_seconds, steps=dict(runtime.engine.stats),
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--partitions", nargs="+", default=["soft", "hard"],
                         help="sm_partition of the cases with more than one nano-batch (streams, soft, hard)")
     parser.add_argument("--memory-sms", type=int, default=32, help="SMs of the memory unit's partition")
+    parser.add_argument("--inductor", nargs="+", default=["off"], choices=["off", "on"],
+                        help="1-nano-batch cases without and/or with Inductor-compiled pieces")
     parser.add_argument("--out", default="bench_generate.json")
     args = parser.parse_args()
     torch.manual_seed(0)

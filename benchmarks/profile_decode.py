@@ -52,12 +52,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--kernels", action="store_true", help="print torch.profiler's kernel table")
+    parser.add_argument("--inductor", action="store_true", help="Inductor-compiled pieces between attention calls")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_model("llama3-8b", "cuda", torch.bfloat16)
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=args.batch_size, max_seq_len=args.context + 64,
-                                        attention_backend=args.backend,
+                                        attention_backend=args.backend, inductor=args.inductor,
                                         check_capture=False)  # profiling only; correctness is the tests' job
     nanoflow_fx.optimize(model, config)
     engine = model.nanoflow.engine
@@ -73,6 +74,7 @@ def main() -> None:
     cache = engine.kv_cache
     chunks = [Chunk(r, 1) for r in requests]  # replayed at the same position: timing only
     result = dict(batch=args.batch_size, context=args.context, backend=engine.attention_backend,
+                  inductor=args.inductor,
                   cuda_graphs=engine.cuda_graphs is not None, off_reason=engine.cuda_graphs_off_reason)
 
     def rewind() -> None:

@@ -51,6 +51,11 @@ class NanoFlowConfig:
     memory_sms: int = 32
     """SMs of the memory-bound unit's partition ("soft"/"hard"); rounded up to a multiple of 8."""
 
+    inductor: bool = False
+    """Compile the step's ops between attention calls with Inductor (fuses HF's elementwise work: norms, RoPE,
+    activations, residual adds); attention calls stay as captured. One nano-batch only. Costs compile time in
+    optimize() (and on the first step of each new shape class); not yet measured on the GPU."""
+
     cuda_graphs: bool = True
     """On CUDA with the "triton" or "flashinfer" backend: replay decode-sized steps as CUDA graphs."""
 
@@ -71,7 +76,9 @@ class NanoFlowConfig:
             raise ValueError(
                 f"NanoFlowConfig.attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
             )
-        for name in ("check_capture", "cuda_graphs"):
+        if self.inductor and self.num_nanobatches not in (1, "auto"):
+            raise ValueError("NanoFlowConfig.inductor=True compiles the whole step; it needs num_nanobatches=1")
+        for name in ("check_capture", "cuda_graphs", "inductor"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

@@ -85,7 +85,7 @@ def backend(
         lower = lambda gm: NanobatchRunner(gm, count, streams=streams, context=context)  # noqa: E731
     else:
         lower = None
-    return make_backend(lower, on_graph)
+    return make_backend(lower, on_graph, inductor=config.inductor)
 
 
 def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> PreTrainedModel:

@@ -38,11 +38,11 @@ CONFIGS = {
 BATCH_SIZES = (1, 3, 8, 13)
 
 
-def _model(family: str, backend: str, graphs: bool) -> torch.nn.Module:
+def _model(family: str, backend: str, graphs: bool, inductor: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = CONFIGS[family]().to(device="cuda", dtype=torch.bfloat16).eval()
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256,
-                                        attention_backend=backend, cuda_graphs=graphs)
+                                        attention_backend=backend, cuda_graphs=graphs, inductor=inductor)
     return nanoflow_fx.optimize(model, config)
 
 
@@ -93,6 +93,23 @@ def test_backend_matches_reference_in_every_bucket(family: str, backend: str) ->
             clear = (top2[:, 0] - top2[:, 1]) > 2 * TOLERANCE * scale
             assert torch.equal(g.argmax(-1)[clear], w.argmax(-1)[clear])
     assert fast.nanoflow.engine.stats["graph_steps"] > graph_steps  # decode steps replayed graphs
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_inductor_pieces_match_reference_in_every_bucket(family: str, backend: str) -> None:
+    """inductor=True (fused pieces between the attention calls), replayed in CUDA graphs, against the reference."""
+    if backend == "flashinfer" and not flashinfer_attention.available():
+        pytest.skip("flashinfer is not installed")
+    ref = _model(family, "torch", graphs=False)
+    fast = _model(family, backend, graphs=True, inductor=True)
+    assert fast.nanoflow.engine.cuda_graphs is not None, fast.nanoflow.engine.cuda_graphs_off_reason
+    for batch in BATCH_SIZES:
+        want, fed = _run_stream(ref, batch, None)
+        got, _ = _run_stream(fast, batch, fed)
+        for w, g in zip(want, got):
+            if w.numel():
+                assert (w - g).abs().max().item() <= TOLERANCE * w.abs().max().item()
 
 
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])

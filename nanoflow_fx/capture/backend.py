@@ -17,15 +17,20 @@ GraphSink = Callable[[torch.fx.GraphModule], None]
 Lower = Callable[[torch.fx.GraphModule], Callable[..., Any]]
 
 
-def make_backend(lower: Lower | None = None, on_graph: GraphSink | None = None) -> Callable[..., Any]:
+def make_backend(
+    lower: Lower | None = None, on_graph: GraphSink | None = None, inductor: bool = False,
+) -> Callable[..., Any]:
     """Return a `torch.compile` backend that lowers each captured graph to ATen and runs it.
 
     Functionalisation is disabled and input mutations are kept in the graph on purpose: the attention op
     declares its KV-cache write (`mutates_args`), so the write stays in place; a functionalised graph would
     instead copy the whole cache and `copy_` it back every step. `on_graph` receives every ATen GraphModule
     (for `explain()` and the passes); `lower` turns it into what runs (default: the GraphModule itself, the
-    single-stream in-order program).
+    single-stream in-order program). With `inductor` the graph is decomposed with Inductor's table and its
+    attention-free pieces are compiled by Inductor (`piecewise.compile_pieces`; `lower` must be None then).
     """
+    if inductor and lower is not None:
+        raise ValueError("inductor=True compiles the whole step itself; it takes no `lower`")
 
     def compile_fn(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
         def compile_aten(aten_gm: torch.fx.GraphModule, aten_inputs: Sequence[Any]) -> Any:
@@ -34,11 +39,20 @@ def make_backend(lower: Lower | None = None, on_graph: GraphSink | None = None) 
             log.debug("nanoflow captured an ATen graph with %d nodes", len(aten_gm.graph.nodes))
             if on_graph is not None:
                 on_graph(aten_gm)
+            if inductor:
+                from nanoflow_fx.capture.piecewise import compile_pieces
+
+                return compile_pieces(aten_gm, aten_inputs)
             return lower(aten_gm) if lower is not None else aten_gm
 
+        decompositions = None
+        if inductor:
+            from torch._inductor.decomposition import select_decomp_table
+
+            decompositions = select_decomp_table()
         return aot_module_simplified(
-            gm, list(example_inputs), fw_compiler=compile_aten, disable_functionalization=True,
-            keep_inference_input_mutations=True,
+            gm, list(example_inputs), fw_compiler=compile_aten, decompositions=decompositions,
+            disable_functionalization=True, keep_inference_input_mutations=True,
         )
 
     return compile_fn

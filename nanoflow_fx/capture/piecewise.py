@@ -1,0 +1,90 @@
+"""Piecewise Inductor: the captured step's ops between attention calls, compiled (fused) by Inductor.
+
+HF's modules run RMSNorm, RoPE, SiLU-and-multiply and residual adds as many small kernels (about 3 ms of a
+batch-64 Llama-3-8B decode step on an H100: benchmarks/RESULTS.md). Inductor fuses them, but its
+functionalisation must not see the KV-cache write (it would copy the cache every step). So the ATen graph is
+cut at every `nanoflow::paged_attention` call (`torch.fx.passes.split_module`, as vLLM and SGLang cut theirs):
+each attention call stays as captured, mutating the cache in place, and each piece between them, which is
+purely functional, is compiled by Inductor for the graph's symbolic shapes (one compile serves every step size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+from torch.fx.passes.split_module import split_module
+
+from nanoflow_fx.passes.info import ATTENTION_OP
+
+__all__ = ["compile_pieces"]
+
+
+class _Compiled(torch.nn.Module):
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def _is_attention(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is ATTENTION_OP
+
+
+def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule:
+    """`gm` (an ATen graph decomposed with Inductor's table) with every attention-free piece Inductor-compiled.
+
+    Must run where AOT autograd calls its forward compiler: `example_inputs` are its fake (symbolic) inputs.
+    """
+    from torch._guards import TracingContext, detect_fake_mode
+    from torch._inductor.compile_fx import compile_fx_inner, graph_returns_tuple, make_graph_return_tuple
+
+    part, partition = 0, {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if _is_attention(node):  # its own piece, left as captured
+            part += 1
+            partition[node] = part
+            part += 1
+        else:
+            partition[node] = part
+    split = split_module(gm, None, lambda node: partition[node], keep_original_order=True)
+
+    def inductor(piece: GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+        # Each compile records its outputs' strides in the tracing context, which expects one compile per
+        # context: give each piece a clean slate and restore the outer graph's record afterwards.
+        context = TracingContext.try_get()
+        saved = context.output_strides if context is not None else None
+        if context is not None:
+            context.output_strides = []
+        try:
+            code = compile_fx_inner(piece, inputs)
+        finally:
+            if context is not None:
+                context.output_strides = saved
+        return lambda *args: code(list(args))  # Inductor's code takes its inputs boxed, as a list
+
+    compiled: dict[str, torch.nn.Module] = {}
+
+    class _Compiler(torch.fx.Interpreter):  # runs the split graph on the fake inputs, compiling as it goes
+        def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+            piece = self.fetch_attr(target)
+            out = super().call_module(target, args, kwargs)
+            if not any(_is_attention(n) for n in piece.graph.nodes):
+                inputs = list(args)
+                fn = (inductor(piece, inputs) if graph_returns_tuple(piece)
+                      else make_graph_return_tuple(piece, inputs, inductor))
+                compiled[target] = _Compiled(fn)
+            return out
+
+    with detect_fake_mode(example_inputs) or torch._subclasses.fake_tensor.FakeTensorMode():
+        _Compiler(split).run(*example_inputs)
+    for target, module in compiled.items():
+        setattr(split, target, module)
+    gm.meta["nanoflow_inductor_pieces"] = len(compiled)  # explain() and tests read it on the captured graph
+    return split
