@@ -61,11 +61,11 @@ class StepEngine:
     def enable_cuda_graphs(self) -> bool:
         """Capture decode-bucket CUDA graphs now, if this engine can replay them; returns whether it did.
 
-        They need a CUDA model, the "triton" or "flashinfer" attention backend and one nano-batch (the
-        reference kernel and the nano-batch executor sync with the host). A model whose step syncs with the
-        host (e.g. HF's fp32 grouped-MoE fallback calls .tolist()) fails to capture: it is logged. Whenever
-        graphs stay off, the reason is in `cuda_graphs_off_reason` and every step runs the captured step
-        directly (still correct).
+        They need a CUDA model and the "triton" or "flashinfer" attention backend (the reference kernel syncs
+        with the host); nano-batched steps (Triton) also need `sm_partition` set, the multi-stream path whose
+        split metadata are static graph inputs. A model whose step syncs with the host (e.g. HF's fp32
+        grouped-MoE fallback calls .tolist()) fails to capture: it is logged. Whenever graphs stay off, the
+        reason is in `cuda_graphs_off_reason` and every step runs the captured step directly (still correct).
         """
         reason = self._cuda_graphs_blocker()
         if reason:
