@@ -140,3 +140,49 @@ def test_generate_with_flashinfer_is_greedy_consistent() -> None:
     first = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     second = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert first.shape == (5, 60) and torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_decode_steps_never_wait_for_the_gpu(backend: str) -> None:
+    """The decode loop's per-step work (schedule, build + copy inputs, plan, replay, sample, store tokens, start the
+    readback) makes no synchronising CUDA call: torch's sync debug mode turns any into an error. (The readback's
+    event wait, MAX_LAG steps later, is deliberate and outside this window.)"""
+    if backend == "flashinfer" and not flashinfer_attention.available():
+        pytest.skip("flashinfer is not installed")
+    from nanoflow_fx.runtime.batch import PENDING
+    from nanoflow_fx.runtime.generate import _Readback
+    from nanoflow_fx.runtime.sampling import SamplingParams, select_tokens
+
+    model = _model("llama", backend, graphs=True)
+    engine = model.nanoflow.engine
+    requests = engine.admit([[5 + i] * (20 + i) for i in range(8)], max_new_tokens=16)
+    params = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(2,),
+                            min_new_tokens=8)
+
+    def step() -> _Readback:
+        chunks = engine.schedule(requests)
+        logits = engine.run(chunks)
+        completing = [c.request for c in chunks if c.completes]
+        tokens = select_tokens(logits, [len(r.output) for r in completing], params)
+        engine.record_tokens(completing, tokens)
+        readback = _Readback(tokens, [(r, len(r.output)) for r in completing])
+        for r in completing:
+            r.output.append(PENDING)
+        return readback
+
+    try:
+        while any(r.num_cached < len(r.prompt) for r in requests):  # prefill (eager steps), then one decode
+            step().resolve(())
+        step().resolve(())
+        graph_steps = engine.stats["graph_steps"]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            readbacks = [step() for _ in range(4)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for readback in readbacks:
+            readback.resolve(())
+        assert engine.stats["graph_steps"] == graph_steps + 4
+    finally:
+        engine.release(requests)
