@@ -130,3 +130,161 @@ def test_padded_host_split_metadata_gives_the_unsplit_step(device: str) -> None:
         finally:
             engine.release(requests)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
+
+
+def test_padded_split_metadata_is_the_unpadded_split_plus_empty_entries() -> None:
+    """pad=(requests, pages): every nano-batch's table is the unpadded one followed by empty requests (no queries,
+    no pages) and unused page ids, at exactly the fixed sizes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from nanoflow_fx.ops.split_metadata import split_attention_metadata
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.data())
+    def check(data) -> None:
+        page = data.draw(st.integers(1, 5))
+        num_requests = data.draw(st.integers(1, 5))
+        qo, kvp, kvi, last, next_page = [0], [0], [], [], 0
+        for _ in range(num_requests):
+            q = data.draw(st.integers(1, 6))
+            cached = data.draw(st.integers(0, 9))
+            kv = cached + q
+            pages = -(-kv // page)
+            qo.append(qo[-1] + q)
+            kvi += list(range(next_page, next_page + pages))
+            next_page += pages
+            kvp.append(len(kvi))
+            last.append(kv - (pages - 1) * page)
+        tokens = qo[-1]
+        cuts = sorted(data.draw(st.sets(st.integers(1, tokens - 1), max_size=3))) if tokens > 1 else []
+        boundaries = (0, *cuts, tokens)
+        metadata = [torch.tensor(v, dtype=torch.int32) for v in (qo, kvp, kvi, last)]
+        pad = (num_requests + data.draw(st.integers(0, 3)), len(kvi) + data.draw(st.integers(0, 4)))
+        plain = split_attention_metadata(*metadata, page, boundaries)
+        padded = split_attention_metadata(*metadata, page, boundaries, pad=pad)
+        for (p_qo, p_kvp, p_kvi, p_last), (q_qo, q_kvp, q_kvi, q_last) in zip(plain, padded):
+            n = p_last.shape[0]
+            assert q_qo.shape[0] == pad[0] + 1 and q_kvp.shape[0] == pad[0] + 1 and q_last.shape[0] == pad[0]
+            assert q_kvi.shape[0] == pad[1]
+            assert torch.equal(q_qo[: n + 1], p_qo) and torch.equal(q_kvp[: n + 1], p_kvp)
+            assert torch.equal(q_last[:n], p_last) and torch.equal(q_kvi[: p_kvi.shape[0]], p_kvi)
+            assert bool((q_qo[n:] == p_qo[-1]).all()) and bool((q_kvp[n:] == p_kvp[-1]).all())
+
+    check()
+
+
+def test_cuda_executor_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The multi-stream executor's CUDA calls, recorded through stand-ins for torch's streams and events on the
+    CPU: fork from the current stream, each nano-op's nodes on its unit's stream after waiting on the events of
+    its cross-unit dependencies (recorded right after those ran), join, and the logits of the in-order executor."""
+    import dataclasses
+
+    from nanoflow_fx.runtime import schedule_executor, streams
+    from nanoflow_fx.runtime.nanobatch import NanobatchRunner
+    from tests.conftest import DEFAULT_CONFIG, optimized
+
+    log: list[tuple] = []
+    current = ["main"]
+
+    class FakeEvent:
+        count = 0
+
+        def __init__(self) -> None:
+            FakeEvent.count += 1
+            self.name = f"e{FakeEvent.count}"
+
+        def record(self, stream) -> None:
+            log.append(("record", stream.name, self.name))
+
+    class FakeStream:
+        def __init__(self, name: str = "side") -> None:
+            self.name = name
+
+        def wait_event(self, event: FakeEvent) -> None:
+            log.append(("wait", self.name, event.name))
+
+        def wait_stream(self, other) -> None:
+            log.append(("wait_stream", self.name, other.name))
+
+    class StreamContext:
+        def __init__(self, stream: FakeStream) -> None:
+            self.stream = stream
+
+        def __enter__(self) -> None:
+            self.saved = current[0]
+            current[0] = self.stream.name
+
+        def __exit__(self, *exc) -> None:
+            current[0] = self.saved
+
+    monkeypatch.setattr(streams.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(streams.torch.cuda, "current_stream", lambda: FakeStream("main"))
+    monkeypatch.setattr(streams.torch.cuda, "stream", StreamContext)
+    run_node = schedule_executor.ScheduleExecutor._run
+
+    def traced_run(self, nodes, env, where):  # note which stream each nano-op ran on
+        log.append(("run", current[0], where))
+        return run_node(self, nodes, env, where)
+
+    monkeypatch.setattr(schedule_executor.ScheduleExecutor, "_run", traced_run)
+
+    model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
+    gm = model.nanoflow.step_fn.graphs[-1]
+    runner = NanobatchRunner(gm, 2)
+    args_probe = _probe_args(model, gm)
+    step = runner.scheduled(args_probe[runner.token_input].shape[0])
+    units = {u: FakeStream(u) for u in step.schedule.units}
+    executor = streams.CudaScheduleExecutor(step.graph, step.schedule, units)
+    ops = {op.key: op for op in step.schedule.ops}
+    want = step.executor(*args_probe, *runner._nanobatch_metadata(step, tuple(args_probe)))
+    log.clear()
+    got = executor(*args_probe, *runner._nanobatch_metadata(step, tuple(args_probe)))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    assert log[0] == ("run", "main", "shared nodes") and log[1][0] == "record" and log[1][1] == "main"
+    fork = log[1][2]
+    assert {(e[1], e[2]) for e in log[2 : 2 + len(units)]} == {(u, fork) for u in units}
+    event_of, position = {}, {}
+    for i, entry in enumerate(log):
+        if entry[0] == "run" and "#" in entry[2]:
+            group, nb = entry[2].rsplit("#", 1)
+            key = (group, int(nb))
+            assert entry[1] == ops[key].unit  # on its unit's stream
+            position[key] = i
+            for wait in ops[key].waits:
+                if ops[wait].unit != ops[key].unit:  # waited on the event recorded after `wait` ran
+                    assert ("wait", ops[key].unit, event_of[wait]) in log[:i]
+        if entry[0] == "record" and entry[1] != "main":
+            last_run = next(e for e in reversed(log[:i]) if e[0] == "run")
+            group, nb = last_run[2].rsplit("#", 1)
+            event_of[(group, int(nb))] = entry[2]
+    assert set(position) == set(ops)
+    joins = [e for e in log if e[0] == "wait_stream"]
+    assert {(e[1], e[2]) for e in joins} == {("main", u) for u in units}
+    assert log[-1] == ("run", "main", "output merges")
+
+
+def _probe_args(model, gm) -> list:
+    """Real inputs for the captured graph `gm` (its placeholders' order), made by running the step once with a
+    recording runner."""
+    from nanoflow_fx.runtime import Chunk
+
+    engine = model.nanoflow.engine
+    seen: list = []
+    runner = gm.meta["nanoflow_runner"]
+    original = type(runner).__call__
+
+    def record(self, *args):
+        seen[:] = args
+        return original(self, *args)
+
+    requests = engine.admit([[5] * 9, [6] * 7], max_new_tokens=1)
+    try:
+        type(runner).__call__ = record
+        engine.run([Chunk(requests[0], 9), Chunk(requests[1], 7)])
+    finally:
+        type(runner).__call__ = original
+        engine.release(requests)
+    assert seen
+    return list(seen)
