@@ -41,7 +41,8 @@ def test_cuda_graphs_stay_off_with_the_reason_where_they_cannot_run() -> None:
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_padded_bucket_step_equals_unpadded_step(device: str) -> None:
-    """A step padded to a bucket shape (padding request, empty requests, unused pages) computes the same."""
+    """A step padded to a bucket shape (one-token padding requests, empty requests, unused pages) computes the
+    same."""
     model = optimized("llama", device=device)
     engine = model.nanoflow.engine
     requests = engine.admit([[5, 6, 7], [8, 9], [10, 11, 12, 13]], max_new_tokens=1)
@@ -52,18 +53,19 @@ def test_padded_bucket_step_equals_unpadded_step(device: str) -> None:
 
         plain = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, engine.device, True)
         want = model.nanoflow.step_fn(plain.input_ids, plain.position_ids, plain.logits_indices, plain.metadata)
-        shape = StepShape(tokens=16, requests=9, pages=cache.allocator.num_pages + 4, logits=12)
+        # 3 requests + 7 one-token padding requests, then 2 empty requests and unused page ids
+        shape = StepShape(tokens=16, requests=12, pages=cache.allocator.num_pages + 9, logits=12)
         padded = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, engine.device, True,
                             shape=shape)
-        assert padded.input_ids.shape[0] == 16 and padded.metadata.qo_indptr.shape[0] == 10
+        assert padded.input_ids.shape[0] == 16 and padded.metadata.qo_indptr.shape[0] == 13
         got = model.nanoflow.step_fn(padded.input_ids, padded.position_ids, padded.logits_indices, padded.metadata)
         assert got.shape[0] == 12
         torch.testing.assert_close(got[: padded.num_logits], want[: plain.num_logits], rtol=0, atol=1e-5)
-        # Padding as one-token requests (FlashInfer's decode graphs): one request per padding token, no empties
-        shape = StepShape(tokens=16, requests=16 - 9 + 3, pages=cache.allocator.num_pages + 16, logits=12)
+        # A CUDA-graph bucket's own shape (as CudaGraphRunner.shape_for makes it): T requests, pages + T page ids
+        shape = StepShape(tokens=16, requests=16, pages=cache.allocator.num_pages + 16, logits=16)
         padded = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, engine.device, True,
-                            shape=shape, pad_as_decodes=True)
-        assert padded.metadata.qo_indptr.tolist()[3:] == list(range(9, 17))  # 7 one-token padding requests
+                            shape=shape)
+        assert padded.metadata.qo_indptr.tolist()[3:] == list(range(9, 17)) + [16] * 6  # 7 padding, 6 empty
         got = model.nanoflow.step_fn(padded.input_ids, padded.position_ids, padded.logits_indices, padded.metadata)
         torch.testing.assert_close(got[: padded.num_logits], want[: plain.num_logits], rtol=0, atol=1e-5)
     finally:

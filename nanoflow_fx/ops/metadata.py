@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionMetadata"]
+__all__ = ["AttentionMetadata", "pad_request_table"]
 
 
 @dataclass(frozen=True)
@@ -31,3 +31,19 @@ class AttentionMetadata:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The per-step index tensors, in field order (the caches excluded)."""
         return (self.qo_indptr, self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.slot_mapping)
+
+
+def pad_request_table(
+    qo_indptr: list[int], kv_indptr: list[int], kv_indices: list[int], kv_last_page_len: list[int],
+    page_size: int, requests: int, pages: int,
+) -> None:
+    """Pad a request table (host lists, in place) to fixed sizes, as a CUDA graph's static inputs need: empty
+    requests (no queries, no pages) up to `requests`, unused page ids up to `pages`."""
+    missing = requests - len(kv_last_page_len)
+    if missing < 0 or len(kv_indices) > pages:
+        raise ValueError(f"a table of {len(kv_last_page_len)} requests / {len(kv_indices)} pages does not fit "
+                         f"{requests} requests / {pages} pages")
+    qo_indptr += [qo_indptr[-1]] * missing
+    kv_indptr += [kv_indptr[-1]] * missing
+    kv_last_page_len += [page_size] * missing
+    kv_indices += [0] * (pages - len(kv_indices))

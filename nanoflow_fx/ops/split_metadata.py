@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from nanoflow_fx.ops.metadata import pad_request_table
+
 __all__ = ["split_attention_metadata"]
 
 
@@ -43,12 +45,6 @@ def split_attention_metadata(
             n_kvp.append(len(n_idx))
             n_last.append(seen - (num_pages - 1) * page_size)
         if pad is not None:
-            requests, max_pages = pad
-            if len(n_last) > requests or len(n_idx) > max_pages:
-                raise ValueError(f"nano-batch of {len(n_last)} requests / {len(n_idx)} pages exceeds pad {pad}")
-            n_qo += [n_qo[-1]] * (requests - len(n_last))
-            n_kvp += [n_kvp[-1]] * (requests - len(n_last))
-            n_last += [page_size] * (requests - len(n_last))
-            n_idx += [0] * (max_pages - len(n_idx))
+            pad_request_table(n_qo, n_kvp, n_idx, n_last, page_size, *pad)
         result.append(tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in (n_qo, n_kvp, n_idx, n_last)))
     return result  # type: ignore[return-value]

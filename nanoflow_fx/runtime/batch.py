@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoflow_fx.ops import AttentionMetadata
+from nanoflow_fx.ops.metadata import pad_request_table
 
 __all__ = ["PENDING", "Request", "Chunk", "StepInputs", "StepShape", "build_step", "feed_pending", "to_device"]
 
@@ -91,7 +92,7 @@ class StepShape:
     """Fixed sizes a step is padded to, so that one captured CUDA graph serves every step of its bucket."""
 
     tokens: int
-    requests: int  # including the padding request
+    requests: int  # including the one-token padding requests
     pages: int
     logits: int
 
@@ -135,19 +136,20 @@ def build_step(
     backend: str = "torch",
     shape: StepShape | None = None,
     pin: bool = False,
-    pad_as_decodes: bool = False,
 ) -> StepInputs:
     """Pack the chunks' tokens into one step. Requests' pages must already cover their new tokens.
 
     Logits are kept for the last token of each completing chunk (or every token with `all_logits`).
-    A padding request of at least one token (KV written to `scratch_page`, never read by a real request)
-    closes every step and pads it to `min_tokens`: every step size stays >= 2, so the captured graph never
-    specialises on sizes 0 or 1. With `shape` (a CUDA-graph bucket) the padding request fills the step up to
-    `shape.tokens` (and is left out when nothing is missing), and the request table, page list and logits
-    rows are padded with empty entries to their fixed sizes. Tensors for a CUDA device travel from pinned host
-    memory without blocking the host; `pin` pins CPU results (the source of a later non-blocking copy).
-    With `pad_as_decodes` each padding token is a request of its own (a one-token "decode" at position 0 on
-    the scratch page), so a step of decodes stays a step of one-token requests (FlashInfer's decode graphs).
+    Padding tokens close every step: each is a one-token request at position 0 (valid for any position
+    embedding) whose KV goes to `scratch_page`, never read by a real request (padding tokens may overwrite each
+    other's slot there; only padding rows, which are discarded, read it). They pad the step to `min_tokens`, so
+    every step size stays >= 2 and the captured graph never specialises on sizes 0 or 1. With `shape` (a
+    CUDA-graph bucket) they fill the step up to `shape.tokens` (none when nothing is missing), and the request
+    table, page list and logits rows are padded with empty entries to their fixed sizes. Because each padding
+    token is a request of its own, a step of decodes stays a step of one-token requests, and a bucket of T
+    tokens never needs more than T requests or (allocator pages + T) page ids. Tensors for a CUDA device travel
+    from pinned host memory without blocking the host; `pin` pins CPU results (the source of a later
+    non-blocking copy).
     """
     packed = _Packed(page_size)
     logits_rows: list[int] = []
@@ -164,30 +166,14 @@ def build_step(
     num_pad = max(1, min_tokens - len(packed.ids)) if shape is None else shape.tokens - len(packed.ids)
     if num_pad < 0:
         raise ValueError(f"step of {len(packed.ids)} tokens does not fit its bucket of {shape.tokens}")
-    if num_pad and pad_as_decodes:
-        for _ in range(num_pad):
-            packed.add([0], 0, [scratch_page])
-    elif num_pad:
-        # The padding request: position 0 for every token (valid for any position embedding), one scratch page
-        # reused for all its slots (colliding writes are harmless: only the padding request reads them).
-        packed.add([0] * num_pad, 0, [scratch_page] * -(-num_pad // page_size))
-        packed.positions[-num_pad:] = [0] * num_pad
+    for _ in range(num_pad):
+        packed.add([0], 0, [scratch_page])
     num_logits = len(logits_rows)
     logits_rows += [len(packed.ids) - 1] * max(0, (2 if shape is None else shape.logits) - num_logits)
     if shape is not None:
-        _pad_table(packed, shape)
+        pad_request_table(packed.qo, packed.kv_ptr, packed.kv_idx, packed.last_len, page_size, shape.requests,
+                          shape.pages)
     return _to_tensors(packed, logits_rows, num_logits, kv_caches, device, backend, pin)
-
-
-def _pad_table(packed: _Packed, shape: StepShape) -> None:
-    """Empty requests (no queries, no pages) up to `shape.requests`; unused page ids up to `shape.pages`."""
-    missing = shape.requests - len(packed.last_len)
-    if missing < 0 or len(packed.kv_idx) > shape.pages:
-        raise ValueError(f"step of {len(packed.last_len)} requests / {len(packed.kv_idx)} pages exceeds {shape}")
-    packed.qo += [packed.qo[-1]] * missing
-    packed.kv_ptr += [packed.kv_ptr[-1]] * missing
-    packed.last_len += [packed.page_size] * missing
-    packed.kv_idx += [0] * (shape.pages - len(packed.kv_idx))
 
 
 def _to_tensors(

@@ -62,9 +62,6 @@ class CudaGraphRunner:
         self.step_fn, self.kv_cache, self.backend, self.last_tokens = step_fn, kv_cache, backend, last_tokens
         self.attention_configs = tuple(attention_configs)
         self.buckets = decode_buckets(max_batch_size)
-        self.max_requests = max_batch_size + 1  # and the padding request
-        padding_pages = -(-self.buckets[-1] // kv_cache.page_size)
-        self.max_pages = kv_cache.allocator.num_pages + padding_pages
         self.graphs: dict[StepShape, _Graph] = {}
         self.capture_seconds = 0.0
 
@@ -78,11 +75,8 @@ class CudaGraphRunner:
         if self.decode_only and not all_decodes:
             return None
         for bucket in self.buckets:
-            if num_tokens <= bucket:
-                if self.decode_only:  # bucket-many one-token requests, one page each for the padding ones
-                    shape = StepShape(bucket, bucket, self.kv_cache.allocator.num_pages + bucket, bucket)
-                else:
-                    shape = StepShape(bucket, self.max_requests, self.max_pages, min(bucket, self.max_requests))
+            if num_tokens <= bucket:  # padding tokens are one-token requests: see `build_step`
+                shape = StepShape(bucket, bucket, self.kv_cache.allocator.num_pages + bucket, bucket)
                 return shape if num_logits <= shape.logits else None
         return None
 
@@ -103,8 +97,7 @@ class CudaGraphRunner:
     def _capture(self, shape: StepShape, pool: object) -> _Graph:
         cache = self.kv_cache
         host = build_step([], cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          backend=self.backend, shape=shape, pin=True,  # only padding: writes scratch only
-                          pad_as_decodes=self.decode_only)
+                          backend=self.backend, shape=shape, pin=True)  # only padding: writes scratch only
         inputs = host.to(cache.caches[0].device)
         planner = None
         if self.backend == "flashinfer":
@@ -147,7 +140,7 @@ class CudaGraphRunner:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          all_logits, backend=self.backend, shape=shape, pin=True, pad_as_decodes=self.decode_only)
+                          all_logits, backend=self.backend, shape=shape, pin=True)
         for dst, src in zip(_step_tensors(entry.inputs), _step_tensors(host)):
             dst.copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
         if entry.planner is not None:
