@@ -76,11 +76,16 @@ class NanoFlowConfig:
             raise ValueError(
                 f"NanoFlowConfig.attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
             )
-        if self.inductor and self.num_nanobatches not in (1, "auto"):
+        if self.inductor and self.nanobatched:
             raise ValueError("NanoFlowConfig.inductor=True compiles the whole step; it needs num_nanobatches=1")
         for name in ("check_capture", "cuda_graphs", "inductor"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def nanobatched(self) -> bool:
+        """Whether steps are split into more than one nano-batch ("auto" means 1 until the search exists)."""
+        return self.num_nanobatches != "auto" and self.num_nanobatches > 1
 
     @property
     def pages_per_seq(self) -> int:

@@ -52,8 +52,7 @@ class NanoFlowRuntime:
         self.layers = discover_layers(model)
         dtype = next(model.parameters()).dtype
         self.kv_cache = PagedKVCache(self.layers, config.total_pages, config.page_size, dtype, model.device)
-        nanobatched = isinstance(config.num_nanobatches, int) and config.num_nanobatches > 1
-        self.step_context = StepContext(page_size=config.page_size) if nanobatched else None
+        self.step_context = StepContext(page_size=config.page_size) if config.nanobatched else None
         self.step_fn = StepFunction(model, lambda on_graph: backend(config, on_graph, self.step_context))
         self.attention_configs = tuple(dict.fromkeys(
             AttentionConfig(s.num_qo_heads, s.num_kv_heads, s.head_dim, s.scaling, s.sliding_window, s.softcap)
@@ -71,9 +70,10 @@ def backend(
     """The nanoflow `torch.compile` backend: `torch.compile(fn, backend=nanoflow_fx.backend(config))`.
 
     Captures to one ATen graph (in-place KV-cache writes kept in place). With `num_nanobatches` > 1 the graph
-    runs through the passes (annotate, group, split, assign units) and the CPU Schedule executor; otherwise
-    it runs as captured. `on_graph` receives each captured (unsplit) ATen GraphModule. `context` (the
-    engine's) lets nano-batched steps split their attention metadata on the host instead of the device.
+    runs through the passes (annotate, group, split, assign units) and a Schedule executor (one stream, or one
+    per execution unit with `sm_partition`); with `inductor` its pieces between attention calls are compiled
+    by Inductor; otherwise it runs as captured. `on_graph` receives each captured (unsplit) ATen GraphModule.
+    `context` (the engine's) lets nano-batched steps split their attention metadata on the host, not the device.
     """
     config = config or NanoFlowConfig()
     count = config.num_nanobatches
@@ -81,7 +81,7 @@ def backend(
     if config.sm_partition != "off":
         mode, sms = config.sm_partition, config.memory_sms
         streams = lambda device: partition_streams(mode, sms, device)  # noqa: E731
-    if isinstance(count, int) and count > 1:
+    if config.nanobatched:
         lower = lambda gm: NanobatchRunner(gm, count, streams=streams, context=context)  # noqa: E731
     else:
         lower = None
@@ -120,9 +120,8 @@ def resolve_attention_backend(
 ) -> str:
     """The kernel `config.attention_backend` means for this model (see `NanoFlowConfig.attention_backend`)."""
     name = config.attention_backend
-    nanobatched = isinstance(config.num_nanobatches, int) and config.num_nanobatches > 1
     flashinfer_blocker = flashinfer_attention.unsupported_reason(attention_configs, dtype, device)
-    if nanobatched and not flashinfer_blocker:
+    if config.nanobatched and not flashinfer_blocker:
         flashinfer_blocker = "nano-batched steps attend per nano-batch, and FlashInfer plans whole steps"
     if name == "flashinfer" and flashinfer_blocker:
         raise NanoFlowError(f"attention_backend='flashinfer' cannot run here: {flashinfer_blocker}; "

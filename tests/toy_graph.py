@@ -36,7 +36,7 @@ def capture_toy() -> GraphModule:
 def toy_inputs(lengths: list[int], page_size: int = 2) -> tuple[list[torch.Tensor], PagedKVCache]:
     """Inputs of `toy_step` for one prefill step of requests of `lengths` tokens."""
     torch.manual_seed(0)
-    cache = PagedKVCache([LayerSpec(0, 1, HIDDEN, 0, 0.0)], num_pages=16, page_size=page_size,
+    cache = PagedKVCache([LayerSpec(0, 1, HIDDEN, 0, 0.0, 1, HIDDEN**-0.5)], num_pages=16, page_size=page_size,
                          dtype=torch.float32, device=torch.device("cpu"))
     requests = [Request(prompt=list(range(1, n + 1)), max_new_tokens=0) for n in lengths]
     for req in requests:

@@ -36,8 +36,8 @@ class LayerSpec:
     head_dim: int
     sliding_window: int  # <= 0: none
     softcap: float  # <= 0: none
-    num_qo_heads: int = 0  # 0: not recorded
-    scaling: float = 0.0  # the softmax scale the model passes (0: not recorded)
+    num_qo_heads: int
+    scaling: float  # the softmax scale the model passes (or 1/sqrt(head_dim) where it passes none)
 
 
 @dataclass
@@ -93,8 +93,8 @@ def _layer_spec(
     sliding_window: int | None,
     softcap: float | None,
     kwargs: dict[str, Any],
-    num_qo_heads: int = 0,
-    scaling: float = 0.0,
+    num_qo_heads: int,
+    scaling: float,
 ) -> LayerSpec:
     name = type(module).__name__
     layer_idx = getattr(module, "layer_idx", None)
