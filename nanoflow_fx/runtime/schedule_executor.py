@@ -64,10 +64,14 @@ class ScheduleExecutor:
             raise TypeError(f"split step graph takes {len(self.placeholders)} inputs, got {len(args)}")
         env: dict[Node, Any] = dict(zip(self.placeholders, args))
         self._run(self.shared, env, "shared nodes")
-        for key, nodes in self.order:
-            self._run(nodes, env, op_label(key))
+        self._run_nanoops(env)
         self._run(self.epilogue, env, "output merges")
         return torch.fx.map_arg(self.output.args[0], lambda n: env[n])
+
+    def _run_nanoops(self, env: dict[Node, Any]) -> None:
+        """The nano-ops, in stream order, one after another (subclasses place them on streams)."""
+        for key, nodes in self.order:
+            self._run(nodes, env, op_label(key))
 
     def _run(self, nodes: Sequence[Node], env: dict[Node, Any], where: str) -> None:
         for node in nodes:

@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from nanoflow_fx.runtime.schedule_executor import ScheduleExecutor, stream_order
-from nanoflow_fx.schedule import Schedule, ScheduleError
+from nanoflow_fx.schedule import Schedule, op_label
 
 __all__ = ["CudaScheduleExecutor", "StreamAction", "stream_actions"]
 
@@ -58,17 +58,11 @@ class CudaScheduleExecutor(ScheduleExecutor):
 
     def __init__(self, gm: GraphModule, schedule: Schedule, streams: Mapping[str, torch.cuda.Stream]) -> None:
         super().__init__(gm, schedule)
-        self.actions = stream_actions(schedule)
-        if [a.key for a in self.actions] != [key for key, _ in self.order]:
-            raise ScheduleError("stream actions and the executor's order disagree")
+        self.actions = stream_actions(schedule)  # in `self.order`'s order: both come from `stream_order`
         self.streams = {unit: streams.get(unit) or torch.cuda.Stream() for unit in schedule.units}
 
-    def __call__(self, *args: Any) -> Any:
-        if len(args) != len(self.placeholders):
-            raise TypeError(f"split step graph takes {len(self.placeholders)} inputs, got {len(args)}")
-        env: dict[Node, Any] = dict(zip(self.placeholders, args))
+    def _run_nanoops(self, env: dict[Node, Any]) -> None:
         main = torch.cuda.current_stream()
-        self._run(self.shared, env, "shared nodes")
         fork = torch.cuda.Event()
         fork.record(main)
         for stream in self.streams.values():
@@ -79,11 +73,9 @@ class CudaScheduleExecutor(ScheduleExecutor):
             for wait in action.waits:
                 stream.wait_event(events[wait])
             with torch.cuda.stream(stream):
-                self._run(nodes, env, f"{key[0]}#{key[1]}")
+                self._run(nodes, env, op_label(key))
             if action.record:
                 events[key] = torch.cuda.Event()
                 events[key].record(stream)
         for stream in self.streams.values():
             main.wait_stream(stream)
-        self._run(self.epilogue, env, "output merges")
-        return torch.fx.map_arg(self.output.args[0], lambda n: env[n])
