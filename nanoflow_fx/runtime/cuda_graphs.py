@@ -43,7 +43,7 @@ class _Graph:
     inputs: StepInputs  # static tensors the graph reads
     logits: torch.Tensor  # static output [shape.logits, vocab]
     planner: FlashInferPlanner | None  # the bucket's FlashInfer plans (flashinfer backend)
-    split: tuple[Any, list[torch.Tensor]] | None = None  # nano-batched: (plan, static split metadata)
+    split: tuple[Any, list[torch.Tensor]] | None = None  # nano-batched: (plan, its static split metadata)
 
 
 class CudaGraphRunner:
@@ -122,9 +122,8 @@ class CudaGraphRunner:
         if ctx is not None:  # the runner exists now: fix its split metadata as static inputs of the graph
             assert ctx.runner is not None and ctx.host is not None
             plan = ctx.runner.plan_for(shape.tokens)
-            pad = (shape.requests, shape.pages)
-            static = [t.to(cache.caches[0].device) for t in ctx.runner.host_split(plan, ctx.host, cache.page_size, pad)]
-            torch.cuda.synchronize()
+            static = [t.to(cache.caches[0].device)
+                      for t in ctx.runner.host_split(plan, ctx.host, cache.page_size, _split_pad(shape))]
             split = (plan, static)
             ctx.host, ctx.static = None, static
         graph = torch.cuda.CUDAGraph()
@@ -141,19 +140,24 @@ class CudaGraphRunner:
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
                           all_logits, backend=self.backend, shape=shape, pin=True)
-        for dst, src in zip(_step_tensors(entry.inputs), _step_tensors(host)):
-            dst.copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
-        if entry.planner is not None:
-            entry.planner.plan(host.metadata, entry.inputs.metadata.kv_indices)
+        targets, sources = list(_step_tensors(entry.inputs)), list(_step_tensors(host))
         if entry.split is not None:
             assert self.step_context is not None and self.step_context.runner is not None
             plan, static = entry.split
-            pad = (shape.requests, shape.pages)
-            fresh = self.step_context.runner.host_split(plan, host.metadata.tensors()[:4], cache.page_size, pad)
-            for dst, src in zip(static, fresh):
-                dst.copy_(src, non_blocking=True)
+            targets += static
+            sources += self.step_context.runner.host_split(plan, host.metadata.tensors()[:4], cache.page_size,
+                                                           _split_pad(shape))
+        for dst, src in zip(targets, sources):
+            dst.copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
+        if entry.planner is not None:
+            entry.planner.plan(host.metadata, entry.inputs.metadata.kv_indices)
         entry.graph.replay()
         return entry.logits[: host.num_logits]
+
+
+def _split_pad(shape: StepShape) -> tuple[int, int]:
+    """Each nano-batch's table size in a bucket: a nano-batch holds at most the step's requests and pages."""
+    return shape.requests, shape.pages
 
 
 def _step_tensors(inputs: StepInputs) -> tuple[torch.Tensor, ...]:

@@ -42,6 +42,14 @@ class SamplingParams:
             warpers.append(TopPLogitsWarper(top_p=self.top_p, min_tokens_to_keep=1))
         return warpers
 
+    def eos_ids_on(self, device: torch.device) -> torch.Tensor:
+        """`eos_token_ids` as a tensor on `device`, made once per device (the per-step EOS mask indexes with it;
+        a Python list index would be copied from pageable memory, a host wait, every step)."""
+        cache = self.__dict__.setdefault("_eos_ids", {})  # not a field: equality and hashing ignore it
+        if device not in cache:
+            cache[device] = to_device(list(self.eos_token_ids), torch.int64, device)
+        return cache[device]
+
 
 def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: SamplingParams) -> torch.Tensor:
     """Pick one token per row of `logits` [N, vocab]; row i has generated `num_generated[i]` tokens so far."""
@@ -49,7 +57,7 @@ def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: Sa
     if params.eos_token_ids and params.min_new_tokens > 0:
         # A mask, not indices: no nonzero(), so no host sync on the per-step path.
         young = to_device([n < params.min_new_tokens for n in num_generated], torch.bool, scores.device)
-        eos = to_device(list(params.eos_token_ids), torch.int64, scores.device)  # pinned: no host sync
+        eos = params.eos_ids_on(scores.device)
         scores[:, eos] = scores[:, eos].masked_fill(young[:, None], float("-inf"))
     if not params.do_sample:
         return scores.argmax(dim=-1)
