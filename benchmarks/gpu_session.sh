@@ -26,7 +26,7 @@ B=benchmarks/bench_generate.py
 for step in ${STEPS:-tests example}; do
   case $step in
     tests) run pytest_cuda 560 python3 -m pytest -m cuda -q -p no:cacheprovider ;;
-    tests_new) run pytest_new 400 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_streams.py ;;
+    tests_new) run pytest_new ${TESTS_NEW_S:-400} python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_streams.py ;;
     example) run example 200 python3 examples/generate.py --device cuda --batch-size 64 --prompt-len 128 --max-new-tokens 64 ;;
     bench1_64) run bench1_64 420 python3 $B --batch-sizes 1 64 --backends triton flashinfer --out "$OUT/bench1_64.json" ;;
     fused) run fused 480 python3 $B --batch-sizes 64 256 --cases --backends flashinfer --inductor off on --out "$OUT/fused.json" ;;
@@ -34,7 +34,7 @@ for step in ${STEPS:-tests example}; do
     bench256) run bench256 420 python3 $B --batch-sizes 256 --backends triton flashinfer --out "$OUT/bench256.json" ;;
     profile64) run profile64 150 python3 benchmarks/profile_decode.py --batch-size 64 --context 1024 --out "$OUT/profile64.json" ;;
     profile256) run profile256 150 python3 benchmarks/profile_decode.py --batch-size 256 --context 1024 --out "$OUT/profile256.json" ;;
-    profile_fused) run profile_fused 240 python3 benchmarks/profile_decode.py --batch-size 64 --context 1024 --inductor --kernels --out "$OUT/profile_fused.json" ;;
+    profile_fused) run profile_fused ${PROFILE_S:-240} python3 benchmarks/profile_decode.py --batch-size ${PROFILE_B:-64} --context 1024 --backends flashinfer --inductor off on --kernels --out "$OUT/profile_fused.json" ;;
     *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac
 done

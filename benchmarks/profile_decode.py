@@ -1,12 +1,16 @@
 """Where a decode step's time goes, Llama-3-8B shape, bf16: GPU time of the step alone, each host phase, the
 whole loop, and (with --kernels) the CUDA kernel table from torch.profiler.
 
-    python benchmarks/profile_decode.py --batch-size 64 --context 512 [--kernels] [--out profile.json]
+    python benchmarks/profile_decode.py --batch-size 64 --context 512 [--backends auto] [--inductor off on]
+        [--kernels] [--out profile.json]
+
+Each (backend, inductor) variant is optimized and profiled in turn on the same model, in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -50,17 +54,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--backends", nargs="+", default=["auto"])
     parser.add_argument("--kernels", action="store_true", help="print torch.profiler's kernel table")
-    parser.add_argument("--inductor", action="store_true", help="Inductor-compiled pieces between attention calls")
+    parser.add_argument("--inductor", nargs="+", default=["off"], choices=["off", "on"],
+                        help="without and/or with Inductor-compiled pieces between attention calls")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_model("llama3-8b", "cuda", torch.bfloat16)
+    results = []
+    for backend in args.backends:
+        for inductor in args.inductor:
+            results.append(profile_variant(model, args, backend, inductor == "on"))
+            del model.nanoflow, model.generate  # free the KV cache and graphs before the next variant
+            gc.collect()
+            torch.cuda.empty_cache()
+            if args.out:
+                Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def profile_variant(model, args: argparse.Namespace, backend: str, inductor: bool) -> dict:
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=args.batch_size, max_seq_len=args.context + 64,
-                                        attention_backend=args.backend, inductor=args.inductor,
+                                        attention_backend=backend, inductor=inductor,
                                         check_capture=False)  # profiling only; correctness is the tests' job
+    start = time.perf_counter()
     nanoflow_fx.optimize(model, config)
+    optimize_s = time.perf_counter() - start
     engine = model.nanoflow.engine
     prompts = [[5] * args.context for _ in range(args.batch_size)]
     requests = engine.admit(prompts, max_new_tokens=64)
@@ -74,7 +93,7 @@ def main() -> None:
     cache = engine.kv_cache
     chunks = [Chunk(r, 1) for r in requests]  # replayed at the same position: timing only
     result = dict(batch=args.batch_size, context=args.context, backend=engine.attention_backend,
-                  inductor=args.inductor,
+                  inductor=inductor, optimize_s=optimize_s,
                   cuda_graphs=engine.cuda_graphs is not None, off_reason=engine.cuda_graphs_off_reason)
 
     def rewind() -> None:
@@ -112,16 +131,16 @@ def main() -> None:
         rewind()
 
     result["loop_step_ms"] = host_ms(full_step)
+    print(f"=== {engine.attention_backend} attention, inductor {inductor}")
     for key, value in result.items():
-        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}", flush=True)
     if args.kernels:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 full_step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    return result
 
 
 if __name__ == "__main__":
