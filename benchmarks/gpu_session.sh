@@ -25,8 +25,8 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on failure 
 B=benchmarks/bench_generate.py
 for step in ${STEPS:-tests example}; do
   case $step in
-    tests) run pytest_cuda 560 python3 -m pytest -m cuda -q -p no:cacheprovider ;;
-    tests_new) run pytest_new ${TESTS_NEW_S:-400} python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_gpu_backends.py tests/test_streams.py ;;
+    tests) run pytest_cuda 560 python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 ;;
+    tests_new) run pytest_new ${TESTS_NEW_S:-400} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 tests/test_gpu_backends.py tests/test_streams.py ;;
     example) run example 200 python3 examples/generate.py --device cuda --batch-size 64 --prompt-len 128 --max-new-tokens 64 ;;
     bench1_64) run bench1_64 420 python3 $B --batch-sizes 1 64 --backends triton flashinfer --out "$OUT/bench1_64.json" ;;
     fused) run fused 480 python3 $B --batch-sizes 64 256 --cases --backends flashinfer --inductor off on --out "$OUT/fused.json" ;;
