@@ -114,7 +114,7 @@ def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, partit
         f", {partition}" if count > 1 else "") + (", Inductor pieces" if inductor else "")
     row = measure(f"nanoflow_fx, {count} nano-batch(es){where}, {runtime.attention_backend} attention, CUDA graphs "
                   f"{graphs}", model, ids, args.new_tokens, first)
-    row.update(optimize_s=runtime.capture_seconds, steps=dict(runtime.engine.stats),
+    row.update(optimize_s=runtime.capture_seconds, optimize_timings=runtime.timings, steps=dict(runtime.engine.stats),
                cuda_graphs_off_reason=runtime.engine.cuda_graphs_off_reason)
     del model.nanoflow, model.generate  # free the KV cache and graphs before the next case
     model.set_attn_implementation("sdpa")  # HF's default, for the next batch size's HF cases

@@ -17,16 +17,18 @@ import datetime, torch, transformers, triton
 print("date", datetime.date.today(), "| device", torch.cuda.get_device_name(), "| torch", torch.__version__,
       "| transformers", transformers.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)
 PY
-run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on failure or timeout
+run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on failure or timeout (SIGINT first: pytest
+  # then still prints its summary and durations)
   local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 30
+  timeout --signal=INT --kill-after=30 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 30
 }
 B=benchmarks/bench_generate.py
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-4}")  # tiny-model tests: compile-bound
 for step in ${STEPS:-tests example}; do
   case $step in
-    tests) run pytest_cuda 560 python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 ;;
-    tests_new) run pytest_new ${TESTS_NEW_S:-400} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 tests/test_gpu_backends.py tests/test_streams.py ;;
+    tests) run pytest_cuda 560 python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST ;;
+    tests_new) run pytest_new ${TESTS_NEW_S:-400} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST tests/test_gpu_backends.py tests/test_streams.py ;;
     example) run example 200 python3 examples/generate.py --device cuda --batch-size 64 --prompt-len 128 --max-new-tokens 64 ;;
     bench1_64) run bench1_64 420 python3 $B --batch-sizes 1 64 --backends triton flashinfer --out "$OUT/bench1_64.json" ;;
     fused) run fused 480 python3 $B --batch-sizes 64 256 --cases --backends flashinfer --inductor off on --out "$OUT/fused.json" ;;

@@ -93,7 +93,7 @@ def profile_variant(model, args: argparse.Namespace, backend: str, inductor: boo
     cache = engine.kv_cache
     chunks = [Chunk(r, 1) for r in requests]  # replayed at the same position: timing only
     result = dict(batch=args.batch_size, context=args.context, backend=engine.attention_backend,
-                  inductor=inductor, optimize_s=optimize_s,
+                  inductor=inductor, optimize_s=optimize_s, **model.nanoflow.timings,
                   cuda_graphs=engine.cuda_graphs is not None, off_reason=engine.cuda_graphs_off_reason)
 
     def rewind() -> None:

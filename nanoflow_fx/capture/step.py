@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ class StepFunction:
         """`make_backend(on_graph)` returns the torch.compile backend to capture with."""
         self.model = model
         self.graphs: list[torch.fx.GraphModule] = []
+        self.compile_seconds = 0.0  # wall time of the calls that captured (and compiled) a new graph
         # A private copy of the code object gives this model its own Dynamo cache and recompile limit;
         # otherwise every optimized model in the process would share (and evict) one cache.
         fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_step")
@@ -49,8 +51,12 @@ class StepFunction:
             torch._dynamo.mark_dynamic(tensor, 0)
         # Without duck sizing, sizes that happen to be equal in one step (say 8 tokens and 8 pages) are not
         # unified into one symbol, which would force a recompile the first step they differ.
+        seen, start = len(self.graphs), time.perf_counter()
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return self._compiled(self.model, input_ids, position_ids, logits_indices, metadata)  # type: ignore[no-any-return]
+            out = self._compiled(self.model, input_ids, position_ids, logits_indices, metadata)
+        if len(self.graphs) != seen:
+            self.compile_seconds += time.perf_counter() - start
+        return out  # type: ignore[no-any-return]
 
 
 def _drop_registry_guards(guards: list[Any]) -> list[bool]:
