@@ -102,7 +102,8 @@ def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, partit
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=ids.shape[0], max_seq_len=args.prompt_len + args.new_tokens,
                                         num_nanobatches=count, max_num_tokens=args.max_num_tokens,
                                         attention_backend=backend, sm_partition=partition,
-                                        memory_sms=args.memory_sms, inductor=inductor)
+                                        memory_sms=args.memory_sms, inductor=inductor,
+                                        fuse_linears=args.fuse_linears == "on")
     torch.cuda.synchronize()
     start = time.perf_counter()
     nanoflow_fx.optimize(model, config)
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--memory-sms", type=int, default=32, help="SMs of the memory unit's partition")
     parser.add_argument("--inductor", nargs="+", default=["off"], choices=["off", "on"],
                         help="1-nano-batch cases without and/or with Inductor-compiled pieces")
+    parser.add_argument("--fuse-linears", default="on", choices=["on", "off"],
+                        help="nanoflow_fx cases: Q/K/V and gate/up as one GEMM each (NanoFlowConfig.fuse_linears)")
     parser.add_argument("--out", default="bench_generate.json")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -36,6 +36,8 @@ for step in ${STEPS:-tests example}; do
     bench256) run bench256 420 python3 $B --batch-sizes 256 --backends triton flashinfer --out "$OUT/bench256.json" ;;
     profile64) run profile64 150 python3 benchmarks/profile_decode.py --batch-size 64 --context 1024 --out "$OUT/profile64.json" ;;
     profile256) run profile256 150 python3 benchmarks/profile_decode.py --batch-size 256 --context 1024 --out "$OUT/profile256.json" ;;
+    profile64x) run profile64x 200 python3 benchmarks/profile_decode.py --batch-size 64 --context 1024 --backends flashinfer --inductor on --fuse-linears on off --kernels --out "$OUT/profile64x.json" ;;
+    profile256x) run profile256x 200 python3 benchmarks/profile_decode.py --batch-size 256 --context 1024 --backends flashinfer --inductor on off --out "$OUT/profile256x.json" ;;
     profile_fused) run profile_fused ${PROFILE_S:-240} python3 benchmarks/profile_decode.py --batch-size ${PROFILE_B:-64} --context 1024 --backends flashinfer --inductor off on --kernels --out "$OUT/profile_fused.json" ;;
     *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac

@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="print torch.profiler's kernel table")
     parser.add_argument("--inductor", nargs="+", default=["off"], choices=["off", "on"],
                         help="without and/or with Inductor-compiled pieces between attention calls")
+    parser.add_argument("--fuse-linears", nargs="+", default=["on"], choices=["on", "off"],
+                        help="with and/or without Q/K/V and gate/up fused into one GEMM each")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -65,7 +67,8 @@ def main() -> None:
     results = []
     for backend in args.backends:
         for inductor in args.inductor:
-            results.append(profile_variant(model, args, backend, inductor == "on"))
+            for fuse in args.fuse_linears:
+                results.append(profile_variant(model, args, backend, inductor == "on", fuse == "on"))
             del model.nanoflow, model.generate  # free the KV cache and graphs before the next variant
             gc.collect()
             torch.cuda.empty_cache()
@@ -73,9 +76,9 @@ def main() -> None:
                 Path(args.out).write_text(json.dumps(results, indent=2))
 
 
-def profile_variant(model, args: argparse.Namespace, backend: str, inductor: bool) -> dict:
+def profile_variant(model, args: argparse.Namespace, backend: str, inductor: bool, fuse: bool) -> dict:
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=args.batch_size, max_seq_len=args.context + 64,
-                                        attention_backend=backend, inductor=inductor,
+                                        attention_backend=backend, inductor=inductor, fuse_linears=fuse,
                                         check_capture=False)  # profiling only; correctness is the tests' job
     start = time.perf_counter()
     nanoflow_fx.optimize(model, config)
@@ -93,7 +96,7 @@ def profile_variant(model, args: argparse.Namespace, backend: str, inductor: boo
     cache = engine.kv_cache
     chunks = [Chunk(r, 1) for r in requests]  # replayed at the same position: timing only
     result = dict(batch=args.batch_size, context=args.context, backend=engine.attention_backend,
-                  inductor=inductor, optimize_s=optimize_s, **model.nanoflow.timings,
+                  inductor=inductor, fuse_linears=fuse, optimize_s=optimize_s, **model.nanoflow.timings,
                   cuda_graphs=engine.cuda_graphs is not None, off_reason=engine.cuda_graphs_off_reason)
 
     def rewind() -> None:
@@ -131,7 +134,7 @@ def profile_variant(model, args: argparse.Namespace, backend: str, inductor: boo
         rewind()
 
     result["loop_step_ms"] = host_ms(full_step)
-    print(f"=== {engine.attention_backend} attention, inductor {inductor}")
+    print(f"=== {engine.attention_backend} attention, inductor {inductor}, fuse_linears {fuse}")
     for key, value in result.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}", flush=True)
     if args.kernels:

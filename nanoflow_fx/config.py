@@ -56,6 +56,11 @@ class NanoFlowConfig:
     activations, residual adds); attention calls stay as captured. One nano-batch only. Costs compile time in
     optimize() (and on the first step of each new shape class); not yet measured on the GPU."""
 
+    fuse_linears: bool = True
+    """Merge linear layers that read the same input into one GEMM (Q/K/V projections, gate/up): `optimize()`
+    moves their weights into one buffer, each parameter becoming a view of it (no extra memory; the eager model
+    computes as before), and the captured step runs one GEMM per group. See `nanoflow_fx.capture.fuse_linears`."""
+
     cuda_graphs: bool = True
     """On CUDA with the "triton" or "flashinfer" backend: replay decode-sized steps as CUDA graphs."""
 
@@ -78,7 +83,7 @@ class NanoFlowConfig:
             )
         if self.inductor and self.nanobatched:
             raise ValueError("NanoFlowConfig.inductor=True compiles the whole step; it needs num_nanobatches=1")
-        for name in ("check_capture", "cuda_graphs", "inductor"):
+        for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

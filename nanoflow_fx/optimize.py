@@ -16,6 +16,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from nanoflow_fx.capture import hf_attention
 from nanoflow_fx.capture.backend import GraphSink, make_backend
+from nanoflow_fx.capture.fuse_linears import relayout_parallel_linears
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.capture.support import check_supported, discover_layers
 from nanoflow_fx.config import NanoFlowConfig
@@ -63,6 +64,7 @@ class NanoFlowRuntime:
                                  self.step_context)
         self.capture_seconds = 0.0  # all of optimize()'s capture work; `timings` breaks it down
         self.timings: dict[str, float] = {}
+        self.fused_linear_groups = 0  # groups of linears sharing an input laid out for one GEMM (fuse_linears)
 
 
 def backend(
@@ -86,7 +88,7 @@ def backend(
         lower = lambda gm: NanobatchRunner(gm, count, streams=streams, context=context)  # noqa: E731
     else:
         lower = None
-    return make_backend(lower, on_graph, inductor=config.inductor)
+    return make_backend(lower, on_graph, inductor=config.inductor, fuse_linears=config.fuse_linears)
 
 
 def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> PreTrainedModel:
@@ -99,11 +101,13 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> Pr
     begin = time.perf_counter()
     config = config or NanoFlowConfig()
     check_supported(model)
-    hf_attention.register()
     model.eval()
+    fused_groups = relayout_parallel_linears(model, _relayout_probe(model)) if config.fuse_linears else 0
+    hf_attention.register()
     model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
     _use_static_experts(model)
     runtime = NanoFlowRuntime(model, config)
+    runtime.fused_linear_groups = fused_groups
     start = time.perf_counter()
     if config.check_capture:
         _check_against_eager(model, runtime)
@@ -148,6 +152,11 @@ def resolve_attention_backend(
             raise NanoFlowError(f"attention_backend='triton' runs on CUDA (the model is on {device}); "
                                 "use 'torch', or set TRITON_INTERPRET=1 to interpret the kernel on the CPU")
     return name
+
+
+def _relayout_probe(model: PreTrainedModel) -> dict[str, Any]:
+    """One eager forward that reaches every linear: two tokens, no cache."""
+    return dict(input_ids=torch.tensor([[1, 2]], device=model.device), use_cache=False)
 
 
 def _use_static_experts(model: PreTrainedModel) -> None:

@@ -101,3 +101,59 @@ def test_inductor_pieces_generate_like_hf(family: str) -> None:
     assert len(list(graph.graph.find_nodes(op="call_function", target=ATTENTION_OP))) == layers
     assert graph.meta["nanoflow_inductor_pieces"] == layers + 1  # before, between and after the attention calls
     assert not any(n.op == "call_function" and n.target is torch.ops.aten.copy_.default for n in graph.graph.nodes)
+
+
+# Linear groups fused per layer: Q/K/V and gate/up (Phi-3 ships both pre-fused; GPT-2 uses Conv1D; Mixtral's
+# experts are not nn.Linear, so only its Q/K/V), and the GEMMs that saves per layer (3 -> 1 and 2 -> 1).
+_FUSED_PER_LAYER = {"gemma2": 2, "gpt2": 0, "llama": 2, "mistral": 2, "mixtral": 1, "phi3": 0, "qwen2": 2, "qwen3": 2}
+_GEMMS_SAVED_PER_LAYER = {"gemma2": 3, "gpt2": 0, "llama": 3, "mistral": 3, "mixtral": 2, "phi3": 0, "qwen2": 3,
+                          "qwen3": 3}
+
+
+def _gemms(model: torch.nn.Module) -> int:
+    graph = model.nanoflow.step_fn.graphs[-1].graph
+    return sum(n.op == "call_function" and n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+               for n in graph.nodes)
+
+
+def _step_logits(model: torch.nn.Module, lengths: list[int]) -> torch.Tensor:
+    """All logits of one packed step over fresh prompts of `lengths` (seeded), its pages released after."""
+    from nanoflow_fx.runtime import Chunk
+
+    engine = model.nanoflow.engine
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 90, (n,), generator=gen).tolist() for n in lengths]
+    requests = engine.admit(prompts, max_new_tokens=1)
+    try:
+        return engine.run([Chunk(r, len(r.prompt)) for r in requests], all_logits=True).float()
+    finally:
+        engine.release(requests)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_fused_linears_give_the_unfused_step(family: str) -> None:
+    """fuse_linears: Q/K/V and gate/up run as one GEMM each over weights re-laid out in one buffer (views, no
+    copy); the eager model is bit-for-bit unchanged and the captured step's logits equal the unfused step's."""
+    import dataclasses
+
+    from tests.conftest import DEFAULT_CONFIG
+    from tests.tiny_models import build
+
+    unfused = optimized(family, dataclasses.replace(DEFAULT_CONFIG, fuse_linears=False))
+    model = build(family)
+    storage_bytes = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager_before = model(ids).logits
+    nanoflow_fx.optimize(model, DEFAULT_CONFIG)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, eager_before)
+    after = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    assert sum(after.values()) == sum(storage_bytes.values()), "fusion must not add weight memory"
+    layers = model.config.num_hidden_layers
+    assert model.nanoflow.fused_linear_groups == _FUSED_PER_LAYER[family] * layers
+    for lengths in ([5, 1, 8], [1, 1]):  # the step is captured on its first run
+        torch.testing.assert_close(_step_logits(model, lengths), _step_logits(unfused, lengths), rtol=1e-5,
+                                   atol=1e-5)
+    assert model.nanoflow.step_fn.graphs[-1].meta["nanoflow_fused_linears"] == _FUSED_PER_LAYER[family] * layers
+    assert _gemms(unfused) - _gemms(model) == _GEMMS_SAVED_PER_LAYER[family] * layers

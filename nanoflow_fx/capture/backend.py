@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch._functorch.aot_autograd import aot_module_simplified
 
+from nanoflow_fx.capture.fuse_linears import fuse_parallel_linears
+
 __all__ = ["make_backend", "GraphSink", "Lower"]
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,7 @@ Lower = Callable[[torch.fx.GraphModule], Callable[..., Any]]
 
 def make_backend(
     lower: Lower | None = None, on_graph: GraphSink | None = None, inductor: bool = False,
+    fuse_linears: bool = False,
 ) -> Callable[..., Any]:
     """Return a `torch.compile` backend that lowers each captured graph to ATen and runs it.
 
@@ -28,12 +31,18 @@ def make_backend(
     (for `explain()` and the passes); `lower` turns it into what runs (default: the GraphModule itself, the
     single-stream in-order program). With `inductor` the graph is decomposed with Inductor's table and its
     attention-free pieces are compiled by Inductor (`piecewise.compile_pieces`; `lower` must be None then).
+    With `fuse_linears`, linears sharing an input whose weights lie adjacent in memory (see
+    `fuse_linears.relayout_parallel_linears`) are merged first into one GEMM each; the ATen graph's
+    `meta["nanoflow_fused_linears"]` says how many groups were merged.
     """
     if inductor and lower is not None:
         raise ValueError("inductor=True compiles the whole step itself; it takes no `lower`")
 
     def compile_fn(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
+        fused = fuse_parallel_linears(gm, example_inputs) if fuse_linears else 0
+
         def compile_aten(aten_gm: torch.fx.GraphModule, aten_inputs: Sequence[Any]) -> Any:
+            aten_gm.meta["nanoflow_fused_linears"] = fused  # groups of linears merged into one GEMM
             aten_gm.graph.eliminate_dead_code()
             aten_gm.recompile()
             log.debug("nanoflow captured an ATen graph with %d nodes", len(aten_gm.graph.nodes))

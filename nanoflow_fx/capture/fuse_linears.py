@@ -1,0 +1,155 @@
+"""Fusion of linear layers that read the same input into one GEMM (Q/K/V, gate/up), for any model.
+
+A decode step reads every weight once, so each GEMM runs near the memory bound, and small ones less so: on an
+H100 a batch-64 Llama-3-8B step ran its 4096x1024 K and V projections at ~1.3 TB/s against ~2.6 TB/s for the
+big MLP GEMMs (benchmarks/RESULTS.md). Serving systems load such weights pre-concatenated (vLLM's
+QKVParallelLinear, MergedColumnParallelLinear). Here it takes two steps:
+
+1. `relayout_parallel_linears(model)`, before capture: one eager forward with hooks finds the `nn.Linear`s
+   called on the same input tensor; each group's weights (and biases) move into one buffer, every parameter's
+   `.data` becoming a row-slice view of it. No memory is added, and the eager model computes exactly as before.
+2. `fuse_parallel_linears(gm, example_inputs)`, on Dynamo's graph (its placeholders' example inputs are the real
+   parameters): each group of `linear(x, W_i, b_i)` calls on the same input node whose weights lie back to back
+   in one storage becomes
+
+       y = linear(x, as_strided(W_0, [sum n_i, k]), ...); y_0, y_1, ... = split(y, [n_0, n_1, ...], -1)
+
+   The fused weight is a view spanning the group's parameters (no new graph input, no copy). Each output is a
+   column slice of the fused GEMM's output: the same dot products, so fp32 results equal the unfused graph's.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+__all__ = ["relayout_parallel_linears", "fuse_parallel_linears"]
+
+log = logging.getLogger(__name__)
+
+_LINEAR = torch._C._nn.linear  # what Dynamo records for nn.Linear and F.linear
+
+
+@torch.no_grad()
+def relayout_parallel_linears(model: torch.nn.Module, probe: dict[str, Any]) -> int:
+    """Make the weights of linears called on the same input adjacent in memory; returns the groups made.
+
+    `probe`: keyword arguments of one small eager forward of `model` (it only has to reach every linear).
+    """
+    calls: dict[int, list[torch.nn.Linear]] = {}
+    keep: list[torch.Tensor] = []  # inputs stay alive during the probe, so their ids are not reused
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            keep.append(args[0])
+            group = calls.setdefault(id(args[0]), [])
+            if module not in group:
+                group.append(module)
+
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    hooks = [m.register_forward_pre_hook(record) for m in linears]
+    try:
+        model(**probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups = 0
+    for members in calls.values():
+        members = [m for m in members if _fusable(m, members[0])]
+        if len(members) < 2 or any(sum(m is other for other in linears) != 1 for m in members):
+            continue
+        _concatenate([m.weight for m in members])
+        if members[0].bias is not None:
+            _concatenate([m.bias for m in members])
+        groups += 1
+    log.debug("nanoflow: %d groups of linears sharing an input laid out adjacently", groups)
+    return groups
+
+
+def _fusable(m: torch.nn.Linear, first: torch.nn.Linear) -> bool:
+    w, w0 = m.weight, first.weight
+    return (type(w) is torch.nn.Parameter and w.dtype == w0.dtype and w.device == w0.device
+            and w.shape[1] == w0.shape[1] and (m.bias is None) == (first.bias is None)
+            and (m.bias is None or type(m.bias) is torch.nn.Parameter))
+
+
+def _concatenate(params: Sequence[torch.Tensor]) -> None:
+    if _adjacent(params):
+        return
+    fused = torch.cat([p.data.contiguous() for p in params])
+    row = 0
+    for p in params:
+        p.data = fused[row : row + p.shape[0]]
+        row += p.shape[0]
+
+
+def _adjacent(params: Sequence[torch.Tensor]) -> bool:
+    """Whether the tensors are contiguous and lie back to back, in order, in one storage."""
+    if not all(p.is_contiguous() for p in params):
+        return False
+    storage = params[0].untyped_storage().data_ptr()
+    return all(b.untyped_storage().data_ptr() == storage
+               and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(params, params[1:]))
+
+
+def _linear_args(node: Node) -> tuple[Node, Node, Node | None] | None:
+    if node.op != "call_function" or node.target is not _LINEAR:
+        return None
+    names = ("input", "weight", "bias")
+    args = list(node.args) + [node.kwargs[n] for n in names[len(node.args):] if n in node.kwargs]
+    if len(args) == 2:
+        args.append(None)
+    if len(args) != 3 or not all(isinstance(a, Node) or (i == 2 and a is None) for i, a in enumerate(args)):
+        return None
+    return args[0], args[1], args[2]
+
+
+def _parameter(node: Node | None, values: dict[Node, Any]) -> torch.nn.Parameter | None:
+    value = values.get(node) if node is not None and node.op == "placeholder" else None
+    return value if type(value) is torch.nn.Parameter else None
+
+
+def _spanning(graph: torch.fx.Graph, first: Node, params: Sequence[torch.Tensor]) -> Node:
+    """A graph node viewing `params` (adjacent in one storage) as one tensor concatenated along dim 0."""
+    shape = [sum(p.shape[0] for p in params), *params[0].shape[1:]]
+    stride = list(torch.empty(shape, device="meta").stride())
+    return graph.call_function(torch.as_strided, (first, shape, stride, params[0].storage_offset()))
+
+
+def fuse_parallel_linears(gm: GraphModule, example_inputs: Sequence[Any]) -> int:
+    """Fuse, in place, each group of linears sharing an input whose parameters `relayout_parallel_linears`
+    made adjacent (see the module doc); returns how many groups."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, example_inputs))
+    groups: dict[tuple[Node, bool], list[tuple[Node, Node, Node | None]]] = {}
+    for node in gm.graph.nodes:
+        args = _linear_args(node)
+        if args is not None and _parameter(args[1], values) is not None:
+            if args[2] is None or _parameter(args[2], values) is not None:
+                groups.setdefault((args[0], args[2] is not None), []).append((node, args[1], args[2]))
+    graph, fused = gm.graph, 0
+    for (x, has_bias), members in groups.items():
+        weights = [values[w] for _, w, _ in members]
+        biases = [values[b] for _, _, b in members] if has_bias else []
+        if len(members) < 2 or not _adjacent(weights) or (has_bias and not _adjacent(biases)):
+            continue
+        first = members[0][0]
+        with graph.inserting_before(first):
+            weight = _spanning(graph, members[0][1], weights)
+            bias = _spanning(graph, members[0][2], biases) if has_bias else None  # type: ignore[arg-type]
+            out = graph.call_function(_LINEAR, (x, weight, bias))
+            parts = graph.call_function(torch.split, (out, [w.shape[0] for w in weights]), {"dim": -1})
+            for i, (node, _, _) in enumerate(members):
+                node.replace_all_uses_with(graph.call_function(operator.getitem, (parts, i)))
+        for node, _, _ in members:
+            graph.erase_node(node)
+        fused += 1
+    if fused:
+        gm.recompile()
+        log.debug("nanoflow fused %d groups of parallel linears", fused)
+    return fused
