@@ -27,7 +27,7 @@ B=benchmarks/bench_generate.py
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-4}")  # tiny-model tests: compile-bound
 for step in ${STEPS:-tests example}; do
   case $step in
-    tests) run pytest_cuda 560 python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST ;;
+    tests) run pytest_cuda ${TESTS_S:-560} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST ;;
     tests_new) run pytest_new ${TESTS_NEW_S:-400} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST tests/test_gpu_backends.py tests/test_streams.py ;;
     example) run example 200 python3 examples/generate.py --device cuda --batch-size 64 --prompt-len 128 --max-new-tokens 64 ;;
     bench1_64) run bench1_64 420 python3 $B --batch-sizes 1 64 --backends triton flashinfer --out "$OUT/bench1_64.json" ;;
