@@ -102,7 +102,9 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> Pr
     config = config or NanoFlowConfig()
     check_supported(model)
     model.eval()
-    fused_groups = relayout_parallel_linears(model, _relayout_probe(model)) if config.fuse_linears else 0
+    fused_groups = 0
+    if config.fuse_linears and model.device.type != "meta":  # meta: no weights to lay out, and no eager probe
+        fused_groups = relayout_parallel_linears(model, _relayout_probe(model))
     hf_attention.register()
     model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
     _use_static_experts(model)

@@ -117,13 +117,13 @@ def test_each_op_once_per_nanobatch_and_weights_never_copied(num_nanobatches: in
     split = split_nanobatches(gm, plan)
     count = lambda g, op: sum(1 for n in g.graph.nodes if n.target == op)  # noqa: E731
     mm, attention = torch.ops.aten.mm.default, torch.ops.nanoflow.paged_attention.default
-    # Tiny Llama: 2 layers x 7 GEMMs (q, k, v, o, gate, up, down), all in cut groups, plus the LM head in the
-    # whole `mix` group: 14 * n + 1 GEMMs. Two attention ops, each once per nano-batch.
-    assert count(gm, mm) == 15 and count(split, mm) == 14 * num_nanobatches + 1
+    # Tiny Llama: 2 layers x 4 GEMMs (q/k/v fused, o, gate/up fused, down), all in cut groups, plus the LM head
+    # in the whole `mix` group: 8 * n + 1 GEMMs. Two attention ops, each once per nano-batch.
+    assert count(gm, mm) == 9 and count(split, mm) == 8 * num_nanobatches + 1
     assert count(split, attention) == 2 * num_nanobatches
     # Weights: same placeholders, and each weight transpose still appears once (shared by every nano-batch).
     t = torch.ops.aten.t.default
-    assert count(split, t) == count(gm, t) == 15
+    assert count(split, t) == count(gm, t) == 9
     weights = [p for p in gm.graph.find_nodes(op="placeholder") if not info(p).token_dependent]
     split_weights = {p.name for p in split.graph.find_nodes(op="placeholder")}
     assert {p.name for p in weights} <= split_weights
