@@ -82,7 +82,10 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, bandwidth: float
     for backend in args.backends:
         for count in args.nanobatches:
             if count == 1:
-                for inductor in args.inductor:
+                inductor_modes = list(args.inductor)
+                if backend == "triton" and max(args.nanobatches) > 1 and "off" not in inductor_modes:
+                    inductor_modes.append("off")  # the nano-batched rows' baseline: same kernels, one nano-batch
+                for inductor in inductor_modes:
                     rows.append(run_nanoflow(model, ids, count, backend, "off", args, inductor == "on"))
             elif backend == "triton":  # FlashInfer plans whole steps: nano-batched steps use Triton attention
                 for partition in args.partitions:

@@ -39,6 +39,9 @@ for step in ${STEPS:-tests example}; do
     profile64x) run profile64x 200 python3 benchmarks/profile_decode.py --batch-size 64 --context 1024 --backends flashinfer --inductor on --fuse-linears on off --kernels --out "$OUT/profile64x.json" ;;
     profile256x) run profile256x 200 python3 benchmarks/profile_decode.py --batch-size 256 --context 1024 --backends flashinfer --inductor on off --out "$OUT/profile256x.json" ;;
     profile_fused) run profile_fused ${PROFILE_S:-240} python3 benchmarks/profile_decode.py --batch-size ${PROFILE_B:-64} --context 1024 --backends flashinfer --inductor off on --kernels --out "$OUT/profile_fused.json" ;;
+    bench64) run bench64 ${BENCH_S:-420} python3 $B --batch-sizes 64 --backends flashinfer triton --inductor on --nanobatches 1 2 --out "$OUT/bench64.json" ;;
+    bench256x) run bench256x ${BENCH_S:-420} python3 $B --batch-sizes 256 --backends flashinfer triton --inductor on --nanobatches 1 2 --out "$OUT/bench256x.json" ;;
+    savecache) tar czf "$OUT/ficache.tgz" -C ~/.cache flashinfer && ls -la "$OUT/ficache.tgz" ;;
     *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac
 done
