@@ -41,6 +41,8 @@ for step in ${STEPS:-tests example}; do
     profile_fused) run profile_fused ${PROFILE_S:-240} python3 benchmarks/profile_decode.py --batch-size ${PROFILE_B:-64} --context 1024 --backends flashinfer --inductor off on --kernels --out "$OUT/profile_fused.json" ;;
     bench64) run bench64 ${BENCH_S:-420} python3 $B --batch-sizes 64 --backends flashinfer triton --inductor on --nanobatches 1 2 --out "$OUT/bench64.json" ;;
     bench256x) run bench256x ${BENCH_S:-420} python3 $B --batch-sizes 256 --backends flashinfer triton --inductor on --nanobatches 1 2 --out "$OUT/bench256x.json" ;;
+    tests_streams) run pytest_streams ${TESTS_S:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST tests/test_streams.py tests/test_gpu_runtime.py tests/test_triton_attention.py ;;
+    bench256y) run bench256y ${BENCH_S:-420} python3 $B --batch-sizes 256 --backends flashinfer triton --inductor on --out "$OUT/bench256y.json" ;;
     savecache) tar czf "$OUT/ficache.tgz" -C ~/.cache flashinfer && ls -la "$OUT/ficache.tgz" ;;
     *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac
