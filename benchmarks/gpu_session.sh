@@ -27,7 +27,7 @@ B=benchmarks/bench_generate.py
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-4}")  # tiny-model tests: compile-bound
 for step in ${STEPS:-tests example}; do
   case $step in
-    tests) run pytest_cuda ${TESTS_S:-560} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST ;;
+    tests) run pytest_cuda ${TESTS_S:-560} python3 -m pytest -m cuda -q -p no:cacheprovider -rA --durations=25 $XDIST ;;
     tests_new) run pytest_new ${TESTS_NEW_S:-400} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST tests/test_gpu_backends.py tests/test_streams.py ;;
     example) run example 200 python3 examples/generate.py --device cuda --batch-size 64 --prompt-len 128 --max-new-tokens 64 ;;
     bench1_64) run bench1_64 420 python3 $B --batch-sizes 1 64 --backends triton flashinfer --out "$OUT/bench1_64.json" ;;
@@ -43,6 +43,9 @@ for step in ${STEPS:-tests example}; do
     bench256x) run bench256x ${BENCH_S:-420} python3 $B --batch-sizes 256 --backends flashinfer triton --inductor on --nanobatches 1 2 --out "$OUT/bench256x.json" ;;
     tests_streams) run pytest_streams ${TESTS_S:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST tests/test_streams.py tests/test_gpu_runtime.py tests/test_triton_attention.py ;;
     bench256y) run bench256y ${BENCH_S:-420} python3 $B --batch-sizes 256 --backends flashinfer triton --inductor on --out "$OUT/bench256y.json" ;;
+    ttft64) export FLASHINFER_JIT_VERBOSE=1  # its log shows whether ninja rebuilds anything
+      run ttft64 ${BENCH_S:-200} python3 $B --batch-sizes 64 --cases --backends flashinfer --inductor on --out "$OUT/ttft64.json"
+      unset FLASHINFER_JIT_VERBOSE ;;
     savecache) tar czf "$OUT/ficache.tgz" -C ~/.cache flashinfer && ls -la "$OUT/ficache.tgz" ;;
     *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac

@@ -46,15 +46,18 @@ class NanoFlowConfig:
     """How nano-batched steps (num_nanobatches > 1) run on CUDA: "off" (one stream, in the Schedule's order),
     "streams" (one stream per execution unit, events for cross-unit waits), "soft" (the memory-bound unit's
     stream confined to `memory_sms` SMs by a green context, the others free), or "hard" (the compute unit on
-    the remaining SMs too). Not yet measured on the GPU: "off" is the default."""
+    the remaining SMs too). Measured on an H100 (benchmarks/RESULTS.md): at decode batch 64 on an 8B model two
+    nano-batches are 2.2-2.4x slower than one (each nano-batch reads every weight again), so "off" and
+    num_nanobatches=1 are the defaults."""
 
     memory_sms: int = 32
     """SMs of the memory-bound unit's partition ("soft"/"hard"); rounded up to a multiple of 8."""
 
     inductor: bool = False
     """Compile the step's ops between attention calls with Inductor (fuses HF's elementwise work: norms, RoPE,
-    activations, residual adds); attention calls stay as captured. One nano-batch only. Costs compile time in
-    optimize() (and on the first step of each new shape class); not yet measured on the GPU."""
+    activations, residual adds); attention calls stay as captured. One nano-batch only. On an H100 it took an
+    8B model's batch-64 decode step from 13.1 to 10.6 ms (benchmarks/RESULTS.md), for ~15-35 s more compile
+    time in optimize() (identical layers compile once)."""
 
     fuse_linears: bool = True
     """Merge linear layers that read the same input into one GEMM (Q/K/V projections, gate/up): `optimize()`

@@ -91,7 +91,7 @@ class StepEngine:
             return f"attention backend {self.attention_backend!r} syncs with the host (use 'triton' or 'flashinfer')"
         if self.config.nanobatched:
             if self.step_context is None or self.config.sm_partition == "off":
-                return "nano-batched steps replay CUDA graphs only with sm_partition set (not yet measured)"
+                return "nano-batched steps replay CUDA graphs only with sm_partition set ('streams', 'soft' or 'hard')"
         return ""
 
     @property
