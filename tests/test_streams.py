@@ -181,7 +181,6 @@ def test_cuda_executor_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) -
     import dataclasses
 
     from nanoflow_fx.runtime import schedule_executor, streams
-    from nanoflow_fx.runtime.nanobatch import NanobatchRunner
     from tests.conftest import DEFAULT_CONFIG, optimized
 
     log: list[tuple] = []
@@ -231,7 +230,7 @@ def test_cuda_executor_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) -
 
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
     gm = model.nanoflow.step_fn.graphs[-1]
-    runner = NanobatchRunner(gm, 2)
+    runner = gm.meta["nanoflow_runner"]  # the model's own (a new one would replace it in the shared graph's meta)
     args_probe = _probe_args(model, gm)
     step = runner.scheduled(args_probe[runner.token_input].shape[0])
     units = {u: FakeStream(u) for u in step.schedule.units}
