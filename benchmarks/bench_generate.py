@@ -114,10 +114,13 @@ def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, partit
     first = time.perf_counter() - start
     runtime = model.nanoflow
     graphs = runtime.engine.cuda_graphs is not None
-    where = f", {partition} ({args.memory_sms} SMs for memory)" if partition in ("soft", "hard") else (
-        f", {partition}" if count > 1 else "") + (", Inductor pieces" if inductor else "")
-    row = measure(f"nanoflow_fx, {count} nano-batch(es){where}, {runtime.attention_backend} attention, CUDA graphs "
-                  f"{graphs}", model, ids, args.new_tokens, first)
+    parts = [f"{count} nano-batch(es)"]
+    if count > 1:
+        parts.append(f"{partition} ({args.memory_sms} SMs for memory)" if partition in ("soft", "hard") else partition)
+    if inductor:
+        parts.append("Inductor pieces")
+    parts += [f"{runtime.attention_backend} attention", f"CUDA graphs {graphs}"]
+    row = measure("nanoflow_fx, " + ", ".join(parts), model, ids, args.new_tokens, first)
     row.update(optimize_s=runtime.capture_seconds, optimize_timings=runtime.timings, steps=dict(runtime.engine.stats),
                cuda_graphs_off_reason=runtime.engine.cuda_graphs_off_reason)
     del model.nanoflow, model.generate  # free the KV cache and graphs before the next case

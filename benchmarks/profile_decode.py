@@ -69,11 +69,11 @@ def main() -> None:
         for inductor in args.inductor:
             for fuse in args.fuse_linears:
                 results.append(profile_variant(model, args, backend, inductor == "on", fuse == "on"))
-            del model.nanoflow, model.generate  # free the KV cache and graphs before the next variant
-            gc.collect()
-            torch.cuda.empty_cache()
-            if args.out:
-                Path(args.out).write_text(json.dumps(results, indent=2))
+                del model.nanoflow, model.generate  # free the KV cache and graphs before the next variant
+                gc.collect()
+                torch.cuda.empty_cache()
+                if args.out:
+                    Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 def profile_variant(model, args: argparse.Namespace, backend: str, inductor: bool, fuse: bool) -> dict:

@@ -56,8 +56,9 @@ class NanoFlowConfig:
     inductor: bool = False
     """Compile the step's ops between attention calls with Inductor (fuses HF's elementwise work: norms, RoPE,
     activations, residual adds); attention calls stay as captured. One nano-batch only. On an H100 it took an
-    8B model's batch-64 decode step from 13.1 to 10.6 ms (benchmarks/RESULTS.md), for ~15-35 s more compile
-    time in optimize() (identical layers compile once)."""
+    8B model's batch-64 decode step from 13.1 to 10.6 ms (benchmarks/RESULTS.md), for more compile time in
+    optimize(): +8.5 to +12.7 s measured with Inductor's caches warm, +33 to +41 s cold (identical layers compile
+    once)."""
 
     fuse_linears: bool = True
     """Merge linear layers that read the same input into one GEMM (Q/K/V projections, gate/up): `optimize()`

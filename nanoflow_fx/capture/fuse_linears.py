@@ -61,7 +61,7 @@ def relayout_parallel_linears(model: torch.nn.Module, probe: dict[str, Any]) -> 
     groups = 0
     for members in calls.values():
         members = [m for m in members if _fusable(m, members[0])]
-        if len(members) < 2 or any(sum(m is other for other in linears) != 1 for m in members):
+        if len(members) < 2:
             continue
         _concatenate([m.weight for m in members])
         if members[0].bias is not None:
@@ -116,9 +116,8 @@ def _parameter(node: Node | None, values: dict[Node, Any]) -> torch.nn.Parameter
 
 def _spanning(graph: torch.fx.Graph, first: Node, params: Sequence[torch.Tensor]) -> Node:
     """A graph node viewing `params` (adjacent in one storage) as one tensor concatenated along dim 0."""
-    shape = [sum(p.shape[0] for p in params), *params[0].shape[1:]]
-    stride = list(torch.empty(shape, device="meta").stride())
-    return graph.call_function(torch.as_strided, (first, shape, stride, params[0].storage_offset()))
+    shape = [sum(p.shape[0] for p in params), *params[0].shape[1:]]  # contiguous: the first's strides hold
+    return graph.call_function(torch.as_strided, (first, shape, list(params[0].stride()), params[0].storage_offset()))
 
 
 def fuse_parallel_linears(gm: GraphModule, example_inputs: Sequence[Any]) -> int:

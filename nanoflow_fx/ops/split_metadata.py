@@ -17,6 +17,7 @@ def split_attention_metadata(
     page_size: int,
     boundaries: tuple[int, ...],
     pad: tuple[int, int] | None = None,
+    pin: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(qo_indptr, kv_indptr, kv_indices, kv_last_page_len) of each nano-batch [b[i], b[i+1]) of the step.
 
@@ -25,12 +26,13 @@ def split_attention_metadata(
     (Its later part reads KV the earlier part's attention wrote: those attention copies must run in order.)
     With `pad` = (requests, pages) every nano-batch's table is padded to those fixed sizes (empty requests, unused
     page ids), as a CUDA graph's static inputs need. Reads its inputs on the host: give host tensors on the hot
-    path (device tensors cost a sync each).
+    path (device tensors cost a sync each). `pin` builds host results in pinned memory (for non-blocking copies).
     """
     qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
     pages, last = kv_indices.tolist(), kv_last_page_len.tolist()
     kv_len = [(kvp[r + 1] - kvp[r] - 1) * page_size + last[r] for r in range(len(last))]
     device = qo_indptr.device
+    pin = pin and device.type == "cpu"  # only host memory is pinned
     result = []
     for start, end in zip(boundaries[:-1], boundaries[1:]):
         n_qo, n_kvp, n_idx, n_last = [0], [0], [], []
@@ -46,5 +48,6 @@ def split_attention_metadata(
             n_last.append(seen - (num_pages - 1) * page_size)
         if pad is not None:
             pad_request_table(n_qo, n_kvp, n_idx, n_last, page_size, *pad)
-        result.append(tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in (n_qo, n_kvp, n_idx, n_last)))
+        result.append(tuple(torch.tensor(v, dtype=torch.int32, device=device, pin_memory=pin)
+                            for v in (n_qo, n_kvp, n_idx, n_last)))
     return result  # type: ignore[return-value]

@@ -89,9 +89,8 @@ class StepEngine:
             return "the model is not on CUDA"
         if self.attention_backend not in ("triton", "flashinfer"):
             return f"attention backend {self.attention_backend!r} syncs with the host (use 'triton' or 'flashinfer')"
-        if self.config.nanobatched:
-            if self.step_context is None or self.config.sm_partition == "off":
-                return "nano-batched steps replay CUDA graphs only with sm_partition set ('streams', 'soft' or 'hard')"
+        if self.config.nanobatched and (self.step_context is None or self.config.sm_partition == "off"):
+            return "nano-batched steps replay CUDA graphs only with sm_partition set ('streams', 'soft' or 'hard')"
         return ""
 
     @property

@@ -141,12 +141,11 @@ class NanobatchRunner:
     ) -> list[torch.Tensor]:
         """The split graph's extra inputs for `plan`, from the step's metadata in host memory (pinned on a CUDA
         machine, so copying them to the device does not block); `pad` fixes every table's size."""
-        tensors = self._split(self.steps[plan], list(host), page_size, pad)
-        return [t.pin_memory() for t in tensors] if torch.cuda.is_available() else tensors
+        return self._split(self.steps[plan], list(host), page_size, pad, pin=torch.cuda.is_available())
 
     def _split(self, step: ScheduledStep, metadata: list[torch.Tensor], page_size: int,
-               pad: tuple[int, int] | None) -> list[torch.Tensor]:
-        per_split = {name: split_attention_metadata(*metadata, page_size, split.boundaries, pad=pad)
+               pad: tuple[int, int] | None, pin: bool = False) -> list[torch.Tensor]:
+        per_split = {name: split_attention_metadata(*metadata, page_size, split.boundaries, pad=pad, pin=pin)
                      for name, split in step.plan.splits}
         wanted = step.graph.meta["nanoflow_extra_inputs"]
         return [t for name, i in wanted for t in per_split[name][i][: len(METADATA_FIELDS)]]
