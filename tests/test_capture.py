@@ -160,12 +160,12 @@ def test_fused_linears_give_the_unfused_step(family: str) -> None:
 
 
 def test_inductor_compiles_identical_layers_once() -> None:
-    """The pieces between attention calls of identical layers share one Inductor cache entry (named by position,
-    not by the capture's per-layer node names): a 5-layer model's 6 pieces are at most 3 distinct compiles."""
+    """Identical layers share one compiled piece: a 5-layer model's 6 pieces (before the first attention call,
+    4 between layers, after the last) are 3 distinct compiles (first, middle, last), whatever ran before in the
+    process and whatever Inductor's on-disk cache holds."""
     import dataclasses
 
     import transformers as tf
-    from torch._dynamo.utils import counters
 
     from tests.conftest import DEFAULT_CONFIG
 
@@ -173,9 +173,10 @@ def test_inductor_compiles_identical_layers_once() -> None:
     config = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
                             num_attention_heads=4, num_key_value_heads=2)
     model = tf.LlamaForCausalLM(config)
-    before = dict(counters["inductor"])
     nanoflow_fx.optimize(model, dataclasses.replace(DEFAULT_CONFIG, inductor=True))
-    hits = counters["inductor"]["fxgraph_cache_hit"] - before.get("fxgraph_cache_hit", 0)
-    misses = counters["inductor"]["fxgraph_cache_miss"] - before.get("fxgraph_cache_miss", 0)
-    assert model.nanoflow.step_fn.graphs[-1].meta["nanoflow_inductor_pieces"] == 6
-    assert hits + misses == 6 and misses <= 3, (hits, misses)
+    graph = model.nanoflow.step_fn.graphs[-1]
+    assert graph.meta["nanoflow_inductor_pieces"] == 6
+    assert graph.meta["nanoflow_inductor_compiles"] == 3
+    split = graph.meta["nanoflow_lowered"]
+    pieces = [m for m in split._modules.values() if not isinstance(m, torch.fx.GraphModule)]
+    assert len(pieces) == 6 and len({id(m) for m in pieces}) == 3  # the 4 middle pieces are one object

@@ -6,6 +6,11 @@ functionalisation must not see the KV-cache write (it would copy the cache every
 cut at every `nanoflow::paged_attention` call (`torch.fx.passes.split_module`, as vLLM and SGLang cut theirs):
 each attention call stays as captured, mutating the cache in place, and each piece between them, which is
 purely functional, is compiled by Inductor for the graph's symbolic shapes (one compile serves every step size).
+
+Identical layers give identical pieces: each distinct piece (same code once nodes are named by position, same
+input shapes, strides and dtypes) is compiled once and its compiled code reused, so an 8B model's 33 pieces cost
+3 compiles, independent of Inductor's on-disk cache. The captured graph's `meta["nanoflow_inductor_compiles"]`
+counts them.
 """
 
 from __future__ import annotations
@@ -48,6 +53,17 @@ def _canonical_names(piece: GraphModule) -> None:
     piece.recompile()
 
 
+def _piece_key(piece: GraphModule, inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """What a piece's compiled code depends on: its code (nodes named by position) and its inputs' metadata.
+    Symbolic sizes print as their expressions, which identical layers share (one token-count symbol)."""
+    def meta(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return (str(tuple(value.shape)), str(value.stride()), value.dtype, value.device.type)
+        return repr(value)
+
+    return (piece.code, tuple(meta(v) for v in inputs))
+
+
 def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule:
     """`gm` (an ATen graph decomposed with Inductor's table) with every attention-free piece Inductor-compiled.
 
@@ -69,7 +85,6 @@ def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModul
     split = split_module(gm, None, lambda node: partition[node], keep_original_order=True)
 
     def inductor(piece: GraphModule, inputs: list[Any]) -> Callable[..., Any]:
-        _canonical_names(piece)
         # Each compile records its outputs' strides in the tracing context, which expects one compile per
         # context: give each piece a clean slate and restore the outer graph's record afterwards.
         context = TracingContext.try_get()
@@ -84,6 +99,7 @@ def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModul
         return lambda *args: code(list(args))  # Inductor's code takes its inputs boxed, as a list
 
     compiled: dict[str, torch.nn.Module] = {}
+    by_key: dict[tuple[Any, ...], torch.nn.Module] = {}  # one compile per distinct piece
 
     class _Compiler(torch.fx.Interpreter):  # runs the split graph on the fake inputs, compiling as it goes
         def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -91,9 +107,13 @@ def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModul
             out = super().call_module(target, args, kwargs)
             if not any(_is_attention(n) for n in piece.graph.nodes):
                 inputs = list(args)
-                fn = (inductor(piece, inputs) if graph_returns_tuple(piece)
-                      else make_graph_return_tuple(piece, inputs, inductor))
-                compiled[target] = _Compiled(fn)
+                _canonical_names(piece)
+                key = _piece_key(piece, inputs)
+                if key not in by_key:
+                    fn = (inductor(piece, inputs) if graph_returns_tuple(piece)
+                          else make_graph_return_tuple(piece, inputs, inductor))
+                    by_key[key] = _Compiled(fn)
+                compiled[target] = by_key[key]
             return out
 
     with detect_fake_mode(example_inputs) or torch._subclasses.fake_tensor.FakeTensorMode():
@@ -101,4 +121,6 @@ def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModul
     for target, module in compiled.items():
         setattr(split, target, module)
     gm.meta["nanoflow_inductor_pieces"] = len(compiled)  # explain() and tests read it on the captured graph
+    gm.meta["nanoflow_inductor_compiles"] = len(by_key)
+    gm.meta["nanoflow_lowered"] = split  # what runs: attention submodules and compiled pieces
     return split
