@@ -106,6 +106,7 @@ def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, partit
                                         num_nanobatches=count, max_num_tokens=args.max_num_tokens,
                                         attention_backend=backend, sm_partition=partition,
                                         memory_sms=args.memory_sms, inductor=inductor,
+                                        num_pages=ids.shape[0] * -(-(args.prompt_len + args.new_tokens) // 16),
                                         fuse_linears=args.fuse_linears == "on")
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -113,17 +114,18 @@ def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, partit
     timed_generate(model, ids, 1)
     first = time.perf_counter() - start
     runtime = model.nanoflow
-    graphs = runtime.engine.cuda_graphs is not None
+    graphs = runtime.runner.cuda_graphs is not None
     parts = [f"{count} nano-batch(es)"]
     if count > 1:
         parts.append(f"{partition} ({args.memory_sms} SMs for memory)" if partition in ("soft", "hard") else partition)
     if inductor:
         parts.append("Inductor pieces")
-    parts += [f"{runtime.attention_backend} attention", f"CUDA graphs {graphs}"]
+    parts += [f"{runtime.attention_backend.name} attention", f"CUDA graphs {graphs}"]
     row = measure("nanoflow_fx, " + ", ".join(parts), model, ids, args.new_tokens, first)
-    row.update(optimize_s=runtime.capture_seconds, optimize_timings=runtime.timings, steps=dict(runtime.engine.stats),
-               cuda_graphs_off_reason=runtime.engine.cuda_graphs_off_reason)
-    del model.nanoflow, model.generate  # free the KV cache and graphs before the next case
+    row.update(optimize_s=runtime.capture_seconds, optimize_timings=runtime.timings, steps=dict(runtime.runner.stats),
+               cuda_graphs_off_reason=runtime.runner.cuda_graphs_off_reason)
+    for name in ("nanoflow", "generate", "generate_batch", "init_continuous_batching"):
+        model.__dict__.pop(name, None)  # free the KV cache and graphs before the next case
     model.set_attn_implementation("sdpa")  # HF's default, for the next batch size's HF cases
     gc.collect()
     torch.cuda.empty_cache()

@@ -11,7 +11,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PWD:/tmp/site
 fi
-[ -f .ficache/ficache.tgz ] && mkdir -p ~/.cache && tar xzf .ficache/ficache.tgz -C ~/.cache
+if ls .ficache/ficache.tgz.part* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .ficache/ficache.tgz.part* | tar xzf - -C ~/.cache; fi
 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import datetime, torch, transformers, triton
 print("date", datetime.date.today(), "| device", torch.cuda.get_device_name(), "| torch", torch.__version__,
@@ -24,6 +24,7 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on failure 
   timeout --signal=INT --kill-after=30 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 30
 }
 B=benchmarks/bench_generate.py
+NF_CONFIG=${NF_CONFIG:-'{}'}  # NanoFlowConfig fields (JSON) for bench_offline
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-4}")  # tiny-model tests: compile-bound
 for step in ${STEPS:-tests example}; do
   case $step in
@@ -46,7 +47,10 @@ for step in ${STEPS:-tests example}; do
     ttft64) export FLASHINFER_JIT_VERBOSE=1  # its log shows whether ninja rebuilds anything
       run ttft64 ${BENCH_S:-200} python3 $B --batch-sizes 64 --cases --backends flashinfer --inductor on --out "$OUT/ttft64.json"
       unset FLASHINFER_JIT_VERBOSE ;;
-    savecache) tar czf "$OUT/ficache.tgz" -C ~/.cache flashinfer && ls -la "$OUT/ficache.tgz" ;;
+    savecache) tar czf - -C ~/.cache flashinfer | split -b 15m - "$OUT/ficache.tgz.part" && ls -la "$OUT" ;;
+    smoke) run smoke ${SMOKE_S:-240} python3 -m pytest -m cuda -q -x -p no:cacheprovider -rfE tests/test_gpu_backends.py -k "flashinfer and (llama or gemma2)" ;;
+    offline) run offline ${OFFLINE_S:-540} python3 benchmarks/bench_offline.py --workloads ${WORKLOADS:-1024x512 512x512 chat} --requests ${REQUESTS:-256} --hf-requests ${HF_REQUESTS:-0} --config "$NF_CONFIG" --out "$OUT/offline.json" ;;
+    ttft) run ttft ${TTFT_S:-200} python3 benchmarks/first_token.py --out "$OUT/ttft.json" ;;
     *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac
 done

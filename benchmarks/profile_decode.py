@@ -22,8 +22,11 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nanoflow_fx  # noqa: E402
 from examples.generate import build_model  # noqa: E402
-from nanoflow_fx.runtime import Chunk  # noqa: E402
+from nanoflow_fx.runtime import Chunk, Request, schedule  # noqa: E402
 from nanoflow_fx.runtime.batch import build_step  # noqa: E402
+from nanoflow_fx.runtime.sampling import SamplingParams  # noqa: E402
+
+GREEDY = SamplingParams(False, 1.0, 0, 1.0, (), 0)
 
 
 def gpu_ms(fn, repeats: int = 20) -> float:
@@ -69,7 +72,8 @@ def main() -> None:
         for inductor in args.inductor:
             for fuse in args.fuse_linears:
                 results.append(profile_variant(model, args, backend, inductor == "on", fuse == "on"))
-                del model.nanoflow, model.generate  # free the KV cache and graphs before the next variant
+                for name in ("nanoflow", "generate", "generate_batch", "init_continuous_batching"):
+                    model.__dict__.pop(name, None)  # free the KV cache and graphs before the next variant
                 gc.collect()
                 torch.cuda.empty_cache()
                 if args.out:
@@ -78,63 +82,64 @@ def main() -> None:
 
 def profile_variant(model, args: argparse.Namespace, backend: str, inductor: bool, fuse: bool) -> dict:
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=args.batch_size, max_seq_len=args.context + 64,
+                                        num_pages=args.batch_size * -(-(args.context + 64) // 16),
                                         attention_backend=backend, inductor=inductor, fuse_linears=fuse,
                                         check_capture=False)  # profiling only; correctness is the tests' job
     start = time.perf_counter()
     nanoflow_fx.optimize(model, config)
     optimize_s = time.perf_counter() - start
-    engine = model.nanoflow.engine
-    prompts = [[5] * args.context for _ in range(args.batch_size)]
-    requests = engine.admit(prompts, max_new_tokens=64)
-    per_chunk = max(1, config.max_num_tokens // args.context)
+    runner = model.nanoflow.runner
+    cache = runner.kv_cache
+    requests = [Request(f"r{i}", [5] * args.context, GREEDY, 64, slot=i) for i in range(args.batch_size)]
+    for req in requests:
+        req.pages = cache.allocator.allocate(cache.pages_for(args.context + 64))
+    per_chunk = max(1, model.nanoflow.config.max_num_tokens // args.context)
     for first in range(0, args.batch_size, per_chunk):  # prefill
         group = requests[first : first + per_chunk]
-        engine.run([Chunk(r, args.context) for r in group])
+        runner.run([Chunk(r, args.context) for r in group])
         for r in group:
+            r.num_cached = args.context
             r.output.append(7)
     torch.cuda.synchronize()
-    cache = engine.kv_cache
     chunks = [Chunk(r, 1) for r in requests]  # replayed at the same position: timing only
-    result = dict(batch=args.batch_size, context=args.context, backend=engine.attention_backend,
+    result = dict(batch=args.batch_size, context=args.context, backend=runner.backend.name,
                   inductor=inductor, fuse_linears=fuse, optimize_s=optimize_s, **model.nanoflow.timings,
-                  cuda_graphs=engine.cuda_graphs is not None, off_reason=engine.cuda_graphs_off_reason)
-
-    def rewind() -> None:
-        for r in requests:
-            r.num_cached = args.context
+                  cuda_graphs=runner.cuda_graphs is not None, off_reason=runner.cuda_graphs_off_reason)
 
     def run_step() -> None:
-        engine.run(chunks)
-        rewind()
+        runner.run(chunks)
 
-    shape = engine.cuda_graphs.shape_for(args.batch_size, args.batch_size) if engine.cuda_graphs else None
-    result["engine_run_enqueue_gpu_ms"] = gpu_ms(run_step)
-    result["engine_run_synced_ms"] = host_ms(run_step)
+    shape = runner.cuda_graphs.shape_for(args.batch_size, args.batch_size) if runner.cuda_graphs else None
+    result["runner_run_enqueue_gpu_ms"] = gpu_ms(run_step)
+    result["runner_run_synced_ms"] = host_ms(run_step)
     start = time.perf_counter()
     for _ in range(20):
         run_step()
-    result["engine_run_host_ms"] = (time.perf_counter() - start) / 20 * 1e3  # host time to enqueue a step
+    result["runner_run_host_ms"] = (time.perf_counter() - start) / 20 * 1e3  # host time to enqueue a step
     torch.cuda.synchronize()
     if shape is not None:  # the bucket's static inputs now hold this decode step (and its FlashInfer plan)
-        entry = engine.cuda_graphs.graphs[shape]
+        entry = runner.cuda_graphs.graphs[shape]
         result["graph_replay_gpu_ms"] = gpu_ms(entry.graph.replay)
     start = time.perf_counter()
     for _ in range(20):
         build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                   backend=engine.attention_backend, shape=shape)
+                   backend=runner.backend.name, shape=shape)
     result["host_build_step_ms"] = (time.perf_counter() - start) / 20 * 1e3
+    limits = model.nanoflow.engine.limits
     start = time.perf_counter()
     for _ in range(20):
-        engine.schedule(requests)
+        schedule(requests, [], cache.allocator.num_free, limits)
     result["host_schedule_ms"] = (time.perf_counter() - start) / 20 * 1e3
 
-    def full_step() -> None:  # what the generate loop does per step
-        logits = engine.run(engine.schedule(requests))
-        logits.argmax(-1).tolist()
-        rewind()
+    def full_step() -> None:  # what the engine does per step, but for the readback's lag
+        plan = schedule(requests, [], cache.allocator.num_free, limits)
+        logits = runner.run(plan.chunks)
+        tokens = logits.argmax(-1)
+        runner.record_tokens([r.slot for r in requests], tokens)
+        tokens.tolist()
 
     result["loop_step_ms"] = host_ms(full_step)
-    print(f"=== {engine.attention_backend} attention, inductor {inductor}, fuse_linears {fuse}")
+    print(f"=== {runner.backend.name} attention, inductor {inductor}, fuse_linears {fuse}")
     for key, value in result.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}", flush=True)
     if args.kernels:

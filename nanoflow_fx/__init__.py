@@ -6,7 +6,6 @@
 
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import (
-    BatchTooLargeError,
     CaptureMismatchError,
     InvalidInputError,
     KVCacheExhaustedError,
@@ -20,7 +19,6 @@ from nanoflow_fx.optimize import backend, optimize
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchTooLargeError",
     "CaptureMismatchError",
     "InvalidInputError",
     "KVCacheExhaustedError",

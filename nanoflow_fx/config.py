@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 __all__ = ["NanoFlowConfig", "ATTENTION_BACKENDS"]
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")  # see nanoflow_fx.ops.backend
 SM_PARTITIONS = ("off", "streams", "soft", "hard")
 
 
@@ -16,23 +16,35 @@ SM_PARTITIONS = ("off", "streams", "soft", "hard")
 class NanoFlowConfig:
     """How `optimize()` captures and runs a model. Frozen; round-trips through `to_dict`/`from_dict`.
 
-    The model's dtype and device are taken from the model itself, not from here.
+    The model's dtype and device are taken from the model itself, not from here. Fields that say "auto" (or
+    None) are resolved by `optimize()` for the model and device; `model.nanoflow.config` holds the values used.
     """
 
-    max_batch_size: int = 64
-    """Most sequences in flight at once; `generate()` rejects larger batches."""
+    max_batch_size: int = 512
+    """Most requests running at once (each holds a slot of the engine); more wait in its queue. Decode steps of
+    up to this many requests replay CUDA graphs."""
 
-    max_seq_len: int = 2048
-    """Longest sequence (prompt plus generated tokens) a request may reach."""
+    max_seq_len: int | None = None
+    """Longest sequence (prompt plus generated tokens) a request may reach. None: the model's
+    `max_position_embeddings` (2048 if it has none)."""
 
     page_size: int = 16
     """Tokens per KV-cache page."""
 
     num_pages: int | None = None
-    """KV-cache pages (per layer). None: enough for `max_batch_size` sequences of `max_seq_len`."""
+    """KV-cache pages (per layer). None: on CUDA, as many as `kv_cache_memory_fraction` of the GPU's memory
+    holds after the weights and a full step's activations; elsewhere, enough for `max_batch_size` sequences of
+    `max_seq_len` tokens (at most 4096 each)."""
 
-    max_num_tokens: int = 4096
-    """Token budget of one step; longer prefills are split into chunks of at most this many tokens."""
+    kv_cache_memory_fraction: float = 0.9
+    """On CUDA with `num_pages=None`: the share of the GPU's total memory nanoflow_fx may fill (weights,
+    activations and the KV cache together; the rest stays free for CUDA graphs and other users)."""
+
+    max_num_tokens: int | Literal["auto"] = "auto"
+    """Token budget of one step (NanoFlow's dense batch: decode tokens first, then prefill chunks fill the rest;
+    longer prefills are chunked). "auto": on CUDA, the smallest power of two (>= 256) at which a step's GEMMs take
+    at least four times as long as reading the weights, from the device's measured matmul rate and copy
+    bandwidth (`nanoflow_fx.cost.device`), so steps run compute-bound; elsewhere 512."""
 
     num_nanobatches: int | Literal["auto"] = 1
     """Nano-batches a step is split into; "auto" lets the search decide (1 until the search exists)."""
@@ -53,12 +65,11 @@ class NanoFlowConfig:
     memory_sms: int = 32
     """SMs of the memory-bound unit's partition ("soft"/"hard"); rounded up to a multiple of 8."""
 
-    inductor: bool = False
+    inductor: bool | Literal["auto"] = "auto"
     """Compile the step's ops between attention calls with Inductor (fuses HF's elementwise work: norms, RoPE,
-    activations, residual adds); attention calls stay as captured. One nano-batch only. On an H100 it took an
-    8B model's batch-64 decode step from 13.1 to 10.6 ms (benchmarks/RESULTS.md), for more compile time in
-    optimize(): +8.5 to +12.7 s measured with Inductor's caches warm, +33 to +41 s cold (identical layers compile
-    once)."""
+    activations, residual adds); attention calls stay as captured. One nano-batch only. "auto": on for CUDA
+    models (the fastest path measured: an 8B model's batch-64 decode step took 10.6 ms instead of 13.1 on an
+    H100, benchmarks/RESULTS.md), off on the CPU, where compiling costs more than it saves for small models."""
 
     fuse_linears: bool = True
     """Merge linear layers that read the same input into one GEMM (Q/K/V projections, gate/up): `optimize()`
@@ -72,12 +83,17 @@ class NanoFlowConfig:
     """Compare the captured step with the eager model on a probe input in `optimize()`."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_seq_len", "page_size", "max_num_tokens"):
+        for name in ("max_batch_size", "page_size"):
             _require_positive_int(name, getattr(self, name))
-        if self.num_pages is not None:
-            _require_positive_int("num_pages", self.num_pages)
-        if self.num_nanobatches != "auto":
-            _require_positive_int("num_nanobatches", self.num_nanobatches)
+        for name in ("max_seq_len", "num_pages"):
+            if getattr(self, name) is not None:
+                _require_positive_int(name, getattr(self, name))
+        for name in ("max_num_tokens", "num_nanobatches"):
+            if getattr(self, name) != "auto":
+                _require_positive_int(name, getattr(self, name))
+        fraction = self.kv_cache_memory_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"NanoFlowConfig.kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
         _require_positive_int("memory_sms", self.memory_sms)
         if self.sm_partition not in SM_PARTITIONS:
             raise ValueError(f"NanoFlowConfig.sm_partition={self.sm_partition!r} is not one of {SM_PARTITIONS}")
@@ -85,26 +101,18 @@ class NanoFlowConfig:
             raise ValueError(
                 f"NanoFlowConfig.attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
             )
-        if self.inductor and self.nanobatched:
+        if self.inductor is True and self.nanobatched:
             raise ValueError("NanoFlowConfig.inductor=True compiles the whole step; it needs num_nanobatches=1")
         for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "inductor" and value == "auto"):
+                raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {value!r}")
 
     @property
     def nanobatched(self) -> bool:
         """Whether steps are split into more than one nano-batch ("auto" means 1 until the search exists)."""
         return self.num_nanobatches != "auto" and self.num_nanobatches > 1
 
-    @property
-    def pages_per_seq(self) -> int:
-        """Pages one sequence of `max_seq_len` tokens needs."""
-        return -(-self.max_seq_len // self.page_size)
-
-    @property
-    def total_pages(self) -> int:
-        """KV-cache pages to allocate per layer."""
-        return self.num_pages if self.num_pages is not None else self.max_batch_size * self.pages_per_seq
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,7 +7,6 @@ __all__ = [
     "UnsupportedModelError",
     "CaptureMismatchError",
     "RequestTooLongError",
-    "BatchTooLargeError",
     "KVCacheExhaustedError",
     "InvalidInputError",
 ]
@@ -27,10 +26,6 @@ class CaptureMismatchError(NanoFlowError, RuntimeError):
 
 class RequestTooLongError(NanoFlowError, ValueError):
     """A prompt (plus the tokens to generate) does not fit in `max_seq_len`."""
-
-
-class BatchTooLargeError(NanoFlowError, ValueError):
-    """More sequences than `max_batch_size` were given at once."""
 
 
 class KVCacheExhaustedError(NanoFlowError, RuntimeError):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import logging
-import os
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,19 +16,20 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from nanoflow_fx.capture import hf_attention
 from nanoflow_fx.capture.backend import GraphSink, make_backend
-from nanoflow_fx.capture.fuse_linears import relayout_parallel_linears
+from nanoflow_fx.capture.fuse_linears import FusedLayout, relayout_parallel_linears
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.capture.support import check_supported, discover_layers
 from nanoflow_fx.config import NanoFlowConfig
-from nanoflow_fx.errors import CaptureMismatchError, NanoFlowError
-from nanoflow_fx.ops import flashinfer_attention
-from nanoflow_fx.ops.flashinfer_attention import AttentionConfig
-from nanoflow_fx.runtime.batch import Chunk
-from nanoflow_fx.runtime.engine import StepEngine
+from nanoflow_fx.cost.device import measure_ceilings, token_budget
+from nanoflow_fx.errors import CaptureMismatchError, KVCacheExhaustedError, NanoFlowError
+from nanoflow_fx.ops import backend as attention_backends
+from nanoflow_fx.runtime.continuous import ContinuousBatchingManager, generate_batch
+from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
 from nanoflow_fx.runtime.green_context import partition_streams
-from nanoflow_fx.runtime.kv_cache import PagedKVCache
+from nanoflow_fx.runtime.kv_cache import PagedKVCache, page_bytes
 from nanoflow_fx.runtime.nanobatch import NanobatchRunner, StepContext
+from nanoflow_fx.runtime.step_runner import StepRunner
 
 __all__ = ["optimize", "backend", "NanoFlowRuntime"]
 
@@ -41,30 +42,50 @@ _PROBE_LENGTHS = (5, 3)  # two requests of different lengths: packing, per-reque
 # (an 8B random-weight model reached 5.2% of the largest logit with a correct step); the check is instead each
 # token row's RMS difference relative to that row's RMS logit. Rounding gives ~1% there; a real fault (a
 # wrong mask, position, window or cache slot) changes a whole row's distribution, far above 2^-4.
-_PROBE_MAX_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+# fp64 models get fp32's bound: HF's eager attention takes its softmax in fp32 whatever the model's dtype.
+_PROBE_MAX_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
 _PROBE_ROW_RMS_TOLERANCE = 2**-4
+_CPU_MAX_NUM_TOKENS = 512
+_CPU_SEQ_CAP = 4096  # CPU default cache: max_batch_size sequences of at most this many tokens
 
 
 class NanoFlowRuntime:
-    """What `optimize()` attaches to a model as `model.nanoflow`: config, captured step, KV cache, engine."""
+    """What `optimize()` attaches to a model as `model.nanoflow`: the resolved config, the captured step, the
+    KV cache, the step runner and the engine."""
 
-    def __init__(self, model: PreTrainedModel, config: NanoFlowConfig) -> None:
-        self.config = config
-        self.layers = discover_layers(model)
-        dtype = next(model.parameters()).dtype
-        self.kv_cache = PagedKVCache(self.layers, config.total_pages, config.page_size, dtype, model.device)
-        self.step_context = StepContext(page_size=config.page_size) if config.nanobatched else None
-        self.step_fn = StepFunction(model, lambda on_graph: backend(config, on_graph, self.step_context))
-        self.attention_configs = tuple(dict.fromkeys(
-            AttentionConfig(s.num_qo_heads, s.num_kv_heads, s.head_dim, s.scaling, s.sliding_window, s.softcap)
-            for s in self.layers
-        ))
-        self.attention_backend = resolve_attention_backend(config, model.device, dtype, self.attention_configs)
-        self.engine = StepEngine(self.step_fn, self.kv_cache, config, self.attention_backend, self.attention_configs,
-                                 self.step_context)
+    def __init__(self, model: PreTrainedModel, config: NanoFlowConfig, layout: FusedLayout,
+                 original_attention: str) -> None:
+        self.original_attention = original_attention  # restored if optimize() fails or runs again
+        self.dtype, self.device = next(model.parameters()).dtype, model.device
+        self.layers = discover_layers(model)  # layer i's attention configuration
+        self.config = _resolve(config, model, self.device, self.dtype)
+        self.attention_configs = tuple(dict.fromkeys(self.layers))
+        self.attention_backend = attention_backends.choose(config.attention_backend, self.attention_configs,
+                                                           self.dtype, self.device, self.config.nanobatched)
+        self.layout = layout
+        self.step_context = StepContext() if self.config.nanobatched else None
+        self.step_fn = StepFunction(model, lambda on_graph: backend(self.config, on_graph, self.step_context))
         self.capture_seconds = 0.0  # all of optimize()'s capture work; `timings` breaks it down
         self.timings: dict[str, float] = {}
-        self.fused_linear_groups = 0  # groups of linears sharing an input laid out for one GEMM (fuse_linears)
+        self.kv_cache: PagedKVCache
+        self.runner: StepRunner
+        self.engine: Engine
+
+    def use_cache(self, kv_cache: PagedKVCache) -> None:
+        """Run on `kv_cache` from now on (a new step runner and engine; the captured step is kept)."""
+        self.kv_cache = kv_cache
+        self.runner = StepRunner(self.step_fn, kv_cache, self.config, self.attention_backend,
+                                 self.attention_configs, self.step_context)
+        self.engine = Engine(self.runner, self.config)
+
+    @property
+    def fused_linear_groups(self) -> int:
+        return len(self.layout.groups)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        """A deep copy of an optimized model gets no runtime (its KV cache, captured step and CUDA graphs belong
+        to the original); its generate() says to call optimize() on it."""
+        return None
 
 
 def backend(
@@ -76,7 +97,7 @@ def backend(
     runs through the passes (annotate, group, split, assign units) and a Schedule executor (one stream, or one
     per execution unit with `sm_partition`); with `inductor` its pieces between attention calls are compiled
     by Inductor; otherwise it runs as captured. `on_graph` receives each captured (unsplit) ATen GraphModule.
-    `context` (the engine's) lets nano-batched steps split their attention metadata on the host, not the device.
+    `context` (the step runner's) lets nano-batched steps split their attention metadata on the host.
     """
     config = config or NanoFlowConfig()
     count = config.num_nanobatches
@@ -88,72 +109,172 @@ def backend(
         lower = lambda gm: NanobatchRunner(gm, count, streams=streams, context=context)  # noqa: E731
     else:
         lower = None
-    return make_backend(lower, on_graph, inductor=config.inductor, fuse_linears=config.fuse_linears)
+    return make_backend(lower, on_graph, inductor=config.inductor is True, fuse_linears=config.fuse_linears)
 
 
-def optimize(model: PreTrainedModel, config: NanoFlowConfig | None = None) -> PreTrainedModel:
+def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | None = None) -> PreTrainedModel:
     """Accelerate `model` in place and return it (the same object; `isinstance` checks still hold).
 
-    After this, `model.generate(...)` runs on nanoflow's paged, token-packed captured step, and `model(...)`
-    keeps working as before. Raises `UnsupportedModelError` for models outside the supported class and
-    `CaptureMismatchError` if the captured step disagrees with the eager model on a probe input.
+    After this, `model.generate(...)`, `model.generate_batch(...)` and `model.init_continuous_batching(...)`
+    run on nanoflow's engine, and `model(...)` keeps working as before. `config` is a `NanoFlowConfig` or a dict
+    of its fields. Raises `UnsupportedModelError` for models outside the supported class and
+    `CaptureMismatchError` if the captured step disagrees with the eager model on a probe input; on any error
+    the model is left as it was. Calling it again (e.g. after moving the model) replaces the runtime.
     """
-    begin = time.perf_counter()
-    config = config or NanoFlowConfig()
+    config = _as_config(config)
     check_supported(model)
-    model.eval()
-    fused_groups = 0
-    if config.fuse_linears and model.device.type != "meta":  # meta: no weights to lay out, and no eager probe
-        fused_groups = relayout_parallel_linears(model, _relayout_probe(model))
-    hf_attention.register()
-    model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
-    _use_static_experts(model)
-    runtime = NanoFlowRuntime(model, config)
-    runtime.fused_linear_groups = fused_groups
-    start = time.perf_counter()
-    if config.check_capture:
-        _check_against_eager(model, runtime)
-    probed = time.perf_counter()
-    if config.cuda_graphs:
-        runtime.engine.enable_cuda_graphs()
-    runtime.capture_seconds = time.perf_counter() - start
-    # compile_s: Dynamo + AOT (+ Inductor) of the step, inside the first run (the probe, else graph capture)
-    compile_s = runtime.step_fn.compile_seconds
-    graphs = runtime.engine.cuda_graphs
-    probe_s = probed - start - (compile_s if config.check_capture else 0.0)
-    runtime.timings = dict(setup_s=start - begin, compile_s=compile_s, probe_s=probe_s,
-                           cuda_graphs_s=graphs.capture_seconds if graphs else 0.0)
+    _teardown(model)
+    original_attention = model.config._attn_implementation
+    layout = FusedLayout(())
+    try:
+        begin = time.perf_counter()
+        model.eval()
+        if config.fuse_linears and model.device.type != "meta":  # meta: no weights to lay out, and no probe
+            layout = relayout_parallel_linears(model, _relayout_probe(model))
+        hf_attention.register()
+        model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
+        _use_static_experts(model)
+        runtime = NanoFlowRuntime(model, config, layout, original_attention)
+        _build(model, runtime, begin)
+    except BaseException:
+        layout.undo()
+        model.set_attn_implementation(original_attention)
+        raise
     model.nanoflow = runtime  # type: ignore[assignment]
     model.generate = types.MethodType(_generate, model)  # type: ignore[method-assign]
-    log.info("nanoflow_fx: optimized %s (%d attention layers, KV cache %.1f MiB, capture %.1f s: %s)",
-             type(model).__name__, len(runtime.layers), runtime.kv_cache.num_bytes / 2**20, runtime.capture_seconds,
-             ", ".join(f"{k} {v:.1f}" for k, v in runtime.timings.items()))
+    model.generate_batch = types.MethodType(_generate_batch, model)  # type: ignore[method-assign]
+    model.init_continuous_batching = types.MethodType(_init_continuous_batching, model)  # type: ignore[method-assign]
     return model
 
 
-def resolve_attention_backend(
-    config: NanoFlowConfig, device: torch.device, dtype: torch.dtype, attention_configs: Sequence[AttentionConfig],
-) -> str:
-    """The kernel `config.attention_backend` means for this model (see `NanoFlowConfig.attention_backend`)."""
-    name = config.attention_backend
-    flashinfer_blocker = flashinfer_attention.unsupported_reason(attention_configs, dtype, device)
-    if config.nanobatched and not flashinfer_blocker:
-        flashinfer_blocker = "nano-batched steps attend per nano-batch, and FlashInfer plans whole steps"
-    if name == "flashinfer" and flashinfer_blocker:
-        raise NanoFlowError(f"attention_backend='flashinfer' cannot run here: {flashinfer_blocker}; "
-                            "use 'triton' (GPU), 'torch' or 'auto'")
-    triton_ok = importlib.util.find_spec("triton") is not None
-    if name == "auto":
-        if not flashinfer_blocker:
-            return "flashinfer"
-        return "triton" if device.type == "cuda" and triton_ok else "torch"
-    if name == "triton":
-        if not triton_ok:
-            raise NanoFlowError("attention_backend='triton' needs the triton package: pip install triton")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise NanoFlowError(f"attention_backend='triton' runs on CUDA (the model is on {device}); "
-                                "use 'torch', or set TRITON_INTERPRET=1 to interpret the kernel on the CPU")
-    return name
+def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> None:
+    """Capture and check the step, size the KV cache, capture CUDA graphs; records `runtime.timings`. A progress
+    bar over these phases appears when they take more than a few seconds."""
+    from tqdm.auto import tqdm
+
+    cfg = runtime.config
+    sized_by_memory = cfg.num_pages is None and runtime.device.type == "cuda"
+    pages = _profile_pages(cfg) if sized_by_memory else _default_pages(cfg)
+    runtime.use_cache(PagedKVCache(runtime.layers, pages, cfg.page_size, runtime.dtype, runtime.device))
+    start = time.perf_counter()
+    with tqdm(total=3, desc="nanoflow_fx.optimize", unit="phase", delay=3.0, leave=False, disable=None) as bar:
+        bar.set_postfix_str("capture and check the step")
+        if cfg.check_capture:
+            _check_against_eager(model, runtime)
+        probed = time.perf_counter()
+        bar.update()
+        bar.set_postfix_str("size the KV cache")
+        if sized_by_memory:
+            runtime.use_cache(PagedKVCache(runtime.layers, _pages_from_memory(runtime), cfg.page_size,
+                                           runtime.dtype, runtime.device))
+        sized = time.perf_counter()
+        bar.update()
+        bar.set_postfix_str("capture CUDA graphs")
+        if cfg.cuda_graphs:
+            runtime.runner.enable_cuda_graphs()
+        bar.update()
+    runtime.capture_seconds = time.perf_counter() - start
+    # compile_s: Dynamo + AOT (+ Inductor) of the step, inside its first run (the probe, else graph capture)
+    compile_s = runtime.step_fn.compile_seconds
+    graphs = runtime.runner.cuda_graphs
+    probe_s = probed - start - (compile_s if cfg.check_capture else 0.0)
+    runtime.timings = dict(setup_s=start - begin, compile_s=compile_s, probe_s=probe_s, kv_sizing_s=sized - probed,
+                           cuda_graphs_s=graphs.capture_seconds if graphs else 0.0)
+    log.info("nanoflow_fx: optimized %s (%d attention layers, %s attention, KV cache %d pages = %.1f MiB, "
+             "step budget %d tokens, capture %.1f s: %s)", type(model).__name__, len(runtime.layers),
+             runtime.attention_backend.name, runtime.kv_cache.allocator.num_pages, runtime.kv_cache.num_bytes / 2**20,
+             cfg.max_num_tokens, runtime.capture_seconds, ", ".join(f"{k} {v:.1f}" for k, v in runtime.timings.items()))
+
+
+def _as_config(config: NanoFlowConfig | dict[str, Any] | None) -> NanoFlowConfig:
+    if config is None:
+        return NanoFlowConfig()
+    if isinstance(config, dict):
+        return NanoFlowConfig.from_dict(config)
+    if not isinstance(config, NanoFlowConfig):
+        raise TypeError(f"optimize() takes a NanoFlowConfig or a dict of its fields, got {type(config).__name__}")
+    return config
+
+
+def _resolve(config: NanoFlowConfig, model: PreTrainedModel, device: torch.device,
+             dtype: torch.dtype) -> NanoFlowConfig:
+    """`config` with every "auto"/None that depends on the model and device made concrete (not `num_pages`:
+    that is sized after the probe, from the memory left)."""
+    if dtype == torch.float64 and config.attention_backend in ("triton", "flashinfer"):
+        raise NanoFlowError(f"attention_backend={config.attention_backend!r} does not take float64 models; "
+                            "use 'torch' (or 'auto'), or run the model in float32")
+    max_seq_len = config.max_seq_len or getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    on_cuda = device.type == "cuda"
+    budget = config.max_num_tokens
+    if budget == "auto":
+        budget = (token_budget(measure_ceilings(device), torch.empty((), dtype=dtype).element_size())
+                  if on_cuda else _CPU_MAX_NUM_TOKENS)
+    inductor = config.inductor if config.inductor != "auto" else on_cuda and not config.nanobatched
+    return dataclasses.replace(config, max_seq_len=int(max_seq_len or 2048), max_num_tokens=budget,
+                               inductor=inductor)
+
+
+def _default_pages(cfg: NanoFlowConfig) -> int:
+    if cfg.num_pages is not None:
+        return cfg.num_pages
+    return cfg.max_batch_size * -(-min(cfg.max_seq_len, _CPU_SEQ_CAP) // cfg.page_size)  # type: ignore[type-var]
+
+
+def _profile_requests(cfg: NanoFlowConfig) -> list[int]:
+    """Prompt lengths of the step whose memory `_pages_from_memory` measures: `max_num_tokens` tokens over as
+    many requests as may run (every one completing, so the logits and sampling buffers are the largest)."""
+    budget, count = int(cfg.max_num_tokens), min(cfg.max_batch_size, int(cfg.max_num_tokens))
+    return [budget // count + (1 if i < budget % count else 0) for i in range(count)]
+
+
+def _profile_pages(cfg: NanoFlowConfig) -> int:
+    """Pages of the small cache the probe and the memory profile run on (before the real cache is sized)."""
+    return sum(-(-n // cfg.page_size) for n in _profile_requests(cfg)) + 2 * len(_PROBE_LENGTHS)
+
+
+@torch.no_grad()
+def _pages_from_memory(runtime: NanoFlowRuntime) -> int:
+    """KV pages that fit in `kv_cache_memory_fraction` of the GPU once weights and the largest step's
+    activations are counted: the step is run once (a full `max_num_tokens` step) and its peak measured."""
+    cfg, device = runtime.config, runtime.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    vocab = runtime.step_fn.model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in _profile_requests(cfg)]
+    logits = runtime.runner.run_prompts(prompts)
+    logits.float().argmax(-1)  # sampling's buffers
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
+    budget = cfg.kv_cache_memory_fraction * total - others - peak + runtime.kv_cache.num_bytes
+    per_page = page_bytes(runtime.layers, cfg.page_size, runtime.dtype)
+    pages = int(budget // per_page)
+    need = -(-cfg.max_seq_len // cfg.page_size)  # type: ignore[operator]
+    if pages < need:
+        raise KVCacheExhaustedError(
+            f"after the weights ({_gib(peak)} at the peak of a {cfg.max_num_tokens}-token step) only "
+            f"{_gib(max(budget, 0))} of kv_cache_memory_fraction={cfg.kv_cache_memory_fraction} x {_gib(total)} "
+            f"is left for the KV cache: {max(pages, 0)} pages, fewer than one sequence of max_seq_len="
+            f"{cfg.max_seq_len} needs ({need}); raise kv_cache_memory_fraction, lower max_num_tokens or "
+            "max_seq_len, or free GPU memory")
+    log.info("nanoflow_fx: KV cache sized from GPU memory: %d pages (%s; step peak %s, other %s of %s)", pages,
+             _gib(pages * per_page), _gib(peak), _gib(others), _gib(total))
+    return pages
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB"
+
+
+def _teardown(model: PreTrainedModel) -> None:
+    """Undo a previous `optimize()` of this model, so it can be optimized again (e.g. after a move)."""
+    runtime = getattr(model, "nanoflow", None)
+    for name in ("generate", "generate_batch", "init_continuous_batching", "nanoflow"):
+        model.__dict__.pop(name, None)
+    if isinstance(runtime, NanoFlowRuntime):
+        model.set_attn_implementation(runtime.original_attention)
 
 
 def _relayout_probe(model: PreTrainedModel) -> dict[str, Any]:
@@ -169,6 +290,37 @@ def _use_static_experts(model: PreTrainedModel) -> None:
         model.set_experts_implementation("batched_mm")
 
 
+def _runtime(model: PreTrainedModel) -> NanoFlowRuntime:
+    """The model's runtime, checked against what changed since `optimize()`."""
+    runtime = model.__dict__.get("nanoflow")
+    if runtime is None:
+        raise NanoFlowError(f"this {type(model).__name__} is a copy of a model optimized by nanoflow_fx; its KV cache "
+                            "and captured step stayed with the original: call nanoflow_fx.optimize() on the copy")
+    param = next(model.parameters())
+    if param.dtype != runtime.dtype or param.device != runtime.device:
+        raise NanoFlowError(
+            f"the model moved from {runtime.dtype} on {runtime.device} to {param.dtype} on {param.device} after "
+            "nanoflow_fx.optimize(); its KV cache and captured step are for the old ones: call "
+            "nanoflow_fx.optimize(model) again")
+    runtime.layout.restore()  # parameters replaced (load_state_dict(assign=True), .to(), ...): re-lay them out
+    return runtime
+
+
+@contextmanager
+def _nanoflow_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run with nanoflow's attention even if the user switched the model to another one after optimize()
+    (the plain forward keeps the user's choice)."""
+    chosen = model.config._attn_implementation
+    if chosen == hf_attention.ATTN_IMPLEMENTATION:
+        yield
+        return
+    model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(chosen)
+
+
 def _generate(
     self: PreTrainedModel,
     inputs: torch.Tensor | None = None,
@@ -176,11 +328,32 @@ def _generate(
     **kwargs: Any,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """HF's `generate()` contract on nanoflow's fast path; other options run HF's own generate()."""
+    runtime = _runtime(self)
     plan = plan_generation(self, inputs, generation_config, kwargs)
     if isinstance(plan, str):
         log.info("nanoflow_fx: running transformers' generate() because %s", plan)
         return type(self).generate(self, inputs, generation_config, **kwargs)  # type: ignore[no-any-return]
-    return run_generation(self.nanoflow.engine, plan)  # type: ignore[union-attr]
+    with _nanoflow_attention(self):
+        return run_generation(runtime.engine, plan)
+
+
+def _generate_batch(self: PreTrainedModel, inputs: list[list[int]], generation_config: GenerationConfig | None = None,
+                    continuous_batching_config: Any = None, record_timestamps: bool = False,
+                    progress_bar: bool = False, persistent_manager: bool = False, warmup: bool = True,
+                    **kwargs: Any) -> dict[str, Any]:
+    """transformers' `generate_batch` on nanoflow's engine (`continuous_batching_config`, `persistent_manager`
+    and `warmup` are accepted and have nothing to set: the engine is configured by `NanoFlowConfig`)."""
+    runtime = _runtime(self)
+    with _nanoflow_attention(self):
+        return generate_batch(self, runtime.engine, inputs, generation_config, progress_bar, record_timestamps,
+                              **kwargs)
+
+
+def _init_continuous_batching(self: PreTrainedModel, generation_config: GenerationConfig | None = None,
+                              continuous_batching_config: Any = None, workload_hints: Any = None
+                              ) -> ContinuousBatchingManager:
+    """transformers' `init_continuous_batching`: a manager whose background thread steps nanoflow's engine."""
+    return ContinuousBatchingManager(self, _runtime(self).engine, generation_config)
 
 
 @torch.no_grad()
@@ -190,15 +363,10 @@ def _check_against_eager(model: PreTrainedModel, runtime: NanoFlowRuntime) -> No
     vocab = model.get_output_embeddings().weight.shape[0]
     lengths = _PROBE_LENGTHS[: runtime.config.max_batch_size]  # one prompt only if the batch holds one
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
-    engine = runtime.engine
-    requests = engine.admit(prompts, max_new_tokens=1)
-    try:
-        got = engine.run([Chunk(r, len(r.prompt)) for r in requests], all_logits=True).float()
-    finally:
-        engine.release(requests)
+    got = runtime.runner.run_prompts(prompts, all_logits=True).float()
     want = torch.cat([model(torch.tensor([p], device=model.device), use_cache=False).logits[0] for p in prompts])
     want = want.float()
-    dtype = next(model.parameters()).dtype
+    dtype = runtime.dtype
     scale = max(1.0, want.abs().max().item())
     diff = (got - want).abs().max().item()
     if dtype in _PROBE_MAX_TOLERANCE:

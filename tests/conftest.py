@@ -17,7 +17,9 @@ from tests.tiny_models import FAMILIES, build  # noqa: E402
 
 _CACHE: dict[tuple[str, nanoflow_fx.NanoFlowConfig, str], torch.nn.Module] = {}
 
-DEFAULT_CONFIG = nanoflow_fx.NanoFlowConfig(max_batch_size=8, max_seq_len=96, page_size=4)
+# num_pages given: on CUDA the default sizes the cache from free GPU memory, which would leave none for the
+# next model the tests build in the same process.
+DEFAULT_CONFIG = nanoflow_fx.NanoFlowConfig(max_batch_size=8, max_seq_len=96, page_size=4, num_pages=192)
 
 
 def optimized(family: str, config: nanoflow_fx.NanoFlowConfig = DEFAULT_CONFIG, device: str = "cpu") -> torch.nn.Module:

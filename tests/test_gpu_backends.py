@@ -19,7 +19,8 @@ import torch
 import transformers as tf
 
 import nanoflow_fx
-from nanoflow_fx.ops import flashinfer_attention
+from nanoflow_fx.runtime import Engine
+from tests.steps import admit, release, run, stream_chunks
 
 pytestmark = pytest.mark.cuda
 
@@ -38,11 +39,18 @@ CONFIGS = {
 BATCH_SIZES = (1, 3, 8, 13)
 
 
+def _flashinfer_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flashinfer") is not None
+
+
 def _model(family: str, backend: str, graphs: bool, inductor: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = CONFIGS[family]().to(device="cuda", dtype=torch.bfloat16).eval()
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256,
-                                        attention_backend=backend, cuda_graphs=graphs, inductor=inductor)
+                                        num_pages=256, attention_backend=backend, cuda_graphs=graphs,
+                                        inductor=inductor)
     return nanoflow_fx.optimize(model, config)
 
 
@@ -50,36 +58,36 @@ def _run_stream(model: torch.nn.Module, batch: int, follow: list[list[int]] | No
     """Run `batch` prompts through the engine's own schedule (prefill chunks, mixed steps, then decode steps)
     until each has 6 new tokens; returns every step's logits and the tokens fed (this model's greedy choice
     unless `follow` gives them, so two models see the same stream)."""
-    engine = model.nanoflow.engine
+    runner = model.nanoflow.runner
     gen = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(3, 512, (int(n),), generator=gen).tolist()
                for n in torch.randint(20, 90, (batch,), generator=gen)]
-    requests = engine.admit(prompts, max_new_tokens=16)
+    requests = admit(runner, prompts, max_new_tokens=16)
     logits_per_step, fed = [], []
     try:
         while any(len(r.output) < 6 for r in requests):
-            chunks = engine.schedule(requests)
-            logits = engine.run(chunks).float().cpu()
+            chunks = stream_chunks(requests, model.nanoflow.config.max_num_tokens)
+            logits = run(runner, chunks, all_logits=False).float().cpu()
             tokens = follow[len(fed)] if follow else logits.argmax(-1).tolist()
             logits_per_step.append(logits)
             fed.append(tokens)
             for req, token in zip([c.request for c in chunks if c.completes], tokens):
                 req.output.append(token)
     finally:
-        engine.release(requests)
+        release(runner, requests)
     return logits_per_step, fed
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
 def test_backend_matches_reference_in_every_bucket(family: str, backend: str) -> None:
-    if backend == "flashinfer" and not flashinfer_attention.available():
+    if backend == "flashinfer" and not _flashinfer_available():
         pytest.skip("flashinfer is not installed")
     ref = _model(family, "torch", graphs=False)
     fast = _model(family, backend, graphs=True)
-    assert fast.nanoflow.attention_backend == backend
-    assert fast.nanoflow.engine.cuda_graphs is not None, fast.nanoflow.engine.cuda_graphs_off_reason
-    graph_steps = fast.nanoflow.engine.stats["graph_steps"]
+    assert fast.nanoflow.attention_backend.name == backend
+    assert fast.nanoflow.runner.cuda_graphs is not None, fast.nanoflow.runner.cuda_graphs_off_reason
+    graph_steps = fast.nanoflow.runner.stats["graph_steps"]
     for batch in BATCH_SIZES:
         want, fed = _run_stream(ref, batch, None)
         got, _ = _run_stream(fast, batch, fed)
@@ -92,18 +100,18 @@ def test_backend_matches_reference_in_every_bucket(family: str, backend: str) ->
             top2 = w.topk(2, dim=-1).values
             clear = (top2[:, 0] - top2[:, 1]) > 2 * TOLERANCE * scale
             assert torch.equal(g.argmax(-1)[clear], w.argmax(-1)[clear])
-    assert fast.nanoflow.engine.stats["graph_steps"] > graph_steps  # decode steps replayed graphs
+    assert fast.nanoflow.runner.stats["graph_steps"] > graph_steps  # decode steps replayed graphs
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
 def test_inductor_pieces_match_reference_in_every_bucket(family: str, backend: str) -> None:
     """inductor=True (fused pieces between the attention calls), replayed in CUDA graphs, against the reference."""
-    if backend == "flashinfer" and not flashinfer_attention.available():
+    if backend == "flashinfer" and not _flashinfer_available():
         pytest.skip("flashinfer is not installed")
     ref = _model(family, "torch", graphs=False)
     fast = _model(family, backend, graphs=True, inductor=True)
-    assert fast.nanoflow.engine.cuda_graphs is not None, fast.nanoflow.engine.cuda_graphs_off_reason
+    assert fast.nanoflow.runner.cuda_graphs is not None, fast.nanoflow.runner.cuda_graphs_off_reason
     for batch in BATCH_SIZES:
         want, fed = _run_stream(ref, batch, None)
         got, _ = _run_stream(fast, batch, fed)
@@ -117,7 +125,7 @@ def test_graph_replay_equals_eager_steps(backend: str) -> None:
     """The same backend with and without CUDA graphs: equal logits within bf16 rounding (not bitwise: a graph
     step is padded to its bucket, so GEMMs see more rows and may pick other kernels, and FlashInfer may split
     attention work differently in graph mode)."""
-    if backend == "flashinfer" and not flashinfer_attention.available():
+    if backend == "flashinfer" and not _flashinfer_available():
         pytest.skip("flashinfer is not installed")
     eager = _model("llama", backend, graphs=False)
     graphs = _model("llama", backend, graphs=True)
@@ -133,7 +141,7 @@ def test_graph_replay_equals_eager_steps(backend: str) -> None:
 def test_generate_with_flashinfer_is_greedy_consistent() -> None:
     """generate() end to end on FlashInfer (async loop, graphs): as many tokens as asked, and the same output
     twice (nothing depends on stale state between calls)."""
-    if not flashinfer_attention.available():
+    if not _flashinfer_available():
         pytest.skip("flashinfer is not installed")
     model = _model("llama", "flashinfer", graphs=True)
     ids = torch.randint(3, 512, (5, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -143,46 +151,59 @@ def test_generate_with_flashinfer_is_greedy_consistent() -> None:
 
 
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
-def test_decode_steps_never_wait_for_the_gpu(backend: str) -> None:
-    """The decode loop's per-step work (schedule, build + copy inputs, plan, replay, sample, store tokens, start the
-    readback) makes no synchronising CUDA call: torch's sync debug mode turns any into an error. (The readback's
-    event wait, MAX_LAG steps later, is deliberate and outside this window.)"""
-    if backend == "flashinfer" and not flashinfer_attention.available():
+def test_decode_steps_never_wait_for_the_gpu(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's per-step work in steady decode (schedule, build + copy inputs, plan, replay, sample, store
+    tokens, start the readback) makes no synchronising CUDA call: torch's sync debug mode turns any into an error.
+    (Reading tokens back, MAX_LAG steps later, is deliberate: the window is kept free of it.)"""
+    if backend == "flashinfer" and not _flashinfer_available():
         pytest.skip("flashinfer is not installed")
-    from nanoflow_fx.runtime.batch import PENDING
-    from nanoflow_fx.runtime.generate import _Readback
-    from nanoflow_fx.runtime.sampling import SamplingParams, select_tokens
+    from nanoflow_fx.runtime import engine as engine_module
+    from nanoflow_fx.runtime.sampling import SamplingParams
 
     model = _model("llama", backend, graphs=True)
-    engine = model.nanoflow.engine
-    requests = engine.admit([[5 + i] * (20 + i) for i in range(8)], max_new_tokens=16)
+    engine, runner = model.nanoflow.engine, model.nanoflow.runner
     params = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(2,),
                             min_new_tokens=8)
-
-    def step() -> _Readback:
-        chunks = engine.schedule(requests)
-        logits = engine.run(chunks)
-        completing = [c.request for c in chunks if c.completes]
-        tokens = select_tokens(logits, [len(r.output) for r in completing], params)
-        engine.record_tokens(completing, tokens)
-        readback = _Readback(tokens, [(r, len(r.output)) for r in completing])
-        for r in completing:
-            r.output.append(PENDING)
-        return readback
-
+    requests = [engine.add_request([5 + i] * (20 + i), params, 16) for i in range(8)]
+    while any(r.num_cached < len(r.prompt) for r in requests):  # prefill (eager steps), then one decode
+        engine.step()
+    engine.step()
+    graph_steps = runner.stats["graph_steps"]
+    monkeypatch.setattr(engine_module, "MAX_LAG", 100)  # no readback inside the window
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
     try:
-        while any(r.num_cached < len(r.prompt) for r in requests):  # prefill (eager steps), then one decode
-            step().resolve(())
-        step().resolve(())
-        graph_steps = engine.stats["graph_steps"]
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            readbacks = [step() for _ in range(4)]
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        for readback in readbacks:
-            readback.resolve(())
-        assert engine.stats["graph_steps"] == graph_steps + 4
+        for _ in range(4):
+            engine.step()
     finally:
-        engine.release(requests)
+        torch.cuda.set_sync_debug_mode("default")
+    assert runner.stats["graph_steps"] == graph_steps + 4
+    monkeypatch.setattr(engine_module, "MAX_LAG", 2)
+    engine.run_until_done(requests)
+    assert all(len(r.output) == 16 for r in requests)  # min_new_tokens=8 keeps EOS (2) out until then
+
+
+def test_engine_in_bf16_equals_static_batches_and_preempts_under_real_memory() -> None:
+    """The engine on a cache sized from GPU memory, then on a cache so small that requests are preempted: every
+    request's greedy tokens equal a static one-request generate() (bf16: compared where the reference's top two
+    logits are clearly apart, i.e. by token agreement of at least 90% of positions per request, first tokens
+    exactly)."""
+    model = _model("llama", "auto", graphs=True)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 512, (int(n),), generator=gen).tolist()
+               for n in torch.randint(10, 120, (24,), generator=gen)]
+    singles = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=24, min_new_tokens=24,
+                              do_sample=False)[0, len(p):].tolist() for p in prompts]
+    config = model.generation_config.__class__(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    batched = model.generate_batch(prompts, generation_config=config)
+    assert [len(r.generated_tokens) for r in batched.values()] == [24] * 24
+    small = nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(
+        max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256, num_pages=40))
+    runtime = small.nanoflow
+    runtime.engine = Engine(runtime.runner, runtime.config, reserve_ratio=0.0)  # admit eagerly: preempt later
+    preempted = small.generate_batch(prompts, generation_config=config)
+    assert small.nanoflow.engine.stats.preemptions > 0
+    for want, a, b in zip(singles, batched.values(), preempted.values()):
+        for got in (a.generated_tokens, b.generated_tokens):
+            assert got[0] == want[0]
+            assert sum(x == y for x, y in zip(got, want)) >= 0.9 * len(want)

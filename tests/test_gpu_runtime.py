@@ -10,6 +10,7 @@ import torch
 from nanoflow_fx.runtime import Chunk
 from nanoflow_fx.runtime.batch import StepShape
 from tests.conftest import ALL_FAMILIES, DEFAULT_CONFIG, optimized, reference
+from tests.steps import admit, release
 from tests.test_generate_parity import _left_padded_batch
 
 GRAPHS = dataclasses.replace(DEFAULT_CONFIG, attention_backend="triton", cuda_graphs=True)
@@ -19,7 +20,7 @@ GRAPHS = dataclasses.replace(DEFAULT_CONFIG, attention_backend="triton", cuda_gr
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_cuda_graph_generation_equals_hf(family: str) -> None:
     model = optimized(family, GRAPHS, device="cuda")
-    engine = model.nanoflow.engine
+    engine = model.nanoflow.runner
     if family == "mixtral":  # fp32 MoE: HF's grouped-mm fallback syncs (.tolist()), so capture must give up
         assert engine.cuda_graphs is None and "capture failed" in engine.cuda_graphs_off_reason
     else:
@@ -34,7 +35,7 @@ def test_cuda_graph_generation_equals_hf(family: str) -> None:
 
 
 def test_cuda_graphs_stay_off_with_the_reason_where_they_cannot_run() -> None:
-    engine = optimized("llama").nanoflow.engine  # CPU, reference attention: cuda_graphs=True cannot apply
+    engine = optimized("llama").nanoflow.runner  # CPU, reference attention: cuda_graphs=True cannot apply
     assert engine.cuda_graphs is None and engine.cuda_graphs_off_reason == "the model is not on CUDA"
     assert not engine.enable_cuda_graphs()
 
@@ -44,8 +45,8 @@ def test_padded_bucket_step_equals_unpadded_step(device: str) -> None:
     """A step padded to a bucket shape (one-token padding requests, empty requests, unused pages) computes the
     same."""
     model = optimized("llama", device=device)
-    engine = model.nanoflow.engine
-    requests = engine.admit([[5, 6, 7], [8, 9], [10, 11, 12, 13]], max_new_tokens=1)
+    engine = model.nanoflow.runner
+    requests = admit(engine, [[5, 6, 7], [8, 9], [10, 11, 12, 13]], max_new_tokens=1)
     try:
         chunks = [Chunk(requests[0], 3), Chunk(requests[1], 2), Chunk(requests[2], 4)]
         cache = engine.kv_cache
@@ -69,4 +70,4 @@ def test_padded_bucket_step_equals_unpadded_step(device: str) -> None:
         got = model.nanoflow.step_fn(padded.input_ids, padded.position_ids, padded.logits_indices, padded.metadata)
         torch.testing.assert_close(got[: padded.num_logits], want[: plain.num_logits], rtol=0, atol=1e-5)
     finally:
-        engine.release(requests)
+        release(engine, requests)

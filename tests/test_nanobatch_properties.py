@@ -18,8 +18,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanoflow_fx.runtime import Chunk, PagedKVCache, StepEngine
+from nanoflow_fx.runtime import Chunk, StepRunner
 from tests.conftest import ALL_FAMILIES, DEFAULT_CONFIG, DEVICES, optimized
+from tests.steps import admit, run, runner_on
 from tests.test_generate_parity import _left_padded_batch
 from tests.tiny_models import VOCAB
 
@@ -56,10 +57,8 @@ def _boundaries(cuts: list[float]):  # type: ignore[no-untyped-def]
     return boundaries
 
 
-def _engine(model: torch.nn.Module) -> StepEngine:
-    runtime = model.nanoflow
-    cache = PagedKVCache(runtime.layers, 5 * 16, 3, torch.float32, torch.device("cpu"))
-    return StepEngine(runtime.step_fn, cache, runtime.config)
+def _runner(model: torch.nn.Module) -> StepRunner:
+    return runner_on(model, num_pages=5 * 16, page_size=3)
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -67,19 +66,19 @@ def _engine(model: torch.nn.Module) -> StepEngine:
 @given(mix=step_mixes())
 def test_split_step_equals_unsplit_step(family: str, mix: tuple[list[list[int]], list[list[int]], list[float]]) -> None:
     prompts, chunkings, cuts = mix
-    whole, split = _engine(optimized(family)), _engine(optimized(family, SPLIT_CONFIG))
+    whole, split = _runner(optimized(family)), _runner(optimized(family, SPLIT_CONFIG))
     split_model = optimized(family, SPLIT_CONFIG)
     runners = [g.meta["nanoflow_runner"] for g in split_model.nanoflow.step_fn.graphs if "nanoflow_runner" in g.meta]
     ran: list[int] = []
     for runner in runners:
         runner.boundaries = _boundaries(cuts)
     try:
-        reqs_w, reqs_s = whole.admit(prompts, 0), split.admit(prompts, 0)
+        reqs_w, reqs_s = admit(whole, prompts, 0), admit(split, prompts, 0)
         pending = [list(c) for c in chunkings]
         while any(pending):
             sizes = [p.pop(0) if p else 0 for p in pending]
-            got = split.run([Chunk(r, n) for r, n in zip(reqs_s, sizes) if n], all_logits=True)
-            want = whole.run([Chunk(r, n) for r, n in zip(reqs_w, sizes) if n], all_logits=True)
+            got = run(split, [Chunk(r, n) for r, n in zip(reqs_s, sizes) if n])
+            want = run(whole, [Chunk(r, n) for r, n in zip(reqs_w, sizes) if n])
             assert (got - want).abs().max().item() <= ATOL
             ran.append(max(len(r.last.plan.splits[0][1].boundaries) - 1 for r in runners if r.last is not None))
         num_pages = whole.kv_cache.allocator.num_pages  # the scratch page (padding) is not compared
@@ -102,5 +101,5 @@ def test_generation_with_nanobatches_equals_unsplit(family: str, device: str) ->
         model = optimized(family, dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=count), device=device)
         got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
         assert torch.equal(got, want), f"{count} nano-batches"
-        runner = model.nanoflow.step_fn.graphs[-1].meta["nanoflow_runner"]
+        runner = model.nanoflow.step_fn.graphs[0].meta["nanoflow_runner"]
         assert runner.last is not None and runner.last.plan.max_nanobatches == count  # 4 rows + padding >= count

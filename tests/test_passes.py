@@ -167,7 +167,6 @@ def test_passes_on_a_32_layer_8b_shaped_graph_are_fast() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import nanoflow_fx
-    from nanoflow_fx.runtime import Chunk
     from nanoflow_fx.runtime.nanobatch import NanobatchRunner
 
     config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -175,9 +174,7 @@ def test_passes_on_a_32_layer_8b_shaped_graph_are_fast() -> None:
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(max_batch_size=2, max_seq_len=64, check_capture=False))
-    engine = model.nanoflow.engine
-    requests = engine.admit([[1] * 40, [2] * 20], max_new_tokens=1)
-    engine.run([Chunk(requests[0], 40), Chunk(requests[1], 20)])
+    model.nanoflow.runner.run_prompts([[1] * 40, [2] * 20])
     gm = model.nanoflow.step_fn.graphs[0]
     start = time.perf_counter()
     runner = NanobatchRunner(gm, 2)

@@ -95,20 +95,3 @@ def _nucleus_of_topk(logits: torch.Tensor, k: int, top_p: float) -> torch.Tensor
     masked = torch.full_like(logits.flatten(), float("-inf"))
     masked[top.indices] = top.values
     return _nucleus(masked, top_p)
-
-
-def test_lagged_readback_cuts_the_output_at_eos() -> None:
-    """Tokens reach the host a few steps late: a request that sampled EOS may already have run ahead. Resolving
-    the readbacks in order writes the tokens, ends the output at the EOS and drops what it ran ahead with."""
-    from nanoflow_fx.runtime.batch import PENDING, Request
-    from nanoflow_fx.runtime.generate import _Readback
-
-    a, b = Request(prompt=[5], max_new_tokens=8), Request(prompt=[6], max_new_tokens=8)
-    steps = [[(a, 0), (b, 0)], [(a, 1), (b, 1)], [(a, 2), (b, 2)]]
-    sampled = [[10, 11], [2, 12], [13, 2]]  # EOS (2): a at its 2nd token, b at its 3rd
-    readbacks = [_Readback(torch.tensor(tokens), targets) for tokens, targets in zip(sampled, steps)]
-    a.output, b.output = [PENDING] * 3, [PENDING] * 3
-    for readback in readbacks:
-        readback.resolve(eos_token_ids=(2,))
-    assert a.output == [10, 2] and a.finished
-    assert b.output == [11, 12, 2] and b.finished

@@ -16,9 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanoflow_fx.runtime import Chunk, PagedKVCache, StepEngine
+from nanoflow_fx.runtime import Chunk
 from tests.conftest import ALL_FAMILIES, DEVICES, optimized, reference
 from tests.reference import eager_logits_and_kv
+from tests.steps import admit, release, run, runner_on
 from tests.tiny_models import VOCAB
 
 LOGITS_ATOL, KV_ATOL = 1e-4, 1e-5
@@ -40,23 +41,19 @@ def request_mixes(draw: st.DrawFn) -> tuple[int, list[list[int]], list[list[int]
 
 
 def _run_chunked(family: str, device: str, page_size: int, prompts: list[list[int]], chunkings: list[list[int]]):
-    model = optimized(family, device=device)
-    runtime = model.nanoflow
-    cache = PagedKVCache(runtime.layers, num_pages=5 * 24, page_size=page_size, dtype=torch.float32,
-                         device=torch.device(device))
-    engine = StepEngine(runtime.step_fn, cache, runtime.config)
-    requests = engine.admit(prompts, max_new_tokens=0)
+    runner = runner_on(optimized(family, device=device), num_pages=5 * 24, page_size=page_size)
+    requests = admit(runner, prompts, max_new_tokens=0)
     logits: list[list[torch.Tensor]] = [[] for _ in prompts]
     pending = [list(sizes) for sizes in chunkings]
     while any(pending):
         # Each step: every request with work left contributes its next chunk (a mixed step).
         chunks = [Chunk(req, sizes.pop(0)) for req, sizes in zip(requests, pending) if sizes]
-        out = engine.run(chunks, all_logits=True)
+        out = run(runner, chunks)
         rows = 0
         for chunk in chunks:
             logits[requests.index(chunk.request)].append(out[rows : rows + chunk.num_tokens])
             rows += chunk.num_tokens
-    return engine, requests, [torch.cat(parts) for parts in logits]
+    return runner, requests, [torch.cat(parts) for parts in logits]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -67,16 +64,16 @@ def test_packed_paged_step_equals_eager(
     family: str, device: str, mix: tuple[int, list[list[int]], list[list[int]]]
 ) -> None:
     page_size, prompts, chunkings = mix
-    engine, requests, got_logits = _run_chunked(family, device, page_size, prompts, chunkings)
+    runner, requests, got_logits = _run_chunked(family, device, page_size, prompts, chunkings)
     ref = reference(family, device=device)
     for req, prompt, got in zip(requests, prompts, got_logits):
         want_logits, want_kv = eager_logits_and_kv(ref, prompt)
         assert (got - want_logits).abs().max().item() <= LOGITS_ATOL
         for layer, (want_k, want_v) in want_kv.items():
-            k, v = engine.kv_cache.read(layer, req.pages, len(prompt))
+            k, v = runner.kv_cache.read(layer, req.pages, len(prompt))
             assert (k - want_k).abs().max().item() <= KV_ATOL
             assert (v - want_v).abs().max().item() <= KV_ATOL
-    engine.release(requests)
+    release(runner, requests)
 
 
 def test_layer_variants_reach_the_kernel() -> None:

@@ -50,7 +50,7 @@ def test_stream_plan_of_a_captured_model_schedule() -> None:
         model = optimized(family, DEFAULT_CONFIG)
         from nanoflow_fx.runtime.nanobatch import NanobatchRunner
 
-        gm = model.nanoflow.step_fn.graphs[-1]
+        gm = model.nanoflow.step_fn.graphs[0]
         runner = NanobatchRunner(gm, 2)
         _check_plan(runner.scheduled(16).schedule)
         _check_plan(runner.scheduled(7).schedule)
@@ -75,7 +75,7 @@ def test_multi_stream_generation_equals_one_stream(family: str, partition: str, 
     want = optimized(family, one, device="cuda").generate(ids, **kwargs)
     model = optimized(family, multi, device="cuda")
     if graphs and family != "mixtral":  # fp32 MoE syncs in HF's grouped-mm fallback: capture gives up (logged)
-        assert model.nanoflow.engine.cuda_graphs is not None, model.nanoflow.engine.cuda_graphs_off_reason
+        assert model.nanoflow.runner.cuda_graphs is not None, model.nanoflow.runner.cuda_graphs_off_reason
     got = model.generate(ids, **kwargs)
     assert torch.equal(got, want)
     runners = [gm.meta["nanoflow_runner"] for gm in model.nanoflow.step_fn.graphs if "nanoflow_runner" in gm.meta]
@@ -100,25 +100,27 @@ def test_padded_host_split_metadata_gives_the_unsplit_step(device: str) -> None:
     from nanoflow_fx.runtime import Chunk
     from nanoflow_fx.runtime.batch import StepShape, build_step
     from tests.conftest import DEFAULT_CONFIG, optimized
+    from tests.steps import admit, release
 
     plain_model = optimized("llama", DEFAULT_CONFIG, device=device)
     split_model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2), device=device)
     outputs = []
     for model, nanobatched in ((plain_model, False), (split_model, True)):
-        engine, ctx = model.nanoflow.engine, model.nanoflow.step_context
-        requests = engine.admit([[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]], max_new_tokens=1)
+        engine, ctx = model.nanoflow.runner, model.nanoflow.step_context
+        requests = admit(engine, [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]], max_new_tokens=1)
         try:
             chunks = [Chunk(requests[0], 5), Chunk(requests[1], 3), Chunk(requests[2], 7)]
             cache = engine.kv_cache
             shape = StepShape(tokens=24, requests=24, pages=cache.allocator.num_pages + 24, logits=24)
             step = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, engine.device, True,
-                              backend=engine.attention_backend, shape=shape)
+                              backend=engine.backend.name, shape=shape)
             args = (step.input_ids, step.position_ids, step.logits_indices, step.metadata)
             if nanobatched:  # compile once (creates the runner), then run on padded static split metadata
                 ctx.host = tuple(t.cpu() for t in step.metadata.tensors()[:4])
                 model.nanoflow.step_fn(*args)
-                plan = ctx.runner.plan_for(24)
-                static = ctx.runner.host_split(plan, ctx.host, cache.page_size, pad=(24, shape.pages))
+                runner = model.nanoflow.step_fn.graphs[0].meta["nanoflow_runner"]  # the model's own cache's
+                plan = runner.plan_for(24)
+                static = runner.host_split(plan, ctx.host, cache.page_size, pad=(24, shape.pages))
                 assert all(t.shape[0] in (25, 24, shape.pages) for t in static)
                 ctx.host, ctx.static = None, [t.to(engine.device) for t in static]
                 try:
@@ -128,7 +130,7 @@ def test_padded_host_split_metadata_gives_the_unsplit_step(device: str) -> None:
             else:
                 outputs.append(model.nanoflow.step_fn(*args)[: step.num_logits])
         finally:
-            engine.release(requests)
+            release(engine, requests)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
 
 
@@ -229,7 +231,7 @@ def test_cuda_executor_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(schedule_executor.ScheduleExecutor, "_run", traced_run)
 
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
-    gm = model.nanoflow.step_fn.graphs[-1]
+    gm = model.nanoflow.step_fn.graphs[0]
     runner = gm.meta["nanoflow_runner"]  # the model's own (a new one would replace it in the shared graph's meta)
     args_probe = _probe_args(model, gm)
     step = runner.scheduled(args_probe[runner.token_input].shape[0])
@@ -267,9 +269,6 @@ def test_cuda_executor_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) -
 def _probe_args(model, gm) -> list:
     """Real inputs for the captured graph `gm` (its placeholders' order), made by running the step once with a
     recording runner."""
-    from nanoflow_fx.runtime import Chunk
-
-    engine = model.nanoflow.engine
     seen: list = []
     runner = gm.meta["nanoflow_runner"]
     original = type(runner).__call__
@@ -278,12 +277,10 @@ def _probe_args(model, gm) -> list:
         seen[:] = args
         return original(self, *args)
 
-    requests = engine.admit([[5] * 9, [6] * 7], max_new_tokens=1)
     try:
         type(runner).__call__ = record
-        engine.run([Chunk(requests[0], 9), Chunk(requests[1], 7)])
+        model.nanoflow.runner.run_prompts([[5] * 9, [6] * 7])
     finally:
         type(runner).__call__ = original
-        engine.release(requests)
     assert seen
     return list(seen)

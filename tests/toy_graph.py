@@ -6,9 +6,10 @@ import torch
 from torch.fx import GraphModule
 
 from nanoflow_fx.capture.backend import make_backend
-from nanoflow_fx.capture.hf_attention import LayerSpec
 from nanoflow_fx.ops import paged_attention
+from nanoflow_fx.ops.backend import AttentionConfig
 from nanoflow_fx.runtime import Chunk, PagedKVCache, Request, build_step
+from tests.steps import GREEDY
 
 HIDDEN = 4
 
@@ -36,9 +37,9 @@ def capture_toy() -> GraphModule:
 def toy_inputs(lengths: list[int], page_size: int = 2) -> tuple[list[torch.Tensor], PagedKVCache]:
     """Inputs of `toy_step` for one prefill step of requests of `lengths` tokens."""
     torch.manual_seed(0)
-    cache = PagedKVCache([LayerSpec(0, 1, HIDDEN, 0, 0.0, 1, HIDDEN**-0.5)], num_pages=16, page_size=page_size,
+    cache = PagedKVCache([AttentionConfig(1, 1, HIDDEN, HIDDEN**-0.5, 0, 0.0)], num_pages=16, page_size=page_size,
                          dtype=torch.float32, device=torch.device("cpu"))
-    requests = [Request(prompt=list(range(1, n + 1)), max_new_tokens=0) for n in lengths]
+    requests = [Request(f"r{i}", list(range(1, n + 1)), GREEDY, 0) for i, n in enumerate(lengths)]
     for req in requests:
         req.pages = cache.allocator.allocate(cache.pages_for(len(req.prompt)))
     step = build_step([Chunk(r, len(r.prompt)) for r in requests], cache.caches, page_size, cache.scratch_page,

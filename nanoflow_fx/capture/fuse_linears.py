@@ -28,18 +28,52 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-__all__ = ["relayout_parallel_linears", "fuse_parallel_linears"]
+__all__ = ["FusedLayout", "relayout_parallel_linears", "fuse_parallel_linears"]
 
 log = logging.getLogger(__name__)
 
 _LINEAR = torch._C._nn.linear  # what Dynamo records for nn.Linear and F.linear
 
 
+class FusedLayout:
+    """The groups of linears `relayout_parallel_linears` laid out back to back, and how to keep them so.
+
+    The captured step reads each group's weights as one tensor spanning the group, so they must stay adjacent.
+    Code that replaces parameters after `optimize()` (`load_state_dict(..., assign=True)`, `.double().float()`,
+    ...) breaks that; `restore()` (run before every generate call) lays such groups out again. `undo()` gives
+    every parameter its own storage again (a failed `optimize()` leaves the model as it was).
+    """
+
+    def __init__(self, groups: Sequence[Sequence[torch.nn.Linear]]) -> None:
+        self.groups = [list(g) for g in groups]
+
+    def restore(self) -> None:
+        for members in self.groups:
+            for params in _group_params(members):
+                if not _adjacent(params):
+                    _concatenate(params)
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        for members in self.groups:
+            for params in _group_params(members):
+                for p in params:
+                    p.data = p.data.clone()
+        self.groups = []
+
+
+def _group_params(members: Sequence[torch.nn.Linear]) -> list[list[torch.Tensor]]:
+    weights = [m.weight for m in members]
+    return [weights, [m.bias for m in members]] if members[0].bias is not None else [weights]
+
+
 @torch.no_grad()
-def relayout_parallel_linears(model: torch.nn.Module, probe: dict[str, Any]) -> int:
-    """Make the weights of linears called on the same input adjacent in memory; returns the groups made.
+def relayout_parallel_linears(model: torch.nn.Module, probe: dict[str, Any]) -> FusedLayout:
+    """Put the weights of linears called on the same input back to back in one new buffer per group.
 
     `probe`: keyword arguments of one small eager forward of `model` (it only has to reach every linear).
+    Each group gets a fresh buffer, so every group's first weight starts its storage (the captured step's
+    spanning view relies on that, see `_spanning`).
     """
     calls: dict[int, list[torch.nn.Linear]] = {}
     keep: list[torch.Tensor] = []  # inputs stay alive during the probe, so their ids are not reused
@@ -58,17 +92,15 @@ def relayout_parallel_linears(model: torch.nn.Module, probe: dict[str, Any]) -> 
     finally:
         for hook in hooks:
             hook.remove()
-    groups = 0
+    groups = []
     for members in calls.values():
         members = [m for m in members if _fusable(m, members[0])]
-        if len(members) < 2:
-            continue
-        _concatenate([m.weight for m in members])
-        if members[0].bias is not None:
-            _concatenate([m.bias for m in members])
-        groups += 1
-    log.debug("nanoflow: %d groups of linears sharing an input laid out adjacently", groups)
-    return groups
+        if len(members) >= 2:
+            for params in _group_params(members):
+                _concatenate(params)
+            groups.append(members)
+    log.debug("nanoflow: %d groups of linears sharing an input laid out adjacently", len(groups))
+    return FusedLayout(groups)
 
 
 def _fusable(m: torch.nn.Linear, first: torch.nn.Linear) -> bool:
@@ -79,9 +111,7 @@ def _fusable(m: torch.nn.Linear, first: torch.nn.Linear) -> bool:
 
 
 def _concatenate(params: Sequence[torch.Tensor]) -> None:
-    if _adjacent(params):
-        return
-    fused = torch.cat([p.data.contiguous() for p in params])
+    fused = torch.cat([p.data.reshape(p.shape) for p in params])
     row = 0
     for p in params:
         p.data = fused[row : row + p.shape[0]]
@@ -89,8 +119,8 @@ def _concatenate(params: Sequence[torch.Tensor]) -> None:
 
 
 def _adjacent(params: Sequence[torch.Tensor]) -> bool:
-    """Whether the tensors are contiguous and lie back to back, in order, in one storage."""
-    if not all(p.is_contiguous() for p in params):
+    """Whether the tensors are contiguous and lie back to back, in order, in one storage, from its start."""
+    if not all(p.is_contiguous() for p in params) or params[0].storage_offset() != 0:
         return False
     storage = params[0].untyped_storage().data_ptr()
     return all(b.untyped_storage().data_ptr() == storage
@@ -115,9 +145,11 @@ def _parameter(node: Node | None, values: dict[Node, Any]) -> torch.nn.Parameter
 
 
 def _spanning(graph: torch.fx.Graph, first: Node, params: Sequence[torch.Tensor]) -> Node:
-    """A graph node viewing `params` (adjacent in one storage) as one tensor concatenated along dim 0."""
+    """A graph node viewing `params` (adjacent in one storage, from its start) as one tensor concatenated along
+    dim 0. The offset is 0, not read off the capture's tensors: re-laid-out groups (`FusedLayout.restore`) start
+    their new storage too."""
     shape = [sum(p.shape[0] for p in params), *params[0].shape[1:]]  # contiguous: the first's strides hold
-    return graph.call_function(torch.as_strided, (first, shape, list(params[0].stride()), params[0].storage_offset()))
+    return graph.call_function(torch.as_strided, (first, shape, list(params[0].stride()), 0))
 
 
 def fuse_parallel_linears(gm: GraphModule, example_inputs: Sequence[Any]) -> int:

@@ -20,31 +20,20 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from nanoflow_fx.errors import UnsupportedModelError
 from nanoflow_fx.ops import AttentionMetadata, paged_attention
+from nanoflow_fx.ops.backend import AttentionConfig
 
-__all__ = ["ATTN_IMPLEMENTATION", "LayerSpec", "ShapeProbe", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "ShapeProbe", "register"]
 
 ATTN_IMPLEMENTATION = "nanoflow"
 METADATA_KWARG = "nanoflow_metadata"
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """What one attention layer needs from the KV cache and the kernel."""
-
-    layer_idx: int
-    num_kv_heads: int
-    head_dim: int
-    sliding_window: int  # <= 0: none
-    softcap: float  # <= 0: none
-    num_qo_heads: int
-    scaling: float  # the softmax scale the model passes (or 1/sqrt(head_dim) where it passes none)
-
-
 @dataclass
 class ShapeProbe:
-    """Passed instead of `AttentionMetadata` in a discovery forward: records each layer's `LayerSpec`."""
+    """Passed instead of `AttentionMetadata` in a discovery forward: records each layer's `AttentionConfig`
+    by layer index."""
 
-    layers: dict[int, LayerSpec] = field(default_factory=dict)
+    layers: dict[int, AttentionConfig] = field(default_factory=dict)
 
 
 def register() -> None:
@@ -72,15 +61,15 @@ def nanoflow_attention(
             sliding_window=sliding_window, softcap=softcap, **kwargs,
         )
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    spec = _layer_spec(module, key, value, sliding_window, softcap, kwargs, query.shape[1], scale)
+    layer_idx, spec = _layer_spec(module, key, value, sliding_window, softcap, kwargs, query.shape[1], scale)
     if isinstance(meta, ShapeProbe):
-        meta.layers[spec.layer_idx] = spec
+        meta.layers[layer_idx] = spec
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     if not isinstance(meta, AttentionMetadata):
         raise TypeError(f"{METADATA_KWARG} must be an AttentionMetadata, got {type(meta).__name__}")
     out = paged_attention(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),  # [T, heads, D]
-        meta.kv_caches[spec.layer_idx], *meta.tensors(),
+        meta.kv_caches[layer_idx], *meta.tensors(),
         scale, spec.sliding_window, spec.softcap, meta.backend,
     )
     return out.unsqueeze(0), None  # [1, T, H, D], as HF's attention functions return
@@ -95,7 +84,7 @@ def _layer_spec(
     kwargs: dict[str, Any],
     num_qo_heads: int,
     scaling: float,
-) -> LayerSpec:
+) -> tuple[int, AttentionConfig]:
     name = type(module).__name__
     layer_idx = getattr(module, "layer_idx", None)
     if not isinstance(layer_idx, int):
@@ -109,14 +98,13 @@ def _layer_spec(
         raise ValueError(f"the packed step expects batch dimension 1, got key shape {tuple(key.shape)}")
     if key.shape[-1] != value.shape[-1]:
         raise UnsupportedModelError(f"{name} has key head dim {key.shape[-1]} != value head dim {value.shape[-1]}")
-    return LayerSpec(
-        layer_idx=layer_idx,
+    return layer_idx, AttentionConfig(
+        num_qo_heads=num_qo_heads,
         num_kv_heads=key.shape[1],
         head_dim=key.shape[-1],
+        scaling=scaling,
         sliding_window=int(sliding_window) if sliding_window else 0,
         softcap=float(softcap) if softcap else 0.0,
-        num_qo_heads=num_qo_heads,
-        scaling=scaling,
     )
 
 

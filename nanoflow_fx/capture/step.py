@@ -34,7 +34,10 @@ class StepFunction:
         # A private copy of the code object gives this model its own Dynamo cache and recompile limit;
         # otherwise every optimized model in the process would share (and evict) one cache.
         fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_step")
-        self._compiled = torch.compile(fn, backend=make_backend(self.graphs.append), fullgraph=True,
+        # dynamic=False: only the sizes marked dynamic in `__call__` are symbolic. Without it Dynamo's automatic
+        # dynamism (and its profile persisted across processes) turns values it saw change in other models'
+        # compiles, such as a norm's eps, into graph inputs: the graph would depend on what ran before.
+        self._compiled = torch.compile(fn, backend=make_backend(self.graphs.append), fullgraph=True, dynamic=False,
                                        options={"guard_filter_fn": _drop_registry_guards})
 
     @torch.no_grad()
@@ -49,6 +52,8 @@ class StepFunction:
         # so Dynamo never specialises them on 0/1. The KV caches and weights keep static shapes.
         for tensor in (input_ids, position_ids, logits_indices, *metadata.tensors()):
             torch._dynamo.mark_dynamic(tensor, 0)
+        for cache in metadata.kv_caches:  # its page count: optimize() sizes the cache after the first capture
+            torch._dynamo.mark_dynamic(cache, 0)
         # Without duck sizing, sizes that happen to be equal in one step (say 8 tokens and 8 pages) are not
         # unified into one symbol, which would force a recompile the first step they differ.
         seen, start = len(self.graphs), time.perf_counter()

@@ -8,8 +8,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import GenerationMixin, PreTrainedModel
 
-from nanoflow_fx.capture.hf_attention import METADATA_KWARG, LayerSpec, ShapeProbe
+from nanoflow_fx.capture.hf_attention import METADATA_KWARG, ShapeProbe
 from nanoflow_fx.errors import UnsupportedModelError
+from nanoflow_fx.ops.backend import AttentionConfig
 
 __all__ = ["check_supported", "discover_layers"]
 
@@ -41,8 +42,8 @@ def check_supported(model: object) -> None:
 
 
 @torch.no_grad()
-def discover_layers(model: PreTrainedModel) -> list[LayerSpec]:
-    """Run a 2-token forward whose attention only records each layer's KV shape, window and soft-cap.
+def discover_layers(model: PreTrainedModel) -> list[AttentionConfig]:
+    """Each attention layer's configuration, by layer index: a 2-token forward whose attention only records it.
 
     A meta-device model (graph inspection without weights) runs it on fake tensors, since HF's mask code
     reads values; others run it for real (2 tokens), since some kernels' fake rules are stricter than their

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from nanoflow_fx.ops.reference import paged_attention_reference, write_kv_
+from nanoflow_fx.ops.backend import get
+from nanoflow_fx.ops.reference import write_kv_
 
 __all__ = ["paged_attention"]
 
@@ -32,24 +33,13 @@ def paged_attention(
 ) -> torch.Tensor:
     """Write k/v ([T, Hkv, D]) to their slots, then attend q ([T, H, D]) causally per request -> [T, H, D].
 
-    `sliding_window` <= 0 means no window; `softcap` <= 0 means no logit soft-capping. `backend` picks the
-    kernel: "torch" (the reference, any device), "triton" (CUDA, or Triton's interpreter on the CPU) or
-    "flashinfer" (CUDA; runs the plan the engine made for this step, see `flashinfer_attention`).
+    `sliding_window` <= 0 means no window; `softcap` <= 0 means no logit soft-capping. `backend` names the
+    kernel (`nanoflow_fx.ops.backend`): "torch" (the reference, any device), "triton" (CUDA, or Triton's
+    interpreter on the CPU) or "flashinfer" (CUDA; runs the plan made on the host for this step).
     """
     write_kv_(kv_cache, k, v, slot_mapping)
-    if backend == "triton":
-        from nanoflow_fx.ops.triton_attention import paged_attention_triton  # imports Triton only when used
-
-        kernel = paged_attention_triton
-    elif backend == "flashinfer":
-        from nanoflow_fx.ops.flashinfer_attention import run_planned
-
-        return run_planned(q, kv_cache, scaling, sliding_window, softcap)
-    elif backend == "torch":
-        kernel = paged_attention_reference
-    else:
-        raise ValueError(f"unknown paged-attention backend {backend!r}; use 'torch', 'triton' or 'flashinfer'")
-    return kernel(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling, sliding_window, softcap)
+    return get(backend).run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
+                            sliding_window, softcap)
 
 
 @paged_attention.register_fake

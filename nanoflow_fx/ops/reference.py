@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["write_kv_", "paged_attention_reference"]
+from nanoflow_fx.ops.backend import AttentionBackend, register
+
+__all__ = ["write_kv_", "paged_attention_reference", "TorchBackend"]
 
 
 def write_kv_(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -29,7 +31,8 @@ def paged_attention_reference(
     sliding_window: int,
     softcap: float,
 ) -> torch.Tensor:  # [T, H, D]
-    """Causal attention of each request's queries over its cached KV, one request at a time, in fp32."""
+    """Causal attention of each request's queries over its cached KV, one request at a time, in fp32 (fp64 for
+    fp64 models)."""
     out = torch.empty(q.shape[0], q.shape[1], kv_cache.shape[-1], dtype=q.dtype, device=q.device)
     qo, kvp, last = qo_indptr.tolist(), kv_indptr.tolist(), kv_last_page_len.tolist()
     page_size = kv_cache.shape[2]
@@ -53,9 +56,10 @@ def _attend_one(
 ) -> torch.Tensor:
     num_q, num_kv = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scaling  # [H, Tq, L]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    k = k.to(dtype).repeat_interleave(group, dim=1)
+    v = v.to(dtype).repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.to(dtype), k) * scaling  # [H, Tq, L]
     if softcap > 0:
         scores = torch.tanh(scores / softcap) * softcap
     q_pos = torch.arange(num_kv - num_q, num_kv, device=q.device)[:, None]
@@ -66,3 +70,22 @@ def _attend_one(
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+
+
+class TorchBackend(AttentionBackend):
+    """The reference kernel: any device and dtype; loops over requests on the host (reads the request table
+    there), so its steps cannot be captured in a CUDA graph."""
+
+    name = "torch"
+
+    def graph_blocker(self) -> str:
+        return "the 'torch' attention backend reads the request table on the host (use 'triton' or 'flashinfer')"
+
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
+            softcap: float) -> torch.Tensor:
+        return paged_attention_reference(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
+                                         sliding_window, softcap)
+
+
+register(TorchBackend())

@@ -8,11 +8,15 @@ blocks of BLOCK_N tokens from the window start to its own position. Runs under T
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["paged_attention_triton"]
+from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, register
+
+__all__ = ["paged_attention_triton", "TritonBackend"]
 
 
 @triton.jit
@@ -101,3 +105,22 @@ def paged_attention_triton(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out
+
+
+class TritonBackend(AttentionBackend):
+    """The Triton kernel above: no host planning, no host sync, so it runs inside CUDA graphs."""
+
+    name = "triton"
+
+    def unsupported_reason(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
+                           device: torch.device) -> str:
+        return "the Triton kernel computes in fp32 at most (the model is float64)" if dtype == torch.float64 else ""
+
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
+            softcap: float) -> torch.Tensor:
+        return paged_attention_triton(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
+                                      sliding_window, softcap)
+
+
+register(TritonBackend())

@@ -1,4 +1,4 @@
-"""Requests and the token-packed step built from them (pure functions of the request table)."""
+"""The token-packed step built from a step's chunks (pure functions of the request table)."""
 
 from __future__ import annotations
 
@@ -9,44 +9,9 @@ import torch
 
 from nanoflow_fx.ops import AttentionMetadata
 from nanoflow_fx.ops.metadata import pad_request_table
+from nanoflow_fx.runtime.requests import PENDING, Request
 
-__all__ = ["PENDING", "Request", "Chunk", "StepInputs", "StepShape", "build_step", "feed_pending", "to_device"]
-
-# An output token sampled on the device whose value the host has not read back yet. A step that needs it as
-# input carries PENDING in `input_ids` and the request's slot in `feed_slots`; `feed_pending` substitutes the
-# device-side value, so the host never waits for the GPU to schedule the next step.
-PENDING = -1
-
-
-@dataclass
-class Request:
-    """One sequence: its prompt, the tokens generated so far, and the pages holding its KV."""
-
-    prompt: list[int]
-    max_new_tokens: int
-    pages: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in the cache
-    output: list[int] = field(default_factory=list)  # may end in PENDING tokens (see `PENDING`)
-    finished: bool = False
-    slot: int = 0  # index of this request's entry in the engine's device-side last-token table
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-    def token_slice(self, start: int, end: int) -> list[int]:
-        """tokens[start:end] without building the whole list (the per-step hot path reads 1 decode token)."""
-        split = len(self.prompt)
-        return self.prompt[start:min(end, split)] + self.output[max(start - split, 0) : max(end - split, 0)]
-
-    @property
-    def num_pending(self) -> int:
-        """Tokens not yet run through the model (prompt remainder, or the last sampled token)."""
-        return self.num_tokens - self.num_cached
+__all__ = ["Chunk", "StepInputs", "StepShape", "build_step", "feed_pending", "to_device"]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from nanoflow_fx.capture.step import StepFunction
-from nanoflow_fx.ops.flashinfer_attention import AttentionConfig, FlashInferPlanner
+from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
 from nanoflow_fx.runtime.batch import Chunk, StepInputs, StepShape, build_step, feed_pending
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 from nanoflow_fx.runtime.nanobatch import StepContext
@@ -42,20 +42,20 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: StepInputs  # static tensors the graph reads
     logits: torch.Tensor  # static output [shape.logits, vocab]
-    planner: FlashInferPlanner | None  # the bucket's FlashInfer plans (flashinfer backend)
+    planner: Planner | None  # the bucket's own planner (backends that plan on the host)
     split: tuple[Any, list[torch.Tensor]] | None = None  # nano-batched: (plan, its static split metadata)
 
 
 class CudaGraphRunner:
     def __init__(
-        self, step_fn: StepFunction, kv_cache: PagedKVCache, max_batch_size: int, backend: str,
+        self, step_fn: StepFunction, kv_cache: PagedKVCache, max_batch_size: int, backend: AttentionBackend,
         last_tokens: torch.Tensor,
         attention_configs: Sequence[AttentionConfig] = (),
         step_context: StepContext | None = None,
     ) -> None:
         """`last_tokens` is the engine's device-side table of each request's last sampled token; the graphs
-        read PENDING input tokens from it (see `feed_pending`). With the "flashinfer" backend each bucket has
-        its own planner (fixed buffers), re-planned before every replay. With `step_context` (nano-batched
+        read PENDING input tokens from it (see `feed_pending`). A backend that plans on the host gives each
+        bucket its own planner (fixed buffers), re-planned before every replay. With `step_context` (nano-batched
         steps) each bucket's per-nano-batch attention metadata are static inputs too, padded to the bucket's
         request and page counts, recomputed on the host and copied in before every replay."""
         self.step_context = step_context
@@ -67,8 +67,9 @@ class CudaGraphRunner:
 
     @property
     def decode_only(self) -> bool:
-        """FlashInfer graphs serve only steps of one-token requests (see `flashinfer_attention`)."""
-        return self.backend == "flashinfer"
+        """A backend that plans on the host sizes captured launches by the capture's plan: its graphs serve
+        only steps of one-token requests, whose plans all have the bucket's shape (see `flashinfer_attention`)."""
+        return self.backend.plans_on_host
 
     def shape_for(self, num_tokens: int, num_logits: int, all_decodes: bool = True) -> StepShape | None:
         """The bucket shape a step of `num_tokens` tokens replays in, or None (then it runs eagerly)."""
@@ -97,12 +98,11 @@ class CudaGraphRunner:
     def _capture(self, shape: StepShape, pool: object) -> _Graph:
         cache = self.kv_cache
         host = build_step([], cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          backend=self.backend, shape=shape, pin=True)  # only padding: writes scratch only
-        inputs = host.to(cache.caches[0].device)
-        planner = None
-        if self.backend == "flashinfer":
-            planner = FlashInferPlanner(self.attention_configs, cache.page_size, cache.caches[0].dtype,
-                                        cache.caches[0].device, decode_batch=shape.requests, max_pages=shape.pages)
+                          backend=self.backend.name, shape=shape, pin=True)  # only padding: writes scratch only
+        inputs = host.to(cache.device)
+        planner = self.backend.make_planner(self.attention_configs, cache.page_size, cache.dtype, cache.device,
+                                            decode_batch=shape.requests, max_pages=shape.pages)
+        if planner is not None:
             planner.plan(host.metadata, inputs.metadata.kv_indices)
 
         def step() -> torch.Tensor:
@@ -122,7 +122,7 @@ class CudaGraphRunner:
         if ctx is not None:  # the runner exists now: fix its split metadata as static inputs of the graph
             assert ctx.runner is not None and ctx.host is not None
             plan = ctx.runner.plan_for(shape.tokens)
-            static = [t.to(cache.caches[0].device)
+            static = [t.to(cache.device)
                       for t in ctx.runner.host_split(plan, ctx.host, cache.page_size, _split_pad(shape))]
             split = (plan, static)
             ctx.host, ctx.static = None, static
@@ -139,7 +139,7 @@ class CudaGraphRunner:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          all_logits, backend=self.backend, shape=shape, pin=True)
+                          all_logits, backend=self.backend.name, shape=shape, pin=True)
         targets, sources = list(_step_tensors(entry.inputs)), list(_step_tensors(host))
         if entry.split is not None:
             assert self.step_context is not None and self.step_context.runner is not None

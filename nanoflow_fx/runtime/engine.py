@@ -1,183 +1,329 @@
-"""`StepEngine`: admits requests into the paged KV cache, schedules token-packed steps and runs them."""
+"""`Engine`: continuous batching over the captured step (NanoFlow's dense batches, one request table).
+
+Requests arrive at any time (`add_request`) and wait in FIFO order. Each `step()` asks the scheduler
+(`scheduler.schedule`, a pure function of the table and the free pages) for the next dense batch, applies its
+table changes (admissions get pages and a slot; preempted requests lose theirs and go back to the front of the
+queue), has the step runner execute it, samples each completing request's next token with its own
+parameters, and queues the tokens' copy back to the host. The host never waits for the step it just queued:
+sampled tokens stay on the device (the next step reads them there, see `requests.PENDING`) and are read back
+`MAX_LAG` steps later, where EOS is detected. A request that reaches `max_new_tokens` frees its pages at once;
+one that sampled EOS frees them when the EOS is read back (the steps it ran ahead meanwhile are cut).
+
+`generate()`, `generate_batch()` and the streaming manager are thin layers over one engine per optimized
+model: calls from several threads become requests of the same engine (its lock serialises the steps).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
+import threading
+import time
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.config import NanoFlowConfig
-from nanoflow_fx.errors import BatchTooLargeError, RequestTooLongError
-from nanoflow_fx.ops.flashinfer_attention import AttentionConfig, FlashInferPlanner
-from nanoflow_fx.runtime.batch import Chunk, Request, build_step, feed_pending, to_device
-from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
-from nanoflow_fx.runtime.kv_cache import PagedKVCache
-from nanoflow_fx.runtime.nanobatch import StepContext
+from nanoflow_fx.errors import InvalidInputError, KVCacheExhaustedError, RequestTooLongError
+from nanoflow_fx.runtime.requests import FAILED, FINISHED, PENDING, RUNNING, WAITING, Request
+from nanoflow_fx.runtime.sampling import SamplingParams, sample_rows
+from nanoflow_fx.runtime.scheduler import SchedulerLimits, StepPlan, schedule
+from nanoflow_fx.runtime.step_runner import StepRunner
 
-__all__ = ["StepEngine"]
+__all__ = ["Engine", "EngineStats", "MAX_LAG"]
 
 log = logging.getLogger(__name__)
 
+# Steps the host may run ahead of the tokens it has read back. The GPU keeps this many steps queued while the
+# host reads step n - MAX_LAG's tokens (EOS detection), so it never idles waiting for the host.
+MAX_LAG = 2
+_LOG_EVERY_S = 10.0  # how often a long run logs the engine's state at INFO
 
-class StepEngine:
-    """Runs requests through the captured step.
 
-    Pages for a request's whole budget (prompt + max_new_tokens) are reserved when it is admitted, so an
-    admitted request can never run out of cache mid-generation and an oversized batch fails before any work.
-    """
+@dataclass
+class EngineStats:
+    """Counters since the engine was made (tokens count what ran through the model, not what was kept)."""
 
-    def __init__(
-        self,
-        step_fn: StepFunction,
-        kv_cache: PagedKVCache,
-        config: NanoFlowConfig,
-        attention_backend: str = "torch",
-        attention_configs: Sequence[AttentionConfig] = (),
-        step_context: StepContext | None = None,
-    ) -> None:
-        """`attention_configs` (the model's distinct attention layer configurations) are needed by the
-        "flashinfer" backend, which plans each configuration before every step. `step_context` is shared with
-        the nano-batch runner of a nano-batched step (the engine gives it each step's metadata on the host)."""
-        self.step_context = step_context
-        self.step_fn = step_fn
-        self.kv_cache = kv_cache
-        self.config = config
-        self.attention_backend = attention_backend  # resolved: "torch", "triton" or "flashinfer"
-        self.attention_configs = tuple(attention_configs)
-        self.planner: FlashInferPlanner | None = None  # plans eager steps (graphs have their own)
-        if attention_backend == "flashinfer":
-            if not self.attention_configs:
-                raise ValueError("the flashinfer backend needs the model's attention configurations")
-            self.planner = FlashInferPlanner(self.attention_configs, kv_cache.page_size, kv_cache.caches[0].dtype,
-                                             self.device)
-        self.cuda_graphs: CudaGraphRunner | None = None  # set by enable_cuda_graphs()
-        self.cuda_graphs_off_reason = "not enabled"
-        # Each admitted request's last sampled token, on the device, by request slot (see batch.PENDING).
-        self.last_tokens = torch.zeros(config.max_batch_size, dtype=torch.int64, device=self.device)
-        self.stats = {"graph_steps": 0, "eager_steps": 0}
-
-    def enable_cuda_graphs(self) -> bool:
-        """Capture decode-bucket CUDA graphs now, if this engine can replay them; returns whether it did.
-
-        They need a CUDA model and the "triton" or "flashinfer" attention backend (the reference kernel syncs
-        with the host); nano-batched steps (Triton) also need `sm_partition` set, the multi-stream path whose
-        split metadata are static graph inputs. A model whose step syncs with the host (e.g. HF's fp32
-        grouped-MoE fallback calls .tolist()) fails to capture: it is logged. Whenever graphs stay off, the
-        reason is in `cuda_graphs_off_reason` and every step runs the captured step directly (still correct).
-        """
-        reason = self._cuda_graphs_blocker()
-        if reason:
-            self.cuda_graphs_off_reason = reason
-            return False
-        runner = CudaGraphRunner(self.step_fn, self.kv_cache, self.config.max_batch_size, self.attention_backend,
-                                 self.last_tokens, self.attention_configs, self.step_context)
-        try:
-            runner.capture_all()
-        except RuntimeError as err:
-            torch.cuda.synchronize()
-            self.cuda_graphs_off_reason = f"capture failed: {str(err).splitlines()[0]}"
-            log.warning("nanoflow_fx: CUDA graphs off: %s", self.cuda_graphs_off_reason)
-            return False
-        self.cuda_graphs = runner
-        self.cuda_graphs_off_reason = ""
-        return True
-
-    def _cuda_graphs_blocker(self) -> str:
-        if self.device.type != "cuda":
-            return "the model is not on CUDA"
-        if self.attention_backend not in ("triton", "flashinfer"):
-            return f"attention backend {self.attention_backend!r} syncs with the host (use 'triton' or 'flashinfer')"
-        if self.config.nanobatched and (self.step_context is None or self.config.sm_partition == "off"):
-            return "nano-batched steps replay CUDA graphs only with sm_partition set ('streams', 'soft' or 'hard')"
-        return ""
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    generated_tokens: int = 0  # tokens sampled (incl. those past an EOS not yet read back)
+    preemptions: int = 0
+    finished: int = 0
+    running_sum: int = 0  # sum over steps of running requests (mean running batch = running_sum / steps)
+    kv_pages_used_sum: int = 0  # sum over steps of pages held
+    step_s: float = 0.0  # host time inside step()
+    readback_wait_s: float = 0.0  # of which blocked on the device, waiting for tokens MAX_LAG steps old
 
     @property
-    def device(self) -> torch.device:
-        return self.kv_cache.caches[0].device
+    def mean_running(self) -> float:
+        return self.running_sum / max(self.steps, 1)
 
-    def admit(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Request]:
-        """Create requests and reserve their pages; raises before reserving anything if they cannot fit."""
-        cfg = self.config
-        if len(prompts) > cfg.max_batch_size:
-            raise BatchTooLargeError(
-                f"batch of {len(prompts)} sequences exceeds NanoFlowConfig.max_batch_size={cfg.max_batch_size}; "
-                "raise max_batch_size in optimize() or split the batch"
-            )
-        for i, prompt in enumerate(prompts):
-            total = len(prompt) + max_new_tokens
-            if total > cfg.max_seq_len:
-                raise RequestTooLongError(
-                    f"sequence {i}: prompt of {len(prompt)} tokens + {max_new_tokens} new tokens = {total} "
-                    f"exceeds NanoFlowConfig.max_seq_len={cfg.max_seq_len}; raise max_seq_len in optimize() "
-                    "or shorten the prompt / lower max_new_tokens"
-                )
-        need = [self.kv_cache.pages_for(len(p) + max_new_tokens) for p in prompts]
-        pages = self.kv_cache.allocator.allocate(sum(need))  # all-or-nothing
-        requests, start = [], 0
-        for slot, (prompt, n) in enumerate(zip(prompts, need)):
-            requests.append(Request(prompt=list(prompt), max_new_tokens=max_new_tokens, pages=pages[start : start + n],
-                                    slot=slot))
-            start += n
-        return requests
 
-    def record_tokens(self, requests: Sequence[Request], tokens: torch.Tensor) -> None:
-        """Store each request's newly sampled token (on the device) where PENDING inputs are fed from."""
-        if requests:
-            slots = to_device([r.slot for r in requests], torch.int64, self.device)
-            self.last_tokens.index_copy_(0, slots, tokens.to(torch.int64))
+class _Readback:
+    """One step's sampled tokens on their way to the host (a non-blocking copy into pinned memory)."""
 
-    def release(self, requests: Sequence[Request]) -> None:
-        for req in requests:
-            self.kv_cache.allocator.free(req.pages)
-            req.pages = []
-
-    def schedule(self, requests: Sequence[Request]) -> list[Chunk]:
-        """Decode tokens first, then prefill chunks fill the rest of the `max_num_tokens` budget."""
-        budget = self.config.max_num_tokens
-        active = [r for r in requests if not r.finished and r.num_pending > 0]
-        decodes = [r for r in active if r.num_cached >= len(r.prompt)]
-        chunks = [Chunk(r, 1) for r in decodes]
-        budget -= len(chunks)
-        for req in active:
-            if req.num_cached < len(req.prompt) and budget > 0:
-                n = min(req.num_pending, budget)
-                chunks.append(Chunk(req, n))
-                budget -= n
-        return chunks
-
-    def run(self, chunks: Sequence[Chunk], all_logits: bool = False) -> torch.Tensor:
-        """Run one step; returns logits of completing chunks in order ([N, vocab]), or of every token."""
-        cache = self.kv_cache
-        shape = None
-        if self.cuda_graphs is not None:
-            num_logits = sum(c.num_tokens if all_logits else int(c.completes) for c in chunks)
-            shape = self.cuda_graphs.shape_for(sum(c.num_tokens for c in chunks), num_logits,
-                                               all(c.num_tokens == 1 for c in chunks))
-        if shape is not None:
-            logits = self.cuda_graphs.run(chunks, shape, all_logits)  # type: ignore[union-attr]
-            self.stats["graph_steps"] += 1
+    def __init__(self, tokens: torch.Tensor, targets: list[tuple[Request, int]]) -> None:
+        self.targets = targets  # (request, index into its output) per token
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event: torch.cuda.Event | None = torch.cuda.Event()
+            self.event.record()
         else:
-            if self.device.type == "cuda":  # built in pinned host memory, then copied without blocking
-                host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                                  all_logits, backend=self.attention_backend, pin=True)
-                inputs = host.to(self.device)
-                if self.planner is not None:
-                    self.planner.plan(host.metadata, inputs.metadata.kv_indices)
-            else:
-                inputs = host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, self.device,
-                                           all_logits, backend=self.attention_backend)
-            if self.step_context is not None:
-                self.step_context.host = host.metadata.tensors()[:4]
-            input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
+            self.host, self.event = tokens, None
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def tokens(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()  # type: ignore[no-any-return]
+
+
+class Engine:
+    """One optimized model's continuous-batching engine (see the module docstring)."""
+
+    def __init__(self, runner: StepRunner, config: NanoFlowConfig, reserve_ratio: float | None = None) -> None:
+        """`reserve_ratio`: see `SchedulerLimits`; None adapts it to how much finished requests generated."""
+        self.runner, self.config = runner, config
+        self.kv_cache = runner.kv_cache
+        allocator = self.kv_cache.allocator
+        # Admission keeps 1% of the pages free (as vLLM does) and pages for the tokens running requests are
+        # expected to generate: all their max_new_tokens at first, then the share finished requests really
+        # generated (an average), so requests that end early at EOS let more in (see `scheduler`).
+        self.limits = SchedulerLimits(config.max_num_tokens, runner.num_slots, self.kv_cache.page_size,
+                                      watermark_pages=allocator.num_pages // 100,
+                                      reserve_ratio=1.0 if reserve_ratio is None else reserve_ratio)
+        self._adapt_reserve = reserve_ratio is None
+        self._generated_share = 1.0
+        self.waiting: deque[Request] = deque()
+        self._inbox: deque[Request] = deque()  # added, not yet queued (appends are atomic: no lock needed)
+        self.running: list[Request] = []  # admission order
+        self.free_slots = list(range(runner.num_slots - 1, -1, -1))
+        self.inflight: deque[_Readback] = deque()
+        self.lock = threading.RLock()
+        self.stats = EngineStats()
+        self._arrivals = itertools.count()
+        self._admissions = itertools.count()
+        self._ids = itertools.count()
+        self._last_log = time.perf_counter()
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add_request(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int,
+                    request_id: str | None = None, streaming: bool = False, listener=None) -> Request:  # type: ignore[no-untyped-def]
+        """Queue a request; raises (before queueing) if it could never run: an empty prompt, token ids outside
+        the vocabulary, more tokens than `max_seq_len`, or more KV pages than the whole cache."""
+        prompt = list(prompt)
+        self.check_fits(len(prompt), max_new_tokens, request_id or "the request")
+        request = Request(request_id or f"req_{next(self._ids)}", prompt, params, int(max_new_tokens),
+                          arrival=next(self._arrivals), streaming=streaming, listener=listener)
+        # Not under the lock, which a stepping thread holds for a whole step: the next step takes it from here.
+        self._inbox.append(request)
+        return request
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int, name: str) -> None:
+        """Raise if a request of this size can never run on this engine."""
+        if prompt_len < 1:
+            raise InvalidInputError(f"{name}: the prompt is empty; give at least one token")
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"{name}: max_new_tokens={max_new_tokens} leaves nothing to generate")
+        total, cfg = prompt_len + max_new_tokens, self.config
+        if total > cfg.max_seq_len:
+            raise RequestTooLongError(
+                f"{name}: prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {total} exceeds "
+                f"NanoFlowConfig.max_seq_len={cfg.max_seq_len}; raise max_seq_len in optimize() or shorten the "
+                "prompt / lower max_new_tokens")
+        need, have = self.kv_cache.pages_for(total), self.kv_cache.allocator.num_pages
+        if need > have:
+            raise KVCacheExhaustedError(
+                f"{name}: {total} tokens need {need} KV-cache pages, more than the whole cache holds ({have} pages of "
+                f"{self.kv_cache.page_size} tokens); raise NanoFlowConfig.num_pages or kv_cache_memory_fraction, "
+                "or shorten the request")
+
+    def cancel(self, request: Request) -> None:
+        """Drop a request (waiting or running): its pages and slot are freed at once; no result is delivered."""
+        with self.lock:
+            if not request.finished:
+                self._take_inbox()
+                request.listener = None
+                self._detach(request)
+                request.state = FINISHED
+
+    def fail(self, requests: Sequence[Request], error: BaseException | str) -> None:
+        """End requests with an error (their pages and slots freed); their listeners hear of it."""
+        with self.lock:
+            self._take_inbox()
+            for req in requests:
+                if not req.finished:
+                    self._detach(req)
+                    req.error = str(error) or type(error).__name__
+                    self._end(req, FAILED)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self.inflight or self._inbox)
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            self.waiting.append(self._inbox.popleft())
+
+    # ------------------------------------------------------------------------------------------- stepping
+    def step(self) -> None:
+        """Run one scheduling iteration (see the module docstring). Does nothing when there is no work."""
+        with self.lock:
+            start = time.perf_counter()
             try:
-                logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+                self._step()
             finally:
-                if self.step_context is not None:
-                    self.step_context.host = None
-            logits = logits[: inputs.num_logits]
-            self.stats["eager_steps"] += 1
-        for chunk in chunks:
+                self.stats.step_s += time.perf_counter() - start
+
+    def _step(self) -> None:
+        self._take_inbox()
+        self._resolve(block=False)
+        plan = schedule(self.running, self.waiting, self.kv_cache.allocator.num_free, self.limits)
+        self._apply(plan)
+        if not plan.chunks:
+            if self.inflight:  # e.g. the queue's head waits for its last tokens: read them back
+                self._resolve_oldest()
+            elif self.waiting:
+                raise RuntimeError(f"nanoflow_fx engine: {len(self.waiting)} waiting requests cannot be scheduled "
+                                   "with nothing running (a request larger than the cache was admitted)")
+            return
+        try:
+            self._run(plan)
+        except BaseException as err:
+            self.fail(list(self.running), err)
+            raise
+        while len(self.inflight) > MAX_LAG:
+            self._resolve_oldest()
+        self._maybe_log()
+
+    def run_until_done(self, requests: Sequence[Request]) -> None:
+        """Step until every request in `requests` has finished (others in the table progress too)."""
+        while not all(r.finished for r in requests):
+            self.step()
+
+    def _apply(self, plan: StepPlan) -> None:
+        for req in sorted(plan.preempted, key=lambda r: r.arrival, reverse=True):
+            self.running.remove(req)
+            self._release(req)
+            req.num_cached, req.state, req.admitted = 0, WAITING, -1
+            req.num_preemptions += 1
+            self.waiting.appendleft(req)  # the front: preempted requests go first, oldest first
+        self.stats.preemptions += len(plan.preempted)
+        if plan.preempted:
+            log.debug("nanoflow_fx: preempted %s", [r.request_id for r in plan.preempted])
+        now = time.perf_counter()
+        for req in plan.admitted:
+            self.waiting.remove(req)
+            req.slot, req.state, req.admitted = self.free_slots.pop(), RUNNING, next(self._admissions)
+            if req.first_scheduled_time < 0:
+                req.first_scheduled_time = now
+            self.running.append(req)
+        for req, count in plan.new_pages:
+            req.pages += self.kv_cache.allocator.allocate(count)
+
+    def _run(self, plan: StepPlan) -> None:
+        logits = self.runner.run(plan.chunks)
+        completing = []
+        for chunk in plan.chunks:
             chunk.request.num_cached += chunk.num_tokens
-        return logits
+            if chunk.completes:
+                completing.append(chunk.request)
+        stats = self.stats
+        stats.steps += 1
+        decode = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.start >= len(c.request.prompt))
+        stats.decode_tokens += decode
+        stats.prefill_tokens += plan.num_tokens - decode
+        stats.running_sum += len(self.running)
+        stats.kv_pages_used_sum += self.kv_cache.allocator.num_pages - self.kv_cache.allocator.num_free
+        if not completing:
+            return
+        tokens = sample_rows(logits, [len(r.output) for r in completing], [r.params for r in completing])
+        self.runner.record_tokens([r.slot for r in completing], tokens)
+        self.inflight.append(_Readback(tokens, [(r, len(r.output)) for r in completing]))
+        stats.generated_tokens += len(completing)
+        for req in completing:
+            req.output.append(PENDING)
+            if len(req.output) >= req.max_new_tokens:
+                self._stop_generating(req)
+
+    # ------------------------------------------------------------------------------------------- readback
+    def _resolve(self, block: bool) -> None:
+        while self.inflight and (block or self.inflight[0].ready()):
+            self._resolve_oldest()
+
+    def _resolve_oldest(self) -> None:
+        """Write the oldest queued step's tokens into their requests; a request that sampled EOS ends there
+        (tokens it ran ahead with are dropped; they were never visible)."""
+        readback = self.inflight.popleft()
+        touched: dict[Request, None] = {}
+        start = time.perf_counter()
+        tokens = readback.tokens()
+        now = time.perf_counter()
+        self.stats.readback_wait_s += now - start
+        for (req, index), token in zip(readback.targets, tokens):
+            if index >= len(req.output) or req.finished:
+                continue  # cut at an earlier EOS, cancelled or failed
+            req.output[index] = token
+            if req.timestamps is not None:
+                req.timestamps.append(now)
+            touched[req] = None
+            if token in req.params.eos_token_ids:  # (sampling kept EOS out before min_new_tokens)
+                del req.output[index + 1 :]
+                self._stop_generating(req)
+        for req in touched:
+            if req.done_generating and req.resolved and not req.finished:
+                self._end(req, FINISHED)
+            elif req.streaming and req.listener is not None:
+                req.listener(req)
+
+    def _stop_generating(self, req: Request) -> None:
+        """No more tokens for `req`; it ends as soon as its last tokens are read back."""
+        self._detach(req)
+        if req.resolved:
+            self._end(req, FINISHED)
+
+    def _detach(self, req: Request) -> None:
+        """Take `req` out of the queue or the running set and free its pages and slot now (steps already queued
+        on the device that use them run first, in stream order)."""
+        req.done_generating = True
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
+        self.kv_cache.allocator.free(req.pages)
+        req.pages = []
+        if req.slot >= 0:
+            self.free_slots.append(req.slot)
+            req.slot = -1
+
+    def _end(self, req: Request, state: str) -> None:
+        req.state, req.finished_time = state, time.perf_counter()
+        self.stats.finished += 1
+        if state == FINISHED and self._adapt_reserve and req.max_new_tokens > 0:
+            self._generated_share += 0.1 * (len(req.output) / req.max_new_tokens - self._generated_share)
+            ratio = max(self._generated_share, 0.05)
+            if abs(ratio - self.limits.reserve_ratio) > 0.02:
+                self.limits = dataclasses.replace(self.limits, reserve_ratio=ratio)
+        if req.listener is not None:
+            req.listener(req)
+
+    def _maybe_log(self) -> None:
+        now = time.perf_counter()
+        if now - self._last_log < _LOG_EVERY_S or not log.isEnabledFor(logging.INFO):
+            return
+        self._last_log = now
+        alloc = self.kv_cache.allocator
+        log.info("nanoflow_fx engine: %d running, %d waiting, %d finished, %d preemptions, KV cache %.0f%% used, "
+                 "mean running batch %.1f over %d steps", len(self.running), len(self.waiting), self.stats.finished,
+                 self.stats.preemptions, 100 * (1 - alloc.num_free / max(alloc.num_pages, 1)),
+                 self.stats.mean_running, self.stats.steps)

@@ -7,7 +7,7 @@ optimized model's plain forward is HF's eager attention), with one log line nami
 from __future__ import annotations
 
 import logging
-from collections import deque
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +16,8 @@ from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from nanoflow_fx.errors import InvalidInputError
-from nanoflow_fx.runtime.batch import PENDING, Request
-from nanoflow_fx.runtime.engine import StepEngine
-from nanoflow_fx.runtime.sampling import SamplingParams, select_tokens
+from nanoflow_fx.runtime.engine import Engine
+from nanoflow_fx.runtime.sampling import SamplingParams
 
 __all__ = ["GenerationPlan", "plan_generation", "run_generation"]
 
@@ -68,6 +67,7 @@ def plan_generation(
     if unsupported:
         return f"the option `{unsupported}` is not on the fast path"
     mask = _attention_mask(input_ids, model_kwargs.get("attention_mask"), gen)
+    _check_token_ids(input_ids, mask, model.get_input_embeddings().weight.shape[0])
     eos = _as_ids(gen.eos_token_id)
     pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else None)
     max_new = _max_new_tokens(model, gen, input_ids.shape[1], default_max_length)
@@ -80,72 +80,29 @@ def plan_generation(
     return GenerationPlan(input_ids, prompts, max_new, sampling, pad, bool(gen.return_dict_in_generate))
 
 
-# Steps the host may run ahead of the tokens it has read back. The GPU keeps this many steps queued while the
-# host reads step n - MAX_LAG's tokens (EOS detection), so it never idles waiting for the host.
-MAX_LAG = 2
-
-
-class _Readback:
-    """One step's sampled tokens on their way to the host (a non-blocking copy into pinned memory)."""
-
-    def __init__(self, tokens: torch.Tensor, targets: list[tuple[Request, int]]) -> None:
-        self.targets = targets  # (request, index into its output) per token
-        if tokens.device.type == "cuda":
-            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.host.copy_(tokens, non_blocking=True)
-            self.event: torch.cuda.Event | None = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host, self.event = tokens, None
-
-    def ready(self) -> bool:
-        return self.event is None or self.event.query()
-
-    def resolve(self, eos_token_ids: tuple[int, ...]) -> None:
-        """Write the tokens into the requests' outputs; a request that sampled EOS ends there (tokens it ran
-        ahead with are dropped; they were never visible)."""
-        if self.event is not None:
-            self.event.synchronize()
-        for (req, index), token in zip(self.targets, self.host.tolist()):
-            if index >= len(req.output):  # already cut at an earlier EOS
-                continue
-            req.output[index] = token
-            if token in eos_token_ids:
-                del req.output[index + 1 :]
-                req.finished = True
-
-
-def run_generation(engine: StepEngine, plan: GenerationPlan) -> torch.Tensor | GenerateDecoderOnlyOutput:
+def run_generation(engine: Engine, plan: GenerationPlan) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """Generate with `engine` and shape the result exactly as HF's `generate()` does.
 
-    The loop never waits for the step it just queued: sampled tokens stay on the device (the next step reads
-    them there, see `batch.PENDING`) and reach the host `MAX_LAG` steps later, where EOS is detected.
+    Every row becomes a request of the engine, so a batch larger than what fits at once runs through the same
+    scheduler (continuous batching), and calls from several threads share the engine's steps.
     """
-    requests = engine.admit(plan.prompts, plan.max_new_tokens)
-    eos = plan.sampling.eos_token_ids
-    inflight: deque[_Readback] = deque()
+    for i, prompt in enumerate(plan.prompts):  # every row is checked before any is queued
+        engine.check_fits(len(prompt), plan.max_new_tokens, f"sequence {i}")
+    requests = []
     try:
-        while any(not r.finished for r in requests):
-            chunks = engine.schedule(requests)
-            logits = engine.run(chunks)
-            completing = [c.request for c in chunks if c.completes]
-            if completing:
-                tokens = select_tokens(logits, [len(r.output) for r in completing], plan.sampling)
-                engine.record_tokens(completing, tokens)
-                inflight.append(_Readback(tokens, [(r, len(r.output)) for r in completing]))
-                for req in completing:
-                    req.output.append(PENDING)
-                    req.finished = len(req.output) >= req.max_new_tokens
-            while inflight and (len(inflight) > MAX_LAG or inflight[0].ready()):
-                inflight.popleft().resolve(eos)
-        while inflight:
-            inflight.popleft().resolve(eos)
+        for prompt in plan.prompts:
+            requests.append(engine.add_request(prompt, plan.sampling, plan.max_new_tokens))
+        engine.run_until_done(requests)
     finally:
-        engine.release(requests)
+        for req in requests:
+            engine.cancel(req)  # a no-op for finished requests; frees the others' pages after an error
+    failed = next((r for r in requests if r.error is not None), None)
+    if failed is not None:
+        raise RuntimeError(f"nanoflow_fx: generation failed: {failed.error}")
     width = max(len(r.output) for r in requests)
     pad = plan.pad_token_id if plan.pad_token_id is not None else 0
-    new = torch.tensor([r.output + [pad] * (width - len(r.output)) for r in requests], dtype=plan.input_ids.dtype)
-    sequences = torch.cat([plan.input_ids, new.to(plan.input_ids.device)], dim=1)
+    new = torch.tensor([r.output + [pad] * (width - len(r.output)) for r in requests], dtype=torch.int64)
+    sequences = torch.cat([plan.input_ids.to(torch.int64), new.to(plan.input_ids.device)], dim=1)
     return GenerateDecoderOnlyOutput(sequences=sequences) if plan.return_dict else sequences
 
 
@@ -163,31 +120,52 @@ def _unsupported_options(gen: GenerationConfig) -> str | None:
 
 
 def _attention_mask(input_ids: torch.Tensor, mask: torch.Tensor | None, gen: GenerationConfig) -> torch.Tensor:
+    """The rows' mask, given or inferred from `pad_token_id` as HF infers it; either way it must be left
+    padding with at least one real token per row."""
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise InvalidInputError(f"input_ids must be an integer tensor [batch, seq_len], got {input_ids.dtype} "
                                 f"{tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0:
+        raise InvalidInputError("input_ids has no rows: give at least one prompt")
     if input_ids.shape[1] == 0:
         raise InvalidInputError("input_ids is empty: give at least one prompt token per sequence")
     if mask is None:
         pad, eos = gen.pad_token_id, _as_ids(gen.eos_token_id)
         if pad is not None and pad not in eos and bool((input_ids == pad).any()):
-            return input_ids != pad  # as HF infers it
-        return torch.ones_like(input_ids, dtype=torch.bool)
-    if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            mask, source = input_ids != pad, f"inferred from pad_token_id={pad}"  # as HF infers it
+        else:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        source = "attention_mask"
+        if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise InvalidInputError(
+                f"attention_mask has shape {shape} but input_ids has shape {tuple(input_ids.shape)}; "
+                "pass the mask the tokenizer returned with these input_ids"
+            )
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise InvalidInputError("attention_mask must hold only 0 and 1")
+    mask = mask.to(input_ids.device).bool()
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise InvalidInputError(f"rows {empty} have no tokens ({source} marks them all padding); give every row at "
+                                "least one prompt token")
+    # Left padding: once a row's tokens start, they run to the end (no 0 after a 1).
+    right = (mask.int().cummax(dim=1).values.bool() & ~mask).any(dim=1).nonzero().flatten().tolist()
+    if right:
         raise InvalidInputError(
-            f"attention_mask has shape {shape} but input_ids has shape {tuple(input_ids.shape)}; "
-            "pass the mask the tokenizer returned with these input_ids"
+            f"rows {right} have padding after their tokens ({source}); decoder-only generation needs left padding: "
+            "set tokenizer.padding_side = 'left'"
         )
-    if bool(((mask != 0) & (mask != 1)).any()):
-        raise InvalidInputError("attention_mask must hold only 0 and 1")
-    if not bool(mask[:, -1].all()):
-        rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
-        raise InvalidInputError(
-            f"attention_mask rows {rows} end in padding (right padding); decoder-only generation needs left "
-            "padding: set tokenizer.padding_side = 'left'"
-        )
-    return mask.to(input_ids.device).bool()
+    return mask
+
+
+def _check_token_ids(input_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:
+    bad = ((input_ids < 0) | (input_ids >= vocab_size)) & mask
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise InvalidInputError(f"input_ids[{row}, {col}] = {int(input_ids[row, col])} is not a token id of this model "
+                                f"(vocabulary of {vocab_size}: ids 0..{vocab_size - 1})")
 
 
 def _max_new_tokens(model: Any, gen: GenerationConfig, input_len: int, default_max_length: bool) -> int:
@@ -199,12 +177,12 @@ def _max_new_tokens(model: Any, gen: GenerationConfig, input_len: int, default_m
             limit = getattr(model.config, "max_position_embeddings", None)
             max_length = min(gen.max_length + input_len, limit) if limit else gen.max_length + input_len
         max_new = max_length - input_len
-    if max_new < 1:
+    if max_new <= 0:
         raise InvalidInputError(
             f"nothing to generate: input length {input_len} leaves {max_new} new tokens; raise max_new_tokens "
             "(or max_length)"
         )
-    return int(max_new)
+    return math.ceil(max_new)  # HF's loop runs while the length is below max_length: 2.5 new tokens give 3
 
 
 def _as_ids(value: int | list[int] | torch.Tensor | None) -> list[int]:

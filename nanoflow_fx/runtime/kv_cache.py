@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from nanoflow_fx.capture.hf_attention import LayerSpec
 from nanoflow_fx.errors import KVCacheExhaustedError
+from nanoflow_fx.ops.backend import AttentionConfig
 
-__all__ = ["PageAllocator", "PagedKVCache"]
+__all__ = ["PageAllocator", "PagedKVCache", "page_bytes"]
 
 
 class PageAllocator:
@@ -26,32 +26,37 @@ class PageAllocator:
     def allocate(self, count: int) -> list[int]:
         if count > len(self._free):
             raise KVCacheExhaustedError(
-                f"the KV cache needs {count} more pages but only {len(self._free)} of {self.num_pages} are free; "
-                "raise NanoFlowConfig.num_pages (or max_batch_size/max_seq_len), or use fewer or shorter requests"
+                f"the KV cache needs {count} pages but only {len(self._free)} of {self.num_pages} are free "
+                f"({count - len(self._free)} more than it has); raise NanoFlowConfig.num_pages (or "
+                "kv_cache_memory_fraction), or use fewer or shorter requests"
             )
-        pages = [self._free.pop() for _ in range(count)]
-        return pages
+        return [self._free.pop() for _ in range(count)]
 
     def free(self, pages: Sequence[int]) -> None:
         self._free.extend(reversed(pages))
 
 
+def page_bytes(layers: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one page takes across all layers (keys and values)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * page_size * spec.num_kv_heads * spec.head_dim * itemsize for spec in layers)
+
+
 class PagedKVCache:
     """One [num_pages + 1, 2, page_size, num_kv_heads, head_dim] tensor per layer (FlashInfer's NHD layout).
 
-    Pages 0..num_pages-1 belong to the allocator; the last one, `scratch_page`, takes the padding tokens' writes.
+    `layers[i]` is layer i's attention configuration. Pages 0..num_pages-1 belong to the allocator; the last
+    one, `scratch_page`, takes the padding tokens' writes.
     """
 
     def __init__(
         self,
-        layers: Sequence[LayerSpec],
+        layers: Sequence[AttentionConfig],
         num_pages: int,
         page_size: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        if [spec.layer_idx for spec in layers] != list(range(len(layers))):
-            raise ValueError(f"layers must be numbered 0..{len(layers) - 1}, got {[s.layer_idx for s in layers]}")
         self.page_size = page_size
         self.allocator = PageAllocator(num_pages)
         self.scratch_page = num_pages
@@ -59,6 +64,14 @@ class PagedKVCache:
             torch.zeros(num_pages + 1, 2, page_size, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
             for spec in layers
         )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.caches[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.caches[0].device
 
     @property
     def num_bytes(self) -> int:

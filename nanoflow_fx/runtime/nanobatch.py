@@ -44,7 +44,6 @@ class StepContext:
     runner uses them as they are. `runner`: the runner of the captured graph, once it exists.
     """
 
-    page_size: int = 16
     host: tuple[torch.Tensor, ...] | None = None
     static: list[torch.Tensor] | None = None
     runner: NanobatchRunner | None = None
@@ -130,10 +129,10 @@ class NanobatchRunner:
         ctx = self.context
         if ctx is not None and ctx.static is not None:
             return ctx.static
+        page_size = args[self.cache_input].shape[2]  # the cache this step runs on (a static size)
         if ctx is not None and ctx.host is not None:
             device = args[self.token_input].device
-            return [t.to(device, non_blocking=True) for t in self.host_split(step.plan, ctx.host, ctx.page_size)]
-        page_size = args[self.cache_input].shape[2]
+            return [t.to(device, non_blocking=True) for t in self.host_split(step.plan, ctx.host, page_size)]
         return self._split(step, [args[i] for i in self.metadata_inputs], page_size, None)
 
     def host_split(

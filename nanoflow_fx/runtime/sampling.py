@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 
 from nanoflow_fx.runtime.batch import to_device
 
-__all__ = ["SamplingParams", "select_tokens"]
+__all__ = ["SamplingParams", "select_tokens", "sample_rows"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +64,19 @@ def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: Sa
     scores = params.warpers(None, scores)  # type: ignore[arg-type]  # HF's warpers ignore input_ids
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def sample_rows(logits: torch.Tensor, num_generated: Sequence[int], params: Sequence[SamplingParams]) -> torch.Tensor:
+    """One token per row of `logits` [N, vocab], row i with its own request's `params[i]` (rows that share
+    parameters are selected together: one group in the common case of one parameter set)."""
+    first = params[0]
+    if all(p is first or p == first for p in params):
+        return select_tokens(logits, num_generated, first)
+    groups: dict[SamplingParams, list[int]] = {}
+    for row, p in enumerate(params):
+        groups.setdefault(p, []).append(row)
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    for p, rows in groups.items():
+        index = to_device(rows, torch.int64, logits.device)
+        tokens[index] = select_tokens(logits.index_select(0, index), [num_generated[r] for r in rows], p)
+    return tokens

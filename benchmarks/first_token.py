@@ -1,0 +1,69 @@
+"""Time from `optimize()` to the first generated token on a Llama-3-8B-shaped model (random bf16 weights), in a
+fresh process with the on-disk caches as they are, then again in a second fresh process (caches now warm).
+
+    python benchmarks/first_token.py [--config '{"max_num_tokens": 2048}'] [--out first_token.json]
+
+Each run prints `optimize()`'s breakdown (`model.nanoflow.timings`) and the first generate call (1 prompt of 128
+tokens, 1 new token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def one_run(config: str) -> dict:
+    start = time.perf_counter()
+    import torch
+
+    import nanoflow_fx
+    from examples.generate import build_model
+
+    imported = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_model("llama3-8b", "cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    built = time.perf_counter()
+    nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig.from_dict(json.loads(config)))
+    optimized = time.perf_counter()
+    ids = torch.randint(3, model.config.vocab_size, (1, 128), device="cuda")
+    out = model.generate(ids, max_new_tokens=1, do_sample=False)
+    out.tolist()
+    done = time.perf_counter()
+    return dict(import_s=imported - start, build_model_s=built - imported, optimize_s=optimized - built,
+                first_generate_s=done - optimized, optimize_to_first_token_s=done - built,
+                timings=model.nanoflow.timings, config=model.nanoflow.config.to_dict())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="{}")
+    parser.add_argument("--out", default="first_token.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one_run(args.config)))
+        return
+    runs = []
+    for label in ("first process (caches as found)", "second process (caches warm)"):
+        proc = subprocess.run([sys.executable, __file__, "--child", "--config", args.config], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            print(proc.stdout[-3000:], proc.stderr[-6000:])
+            raise SystemExit(f"{label}: failed")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["run"] = label
+        runs.append(result)
+        print(f"[measured] {result}", flush=True)
+        Path(args.out).write_text(json.dumps(runs, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Attention backends: one object per kernel family behind one protocol, chosen in one place (`choose`).
+
+A backend says whether it can run here (and why not), whether its steps can be captured in a CUDA graph,
+makes the host-side planner a step needs (FlashInfer plans each step's work split on the host), and runs the
+kernel for `nanoflow::paged_attention`. The captured graph names its backend by `AttentionBackend.name` (a
+constant of the graph); `get(name)` finds the object. A new backend is one new module plus a line in
+`_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from nanoflow_fx.errors import NanoFlowError
+
+__all__ = ["AttentionBackend", "AttentionConfig", "Planner", "BACKEND_NAMES", "choose", "get", "register"]
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One attention layer's shape and options as a kernel needs them (the model's distinct configurations
+    are what a planner plans: Gemma-2 has two, most models one)."""
+
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float  # the softmax scale the model passes (or 1/sqrt(head_dim) where it passes none)
+    sliding_window: int  # <= 0: none
+    softcap: float  # <= 0: none
+
+
+class Planner(Protocol):
+    """Host-side work a backend needs before each step (or each replay of a captured step)."""
+
+    def plan(self, host: Any, kv_indices: torch.Tensor) -> None:
+        """`host`: the step's `AttentionMetadata` in (pinned) host memory; `kv_indices`: its page list on the
+        device. Must not wait for the GPU."""
+
+
+class AttentionBackend:
+    """The protocol every backend implements (defaults: runs anywhere, capturable, needs no planner)."""
+
+    name = ""
+    plans_on_host = False  # needs `make_planner`'s planner before every step
+
+    def unsupported_reason(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
+                           device: torch.device) -> str:
+        """Why this backend cannot run these layers here ("" if it can)."""
+        return ""
+
+    def graph_blocker(self) -> str:
+        """Why its steps cannot be captured in a CUDA graph ("" if they can)."""
+        return ""
+
+    def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
+                     device: torch.device, decode_batch: int | None = None, max_pages: int = 0) -> Planner | None:
+        """The planner of eager steps, or (with `decode_batch`) of one CUDA-graph bucket of `decode_batch`
+        one-token requests over at most `max_pages` page ids. None: nothing to plan."""
+        return None
+
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
+            softcap: float) -> torch.Tensor:
+        """Attention of q [T, H, D] over the paged cache (its K/V for this step already written) -> [T, H, D]."""
+        raise NotImplementedError
+
+
+# name -> module that registers it (imported on first use: Triton and FlashInfer load only when chosen)
+_MODULES = {
+    "torch": "nanoflow_fx.ops.reference",
+    "triton": "nanoflow_fx.ops.triton_attention",
+    "flashinfer": "nanoflow_fx.ops.flashinfer_attention",
+}
+BACKEND_NAMES = ("auto", *_MODULES)
+_REGISTRY: dict[str, AttentionBackend] = {}
+
+
+def register(backend: AttentionBackend) -> AttentionBackend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get(name: str) -> AttentionBackend:
+    if name not in _REGISTRY:
+        if name not in _MODULES:
+            raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_MODULES)}")
+        importlib.import_module(_MODULES[name])
+    return _REGISTRY[name]
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtype, device: torch.device,
+           nanobatched: bool = False) -> AttentionBackend:
+    """The backend `NanoFlowConfig.attention_backend=requested` means for these layers on `device`.
+
+    "auto": FlashInfer where it can run (installed, CUDA, fp16/bf16, its head dims, one nano-batch), else
+    Triton on CUDA, else the torch reference. An explicit choice that cannot run raises `NanoFlowError` with
+    the reason and the alternatives.
+    """
+    flashinfer_blocker = _flashinfer_blocker(configs, dtype, device, nanobatched)
+    if requested == "auto":
+        if not flashinfer_blocker:
+            return get("flashinfer")
+        triton_ok = device.type == "cuda" and _installed("triton") and dtype != torch.float64
+        return get("triton" if triton_ok else "torch")
+    if requested == "flashinfer" and flashinfer_blocker:
+        raise NanoFlowError(f"attention_backend='flashinfer' cannot run here: {flashinfer_blocker}; "
+                            "use 'triton' (GPU), 'torch' or 'auto'")
+    if requested == "triton":
+        if not _installed("triton"):
+            raise NanoFlowError("attention_backend='triton' needs the triton package: pip install triton")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise NanoFlowError(f"attention_backend='triton' runs on CUDA (the model is on {device}); "
+                                "use 'torch', or set TRITON_INTERPRET=1 to interpret the kernel on the CPU")
+    backend = get(requested)
+    reason = backend.unsupported_reason(configs, dtype, device)
+    if reason:
+        raise NanoFlowError(f"attention_backend={requested!r} cannot run here: {reason}; use 'auto' or 'torch'")
+    return backend
+
+
+def _flashinfer_blocker(configs: Sequence[AttentionConfig], dtype: torch.dtype, device: torch.device,
+                        nanobatched: bool) -> str:
+    if not _installed("flashinfer"):
+        return "flashinfer is not installed (pip install flashinfer-python)"
+    reason = get("flashinfer").unsupported_reason(configs, dtype, device)
+    if not reason and nanobatched:
+        reason = "nano-batched steps attend per nano-batch, and FlashInfer plans whole steps"
+    return reason

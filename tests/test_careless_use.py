@@ -1,0 +1,162 @@
+"""An optimized model used carelessly: bad inputs get clear errors like HF's, and changes made to the model
+after `optimize()` are followed (or named, with what to do); nothing is ever silently wrong."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import nanoflow_fx
+from tests.conftest import DEFAULT_CONFIG, optimized, reference
+from tests.test_generate_parity import _left_padded_batch
+from tests.tiny_models import VOCAB, build
+
+
+def _fresh(family: str = "llama", **changes: object) -> torch.nn.Module:
+    """A model of its own (these tests change it), optimized with the default test config."""
+    return nanoflow_fx.optimize(build(family), dataclasses.replace(DEFAULT_CONFIG, **changes))
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected() -> None:
+    """-1 is also the runtime's marker for a token still on the device: it must never pass as a prompt token."""
+    model = optimized("llama")
+    for bad in (-1, VOCAB):
+        ids = torch.tensor([[5, 6, bad, 7]])
+        with pytest.raises(nanoflow_fx.InvalidInputError, match=rf"input_ids\[0, 2\] = {bad} is not a token id"):
+            model.generate(ids, max_new_tokens=2)
+    padded = torch.tensor([[-1, 5, 6]])  # a value under the mask is not a token: allowed
+    mask = torch.tensor([[0, 1, 1]])
+    want = reference("llama").generate(torch.tensor([[0, 5, 6]]), attention_mask=mask, max_new_tokens=3,
+                                       do_sample=False)
+    got = model.generate(padded, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got[:, 3:], want[:, 3:])
+
+
+def test_padding_inferred_from_pad_token_id_is_checked_like_an_explicit_mask() -> None:
+    model = optimized("llama")
+    right = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])  # pad_token_id 0 at the end of row 1
+    with pytest.raises(nanoflow_fx.InvalidInputError, match=r"rows \[1\] have padding after .*pad_token_id=0"):
+        model.generate(right, max_new_tokens=2, pad_token_id=0)
+    with pytest.raises(nanoflow_fx.InvalidInputError, match=r"rows \[1\] have padding after .*attention_mask"):
+        model.generate(right, attention_mask=(right != 0).long(), max_new_tokens=2)
+    empty = torch.tensor([[5, 6, 7], [0, 0, 0]])  # a row of pad tokens only: no hang, a clear error
+    with pytest.raises(nanoflow_fx.InvalidInputError, match=r"rows \[1\] have no tokens"):
+        model.generate(empty, max_new_tokens=2, pad_token_id=0)
+    with pytest.raises(nanoflow_fx.InvalidInputError, match=r"rows \[1\] have no tokens"):
+        model.generate(empty, attention_mask=(empty != 0).long(), max_new_tokens=2)
+    left = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])  # inferred left padding runs as HF runs it
+    want = reference("llama").generate(left, max_new_tokens=4, pad_token_id=0, do_sample=False)
+    assert torch.equal(model.generate(left, max_new_tokens=4, pad_token_id=0, do_sample=False), want)
+
+
+def test_small_gaps_behave_like_hf() -> None:
+    model, ref = optimized("llama"), reference("llama")
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    want = ref.generate(ids, max_new_tokens=2.5, do_sample=False)  # type: ignore[arg-type]
+    got = model.generate(ids, max_new_tokens=2.5, do_sample=False)  # type: ignore[arg-type]
+    assert got.shape == want.shape == (2, 8) and torch.equal(got, want)
+    got32 = model.generate(ids.to(torch.int32), max_new_tokens=3, do_sample=False)
+    want32 = ref.generate(ids.to(torch.int32), max_new_tokens=3, do_sample=False)
+    assert got32.dtype == want32.dtype and torch.equal(got32, want32)
+    with pytest.raises(nanoflow_fx.InvalidInputError, match="no rows"):
+        model.generate(torch.zeros(0, 5, dtype=torch.long), max_new_tokens=2)
+
+
+def test_optimize_takes_a_dict_and_rejects_other_types() -> None:
+    model = nanoflow_fx.optimize(build("llama"), {"page_size": 4, "max_batch_size": 2, "max_seq_len": 32})
+    assert model.nanoflow.config.page_size == 4
+    with pytest.raises(TypeError, match="NanoFlowConfig or a dict"):
+        nanoflow_fx.optimize(build("llama"), "page_size=4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no field"):
+        nanoflow_fx.optimize(build("llama"), {"pagesize": 4})
+
+
+def test_a_failed_optimize_leaves_the_model_as_it_was() -> None:
+    class BatchMixingLlama(type(build("llama"))):  # type: ignore[misc]
+        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits + out.logits.mean(dim=1, keepdim=True)
+            return out
+
+    model = BatchMixingLlama(build("llama").config).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, VOCAB, (1, 6))
+    before = model(ids).logits
+    with pytest.raises(nanoflow_fx.CaptureMismatchError):
+        nanoflow_fx.optimize(model, DEFAULT_CONFIG)
+    assert model.config._attn_implementation == "eager"
+    assert "nanoflow" not in model.__dict__ and "generate" not in model.__dict__
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(storages)) == len(storages), "every parameter has its own storage again"
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_switching_attention_after_optimize_keeps_generate_right() -> None:
+    model, ref = _fresh(), reference("llama")
+    ids, mask = _left_padded_batch([4, 9])
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    for implementation in ("sdpa", "eager"):
+        model.set_attn_implementation(implementation)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want)
+        assert model.config._attn_implementation == implementation  # the user's choice stays for forward()
+        ref.set_attn_implementation(implementation)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits)
+
+
+def test_replaced_parameters_are_laid_out_again() -> None:
+    """load_state_dict(assign=True) and .double().float() replace the fused linears' storage."""
+    model, ids = _fresh(), torch.randint(3, VOCAB, (2, 6))
+    other = build("llama", seed=1)
+    model.load_state_dict(other.state_dict(), assign=True)
+    want = other.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+    model.double().float()
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+
+
+def test_a_deep_copy_says_to_optimize_it_and_the_original_still_works() -> None:
+    model, ids = _fresh(), torch.randint(3, VOCAB, (1, 6))
+    want = reference("llama").generate(ids, max_new_tokens=5, do_sample=False)
+    clone = copy.deepcopy(model)
+    with pytest.raises(nanoflow_fx.NanoFlowError, match="call nanoflow_fx.optimize"):
+        clone.generate(ids, max_new_tokens=5)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want)
+    nanoflow_fx.optimize(clone, DEFAULT_CONFIG)
+    assert torch.equal(clone.generate(ids, max_new_tokens=5, do_sample=False), want)
+
+
+def test_a_model_moved_after_optimize_says_to_optimize_it_again() -> None:
+    model, ids = _fresh(), torch.randint(3, VOCAB, (1, 6))
+    model.to(torch.bfloat16)
+    with pytest.raises(nanoflow_fx.NanoFlowError, match=r"moved from torch.float32 .* to torch.bfloat16.*again"):
+        model.generate(ids, max_new_tokens=3)
+    nanoflow_fx.optimize(model, DEFAULT_CONFIG)
+    assert model.nanoflow.kv_cache.dtype == torch.bfloat16
+    assert model.generate(ids, max_new_tokens=3).shape == (1, 9)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_float64_models_run(family: str) -> None:
+    """(One unpadded row: HF's own fp64 eager attention turns fully masked padding rows into NaNs.)"""
+    model = nanoflow_fx.optimize(build(family, dtype=torch.float64), DEFAULT_CONFIG)
+    assert model.nanoflow.attention_backend.name == "torch" and model.nanoflow.kv_cache.dtype == torch.float64
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    want = build(family, dtype=torch.float64).generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), want)
+
+
+def test_nanobatch_split_graphs_stay_few() -> None:
+    """Nano-batched steps are padded to bucketed token counts, so the split graphs built stay bounded however
+    many distinct step sizes run."""
+    model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
+    gen = torch.Generator().manual_seed(0)
+    for n in range(1, 40):
+        ids = torch.randint(3, VOCAB, (1 + n % 3, 1 + n), generator=gen)
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    runner = model.nanoflow.step_fn.graphs[0].meta["nanoflow_runner"]
+    buckets = model.nanoflow.runner._nanobatch_buckets
+    assert len(runner.steps) <= len(buckets)
+    assert {plan.num_tokens for plan in runner.steps} <= set(buckets)

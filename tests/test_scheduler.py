@@ -1,0 +1,145 @@
+"""The scheduler is a pure function of the request table and the free pages: its plans keep every rule of
+dense batching (decode tokens first, the token budget, the running limit, FIFO admission, preemption of the
+latest-admitted request only, pages for every chunk), and a simulated engine driven by it finishes every
+request (no starvation, no page leak), however small the cache."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoflow_fx.runtime import Request, SchedulerLimits, schedule
+from nanoflow_fx.runtime.requests import RUNNING
+from tests.steps import GREEDY
+
+
+def _request(i: int, prompt_len: int, max_new: int) -> Request:
+    return Request(f"r{i}", [3] * prompt_len, GREEDY, max_new, arrival=i)
+
+
+@st.composite
+def tables(draw: st.DrawFn) -> tuple[list[Request], list[Request], int, SchedulerLimits]:
+    """A running set in some state of prefill/decode, a waiting queue, and the free pages."""
+    page = draw(st.sampled_from([1, 2, 4, 16]))
+    limits = SchedulerLimits(max_num_tokens=draw(st.integers(1, 64)), max_running=draw(st.integers(1, 8)),
+                             page_size=page, watermark_pages=draw(st.integers(0, 2)))
+    running = []
+    for i in range(draw(st.integers(0, limits.max_running))):
+        req = _request(i, draw(st.integers(1, 40)), 64)
+        generated = draw(st.integers(0, 10))
+        req.output = [5] * generated
+        req.num_cached = req.num_tokens - 1 if generated else draw(st.integers(0, len(req.prompt) - 1))
+        held = limits.pages_for(req.num_cached + (1 if generated else len(req.prompt) - req.num_cached))
+        req.pages = list(range(held))  # ids do not matter to the scheduler, only counts
+        req.state, req.admitted = RUNNING, i
+        running.append(req)
+    waiting = [_request(100 + i, draw(st.integers(1, 40)), 8) for i in range(draw(st.integers(0, 5)))]
+    return running, waiting, draw(st.integers(0, 20)), limits
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables())
+def test_plans_keep_the_rules_of_dense_batching(table: tuple) -> None:  # type: ignore[type-arg]
+    running, waiting, free, limits = table
+    plan = schedule(running, waiting, free, limits)
+    sizes = [c.num_tokens for c in plan.chunks]
+    assert sum(sizes) <= limits.max_num_tokens
+    assert sizes == sorted(sizes, key=lambda n: n > 1), "one-token chunks lead the step"
+    assert len({id(c.request) for c in plan.chunks}) == len(plan.chunks), "one chunk per request"
+    # Preemption takes the latest-admitted requests only, and a step that preempts admits nothing.
+    assert list(plan.preempted) == running[len(running) - len(plan.preempted):][::-1]
+    assert not (plan.preempted and plan.admitted)
+    # FIFO: the admitted requests are the head of the queue.
+    assert list(plan.admitted) == waiting[: len(plan.admitted)]
+    kept = len(running) - len(plan.preempted)
+    assert kept + len(plan.admitted) <= limits.max_running
+    # Pages: the grants fit in what was free plus what preemption freed, and cover every chunk.
+    grants = dict(plan.new_pages)
+    freed = sum(len(r.pages) for r in plan.preempted)
+    assert sum(grants.values()) <= free + freed
+    for chunk in plan.chunks:
+        req = chunk.request
+        assert req not in plan.preempted
+        assert limits.pages_for(chunk.start + chunk.num_tokens) <= len(req.pages) + grants.get(req, 0)
+        assert chunk.start == req.num_cached and chunk.num_tokens <= req.num_pending
+    # Every running decode that was not preempted gets its token while the budget lasts.
+    decodes = [r for r in running if r.num_pending == 1 and r not in plan.preempted]
+    scheduled = {id(c.request) for c in plan.chunks}
+    if len(decodes) <= limits.max_num_tokens:
+        assert all(id(r) in scheduled for r in decodes)
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> tuple[list[tuple[int, int, int]], SchedulerLimits, int]:
+    """Requests (arrival step, prompt length, new tokens), the limits, and a cache size that fits the largest."""
+    page = draw(st.sampled_from([1, 2, 4, 8]))
+    requests = draw(st.lists(st.tuples(st.integers(0, 12), st.integers(1, 30), st.integers(1, 12)), min_size=1,
+                             max_size=10))
+    limits = SchedulerLimits(max_num_tokens=draw(st.integers(4, 48)), max_running=draw(st.integers(1, 6)),
+                             page_size=page, watermark_pages=draw(st.integers(0, 1)))
+    largest = max(limits.pages_for(p + n) for _, p, n in requests)
+    return requests, limits, largest + draw(st.integers(0, 12))
+
+
+@settings(max_examples=200, deadline=None)
+@given(workloads())
+def test_a_simulated_engine_finishes_every_request_without_leaking_pages(workload: tuple) -> None:  # type: ignore[type-arg]
+    """Drive the scheduler as the engine does (apply the plan, advance chunks, append sampled tokens), with tokens
+    known at once. Every request finishes with all its tokens, in a bounded number of steps, however often it is
+    preempted; pages are conserved throughout."""
+    specs, limits, num_pages = workload
+    arrivals = sorted((t, i, p, n) for i, (t, p, n) in enumerate(specs))
+    free_pages = list(range(num_pages))
+    waiting: deque[Request] = deque()
+    running: list[Request] = []
+    done: list[Request] = []
+    preemptions = 0
+    for step in range(2000):
+        while arrivals and arrivals[0][0] <= step:
+            _, i, p, n = arrivals.pop(0)
+            waiting.append(_request(i, p, n))
+        if not (arrivals or waiting or running):
+            break
+        plan = schedule(running, list(waiting), len(free_pages), limits)
+        for req in plan.preempted:
+            running.remove(req)
+            free_pages += req.pages
+            req.pages, req.num_cached = [], 0
+        for req in sorted(plan.preempted, key=lambda r: r.arrival, reverse=True):
+            waiting.appendleft(req)
+        preemptions += len(plan.preempted)
+        for req in plan.admitted:
+            waiting.remove(req)
+            running.append(req)
+        for req, count in plan.new_pages:
+            req.pages += [free_pages.pop() for _ in range(count)]
+        for chunk in plan.chunks:
+            req = chunk.request
+            req.num_cached += chunk.num_tokens
+            if chunk.completes:
+                req.output.append(7)
+                if len(req.output) == req.max_new_tokens:
+                    running.remove(req)
+                    free_pages += req.pages
+                    req.pages = []
+                    done.append(req)
+        held = sum(len(r.pages) for r in running)
+        assert held + len(free_pages) == num_pages, "pages leaked or double-counted"
+        assert all(limits.pages_for(r.num_cached) <= len(r.pages) for r in running)
+    assert len(done) == len(specs), f"unfinished after 2000 steps ({preemptions} preemptions)"
+    assert all(len(r.output) == r.max_new_tokens for r in done)
+    assert sorted(free_pages) == list(range(num_pages))
+
+
+def test_a_full_cache_preempts_the_latest_admitted_request() -> None:
+    """Two decoding requests, each needing a new page, one free page: the older one gets it, the younger is
+    preempted (its pages freed, to be recomputed later)."""
+    limits = SchedulerLimits(max_num_tokens=16, max_running=4, page_size=4)
+    old, young = _request(0, 8, 8), _request(1, 8, 8)
+    for rank, req in enumerate((old, young)):
+        req.output, req.num_cached, req.pages, req.state, req.admitted = [5], 8, [2 * rank, 2 * rank + 1], RUNNING, rank
+    plan = schedule([old, young], [], 0, limits)  # both at 9 tokens: a third page each, none free
+    assert plan.preempted == (young,)
+    assert [c.request for c in plan.chunks] == [old] and dict(plan.new_pages) == {old: 1}
