@@ -11,7 +11,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PWD:/tmp/site
 fi
-if ls .ficache/ficache.tgz.part* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .ficache/ficache.tgz.part* | tar xzf - -C ~/.cache; fi
+if ls .ficache/ficache.tgz.part* >/dev/null 2>&1; then
+  mkdir -p ~/.cache && cat .ficache/ficache.tgz.part* | tar xzf - -C ~/.cache
+fi
 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import datetime, torch, transformers, triton
 print("date", datetime.date.today(), "| device", torch.cuda.get_device_name(), "| torch", torch.__version__,
@@ -48,8 +50,9 @@ for step in ${STEPS:-tests example}; do
       run ttft64 ${BENCH_S:-200} python3 $B --batch-sizes 64 --cases --backends flashinfer --inductor on --out "$OUT/ttft64.json"
       unset FLASHINFER_JIT_VERBOSE ;;
     savecache) tar czf - -C ~/.cache flashinfer | split -b 15m - "$OUT/ficache.tgz.part" && ls -la "$OUT" ;;
+    selected) run selected ${SELECTED_S:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE $XDIST -k "$TESTS_K" ;;
     smoke) run smoke ${SMOKE_S:-240} python3 -m pytest -m cuda -q -x -p no:cacheprovider -rfE tests/test_gpu_backends.py -k "flashinfer and (llama or gemma2)" ;;
-    offline) run offline ${OFFLINE_S:-540} python3 benchmarks/bench_offline.py --workloads ${WORKLOADS:-1024x512 512x512 chat} --requests ${REQUESTS:-256} --hf-requests ${HF_REQUESTS:-0} --config "$NF_CONFIG" --out "$OUT/offline.json" ;;
+    offline) run offline ${OFFLINE_S:-540} python3 benchmarks/bench_offline.py --workloads ${WORKLOADS:-1024x512 512x512 chat} --requests ${REQUESTS:-256} --hf-requests ${HF_REQUESTS:-0} --hf-workloads ${HF_WORKLOADS:-1024x512} --config "$NF_CONFIG" --out "$OUT/offline.json" ;;
     ttft) run ttft ${TTFT_S:-200} python3 benchmarks/first_token.py --out "$OUT/ttft.json" ;;
     *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac

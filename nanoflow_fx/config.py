@@ -82,6 +82,12 @@ class NanoFlowConfig:
     check_capture: bool = True
     """Compare the captured step with the eager model on a probe input in `optimize()`."""
 
+    cache_dir: str | None = None
+    """Where compiled work persists across processes: Inductor's compiled pieces go to `<cache_dir>/inductor`
+    (unless TORCHINDUCTOR_CACHE_DIR is set, or Inductor already ran in this process). None:
+    `$XDG_CACHE_HOME/nanoflow_fx`, else `~/.cache/nanoflow_fx`. FlashInfer keeps its built kernels in its own cache
+    (`~/.cache/flashinfer`), shared with its other users."""
+
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "page_size"):
             _require_positive_int(name, getattr(self, name))
@@ -103,6 +109,8 @@ class NanoFlowConfig:
             )
         if self.inductor is True and self.nanobatched:
             raise ValueError("NanoFlowConfig.inductor=True compiles the whole step; it needs num_nanobatches=1")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ValueError(f"NanoFlowConfig.cache_dir must be a path string or None, got {self.cache_dir!r}")
         for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "inductor" and value == "auto"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -123,6 +124,7 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
     """
     config = _as_config(config)
     check_supported(model)
+    _use_cache_dir(config)
     _teardown(model)
     original_attention = model.config._attn_implementation
     layout = FusedLayout(())
@@ -179,11 +181,19 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     graphs = runtime.runner.cuda_graphs
     probe_s = probed - start - (compile_s if cfg.check_capture else 0.0)
     runtime.timings = dict(setup_s=start - begin, compile_s=compile_s, probe_s=probe_s, kv_sizing_s=sized - probed,
-                           cuda_graphs_s=graphs.capture_seconds if graphs else 0.0)
+                           cuda_graphs_s=graphs.capture_seconds if graphs else 0.0,
+                           **{f"compile_{k}": v for k, v in runtime.step_fn.compile_breakdown.items()})
     log.info("nanoflow_fx: optimized %s (%d attention layers, %s attention, KV cache %d pages = %.1f MiB, "
              "step budget %d tokens, capture %.1f s: %s)", type(model).__name__, len(runtime.layers),
              runtime.attention_backend.name, runtime.kv_cache.allocator.num_pages, runtime.kv_cache.num_bytes / 2**20,
              cfg.max_num_tokens, runtime.capture_seconds, ", ".join(f"{k} {v:.1f}" for k, v in runtime.timings.items()))
+
+
+def _use_cache_dir(config: NanoFlowConfig) -> None:
+    """Point Inductor's on-disk cache into `config.cache_dir` (see `NanoFlowConfig.cache_dir`)."""
+    root = config.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                            "nanoflow_fx")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
 
 
 def _as_config(config: NanoFlowConfig | dict[str, Any] | None) -> NanoFlowConfig:

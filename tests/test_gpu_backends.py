@@ -183,27 +183,36 @@ def test_decode_steps_never_wait_for_the_gpu(backend: str, monkeypatch: pytest.M
     assert all(len(r.output) == 16 for r in requests)  # min_new_tokens=8 keeps EOS (2) out until then
 
 
-def test_engine_in_bf16_equals_static_batches_and_preempts_under_real_memory() -> None:
-    """The engine on a cache sized from GPU memory, then on a cache so small that requests are preempted: every
-    request's greedy tokens equal a static one-request generate() (bf16: compared where the reference's top two
-    logits are clearly apart, i.e. by token agreement of at least 90% of positions per request, first tokens
-    exactly)."""
+def _greedy_within_tolerance(model: torch.nn.Module, prompt: list[int], generated: list[int]) -> bool:
+    """Whether every generated token is a greedy choice of the eager model (bf16) on its own prefix, within the
+    tolerance: its logit at most 2^-5 of the largest logit below the maximum. (Greedy sequences of two bf16 runs
+    may part at a near-tie and then differ everywhere; each token must still be a right choice.)"""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + generated], device="cuda")).logits[0].float()
+    rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)]
+    chosen = rows.gather(1, torch.tensor(generated, device="cuda")[:, None])[:, 0]
+    return bool((chosen >= rows.max(-1).values - TOLERANCE * rows.abs().max(-1).values).all())
+
+
+def test_engine_in_bf16_makes_greedy_choices_with_and_without_preemption() -> None:
+    """The engine on a 16-request table, then on a cache so small that requests are preempted (recomputed from
+    prompt plus generated tokens): 24 requests of 24 tokens each, every token a greedy choice of the eager model
+    within bf16 tolerance (see `_greedy_within_tolerance`)."""
+    from transformers import GenerationConfig
+
     model = _model("llama", "auto", graphs=True)
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 512, (int(n),), generator=gen).tolist()
                for n in torch.randint(10, 120, (24,), generator=gen)]
-    singles = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=24, min_new_tokens=24,
-                              do_sample=False)[0, len(p):].tolist() for p in prompts]
-    config = model.generation_config.__class__(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    config = GenerationConfig(max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=-1)
     batched = model.generate_batch(prompts, generation_config=config)
-    assert [len(r.generated_tokens) for r in batched.values()] == [24] * 24
     small = nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(
         max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256, num_pages=40))
     runtime = small.nanoflow
     runtime.engine = Engine(runtime.runner, runtime.config, reserve_ratio=0.0)  # admit eagerly: preempt later
     preempted = small.generate_batch(prompts, generation_config=config)
-    assert small.nanoflow.engine.stats.preemptions > 0
-    for want, a, b in zip(singles, batched.values(), preempted.values()):
-        for got in (a.generated_tokens, b.generated_tokens):
-            assert got[0] == want[0]
-            assert sum(x == y for x, y in zip(got, want)) >= 0.9 * len(want)
+    assert runtime.engine.stats.preemptions > 0
+    for results in (batched, preempted):
+        assert [len(r.generated_tokens) for r in results.values()] == [24] * 24
+        for prompt, result in zip(prompts, results.values()):
+            assert _greedy_within_tolerance(small, prompt, result.generated_tokens), result.request_id

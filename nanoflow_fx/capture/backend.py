@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,9 +40,15 @@ def make_backend(
         raise ValueError("inductor=True compiles the whole step itself; it takes no `lower`")
 
     def compile_fn(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
+        # When each stage ended (perf_counter): Dynamo's trace (on entry here), our FX passes, AOT's trace to ATen,
+        # lowering (Inductor pieces); the captured graph's meta["nanoflow_compile_times"] keeps them.
+        times = {"dynamo": time.perf_counter()}
         fused = fuse_parallel_linears(gm, example_inputs) if fuse_linears else 0
+        times["fx_passes"] = time.perf_counter()
 
         def compile_aten(aten_gm: torch.fx.GraphModule, aten_inputs: Sequence[Any]) -> Any:
+            times["aot"] = time.perf_counter()
+            aten_gm.meta["nanoflow_compile_times"] = times
             aten_gm.meta["nanoflow_fused_linears"] = fused  # groups of linears merged into one GEMM
             aten_gm.graph.eliminate_dead_code()
             aten_gm.recompile()
@@ -51,8 +58,11 @@ def make_backend(
             if inductor:
                 from nanoflow_fx.capture.piecewise import compile_pieces
 
-                return compile_pieces(aten_gm, aten_inputs)
-            return lower(aten_gm) if lower is not None else aten_gm
+                lowered = compile_pieces(aten_gm, aten_inputs)
+            else:
+                lowered = lower(aten_gm) if lower is not None else aten_gm
+            times["lower"] = time.perf_counter()
+            return lowered
 
         decompositions = None
         if inductor:

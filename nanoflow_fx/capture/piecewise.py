@@ -101,23 +101,22 @@ def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModul
     compiled: dict[str, torch.nn.Module] = {}
     by_key: dict[tuple[Any, ...], torch.nn.Module] = {}  # one compile per distinct piece
 
-    class _Compiler(torch.fx.Interpreter):  # runs the split graph on the fake inputs, compiling as it goes
-        def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-            piece = self.fetch_attr(target)
-            out = super().call_module(target, args, kwargs)
-            if not any(_is_attention(n) for n in piece.graph.nodes):
-                inputs = list(args)
-                _canonical_names(piece)
-                key = _piece_key(piece, inputs)
-                if key not in by_key:
-                    fn = (inductor(piece, inputs) if graph_returns_tuple(piece)
-                          else make_graph_return_tuple(piece, inputs, inductor))
-                    by_key[key] = _Compiled(fn)
-                compiled[target] = by_key[key]
-            return out
-
+    # Each piece's inputs are nodes of the captured graph, whose fake values AOT recorded (split_module names a
+    # piece's placeholders after them): no need to run the split graph on fake tensors again.
+    values = {node.name: node.meta.get("val") for node in gm.graph.nodes}
     with detect_fake_mode(example_inputs) or torch._subclasses.fake_tensor.FakeTensorMode():
-        _Compiler(split).run(*example_inputs)
+        for node in split.graph.find_nodes(op="call_module"):
+            piece = getattr(split, node.target)
+            if any(_is_attention(n) for n in piece.graph.nodes):
+                continue
+            inputs = [values[p.name] for p in piece.graph.find_nodes(op="placeholder")]
+            _canonical_names(piece)
+            key = _piece_key(piece, inputs)
+            if key not in by_key:
+                fn = (inductor(piece, inputs) if graph_returns_tuple(piece)
+                      else make_graph_return_tuple(piece, inputs, inductor))
+                by_key[key] = _Compiled(fn)
+            compiled[node.target] = by_key[key]
     for target, module in compiled.items():
         setattr(split, target, module)
     gm.meta["nanoflow_inductor_pieces"] = len(compiled)  # explain() and tests read it on the captured graph

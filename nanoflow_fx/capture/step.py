@@ -31,6 +31,7 @@ class StepFunction:
         self.model = model
         self.graphs: list[torch.fx.GraphModule] = []
         self.compile_seconds = 0.0  # wall time of the calls that captured (and compiled) a new graph
+        self.compile_breakdown: dict[str, float] = {}  # of which Dynamo, our FX passes, AOT, lowering (seconds)
         # A private copy of the code object gives this model its own Dynamo cache and recompile limit;
         # otherwise every optimized model in the process would share (and evict) one cache.
         fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_step")
@@ -60,7 +61,15 @@ class StepFunction:
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             out = self._compiled(self.model, input_ids, position_ids, logits_indices, metadata)
         if len(self.graphs) != seen:
-            self.compile_seconds += time.perf_counter() - start
+            end = time.perf_counter()
+            self.compile_seconds += end - start
+            marks = self.graphs[-1].meta.get("nanoflow_compile_times", {})
+            previous = start
+            for stage in ("dynamo", "fx_passes", "aot", "lower"):
+                if stage in marks:
+                    self.compile_breakdown[f"{stage}_s"] = self.compile_breakdown.get(f"{stage}_s", 0.0) + (
+                        marks[stage] - previous)
+                    previous = marks[stage]
         return out  # type: ignore[no-any-return]
 
 

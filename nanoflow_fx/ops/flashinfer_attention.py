@@ -18,6 +18,7 @@ FlashInfer's NHD layout.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,7 @@ class FlashInferPlanner:
 
         self.page_size, self.dtype, self.graph = page_size, dtype, decode_batch is not None
         self._planned: torch.cuda.Event | None = None  # when the last plan's host-to-device copies have run
+        self.wait_s = 0.0  # host time spent waiting for that
         self.plans: dict[AttentionConfig, _Plans] = {}
         for config in dict.fromkeys(configs):
             prefill = None if self.graph else flashinfer.BatchPrefillWithPagedKVCacheWrapper(
@@ -151,7 +153,9 @@ class FlashInferPlanner:
         # FlashInfer writes each plan into the wrapper's pinned buffer and copies it to the device
         # asynchronously; the host may run a step ahead, so wait until the previous plan's copy has run.
         if self._planned is not None:
+            start = time.perf_counter()
             self._planned.synchronize()
+            self.wait_s += time.perf_counter() - start
         qo, kv_ptr, _, last, _ = host.tensors()
         num_requests = last.shape[0]
         num_decode = num_requests if self.graph else _leading_single_tokens(qo)

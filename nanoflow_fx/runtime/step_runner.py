@@ -63,6 +63,13 @@ class StepRunner:
         return self.kv_cache.device
 
     @property
+    def planner_wait_s(self) -> float:
+        """Host time its planners spent waiting for the device (FlashInfer re-plans only after its previous
+        plan's copies ran)."""
+        planners = [self.planner] + ([g.planner for g in self.cuda_graphs.graphs.values()] if self.cuda_graphs else [])
+        return sum(getattr(p, "wait_s", 0.0) for p in planners if p is not None)
+
+    @property
     def num_slots(self) -> int:
         return self.last_tokens.shape[0]
 
