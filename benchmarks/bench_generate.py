@@ -29,7 +29,7 @@ from examples.generate import build_model  # noqa: E402
 
 
 def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (as FACTS.md measures it)."""
+    """Device-to-device copy, bytes read + written per second."""
     x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     for _ in range(3):

@@ -50,6 +50,7 @@ for step in ${STEPS:-tests example}; do
       run ttft64 ${BENCH_S:-200} python3 $B --batch-sizes 64 --cases --backends flashinfer --inductor on --out "$OUT/ttft64.json"
       unset FLASHINFER_JIT_VERBOSE ;;
     savecache) tar czf - -C ~/.cache flashinfer | split -b 15m - "$OUT/ficache.tgz.part" && ls -la "$OUT" ;;
+    profile_engine) run profile_engine ${PROFILE_S:-240} python3 benchmarks/profile_engine.py --config "$NF_CONFIG" --out "$OUT/profile_engine.txt" ;;
     selected) run selected ${SELECTED_S:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE $XDIST -k "$TESTS_K" ;;
     smoke) run smoke ${SMOKE_S:-240} python3 -m pytest -m cuda -q -x -p no:cacheprovider -rfE tests/test_gpu_backends.py -k "flashinfer and (llama or gemma2)" ;;
     offline) run offline ${OFFLINE_S:-540} python3 benchmarks/bench_offline.py --workloads ${WORKLOADS:-1024x512 512x512 chat} --requests ${REQUESTS:-256} --hf-requests ${HF_REQUESTS:-0} --hf-workloads ${HF_WORKLOADS:-1024x512} --config "$NF_CONFIG" --out "$OUT/offline.json" ;;

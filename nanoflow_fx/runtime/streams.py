@@ -9,7 +9,7 @@ implied by the stream's order and need no event.
 unit stream waits for the current stream), each nano-op on its unit's stream after waiting for the events of
 its cross-unit dependencies, then a join (the current stream waits for every unit stream) and the output
 merges on the current stream. Only ordinary stream events are used, so the whole step can be captured in a
-CUDA graph (FACTS.md: green-context streams capture with fork/join; their context-wide events would not).
+CUDA graph (measured on an H100: green-context streams capture with fork/join; their context-wide events do not).
 Every intermediate value stays referenced until the step returns, so no allocator block is reused across
 streams while another stream may still read it.
 """
