@@ -160,3 +160,14 @@ def test_nanobatch_split_graphs_stay_few() -> None:
     buckets = model.nanoflow.runner._nanobatch_buckets
     assert len(runner.steps) <= len(buckets)
     assert {plan.num_tokens for plan in runner.steps} <= set(buckets)
+
+
+def test_kv_cache_exhausted_names_what_is_missing() -> None:
+    from nanoflow_fx.runtime import PageAllocator
+
+    allocator = PageAllocator(10)
+    allocator.allocate(7)
+    with pytest.raises(nanoflow_fx.KVCacheExhaustedError,
+                       match=r"needs 5 pages but only 3 of 10 are free \(2 more than it has\)"):
+        allocator.allocate(5)
+    assert allocator.num_free == 3  # all-or-nothing
