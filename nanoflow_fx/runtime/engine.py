@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +115,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int,
-                    request_id: str | None = None, streaming: bool = False, listener=None) -> Request:  # type: ignore[no-untyped-def]
+                    request_id: str | None = None, streaming: bool = False,
+                    listener: Callable[[Request], None] | None = None) -> Request:
         """Queue a request; raises (before queueing) if it could never run: an empty prompt, token ids outside
         the vocabulary, more tokens than `max_seq_len`, or more KV pages than the whole cache."""
         prompt = list(prompt)
