@@ -25,7 +25,8 @@ def test_token_ids_outside_the_vocabulary_are_rejected() -> None:
     model = optimized("llama")
     for bad in (-1, VOCAB):
         ids = torch.tensor([[5, 6, bad, 7]])
-        with pytest.raises(nanoflow_fx.InvalidInputError, match=rf"input_ids\[0, 2\] = {bad} is not a token id"):
+        with pytest.raises(nanoflow_fx.InvalidInputError,
+                           match=rf"sequence 0: token 2 of the prompt, {bad}, is not a token id"):
             model.generate(ids, max_new_tokens=2)
     padded = torch.tensor([[-1, 5, 6]])  # a value under the mask is not a token: allowed
     mask = torch.tensor([[0, 1, 1]])

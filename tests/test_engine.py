@@ -179,9 +179,11 @@ def test_generate_batch_follows_transformers_contract() -> None:
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (6, 11, 4)]
     too_long = [5] * 95  # 95 + 6 new tokens > max_seq_len
-    out = model.generate_batch(prompts[:2] + [too_long] + prompts[2:], max_new_tokens=6)
-    assert list(out) == ["req_0", "req_1", "req_2", "req_3"]
+    not_a_token = [5, VOCAB]
+    out = model.generate_batch(prompts[:2] + [too_long] + prompts[2:] + [not_a_token], max_new_tokens=6)
+    assert list(out) == ["req_0", "req_1", "req_2", "req_3", "req_4"]
     assert out["req_2"].status == RequestStatus.FAILED and "max_seq_len" in out["req_2"].error
+    assert out["req_4"].status == RequestStatus.FAILED and "not a token id" in out["req_4"].error
     for rid, prompt in zip(["req_0", "req_1", "req_3"], prompts):
         result = out[rid]
         assert result.status == RequestStatus.FINISHED and result.error is None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,11 +65,17 @@ class AttentionBackend:
         one-token requests over at most `max_pages` page ids. None: nothing to plan."""
         return None
 
+    # The kernel `run` calls: a function of `run`'s arguments (backends that plan on the host override `run`).
+    kernel: Callable[..., torch.Tensor] | None = None
+
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
             kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
             softcap: float) -> torch.Tensor:
         """Attention of q [T, H, D] over the paged cache (its K/V for this step already written) -> [T, H, D]."""
-        raise NotImplementedError
+        if self.kernel is None:
+            raise NotImplementedError(f"attention backend {self.name!r} has no kernel")
+        return self.kernel(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
+                           sliding_window, softcap)
 
 
 # name -> module that registers it (imported on first use: Triton and FlashInfer load only when chosen)

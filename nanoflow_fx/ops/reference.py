@@ -77,15 +77,10 @@ class TorchBackend(AttentionBackend):
     there), so its steps cannot be captured in a CUDA graph."""
 
     name = "torch"
+    kernel = staticmethod(paged_attention_reference)
 
     def graph_blocker(self) -> str:
         return "the 'torch' attention backend reads the request table on the host (use 'triton' or 'flashinfer')"
-
-    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
-            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
-            softcap: float) -> torch.Tensor:
-        return paged_attention_reference(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
-                                         sliding_window, softcap)
 
 
 register(TorchBackend())

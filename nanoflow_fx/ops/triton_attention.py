@@ -111,16 +111,11 @@ class TritonBackend(AttentionBackend):
     """The Triton kernel above: no host planning, no host sync, so it runs inside CUDA graphs."""
 
     name = "triton"
+    kernel = staticmethod(paged_attention_triton)
 
     def unsupported_reason(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
                            device: torch.device) -> str:
         return "the Triton kernel computes in fp32 at most (the model is float64)" if dtype == torch.float64 else ""
-
-    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
-            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
-            softcap: float) -> torch.Tensor:
-        return paged_attention_triton(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
-                                      sliding_window, softcap)
 
 
 register(TritonBackend())

@@ -154,17 +154,15 @@ class ContinuousBatchingManager:
             max_new = self.engine.config.max_seq_len - len(prompt)
         try:
             params = self._sampling(gen, _eos_ids(eos), logit_processor_kwargs)
-            self._check_ids(prompt)
-            req = self.engine.add_request(prompt, params, int(max_new), request_id, streaming, self._deliver)
+            with self._lock:  # registered before `_deliver` (the engine's thread, under this lock) can hear of it
+                req = self.engine.add_request(prompt, params, int(max_new), request_id, streaming, self._deliver,
+                                              record_timestamps)
+                self._requests[request_id] = req
         except (NanoFlowError, ValueError, TypeError) as err:
             req = Request(request_id, prompt, SamplingParams(False, 1.0, 0, 1.0, (), 0), 0, state=FAILED,
                           error=str(err))
             self.output_queue.put(to_output(req))
             return request_id
-        if record_timestamps:
-            req.timestamps = []
-        with self._lock:
-            self._requests[request_id] = req
         self._wake.set()
         return request_id
 
@@ -217,12 +215,6 @@ class ContinuousBatchingManager:
             with self._lock:
                 self._requests.pop(req.request_id, None)
         self.output_queue.put(to_output(req))
-
-    def _check_ids(self, prompt: list[int]) -> None:
-        vocab = self.model.get_input_embeddings().weight.shape[0]
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is not in this model's vocabulary (ids 0..{vocab - 1})")
 
     @staticmethod
     def _sampling(gen: GenerationConfig, eos: tuple[int, ...], kwargs: dict[str, Any]) -> SamplingParams:

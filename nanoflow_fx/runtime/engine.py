@@ -92,6 +92,7 @@ class Engine:
         """`reserve_ratio`: see `SchedulerLimits`; None adapts it to how much finished requests generated."""
         self.runner, self.config = runner, config
         self.kv_cache = runner.kv_cache
+        self.vocab_size = runner.step_fn.model.get_input_embeddings().weight.shape[0]
         allocator = self.kv_cache.allocator
         # Admission keeps 1% of the pages free (as vLLM does) and pages for the tokens running requests are
         # expected to generate: all their max_new_tokens at first, then the share finished requests really
@@ -116,21 +117,29 @@ class Engine:
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int,
                     request_id: str | None = None, streaming: bool = False,
-                    listener: Callable[[Request], None] | None = None) -> Request:
+                    listener: Callable[[Request], None] | None = None, record_timestamps: bool = False,
+                    name: str | None = None) -> Request:
         """Queue a request; raises (before queueing) if it could never run: an empty prompt, token ids outside
-        the vocabulary, more tokens than `max_seq_len`, or more KV pages than the whole cache."""
+        the vocabulary, more tokens than `max_seq_len`, or more KV pages than the whole cache. `name` says
+        which request an error is about (default: its id)."""
         prompt = list(prompt)
-        self.check_fits(len(prompt), max_new_tokens, request_id or "the request")
+        self.check_fits(prompt, max_new_tokens, name or request_id or "the request")
         request = Request(request_id or f"req_{next(self._ids)}", prompt, params, int(max_new_tokens),
-                          arrival=next(self._arrivals), streaming=streaming, listener=listener)
+                          arrival=next(self._arrivals), streaming=streaming, listener=listener,
+                          timestamps=[] if record_timestamps else None)
         # Not under the lock, which a stepping thread holds for a whole step: the next step takes it from here.
         self._inbox.append(request)
         return request
 
-    def check_fits(self, prompt_len: int, max_new_tokens: int, name: str) -> None:
-        """Raise if a request of this size can never run on this engine."""
+    def check_fits(self, prompt: Sequence[int], max_new_tokens: int, name: str) -> None:
+        """Raise if this request can never run on this engine."""
+        prompt_len, vocab = len(prompt), self.vocab_size
         if prompt_len < 1:
             raise InvalidInputError(f"{name}: the prompt is empty; give at least one token")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            position, token = next((i, t) for i, t in enumerate(prompt) if not 0 <= t < vocab)
+            raise InvalidInputError(f"{name}: token {position} of the prompt, {token}, is not a token id of this "
+                                    f"model (vocabulary of {vocab}: ids 0..{vocab - 1})")
         if max_new_tokens < 1:
             raise InvalidInputError(f"{name}: max_new_tokens={max_new_tokens} leaves nothing to generate")
         total, cfg = prompt_len + max_new_tokens, self.config
@@ -221,7 +230,9 @@ class Engine:
             log.debug("nanoflow_fx: preempted %s", [r.request_id for r in plan.preempted])
         now = time.perf_counter()
         for req in plan.admitted:
-            self.waiting.remove(req)
+            head = self.waiting.popleft()  # admission takes the queue's head, in order (FIFO)
+            if head is not req:
+                raise RuntimeError("nanoflow_fx engine: the scheduler admitted a request out of queue order")
             req.slot, req.state, req.admitted = self.free_slots.pop(), RUNNING, next(self._admissions)
             if req.first_scheduled_time < 0:
                 req.first_scheduled_time = now

@@ -67,7 +67,6 @@ def plan_generation(
     if unsupported:
         return f"the option `{unsupported}` is not on the fast path"
     mask = _attention_mask(input_ids, model_kwargs.get("attention_mask"), gen)
-    _check_token_ids(input_ids, mask, model.get_input_embeddings().weight.shape[0])
     eos = _as_ids(gen.eos_token_id)
     pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else None)
     max_new = _max_new_tokens(model, gen, input_ids.shape[1], default_max_length)
@@ -86,12 +85,10 @@ def run_generation(engine: Engine, plan: GenerationPlan) -> torch.Tensor | Gener
     Every row becomes a request of the engine, so a batch larger than what fits at once runs through the same
     scheduler (continuous batching), and calls from several threads share the engine's steps.
     """
-    for i, prompt in enumerate(plan.prompts):  # every row is checked before any is queued
-        engine.check_fits(len(prompt), plan.max_new_tokens, f"sequence {i}")
     requests = []
-    try:
-        for prompt in plan.prompts:
-            requests.append(engine.add_request(prompt, plan.sampling, plan.max_new_tokens))
+    try:  # a row the engine refuses raises before any step runs: the rows queued before it are cancelled
+        for i, prompt in enumerate(plan.prompts):
+            requests.append(engine.add_request(prompt, plan.sampling, plan.max_new_tokens, name=f"sequence {i}"))
         engine.run_until_done(requests)
     finally:
         for req in requests:
@@ -158,14 +155,6 @@ def _attention_mask(input_ids: torch.Tensor, mask: torch.Tensor | None, gen: Gen
             "set tokenizer.padding_side = 'left'"
         )
     return mask
-
-
-def _check_token_ids(input_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:
-    bad = ((input_ids < 0) | (input_ids >= vocab_size)) & mask
-    if bool(bad.any()):
-        row, col = (int(i) for i in bad.nonzero()[0])
-        raise InvalidInputError(f"input_ids[{row}, {col}] = {int(input_ids[row, col])} is not a token id of this model "
-                                f"(vocabulary of {vocab_size}: ids 0..{vocab_size - 1})")
 
 
 def _max_new_tokens(model: Any, gen: GenerationConfig, input_len: int, default_max_length: bool) -> int:

@@ -94,6 +94,7 @@ class _Planner:
         self.chunks: list[Chunk] = []
         self.admitted: list[Request] = []
         self.preempted: list[Request] = []
+        self.gone: set[Request] = set()  # the preempted, for O(1) membership on the per-step path
         self.grants: dict[Request, int] = {}
 
     def _missing_pages(self, req: Request, num_tokens: int) -> int:
@@ -104,7 +105,7 @@ class _Planner:
         for req in list(self.running):  # oldest first; preemption removes from the end
             if self.budget == 0:
                 return
-            if req not in self.running or req.num_pending != 1:
+            if req.num_pending != 1 or req in self.gone:
                 continue
             if self._make_room(req):
                 self.chunks.append(Chunk(req, 1))
@@ -118,6 +119,7 @@ class _Planner:
             victim = self.running[-1]
             self.running.pop()
             self.preempted.append(victim)
+            self.gone.add(victim)
             self.free += len(victim.pages) + self.grants.pop(victim, 0)
             if victim is req:
                 return False

@@ -102,8 +102,9 @@ class StepRunner:
     def _cuda_graphs_blocker(self) -> str:
         if self.device.type != "cuda":
             return "the model is not on CUDA"
-        if self.backend.graph_blocker():
-            return self.backend.graph_blocker()
+        blocker = self.backend.graph_blocker()
+        if blocker:
+            return blocker
         if self.config.nanobatched and (self.step_context is None or self.config.sm_partition == "off"):
             return "nano-batched steps replay CUDA graphs only with sm_partition set ('streams', 'soft' or 'hard')"
         return ""
