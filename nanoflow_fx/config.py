@@ -9,7 +9,7 @@ from typing import Any, Literal
 __all__ = ["NanoFlowConfig", "ATTENTION_BACKENDS"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")  # see nanoflow_fx.ops.backend
-SM_PARTITIONS = ("off", "streams", "soft", "hard")
+SM_PARTITIONS = ("off", "streams", "soft", "carveout", "hard")
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,6 @@ class NanoFlowConfig:
             raise ValueError(
                 f"NanoFlowConfig.attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
             )
-        if self.inductor is True and self.nanobatched:
-            raise ValueError("NanoFlowConfig.inductor=True compiles the whole step; it needs num_nanobatches=1")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ValueError(f"NanoFlowConfig.cache_dir must be a path string or None, got {self.cache_dir!r}")
         for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears"):

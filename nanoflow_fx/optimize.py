@@ -27,10 +27,10 @@ from nanoflow_fx.ops import backend as attention_backends
 from nanoflow_fx.runtime.continuous import ContinuousBatchingManager, generate_batch
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
-from nanoflow_fx.runtime.green_context import partition_streams
 from nanoflow_fx.runtime.kv_cache import PagedKVCache, page_bytes
-from nanoflow_fx.runtime.nanobatch import NanobatchRunner, StepContext
+from nanoflow_fx.runtime.program_runner import Cut, ProgramRunner, StepChannel, make_units
 from nanoflow_fx.runtime.step_runner import StepRunner
+from nanoflow_fx.schedule import Split
 
 __all__ = ["optimize", "backend", "NanoFlowRuntime"]
 
@@ -64,8 +64,11 @@ class NanoFlowRuntime:
         self.attention_backend = attention_backends.choose(config.attention_backend, self.attention_configs,
                                                            self.dtype, self.device, self.config.nanobatched)
         self.layout = layout
-        self.step_context = StepContext() if self.config.nanobatched else None
-        self.step_fn = StepFunction(model, lambda on_graph: backend(self.config, on_graph, self.step_context))
+        # Nano-batched configurations run the step as a program of pieces that can be cut per step; each cut
+        # step's record reaches the program through this channel.
+        self.channel = StepChannel() if self.config.num_nanobatches != 1 else None
+        self.split_policy = even_split(self.config, self.device) if self.config.nanobatched else None
+        self.step_fn = StepFunction(model, lambda on_graph: backend(self.config, on_graph, self.channel))
         self.capture_seconds = 0.0  # all of optimize()'s capture work; `timings` breaks it down
         self.timings: dict[str, float] = {}
         self.kv_cache: PagedKVCache
@@ -76,7 +79,7 @@ class NanoFlowRuntime:
         """Run on `kv_cache` from now on (a new step runner and engine; the captured step is kept)."""
         self.kv_cache = kv_cache
         self.runner = StepRunner(self.step_fn, kv_cache, self.config, self.attention_backend,
-                                 self.attention_configs, self.step_context)
+                                 self.attention_configs, self.channel, self.split_policy)
         self.engine = Engine(self.runner, self.config)
 
     @property
@@ -90,27 +93,30 @@ class NanoFlowRuntime:
 
 
 def backend(
-    config: NanoFlowConfig | None = None, on_graph: GraphSink | None = None, context: StepContext | None = None,
+    config: NanoFlowConfig | None = None, on_graph: GraphSink | None = None, channel: StepChannel | None = None,
 ) -> Callable[..., Any]:
     """The nanoflow `torch.compile` backend: `torch.compile(fn, backend=nanoflow_fx.backend(config))`.
 
-    Captures to one ATen graph (in-place KV-cache writes kept in place). With `num_nanobatches` > 1 the graph
-    runs through the passes (annotate, group, split, assign units) and a Schedule executor (one stream, or one
-    per execution unit with `sm_partition`); with `inductor` its pieces between attention calls are compiled
-    by Inductor; otherwise it runs as captured. `on_graph` receives each captured (unsplit) ATen GraphModule.
-    `context` (the step runner's) lets nano-batched steps split their attention metadata on the host.
+    Captures to one ATen graph (in-place KV-cache writes kept in place). With `inductor` its pieces between
+    attention calls are compiled by Inductor. With `num_nanobatches` other than 1 the graph is lowered to a
+    program of pieces (`capture.program`) run by a `ProgramRunner`: whole, or cut into nano-batches when the
+    step runner hands it a step's record through `channel`, on the execution units `sm_partition` asks for.
+    `on_graph` receives each captured (unsplit) ATen GraphModule.
     """
     config = config or NanoFlowConfig()
-    count = config.num_nanobatches
-    streams = None
-    if config.sm_partition != "off":
-        mode, sms = config.sm_partition, config.memory_sms
-        streams = lambda device: partition_streams(mode, sms, device)  # noqa: E731
-    if config.nanobatched:
-        lower = lambda gm: NanobatchRunner(gm, count, streams=streams, context=context)  # noqa: E731
-    else:
-        lower = None
-    return make_backend(lower, on_graph, inductor=config.inductor is True, fuse_linears=config.fuse_linears)
+    program = None
+    if config.num_nanobatches != 1:
+        program = lambda step_program: ProgramRunner(step_program, channel)  # noqa: E731
+    return make_backend(None, on_graph, inductor=config.inductor is True, fuse_linears=config.fuse_linears,
+                        program=program)
+
+
+def even_split(config: NanoFlowConfig, device: torch.device) -> Callable[[int, int], Cut]:
+    """The split policy of a fixed nano-batch count: every eager step cut into `num_nanobatches` nano-batches of
+    equal size (fewer when it has fewer tokens), on the units `sm_partition` names."""
+    n = int(config.num_nanobatches)
+    units = make_units(config.sm_partition, config.memory_sms) if device.type == "cuda" else None
+    return lambda tokens, decodes: Cut(Split.even(tokens, min(n, tokens)).boundaries, units)
 
 
 def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | None = None) -> PreTrainedModel:
@@ -219,7 +225,7 @@ def _resolve(config: NanoFlowConfig, model: PreTrainedModel, device: torch.devic
     if budget == "auto":
         budget = (token_budget(measure_ceilings(device), torch.empty((), dtype=dtype).element_size())
                   if on_cuda else _CPU_MAX_NUM_TOKENS)
-    inductor = config.inductor if config.inductor != "auto" else on_cuda and not config.nanobatched
+    inductor = config.inductor if config.inductor != "auto" else on_cuda
     return dataclasses.replace(config, max_seq_len=int(max_seq_len or 2048), max_num_tokens=budget,
                                inductor=inductor)
 

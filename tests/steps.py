@@ -17,7 +17,7 @@ def runner_on(model: torch.nn.Module, num_pages: int, page_size: int) -> StepRun
     runtime = model.nanoflow
     cache = PagedKVCache(runtime.layers, num_pages, page_size, runtime.dtype, runtime.device)
     return StepRunner(runtime.step_fn, cache, runtime.config, runtime.attention_backend, runtime.attention_configs,
-                      runtime.step_context)
+                      runtime.channel, runtime.split_policy)
 
 
 def admit(runner: StepRunner, prompts: Sequence[Sequence[int]], max_new_tokens: int = 1) -> list[Request]:

@@ -2,7 +2,8 @@
 
 For every supported family, random request mixes (decode-only, prefill-only, mixed, chunked prefill), a random
 number of nano-batches (1..8) and random boundaries (inside prefill chunks, nano-batches of one token), the
-split step run by the Schedule executor equals the unsplit captured step.
+split step run by the step program (`ProgramRunner`: pieces on token slices, attention per nano-batch with its
+own metadata) equals the unsplit captured step.
 
 Bound: max abs difference <= 1e-5 in fp32 (logits and KV). Both paths run the same ops on the same rows;
 only GEMM row counts differ, which can change the CPU BLAS blocking and so the rounding (~1e-7 observed on
@@ -12,6 +13,7 @@ these tiny models with logits of magnitude ~1). A wrong row, mask or page moves 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanoflow_fx.runtime import Chunk, StepRunner
+from nanoflow_fx.runtime.program_runner import Cut
 from tests.conftest import ALL_FAMILIES, DEFAULT_CONFIG, DEVICES, optimized
 from tests.steps import admit, run, runner_on
 from tests.test_generate_parity import _left_padded_batch
@@ -67,29 +70,49 @@ def _runner(model: torch.nn.Module) -> StepRunner:
 def test_split_step_equals_unsplit_step(family: str, mix: tuple[list[list[int]], list[list[int]], list[float]]) -> None:
     prompts, chunkings, cuts = mix
     whole, split = _runner(optimized(family)), _runner(optimized(family, SPLIT_CONFIG))
-    split_model = optimized(family, SPLIT_CONFIG)
-    runners = [g.meta["nanoflow_runner"] for g in split_model.nanoflow.step_fn.graphs if "nanoflow_runner" in g.meta]
+    cut = _boundaries(cuts)
     ran: list[int] = []
-    for runner in runners:
-        runner.boundaries = _boundaries(cuts)
-    try:
-        reqs_w, reqs_s = admit(whole, prompts, 0), admit(split, prompts, 0)
-        pending = [list(c) for c in chunkings]
-        while any(pending):
-            sizes = [p.pop(0) if p else 0 for p in pending]
-            got = run(split, [Chunk(r, n) for r, n in zip(reqs_s, sizes) if n])
-            want = run(whole, [Chunk(r, n) for r, n in zip(reqs_w, sizes) if n])
-            assert (got - want).abs().max().item() <= ATOL
-            ran.append(max(len(r.last.plan.splits[0][1].boundaries) - 1 for r in runners if r.last is not None))
-        num_pages = whole.kv_cache.allocator.num_pages  # the scratch page (padding) is not compared
-        for a, b in zip(whole.kv_cache.caches, split.kv_cache.caches):
-            assert (a[:num_pages] - b[:num_pages]).abs().max().item() <= ATOL
-    finally:
-        for runner in runners:
-            runner.boundaries = None
-    assert runners and ran  # the split path really ran
+
+    def policy(num_tokens: int, num_decodes: int) -> Cut:
+        ran.append(len(cut(num_tokens)) - 1)
+        return Cut(cut(num_tokens))
+
+    split.split_policy = policy
+    reqs_w, reqs_s = admit(whole, prompts, 0), admit(split, prompts, 0)
+    pending = [list(c) for c in chunkings]
+    while any(pending):
+        sizes = [p.pop(0) if p else 0 for p in pending]
+        for program in _program_runners(split):
+            program.last_schedule = None
+        got = run(split, [Chunk(r, n) for r, n in zip(reqs_s, sizes) if n])
+        want = run(whole, [Chunk(r, n) for r, n in zip(reqs_w, sizes) if n])
+        assert (got - want).abs().max().item() <= ATOL
+        if ran[-1] > 1:  # the program really ran the step cut where the policy said
+            schedules = [p.last_schedule for p in _program_runners(split) if p.last_schedule is not None]
+            assert len(schedules) == 1
+            assert schedules[0].split("nb").boundaries == cut(schedules[0].num_tokens)
+    num_pages = whole.kv_cache.allocator.num_pages  # the scratch page (padding) is not compared
+    for a, b in zip(whole.kv_cache.caches, split.kv_cache.caches):
+        assert (a[:num_pages] - b[:num_pages]).abs().max().item() <= ATOL
+    assert ran  # the split path really ran
     if cuts:
-        assert max(ran) > 1 or all(sum(c) == 1 for c in chunkings)  # cut unless every step had < 2 tokens
+        assert max(ran) > 1  # every step has >= 2 tokens (padding included), so some cut lands inside it
+
+
+def _recording(policy, cuts: list) -> Callable[[int, int], Cut]:  # type: ignore[no-untyped-def, type-arg]
+    """`policy`, appending every cut it makes to `cuts`."""
+    def record(tokens: int, decodes: int) -> Cut:
+        cuts.append(policy(tokens, decodes))
+        return cuts[-1]
+
+    return record
+
+
+def _program_runners(runner: StepRunner) -> list:  # type: ignore[type-arg]
+    """The program runners of the captured graphs (Dynamo may specialise a few, e.g. on one request)."""
+    found = [g.meta["nanoflow_program_runner"] for g in runner.step_fn.graphs if "nanoflow_program_runner" in g.meta]
+    assert found, "the nano-batched configuration lowers its captured graphs to programs"
+    return found
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -99,7 +122,14 @@ def test_generation_with_nanobatches_equals_unsplit(family: str, device: str) ->
     want = optimized(family, device=device).generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     for count in (2, 4) if family != "llama" else (2, 3, 4):
         model = optimized(family, dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=count), device=device)
-        got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        runner, cuts = model.nanoflow.runner, []
+        policy = runner.split_policy
+        runner.split_policy = _recording(policy, cuts)
+        try:
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        finally:
+            runner.split_policy = policy
         assert torch.equal(got, want), f"{count} nano-batches"
-        runner = model.nanoflow.step_fn.graphs[0].meta["nanoflow_runner"]
-        assert runner.last is not None and runner.last.plan.max_nanobatches == count  # 4 rows + padding >= count
+        assert cuts and all(len(c.boundaries) - 1 == count for c in cuts)  # 4 rows + padding >= count
+        schedules = [p.last_schedule for p in _program_runners(runner) if p.last_schedule]
+        assert schedules and schedules[-1].split("nb").boundaries == cuts[-1].boundaries

@@ -22,7 +22,7 @@ Lower = Callable[[torch.fx.GraphModule], Callable[..., Any]]
 
 def make_backend(
     lower: Lower | None = None, on_graph: GraphSink | None = None, inductor: bool = False,
-    fuse_linears: bool = False,
+    fuse_linears: bool = False, program: Callable[[Any], Callable[..., Any]] | None = None,
 ) -> Callable[..., Any]:
     """Return a `torch.compile` backend that lowers each captured graph to ATen and runs it.
 
@@ -34,7 +34,9 @@ def make_backend(
     attention-free pieces are compiled by Inductor (`piecewise.compile_pieces`; `lower` must be None then).
     With `fuse_linears`, linears sharing an input whose weights lie adjacent in memory (see
     `fuse_linears.relayout_parallel_linears`) are merged first into one GEMM each; the ATen graph's
-    `meta["nanoflow_fused_linears"]` says how many groups were merged.
+    `meta["nanoflow_fused_linears"]` says how many groups were merged. With `program`, the graph is lowered to
+    a `capture.program.StepProgram` (pieces between attention calls, Inductor-compiled with `inductor`) and
+    `program(step_program)` is what runs (e.g. a nano-batching `runtime.program_runner.ProgramRunner`).
     """
     if inductor and lower is not None:
         raise ValueError("inductor=True compiles the whole step itself; it takes no `lower`")
@@ -55,7 +57,15 @@ def make_backend(
             log.debug("nanoflow captured an ATen graph with %d nodes", len(aten_gm.graph.nodes))
             if on_graph is not None:
                 on_graph(aten_gm)
-            if inductor:
+            if program is not None:
+                from nanoflow_fx.capture.program import lower_program
+
+                step_program = lower_program(aten_gm, aten_inputs, inductor)
+                aten_gm.meta["nanoflow_program"] = step_program
+                aten_gm.meta["nanoflow_inductor_compiles"] = step_program.compiles
+                lowered = program(step_program)
+                aten_gm.meta["nanoflow_program_runner"] = lowered  # explain() and tests find it here
+            elif inductor:
                 from nanoflow_fx.capture.piecewise import compile_pieces
 
                 lowered = compile_pieces(aten_gm, aten_inputs)

@@ -24,7 +24,7 @@ from torch.fx.passes.split_module import split_module
 
 from nanoflow_fx.passes.info import ATTENTION_OP
 
-__all__ = ["compile_pieces"]
+__all__ = ["compile_pieces", "inductor_compile"]
 
 
 class _Compiled(torch.nn.Module):
@@ -64,13 +64,35 @@ def _piece_key(piece: GraphModule, inputs: Sequence[Any]) -> tuple[Any, ...]:
     return (piece.code, tuple(meta(v) for v in inputs))
 
 
+def inductor_compile(piece: GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+    """`piece` compiled by Inductor for `inputs` (fake values, inside their fake mode) -> a callable taking the
+    piece's arguments (Inductor's code takes them boxed, as a list)."""
+    from torch._guards import TracingContext
+    from torch._inductor.compile_fx import compile_fx_inner, graph_returns_tuple, make_graph_return_tuple
+
+    def inductor(graph: GraphModule, example: list[Any]) -> Callable[..., Any]:
+        # Each compile records its outputs' strides in the tracing context, which expects one compile per
+        # context: give each piece a clean slate and restore the outer graph's record afterwards.
+        context = TracingContext.try_get()
+        saved = context.output_strides if context is not None else None
+        if context is not None:
+            context.output_strides = []
+        try:
+            code = compile_fx_inner(graph, example)
+        finally:
+            if context is not None:
+                context.output_strides = saved
+        return lambda *args: code(list(args))
+
+    return inductor(piece, inputs) if graph_returns_tuple(piece) else make_graph_return_tuple(piece, inputs, inductor)
+
+
 def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule:
     """`gm` (an ATen graph decomposed with Inductor's table) with every attention-free piece Inductor-compiled.
 
     Must run where AOT autograd calls its forward compiler: `example_inputs` are its fake (symbolic) inputs.
     """
-    from torch._guards import TracingContext, detect_fake_mode
-    from torch._inductor.compile_fx import compile_fx_inner, graph_returns_tuple, make_graph_return_tuple
+    from torch._guards import detect_fake_mode
 
     part, partition = 0, {}
     for node in gm.graph.nodes:
@@ -83,20 +105,6 @@ def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModul
         else:
             partition[node] = part
     split = split_module(gm, None, lambda node: partition[node], keep_original_order=True)
-
-    def inductor(piece: GraphModule, inputs: list[Any]) -> Callable[..., Any]:
-        # Each compile records its outputs' strides in the tracing context, which expects one compile per
-        # context: give each piece a clean slate and restore the outer graph's record afterwards.
-        context = TracingContext.try_get()
-        saved = context.output_strides if context is not None else None
-        if context is not None:
-            context.output_strides = []
-        try:
-            code = compile_fx_inner(piece, inputs)
-        finally:
-            if context is not None:
-                context.output_strides = saved
-        return lambda *args: code(list(args))  # Inductor's code takes its inputs boxed, as a list
 
     compiled: dict[str, torch.nn.Module] = {}
     by_key: dict[tuple[Any, ...], torch.nn.Module] = {}  # one compile per distinct piece
@@ -113,9 +121,7 @@ def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModul
             _canonical_names(piece)
             key = _piece_key(piece, inputs)
             if key not in by_key:
-                fn = (inductor(piece, inputs) if graph_returns_tuple(piece)
-                      else make_graph_return_tuple(piece, inputs, inductor))
-                by_key[key] = _Compiled(fn)
+                by_key[key] = _Compiled(inductor_compile(piece, inputs))
             compiled[node.target] = by_key[key]
     for target, module in compiled.items():
         setattr(split, target, module)

@@ -59,6 +59,12 @@ class AttentionBackend:
         """Why its steps cannot be captured in a CUDA graph ("" if they can)."""
         return ""
 
+    def run_planned(self, plan: Any, config: AttentionConfig, q: torch.Tensor, kv_cache: torch.Tensor,
+                    metadata: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Attend one nano-batch: `plan` is what this backend's planner made for exactly that nano-batch (None
+        for backends that plan nothing), `metadata` its (qo_indptr, kv_indptr, kv_indices, kv_last_page_len)."""
+        return self.run(q, kv_cache, *metadata, config.scaling, config.sliding_window, config.softcap)
+
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                      device: torch.device, decode_batch: int | None = None, max_pages: int = 0) -> Planner | None:
         """The planner of eager steps, or (with `decode_batch`) of one CUDA-graph bucket of `decode_batch`
@@ -109,7 +115,7 @@ def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtyp
            nanobatched: bool = False) -> AttentionBackend:
     """The backend `NanoFlowConfig.attention_backend=requested` means for these layers on `device`.
 
-    "auto": FlashInfer where it can run (installed, CUDA, fp16/bf16, its head dims, one nano-batch), else
+    "auto": FlashInfer where it can run (installed, CUDA, fp16/bf16, its head dims), else
     Triton on CUDA, else the torch reference. An explicit choice that cannot run raises `NanoFlowError` with
     the reason and the alternatives.
     """
@@ -139,7 +145,4 @@ def _flashinfer_blocker(configs: Sequence[AttentionConfig], dtype: torch.dtype, 
                         nanobatched: bool) -> str:
     if not _installed("flashinfer"):
         return "flashinfer is not installed (pip install flashinfer-python)"
-    reason = get("flashinfer").unsupported_reason(configs, dtype, device)
-    if not reason and nanobatched:
-        reason = "nano-batched steps attend per nano-batch, and FlashInfer plans whole steps"
-    return reason
+    return get("flashinfer").unsupported_reason(configs, dtype, device)

@@ -82,16 +82,25 @@ class FlashInferBackend(AttentionBackend):
         if plans is None:
             raise RuntimeError(f"no FlashInfer plan is active for {config}: the step runner plans every step before "
                                "it runs (the 'flashinfer' backend runs only inside nanoflow_fx's runtime)")
-        num_decode = plans.num_decode
-        if plans.prefill is None or num_decode == q.shape[0]:
-            return plans.decode.run(q, kv_cache)  # type: ignore[no-any-return]
-        if num_decode == 0:
-            return plans.prefill.run(q, kv_cache)  # type: ignore[no-any-return]
-        out = q.new_empty(q.shape[0], q.shape[1], kv_cache.shape[-1])
-        plans.decode.run(q[:num_decode], kv_cache, out=out[:num_decode])
-        plans.prefill.run(q[num_decode:], kv_cache, out=out[num_decode:])
-        return out
+        return _run(plans, q, kv_cache)
 
+    def run_planned(self, plan: Any, config: AttentionConfig, q: torch.Tensor, kv_cache: torch.Tensor,
+                    metadata: Sequence[torch.Tensor]) -> torch.Tensor:
+        return _run(plan.plans[config], q, kv_cache)
+
+
+def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    """Run one configuration's planned wrappers: leading one-token rows on the decode kernel, the rest on the
+    prefill kernel (one output, written in two slices)."""
+    num_decode = plans.num_decode
+    if plans.prefill is None or num_decode == q.shape[0]:
+        return plans.decode.run(q, kv_cache)  # type: ignore[no-any-return]
+    if num_decode == 0:
+        return plans.prefill.run(q, kv_cache)  # type: ignore[no-any-return]
+    out = q.new_empty(q.shape[0], q.shape[1], kv_cache.shape[-1])
+    plans.decode.run(q[:num_decode], kv_cache, out=out[:num_decode])
+    plans.prefill.run(q[num_decode:], kv_cache, out=out[num_decode:])
+    return out
 
 def _workspace(device: torch.device) -> torch.Tensor:
     if device not in _float_workspaces:
@@ -145,18 +154,27 @@ class FlashInferPlanner:
             self.plans[config] = _Plans(_decode_wrapper(config, device, decode_batch, max_pages), prefill)
 
     def plan(self, host: AttentionMetadata, kv_indices: torch.Tensor) -> None:
-        """Plan every configuration for this step and make the plans the active ones.
+        """Plan every configuration for this step and make the plans the active ones (those the captured op
+        runs).
 
         `host` holds the step's metadata in pinned host memory (FlashInfer's planner reads it there; nothing
         waits for the GPU); `kv_indices` is the page list already on the device (copied device to device).
         """
+        qo, kv_ptr, _, last, _ = host.tensors()
+        self.plan_tables(qo, kv_ptr, last, kv_indices)
+        _ACTIVE.update(self.plans)
+
+    def plan_tables(self, qo: torch.Tensor, kv_ptr: torch.Tensor, last: torch.Tensor,
+                    kv_indices: torch.Tensor) -> FlashInferPlanner:
+        """Plan every configuration for the request table (qo_indptr, kv_indptr, kv_last_page_len in pinned host
+        memory; the page list on the device) without making the plans active: a nano-batched step gives each
+        nano-batch's attention its own planner, passed explicitly (`FlashInferBackend.run_planned`)."""
         # FlashInfer writes each plan into the wrapper's pinned buffer and copies it to the device
         # asynchronously; the host may run a step ahead, so wait until the previous plan's copy has run.
-        if self._planned is not None:
+        if self._planned is not None:  # (the event was recorded on the stream current then)
             start = time.perf_counter()
             self._planned.synchronize()
             self.wait_s += time.perf_counter() - start
-        qo, kv_ptr, _, last, _ = host.tensors()
         num_requests = last.shape[0]
         num_decode = num_requests if self.graph else _leading_single_tokens(qo)
         seq_lens = ((kv_ptr[1:] - kv_ptr[:-1] - 1) * self.page_size + last).clamp_(min=0)
@@ -185,7 +203,7 @@ class FlashInferPlanner:
                 plans.prefill.plan(qo_p, indptr, indices, last_len, *heads, causal=True, seq_lens=lens, **common)
         self._planned = torch.cuda.Event()
         self._planned.record()
-        _ACTIVE.update(self.plans)
+        return self
 
 
 def _leading_single_tokens(qo_indptr: torch.Tensor) -> int:

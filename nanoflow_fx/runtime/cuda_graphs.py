@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -22,7 +21,6 @@ from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
 from nanoflow_fx.runtime.batch import Chunk, StepInputs, StepShape, build_step, feed_pending
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
-from nanoflow_fx.runtime.nanobatch import StepContext
 
 __all__ = ["CudaGraphRunner", "decode_buckets"]
 
@@ -43,7 +41,6 @@ class _Graph:
     inputs: StepInputs  # static tensors the graph reads
     logits: torch.Tensor  # static output [shape.logits, vocab]
     planner: Planner | None  # the bucket's own planner (backends that plan on the host)
-    split: tuple[Any, list[torch.Tensor]] | None = None  # nano-batched: (plan, its static split metadata)
 
 
 class CudaGraphRunner:
@@ -51,14 +48,11 @@ class CudaGraphRunner:
         self, step_fn: StepFunction, kv_cache: PagedKVCache, max_batch_size: int, backend: AttentionBackend,
         last_tokens: torch.Tensor,
         attention_configs: Sequence[AttentionConfig] = (),
-        step_context: StepContext | None = None,
     ) -> None:
         """`last_tokens` is the engine's device-side table of each request's last sampled token; the graphs
         read PENDING input tokens from it (see `feed_pending`). A backend that plans on the host gives each
-        bucket its own planner (fixed buffers), re-planned before every replay. With `step_context` (nano-batched
-        steps) each bucket's per-nano-batch attention metadata are static inputs too, padded to the bucket's
-        request and page counts, recomputed on the host and copied in before every replay."""
-        self.step_context = step_context
+        bucket its own planner (fixed buffers), re-planned before every replay. Decode steps run whole (one
+        nano-batch) in any configuration: splitting a decode step reads every weight once more per nano-batch."""
         self.step_fn, self.kv_cache, self.backend, self.last_tokens = step_fn, kv_cache, backend, last_tokens
         self.attention_configs = tuple(attention_configs)
         self.buckets = decode_buckets(max_batch_size)
@@ -109,55 +103,29 @@ class CudaGraphRunner:
             input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
             return self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
 
-        ctx = self.step_context
-        if ctx is not None:
-            ctx.host = host.metadata.tensors()[:4]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Dynamo guards, Triton compilation, allocator
             for _ in range(2):
                 step()
         torch.cuda.current_stream().wait_stream(side)
-        split = None
-        if ctx is not None:  # the runner exists now: fix its split metadata as static inputs of the graph
-            assert ctx.runner is not None and ctx.host is not None
-            plan = ctx.runner.plan_for(shape.tokens)
-            static = [t.to(cache.device)
-                      for t in ctx.runner.host_split(plan, ctx.host, cache.page_size, _split_pad(shape))]
-            split = (plan, static)
-            ctx.host, ctx.static = None, static
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=pool):
-                logits = step()
-        finally:
-            if ctx is not None:
-                ctx.host = ctx.static = None
-        return _Graph(graph, inputs, logits, planner, split)
+        with torch.cuda.graph(graph, pool=pool):
+            logits = step()
+        return _Graph(graph, inputs, logits, planner)
 
     def run(self, chunks: Sequence[Chunk], shape: StepShape, all_logits: bool) -> torch.Tensor:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
                           all_logits, backend=self.backend.name, shape=shape, pin=True)
-        targets, sources = list(_step_tensors(entry.inputs)), list(_step_tensors(host))
-        if entry.split is not None:
-            assert self.step_context is not None and self.step_context.runner is not None
-            plan, static = entry.split
-            targets += static
-            sources += self.step_context.runner.host_split(plan, host.metadata.tensors()[:4], cache.page_size,
-                                                           _split_pad(shape))
+        targets, sources = _step_tensors(entry.inputs), _step_tensors(host)
         for dst, src in zip(targets, sources):
             dst.copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
         if entry.planner is not None:
             entry.planner.plan(host.metadata, entry.inputs.metadata.kv_indices)
         entry.graph.replay()
         return entry.logits[: host.num_logits]
-
-
-def _split_pad(shape: StepShape) -> tuple[int, int]:
-    """Each nano-batch's table size in a bucket: a nano-batch holds at most the step's requests and pages."""
-    return shape.requests, shape.pages
 
 
 def _step_tensors(inputs: StepInputs) -> tuple[torch.Tensor, ...]:

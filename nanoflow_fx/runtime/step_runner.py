@@ -9,17 +9,18 @@ tokens are read (`batch.feed_pending`), so the host never waits for the GPU betw
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
+from nanoflow_fx.ops.split_metadata import split_attention_metadata
 from nanoflow_fx.runtime.batch import Chunk, build_step, feed_pending, to_device
-from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner, decode_buckets
+from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
-from nanoflow_fx.runtime.nanobatch import StepContext
+from nanoflow_fx.runtime.program_runner import Cut, NanobatchStep, StepChannel
 from nanoflow_fx.runtime.requests import Request
 from nanoflow_fx.runtime.sampling import SamplingParams
 
@@ -28,6 +29,10 @@ __all__ = ["StepRunner"]
 log = logging.getLogger(__name__)
 
 _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), min_new_tokens=0)
+
+
+SplitPolicy = Callable[[int, int], "Cut | None"]
+"""(step tokens, leading decode requests) -> how to cut the step (`Cut`), or None: run it whole."""
 
 
 class StepRunner:
@@ -40,14 +45,16 @@ class StepRunner:
         config: NanoFlowConfig,
         backend: AttentionBackend,
         attention_configs: Sequence[AttentionConfig],
-        step_context: StepContext | None = None,
+        channel: StepChannel | None = None,
+        split_policy: SplitPolicy | None = None,
     ) -> None:
         """`attention_configs`: the model's distinct attention layer configurations (what a planner plans).
-        `step_context` is shared with the nano-batch runner of a nano-batched step (the runner gives it each
-        step's metadata on the host)."""
+        `channel` is shared with the captured step's `ProgramRunner` (nano-batched configurations): a step that
+        `split_policy` cuts gets its per-nano-batch record through it."""
         self.step_fn, self.kv_cache, self.config, self.backend = step_fn, kv_cache, config, backend
         self.attention_configs = tuple(attention_configs)
-        self.step_context = step_context
+        self.channel, self.split_policy = channel, split_policy
+        self._nanobatch_planners: list[Planner | None] = []
         self.planner: Planner | None = backend.make_planner(self.attention_configs, kv_cache.page_size,
                                                             kv_cache.dtype, kv_cache.device)
         self.cuda_graphs: CudaGraphRunner | None = None  # set by enable_cuda_graphs()
@@ -55,8 +62,6 @@ class StepRunner:
         # Each running request's last sampled token, on the device, by slot (see requests.PENDING).
         self.last_tokens = torch.zeros(config.max_batch_size, dtype=torch.int64, device=kv_cache.device)
         self.stats = {"graph_steps": 0, "eager_steps": 0}
-        # Nano-batched eager steps are padded to these token counts, so their split graphs stay few.
-        self._nanobatch_buckets = decode_buckets(config.max_num_tokens) if config.nanobatched else []
 
     @property
     def device(self) -> torch.device:
@@ -87,7 +92,7 @@ class StepRunner:
             self.cuda_graphs_off_reason = reason
             return False
         runner = CudaGraphRunner(self.step_fn, self.kv_cache, self.config.max_batch_size, self.backend,
-                                 self.last_tokens, self.attention_configs, self.step_context)
+                                 self.last_tokens, self.attention_configs)
         try:
             runner.capture_all()
         except RuntimeError as err:
@@ -105,8 +110,6 @@ class StepRunner:
         blocker = self.backend.graph_blocker()
         if blocker:
             return blocker
-        if self.config.nanobatched and (self.step_context is None or self.config.sm_partition == "off"):
-            return "nano-batched steps replay CUDA graphs only with sm_partition set ('streams', 'soft' or 'hard')"
         return ""
 
     def run(self, chunks: Sequence[Chunk], all_logits: bool = False) -> torch.Tensor:
@@ -126,31 +129,50 @@ class StepRunner:
 
     def _run_eager(self, chunks: Sequence[Chunk], all_logits: bool) -> torch.Tensor:
         cache = self.kv_cache
-        min_tokens = self._padded_tokens(sum(c.num_tokens for c in chunks))
         on_cuda = self.device.type == "cuda"  # built in pinned host memory, then copied without blocking
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page,
-                          torch.device("cpu") if on_cuda else self.device, all_logits, min_tokens=min_tokens,
+                          torch.device("cpu") if on_cuda else self.device, all_logits, min_tokens=2,
                           backend=self.backend.name, pin=on_cuda)
         inputs = host.to(self.device) if on_cuda else host
-        if self.planner is not None:
+        record = self._nanobatch_record(chunks, host.metadata.tensors()[:4], inputs.input_ids.shape[0])
+        if record is None and self.planner is not None:
             self.planner.plan(host.metadata, inputs.metadata.kv_indices)
-        if self.step_context is not None:
-            self.step_context.host = host.metadata.tensors()[:4]
         input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
-        try:
+        if self.channel is None:
             logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
-        finally:
-            if self.step_context is not None:
-                self.step_context.host = None
+        else:
+            with self.channel.carrying(record):
+                logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
         return logits[: inputs.num_logits]
 
-    def _padded_tokens(self, num_tokens: int) -> int:
-        """The token count a step is padded to: >= 2 always; a nano-batched step to its bucket (with room for
-        the one padding request every step has, see `build_step`)."""
-        for bucket in self._nanobatch_buckets:
-            if num_tokens < bucket:
-                return bucket
-        return 2
+    def _nanobatch_record(self, chunks: Sequence[Chunk], host: tuple[torch.Tensor, ...],
+                          num_tokens: int) -> NanobatchStep | None:
+        """The step's nano-batches, if the split policy cuts it: boundaries, each nano-batch's metadata on the
+        device, and each one's attention plan (its own planner, planned here on the host)."""
+        if self.channel is None or self.split_policy is None:
+            return None
+        num_decode = 0
+        for chunk in chunks:
+            if chunk.num_tokens != 1:
+                break
+            num_decode += 1
+        cut = self.split_policy(num_tokens, num_decode)
+        if cut is None or len(cut.boundaries) <= 2:
+            return None
+        boundaries = cut.boundaries
+        if boundaries[0] != 0 or boundaries[-1] != num_tokens or list(boundaries) != sorted(set(boundaries)):
+            raise ValueError(f"the split policy cut a step of {num_tokens} tokens (padding included) at {boundaries}: "
+                             f"boundaries must rise strictly from 0 to {num_tokens}")
+        on_cuda = self.device.type == "cuda"
+        parts = split_attention_metadata(*host, self.kv_cache.page_size, tuple(boundaries), pin=on_cuda)
+        metadata = tuple(tuple(t.to(self.device, non_blocking=True) for t in part) for part in parts)
+        while len(self._nanobatch_planners) < len(parts):
+            self._nanobatch_planners.append(self.backend.make_planner(
+                self.attention_configs, self.kv_cache.page_size, self.kv_cache.dtype, self.device))
+        plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2])  # type: ignore[attr-defined]
+                      if planner is not None else None
+                      for planner, part, meta in zip(self._nanobatch_planners, parts, metadata))
+        return NanobatchStep(tuple(boundaries), metadata, plans, cut.units)
 
     def run_prompts(self, prompts: Sequence[Sequence[int]], all_logits: bool = False) -> torch.Tensor:
         """One step over fresh requests, each prefilling a whole prompt (the probe and the memory profile of

@@ -1,0 +1,248 @@
+"""Overlap on dense steps: every cut of a step (nano-batches x execution units) against the unsplit step, one process.
+
+    python benchmarks/bench_overlap.py --out overlap.json [--trace trace.json] [--quick]
+
+A Llama-3-8B-shaped model (random bf16 weights) is optimized with the program lowering (num_nanobatches=2:
+Inductor pieces, FlashInfer planned per nano-batch). Steps (D decodes at context L + one prefill chunk of P):
+  balanced 288 @ 1280 + 768 (the 1024/512 workload's steady state), 2048-token 128 @ 1024 + 1920,
+  decode-only 64 and 256 @ 1024, prefill-only 2048.
+For each step every candidate of `nanoflow_fx.cost.search.candidates` is timed (CUDA events over steps issued
+back to back, as the engine issues them, so host work hides behind the previous step where it can):
+unsplit (the captured step as one nano-batch), two nano-batches on one stream (the price of splitting), on
+plain streams, with attention on a green-context partition of k SMs (soft), plus the GEMMs' cuBLASLt carve-out
+of the same k SMs (carveout), and "auto" (the search's pick, re-measured). Per row: step ms, speedup over
+unsplit; for unsplit and the best cut, the kernel time by class (GEMM, attention, other) from torch.profiler.
+Then the memory unit alone: attention kernels' bandwidth (TB/s) on partitions of 16/32/48 SMs and the whole GPU:
+FlashInfer's decode kernel with and without tensor cores, its prefill kernel over the same decode rows, and
+nanoflow's Triton kernel. JSON (--out), a Markdown table on stdout, a Chrome trace of the balanced step's best
+cut (--trace; Perfetto opens it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nanoflow_fx  # noqa: E402
+from examples.generate import build_model  # noqa: E402
+from nanoflow_fx.cost.search import UNSPLIT, Candidate, StepShape, TunedPolicy, candidates, pick  # noqa: E402
+from nanoflow_fx.runtime import Chunk, Request  # noqa: E402
+from nanoflow_fx.runtime.program_runner import Cut, make_units  # noqa: E402
+from nanoflow_fx.runtime.sampling import SamplingParams  # noqa: E402
+
+GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), min_new_tokens=0)
+STEPS = {
+    "balanced": StepShape(288, 1280, 768),
+    "2048": StepShape(128, 1024, 1920),
+    "decode64": StepShape(64, 1024, 0),
+    "decode256": StepShape(256, 1024, 0),
+    "prefill2048": StepShape(0, 0, 2048),
+}
+
+
+class Harness:
+    """Requests of one step shape holding real pages of the model's cache (their KV is whatever lies there)."""
+
+    def __init__(self, model: Any, shape: StepShape) -> None:
+        self.runtime = model.nanoflow
+        cache = self.runtime.kv_cache
+        self.requests: list[Request] = []
+        vocab = model.config.vocab_size
+        gen = torch.Generator().manual_seed(0)
+        for i in range(shape.decodes):
+            req = Request(f"d{i}", torch.randint(3, vocab, (shape.context,), generator=gen).tolist(), GREEDY, 1, slot=i)
+            req.pages = cache.allocator.allocate(cache.pages_for(shape.context))
+            req.num_cached = shape.context - 1
+            self.requests.append(req)
+        self.chunks = [Chunk(r, 1) for r in self.requests]
+        if shape.prefill:
+            req = Request("p", torch.randint(3, vocab, (shape.prefill,), generator=gen).tolist(), GREEDY, 1,
+                          slot=shape.decodes)
+            req.pages = cache.allocator.allocate(cache.pages_for(shape.prefill))
+            self.requests.append(req)
+            self.chunks.append(Chunk(req, shape.prefill))
+
+    def release(self) -> None:
+        for req in self.requests:
+            self.runtime.kv_cache.allocator.free(req.pages)
+
+    def time(self, policy: Any, reps: int, rounds: int = 3) -> float:
+        """ms per step with steps issued back to back, as the engine issues them (the host prepares step i+1 while
+        the GPU runs step i): the median over `rounds` of `reps` steps each."""
+        runner = self.runtime.runner
+        runner.split_policy = policy
+        for _ in range(3):
+            runner.run(self.chunks)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                runner.run(self.chunks)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / reps)
+        return statistics.median(times)
+
+    def kernels(self, policy: Any, trace: str | None = None) -> dict[str, float]:
+        runner = self.runtime.runner
+        runner.split_policy = policy
+        runner.run(self.chunks)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.run(self.chunks)
+            torch.cuda.synchronize()
+        if trace:
+            prof.export_chrome_trace(trace)
+        classes = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+        for event in prof.key_averages():
+            us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+            if event.key.startswith(("cudaLaunch", "cuLaunch")) or us <= 0:
+                continue
+            name = event.key.lower()
+            kind = ("attention" if any(k in name for k in ("flashinfer", "batchprefill", "batchdecode", "attention"))
+                    else "gemm" if any(k in name for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul"))
+                    else "other")
+            classes[kind] += us / 1e3
+        return {k: round(v, 3) for k, v in classes.items()}
+
+
+def policy_for(candidate: Candidate) -> Any:
+    if candidate.unsplit:
+        return None
+    units = make_units(candidate.units, candidate.memory_sms)
+    return lambda tokens, decodes: (lambda b: Cut(b, units) if b else None)(candidate.boundaries(tokens, decodes))
+
+
+def attention_bandwidth(model: Any, shape: StepShape, reps: int) -> list[dict[str, Any]]:
+    """TB/s of decode attention over `shape`'s requests (layer 0's cache) on partitions of k SMs."""
+    import flashinfer
+
+    from nanoflow_fx.ops.backend import get
+    from nanoflow_fx.runtime.batch import build_step
+    from nanoflow_fx.runtime.green_context import split_sms
+
+    harness = Harness(model, StepShape(shape.decodes, shape.context, 0))
+    runtime = harness.runtime
+    cache = runtime.kv_cache
+    step = build_step(harness.chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
+                      backend="flashinfer").to(cache.device)
+    qo, kvp, idx, last, _ = step.metadata.tensors()
+    cfg = runtime.attention_configs[0]
+    layer = cache.caches[0]
+    q = torch.randn(step.input_ids.shape[0], cfg.num_qo_heads, cfg.head_dim, dtype=cache.dtype, device=cache.device)
+    kv_bytes = shape.decodes * shape.context * cfg.num_kv_heads * cfg.head_dim * 2 * cache.dtype.itemsize
+    workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device=cache.device)
+    seq = ((kvp[1:] - kvp[:-1] - 1) * cache.page_size + last).to(torch.int32)
+    kernels: dict[str, Any] = {}
+    for tc in (True, False):
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tc)
+        w.plan(kvp, idx, last, cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size,
+               q_data_type=cache.dtype, kv_data_type=cache.dtype, sm_scale=cfg.scaling)
+        kernels[f"flashinfer decode{' (tensor cores)' if tc else ''}"] = (lambda w=w: w.run(q, layer))
+    p = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+    p.plan(qo, kvp, idx, last, cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size, causal=True,
+           q_data_type=cache.dtype, kv_data_type=cache.dtype, sm_scale=cfg.scaling, seq_lens=seq)
+    kernels["flashinfer prefill kernel"] = lambda: p.run(q, layer)
+    triton = get("triton")
+    kernels["nanoflow triton"] = lambda: triton.run(q, layer, qo, kvp, idx, last, cfg.scaling, 0, 0.0)
+    rows = []
+    for sms in (16, 32, 48, 0):
+        stream = split_sms(sms)[0].stream if sms else torch.cuda.current_stream()
+        for name, fn in kernels.items():
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    fn()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                for _ in range(reps):
+                    fn()
+                end.record(stream)
+            end.synchronize()
+            ms = start.elapsed_time(end) / reps
+            rows.append({"kernel": name, "sms": sms or torch.cuda.get_device_properties(0).multi_processor_count,
+                         "ms": round(ms, 4), "tb_s": round(kv_bytes / ms / 1e9, 3)})
+            print(f"  {name:34s} {rows[-1]['sms']:4d} SMs {ms:8.4f} ms {rows[-1]['tb_s']:6.3f} TB/s", flush=True)
+    harness.release()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", nargs="*", default=list(STEPS))
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="fewer candidates (SM shares 32 and 48 only)")
+    parser.add_argument("--num-pages", type=int, default=24000)
+    parser.add_argument("--out", default="overlap.json")
+    parser.add_argument("--trace", default=None)
+    parser.add_argument("--model", default="llama3-8b")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = build_model(args.model, "cuda", torch.bfloat16)
+    start = time.perf_counter()
+    nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(num_nanobatches=2, num_pages=args.num_pages,
+                                                           max_batch_size=320, max_seq_len=4096, cuda_graphs=False))
+    optimize_s = time.perf_counter() - start
+    print(f"optimize: {optimize_s:.1f} s; config {model.nanoflow.config}", flush=True)
+    space = candidates((32, 48)) if args.quick else candidates()
+    result: dict[str, Any] = {
+        "date": str(datetime.date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "optimize_s": round(optimize_s, 1), "steps": {}}
+    chosen: dict[StepShape, Candidate] = {}
+    for name in args.steps:
+        shape = STEPS[name]
+        harness = Harness(model, shape)
+        tried = [c for c in space if c.unsplit or c.boundaries(shape.tokens + 1, shape.decodes) is not None]
+        measured: dict[Candidate, float] = {}
+        search_start = time.perf_counter()
+        for cand in tried:
+            try:
+                measured[cand] = harness.time(policy_for(cand), args.reps)
+            except Exception as err:  # a partition the device cannot make: reported, not fatal
+                print(f"  {cand.label()}: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
+        search_s = time.perf_counter() - search_start
+        best = pick(measured)
+        chosen[shape] = best
+        unsplit = measured[UNSPLIT]
+        auto_ms = harness.time(TunedPolicy({shape: best}, make_units), args.reps)
+        rows = sorted(({"config": c.label(), "ms": round(t, 3), "speedup": round(unsplit / t, 3)}
+                       for c, t in measured.items()), key=lambda r: r["ms"])
+        fastest = min((c for c in measured if not c.unsplit), key=lambda c: measured[c], default=None)
+        breakdown = {"unsplit": harness.kernels(None)}
+        if fastest is not None:  # the fastest cut, even where it loses: where its time goes
+            trace = args.trace if name == "balanced" else None
+            breakdown[fastest.label()] = harness.kernels(policy_for(fastest), trace)
+        one_stream = min((t for c, t in measured.items() if not c.unsplit and c.units == "off"), default=None)
+        result["steps"][name] = {
+            "shape": vars(shape), "unsplit_ms": round(unsplit, 3), "rows": rows,
+            "split_one_stream_price": round(one_stream / unsplit - 1, 4) if one_stream else None,
+            "auto": {"pick": best.label(), "ms": round(auto_ms, 3), "speedup": round(unsplit / auto_ms, 3),
+                     "search_s": round(search_s, 1), "candidates": len(measured)},
+            "kernels_ms": breakdown}
+        print(f"\n## {name}: {shape}  unsplit {unsplit:.2f} ms, auto -> {best.label()} {auto_ms:.2f} ms "
+              f"({unsplit / auto_ms:.3f}x), search {search_s:.1f} s over {len(measured)} candidates", flush=True)
+        print("| config | step ms | speedup |\n| --- | --- | --- |")
+        for row in rows[:12]:
+            print(f"| {row['config']} | {row['ms']:.2f} | {row['speedup']:.3f}x |")
+        print(f"kernels: {breakdown}", flush=True)
+        harness.release()
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print("\n## attention bandwidth per partition (288 decodes @ 1280, one layer)", flush=True)
+    result["attention_bandwidth"] = attention_bandwidth(model, STEPS["balanced"], args.reps * 2)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

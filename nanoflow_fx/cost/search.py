@@ -1,0 +1,126 @@
+"""The schedule search: which cut (nano-batch boundaries and execution units) each dense step shape runs with.
+
+Candidates are cuts of a step (`Candidate`: cut fractions of its tokens, optionally aligned to the end of its
+decode rows, and the units: one stream, plain streams, a green-context partition of k SMs for attention with or
+without the GEMMs' cuBLASLt carve-out, or a hard partition). The unsplit step is always a candidate. Every
+candidate is replayed for real on the device (`measure`), over the step shapes the engine runs, and `pick`
+keeps the fastest, falling back to the unsplit step unless a cut wins by more than `margin` (so the result is
+never slower than one nano-batch beyond noise). `TunedPolicy` then cuts each step like the tuned shape nearest
+to it (by share of decode tokens and token count); decode-only steps always run whole (each nano-batch would
+read every weight again; their CUDA graphs are unsplit).
+
+Pure given the measurements (`pick`, `TunedPolicy`), so it is tested on the CPU with synthetic timings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from nanoflow_fx.runtime.program_runner import Cut, Units
+
+__all__ = ["Candidate", "StepShape", "TunedPolicy", "candidates", "pick"]
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """A dense step: `decodes` one-token requests at context `context`, then `prefill` tokens of one chunk."""
+
+    decodes: int
+    context: int
+    prefill: int
+
+    @property
+    def tokens(self) -> int:
+        return self.decodes + self.prefill
+
+    @property
+    def decode_share(self) -> float:
+        return self.decodes / self.tokens
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A cut: `fractions` of the step's tokens where nano-batches end (() = unsplit); with `at_decodes` the first
+    boundary is the end of the decode rows instead (one nano-batch of decodes, one of prefill); `units` is an
+    `NanoFlowConfig.sm_partition` mode and `memory_sms` its partition size."""
+
+    fractions: tuple[float, ...] = ()
+    at_decodes: bool = False
+    units: str = "off"
+    memory_sms: int = 0
+
+    @property
+    def unsplit(self) -> bool:
+        return not self.fractions and not self.at_decodes
+
+    def boundaries(self, tokens: int, decodes: int) -> tuple[int, ...] | None:
+        if self.unsplit:
+            return None
+        cuts = [decodes] if self.at_decodes else [round(f * tokens) for f in self.fractions]
+        inner = sorted({c for c in cuts if 0 < c < tokens})
+        return (0, *inner, tokens) if inner else None
+
+    def label(self) -> str:
+        if self.unsplit:
+            return "unsplit"
+        split = "decodes|prefill" if self.at_decodes else "/".join(f"{f:g}" for f in self.fractions)
+        units = self.units if self.units in ("off", "streams") else f"{self.units}{self.memory_sms}"
+        return f"{split} {units}"
+
+
+UNSPLIT = Candidate()
+
+
+def candidates(shares: Sequence[int] = (16, 24, 32, 48), fractions: Sequence[float] = (0.25, 0.5, 0.75),
+               modes: Sequence[str] = ("streams", "soft", "carveout")) -> list[Candidate]:
+    """The search space: unsplit; two nano-batches cut at each fraction or at the decode rows, on each unit mode
+    ("soft"/"carveout"/"hard" at each SM share)."""
+    found = [UNSPLIT]
+    cuts = [((f,), False) for f in fractions] + [((), True)]
+    for frac, at_decodes in cuts:
+        found.append(Candidate(frac, at_decodes, "off"))
+        for mode in modes:
+            if mode == "streams":
+                found.append(Candidate(frac, at_decodes, "streams"))
+            else:
+                found += [Candidate(frac, at_decodes, mode, k) for k in shares]
+    return found
+
+
+def pick(measured: Mapping[Candidate, float], margin: float = 0.01) -> Candidate:
+    """The fastest candidate, unless it beats the unsplit step by no more than `margin` (then unsplit).
+    Deterministic: ties go to the candidate listed first."""
+    if UNSPLIT not in measured:
+        raise ValueError("the unsplit step must be among the measured candidates")
+    best = min(measured, key=lambda c: measured[c])
+    return best if measured[best] < measured[UNSPLIT] * (1 - margin) else UNSPLIT
+
+
+class TunedPolicy:
+    """A split policy (`StepRunner.split_policy`) from tuned shapes: each step is cut like the tuned shape nearest
+    to it; `make_units(mode, sms)` builds the execution units (green contexts are made once per share)."""
+
+    def __init__(self, chosen: Mapping[StepShape, Candidate],
+                 make_units: Callable[[str, int], Units | None]) -> None:
+        self.chosen = dict(chosen)
+        self._make_units = make_units
+        self._units: dict[tuple[str, int], Units | None] = {}
+
+    def nearest(self, tokens: int, decodes: int) -> Candidate:
+        if not self.chosen or decodes >= tokens - 1:  # decode-only (+ padding): whole
+            return UNSPLIT
+        share = decodes / tokens
+        shape = min(self.chosen, key=lambda s: (abs(s.decode_share - share) + abs(s.tokens - tokens) / max(tokens, 1),
+                                                s.tokens, s.decodes))
+        return self.chosen[shape]
+
+    def __call__(self, tokens: int, decodes: int) -> Cut | None:
+        candidate = self.nearest(tokens, decodes)
+        boundaries = candidate.boundaries(tokens, decodes)
+        if boundaries is None:
+            return None
+        key = (candidate.units, candidate.memory_sms)
+        if key not in self._units:
+            self._units[key] = self._make_units(*key)
+        return Cut(boundaries, self._units[key])

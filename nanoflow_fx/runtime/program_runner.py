@@ -1,0 +1,324 @@
+"""`ProgramRunner`: runs a `StepProgram` whole, or as nano-batches on execution units (streams, SM partitions).
+
+A step arrives as the captured graph's flat inputs. Without a `NanobatchStep` record (decode steps, CUDA-graph
+replays, any step the split policy keeps whole) the pieces run in order and each attention call is the
+captured `nanoflow::paged_attention` op, planned by the step runner: the unsplit path, exactly as captured.
+
+With a record, the step's tokens are cut at `record.boundaries` and the program runs by a Schedule
+(`program_schedule`): dense pieces on the "compute" unit, attention on the "memory" unit, each nano-batch's
+attention under the other nano-batch's dense work (NanoFlow's ping-pong), cross-unit waits as CUDA events
+(`runtime.streams.stream_actions`). Each attention copy reads its own metadata and backend plan from the record:
+nothing global. Dense pieces run on token slices (views; token-parallel, so slice in = slice out); a piece
+marked whole sees the joined nano-batches. KV writes go to the same cache through each nano-batch's slice of
+the slot mapping; a request cut by a boundary has its later part read KV the earlier part wrote, so the copies
+of one layer's attention run in order on the memory unit.
+
+SM partitions (NanoFlow's execution units): the memory unit's stream may be a green-context stream confined
+to k SMs (`green_context.split_sms`), and the compute unit's GEMMs may leave k SMs free through cuBLASLt's SM
+carve-out. The carve-out is process-wide state read when a cuBLASLt matmul is launched (torch routes plain
+matmuls to cuBLASLt only when it is the preferred BLAS library), so the runner sets both for the launches of a
+nano-batched step and restores them before returning: no other step, and no other user of the process, sees
+them. Under CUDA-graph capture the value at capture time is baked into each GEMM node; nano-batched steps
+are not captured (dense steps of hundreds of tokens hide their launch cost behind the GPU's work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from nanoflow_fx.capture.program import StepProgram
+from nanoflow_fx.ops.backend import AttentionConfig, get
+from nanoflow_fx.ops.reference import write_kv_
+from nanoflow_fx.passes.info import ATTENTION_OP
+from nanoflow_fx.runtime.streams import stream_actions
+from nanoflow_fx.schedule import NanoOp, OpGroup, Schedule, Split, validate
+
+__all__ = ["Cut", "NanobatchStep", "ProgramRunner", "StepChannel", "Units", "make_units", "program_schedule",
+           "sm_carveout"]
+
+WHOLE = "whole"
+SPLIT = "nb"
+
+
+@dataclass(frozen=True)
+class Units:
+    """Execution units of nano-batched steps: a stream per unit (missing: a plain stream of its own) and the SMs
+    cuBLASLt leaves free while the compute unit launches its GEMMs (0: none)."""
+
+    streams: Mapping[str, Any]
+    carveout: int = 0
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How a split policy cuts one step: token boundaries (0, ..., tokens) and the execution units its
+    nano-batches run on (None: one stream, in the Schedule's order)."""
+
+    boundaries: tuple[int, ...]
+    units: Units | None = None
+
+
+@dataclass(frozen=True)
+class NanobatchStep:
+    """One nano-batched step, as the step runner prepared it: token boundaries, and per nano-batch its attention
+    metadata on the device (qo_indptr, kv_indptr, kv_indices, kv_last_page_len) and its backend plan (a
+    planner that planned exactly that nano-batch, or None for backends that plan nothing)."""
+
+    boundaries: tuple[int, ...]
+    metadata: tuple[tuple[torch.Tensor, ...], ...]
+    plans: tuple[Any, ...]
+    units: Units | None = None
+
+    @property
+    def num_nanobatches(self) -> int:
+        return len(self.boundaries) - 1
+
+
+class StepChannel:
+    """How a step's record reaches the runner inside the captured call: Dynamo and AOT pass tensors only, so the
+    step runner hands the immutable record over for the duration of one call (`carrying`), and the runner
+    reads it once at the start of that call."""
+
+    def __init__(self) -> None:
+        self.record: NanobatchStep | None = None
+
+    @contextmanager
+    def carrying(self, record: NanobatchStep | None):  # type: ignore[no-untyped-def]
+        self.record = record
+        try:
+            yield
+        finally:
+            self.record = None
+
+
+def make_units(mode: str, memory_sms: int) -> Units | None:
+    """The execution units `NanoFlowConfig.sm_partition=mode` names (None for "off": one stream): "streams":
+    plain streams; "soft": the memory unit on a green-context partition of `memory_sms` SMs, the compute unit
+    free; "carveout": as "soft", and the compute unit's cuBLASLt GEMMs leave those SMs free; "hard": the compute
+    unit on the green-context partition of the remaining SMs."""
+    if mode == "off":
+        return None
+    if mode == "streams":
+        return Units({})
+    from nanoflow_fx.runtime.green_context import split_sms
+
+    memory, rest = split_sms(memory_sms)
+    if mode == "soft":
+        return Units({"memory": memory.stream})
+    if mode == "carveout":
+        return Units({"memory": memory.stream}, carveout=memory.num_sms)
+    if mode == "hard":
+        return Units({"memory": memory.stream, "compute": rest.stream})
+    raise ValueError(f"no execution units for sm_partition={mode!r}")
+
+
+@contextmanager
+def sm_carveout(sms: int):  # type: ignore[no-untyped-def]
+    """cuBLASLt matmuls launched inside leave `sms` SMs free (see the module docstring); restored on exit."""
+    if sms <= 0:
+        yield
+        return
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    torch._C._set_sm_carveout_experimental(sms)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(None)
+        torch.backends.cuda.preferred_blas_library(previous)
+
+
+@lru_cache(maxsize=256)
+def _schedule_cached(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], boundaries: tuple[int, ...],
+                     one_unit: bool) -> Schedule:
+    return _build_schedule(kinds, boundaries, one_unit)
+
+
+def program_schedule(program: StepProgram, boundaries: Sequence[int], one_unit: bool = False) -> Schedule:
+    """The Schedule of `program` cut at `boundaries`: groups are pieces (dense pieces on "compute", attention on
+    "memory", or all on "compute" with `one_unit`), each nano-batch trailing the previous one so that its
+    attention runs under the next nano-batch's dense piece."""
+    producer = {out: p.name for p in program.pieces for out in p.outputs}
+    kinds = tuple((p.name, p.kind, p.whole, tuple(dict.fromkeys(producer[i] for i in p.inputs if i in producer)))
+                  for p in program.pieces)
+    return _schedule_cached(kinds, tuple(boundaries), one_unit)
+
+
+def _build_schedule(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], boundaries: tuple[int, ...],
+                    one_unit: bool) -> Schedule:
+    split = Split(boundaries)
+    n = split.num_nanobatches
+    groups, ops = [], []
+    unit_of = {name: "compute" if one_unit or kind == "dense" else "memory" for name, kind, _, _ in kinds}
+    count = {name: 1 if whole else n for name, _, whole, _ in kinds}
+    for name, kind, whole, deps in kinds:
+        groups.append(OpGroup(name, "attention" if kind == "attention" else "gemm", WHOLE if whole else SPLIT, deps))
+    for name, _, whole, deps in kinds:
+        for i in range(count[name]):
+            waits = set()
+            for dep in deps:
+                if unit_of[dep] == unit_of[name]:
+                    continue
+                waits |= {(dep, j) for j in (range(count[dep]) if whole or count[dep] == 1 else [i])}
+            ops.append(NanoOp(name, i, unit_of[name], tuple(sorted(waits))))
+    splits = ((SPLIT, split), (WHOLE, Split((0, boundaries[-1]))))
+    units = ("compute",) if one_unit else ("compute", "memory")
+    schedule = Schedule(boundaries[-1], splits, tuple(groups), units, tuple(ops))
+    validate(schedule)
+    return schedule
+
+
+class ProgramRunner:
+    """The lowered step AOT calls with the captured graph's flat inputs (see the module docstring)."""
+
+    def __init__(self, program: StepProgram, channel: StepChannel | None = None) -> None:
+        self.program, self.channel = program, channel or StepChannel()
+        self._pieces = {p.name: p for p in program.pieces}
+        self._streams: dict[str, Any] = {}
+        self.last_schedule: Schedule | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        record = self.channel.record
+        if record is None or record.num_nanobatches == 1:
+            return self.run_whole(args)
+        return self.run_nanobatched(args, record)
+
+    # -- whole -------------------------------------------------------------------------------------------------
+    def run_whole(self, args: Sequence[Any]) -> Any:
+        env: dict[str, Any] = dict(zip(self.program.placeholders, args))
+        for piece in self.program.pieces:
+            if piece.kind == "dense":
+                outs = piece.fn(*(env[i] for i in piece.inputs))  # type: ignore[misc]
+                env.update(zip(piece.outputs, outs))
+            else:
+                call = piece.call
+                assert call is not None
+                env[piece.outputs[0]] = ATTENTION_OP(
+                    env[call.q], env[call.k], env[call.v], env[call.cache], *(env[m] for m in call.metadata),
+                    env[call.slot_mapping], call.scaling, call.sliding_window, call.softcap, call.backend)
+        return _map_names(self.program.output, env)
+
+    # -- nano-batched ------------------------------------------------------------------------------------------
+    def run_nanobatched(self, args: Sequence[Any], record: NanobatchStep) -> Any:
+        program = self.program
+        state = _Values(program, dict(zip(program.placeholders, args)), record.boundaries)
+        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+        units = record.units
+        use_units = on_cuda and units is not None
+        schedule = program_schedule(program, record.boundaries, one_unit=not use_units)
+        self.last_schedule = schedule
+        if not use_units:
+            for op in schedule.ops:
+                self._run_op(op.group, op.nanobatch, state, record)
+            return _map_names(program.output, state.joined)
+        streams = self._unit_streams(schedule.units, units)  # type: ignore[arg-type]
+        main = torch.cuda.current_stream()
+        fork = torch.cuda.Event()
+        fork.record(main)
+        for stream in streams.values():
+            stream.wait_event(fork)
+        events: dict[tuple[str, int], torch.cuda.Event] = {}
+        with sm_carveout(units.carveout):  # type: ignore[union-attr]
+            for action in stream_actions(schedule):
+                stream = streams[action.unit]
+                for wait in action.waits:
+                    stream.wait_event(events[wait])
+                with torch.cuda.stream(stream):
+                    self._run_op(action.key[0], action.key[1], state, record)
+                if action.record:
+                    events[action.key] = torch.cuda.Event()
+                    events[action.key].record(stream)
+        for stream in streams.values():
+            main.wait_stream(stream)
+        out = _map_names(program.output, state.joined)
+        state.keep_until_join = None
+        return out
+
+    def _unit_streams(self, names: Sequence[str], units: Units) -> dict[str, Any]:
+        """Each unit's stream: the one `units` gives, else a plain stream of this runner's own."""
+        for name in names:
+            if name not in self._streams:
+                self._streams[name] = torch.cuda.Stream()
+        return {name: units.streams.get(name) or self._streams[name] for name in names}
+
+    def _run_op(self, name: str, i: int, state: _Values, record: NanobatchStep) -> None:
+        piece = self._pieces[name]
+        if piece.whole:
+            values = [state.joined(n) for n in piece.inputs]
+            outs = piece.fn(*values)  # type: ignore[misc]
+            for out, value in zip(piece.outputs, outs):
+                state.whole[out] = value
+            return
+        if piece.kind == "dense":
+            outs = piece.fn(*(state.part(n, i) for n in piece.inputs))  # type: ignore[misc]
+            for out, value in zip(piece.outputs, outs):
+                state.parts[i][out] = value
+            return
+        call = piece.call
+        assert call is not None
+        q, k, v = state.part(call.q, i), state.part(call.k, i), state.part(call.v, i)
+        cache = state.joined(call.cache)
+        write_kv_(cache, k, v, state.part(call.slot_mapping, i))
+        config = AttentionConfig(q.shape[1], cache.shape[3], q.shape[2], call.scaling, call.sliding_window,
+                                 call.softcap)
+        state.parts[i][piece.outputs[0]] = get(call.backend).run_planned(
+            record.plans[i], config, q, cache, record.metadata[i])
+
+
+class _Values:
+    """A nano-batched step's values: whole ones (inputs, outputs of whole pieces, joins) and each nano-batch's."""
+
+    def __init__(self, program: StepProgram, inputs: dict[str, Any], boundaries: Sequence[int]) -> None:
+        self.program, self.whole, self.bounds = program, inputs, tuple(boundaries)
+        self.parts: list[dict[str, Any]] = [{} for _ in range(len(boundaries) - 1)]
+        self.keep_until_join: Any = self.parts  # every value stays referenced until the streams join
+        self.symbols = {program.symbolic[name]: value for name, value in inputs.items()
+                        if name in program.symbolic and program.symbolic[name].is_Symbol}
+
+    def part(self, name: str, i: int) -> Any:
+        cache = self.parts[i]
+        if name in cache:
+            return cache[name]
+        start, end = self.bounds[i], self.bounds[i + 1]
+        if name in self.program.symbolic and name in self.whole:  # a size: re-evaluated for the nano-batch
+            expr = self.program.symbolic[name]
+            token = self.program.token
+            if token is not None and token in expr.free_symbols:
+                value: Any = int(expr.subs({**self.symbols, token: end - start}))
+            else:
+                value = self.whole[name]
+        else:
+            whole = self.joined(name)
+            dim = self.program.token_dim.get(name)
+            value = whole if dim is None or not isinstance(whole, torch.Tensor) else whole.narrow(dim, start,
+                                                                                                 end - start)
+        cache[name] = value
+        return value
+
+    def joined(self, name: str) -> Any:
+        if name in self.whole:
+            return self.whole[name]
+        parts = [p[name] for p in self.parts]
+        dim = self.program.token_dim.get(name)
+        if dim is None or not isinstance(parts[0], torch.Tensor):
+            value = parts[0]
+        else:
+            value = torch.cat(parts, dim=dim)
+        self.whole[name] = value
+        return value
+
+
+def _map_names(structure: Any, env: Any) -> Any:
+    get_value = env if callable(env) else env.__getitem__
+    if isinstance(structure, str):
+        return get_value(structure)
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(_map_names(s, env) for s in structure)
+    return structure
+

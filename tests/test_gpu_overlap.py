@@ -1,0 +1,77 @@
+"""Nano-batched steps on the fast path (GPU): Inductor pieces, FlashInfer planned per nano-batch, execution units.
+
+Each case runs one mixed step (decodes + a prefill chunk, the engine's dense step) whole and cut into two
+nano-batches (at the decode rows and inside the prefill chunk) on every unit mode: one stream, plain streams,
+attention on a green-context partition (soft), plus the GEMMs' cuBLASLt SM carve-out, and a hard partition.
+bf16 with FlashInfer: within the tolerance of `test_gpu_backends` (2^-5 of the largest logit: the two runs
+attend and multiply different row counts, which rounds differently). fp32 with the Triton kernel: the CPU's
+bound (1e-5), as the nano-batch property tests hold on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanoflow_fx
+from nanoflow_fx.runtime import Chunk
+from nanoflow_fx.runtime.program_runner import Cut, make_units
+from tests.steps import admit, release
+from tests.test_gpu_backends import CONFIGS, TOLERANCE, _flashinfer_available
+
+pytestmark = pytest.mark.cuda
+MODES = ["off", "streams", "soft", "carveout", "hard"]
+
+
+def _model(family: str, dtype: torch.dtype, backend: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = CONFIGS[family]().to(device="cuda", dtype=dtype).eval()
+    config = nanoflow_fx.NanoFlowConfig(max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256,
+                                        num_pages=256, attention_backend=backend, cuda_graphs=False,
+                                        inductor=True, num_nanobatches=2)
+    return nanoflow_fx.optimize(model, config)
+
+
+def _mixed_step(model: torch.nn.Module, cut: tuple[int, ...] | None, mode: str = "off") -> torch.Tensor:
+    """Logits of every token of one step: 6 decodes at contexts 20-70, then a 50-token prefill chunk (and the
+    step's padding token); `cut`: inner boundaries."""
+    runner = model.nanoflow.runner
+    gen = torch.Generator().manual_seed(0)
+    lengths = [20, 33, 41, 52, 64, 70, 50]
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in lengths]
+    requests = admit(runner, prompts, max_new_tokens=1)
+    try:
+        for req in requests[:-1]:  # decodes: their prefix is in the cache
+            runner.run([Chunk(req, len(req.prompt) - 1)], all_logits=True)
+            req.num_cached = len(req.prompt) - 1
+        units = make_units(mode, 32)
+        runner.split_policy = (lambda tokens, decodes: Cut((0, *cut, tokens), units)) if cut is not None else None
+        chunks = [Chunk(r, 1) for r in requests[:-1]] + [Chunk(requests[-1], 50)]
+        return runner.run(chunks, all_logits=True).float()
+    finally:
+        runner.split_policy = None
+        release(runner, requests)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_split_step_on_flashinfer_and_inductor_equals_whole_step(family: str, mode: str) -> None:
+    if not _flashinfer_available():
+        pytest.skip("flashinfer is not installed")
+    model = _model(family, torch.bfloat16, "flashinfer")
+    want = _mixed_step(model, None)
+    for cut in ((6,), (30,)):  # at the decode rows; inside the prefill chunk
+        got = _mixed_step(model, cut, mode)
+        assert (got - want).abs().max().item() <= TOLERANCE * want.abs().max().item(), cut
+    program = next(g.meta["nanoflow_program_runner"] for g in model.nanoflow.step_fn.graphs
+                   if "nanoflow_program_runner" in g.meta)
+    assert program.last_schedule is not None and program.last_schedule.split("nb").boundaries[:2] == (0, 30)
+    assert program.program.compiles > 0  # the pieces are Inductor's
+
+
+@pytest.mark.parametrize("mode", ["off", "soft", "carveout"])
+def test_split_step_in_fp32_equals_whole_step_as_on_the_cpu(mode: str) -> None:
+    model = _model("llama", torch.float32, "triton")
+    want = _mixed_step(model, None)
+    got = _mixed_step(model, (6, 31), mode)
+    assert (got - want).abs().max().item() <= 1e-5
