@@ -79,21 +79,26 @@ class Harness:
 
     def time(self, policy: Any, reps: int, rounds: int = 3) -> float:
         """ms per step with steps issued back to back, as the engine issues them (the host prepares step i+1 while
-        the GPU runs step i): the median over `rounds` of `reps` steps each."""
+        the GPU runs step i): the median over `rounds` of `reps` steps each. `self.host_ms`: the host's time to
+        issue one step (median; time its planners waited for the GPU excluded), which bounds the step when it exceeds
+        the GPU's."""
         runner = self.runtime.runner
         runner.split_policy = policy
         for _ in range(3):
             runner.run(self.chunks)
         torch.cuda.synchronize()
-        times = []
+        times, host = [], []
         for _ in range(rounds):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(reps):
+                t0, waited = time.perf_counter(), runner.planner_wait_s
                 runner.run(self.chunks)
+                host.append((time.perf_counter() - t0 - (runner.planner_wait_s - waited)) * 1e3)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / reps)
+        self.host_ms = statistics.median(host)
         return statistics.median(times)
 
     def kernels(self, policy: Any, trace: str | None = None) -> dict[str, float]:
@@ -206,10 +211,12 @@ def main() -> None:
         harness = Harness(model, shape)
         tried = [c for c in space if c.unsplit or c.boundaries(shape.tokens + 1, shape.decodes) is not None]
         measured: dict[Candidate, float] = {}
+        host_ms: dict[Candidate, float] = {}
         search_start = time.perf_counter()
         for cand in tried:
             try:
                 measured[cand] = harness.time(policy_for(cand), args.reps)
+                host_ms[cand] = harness.host_ms
             except Exception as err:  # a partition the device cannot make: reported, not fatal
                 print(f"  {cand.label()}: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
         search_s = time.perf_counter() - search_start
@@ -217,13 +224,16 @@ def main() -> None:
         chosen[shape] = best
         unsplit = measured[UNSPLIT]
         auto_ms = harness.time(TunedPolicy({shape: best}, make_units), args.reps)
-        rows = sorted(({"config": c.label(), "ms": round(t, 3), "speedup": round(unsplit / t, 3)}
-                       for c, t in measured.items()), key=lambda r: r["ms"])
+        rows = sorted(({"config": c.label(), "ms": round(t, 3), "speedup": round(unsplit / t, 3),
+                        "host_ms": round(host_ms[c], 2)} for c, t in measured.items()), key=lambda r: r["ms"])
         fastest = min((c for c in measured if not c.unsplit), key=lambda c: measured[c], default=None)
         breakdown = {"unsplit": harness.kernels(None)}
         if fastest is not None:  # the fastest cut, even where it loses: where its time goes
             trace = args.trace if name == "balanced" else None
             breakdown[fastest.label()] = harness.kernels(policy_for(fastest), trace)
+        one = min((c for c in measured if not c.unsplit and c.units == "off"), key=lambda c: measured[c], default=None)
+        if one is not None and one != fastest:  # the price of splitting in GPU time: one stream, no overlap
+            breakdown[one.label()] = harness.kernels(policy_for(one))
         one_stream = min((t for c, t in measured.items() if not c.unsplit and c.units == "off"), default=None)
         result["steps"][name] = {
             "shape": vars(shape), "unsplit_ms": round(unsplit, 3), "rows": rows,
@@ -233,9 +243,9 @@ def main() -> None:
             "kernels_ms": breakdown}
         print(f"\n## {name}: {shape}  unsplit {unsplit:.2f} ms, auto -> {best.label()} {auto_ms:.2f} ms "
               f"({unsplit / auto_ms:.3f}x), search {search_s:.1f} s over {len(measured)} candidates", flush=True)
-        print("| config | step ms | speedup |\n| --- | --- | --- |")
+        print("| config | step ms | speedup | host ms |\n| --- | --- | --- | --- |")
         for row in rows[:12]:
-            print(f"| {row['config']} | {row['ms']:.2f} | {row['speedup']:.3f}x |")
+            print(f"| {row['config']} | {row['ms']:.2f} | {row['speedup']:.3f}x | {row['host_ms']:.1f} |")
         print(f"kernels: {breakdown}", flush=True)
         harness.release()
         Path(args.out).write_text(json.dumps(result, indent=1))
