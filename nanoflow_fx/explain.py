@@ -60,9 +60,12 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
         raise ValueError("explain() needs a model returned by nanoflow_fx.optimize() (with check_capture on, or "
                          "after one generate() call, so that a step has been captured)")
     gm = runtime.step_fn.graphs[-1]
-    runner = gm.meta.get("nanoflow_runner") or NanobatchRunner(gm, 1)
+    count = runtime.config.num_nanobatches
+    runner = NanobatchRunner(gm, count if isinstance(count, int) else 1)
     if num_tokens is None:
-        num_tokens = runner.last.plan.num_tokens if runner.last is not None else 256
+        program = gm.meta.get("nanoflow_program_runner")
+        last = program.last_schedule if program is not None else None
+        num_tokens = last.num_tokens if last is not None else 256
     step = runner.scheduled(num_tokens)
     counts = Counter(info(n).op_class for n in gm.graph.nodes if n.op == "call_function")
     groups = tuple(dict.fromkeys(g.name for g in step.schedule.groups))
