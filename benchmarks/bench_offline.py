@@ -219,7 +219,10 @@ def main() -> None:
     meta.update(optimize_s=time.perf_counter() - t0, timings=model.nanoflow.timings,
                 config=model.nanoflow.config.to_dict(), process_to_optimized_s=time.perf_counter() - start,
                 attention=model.nanoflow.attention_backend.name,
-                cuda_graphs_off_reason=model.nanoflow.runner.cuda_graphs_off_reason)
+                cuda_graphs_off_reason=model.nanoflow.runner.cuda_graphs_off_reason,
+                schedule_search=[dict(shape=vars(t.shape), chosen=t.chosen.label(), seconds=round(t.seconds, 1),
+                                      measured_ms={c.label(): round(ms, 3) for c, ms in t.measured})
+                                 for t in model.nanoflow.tunings])
     print(f"[optimized] {meta['optimize_s']:.1f} s {meta['timings']} config {meta['config']}", flush=True)
     for name, requests in loads.items():
         if not args.no_static:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,12 +35,18 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nanoflow_fx  # noqa: E402
 from examples.generate import build_model  # noqa: E402
-from nanoflow_fx.cost.search import UNSPLIT, Candidate, StepShape, TunedPolicy, candidates, pick  # noqa: E402
-from nanoflow_fx.runtime import Chunk, Request  # noqa: E402
-from nanoflow_fx.runtime.program_runner import Cut, make_units  # noqa: E402
-from nanoflow_fx.runtime.sampling import SamplingParams  # noqa: E402
+from nanoflow_fx.cost.profile import StepHarness  # noqa: E402
+from nanoflow_fx.cost.search import (  # noqa: E402
+    UNSPLIT,
+    Candidate,
+    StepShape,
+    TunedPolicy,
+    candidates,
+    pick,
+    policy_for,
+)
+from nanoflow_fx.runtime.program_runner import make_units  # noqa: E402
 
-GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), min_new_tokens=0)
 STEPS = {
     "balanced": StepShape(288, 1280, 768),
     "2048": StepShape(128, 1024, 1920),
@@ -51,84 +56,35 @@ STEPS = {
 }
 
 
-class Harness:
-    """Requests of one step shape holding real pages of the model's cache (their KV is whatever lies there)."""
-
-    def __init__(self, model: Any, shape: StepShape) -> None:
-        self.runtime = model.nanoflow
-        cache = self.runtime.kv_cache
-        self.requests: list[Request] = []
-        vocab = model.config.vocab_size
-        gen = torch.Generator().manual_seed(0)
-        for i in range(shape.decodes):
-            req = Request(f"d{i}", torch.randint(3, vocab, (shape.context,), generator=gen).tolist(), GREEDY, 1, slot=i)
-            req.pages = cache.allocator.allocate(cache.pages_for(shape.context))
-            req.num_cached = shape.context - 1
-            self.requests.append(req)
-        self.chunks = [Chunk(r, 1) for r in self.requests]
-        if shape.prefill:
-            req = Request("p", torch.randint(3, vocab, (shape.prefill,), generator=gen).tolist(), GREEDY, 1,
-                          slot=shape.decodes)
-            req.pages = cache.allocator.allocate(cache.pages_for(shape.prefill))
-            self.requests.append(req)
-            self.chunks.append(Chunk(req, shape.prefill))
-
-    def release(self) -> None:
-        for req in self.requests:
-            self.runtime.kv_cache.allocator.free(req.pages)
-
-    def time(self, policy: Any, reps: int, rounds: int = 3) -> float:
-        """ms per step with steps issued back to back, as the engine issues them (the host prepares step i+1 while
-        the GPU runs step i): the median over `rounds` of `reps` steps each. `self.host_ms`: the host's time to
-        issue one step (median; time its planners waited for the GPU excluded), which bounds the step when it exceeds
-        the GPU's."""
-        runner = self.runtime.runner
-        runner.split_policy = policy
-        for _ in range(3):
-            runner.run(self.chunks)
-        torch.cuda.synchronize()
-        times, host = [], []
-        for _ in range(rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                t0, waited = time.perf_counter(), runner.planner_wait_s
-                runner.run(self.chunks)
-                host.append((time.perf_counter() - t0 - (runner.planner_wait_s - waited)) * 1e3)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / reps)
-        self.host_ms = statistics.median(host)
-        return statistics.median(times)
-
-    def kernels(self, policy: Any, trace: str | None = None) -> dict[str, float]:
-        runner = self.runtime.runner
-        runner.split_policy = policy
-        runner.run(self.chunks)
+def kernels(harness: StepHarness, policy: Any, trace: str | None = None) -> dict[str, float]:
+    """Kernel time (ms) by class of one step under `policy`, from torch.profiler (overlapping kernels both count)."""
+    runner = harness.runtime.runner
+    runner.split_policy = policy
+    try:
+        runner.run(harness.chunks)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            runner.run(self.chunks)
+            runner.run(harness.chunks)
             torch.cuda.synchronize()
-        if trace:
-            prof.export_chrome_trace(trace)
-        classes = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
-        for event in prof.key_averages():
-            us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-            if event.key.startswith(("cudaLaunch", "cuLaunch")) or us <= 0:
-                continue
-            name = event.key.lower()
-            kind = ("attention" if any(k in name for k in ("flashinfer", "batchprefill", "batchdecode", "attention"))
-                    else "gemm" if any(k in name for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul"))
-                    else "other")
-            classes[kind] += us / 1e3
-        return {k: round(v, 3) for k, v in classes.items()}
+    finally:
+        runner.split_policy = None
+    if trace:
+        prof.export_chrome_trace(trace)
+    classes = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if event.key.startswith(("cudaLaunch", "cuLaunch")) or us <= 0:
+            continue
+        name = event.key.lower()
+        kind = ("attention" if any(k in name for k in ("flashinfer", "batchprefill", "batchdecode", "attention"))
+                else "gemm" if any(k in name for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul"))
+                else "other")
+        classes[kind] += us / 1e3
+    return {k: round(v, 3) for k, v in classes.items()}
 
 
-def policy_for(candidate: Candidate) -> Any:
-    if candidate.unsplit:
-        return None
-    units = make_units(candidate.units, candidate.memory_sms)
-    return lambda tokens, decodes: (lambda b: Cut(b, units) if b else None)(candidate.boundaries(tokens, decodes))
+def policy_of(candidate: Candidate) -> Any:
+    return policy_for(candidate, make_units)
 
 
 def attention_bandwidth(model: Any, shape: StepShape, reps: int) -> list[dict[str, Any]]:
@@ -139,7 +95,7 @@ def attention_bandwidth(model: Any, shape: StepShape, reps: int) -> list[dict[st
     from nanoflow_fx.runtime.batch import build_step
     from nanoflow_fx.runtime.green_context import split_sms
 
-    harness = Harness(model, StepShape(shape.decodes, shape.context, 0))
+    harness = StepHarness(model.nanoflow, StepShape(shape.decodes, shape.context, 0), model.config.vocab_size)
     runtime = harness.runtime
     cache = runtime.kv_cache
     step = build_step(harness.chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
@@ -208,14 +164,14 @@ def main() -> None:
     chosen: dict[StepShape, Candidate] = {}
     for name in args.steps:
         shape = STEPS[name]
-        harness = Harness(model, shape)
+        harness = StepHarness(model.nanoflow, shape, model.config.vocab_size)
         tried = [c for c in space if c.unsplit or c.boundaries(shape.tokens + 1, shape.decodes) is not None]
         measured: dict[Candidate, float] = {}
         host_ms: dict[Candidate, float] = {}
         search_start = time.perf_counter()
         for cand in tried:
             try:
-                measured[cand] = harness.time(policy_for(cand), args.reps)
+                measured[cand] = harness.time(policy_of(cand), args.reps)
                 host_ms[cand] = harness.host_ms
             except Exception as err:  # a partition the device cannot make: reported, not fatal
                 print(f"  {cand.label()}: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
@@ -227,13 +183,13 @@ def main() -> None:
         rows = sorted(({"config": c.label(), "ms": round(t, 3), "speedup": round(unsplit / t, 3),
                         "host_ms": round(host_ms[c], 2)} for c, t in measured.items()), key=lambda r: r["ms"])
         fastest = min((c for c in measured if not c.unsplit), key=lambda c: measured[c], default=None)
-        breakdown = {"unsplit": harness.kernels(None)}
+        breakdown = {"unsplit": kernels(harness, None)}
         if fastest is not None:  # the fastest cut, even where it loses: where its time goes
             trace = args.trace if name == "balanced" else None
-            breakdown[fastest.label()] = harness.kernels(policy_for(fastest), trace)
+            breakdown[fastest.label()] = kernels(harness, policy_of(fastest), trace)
         one = min((c for c in measured if not c.unsplit and c.units == "off"), key=lambda c: measured[c], default=None)
         if one is not None and one != fastest:  # the price of splitting in GPU time: one stream, no overlap
-            breakdown[one.label()] = harness.kernels(policy_for(one))
+            breakdown[one.label()] = kernels(harness, policy_of(one))
         one_stream = min((t for c, t in measured.items() if not c.unsplit and c.units == "off"), default=None)
         result["steps"][name] = {
             "shape": vars(shape), "unsplit_ms": round(unsplit, 3), "rows": rows,

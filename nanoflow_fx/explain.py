@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import sympy
 from transformers import PreTrainedModel
@@ -12,7 +13,8 @@ from nanoflow_fx.passes import NanobatchPlan, PassRecord, info
 from nanoflow_fx.runtime.nanobatch import NanobatchRunner, ScheduledStep
 from nanoflow_fx.schedule import NanoOp, format_schedule, format_timeline, simulate
 
-__all__ = ["Explanation", "explain", "RooflineCost"]
+__all__ = ["Explanation", "KernelSpan", "RooflineCost", "StepProfile", "draw_timeline", "explain", "profile_step",
+           "spans_from_chrome_trace"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Explanation:
     schedule_text: str
     timeline: str
     passes: tuple[PassRecord, ...]
+    searched: tuple[str, ...] = ()  # num_nanobatches="auto": per tuned step shape, the pick and what was measured
 
     def __str__(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items()))
@@ -50,6 +53,7 @@ class Explanation:
             "passes:", passes,
             "schedule:", self.schedule_text.rstrip(),
             "predicted timeline (roofline; attention without its KV reads):", self.timeline,
+            *(["schedule search (measured on the device):", *self.searched] if self.searched else []),
         ])
 
 
@@ -70,8 +74,16 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
     counts = Counter(info(n).op_class for n in gm.graph.nodes if n.op == "call_function")
     groups = tuple(dict.fromkeys(g.name for g in step.schedule.groups))
     timeline = format_timeline(simulate(step.schedule, _roofline(step, runner, cost or RooflineCost())))
+    searched = tuple(_searched(t) for t in getattr(runtime, "tunings", []))
     return Explanation(type(model).__name__, dict(counts), groups, tuple(runner.splittable), step.plan,
-                       format_schedule(step.schedule), timeline, step.records)
+                       format_schedule(step.schedule), timeline, step.records, searched)
+
+
+def _searched(tuning: Any) -> str:
+    measured = sorted(tuning.measured, key=lambda item: item[1])
+    best = ", ".join(f"{c.label()} {ms:.2f}" for c, ms in measured[:4])
+    return (f"  {tuning.shape}: runs {tuning.chosen.label()} ({tuning.seconds:.1f} s, {len(measured)} candidates; "
+            f"fastest ms: {best})")
 
 
 def _roofline(step: ScheduledStep, runner: NanobatchRunner, cost: RooflineCost):  # type: ignore[no-untyped-def]
@@ -91,3 +103,129 @@ def _roofline(step: ScheduledStep, runner: NanobatchRunner, cost: RooflineCost):
         return max(values[0] / cost.peak_flops, values[1] / cost.bandwidth) * 1e6
 
     return cost_us
+
+
+@dataclass(frozen=True)
+class KernelSpan:
+    """One kernel of a profiled step: the stream it ran on, its name and class, and when (µs from the first)."""
+
+    stream: str
+    name: str
+    kind: str  # "gemm" | "attention" | "other"
+    start_us: float
+    end_us: float
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """A real step, profiled: its kernels, each stream's busy time, and the span from first start to last end."""
+
+    spans: tuple[KernelSpan, ...]
+
+    @property
+    def span_ms(self) -> float:
+        return (max(s.end_us for s in self.spans) - min(s.start_us for s in self.spans)) / 1e3 if self.spans else 0.0
+
+    def busy_ms(self) -> dict[str, float]:
+        busy: dict[str, float] = {}
+        for s in self.spans:
+            busy[s.stream] = busy.get(s.stream, 0.0) + (s.end_us - s.start_us) / 1e3
+        return busy
+
+    def by_kind_ms(self) -> dict[str, float]:
+        kinds: dict[str, float] = {}
+        for s in self.spans:
+            kinds[s.kind] = kinds.get(s.kind, 0.0) + (s.end_us - s.start_us) / 1e3
+        return kinds
+
+    def __str__(self) -> str:
+        busy = ", ".join(f"stream {k} {v:.2f} ms" for k, v in self.busy_ms().items())
+        kinds = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(self.by_kind_ms().items()))
+        return f"step span {self.span_ms:.2f} ms; busy: {busy}; kernels: {kinds}"
+
+
+def kernel_kind(name: str) -> str:
+    """The class of a CUDA kernel, by its name (FlashInfer/Triton attention, cuBLAS/cuBLASLt GEMMs, the rest)."""
+    lowered = name.lower()
+    if any(k in lowered for k in ("flashinfer", "batchprefill", "batchdecode", "attention")):
+        return "attention"
+    if any(k in lowered for k in ("gemm", "nvjet", "cutlass", "xmma", "matmul")):
+        return "gemm"
+    return "other"
+
+
+def spans_from_chrome_trace(trace: dict[str, Any]) -> tuple[KernelSpan, ...]:
+    """The kernels of a torch.profiler Chrome trace (events of category "kernel"; their "tid" is the stream)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
+    if not events:
+        return ()
+    origin = min(float(e["ts"]) for e in events)
+    return tuple(KernelSpan(str(e["tid"]), e["name"], kernel_kind(e["name"]), float(e["ts"]) - origin,
+                            float(e["ts"]) - origin + float(e["dur"])) for e in events)
+
+
+def draw_timeline(profile: StepProfile, path: str, title: str = "") -> None:
+    """A PNG of the step's kernels: one row per stream, GEMMs / attention / other in three colours
+    (needs matplotlib: `pip install matplotlib`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("draw_timeline() needs matplotlib: pip install matplotlib") from err
+    colours = {"gemm": "#1f77b4", "attention": "#d62728", "other": "#7f7f7f"}
+    streams = sorted({s.stream for s in profile.spans})
+    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.6 * len(streams)))
+    for row, stream in enumerate(streams):
+        for kind, colour in colours.items():
+            bars = [(s.start_us / 1e3, (s.end_us - s.start_us) / 1e3) for s in profile.spans
+                    if s.stream == stream and s.kind == kind]
+            ax.broken_barh(bars, (row - 0.4, 0.8), facecolors=colour, label=kind if row == 0 else None)
+    ax.set_yticks(range(len(streams)), [f"stream {s}" for s in streams])
+    ax.set_xlabel("ms")
+    ax.set_title(title or str(profile))
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def profile_step(model: PreTrainedModel, shape: Any, chrome_trace: str | None = None, png: str | None = None,
+                 policy: Any = "model") -> StepProfile:
+    """Run one dense step of `shape` (a `cost.search.StepShape`) on an optimized CUDA model, as its runtime cuts it
+    (or under `policy`, a split policy; None: whole), profiled with torch.profiler. Writes the Chrome trace
+    (Perfetto opens it) and a PNG timeline when given paths."""
+    import json
+    import os
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanoflow_fx.cost.profile import StepHarness
+
+    runtime = getattr(model, "nanoflow", None)
+    if runtime is None or runtime.device.type != "cuda":
+        raise ValueError("profile_step() needs a CUDA model returned by nanoflow_fx.optimize()")
+    runner = runtime.runner
+    saved = runner.split_policy
+    if policy != "model":
+        runner.split_policy = policy
+    harness = StepHarness(runtime, shape, model.config.get_text_config().vocab_size)
+    try:
+        runner.run(harness.chunks)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.run(harness.chunks)
+            torch.cuda.synchronize()
+    finally:
+        runner.split_policy = saved
+        harness.release()
+    path = chrome_trace or os.path.join(tempfile.mkdtemp(), "step_trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        result = StepProfile(spans_from_chrome_trace(json.load(f)))
+    if png:
+        draw_timeline(result, png)
+    return result

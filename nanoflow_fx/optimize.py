@@ -22,6 +22,7 @@ from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.capture.support import check_supported, discover_layers
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.cost.device import measure_ceilings, token_budget
+from nanoflow_fx.cost.search import UNSPLIT, StepShape, TunedPolicy, candidates, tune
 from nanoflow_fx.errors import CaptureMismatchError, KVCacheExhaustedError, NanoFlowError
 from nanoflow_fx.ops import backend as attention_backends
 from nanoflow_fx.runtime.continuous import ContinuousBatchingManager, generate_batch
@@ -68,6 +69,7 @@ class NanoFlowRuntime:
         # step's record reaches the program through this channel.
         self.channel = StepChannel() if self.config.num_nanobatches != 1 else None
         self.split_policy = even_split(self.config, self.device) if self.config.nanobatched else None
+        self.tunings: list[Any] = []  # num_nanobatches="auto": what the schedule search measured (cost.search)
         self.step_fn = StepFunction(model, lambda on_graph: backend(self.config, on_graph, self.channel))
         self.capture_seconds = 0.0  # all of optimize()'s capture work; `timings` breaks it down
         self.timings: dict[str, float] = {}
@@ -165,7 +167,9 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     pages = _profile_pages(cfg) if sized_by_memory else _default_pages(cfg)
     runtime.use_cache(PagedKVCache(runtime.layers, pages, cfg.page_size, runtime.dtype, runtime.device))
     start = time.perf_counter()
-    with tqdm(total=3, desc="nanoflow_fx.optimize", unit="phase", delay=3.0, leave=False, disable=None) as bar:
+    search = cfg.num_nanobatches == "auto" and runtime.device.type == "cuda"
+    with tqdm(total=3 + search, desc="nanoflow_fx.optimize", unit="phase", delay=3.0, leave=False,
+              disable=None) as bar:
         bar.set_postfix_str("capture and check the step")
         if cfg.check_capture:
             _check_against_eager(model, runtime)
@@ -181,6 +185,11 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         if cfg.cuda_graphs:
             runtime.runner.enable_cuda_graphs()
         bar.update()
+        searched = time.perf_counter()
+        if search:
+            bar.set_postfix_str("search nano-batch schedules")
+            _search_schedules(model, runtime)
+            bar.update()
     runtime.capture_seconds = time.perf_counter() - start
     # compile_s: Dynamo + AOT (+ Inductor) of the step, inside its first run (the probe, else graph capture)
     compile_s = runtime.step_fn.compile_seconds
@@ -188,11 +197,42 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     probe_s = probed - start - (compile_s if cfg.check_capture else 0.0)
     runtime.timings = dict(setup_s=start - begin, compile_s=compile_s, probe_s=probe_s, kv_sizing_s=sized - probed,
                            cuda_graphs_s=graphs.capture_seconds if graphs else 0.0,
+                           schedule_search_s=time.perf_counter() - searched if search else 0.0,
                            **{f"compile_{k}": v for k, v in runtime.step_fn.compile_breakdown.items()})
     log.info("nanoflow_fx: optimized %s (%d attention layers, %s attention, KV cache %d pages = %.1f MiB, "
              "step budget %d tokens, capture %.1f s: %s)", type(model).__name__, len(runtime.layers),
              runtime.attention_backend.name, runtime.kv_cache.allocator.num_pages, runtime.kv_cache.num_bytes / 2**20,
              cfg.max_num_tokens, runtime.capture_seconds, ", ".join(f"{k} {v:.1f}" for k, v in runtime.timings.items()))
+
+
+def search_shapes(config: NanoFlowConfig, free_pages: int) -> list[StepShape]:
+    """The dense steps `num_nanobatches="auto"` tunes: the step budget as a mixed step (decodes at context 1024, a
+    quarter of the budget or as many as the slots and 80% of the free KV pages hold, then one prefill chunk, like
+    the steady state of a long-prompt workload) and as one prefill chunk. Other steps are cut like the nearest of
+    them; decode-only steps run whole."""
+    budget, page = int(config.max_num_tokens), config.page_size  # type: ignore[arg-type]
+    context = min(1024, int(config.max_seq_len))  # type: ignore[arg-type]
+    room = int(0.8 * free_pages) - -(-budget // page)
+    decodes = max(0, min(budget // 4, config.max_batch_size - 1, room // -(-context // page)))
+    shapes = [StepShape(0, 0, budget)]
+    if decodes:
+        shapes.insert(0, StepShape(decodes, context, budget - decodes))
+    return shapes
+
+
+def _search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
+    """`num_nanobatches="auto"` on CUDA: replay the candidate cuts of the tuned shapes and keep the fastest per
+    shape (`cost.search`); the unsplit step wins unless a cut beats it by more than 1%."""
+    space = candidates(shares=(32, 48), fractions=(0.5,), modes=("streams", "carveout"))
+    shapes = search_shapes(runtime.config, runtime.kv_cache.allocator.num_free)
+    tunings = tune(runtime, model.config.get_text_config().vocab_size, shapes, space, make_units)
+    runtime.tunings = tunings
+    runtime.split_policy = TunedPolicy({t.shape: t.chosen for t in tunings}, make_units)
+    runtime.runner.split_policy = runtime.split_policy
+    for t in tunings:
+        unsplit = dict(t.measured)[UNSPLIT]
+        log.info("nanoflow_fx: schedule search %s: %s (%.2f ms; unsplit %.2f ms) in %.1f s", t.shape,
+                 t.chosen.label(), dict(t.measured)[t.chosen], unsplit, t.seconds)
 
 
 def _use_cache_dir(config: NanoFlowConfig) -> None:

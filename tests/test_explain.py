@@ -40,3 +40,25 @@ def test_explain_an_unsplit_model_and_a_bare_model() -> None:
 
     with pytest.raises(ValueError, match="optimize"):
         nanoflow_fx.explain(build("qwen2"))
+
+
+def test_chrome_trace_kernels_become_a_timeline_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What `profile_step` does with a real step's torch.profiler trace: kernels by stream and class, busy time
+    per stream, the span, and a PNG (here on a trace written by hand in the profiler's format)."""
+    from nanoflow_fx.explain import StepProfile, draw_timeline, spans_from_chrome_trace
+
+    trace = {"traceEvents": [
+        {"cat": "kernel", "name": "nvjet_sm90_tst_256x160_64x4_4x1_v_bz_coopA_TNT", "tid": 7, "ts": 100.0,
+         "dur": 400.0},
+        {"cat": "kernel", "name": "void flashinfer::BatchPrefillWithPagedKVCacheKernel<...>", "tid": 9, "ts": 150.0,
+         "dur": 300.0},
+        {"cat": "kernel", "name": "triton_poi_fused_add_mul_0", "tid": 7, "ts": 500.0, "dur": 50.0},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 90.0, "dur": 5.0},
+    ]}
+    profile = StepProfile(spans_from_chrome_trace(trace))
+    assert [s.kind for s in profile.spans] == ["gemm", "attention", "other"]
+    assert profile.busy_ms() == {"7": 0.45, "9": 0.3} and profile.span_ms == 0.45
+    assert profile.by_kind_ms() == {"gemm": 0.4, "attention": 0.3, "other": 0.05}
+    path = tmp_path / "timeline.png"
+    draw_timeline(profile, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -75,3 +75,22 @@ def test_split_step_in_fp32_equals_whole_step_as_on_the_cpu(mode: str) -> None:
     want = _mixed_step(model, None)
     got = _mixed_step(model, (6, 31), mode)
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_profile_step_writes_a_chrome_trace_and_a_timeline(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A real profiled step cut into two nano-batches on two units: both streams ran kernels, the trace is a Chrome
+    trace (Perfetto's format), the PNG is written."""
+    import json
+
+    from nanoflow_fx.cost.search import StepShape
+    from nanoflow_fx.explain import profile_step
+
+    if not _flashinfer_available():
+        pytest.skip("flashinfer is not installed")
+    model = _model("llama", torch.bfloat16, "flashinfer")
+    units = make_units("streams", 0)
+    policy = lambda tokens, decodes: Cut((0, decodes, tokens), units)  # noqa: E731
+    trace, png = tmp_path / "step.json", tmp_path / "step.png"
+    result = profile_step(model, StepShape(8, 64, 100), str(trace), str(png), policy=policy)
+    assert len(result.busy_ms()) >= 2 and result.by_kind_ms().get("attention", 0) > 0
+    assert json.loads(trace.read_text())["traceEvents"] and png.stat().st_size > 0

@@ -78,3 +78,38 @@ def test_program_schedule_of_any_cut_is_valid() -> None:
             for op in schedule.ops:  # whole pieces once, the others once per nano-batch
                 assert op.nanobatch < (1 if pieces[op.group].whole else len(boundaries) - 1)
             assert len(schedule.ops) == sum(1 if p.whole else len(boundaries) - 1 for p in program.pieces)
+
+
+def test_search_shapes_fit_the_budget_the_slots_and_the_cache() -> None:
+    import dataclasses
+
+    from nanoflow_fx.optimize import search_shapes
+    from tests.conftest import DEFAULT_CONFIG
+
+    config = dataclasses.replace(DEFAULT_CONFIG, max_num_tokens=2048, max_batch_size=512, max_seq_len=4096,
+                                 page_size=16)
+    mixed, prefill = search_shapes(config, free_pages=60000)
+    assert (mixed.decodes, mixed.context, mixed.tokens) == (512 - 1, 1024, 2048)  # the slots bound the decodes
+    assert prefill == StepShape(0, 0, 2048)
+    mixed, _ = search_shapes(config, free_pages=10000)  # 80% of the pages, less the prefill's, at 64 pages each
+    assert mixed.decodes == (8000 - 128) // 64 and mixed.tokens == 2048
+    assert search_shapes(config, free_pages=100) == [StepShape(0, 0, 2048)]  # no room for decodes
+
+
+def test_auto_on_the_cpu_runs_whole_steps_through_the_program() -> None:
+    """num_nanobatches="auto" lowers the step to a program (so the search can cut it); without a GPU nothing is
+    searched and every step runs whole, with the unsplit model's tokens."""
+    import dataclasses
+
+    import torch
+
+    from tests.conftest import DEFAULT_CONFIG, optimized
+    from tests.test_generate_parity import _left_padded_batch
+
+    ids, mask = _left_padded_batch([3, 12, 7, 9])
+    want = optimized("llama").generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches="auto"))
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), want)
+    assert model.nanoflow.tunings == [] and model.nanoflow.runner.split_policy is None
+    programs = [g.meta["nanoflow_program_runner"] for g in model.nanoflow.step_fn.graphs]
+    assert programs and all(p.last_schedule is None for p in programs)  # never cut

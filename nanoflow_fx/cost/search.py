@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from nanoflow_fx.runtime.program_runner import Cut, Units
 
-__all__ = ["Candidate", "StepShape", "TunedPolicy", "candidates", "pick"]
+__all__ = ["Candidate", "StepShape", "TunedPolicy", "Tuning", "candidates", "pick", "policy_for", "tune"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +125,55 @@ class TunedPolicy:
         if key not in self._units:
             self._units[key] = self._make_units(*key)
         return Cut(boundaries, self._units[key])
+
+
+def policy_for(candidate: Candidate,
+               make_units: Callable[[str, int], Units | None]) -> Callable[[int, int], Cut | None]:
+    """A split policy that cuts every step like `candidate` (what the search replays)."""
+    units = None if candidate.unsplit else make_units(candidate.units, candidate.memory_sms)
+
+    def policy(tokens: int, decodes: int) -> Cut | None:
+        boundaries = candidate.boundaries(tokens, decodes)
+        return Cut(boundaries, units) if boundaries is not None else None
+
+    return policy
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What the search measured on one step shape: ms per candidate, the pick, and how long it took."""
+
+    shape: StepShape
+    measured: tuple[tuple[Candidate, float], ...]
+    chosen: Candidate
+    seconds: float
+
+
+def tune(runtime: Any, vocab_size: int, shapes: Sequence[StepShape], space: Sequence[Candidate],
+         make_units: Callable[[str, int], Units | None], reps: int = 4, rounds: int = 2) -> list[Tuning]:
+    """Replay every candidate of `space` on each shape that fits the runtime's cache (CUDA) and pick per shape.
+    A candidate the device cannot run (e.g. a partition it cannot make) is skipped."""
+    import time
+
+    from nanoflow_fx.cost.profile import StepHarness
+
+    found = []
+    for shape in shapes:
+        if not StepHarness.fits(runtime, shape):
+            continue
+        start = time.perf_counter()
+        harness = StepHarness(runtime, shape, vocab_size)
+        measured: dict[Candidate, float] = {}
+        try:
+            for candidate in space:
+                if not candidate.unsplit and candidate.boundaries(shape.tokens + 1, shape.decodes) is None:
+                    continue
+                try:
+                    measured[candidate] = harness.time(policy_for(candidate, make_units), reps, rounds)
+                except Exception:  # noqa: BLE001 - a unit mode this device cannot run: not a candidate here
+                    if candidate.unsplit:
+                        raise
+        finally:
+            harness.release()
+        found.append(Tuning(shape, tuple(measured.items()), pick(measured), time.perf_counter() - start))
+    return found

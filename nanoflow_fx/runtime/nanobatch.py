@@ -1,4 +1,10 @@
-"""`NanobatchRunner`: the captured step run as nano-batches, by the passes' split graph and Schedule."""
+"""`NanobatchRunner`: the captured step run as nano-batches, by the passes' split graph and Schedule.
+
+This is the op-level view of nano-batching: every node of the captured graph copied per nano-batch
+(`passes.split_nanobatches`), placed on units (`passes.assign_units`) and interpreted node by node. It defines what
+splitting means op by op (the property tests run it) and is what `explain()` shows; the runtime runs the same
+cut at piece level (`capture.program` + `runtime.program_runner`: Inductor pieces between attention calls).
+"""
 
 from __future__ import annotations
 
@@ -29,24 +35,9 @@ from nanoflow_fx.runtime.schedule_executor import ScheduleExecutor
 from nanoflow_fx.runtime.streams import CudaScheduleExecutor
 from nanoflow_fx.schedule import Schedule, Split
 
-__all__ = ["NanobatchRunner", "ScheduledStep", "StepContext"]
+__all__ = ["NanobatchRunner", "ScheduledStep"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepContext:
-    """What the engine tells the nano-batch runner about the step it is about to run (shared by both).
-
-    `host`: the step's (qo_indptr, kv_indptr, kv_indices, kv_last_page_len) in host memory, so the runner
-    splits it per nano-batch without reading the device (a sync). `static`: device tensors already holding the
-    split metadata (a CUDA graph's static inputs, refilled by the engine before each replay); when set, the
-    runner uses them as they are. `runner`: the runner of the captured graph, once it exists.
-    """
-
-    host: tuple[torch.Tensor, ...] | None = None
-    static: list[torch.Tensor] | None = None
-    runner: NanobatchRunner | None = None
 
 
 @dataclass(frozen=True)
@@ -72,15 +63,12 @@ class NanobatchRunner:
         policy: UnitPolicy | None = None,
         boundaries: Callable[[int], tuple[int, ...]] | None = None,
         streams: Callable[[torch.device], Mapping[str, torch.cuda.Stream]] | None = None,
-        context: StepContext | None = None,
     ) -> None:
         """`boundaries(num_tokens)` overrides the even split (tests use it to cut anywhere). With `streams`
         (unit -> stream for a CUDA device, see `green_context.partition_streams`), CUDA steps run one stream
         per unit (`CudaScheduleExecutor`); without it, nano-ops run in the Schedule's order on one stream."""
         self.num_nanobatches, self.policy, self.boundaries = num_nanobatches, policy, boundaries
-        self.streams, self.context = streams, context
-        if context is not None:
-            context.runner = self
+        self.streams = streams
         self._cuda_executors: dict[NanobatchPlan, CudaScheduleExecutor] = {}
         self.graph, records = run_passes(gm, [("annotate", annotate), ("group_ops", group_ops)])
         self.records = tuple(records)
@@ -126,13 +114,7 @@ class NanobatchRunner:
         return step.executor(*args, *extra)
 
     def _nanobatch_metadata(self, step: ScheduledStep, args: tuple[Any, ...]) -> list[torch.Tensor]:
-        ctx = self.context
-        if ctx is not None and ctx.static is not None:
-            return ctx.static
         page_size = args[self.cache_input].shape[2]  # the cache this step runs on (a static size)
-        if ctx is not None and ctx.host is not None:
-            device = args[self.token_input].device
-            return [t.to(device, non_blocking=True) for t in self.host_split(step.plan, ctx.host, page_size)]
         return self._split(step, [args[i] for i in self.metadata_inputs], page_size, None)
 
     def host_split(
