@@ -124,6 +124,8 @@ def test_generation_with_nanobatches_equals_unsplit(family: str, device: str) ->
         model = optimized(family, dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=count), device=device)
         runner, cuts = model.nanoflow.runner, []
         policy = runner.split_policy
+        for program in _program_runners(runner):  # (shared with other tests' runners of this model)
+            program.last_schedule = None
         runner.split_policy = _recording(policy, cuts)
         try:
             got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
@@ -132,4 +134,4 @@ def test_generation_with_nanobatches_equals_unsplit(family: str, device: str) ->
         assert torch.equal(got, want), f"{count} nano-batches"
         assert cuts and all(len(c.boundaries) - 1 == count for c in cuts)  # 4 rows + padding >= count
         schedules = [p.last_schedule for p in _program_runners(runner) if p.last_schedule]
-        assert schedules and schedules[-1].split("nb").boundaries == cuts[-1].boundaries
+        assert schedules and {s.split("nb").boundaries for s in schedules} <= {c.boundaries for c in cuts}

@@ -135,13 +135,16 @@ def test_padded_split_metadata_is_the_unpadded_split_plus_empty_entries() -> Non
     check()
 
 
-def test_cuda_executor_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The multi-stream executor's CUDA calls, recorded through stand-ins for torch's streams and events on the
-    CPU: fork from the current stream, each nano-op's nodes on its unit's stream after waiting on the events of
-    its cross-unit dependencies (recorded right after those ran), join, and the logits of the in-order executor."""
+def test_program_runner_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nano-batched program's CUDA calls, recorded through stand-ins for torch's streams and events on the
+    CPU: fork from the current stream, each piece of each nano-batch on its unit's stream after waiting on the
+    events of its cross-unit dependencies (recorded right after those ran), join, and the logits of the one-stream
+    run of the same cut."""
     import dataclasses
 
-    from nanoflow_fx.runtime import schedule_executor, streams
+    from nanoflow_fx.ops.split_metadata import split_attention_metadata
+    from nanoflow_fx.runtime import program_runner
+    from nanoflow_fx.runtime.program_runner import NanobatchStep, ProgramRunner, Units
     from tests.conftest import DEFAULT_CONFIG, optimized
 
     log: list[tuple] = []
@@ -178,68 +181,66 @@ def test_cuda_executor_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) -
         def __exit__(self, *exc) -> None:
             current[0] = self.saved
 
-    monkeypatch.setattr(streams.torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(streams.torch.cuda, "current_stream", lambda: FakeStream("main"))
-    monkeypatch.setattr(streams.torch.cuda, "stream", StreamContext)
-    run_node = schedule_executor.ScheduleExecutor._run
-
-    def traced_run(self, nodes, env, where):  # note which stream each nano-op ran on
-        log.append(("run", current[0], where))
-        return run_node(self, nodes, env, where)
-
-    monkeypatch.setattr(schedule_executor.ScheduleExecutor, "_run", traced_run)
-
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
-    gm = model.nanoflow.step_fn.graphs[0]
-    runner = gm.meta["nanoflow_runner"]  # the model's own (a new one would replace it in the shared graph's meta)
-    args_probe = _probe_args(model, gm)
-    step = runner.scheduled(args_probe[runner.token_input].shape[0])
-    units = {u: FakeStream(u) for u in step.schedule.units}
-    executor = streams.CudaScheduleExecutor(step.graph, step.schedule, units)
-    ops = {op.key: op for op in step.schedule.ops}
-    want = step.executor(*args_probe, *runner._nanobatch_metadata(step, tuple(args_probe)))
-    log.clear()
-    got = executor(*args_probe, *runner._nanobatch_metadata(step, tuple(args_probe)))
+    program = model.nanoflow.step_fn.graphs[0].meta["nanoflow_program_runner"]
+    args = _probe_args(model, program)
+    names = program.program.placeholders
+    call = next(p.call for p in program.program.pieces if p.kind == "attention")
+    host = [args[names.index(m)] for m in call.metadata]
+    boundaries = (0, 5, args[names.index(call.slot_mapping)].shape[0])  # 16 prompt tokens (+ padding)
+    metadata = tuple(split_attention_metadata(*host, model.nanoflow.kv_cache.page_size, boundaries))
+    one_stream = NanobatchStep(boundaries, metadata, (None, None))
+    units = {u: FakeStream(u) for u in ("compute", "memory")}
+    on_units = dataclasses.replace(one_stream, units=Units(units))
+    want = program.run_nanobatched(args, one_stream)
+
+    monkeypatch.setattr(program_runner.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(program_runner.torch.cuda, "current_stream", lambda: FakeStream("main"))
+    monkeypatch.setattr(program_runner.torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(ProgramRunner, "_on_cuda", staticmethod(lambda args: True))
+    run_op = ProgramRunner._run_op
+
+    def traced(self, name, i, state, record):  # note which stream each nano-op ran on
+        log.append(("run", current[0], (name, i)))
+        return run_op(self, name, i, state, record)
+
+    monkeypatch.setattr(ProgramRunner, "_run_op", traced)
+    got = program.run_nanobatched(args, on_units)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
-    assert log[0] == ("run", "main", "shared nodes") and log[1][0] == "record" and log[1][1] == "main"
-    fork = log[1][2]
-    assert {(e[1], e[2]) for e in log[2 : 2 + len(units)]} == {(u, fork) for u in units}
+    schedule = program.last_schedule
+    ops = {op.key: op for op in schedule.ops}
+    assert log[0][:2] == ("record", "main")
+    fork = log[0][2]
+    assert {(e[1], e[2]) for e in log[1:3]} == {("compute", fork), ("memory", fork)}
     event_of, position = {}, {}
     for i, entry in enumerate(log):
-        if entry[0] == "run" and "#" in entry[2]:
-            group, nb = entry[2].rsplit("#", 1)
-            key = (group, int(nb))
+        if entry[0] == "run":
+            key = entry[2]
             assert entry[1] == ops[key].unit  # on its unit's stream
             position[key] = i
-            for wait in ops[key].waits:
-                if ops[wait].unit != ops[key].unit:  # waited on the event recorded after `wait` ran
-                    assert ("wait", ops[key].unit, event_of[wait]) in log[:i]
+            for wait in ops[key].waits:  # cross-unit: waited on the event recorded after `wait` ran
+                assert ("wait", ops[key].unit, event_of[wait]) in log[:i]
         if entry[0] == "record" and entry[1] != "main":
-            last_run = next(e for e in reversed(log[:i]) if e[0] == "run")
-            group, nb = last_run[2].rsplit("#", 1)
-            event_of[(group, int(nb))] = entry[2]
+            event_of[next(e for e in reversed(log[:i]) if e[0] == "run")[2]] = entry[2]
     assert set(position) == set(ops)
-    joins = [e for e in log if e[0] == "wait_stream"]
-    assert {(e[1], e[2]) for e in joins} == {("main", u) for u in units}
-    assert log[-1] == ("run", "main", "output merges")
+    assert {(e[1], e[2]) for e in log if e[0] == "wait_stream"} == {("main", "compute"), ("main", "memory")}
+    assert any(op.unit == "memory" for op in schedule.ops) and any(op.waits for op in schedule.ops)
 
 
-def _probe_args(model, gm) -> list:
-    """Real inputs for the captured graph `gm` (its placeholders' order), made by running the step once with a
-    recording runner."""
+def _probe_args(model, program) -> list:
+    """Real inputs for the captured program (its placeholders' order), recorded while the step runs once."""
     seen: list = []
-    runner = gm.meta["nanoflow_runner"]
-    original = type(runner).__call__
+    original = type(program).__call__
 
     def record(self, *args):
         seen[:] = args
         return original(self, *args)
 
     try:
-        type(runner).__call__ = record
+        type(program).__call__ = record
         model.nanoflow.runner.run_prompts([[5] * 9, [6] * 7])
     finally:
-        type(runner).__call__ = original
+        type(program).__call__ = original
     assert seen
     return list(seen)

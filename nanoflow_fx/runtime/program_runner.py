@@ -208,9 +208,8 @@ class ProgramRunner:
     def run_nanobatched(self, args: Sequence[Any], record: NanobatchStep) -> Any:
         program = self.program
         state = _Values(program, dict(zip(program.placeholders, args)), record.boundaries)
-        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
         units = record.units
-        use_units = on_cuda and units is not None
+        use_units = units is not None and self._on_cuda(args)
         schedule = program_schedule(program, record.boundaries, one_unit=not use_units)
         self.last_schedule = schedule
         if not use_units:
@@ -240,10 +239,14 @@ class ProgramRunner:
         state.keep_until_join = None
         return out
 
+    @staticmethod
+    def _on_cuda(args: Sequence[Any]) -> bool:
+        return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
     def _unit_streams(self, names: Sequence[str], units: Units) -> dict[str, Any]:
         """Each unit's stream: the one `units` gives, else a plain stream of this runner's own."""
         for name in names:
-            if name not in self._streams:
+            if name not in units.streams and name not in self._streams:
                 self._streams[name] = torch.cuda.Stream()
         return {name: units.streams.get(name) or self._streams[name] for name in names}
 
