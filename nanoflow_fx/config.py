@@ -47,27 +47,32 @@ class NanoFlowConfig:
     bandwidth (`nanoflow_fx.cost.device`), so steps run compute-bound; elsewhere 512."""
 
     num_nanobatches: int | Literal["auto"] = 1
-    """Nano-batches a step is split into; "auto" lets the search decide (1 until the search exists)."""
+    """Nano-batches an eager step is cut into (even sizes, on the units `sm_partition` names); decode steps replayed
+    as CUDA graphs run whole. "auto": on CUDA, `optimize()` measures candidate cuts of two dense step shapes and
+    keeps, per shape, the fastest, unless no cut beats the whole step by more than 1% (`nanoflow_fx.cost.search`;
+    about 12 s for an 8B model on an H100); on the CPU every step runs whole. Any value but 1 runs the step as a
+    program of pieces that can be cut per step (`nanoflow_fx.capture.program`). Measured on an H100 (README):
+    no cut of the engine's dense steps beats the whole step yet, so 1 is the default."""
 
     attention_backend: str = "auto"
-    """Paged attention kernel: "torch" (reference, CPU and GPU), "triton" (GPU), "flashinfer" (GPU, fp16/bf16,
-    one nano-batch; needs `pip install flashinfer-python`), or "auto": flashinfer where it can run, else triton
-    on CUDA when Triton imports, else torch."""
+    """Paged attention kernel: "torch" (reference, CPU and GPU), "triton" (GPU), "flashinfer" (GPU, fp16/bf16;
+    needs `pip install flashinfer-python`), or "auto": flashinfer where it can run, else triton on CUDA when
+    Triton imports, else torch."""
 
     sm_partition: str = "off"
-    """How nano-batched steps (num_nanobatches > 1) run on CUDA: "off" (one stream, in the Schedule's order),
-    "streams" (one stream per execution unit, events for cross-unit waits), "soft" (the memory-bound unit's
-    stream confined to `memory_sms` SMs by a green context, the others free), or "hard" (the compute unit on
-    the remaining SMs too). Measured on an H100 (benchmarks/RESULTS.md): at decode batch 64 on an 8B model two
-    nano-batches are 2.2-2.4x slower than one (each nano-batch reads every weight again), so "off" and
-    num_nanobatches=1 are the defaults."""
+    """The execution units of nano-batched CUDA steps: "off" (one stream, in the Schedule's order), "streams"
+    (a stream per unit, events for cross-unit waits), "soft" (the memory unit's attention confined to
+    `memory_sms` SMs by a green context, the compute unit free), "carveout" (as "soft", and the compute unit's
+    cuBLASLt GEMMs leave those SMs free), or "hard" (the compute unit on a green context of the remaining SMs).
+    Ignored with num_nanobatches="auto" (the search picks units per step shape)."""
 
     memory_sms: int = 32
     """SMs of the memory-bound unit's partition ("soft"/"hard"); rounded up to a multiple of 8."""
 
     inductor: bool | Literal["auto"] = "auto"
     """Compile the step's ops between attention calls with Inductor (fuses HF's elementwise work: norms, RoPE,
-    activations, residual adds); attention calls stay as captured. One nano-batch only. "auto": on for CUDA
+    activations, residual adds); attention calls stay as captured (nano-batches run the same pieces on their token
+    slices). "auto": on for CUDA
     models (the fastest path measured: an 8B model's batch-64 decode step took 10.6 ms instead of 13.1 on an
     H100, benchmarks/RESULTS.md), off on the CPU, where compiling costs more than it saves for small models."""
 
@@ -116,7 +121,7 @@ class NanoFlowConfig:
 
     @property
     def nanobatched(self) -> bool:
-        """Whether steps are split into more than one nano-batch ("auto" means 1 until the search exists)."""
+        """Whether every eager step is cut into a fixed count (> 1) of nano-batches ("auto": the search decides)."""
         return self.num_nanobatches != "auto" and self.num_nanobatches > 1
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from nanoflow_fx.ops.backend import get
-from nanoflow_fx.ops.reference import write_kv_
+from nanoflow_fx.ops.kv_write import write_kv
 
 __all__ = ["paged_attention"]
 
@@ -37,7 +37,7 @@ def paged_attention(
     kernel (`nanoflow_fx.ops.backend`): "torch" (the reference, any device), "triton" (CUDA, or Triton's
     interpreter on the CPU) or "flashinfer" (CUDA; runs the plan made on the host for this step).
     """
-    write_kv_(kv_cache, k, v, slot_mapping)
+    write_kv(kv_cache, k, v, slot_mapping)
     return get(backend).run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
                             sliding_window, softcap)
 

@@ -34,7 +34,7 @@ import torch
 
 from nanoflow_fx.capture.program import StepProgram
 from nanoflow_fx.ops.backend import AttentionConfig, get
-from nanoflow_fx.ops.reference import write_kv_
+from nanoflow_fx.ops.kv_write import write_kv
 from nanoflow_fx.passes.info import ATTENTION_OP
 from nanoflow_fx.runtime.streams import stream_actions
 from nanoflow_fx.schedule import NanoOp, OpGroup, Schedule, Split, validate
@@ -267,7 +267,7 @@ class ProgramRunner:
         assert call is not None
         q, k, v = state.part(call.q, i), state.part(call.k, i), state.part(call.v, i)
         cache = state.joined(call.cache)
-        write_kv_(cache, k, v, state.part(call.slot_mapping, i))
+        write_kv(cache, k, v, state.part(call.slot_mapping, i))
         config = AttentionConfig(q.shape[1], cache.shape[3], q.shape[2], call.scaling, call.sliding_window,
                                  call.softcap)
         state.parts[i][piece.outputs[0]] = get(call.backend).run_planned(
