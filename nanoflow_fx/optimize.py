@@ -63,7 +63,7 @@ class NanoFlowRuntime:
         self.config = _resolve(config, model, self.device, self.dtype)
         self.attention_configs = tuple(dict.fromkeys(self.layers))
         self.attention_backend = attention_backends.choose(config.attention_backend, self.attention_configs,
-                                                           self.dtype, self.device, self.config.nanobatched)
+                                                           self.dtype, self.device)
         self.layout = layout
         # Nano-batched configurations run the step as a program of pieces that can be cut per step; each cut
         # step's record reaches the program through this channel.

@@ -111,15 +111,15 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtype, device: torch.device,
-           nanobatched: bool = False) -> AttentionBackend:
+def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtype,
+           device: torch.device) -> AttentionBackend:
     """The backend `NanoFlowConfig.attention_backend=requested` means for these layers on `device`.
 
     "auto": FlashInfer where it can run (installed, CUDA, fp16/bf16, its head dims), else
     Triton on CUDA, else the torch reference. An explicit choice that cannot run raises `NanoFlowError` with
     the reason and the alternatives.
     """
-    flashinfer_blocker = _flashinfer_blocker(configs, dtype, device, nanobatched)
+    flashinfer_blocker = _flashinfer_blocker(configs, dtype, device)
     if requested == "auto":
         if not flashinfer_blocker:
             return get("flashinfer")
@@ -141,8 +141,7 @@ def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtyp
     return backend
 
 
-def _flashinfer_blocker(configs: Sequence[AttentionConfig], dtype: torch.dtype, device: torch.device,
-                        nanobatched: bool) -> str:
+def _flashinfer_blocker(configs: Sequence[AttentionConfig], dtype: torch.dtype, device: torch.device) -> str:
     if not _installed("flashinfer"):
         return "flashinfer is not installed (pip install flashinfer-python)"
     return get("flashinfer").unsupported_reason(configs, dtype, device)

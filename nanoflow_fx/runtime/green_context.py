@@ -19,7 +19,7 @@ import torch
 
 from nanoflow_fx.errors import NanoFlowError
 
-__all__ = ["SmPartition", "split_sms", "partition_streams"]
+__all__ = ["SmPartition", "split_sms"]
 
 _CU_DEV_RESOURCE_TYPE_SM = 1
 _CU_GREEN_CTX_DEFAULT_STREAM = 0x1
@@ -95,17 +95,3 @@ def split_sms(sms: int, device: torch.device | int | None = None) -> tuple[SmPar
         parts.append(SmPartition(num_sms, torch.cuda.ExternalStream(stream.value, device=index)))
     _cache[key] = (parts[0], parts[1])
     return _cache[key]
-
-
-def partition_streams(mode: str, memory_sms: int, device: torch.device) -> dict[str, torch.cuda.Stream]:
-    """Streams for a Schedule's units under `mode` (see `NanoFlowConfig.sm_partition`): "streams": none given
-    (plain streams); "soft": the memory unit confined to `memory_sms` SMs, the others free on the whole GPU;
-    "hard": the memory unit on `memory_sms` SMs and the compute unit on the rest."""
-    if mode == "streams":
-        return {}
-    memory, rest = split_sms(memory_sms, device)
-    if mode == "soft":
-        return {"memory": memory.stream}
-    if mode == "hard":
-        return {"memory": memory.stream, "compute": rest.stream}
-    raise ValueError(f"no streams for sm_partition={mode!r}")

@@ -9,7 +9,7 @@ cut at piece level (`capture.program` + `runtime.program_runner`: Inductor piece
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,6 @@ from nanoflow_fx.passes import (
 )
 from nanoflow_fx.passes.info import ATTENTION_OP, token_dims
 from nanoflow_fx.runtime.schedule_executor import ScheduleExecutor
-from nanoflow_fx.runtime.streams import CudaScheduleExecutor
 from nanoflow_fx.schedule import Schedule, Split
 
 __all__ = ["NanobatchRunner", "ScheduledStep"]
@@ -62,14 +61,10 @@ class NanobatchRunner:
         num_nanobatches: int,
         policy: UnitPolicy | None = None,
         boundaries: Callable[[int], tuple[int, ...]] | None = None,
-        streams: Callable[[torch.device], Mapping[str, torch.cuda.Stream]] | None = None,
     ) -> None:
-        """`boundaries(num_tokens)` overrides the even split (tests use it to cut anywhere). With `streams`
-        (unit -> stream for a CUDA device, see `green_context.partition_streams`), CUDA steps run one stream
-        per unit (`CudaScheduleExecutor`); without it, nano-ops run in the Schedule's order on one stream."""
+        """`boundaries(num_tokens)` overrides the even split (tests use it to cut anywhere). Nano-ops run in the
+        Schedule's order on the current stream."""
         self.num_nanobatches, self.policy, self.boundaries = num_nanobatches, policy, boundaries
-        self.streams = streams
-        self._cuda_executors: dict[NanobatchPlan, CudaScheduleExecutor] = {}
         self.graph, records = run_passes(gm, [("annotate", annotate), ("group_ops", group_ops)])
         self.records = tuple(records)
         self.splittable = splittable_groups(self.graph)
@@ -82,7 +77,6 @@ class NanobatchRunner:
         self.metadata_inputs = [placeholders.index(a) for a in attention.args[4:8]]  # type: ignore[arg-type]
         self.cache_input = placeholders.index(attention.args[3])  # type: ignore[arg-type]
         self.steps: dict[NanobatchPlan, ScheduledStep] = {}
-        gm.meta["nanoflow_runner"] = self  # explain() finds the runner of a captured graph here
         self.last: ScheduledStep | None = None
 
     def plan_for(self, num_tokens: int) -> NanobatchPlan:
@@ -105,24 +99,11 @@ class NanobatchRunner:
         tokens = args[self.token_input]
         step = self.scheduled(tokens.shape[0])
         self.last = step
-        extra = self._nanobatch_metadata(step, args)
-        if self.streams is not None and tokens.is_cuda:
-            if step.plan not in self._cuda_executors:
-                self._cuda_executors[step.plan] = CudaScheduleExecutor(step.graph, step.schedule,
-                                                                       self.streams(tokens.device))
-            return self._cuda_executors[step.plan](*args, *extra)
-        return step.executor(*args, *extra)
+        return step.executor(*args, *self._nanobatch_metadata(step, args))
 
     def _nanobatch_metadata(self, step: ScheduledStep, args: tuple[Any, ...]) -> list[torch.Tensor]:
         page_size = args[self.cache_input].shape[2]  # the cache this step runs on (a static size)
         return self._split(step, [args[i] for i in self.metadata_inputs], page_size, None)
-
-    def host_split(
-        self, plan: NanobatchPlan, host: tuple[torch.Tensor, ...], page_size: int, pad: tuple[int, int] | None = None
-    ) -> list[torch.Tensor]:
-        """The split graph's extra inputs for `plan`, from the step's metadata in host memory (pinned on a CUDA
-        machine, so copying them to the device does not block); `pad` fixes every table's size."""
-        return self._split(self.steps[plan], list(host), page_size, pad, pin=torch.cuda.is_available())
 
     def _split(self, step: ScheduledStep, metadata: list[torch.Tensor], page_size: int,
                pad: tuple[int, int] | None, pin: bool = False) -> list[torch.Tensor]:
