@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import transformers
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nanoflow_fx  # noqa: E402
@@ -45,6 +44,7 @@ from nanoflow_fx.cost.search import (  # noqa: E402
     pick,
     policy_for,
 )
+from nanoflow_fx.explain import profile_harness  # noqa: E402
 from nanoflow_fx.runtime.program_runner import make_units  # noqa: E402
 
 STEPS = {
@@ -58,29 +58,7 @@ STEPS = {
 
 def kernels(harness: StepHarness, policy: Any, trace: str | None = None) -> dict[str, float]:
     """Kernel time (ms) by class of one step under `policy`, from torch.profiler (overlapping kernels both count)."""
-    runner = harness.runtime.runner
-    runner.split_policy = policy
-    try:
-        runner.run(harness.chunks)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            runner.run(harness.chunks)
-            torch.cuda.synchronize()
-    finally:
-        runner.split_policy = None
-    if trace:
-        prof.export_chrome_trace(trace)
-    classes = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
-    for event in prof.key_averages():
-        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-        if event.key.startswith(("cudaLaunch", "cuLaunch")) or us <= 0:
-            continue
-        name = event.key.lower()
-        kind = ("attention" if any(k in name for k in ("flashinfer", "batchprefill", "batchdecode", "attention"))
-                else "gemm" if any(k in name for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul"))
-                else "other")
-        classes[kind] += us / 1e3
-    return {k: round(v, 3) for k, v in classes.items()}
+    return {k: round(v, 3) for k, v in profile_harness(harness, policy, trace).by_kind_ms().items()}
 
 
 def policy_of(candidate: Candidate) -> Any:

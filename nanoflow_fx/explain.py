@@ -13,8 +13,8 @@ from nanoflow_fx.passes import NanobatchPlan, PassRecord, info
 from nanoflow_fx.runtime.nanobatch import NanobatchRunner, ScheduledStep
 from nanoflow_fx.schedule import NanoOp, format_schedule, format_timeline, simulate
 
-__all__ = ["Explanation", "KernelSpan", "RooflineCost", "StepProfile", "draw_timeline", "explain", "profile_step",
-           "spans_from_chrome_trace"]
+__all__ = ["Explanation", "KernelSpan", "RooflineCost", "StepProfile", "draw_timeline", "explain", "profile_harness",
+           "profile_step", "spans_from_chrome_trace"]
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,25 @@ def profile_step(model: PreTrainedModel, shape: Any, chrome_trace: str | None = 
     """Run one dense step of `shape` (a `cost.search.StepShape`) on an optimized CUDA model, as its runtime cuts it
     (or under `policy`, a split policy; None: whole), profiled with torch.profiler. Writes the Chrome trace
     (Perfetto opens it) and a PNG timeline when given paths."""
+
+    from nanoflow_fx.cost.profile import StepHarness
+
+    runtime = getattr(model, "nanoflow", None)
+    if runtime is None or runtime.device.type != "cuda":
+        raise ValueError("profile_step() needs a CUDA model returned by nanoflow_fx.optimize()")
+    harness = StepHarness(runtime, shape, model.config.get_text_config().vocab_size)
+    try:
+        result = profile_harness(harness, policy, chrome_trace)
+    finally:
+        harness.release()
+    if png:
+        draw_timeline(result, png)
+    return result
+
+
+def profile_harness(harness: Any, policy: Any = "model", chrome_trace: str | None = None) -> StepProfile:
+    """Profile one step of a `cost.profile.StepHarness` (its runtime's split policy, or `policy`), after one
+    unprofiled run; writes the Chrome trace to `chrome_trace` when given."""
     import json
     import os
     import tempfile
@@ -203,16 +222,10 @@ def profile_step(model: PreTrainedModel, shape: Any, chrome_trace: str | None = 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from nanoflow_fx.cost.profile import StepHarness
-
-    runtime = getattr(model, "nanoflow", None)
-    if runtime is None or runtime.device.type != "cuda":
-        raise ValueError("profile_step() needs a CUDA model returned by nanoflow_fx.optimize()")
-    runner = runtime.runner
+    runner = harness.runtime.runner
     saved = runner.split_policy
     if policy != "model":
         runner.split_policy = policy
-    harness = StepHarness(runtime, shape, model.config.get_text_config().vocab_size)
     try:
         runner.run(harness.chunks)
         torch.cuda.synchronize()
@@ -221,11 +234,7 @@ def profile_step(model: PreTrainedModel, shape: Any, chrome_trace: str | None = 
             torch.cuda.synchronize()
     finally:
         runner.split_policy = saved
-        harness.release()
     path = chrome_trace or os.path.join(tempfile.mkdtemp(), "step_trace.json")
     prof.export_chrome_trace(path)
     with open(path) as f:
-        result = StepProfile(spans_from_chrome_trace(json.load(f)))
-    if png:
-        draw_timeline(result, png)
-    return result
+        return StepProfile(spans_from_chrome_trace(json.load(f)))
