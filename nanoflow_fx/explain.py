@@ -6,25 +6,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import sympy
 from transformers import PreTrainedModel
 
+from nanoflow_fx.cost.roofline import RooflineCost, roofline_cost
 from nanoflow_fx.passes import NanobatchPlan, PassRecord, info
-from nanoflow_fx.runtime.nanobatch import NanobatchRunner, ScheduledStep
-from nanoflow_fx.schedule import NanoOp, format_schedule, format_timeline, simulate
+from nanoflow_fx.runtime.nanobatch import NanobatchRunner
+from nanoflow_fx.schedule import format_schedule, format_timeline, simulate
 
 __all__ = ["Explanation", "KernelSpan", "RooflineCost", "StepProfile", "draw_timeline", "explain", "profile_harness",
            "profile_step", "spans_from_chrome_trace"]
-
-
-@dataclass(frozen=True)
-class RooflineCost:
-    """Predicted nano-op time: each node takes max(FLOPs / peak, bytes / bandwidth). Attention's KV reads depend
-    on the step's context lengths, unknown to the graph, so its prediction counts only its q/k/v/out bytes;
-    other step sizes (logits rows, requests, pages) are taken at their bound, the token count."""
-
-    peak_flops: float = 729e12  # H100 bf16 8192^3 matmul, measured with torch 2.11
-    bandwidth: float = 2.97e12  # H100 device-to-device copy, bytes read + written, measured
 
 
 @dataclass(frozen=True)
@@ -73,7 +63,7 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
     step = runner.scheduled(num_tokens)
     counts = Counter(info(n).op_class for n in gm.graph.nodes if n.op == "call_function")
     groups = tuple(dict.fromkeys(g.name for g in step.schedule.groups))
-    timeline = format_timeline(simulate(step.schedule, _roofline(step, runner, cost or RooflineCost())))
+    timeline = format_timeline(simulate(step.schedule, roofline_cost(step, runner, cost or RooflineCost())))
     searched = tuple(_searched(t) for t in getattr(runtime, "tunings", []))
     return Explanation(type(model).__name__, dict(counts), groups, tuple(runner.splittable), step.plan,
                        format_schedule(step.schedule), timeline, step.records, searched)
@@ -84,25 +74,6 @@ def _searched(tuning: Any) -> str:
     best = ", ".join(f"{c.label()} {ms:.2f}" for c, ms in measured[:4])
     return (f"  {tuning.shape}: runs {tuning.chosen.label()} ({tuning.seconds:.1f} s, {len(measured)} candidates; "
             f"fastest ms: {best})")
-
-
-def _roofline(step: ScheduledStep, runner: NanobatchRunner, cost: RooflineCost):  # type: ignore[no-untyped-def]
-    per_token: dict[str, tuple[sympy.Expr, sympy.Expr]] = {}
-    for node in runner.graph.graph.nodes:
-        group = info(node).group if node.op == "call_function" else None
-        if group is not None:
-            flops, data = per_token.get(group, (sympy.Integer(0), sympy.Integer(0)))
-            per_token[group] = (flops + info(node).flops, data + info(node).bytes)
-
-    def cost_us(op: NanoOp) -> float:
-        start, end = step.schedule.token_range(op.group, op.nanobatch)
-        flops, data = per_token.get(op.group, (0, 0))
-        # Other sizes (logits rows, requests, pages) are bounded by the token count: take that bound.
-        values = [float(sympy.sympify(e).subs({sym: end - start for sym in sympy.sympify(e).free_symbols}))
-                  for e in (flops, data)]
-        return max(values[0] / cost.peak_flops, values[1] / cost.bandwidth) * 1e6
-
-    return cost_us
 
 
 @dataclass(frozen=True)
