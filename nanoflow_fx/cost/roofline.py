@@ -27,7 +27,6 @@ class RooflineCost:
     bandwidth: float = 2.97e12  # H100 device-to-device copy, bytes read + written, measured
 
 
-
 def roofline_cost(step: ScheduledStep, runner: NanobatchRunner, cost: RooflineCost):  # type: ignore[no-untyped-def]
     """Per nano-op predicted microseconds of `step` (a split step of `runner`) under `cost`, for `simulate`."""
     per_token: dict[str, tuple[sympy.Expr, sympy.Expr]] = {}
