@@ -153,7 +153,7 @@ def test_nanobatched_steps_keep_no_state_per_step_size() -> None:
     """Nano-batched steps of any size run on one captured program (its pieces take the token count as a symbol),
     so nothing grows with the number of distinct step sizes: the captured graphs stay few and the cached
     schedules are bounded."""
-    from nanoflow_fx.runtime.program_runner import _schedule_cached
+    from nanoflow_fx.runtime.program_runner import _planned
 
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
     gen = torch.Generator().manual_seed(0)
@@ -161,7 +161,7 @@ def test_nanobatched_steps_keep_no_state_per_step_size() -> None:
         ids = torch.randint(3, VOCAB, (1 + n % 3, 1 + n), generator=gen)
         model.generate(ids, max_new_tokens=2, do_sample=False)
     assert len(model.nanoflow.step_fn.graphs) <= 2  # Dynamo's specialisations, not one per size
-    info = _schedule_cached.cache_info()
+    info = _planned.cache_info()
     assert info.maxsize is not None and info.currsize <= info.maxsize
 
 

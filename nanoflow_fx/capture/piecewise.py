@@ -24,7 +24,7 @@ from torch.fx.passes.split_module import split_module
 
 from nanoflow_fx.passes.info import ATTENTION_OP
 
-__all__ = ["compile_pieces", "inductor_compile"]
+__all__ = ["PieceCompiler", "compile_pieces", "inductor_compile"]
 
 
 class _Compiled(torch.nn.Module):
@@ -84,7 +84,33 @@ def inductor_compile(piece: GraphModule, inputs: list[Any]) -> Callable[..., Any
                 context.output_strides = saved
         return lambda *args: code(list(args))
 
-    return inductor(piece, inputs) if graph_returns_tuple(piece) else make_graph_return_tuple(piece, inputs, inductor)
+    if graph_returns_tuple(piece):
+        return inductor(piece, inputs)
+    return make_graph_return_tuple(piece, inputs, inductor)  # type: ignore[no-any-return]
+
+
+class PieceCompiler:
+    """Inductor for attention-free pieces, one compile per distinct piece (`_piece_key`), inside the fake mode of
+    the captured graph's `example_inputs`."""
+
+    def __init__(self, example_inputs: Sequence[Any]) -> None:
+        from torch._guards import detect_fake_mode
+
+        self.fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.fake_tensor.FakeTensorMode()
+        self.by_key: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+    @property
+    def compiles(self) -> int:
+        return len(self.by_key)
+
+    def compile(self, piece: GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+        """`piece` (renamed by position in place) compiled for `inputs` (its placeholders' fake values)."""
+        _canonical_names(piece)
+        key = _piece_key(piece, inputs)
+        if key not in self.by_key:
+            with self.fake_mode:
+                self.by_key[key] = inductor_compile(piece, inputs)
+        return self.by_key[key]
 
 
 def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule:
@@ -92,8 +118,6 @@ def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModul
 
     Must run where AOT autograd calls its forward compiler: `example_inputs` are its fake (symbolic) inputs.
     """
-    from torch._guards import detect_fake_mode
-
     part, partition = 0, {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
@@ -106,26 +130,21 @@ def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModul
             partition[node] = part
     split = split_module(gm, None, lambda node: partition[node], keep_original_order=True)
 
+    compiler = PieceCompiler(example_inputs)
     compiled: dict[str, torch.nn.Module] = {}
-    by_key: dict[tuple[Any, ...], torch.nn.Module] = {}  # one compile per distinct piece
-
+    modules: dict[int, torch.nn.Module] = {}  # one module per compiled code, shared by identical pieces
     # Each piece's inputs are nodes of the captured graph, whose fake values AOT recorded (split_module names a
     # piece's placeholders after them): no need to run the split graph on fake tensors again.
     values = {node.name: node.meta.get("val") for node in gm.graph.nodes}
-    with detect_fake_mode(example_inputs) or torch._subclasses.fake_tensor.FakeTensorMode():
-        for node in split.graph.find_nodes(op="call_module"):
-            piece = getattr(split, node.target)
-            if any(_is_attention(n) for n in piece.graph.nodes):
-                continue
-            inputs = [values[p.name] for p in piece.graph.find_nodes(op="placeholder")]
-            _canonical_names(piece)
-            key = _piece_key(piece, inputs)
-            if key not in by_key:
-                by_key[key] = _Compiled(inductor_compile(piece, inputs))
-            compiled[node.target] = by_key[key]
+    for node in split.graph.find_nodes(op="call_module"):
+        piece = getattr(split, node.target)
+        if any(_is_attention(n) for n in piece.graph.nodes):
+            continue
+        fn = compiler.compile(piece, [values[p.name] for p in piece.graph.find_nodes(op="placeholder")])
+        compiled[node.target] = modules.setdefault(id(fn), _Compiled(fn))
     for target, module in compiled.items():
         setattr(split, target, module)
     gm.meta["nanoflow_inductor_pieces"] = len(compiled)  # explain() and tests read it on the captured graph
-    gm.meta["nanoflow_inductor_compiles"] = len(by_key)
+    gm.meta["nanoflow_inductor_compiles"] = compiler.compiles
     gm.meta["nanoflow_lowered"] = split  # what runs: attention submodules and compiled pieces
     return split

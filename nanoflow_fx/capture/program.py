@@ -1,6 +1,7 @@
 """`StepProgram`: the captured step lowered to pieces (dense code between attention calls) and attention calls.
 
-This is the one lowering of a captured step that both the unsplit and the nano-batched paths run. The ATen
+The lowering of configurations that may cut steps into nano-batches (`num_nanobatches` other than 1; with one
+nano-batch the step runs as `capture.piecewise` lowers it, the same pieces as one split GraphModule). The ATen
 graph is cut at every `nanoflow::paged_attention` call; each run of nodes between two calls becomes a dense
 piece (a GraphModule, Inductor-compiled when asked: it fuses norms, RoPE, activations and residual adds
 around the GEMMs), each call an attention piece. Every value that crosses pieces is named by its node in the
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import sympy
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from nanoflow_fx.capture.piecewise import PieceCompiler
 from nanoflow_fx.passes.annotate import annotate, token_symbol
 from nanoflow_fx.passes.info import ATTENTION_OP, info, symbol_of, token_dims
 
@@ -79,6 +82,13 @@ class StepProgram:
     def num_layers(self) -> int:
         return sum(p.kind == "attention" for p in self.pieces)
 
+    @cached_property
+    def schedule_key(self) -> tuple[tuple[str, str, bool, tuple[str, ...]], ...]:
+        """What a Schedule of this program depends on: each piece's name, kind, wholeness and producer pieces."""
+        producer = {out: p.name for p in self.pieces for out in p.outputs}
+        return tuple((p.name, p.kind, p.whole, tuple(dict.fromkeys(producer[i] for i in p.inputs if i in producer)))
+                     for p in self.pieces)
+
 
 def lower_program(gm: GraphModule, example_inputs: Sequence[Any], inductor: bool) -> StepProgram:
     """Cut `gm` (the captured ATen graph) into pieces; with `inductor`, compile each distinct dense piece.
@@ -114,7 +124,7 @@ def lower_program(gm: GraphModule, example_inputs: Sequence[Any], inductor: bool
         if expr is not None:
             symbolic[node.name] = expr
 
-    compiler = _PieceCompiler(example_inputs) if inductor else None
+    compiler = PieceCompiler(example_inputs) if inductor else None
     pieces: list[Piece] = []
     layer = 0
     for i, part in enumerate(parts):
@@ -170,27 +180,3 @@ def _piece_module(gm: GraphModule, part: list[Node], inputs: Sequence[Node], out
         env[node] = graph.node_copy(node, lambda a: env[a])
     graph.output(tuple(env[n] for n in outputs))
     return GraphModule(gm, graph, class_name="StepPiece")
-
-
-class _PieceCompiler:
-    """Inductor for dense pieces, one compile per distinct piece (see `capture.piecewise`)."""
-
-    def __init__(self, example_inputs: Sequence[Any]) -> None:
-        from torch._guards import detect_fake_mode
-
-        self.fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.fake_tensor.FakeTensorMode()
-        self.by_key: dict[tuple[Any, ...], Callable[..., Any]] = {}
-
-    @property
-    def compiles(self) -> int:
-        return len(self.by_key)
-
-    def compile(self, piece: GraphModule, inputs: list[Any]) -> Callable[..., Any]:
-        from nanoflow_fx.capture.piecewise import _canonical_names, _piece_key, inductor_compile
-
-        _canonical_names(piece)
-        key = _piece_key(piece, inputs)
-        if key not in self.by_key:
-            with self.fake_mode:
-                self.by_key[key] = inductor_compile(piece, inputs)
-        return self.by_key[key]

@@ -3,11 +3,11 @@
 Candidates are cuts of a step (`Candidate`: cut fractions of its tokens, optionally aligned to the end of its
 decode rows, and the units: one stream, plain streams, a green-context partition of k SMs for attention with or
 without the GEMMs' cuBLASLt carve-out, or a hard partition). The unsplit step is always a candidate. Every
-candidate is replayed for real on the device (`measure`), over the step shapes the engine runs, and `pick`
-keeps the fastest, falling back to the unsplit step unless a cut wins by more than `margin` (so the result is
-never slower than one nano-batch beyond noise). `TunedPolicy` then cuts each step like the tuned shape nearest
-to it (by share of decode tokens and token count); decode-only steps always run whole (each nano-batch would
-read every weight again; their CUDA graphs are unsplit).
+candidate is replayed for real on the device (`tune`, on a `cost.profile.StepHarness`) over the step shapes the
+engine runs, and `pick` keeps the fastest, falling back to the unsplit step unless a cut wins by more than
+`margin` (so the result is never slower than one nano-batch beyond noise). `TunedPolicy` then cuts each step
+like the tuned shape nearest to it (by share of decode tokens and token count); decode-only steps always run
+whole (each nano-batch would read every weight again; their CUDA graphs are unsplit).
 
 Pure given the measurements (`pick`, `TunedPolicy`), so it is tested on the CPU with synthetic timings.
 """
@@ -100,31 +100,24 @@ def pick(measured: Mapping[Candidate, float], margin: float = 0.01) -> Candidate
 
 class TunedPolicy:
     """A split policy (`StepRunner.split_policy`) from tuned shapes: each step is cut like the tuned shape nearest
-    to it; `make_units(mode, sms)` builds the execution units (green contexts are made once per share)."""
+    to it (`policy_for` its candidate; `make_units(mode, sms)` builds each candidate's execution units once)."""
 
     def __init__(self, chosen: Mapping[StepShape, Candidate],
                  make_units: Callable[[str, int], Units | None]) -> None:
         self.chosen = dict(chosen)
-        self._make_units = make_units
-        self._units: dict[tuple[str, int], Units | None] = {}
+        self._policies = {shape: policy_for(c, make_units) for shape, c in self.chosen.items()}
 
-    def nearest(self, tokens: int, decodes: int) -> Candidate:
-        if not self.chosen or decodes >= tokens - 1:  # decode-only (+ padding): whole
-            return UNSPLIT
+    def nearest(self, tokens: int, decodes: int) -> StepShape | None:
+        """The tuned shape a step is cut like; None for decode-only steps (and padding), which run whole."""
+        if not self.chosen or decodes >= tokens - 1:
+            return None
         share = decodes / tokens
-        shape = min(self.chosen, key=lambda s: (abs(s.decode_share - share) + abs(s.tokens - tokens) / max(tokens, 1),
-                                                s.tokens, s.decodes))
-        return self.chosen[shape]
+        return min(self.chosen, key=lambda s: (abs(s.decode_share - share) + abs(s.tokens - tokens) / max(tokens, 1),
+                                               s.tokens, s.decodes))
 
     def __call__(self, tokens: int, decodes: int) -> Cut | None:
-        candidate = self.nearest(tokens, decodes)
-        boundaries = candidate.boundaries(tokens, decodes)
-        if boundaries is None:
-            return None
-        key = (candidate.units, candidate.memory_sms)
-        if key not in self._units:
-            self._units[key] = self._make_units(*key)
-        return Cut(boundaries, self._units[key])
+        shape = self.nearest(tokens, decodes)
+        return None if shape is None else self._policies[shape](tokens, decodes)
 
 
 def policy_for(candidate: Candidate,

@@ -40,8 +40,13 @@ class Planner(Protocol):
     """Host-side work a backend needs before each step (or each replay of a captured step)."""
 
     def plan(self, host: Any, kv_indices: torch.Tensor) -> None:
-        """`host`: the step's `AttentionMetadata` in (pinned) host memory; `kv_indices`: its page list on the
-        device. Must not wait for the GPU."""
+        """Plan a whole step for the captured op: `host`, the step's `AttentionMetadata` in (pinned) host memory;
+        `kv_indices`, its page list on the device. Must not wait for the GPU."""
+
+    def plan_tables(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
+                    kv_indices: torch.Tensor) -> Any:
+        """Plan one nano-batch's request table (host tensors; the page list on the device) and return the plan
+        `AttentionBackend.run_planned` takes for it."""
 
 
 class AttentionBackend:

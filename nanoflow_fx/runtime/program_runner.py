@@ -36,7 +36,7 @@ from nanoflow_fx.capture.program import StepProgram
 from nanoflow_fx.ops.backend import AttentionConfig, get
 from nanoflow_fx.ops.kv_write import write_kv
 from nanoflow_fx.passes.info import ATTENTION_OP
-from nanoflow_fx.runtime.streams import stream_actions
+from nanoflow_fx.runtime.streams import StreamAction, stream_actions
 from nanoflow_fx.schedule import NanoOp, OpGroup, Schedule, Split, validate
 
 __all__ = ["Cut", "NanobatchStep", "ProgramRunner", "StepChannel", "Units", "make_units", "program_schedule",
@@ -134,20 +134,19 @@ def sm_carveout(sms: int):  # type: ignore[no-untyped-def]
         torch.backends.cuda.preferred_blas_library(previous)
 
 
-@lru_cache(maxsize=256)
-def _schedule_cached(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], boundaries: tuple[int, ...],
-                     one_unit: bool) -> Schedule:
-    return _build_schedule(kinds, boundaries, one_unit)
-
-
 def program_schedule(program: StepProgram, boundaries: Sequence[int], one_unit: bool = False) -> Schedule:
     """The Schedule of `program` cut at `boundaries`: groups are pieces (dense pieces on "compute", attention on
     "memory", or all on "compute" with `one_unit`), each nano-batch trailing the previous one so that its
     attention runs under the next nano-batch's dense piece."""
-    producer = {out: p.name for p in program.pieces for out in p.outputs}
-    kinds = tuple((p.name, p.kind, p.whole, tuple(dict.fromkeys(producer[i] for i in p.inputs if i in producer)))
-                  for p in program.pieces)
-    return _schedule_cached(kinds, tuple(boundaries), one_unit)
+    return _planned(program.schedule_key, tuple(boundaries), one_unit)[0]
+
+
+@lru_cache(maxsize=256)
+def _planned(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], boundaries: tuple[int, ...],
+             one_unit: bool) -> tuple[Schedule, tuple[StreamAction, ...]]:
+    """A cut's Schedule and its stream plan, built and validated once per (program shape, cut, units)."""
+    schedule = _build_schedule(kinds, boundaries, one_unit)
+    return schedule, tuple(stream_actions(schedule))
 
 
 def _build_schedule(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], boundaries: tuple[int, ...],
@@ -210,7 +209,7 @@ class ProgramRunner:
         state = _Values(program, dict(zip(program.placeholders, args)), record.boundaries)
         units = record.units
         use_units = units is not None and self._on_cuda(args)
-        schedule = program_schedule(program, record.boundaries, one_unit=not use_units)
+        schedule, actions = _planned(program.schedule_key, record.boundaries, not use_units)
         self.last_schedule = schedule
         if not use_units:
             for op in schedule.ops:
@@ -224,7 +223,7 @@ class ProgramRunner:
             stream.wait_event(fork)
         events: dict[tuple[str, int], torch.cuda.Event] = {}
         with sm_carveout(units.carveout):  # type: ignore[union-attr]
-            for action in stream_actions(schedule):
+            for action in actions:
                 stream = streams[action.unit]
                 for wait in action.waits:
                     stream.wait_event(events[wait])
@@ -235,9 +234,7 @@ class ProgramRunner:
                     events[action.key].record(stream)
         for stream in streams.values():
             main.wait_stream(stream)
-        out = _map_names(program.output, state.joined)
-        state.keep_until_join = None
-        return out
+        return _map_names(program.output, state.joined)  # (`state` kept every value alive until the join)
 
     @staticmethod
     def _on_cuda(args: Sequence[Any]) -> bool:
@@ -280,7 +277,6 @@ class _Values:
     def __init__(self, program: StepProgram, inputs: dict[str, Any], boundaries: Sequence[int]) -> None:
         self.program, self.whole, self.bounds = program, inputs, tuple(boundaries)
         self.parts: list[dict[str, Any]] = [{} for _ in range(len(boundaries) - 1)]
-        self.keep_until_join: Any = self.parts  # every value stays referenced until the streams join
         self.symbols = {program.symbolic[name]: value for name, value in inputs.items()
                         if name in program.symbolic and program.symbolic[name].is_Symbol}
 

@@ -23,6 +23,7 @@ from nanoflow_fx.runtime.kv_cache import PagedKVCache
 from nanoflow_fx.runtime.program_runner import Cut, NanobatchStep, StepChannel
 from nanoflow_fx.runtime.requests import Request
 from nanoflow_fx.runtime.sampling import SamplingParams
+from nanoflow_fx.schedule import Split
 
 __all__ = ["StepRunner"]
 
@@ -160,20 +161,19 @@ class StepRunner:
         cut = self.split_policy(num_tokens, num_decode)
         if cut is None or len(cut.boundaries) <= 2:
             return None
-        boundaries = cut.boundaries
-        if boundaries[0] != 0 or boundaries[-1] != num_tokens or list(boundaries) != sorted(set(boundaries)):
+        boundaries = Split(cut.boundaries).boundaries  # (checks: from 0, strictly rising)
+        if boundaries[-1] != num_tokens:
             raise ValueError(f"the split policy cut a step of {num_tokens} tokens (padding included) at {boundaries}: "
-                             f"boundaries must rise strictly from 0 to {num_tokens}")
+                             f"the last boundary must be {num_tokens}")
         on_cuda = self.device.type == "cuda"
-        parts = split_attention_metadata(*host, self.kv_cache.page_size, tuple(boundaries), pin=on_cuda)
+        parts = split_attention_metadata(*host, self.kv_cache.page_size, boundaries, pin=on_cuda)
         metadata = tuple(tuple(t.to(self.device, non_blocking=True) for t in part) for part in parts)
         while len(self._nanobatch_planners) < len(parts):
             self._nanobatch_planners.append(self.backend.make_planner(
                 self.attention_configs, self.kv_cache.page_size, self.kv_cache.dtype, self.device))
-        plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2])  # type: ignore[attr-defined]
-                      if planner is not None else None
+        plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2]) if planner is not None else None
                       for planner, part, meta in zip(self._nanobatch_planners, parts, metadata))
-        return NanobatchStep(tuple(boundaries), metadata, plans, cut.units)
+        return NanobatchStep(boundaries, metadata, plans, cut.units)
 
     def run_prompts(self, prompts: Sequence[Sequence[int]], all_logits: bool = False) -> torch.Tensor:
         """One step over fresh requests, each prefilling a whole prompt (the probe and the memory profile of
