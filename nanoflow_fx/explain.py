@@ -48,7 +48,8 @@ class Explanation:
 
 
 def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: RooflineCost | None = None) -> Explanation:
-    """Explain an optimized model's step at `num_tokens` tokens (default: its last step's, else 256)."""
+    """Explain an optimized model's step at `num_tokens` tokens (default: the last step it cut into nano-batches,
+    else 256)."""
     runtime = getattr(model, "nanoflow", None)
     if runtime is None or not runtime.step_fn.graphs:
         raise ValueError("explain() needs a model returned by nanoflow_fx.optimize() (with check_capture on, or "
@@ -64,7 +65,7 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
     counts = Counter(info(n).op_class for n in gm.graph.nodes if n.op == "call_function")
     groups = tuple(dict.fromkeys(g.name for g in step.schedule.groups))
     timeline = format_timeline(simulate(step.schedule, roofline_cost(step, runner, cost or RooflineCost())))
-    searched = tuple(_searched(t) for t in getattr(runtime, "tunings", []))
+    searched = tuple(_searched(t) for t in runtime.tunings)
     return Explanation(type(model).__name__, dict(counts), groups, tuple(runner.splittable), step.plan,
                        format_schedule(step.schedule), timeline, step.records, searched)
 
