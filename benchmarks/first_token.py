@@ -39,7 +39,9 @@ def one_run(config: str) -> dict:
     done = time.perf_counter()
     return dict(import_s=imported - start, build_model_s=built - imported, optimize_s=optimized - built,
                 first_generate_s=done - optimized, optimize_to_first_token_s=done - built,
-                timings=model.nanoflow.timings, config=model.nanoflow.config.to_dict())
+                timings=model.nanoflow.timings, config=model.nanoflow.config.to_dict(),
+                step_loaded=model.nanoflow.step_fn.loaded is not None,
+                attention_backend=model.nanoflow.attention_backend.name)
 
 
 def main() -> None:

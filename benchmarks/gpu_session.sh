@@ -7,9 +7,11 @@ set -uo pipefail
 OUT=${OUT:-/tmp/nanoflow_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH=$PWD
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PWD:/tmp/site
+if ls .whl/*.whl >/dev/null 2>&1; then  # installed once per machine (a reinstall dates FlashInfer's sources anew:
+  # its JIT modules would all be rebuilt)
+  [ -d /tmp/site/flashinfer ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site .whl/*.whl
+  [ -d /tmp/site ] && export PYTHONPATH=$PWD:/tmp/site
 fi
 if ls .ficache/ficache.tgz.part* >/dev/null 2>&1; then
   mkdir -p ~/.cache && cat .ficache/ficache.tgz.part* | tar xzf - -C ~/.cache

@@ -88,10 +88,18 @@ class NanoFlowConfig:
     """Compare the captured step with the eager model on a probe input in `optimize()`."""
 
     cache_dir: str | None = None
-    """Where compiled work persists across processes: Inductor's compiled pieces go to `<cache_dir>/inductor`
-    (unless TORCHINDUCTOR_CACHE_DIR is set, or Inductor already ran in this process). None:
-    `$XDG_CACHE_HOME/nanoflow_fx`, else `~/.cache/nanoflow_fx`. FlashInfer keeps its built kernels in its own cache
-    (`~/.cache/flashinfer`), shared with its other users."""
+    """Where compiled work persists across processes: the captured and lowered step goes to `<cache_dir>/steps`
+    (see `save_step`), Inductor's compiled pieces to `<cache_dir>/inductor` (unless TORCHINDUCTOR_CACHE_DIR is set,
+    or Inductor already ran in this process). None: `$XDG_CACHE_HOME/nanoflow_fx`, else `~/.cache/nanoflow_fx`.
+    FlashInfer keeps its built kernels in its own cache (`~/.cache/flashinfer`), shared with its other users. Like
+    Inductor's cache, the directory holds code that is run when loaded: keep it private."""
+
+    save_step: bool = True
+    """Save the captured and lowered step in `cache_dir` and, in a later process, load it instead of tracing the
+    model again (Dynamo and AOTAutograd: ~20 s for an 8B model). The file is keyed by the model class, its config
+    and parameter layout, this config, nanoflow_fx's source and the torch/transformers/triton versions; a loaded step
+    is still checked against the eager model (`check_capture`). Nano-batched configurations are always traced. The
+    environment variable NANOFLOW_FX_SAVE_STEP=0 turns it off for a whole process (the test suite does)."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "page_size"):
@@ -114,7 +122,7 @@ class NanoFlowConfig:
             )
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ValueError(f"NanoFlowConfig.cache_dir must be a path string or None, got {self.cache_dir!r}")
-        for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears"):
+        for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears", "save_step"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "inductor" and value == "auto"):
                 raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {value!r}")

@@ -51,6 +51,8 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
     """Explain an optimized model's step at `num_tokens` tokens (default: the last step it cut into nano-batches,
     else 256)."""
     runtime = getattr(model, "nanoflow", None)
+    if runtime is not None and not runtime.step_fn.graphs and runtime.step_fn.loaded is not None:
+        _trace(runtime)
     if runtime is None or not runtime.step_fn.graphs:
         raise ValueError("explain() needs a model returned by nanoflow_fx.optimize() (with check_capture on, or "
                          "after one generate() call, so that a step has been captured)")
@@ -68,6 +70,16 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
     searched = tuple(_searched(t) for t in runtime.tunings)
     return Explanation(type(model).__name__, dict(counts), groups, tuple(runner.splittable), step.plan,
                        format_schedule(step.schedule), timeline, step.records, searched)
+
+
+def _trace(runtime: Any) -> None:
+    """A step loaded from the cache (`capture.store`) has no traced graph: trace one (a two-prompt step)."""
+    step_fn, loaded = runtime.step_fn, runtime.step_fn.loaded
+    step_fn.loaded = None
+    try:
+        runtime.runner.run_prompts([[1, 2, 3, 4, 5], [1, 2, 3]])
+    finally:
+        step_fn.loaded = loaded
 
 
 def _searched(tuning: Any) -> str:

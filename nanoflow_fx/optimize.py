@@ -16,9 +16,10 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from nanoflow_fx.capture import hf_attention
-from nanoflow_fx.capture.backend import GraphSink, make_backend
+from nanoflow_fx.capture.backend import GraphSink, LoweredSink, make_backend
 from nanoflow_fx.capture.fuse_linears import FusedLayout, relayout_parallel_linears
 from nanoflow_fx.capture.step import StepFunction
+from nanoflow_fx.capture.store import StepStore, step_key
 from nanoflow_fx.capture.support import check_supported, discover_layers
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.cost.device import measure_ceilings, token_budget
@@ -70,7 +71,10 @@ class NanoFlowRuntime:
         self.channel = StepChannel() if self.config.num_nanobatches != 1 else None
         self.split_policy = even_split(self.config, self.device) if self.config.nanobatched else None
         self.tunings: list[Any] = []  # num_nanobatches="auto": what the schedule search measured (cost.search)
-        self.step_fn = StepFunction(model, lambda on_graph: backend(self.config, on_graph, self.channel))
+        self.step_fn = StepFunction(
+            model, lambda on_graph, on_lowered, skip_run: backend(self.config, on_graph, self.channel, on_lowered,
+                                                                  skip_run),
+            _step_store(model, self.config, self.attention_backend.name))
         self.capture_seconds = 0.0  # all of optimize()'s capture work; `timings` breaks it down
         self.timings: dict[str, float] = {}
         self.kv_cache: PagedKVCache
@@ -96,6 +100,7 @@ class NanoFlowRuntime:
 
 def backend(
     config: NanoFlowConfig | None = None, on_graph: GraphSink | None = None, channel: StepChannel | None = None,
+    on_lowered: LoweredSink | None = None, skip_run: Callable[[], bool] | None = None,
 ) -> Callable[..., Any]:
     """The nanoflow `torch.compile` backend: `torch.compile(fn, backend=nanoflow_fx.backend(config))`.
 
@@ -103,14 +108,15 @@ def backend(
     attention calls are compiled by Inductor. With `num_nanobatches` other than 1 the graph is lowered to a
     program of pieces (`capture.program`) run by a `ProgramRunner`: whole, or cut into nano-batches when the
     step runner hands it a step's record through `channel`, on the execution units `sm_partition` asks for.
-    `on_graph` receives each captured (unsplit) ATen GraphModule.
+    `on_graph` receives each captured (unsplit) ATen GraphModule, `on_lowered` what runs; `skip_run` makes calls
+    trace-only (`make_backend`).
     """
     config = config or NanoFlowConfig()
     program = None
     if config.num_nanobatches != 1:
         program = lambda step_program: ProgramRunner(step_program, channel)  # noqa: E731
     return make_backend(None, on_graph, inductor=config.inductor is True, fuse_linears=config.fuse_linears,
-                        program=program)
+                        program=program, on_lowered=on_lowered, skip_run=skip_run)
 
 
 def even_split(config: NanoFlowConfig, device: torch.device) -> Callable[[int, int], Cut]:
@@ -168,11 +174,30 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     runtime.use_cache(PagedKVCache(runtime.layers, pages, cfg.page_size, runtime.dtype, runtime.device))
     start = time.perf_counter()
     search = cfg.num_nanobatches == "auto" and runtime.device.type == "cuda"
-    with tqdm(total=3 + search, desc="nanoflow_fx.optimize", unit="phase", delay=3.0, leave=False,
+    with tqdm(total=4 + search, desc="nanoflow_fx.optimize", unit="phase", delay=3.0, leave=False,
               disable=None) as bar:
-        bar.set_postfix_str("capture and check the step")
+        # The attention backend readies its kernels (FlashInfer: a JIT build on a fresh machine) while the step is
+        # traced (or loaded) for the probe's inputs without running it; the probe then runs what both made.
+        bar.set_postfix_str("capture the step")
+        wait = runtime.attention_backend.prepare(runtime.attention_configs, cfg.page_size, runtime.dtype,
+                                                 runtime.device)
+        runtime.runner.run_prompts(_probe_prompts(model, runtime), all_logits=True, trace_only=True)
+        traced = time.perf_counter()
+        if wait is not None:
+            wait()
+        prepared = time.perf_counter()
+        bar.update()
+        bar.set_postfix_str("check the step")
         if cfg.check_capture:
-            _check_against_eager(model, runtime)
+            try:
+                _check_against_eager(model, runtime)
+            except CaptureMismatchError as e:
+                if runtime.step_fn.loaded is None:
+                    raise
+                log.warning("nanoflow_fx: the step loaded from %s failed the check (%s); tracing it again",
+                            runtime.step_fn.store.path if runtime.step_fn.store else "?", e)
+                runtime.step_fn.discard_loaded()
+                _check_against_eager(model, runtime)
         probed = time.perf_counter()
         bar.update()
         bar.set_postfix_str("size the KV cache")
@@ -191,11 +216,13 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
             _search_schedules(model, runtime)
             bar.update()
     runtime.capture_seconds = time.perf_counter() - start
-    # compile_s: Dynamo + AOT (+ Inductor) of the step, inside its first run (the probe, else graph capture)
+    # compile_s: Dynamo + AOT (+ Inductor) of the step, or loading it (`capture.store`); attention_wait_s: waiting,
+    # after that, for the attention backend's kernels (FlashInfer's build)
     compile_s = runtime.step_fn.compile_seconds
     graphs = runtime.runner.cuda_graphs
-    probe_s = probed - start - (compile_s if cfg.check_capture else 0.0)
-    runtime.timings = dict(setup_s=start - begin, compile_s=compile_s, probe_s=probe_s, kv_sizing_s=sized - probed,
+    probe_s = probed - start - compile_s - (prepared - traced)
+    runtime.timings = dict(setup_s=start - begin, compile_s=compile_s, attention_wait_s=prepared - traced,
+                           probe_s=probe_s, kv_sizing_s=sized - probed,
                            cuda_graphs_s=graphs.capture_seconds if graphs else 0.0,
                            schedule_search_s=time.perf_counter() - searched if search else 0.0,
                            **{f"compile_{k}": v for k, v in runtime.step_fn.compile_breakdown.items()})
@@ -235,11 +262,25 @@ def _search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
                  t.chosen.label(), dict(t.measured)[t.chosen], unsplit, t.seconds)
 
 
+def _cache_root(config: NanoFlowConfig) -> str:
+    return config.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                            "nanoflow_fx")
+
+
 def _use_cache_dir(config: NanoFlowConfig) -> None:
     """Point Inductor's on-disk cache into `config.cache_dir` (see `NanoFlowConfig.cache_dir`)."""
-    root = config.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                            "nanoflow_fx")
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_cache_root(config), "inductor"))
+
+
+def _step_store(model: PreTrainedModel, config: NanoFlowConfig, backend_name: str) -> StepStore | None:
+    """Where this model's captured step is saved (`NanoFlowConfig.save_step`), or None."""
+    if (not config.save_step or os.environ.get("NANOFLOW_FX_SAVE_STEP") == "0" or config.num_nanobatches != 1
+            or model.device.type == "meta"):
+        return None
+    # The config fields the captured graph depends on (the cache's page shape, what lowers it); the step's sizes
+    # (tokens, requests, pages) are symbolic, so the budgets (max_num_tokens: measured, "auto") do not count.
+    fields = {k: getattr(config, k) for k in ("page_size", "inductor", "fuse_linears", "num_nanobatches")}
+    return StepStore(os.path.join(_cache_root(config), "steps"), step_key(model, fields, backend_name))
 
 
 def _as_config(config: NanoFlowConfig | dict[str, Any] | None) -> NanoFlowConfig:
@@ -412,13 +453,17 @@ def _init_continuous_batching(self: PreTrainedModel, generation_config: Generati
     return ContinuousBatchingManager(self, _runtime(self).engine, generation_config)
 
 
-@torch.no_grad()
-def _check_against_eager(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
-    """Run the captured step on a probe (two packed prompts) and compare every logit with the eager model."""
+def _probe_prompts(model: PreTrainedModel, runtime: NanoFlowRuntime) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     vocab = model.get_output_embeddings().weight.shape[0]
     lengths = _PROBE_LENGTHS[: runtime.config.max_batch_size]  # one prompt only if the batch holds one
-    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def _check_against_eager(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
+    """Run the captured step on a probe (two packed prompts) and compare every logit with the eager model."""
+    prompts = _probe_prompts(model, runtime)
     got = runtime.runner.run_prompts(prompts, all_logits=True).float()
     want = torch.cat([model(torch.tensor([p], device=model.device), use_cache=False).logits[0] for p in prompts])
     want = want.float()

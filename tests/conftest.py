@@ -8,6 +8,9 @@ import os
 # (torch may, at import), since triton's own library functions are decorated then.
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every test traces its model: a step saved by an earlier test (or run) would be loaded instead, and tests that
+# read the captured graph would see none. tests/test_store.py turns saving on where it tests it.
+os.environ["NANOFLOW_FX_SAVE_STEP"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -18,11 +18,17 @@ log = logging.getLogger(__name__)
 
 GraphSink = Callable[[torch.fx.GraphModule], None]
 Lower = Callable[[torch.fx.GraphModule], Callable[..., Any]]
+LoweredSink = Callable[[list[str | None], Sequence[Any], Any, torch.fx.GraphModule], None]
+"""(Dynamo's source of each input, Dynamo's example inputs, what runs, the ATen graph): see `make_backend`."""
+
+
+_NOT_RUN = torch.empty(0)  # what a trace-only call returns
 
 
 def make_backend(
     lower: Lower | None = None, on_graph: GraphSink | None = None, inductor: bool = False,
     fuse_linears: bool = False, program: Callable[[Any], Callable[..., Any]] | None = None,
+    on_lowered: LoweredSink | None = None, skip_run: Callable[[], bool] | None = None,
 ) -> Callable[..., Any]:
     """Return a `torch.compile` backend that lowers each captured graph to ATen and runs it.
 
@@ -37,6 +43,9 @@ def make_backend(
     `meta["nanoflow_fused_linears"]` says how many groups were merged. With `program`, the graph is lowered to
     a `capture.program.StepProgram` (pieces between attention calls, Inductor-compiled with `inductor`) and
     `program(step_program)` is what runs (e.g. a nano-batching `runtime.program_runner.ProgramRunner`).
+    `on_lowered` receives, once lowered, how each input is read off the call (Dynamo's source expressions, as
+    `capture.store` persists them), Dynamo's example inputs, what runs, and the ATen graph. While `skip_run()`
+    is true, calls of the compiled step return without running it (a trace-only call: see `StepFunction.trace`).
     """
     if inductor and lower is not None:
         raise ValueError("inductor=True compiles the whole step itself; it takes no `lower`")
@@ -45,6 +54,9 @@ def make_backend(
         # When each stage ended (perf_counter): Dynamo's trace (on entry here), our FX passes, AOT's trace to ATen,
         # lowering (Inductor pieces); the captured graph's meta["nanoflow_compile_times"] keeps them.
         times = {"dynamo": time.perf_counter()}
+        from nanoflow_fx.capture.store import source_name
+
+        sources = [source_name(n) for n in gm.graph.find_nodes(op="placeholder")]
         fused = fuse_parallel_linears(gm, example_inputs) if fuse_linears else 0
         times["fx_passes"] = time.perf_counter()
 
@@ -72,7 +84,12 @@ def make_backend(
             else:
                 lowered = lower(aten_gm) if lower is not None else aten_gm
             times["lower"] = time.perf_counter()
-            return lowered
+            if on_lowered is not None:
+                on_lowered(sources, example_inputs, lowered, aten_gm)
+            if skip_run is None:
+                return lowered
+            run = lowered
+            return lambda *args: (_NOT_RUN,) if skip_run() else run(*args)
 
         decompositions = None
         if inductor:

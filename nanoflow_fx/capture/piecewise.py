@@ -16,6 +16,7 @@ counts them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch.fx.passes.split_module import split_module
 
 from nanoflow_fx.passes.info import ATTENTION_OP
 
-__all__ = ["PieceCompiler", "compile_pieces", "inductor_compile"]
+__all__ = ["CompiledPiece", "PieceCompiler", "SavedPiece", "compile_pieces", "inductor_compile"]
 
 
 class _Compiled(torch.nn.Module):
@@ -34,6 +35,64 @@ class _Compiled(torch.nn.Module):
 
     def forward(self, *args: Any) -> Any:
         return self.fn(*args)
+
+
+class CompiledPiece:
+    """A piece's Inductor output, called with the piece's arguments. `saved()` gives what reloads it in another
+    process without tracing or compiling again (`SavedPiece`): Inductor's generated module (its source, which
+    builds its kernels from Triton's or the C++ compiler's on-disk cache), its constants, and which inputs it
+    assumed aligned."""
+
+    def __init__(self, compiled: Any, single: bool) -> None:
+        self.compiled, self.single = compiled, single  # single: the piece returns one value, not a tuple
+
+    def __call__(self, *args: Any) -> Any:
+        out = self.compiled(list(args))
+        return out[0] if self.single else out
+
+    def saved(self) -> SavedPiece | None:
+        """None when this Inductor's output cannot be reloaded from its source (torchbind or opaque constants)."""
+        source = getattr(self.compiled, "source_code", None)
+        constants = getattr(self.compiled, "constants", None) or {}
+        if not isinstance(source, str) or getattr(self.compiled, "torchbind_constants", None) or not all(
+                isinstance(v, torch.Tensor) for v in constants.values()):
+            return None
+        return SavedPiece(source, dict(constants), tuple(getattr(self.compiled, "inputs_to_check", ())), self.single)
+
+
+@dataclass(frozen=True)
+class SavedPiece:
+    """A compiled piece as `capture.store` persists it (see `CompiledPiece.saved`)."""
+
+    source: str  # Inductor's generated Python module; its `call(args)` runs the piece
+    constants: dict[str, torch.Tensor]
+    inputs_to_check: tuple[int, ...]  # inputs the generated code assumes aligned (copied first if they are not)
+    single: bool
+
+    def load(self) -> Callable[..., Any]:
+        from torch._inductor import config
+        from torch._inductor.codecache import PyCodeCache
+
+        # Its kernels come from Triton's cache: in this process, without starting Inductor's compile workers.
+        with config.patch(compile_threads=1):
+            module = PyCodeCache.load(self.source)
+        for name, value in self.constants.items():
+            setattr(module, name, value)
+        call, check, single = module.call, self.inputs_to_check, self.single
+
+        def run(*args: Any) -> Any:
+            inputs = list(args)
+            for i in check:
+                x = inputs[i]
+                if isinstance(x, torch.Tensor) and x.data_ptr() % _ALIGNMENT:
+                    inputs[i] = x.clone(memory_format=torch.preserve_format)
+            out = call(inputs)
+            return out[0] if single else out
+
+        return run
+
+
+_ALIGNMENT = 16  # bytes; Inductor's alignment assumption for tensor inputs
 
 
 def _is_attention(node: torch.fx.Node) -> bool:
@@ -64,29 +123,28 @@ def _piece_key(piece: GraphModule, inputs: Sequence[Any]) -> tuple[Any, ...]:
     return (piece.code, tuple(meta(v) for v in inputs))
 
 
-def inductor_compile(piece: GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+def inductor_compile(piece: GraphModule, inputs: list[Any]) -> CompiledPiece:
     """`piece` compiled by Inductor for `inputs` (fake values, inside their fake mode) -> a callable taking the
-    piece's arguments (Inductor's code takes them boxed, as a list)."""
+    piece's arguments."""
     from torch._guards import TracingContext
-    from torch._inductor.compile_fx import compile_fx_inner, graph_returns_tuple, make_graph_return_tuple
+    from torch._inductor.compile_fx import compile_fx_inner, graph_returns_tuple
 
-    def inductor(graph: GraphModule, example: list[Any]) -> Callable[..., Any]:
-        # Each compile records its outputs' strides in the tracing context, which expects one compile per
-        # context: give each piece a clean slate and restore the outer graph's record afterwards.
-        context = TracingContext.try_get()
-        saved = context.output_strides if context is not None else None
+    single = not graph_returns_tuple(piece)
+    if single:  # Inductor compiles graphs that return a tuple: return the one value as one
+        output = piece.graph.output_node()
+        output.args = ((output.args[0],),)
+        piece.recompile()
+    # Each compile records its outputs' strides in the tracing context, which expects one compile per context:
+    # give each piece a clean slate and restore the outer graph's record afterwards.
+    context = TracingContext.try_get()
+    saved = context.output_strides if context is not None else None
+    if context is not None:
+        context.output_strides = []
+    try:
+        return CompiledPiece(compile_fx_inner(piece, inputs), single)
+    finally:
         if context is not None:
-            context.output_strides = []
-        try:
-            code = compile_fx_inner(graph, example)
-        finally:
-            if context is not None:
-                context.output_strides = saved
-        return lambda *args: code(list(args))
-
-    if graph_returns_tuple(piece):
-        return inductor(piece, inputs)
-    return make_graph_return_tuple(piece, inputs, inductor)  # type: ignore[no-any-return]
+            context.output_strides = saved
 
 
 class PieceCompiler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import types
 from collections.abc import Callable
@@ -10,11 +11,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from nanoflow_fx.capture.backend import GraphSink
+from nanoflow_fx.capture.backend import GraphSink, LoweredSink
 from nanoflow_fx.capture.hf_attention import METADATA_KWARG
+from nanoflow_fx.capture.store import LoadedStep, StepStore, saved_step
 from nanoflow_fx.ops import AttentionMetadata
 
 __all__ = ["StepFunction"]
+
+log = logging.getLogger(__name__)
 
 
 class StepFunction:
@@ -24,21 +28,32 @@ class StepFunction:
 
     Returns the logits of the rows `logits_indices` selects: [len(logits_indices), vocab].
     Every ATen graph captured (one per distinct shape specialisation Dynamo makes) lands in `graphs`.
+
+    With a `store` (`capture.store`), the first call loads the step saved there by an earlier process, if any,
+    and runs it without Dynamo (`loaded`); otherwise the first capture is saved there once lowered.
     """
 
-    def __init__(self, model: PreTrainedModel, make_backend: Callable[[GraphSink], Any]) -> None:
-        """`make_backend(on_graph)` returns the torch.compile backend to capture with."""
+    def __init__(self, model: PreTrainedModel,
+                 make_backend: Callable[[GraphSink, LoweredSink, Callable[[], bool]], Any],
+                 store: StepStore | None = None) -> None:
+        """`make_backend(on_graph, on_lowered, skip_run)` returns the torch.compile backend to capture with."""
         self.model = model
         self.graphs: list[torch.fx.GraphModule] = []
         self.compile_seconds = 0.0  # wall time of the calls that captured (and compiled) a new graph
         self.compile_breakdown: dict[str, float] = {}  # of which Dynamo, our FX passes, AOT, lowering (seconds)
+        self.store = store
+        self.loaded: LoadedStep | None = None  # the saved step this process runs (see `store`)
+        self._load_tried = store is None
+        self._call: dict[str, Any] | None = None  # the call being captured (to check what is saved)
+        self._trace_only = False
         # A private copy of the code object gives this model its own Dynamo cache and recompile limit;
         # otherwise every optimized model in the process would share (and evict) one cache.
         fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_step")
         # dynamic=False: only the sizes marked dynamic in `__call__` are symbolic. Without it Dynamo's automatic
         # dynamism (and its profile persisted across processes) turns values it saw change in other models'
         # compiles, such as a norm's eps, into graph inputs: the graph would depend on what ran before.
-        self._compiled = torch.compile(fn, backend=make_backend(self.graphs.append), fullgraph=True, dynamic=False,
+        compile_backend = make_backend(self.graphs.append, self._save, lambda: self._trace_only)
+        self._compiled = torch.compile(fn, backend=compile_backend, fullgraph=True, dynamic=False,
                                        options={"guard_filter_fn": _drop_registry_guards})
 
     @torch.no_grad()
@@ -49,6 +64,10 @@ class StepFunction:
         logits_indices: torch.Tensor,  # [N] int64
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [N, vocab]
+        if not self._load_tried:
+            self._load()
+        if self.loaded is not None and self.loaded.accepts(metadata):
+            return self.loaded(self.model, input_ids, position_ids, logits_indices, metadata)
         # The step's sizes (tokens, requests, pages used, logits rows) are symbolic; the builder keeps each >= 2
         # so Dynamo never specialises them on 0/1. The KV caches and weights keep static shapes.
         for tensor in (input_ids, position_ids, logits_indices, *metadata.tensors()):
@@ -58,8 +77,13 @@ class StepFunction:
         # Without duck sizing, sizes that happen to be equal in one step (say 8 tokens and 8 pages) are not
         # unified into one symbol, which would force a recompile the first step they differ.
         seen, start = len(self.graphs), time.perf_counter()
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            out = self._compiled(self.model, input_ids, position_ids, logits_indices, metadata)
+        self._call = dict(model=self.model, input_ids=input_ids, position_ids=position_ids,
+                          logits_indices=logits_indices, metadata=metadata)
+        try:
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                out = self._compiled(self.model, input_ids, position_ids, logits_indices, metadata)
+        finally:
+            self._call = None
         if len(self.graphs) != seen:
             end = time.perf_counter()
             self.compile_seconds += end - start
@@ -71,6 +95,77 @@ class StepFunction:
                         marks[stage] - previous)
                     previous = marks[stage]
         return out  # type: ignore[no-any-return]
+
+    def trace(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_indices: torch.Tensor,
+              metadata: AttentionMetadata) -> None:
+        """Capture and lower the step for these inputs (or load it) without running it: nothing is read from or
+        written to the KV cache, and the attention backend needs no plan. `optimize()` traces while FlashInfer
+        builds its kernels."""
+        if not self._load_tried:
+            self._load()
+        if self.graphs or (self.loaded is not None and self.loaded.accepts(metadata)):
+            return
+        self._trace_only = True
+        try:
+            self(input_ids, position_ids, logits_indices, metadata)
+        finally:
+            self._trace_only = False
+
+    def discard_loaded(self) -> None:
+        """Forget the loaded step and delete its file: the next call traces (and saves) the step afresh."""
+        self.loaded = None
+        if self.store is not None:
+            self.store.discard()
+
+    def _load(self) -> None:
+        self._load_tried = True
+        start = time.perf_counter()
+        self.loaded = self.store.load() if self.store is not None else None
+        if self.loaded is not None:
+            seconds = time.perf_counter() - start
+            self.compile_seconds += seconds
+            self.compile_breakdown["load_s"] = seconds
+
+    def _save(self, sources: list[str | None], example_inputs: Any, lowered: Any,
+              aten_gm: torch.fx.GraphModule) -> None:
+        """The backend's `on_lowered`: save the first step this function captures, if its inputs are read off the
+        call by Dynamo's expressions exactly as Dynamo passed them (`capture.store`)."""
+        call, store = self._call, self.store
+        if store is None or call is None or self.graphs[:1] != [aten_gm]:
+            return
+        meta = {k: aten_gm.meta[k] for k in ("nanoflow_fused_linears", "nanoflow_inductor_compiles")
+                if k in aten_gm.meta}
+        step = saved_step(sources, lowered, call["metadata"], meta)
+        if step is None:
+            log.info("nanoflow_fx: this step cannot be saved (%s); it is traced in every process",
+                     "a nano-batched program" if not isinstance(lowered, torch.fx.GraphModule) else
+                     "an input Dynamo gave no source, or a piece Inductor compiled with opaque constants")
+            return
+        try:
+            read = LoadedStep.reader(step.sources)(call)
+            same = len(read) == len(example_inputs) and all(
+                a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _same_tensor(a, b))
+                or (not isinstance(a, torch.Tensor) and a == _hint(b)) for a, b in zip(read, example_inputs))
+        except Exception as e:  # noqa: BLE001 - an expression that does not evaluate: do not save
+            log.info("nanoflow_fx: this step's inputs cannot be read off a call (%s); it is not saved", e)
+            return
+        if not same:
+            log.info("nanoflow_fx: Dynamo's inputs differ from what its sources read; the step is not saved")
+            return
+        try:
+            store.save(step)
+        except Exception as e:  # noqa: BLE001 - saving is an optimisation; a failure must not fail the step
+            log.warning("nanoflow_fx: could not save the step to %s (%s: %s)", store.path, type(e).__name__, e)
+
+
+def _hint(value: Any) -> Any:
+    """A SymInt's value in this call, read without a guard (comparing the SymInt would specialise the graph)."""
+    return value.node.hint if isinstance(value, torch.SymInt) else value
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())
 
 
 def _drop_registry_guards(guards: list[Any]) -> list[bool]:

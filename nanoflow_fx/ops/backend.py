@@ -76,6 +76,12 @@ class AttentionBackend:
         one-token requests over at most `max_pages` page ids. None: nothing to plan."""
         return None
 
+    def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
+                device: torch.device) -> Callable[[], None] | None:
+        """Start getting this backend's kernels ready (build, load) in the background while the step is traced;
+        returns the function that waits for that, or None if there is nothing to get ready."""
+        return None
+
     # The kernel `run` calls: a function of `run`'s arguments (backends that plan on the host override `run`).
     kernel: Callable[..., torch.Tensor] | None = None
 

@@ -18,9 +18,13 @@ FlashInfer's NHD layout.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +33,8 @@ from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, register
 from nanoflow_fx.ops.metadata import AttentionMetadata
 
 __all__ = ["FlashInferBackend", "FlashInferPlanner"]
+
+log = logging.getLogger(__name__)
 
 # FlashInfer's split work (merge buffers of split-KV) lives here; one per device, shared by all wrappers,
 # which run one after another on one stream.
@@ -72,6 +78,39 @@ class FlashInferBackend(AttentionBackend):
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                      device: torch.device, decode_batch: int | None = None, max_pages: int = 0) -> FlashInferPlanner:
         return FlashInferPlanner(configs, page_size, dtype, device, decode_batch, max_pages)
+
+    def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
+                device: torch.device) -> Callable[[], None]:
+        """FlashInfer builds (JIT: ~25 s per kernel family on a fresh machine) and loads its modules when a
+        wrapper is first planned. Plan a one-decode, one-prefill table in a thread (the build runs in ninja
+        subprocesses, so the GIL is free for Dynamo's trace meanwhile); the returned function waits for it. A
+        failure here is only logged: the step's own planning then raises it where it belongs."""
+        _workspace(device)  # created here, not raced for by the thread
+        failure: list[BaseException] = []
+
+        def build() -> None:
+            try:
+                with torch.cuda.device(device):
+                    planner = FlashInferPlanner(configs, page_size, dtype, device)
+                    host = dict(dtype=torch.int32, device="cpu")
+                    qo = torch.tensor([0, 1, 3], **host).pin_memory()
+                    kv_ptr = torch.tensor([0, 1, 2], **host).pin_memory()
+                    last = torch.tensor([1, 2], **host).pin_memory()
+                    planner.plan_tables(qo, kv_ptr, last, torch.zeros(2, dtype=torch.int32, device=device))
+                    torch.cuda.current_stream(device).synchronize()
+            except BaseException as e:  # noqa: BLE001 - reported by wait()
+                failure.append(e)
+
+        thread = threading.Thread(target=build, name="nanoflow_fx-flashinfer-build", daemon=True)
+        thread.start()
+
+        def wait() -> None:
+            thread.join()
+            if failure:
+                log.warning("nanoflow_fx: preparing FlashInfer's kernels failed: %s: %s", type(failure[0]).__name__,
+                            failure[0])
+
+        return wait
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
             kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
@@ -144,6 +183,7 @@ class FlashInferPlanner:
         launch FlashInfer captured (its grid is sized by the batch) stays valid when re-planned."""
         import flashinfer
 
+        _load_built_modules()
         self.page_size, self.dtype, self.graph = page_size, dtype, decode_batch is not None
         self._planned: torch.cuda.Event | None = None  # when the last plan's host-to-device copies have run
         self.wait_s = 0.0  # host time spent waiting for that
@@ -204,6 +244,48 @@ class FlashInferPlanner:
         self._planned = torch.cuda.Event()
         self._planned.record()
         return self
+
+
+def _load_built_modules() -> None:
+    """Load FlashInfer's already built JIT modules without running ninja first.
+
+    FlashInfer (0.3.x) runs ninja before it loads each JIT module, in one working directory shared by all its
+    modules and processes, and locks per module only. Processes that build different modules at once (test
+    workers, several servers) leave ninja's shared dependency log unreadable ("premature end of file"), after which
+    ninja finds every module out of date and rebuilds it in every process: ~25 s per module family on an H100
+    host (seen with `ninja -d explain`; the first step's planning then takes that long, however warm the caches).
+    So a module whose library is newer than its sources, its build file and the installed flashinfer package is
+    loaded as built; any other (first build, a changed source, a reinstalled FlashInfer) builds through ninja as
+    FlashInfer does. NANOFLOW_FX_FLASHINFER_NINJA=1 restores FlashInfer's own behaviour."""
+    global _built_modules_patched
+    if _built_modules_patched or os.environ.get("NANOFLOW_FX_FLASHINFER_NINJA") == "1":
+        return
+    _built_modules_patched = True
+    try:
+        import flashinfer
+        from flashinfer.jit import core
+    except ImportError:
+        return
+    spec_class = getattr(core, "JitSpec", None)
+    build = getattr(spec_class, "build", None)
+    if build is None:
+        return
+    installed = Path(flashinfer.__file__).stat().st_mtime
+
+    def build_unless_built(self: Any, verbose: bool, need_lock: bool = True) -> None:
+        try:
+            built = Path(self.jit_library_path).stat().st_mtime
+            inputs = [Path(p) for p in self.sources] + [Path(self.ninja_path)]
+            if built > installed and all(p.stat().st_mtime <= built for p in inputs):
+                return
+        except (OSError, AttributeError, TypeError):
+            pass  # not built (or not a spec we understand): FlashInfer's own build
+        build(self, verbose, need_lock)
+
+    spec_class.build = build_unless_built
+
+
+_built_modules_patched = False
 
 
 def _leading_single_tokens(qo_indptr: torch.Tensor) -> int:

@@ -129,13 +129,16 @@ class StepRunner:
         self.stats["eager_steps"] += 1
         return self._run_eager(chunks, all_logits)
 
-    def _run_eager(self, chunks: Sequence[Chunk], all_logits: bool) -> torch.Tensor:
+    def _run_eager(self, chunks: Sequence[Chunk], all_logits: bool, trace_only: bool = False) -> torch.Tensor:
         cache = self.kv_cache
         on_cuda = self.device.type == "cuda"  # built in pinned host memory, then copied without blocking
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page,
                           torch.device("cpu") if on_cuda else self.device, all_logits, min_tokens=2,
                           backend=self.backend.name, pin=on_cuda)
         inputs = host.to(self.device) if on_cuda else host
+        if trace_only:
+            self.step_fn.trace(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+            return inputs.input_ids.new_empty(0)
         record = self._nanobatch_record(chunks, host.metadata.tensors()[:4], inputs.input_ids.shape[0])
         if record is None and self.planner is not None:
             self.planner.plan(host.metadata, inputs.metadata.kv_indices)
@@ -175,15 +178,20 @@ class StepRunner:
                       for planner, part, meta in zip(self._nanobatch_planners, parts, metadata))
         return NanobatchStep(boundaries, metadata, plans, cut.units)
 
-    def run_prompts(self, prompts: Sequence[Sequence[int]], all_logits: bool = False) -> torch.Tensor:
+    def run_prompts(self, prompts: Sequence[Sequence[int]], all_logits: bool = False,
+                    trace_only: bool = False) -> torch.Tensor:
         """One step over fresh requests, each prefilling a whole prompt (the probe and the memory profile of
-        `optimize()` use it); their pages are taken for the step and returned after it."""
+        `optimize()` use it); their pages are taken for the step and returned after it. `trace_only`: capture
+        the step for these inputs without running it (`StepFunction.trace`; returns an empty tensor)."""
         allocator = self.kv_cache.allocator
         requests = [Request(f"probe_{i}", list(p), _GREEDY, 1) for i, p in enumerate(prompts)]
         try:
             for req in requests:
                 req.pages = allocator.allocate(self.kv_cache.pages_for(len(req.prompt)))
-            return self.run([Chunk(r, len(r.prompt)) for r in requests], all_logits)
+            chunks = [Chunk(r, len(r.prompt)) for r in requests]
+            if trace_only:
+                return self._run_eager(chunks, all_logits, trace_only=True)
+            return self.run(chunks, all_logits)
         finally:
             for req in requests:
                 allocator.free(req.pages)

@@ -1,0 +1,58 @@
+"""FlashInfer's built JIT modules load without ninja (`flashinfer_attention._load_built_modules`), tested with a
+stand-in flashinfer package: a module is built (FlashInfer's own path) exactly when its library is missing or
+older than its sources, its build file or the installed package."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from nanoflow_fx.ops import flashinfer_attention
+
+
+def test_built_modules_load_without_ninja(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str] = []
+
+    class JitSpec:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.sources = [tmp_path / f"{name}.cu"]
+            self.ninja_path = tmp_path / f"{name}.ninja"
+            self.jit_library_path = tmp_path / f"{name}.so"
+
+        def build(self, verbose: bool, need_lock: bool = True) -> None:
+            built.append(self.name)
+
+    package = types.ModuleType("flashinfer")
+    package.__file__ = str(tmp_path / "flashinfer_init.py")
+    jit, core = types.ModuleType("flashinfer.jit"), types.ModuleType("flashinfer.jit.core")
+    core.JitSpec = JitSpec  # type: ignore[attr-defined]
+    jit.core = core  # type: ignore[attr-defined]
+    package.jit = jit  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flashinfer", package)
+    monkeypatch.setitem(sys.modules, "flashinfer.jit", jit)
+    monkeypatch.setitem(sys.modules, "flashinfer.jit.core", core)
+    monkeypatch.setattr(flashinfer_attention, "_built_modules_patched", False)
+    monkeypatch.delenv("NANOFLOW_FX_FLASHINFER_NINJA", raising=False)
+
+    def touch(path: Path, when: int) -> None:
+        path.write_text("x")
+        os.utime(path, (when, when))
+
+    touch(Path(package.__file__), 100)
+    for name in ("fresh", "stale_source", "stale_package", "missing"):
+        touch(tmp_path / f"{name}.cu", 200)
+        touch(tmp_path / f"{name}.ninja", 200)
+    touch(tmp_path / "fresh.so", 300)
+    touch(tmp_path / "stale_source.so", 300)
+    touch(tmp_path / "stale_source.cu", 400)  # a source changed after the build
+    touch(tmp_path / "stale_package.so", 50)  # built before the package was (re)installed
+
+    flashinfer_attention._load_built_modules()
+    for name in ("fresh", "stale_source", "stale_package", "missing"):
+        JitSpec(name).build(False)
+    assert built == ["stale_source", "stale_package", "missing"]

@@ -1,0 +1,179 @@
+"""Saved steps (`capture.store`): a second process (here: a second model of the same weights) loads the captured
+and lowered step instead of tracing it, runs it exactly as the traced step, and never runs a wrong one."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanoflow_fx
+from nanoflow_fx.capture.store import LoadedStep
+from tests.conftest import DEFAULT_CONFIG, reference
+from tests.tiny_models import VOCAB, build
+
+
+@pytest.fixture(autouse=True)
+def _saving_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NANOFLOW_FX_SAVE_STEP", raising=False)  # conftest turns it off for the other tests
+
+
+def _config(tmp_path: Path, **changes: object) -> nanoflow_fx.NanoFlowConfig:
+    return dataclasses.replace(DEFAULT_CONFIG, cache_dir=str(tmp_path), **changes)
+
+
+def _prompts() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(1))
+
+
+def _saved(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "steps").glob("*.pt"))
+
+
+@pytest.mark.parametrize(("family", "inductor"), [("llama", False), ("gemma2", False), ("qwen2", True)])
+def test_a_saved_step_is_loaded_and_runs_as_the_traced_one(tmp_path: Path, family: str, inductor: bool) -> None:
+    config = _config(tmp_path, inductor=inductor)
+    traced = nanoflow_fx.optimize(build(family), config)
+    assert traced.nanoflow.step_fn.loaded is None and len(_saved(tmp_path)) == 1
+    loaded = nanoflow_fx.optimize(build(family), config)
+    step_fn = loaded.nanoflow.step_fn
+    assert step_fn.loaded is not None and step_fn.graphs == []  # no Dynamo trace at all
+    assert "compile_load_s" in loaded.nanoflow.timings and "compile_dynamo_s" not in loaded.nanoflow.timings
+    ids = _prompts()
+    want = reference(family).generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(traced.generate(ids, max_new_tokens=6, do_sample=False), want)
+    assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False), want)
+    assert step_fn.graphs == []  # every step of the generation ran the loaded step
+    if inductor:
+        assert any(type(m).__name__ == "_Compiled" for m in step_fn.loaded.graph.children())
+
+
+def test_the_key_follows_what_the_graph_depends_on(tmp_path: Path) -> None:
+    nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    assert nanoflow_fx.optimize(build("llama"), _config(tmp_path)).nanoflow.step_fn.loaded is not None
+    # budgets are not in the graph (its sizes are symbolic): "auto" budgets measured differently still load
+    budgets = _config(tmp_path, max_num_tokens=256, max_batch_size=4, max_seq_len=64)
+    assert nanoflow_fx.optimize(build("llama"), budgets).nanoflow.step_fn.loaded is not None
+    for model, config in [(build("llama"), _config(tmp_path, page_size=8)),  # the cache's shape
+                          (build("llama"), _config(tmp_path, fuse_linears=False)),  # the parameter layout
+                          (build("llama").double(), _config(tmp_path))]:  # the dtype
+
+        assert nanoflow_fx.optimize(model, config).nanoflow.step_fn.loaded is None
+    assert len(_saved(tmp_path)) == 4
+
+
+def test_a_loaded_step_reads_the_parameters_of_each_call(tmp_path: Path) -> None:
+    """Parameters replaced after optimize() (load_state_dict(assign=True)) are what the loaded step computes with."""
+    nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    model = nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    assert model.nanoflow.step_fn.loaded is not None
+    other = build("llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    model.load_state_dict(other.state_dict(), assign=True)
+    ids = _prompts()
+    want = other.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want)
+
+
+def test_an_unreadable_file_is_traced_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    (path,) = _saved(tmp_path)
+    path.write_bytes(path.read_bytes()[: 200])  # truncated
+    with caplog.at_level(logging.WARNING, logger="nanoflow_fx"):
+        model = nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    assert "could not load the saved step" in caplog.text
+    assert model.nanoflow.step_fn.loaded is None and model.nanoflow.step_fn.graphs
+    assert path.stat().st_size > 200  # saved again by the new trace
+    assert nanoflow_fx.optimize(build("llama"), _config(tmp_path)).nanoflow.step_fn.loaded is not None
+
+
+def test_a_loaded_step_that_fails_the_check_is_discarded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    right = LoadedStep.__call__
+    monkeypatch.setattr(LoadedStep, "__call__", lambda self, *a: right(self, *a) * 2)  # a step gone wrong
+    with caplog.at_level(logging.WARNING, logger="nanoflow_fx"):
+        model = nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    assert "failed the check" in caplog.text
+    assert model.nanoflow.step_fn.loaded is None and model.nanoflow.step_fn.graphs  # traced instead
+    ids = _prompts()
+    want = reference("llama").generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), want)
+
+
+def test_saving_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nanoflow_fx.optimize(build("llama"), _config(tmp_path, save_step=False))
+    nanoflow_fx.optimize(build("llama"), _config(tmp_path, num_nanobatches=2))  # programs are always traced
+    monkeypatch.setenv("NANOFLOW_FX_SAVE_STEP", "0")
+    nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    assert _saved(tmp_path) == []
+
+
+def test_explain_traces_a_loaded_step(tmp_path: Path) -> None:
+    nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    model = nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    assert model.nanoflow.step_fn.graphs == []
+    text = str(nanoflow_fx.explain(model))
+    assert "op groups" in text and model.nanoflow.step_fn.graphs
+    assert model.nanoflow.step_fn.loaded is not None  # generation keeps running the loaded step
+
+
+def test_the_step_is_traced_while_the_attention_backend_prepares(monkeypatch: pytest.MonkeyPatch) -> None:
+    """optimize() traces the step without running it while the backend readies its kernels (FlashInfer's JIT
+    build), then waits for them before the first real step; the probe reuses the trace."""
+    from nanoflow_fx.ops import backend as attention_backends
+
+    seen: list[tuple[int, int]] = []
+    model = build("llama")
+
+    def prepare(*args: object) -> object:
+        return lambda: seen.append((len(model.nanoflow_pending.step_fn.graphs),
+                                    model.nanoflow_pending.runner.stats["eager_steps"]))
+
+    monkeypatch.setenv("NANOFLOW_FX_SAVE_STEP", "0")
+    monkeypatch.setattr(attention_backends.get("torch"), "prepare", prepare, raising=False)
+    real_init = nanoflow_fx.optimize.__globals__["NanoFlowRuntime"].__init__
+
+    def init(self: object, m: torch.nn.Module, *a: object) -> None:
+        real_init(self, m, *a)
+        m.__dict__["nanoflow_pending"] = self
+
+    monkeypatch.setattr(nanoflow_fx.optimize.__globals__["NanoFlowRuntime"], "__init__", init)
+    nanoflow_fx.optimize(model, DEFAULT_CONFIG)
+    assert seen == [(1, 0)]  # traced, nothing run yet
+    assert len(model.nanoflow.step_fn.graphs) == 1 and model.nanoflow.runner.stats["eager_steps"] == 1  # the probe
+
+
+def _cuda_model(backend: str) -> torch.nn.Module:
+    """FlashInfer: a bf16 model of head_dim 64 (its kernels' sizes); Triton: the fp32 tiny model."""
+    if backend == "flashinfer":
+        from tests.test_gpu_backends import CONFIGS
+
+        torch.manual_seed(0)
+        return CONFIGS["llama"]().to(device="cuda", dtype=torch.bfloat16).eval()
+    return build("llama", device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+def test_a_loaded_step_on_cuda_computes_what_the_traced_one_does(tmp_path: Path, backend: str) -> None:
+    """Inductor pieces reloaded from their generated code, CUDA graphs captured on the loaded step."""
+    if backend == "flashinfer":
+        pytest.importorskip("flashinfer")
+    config = _config(tmp_path, attention_backend=backend, inductor=True)
+    traced = nanoflow_fx.optimize(_cuda_model(backend), config)
+    loaded = nanoflow_fx.optimize(_cuda_model(backend), config)
+    assert loaded.nanoflow.step_fn.loaded is not None and loaded.nanoflow.step_fn.graphs == []
+    assert loaded.nanoflow.runner.cuda_graphs is not None
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    want = traced.nanoflow.runner.run_prompts(prompts, all_logits=True)
+    got = loaded.nanoflow.runner.run_prompts(prompts, all_logits=True)
+    assert torch.equal(got, want)  # the same kernels on the same inputs
+    ids = _prompts().cuda()
+    assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False),
+                       traced.generate(ids, max_new_tokens=6, do_sample=False))
