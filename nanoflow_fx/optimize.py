@@ -304,8 +304,9 @@ def _resolve(config: NanoFlowConfig, model: PreTrainedModel, device: torch.devic
     on_cuda = device.type == "cuda"
     budget = config.max_num_tokens
     if budget == "auto":
-        budget = (token_budget(measure_ceilings(device), torch.empty((), dtype=dtype).element_size())
-                  if on_cuda else _CPU_MAX_NUM_TOKENS)
+        element = torch.empty((), dtype=dtype).element_size()
+        budget = (token_budget(measure_ceilings(device, _cache_root(config)), element) if on_cuda
+                  else _CPU_MAX_NUM_TOKENS)
     inductor = config.inductor if config.inductor != "auto" else on_cuda
     return dataclasses.replace(config, max_seq_len=int(max_seq_len or 2048), max_num_tokens=budget,
                                inductor=inductor)
