@@ -3,7 +3,7 @@
 FlashInfer splits a step's work on the host (`plan`, from the request table) and runs kernels that read that
 split from device buffers. `FlashInferPlanner` owns wrappers per distinct attention configuration of the
 model (heads, head dim, scale, window, soft-cap: Gemma-2 has two), plans them all before a step, and makes
-them the active plans that `nanoflow::paged_attention(backend="flashinfer")` runs.
+them the active plans that `nanoflow::paged_attention(backend="flashinfer")` runs in the planning thread.
 
 Eager steps split their rows by kind: the step's leading one-token requests (decode tokens: the scheduler puts
 them first) run on FlashInfer's decode kernel, the rest (prefill chunks, which attend causally to their cached
@@ -52,9 +52,16 @@ class _Plans:
     num_decode: int = 0
 
 
-# The planned wrappers of each configuration, for the step being run or captured (set by `plan`). The engine
-# runs one step at a time per process (it holds its runtime's lock), so one active set suffices.
-_ACTIVE: dict[AttentionConfig, _Plans] = {}
+# The planned wrappers of each configuration for the step this thread is running or capturing (set by `plan`).
+# Per thread: two optimized models may step at once from two threads (each engine holds only its own lock), and
+# one model's plans must never reach the other's step. Nano-batched steps pass their plans explicitly instead.
+_active = threading.local()
+
+
+def _active_plans() -> dict[AttentionConfig, _Plans]:
+    return getattr(_active, "plans", {})
+
+
 _float_workspaces: dict[torch.device, torch.Tensor] = {}
 
 
@@ -117,7 +124,7 @@ class FlashInferBackend(AttentionBackend):
             softcap: float) -> torch.Tensor:
         config = AttentionConfig(q.shape[1], kv_cache.shape[3], q.shape[2], float(scaling), int(sliding_window),
                                  float(softcap))
-        plans = _ACTIVE.get(config)
+        plans = _active_plans().get(config)
         if plans is None:
             raise RuntimeError(f"no FlashInfer plan is active for {config}: the step runner plans every step before "
                                "it runs (the 'flashinfer' backend runs only inside nanoflow_fx's runtime)")
@@ -202,7 +209,7 @@ class FlashInferPlanner:
         """
         qo, kv_ptr, _, last, _ = host.tensors()
         self.plan_tables(qo, kv_ptr, last, kv_indices)
-        _ACTIVE.update(self.plans)
+        _active.plans = self.plans
 
     def plan_tables(self, qo: torch.Tensor, kv_ptr: torch.Tensor, last: torch.Tensor,
                     kv_indices: torch.Tensor) -> FlashInferPlanner:

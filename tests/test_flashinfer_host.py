@@ -1,15 +1,18 @@
-"""FlashInfer's built JIT modules load without ninja (`flashinfer_attention._load_built_modules`), tested with a
-stand-in flashinfer package: a module is built (FlashInfer's own path) exactly when its library is missing or
-older than its sources, its build file or the installed package."""
+"""FlashInfer's host side, without FlashInfer: built JIT modules load without ninja
+(`flashinfer_attention._load_built_modules`, with a stand-in flashinfer package: a module is built, FlashInfer's
+own path, exactly when its library is missing or older than its sources, its build file or the installed
+package), and the plans the captured op runs are those its own thread planned."""
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanoflow_fx.ops import flashinfer_attention
 
@@ -56,3 +59,42 @@ def test_built_modules_load_without_ninja(tmp_path: Path, monkeypatch: pytest.Mo
     for name in ("fresh", "stale_source", "stale_package", "missing"):
         JitSpec(name).build(False)
     assert built == ["stale_source", "stale_package", "missing"]
+
+
+def test_the_captured_op_runs_the_plans_of_its_own_thread() -> None:
+    """Two optimized models may step at once from two threads: one's plans must never run the other's step."""
+    from nanoflow_fx.ops.backend import AttentionConfig
+
+    config = AttentionConfig(4, 2, 64, 0.125, 0, 0.0)
+
+    class Wrapper:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, q: torch.Tensor, cache: torch.Tensor) -> str:
+            return self.name
+
+    backend = flashinfer_attention.FlashInferBackend()
+    q, cache = torch.zeros(3, 4, 64), torch.zeros(8, 2, 16, 2, 64)
+    args = (q, cache, *(torch.zeros(2, dtype=torch.int32) for _ in range(4)), 0.125, 0, 0.0)
+    planned, ran = threading.Event(), {}
+
+    def model_a() -> None:
+        flashinfer_attention._active.plans = {config: flashinfer_attention._Plans(Wrapper("a"), None, 3)}
+        planned.set()
+        ran["a"] = backend.run(*args)
+
+    def model_b() -> None:
+        planned.wait()
+        try:
+            ran["b"] = backend.run(*args)
+        except RuntimeError as e:
+            ran["b"] = str(e)
+
+    threads = [threading.Thread(target=model_a), threading.Thread(target=model_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ran["a"] == "a"
+    assert "no FlashInfer plan is active" in ran["b"]  # not model a's plan
