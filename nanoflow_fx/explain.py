@@ -74,12 +74,8 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
 
 def _trace(runtime: Any) -> None:
     """A step loaded from the cache (`capture.store`) has no traced graph: trace one (a two-prompt step)."""
-    step_fn, loaded = runtime.step_fn, runtime.step_fn.loaded
-    step_fn.loaded = None
-    try:
+    with runtime.step_fn.bypassing_loaded():
         runtime.runner.run_prompts([[1, 2, 3, 4, 5], [1, 2, 3]])
-    finally:
-        step_fn.loaded = loaded
 
 
 def _searched(tuning: Any) -> str:

@@ -127,24 +127,23 @@ def test_the_step_is_traced_while_the_attention_backend_prepares(monkeypatch: py
     """optimize() traces the step without running it while the backend readies its kernels (FlashInfer's JIT
     build), then waits for them before the first real step; the probe reuses the trace."""
     from nanoflow_fx.ops import backend as attention_backends
+    from nanoflow_fx.optimize import NanoFlowRuntime
 
+    runtimes: list[NanoFlowRuntime] = []
     seen: list[tuple[int, int]] = []
-    model = build("llama")
+    real_init = NanoFlowRuntime.__init__
+
+    def init(self: NanoFlowRuntime, *args: object) -> None:
+        real_init(self, *args)
+        runtimes.append(self)
 
     def prepare(*args: object) -> object:
-        return lambda: seen.append((len(model.nanoflow_pending.step_fn.graphs),
-                                    model.nanoflow_pending.runner.stats["eager_steps"]))
+        return lambda: seen.append((len(runtimes[0].step_fn.graphs), runtimes[0].runner.stats["eager_steps"]))
 
     monkeypatch.setenv("NANOFLOW_FX_SAVE_STEP", "0")
+    monkeypatch.setattr(NanoFlowRuntime, "__init__", init)
     monkeypatch.setattr(attention_backends.get("torch"), "prepare", prepare, raising=False)
-    real_init = nanoflow_fx.optimize.__globals__["NanoFlowRuntime"].__init__
-
-    def init(self: object, m: torch.nn.Module, *a: object) -> None:
-        real_init(self, m, *a)
-        m.__dict__["nanoflow_pending"] = self
-
-    monkeypatch.setattr(nanoflow_fx.optimize.__globals__["NanoFlowRuntime"], "__init__", init)
-    nanoflow_fx.optimize(model, DEFAULT_CONFIG)
+    model = nanoflow_fx.optimize(build("llama"), DEFAULT_CONFIG)
     assert seen == [(1, 0)]  # traced, nothing run yet
     assert len(model.nanoflow.step_fn.graphs) == 1 and model.nanoflow.runner.stats["eager_steps"] == 1  # the probe
 

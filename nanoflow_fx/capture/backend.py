@@ -11,6 +11,7 @@ import torch
 from torch._functorch.aot_autograd import aot_module_simplified
 
 from nanoflow_fx.capture.fuse_linears import fuse_parallel_linears
+from nanoflow_fx.capture.store import source_name
 
 __all__ = ["make_backend", "GraphSink", "Lower"]
 
@@ -54,8 +55,6 @@ def make_backend(
         # When each stage ended (perf_counter): Dynamo's trace (on entry here), our FX passes, AOT's trace to ATen,
         # lowering (Inductor pieces); the captured graph's meta["nanoflow_compile_times"] keeps them.
         times = {"dynamo": time.perf_counter()}
-        from nanoflow_fx.capture.store import source_name
-
         sources = [source_name(n) for n in gm.graph.find_nodes(op="placeholder")]
         fused = fuse_parallel_linears(gm, example_inputs) if fuse_linears else 0
         times["fx_passes"] = time.perf_counter()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,10 +65,9 @@ class StepFunction:
         logits_indices: torch.Tensor,  # [N] int64
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [N, vocab]
-        if not self._load_tried:
-            self._load()
-        if self.loaded is not None and self.loaded.accepts(metadata):
-            return self.loaded(self.model, input_ids, position_ids, logits_indices, metadata)
+        loaded = self._loaded_for(metadata)
+        if loaded is not None:
+            return loaded(self.model, input_ids, position_ids, logits_indices, metadata)
         # The step's sizes (tokens, requests, pages used, logits rows) are symbolic; the builder keeps each >= 2
         # so Dynamo never specialises them on 0/1. The KV caches and weights keep static shapes.
         for tensor in (input_ids, position_ids, logits_indices, *metadata.tensors()):
@@ -101,9 +101,7 @@ class StepFunction:
         """Capture and lower the step for these inputs (or load it) without running it: nothing is read from or
         written to the KV cache, and the attention backend needs no plan. `optimize()` traces while FlashInfer
         builds its kernels."""
-        if not self._load_tried:
-            self._load()
-        if self.graphs or (self.loaded is not None and self.loaded.accepts(metadata)):
+        if self.graphs or self._loaded_for(metadata) is not None:
             return
         self._trace_only = True
         try:
@@ -111,11 +109,26 @@ class StepFunction:
         finally:
             self._trace_only = False
 
+    @contextmanager
+    def bypassing_loaded(self) -> Iterator[None]:
+        """Calls inside go through Dynamo even when a saved step is loaded (`explain()` needs a traced graph)."""
+        loaded, self.loaded = self.loaded, None
+        try:
+            yield
+        finally:
+            self.loaded = loaded
+
     def discard_loaded(self) -> None:
         """Forget the loaded step and delete its file: the next call traces (and saves) the step afresh."""
         self.loaded = None
         if self.store is not None:
             self.store.discard()
+
+    def _loaded_for(self, metadata: AttentionMetadata) -> LoadedStep | None:
+        """The saved step (loaded on the first call), if it serves this call."""
+        if not self._load_tried:
+            self._load()
+        return self.loaded if self.loaded is not None and self.loaded.accepts(metadata) else None
 
     def _load(self) -> None:
         self._load_tried = True
@@ -131,11 +144,9 @@ class StepFunction:
         """The backend's `on_lowered`: save the first step this function captures, if its inputs are read off the
         call by Dynamo's expressions exactly as Dynamo passed them (`capture.store`)."""
         call, store = self._call, self.store
-        if store is None or call is None or self.graphs[:1] != [aten_gm]:
+        if store is None or call is None or self.graphs[0] is not aten_gm:  # only the first graph is saved
             return
-        meta = {k: aten_gm.meta[k] for k in ("nanoflow_fused_linears", "nanoflow_inductor_compiles")
-                if k in aten_gm.meta}
-        step = saved_step(sources, lowered, call["metadata"], meta)
+        step = saved_step(sources, lowered, call["metadata"])
         if step is None:
             log.info("nanoflow_fx: this step cannot be saved (%s); it is traced in every process",
                      "a nano-batched program" if not isinstance(lowered, torch.fx.GraphModule) else

@@ -13,8 +13,9 @@ captured and lowered, `StepStore` saves what runs:
 
 The file is keyed (`step_key`) by everything the captured graph depends on: nanoflow_fx's source, the versions of
 torch, transformers, triton and Python, the device, the model class, its config, every parameter's and buffer's
-name, shape, stride, dtype and storage layout (the fused linears' views), the resolved `NanoFlowConfig` and the
-attention backend. A loaded step serves only calls with the attention backend and layer count it was captured
+name, shape, stride, dtype and storage layout (the fused linears' views), the `NanoFlowConfig` fields the graph
+depends on (page size, Inductor, fused linears, nano-batch count; not the budgets: the step's sizes are symbolic)
+and the attention backend. A loaded step serves only calls with the attention backend and layer count it was captured
 with (the rest go through Dynamo), and `optimize()` checks it against the eager model like a fresh capture: a
 mismatch discards the file and traces again. Like Inductor's cache, the directory runs code when loaded: keep it
 private to the user.
@@ -32,7 +33,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,6 @@ class SavedStep:
     pieces: tuple[SavedPiece, ...]
     backend: str  # AttentionMetadata.backend of the capture
     num_caches: int
-    meta: dict[str, Any] = field(default_factory=dict)  # the captured graph's counters (fused linears, compiles)
 
 
 def source_name(node: torch.fx.Node) -> str | None:
@@ -83,41 +83,28 @@ def source_name(node: torch.fx.Node) -> str | None:
     return name() if callable(name) else name
 
 
-def saved_step(sources: Sequence[str | None], lowered: Any, metadata: AttentionMetadata,
-               meta: dict[str, Any]) -> SavedStep | None:
+def saved_step(sources: Sequence[str | None], lowered: Any, metadata: AttentionMetadata) -> SavedStep | None:
     """`lowered` (the ATen GraphModule, or the split GraphModule `piecewise.compile_pieces` returns) as a
     `SavedStep`, or None when it cannot be saved (an input without a source, an unsaveable piece, a program)."""
     if any(s is None for s in sources) or not isinstance(lowered, GraphModule):
         return None
-    pieces: list[SavedPiece] = []
-    slots: dict[int, int] = {}
-    root: dict[str, Any] = {}
-    for node in lowered.graph.nodes:
-        if node.op == "call_module":
-            module = lowered.get_submodule(node.target)
-            if isinstance(module, _Compiled):
-                if not isinstance(module.fn, CompiledPiece):
-                    return None
-                if id(module.fn) not in slots:
-                    saved = module.fn.saved()
-                    if saved is None:
-                        return None
-                    slots[id(module.fn)] = len(pieces)
-                    pieces.append(saved)
-                module = _Slot(slots[id(module.fn)])
-            root[node.target] = module
-        elif node.op == "get_attr":
-            root[node.target] = _attr(lowered, node.target)
     graph = Graph()
     graph.output(graph.graph_copy(lowered.graph, {}))
-    return SavedStep(tuple(s for s in sources if s is not None), GraphModule(root, graph), tuple(pieces),
-                     metadata.backend, len(metadata.kv_caches), dict(meta))
-
-
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    for name in target.split("."):
-        module = getattr(module, name)
-    return module
+    saved = GraphModule(lowered, graph)  # the same submodules and attributes, a graph without node metadata
+    pieces: list[SavedPiece] = []
+    slots: dict[int, int] = {}  # compiled piece (shared by identical layers) -> its index in `pieces`
+    for name, module in list(saved.named_children()):
+        if not isinstance(module, _Compiled):
+            continue
+        if id(module.fn) not in slots:
+            piece = module.fn.saved() if isinstance(module.fn, CompiledPiece) else None
+            if piece is None:
+                return None
+            slots[id(module.fn)] = len(pieces)
+            pieces.append(piece)
+        setattr(saved, name, _Slot(slots[id(module.fn)]))
+    return SavedStep(tuple(s for s in sources if s is not None), saved, tuple(pieces), metadata.backend,
+                     len(metadata.kv_caches))
 
 
 class LoadedStep:
@@ -189,7 +176,8 @@ class StepStore:
 
 
 def step_key(model: torch.nn.Module, config: dict[str, Any], backend: str) -> str:
-    """What a captured step depends on (see the module docstring), hashed."""
+    """What a captured step depends on (see the module docstring), hashed; `config`: the `NanoFlowConfig` fields
+    the graph depends on."""
     import transformers
 
     h = hashlib.sha256()
