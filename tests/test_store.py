@@ -47,8 +47,41 @@ def test_a_saved_step_is_loaded_and_runs_as_the_traced_one(tmp_path: Path, famil
     assert torch.equal(traced.generate(ids, max_new_tokens=6, do_sample=False), want)
     assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False), want)
     assert step_fn.graphs == []  # every step of the generation ran the loaded step
-    if inductor:
+    if inductor:  # the file holds each distinct piece's generated code once, every call site as a slot to it
+        (path,) = _saved(tmp_path)
+        saved = torch.load(path, weights_only=False)["step"]
+        targets = {n.target for n in saved.graph.graph.find_nodes(op="call_module")}
+        slots = {t: saved.graph.get_submodule(t) for t in targets
+                 if not isinstance(saved.graph.get_submodule(t), torch.fx.GraphModule)}
+        assert slots and all(type(m).__name__ == "_Slot" for m in slots.values())
+        assert len(saved.pieces) == len({m.index for m in slots.values()})
         assert any(type(m).__name__ == "_Compiled" for m in step_fn.loaded.graph.children())
+
+
+def test_identical_layers_are_saved_as_one_piece(tmp_path: Path) -> None:
+    """Identical layers share one compiled piece: the file holds its code once and a slot per call site (a shared
+    module left unslotted would pickle Inductor's compiled object, which fails on CUDA)."""
+    import transformers as tf
+
+    def four_layers() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                                   max_position_embeddings=128)).eval()
+
+    config = _config(tmp_path, inductor=True)
+    traced = nanoflow_fx.optimize(four_layers(), config)
+    (path,) = _saved(tmp_path)
+    saved = torch.load(path, weights_only=False)["step"]
+    slots = [saved.graph.get_submodule(n.target) for n in saved.graph.graph.find_nodes(op="call_module")]
+    slots = [m for m in slots if not isinstance(m, torch.fx.GraphModule)]
+    assert all(type(m).__name__ == "_Slot" for m in slots)
+    assert len(saved.pieces) == len({m.index for m in slots}) < len(slots)  # shared
+    loaded = nanoflow_fx.optimize(four_layers(), config)
+    assert loaded.nanoflow.step_fn.loaded is not None
+    ids = _prompts()
+    assert torch.equal(loaded.generate(ids, max_new_tokens=5, do_sample=False),
+                       traced.generate(ids, max_new_tokens=5, do_sample=False))
 
 
 def test_the_key_follows_what_the_graph_depends_on(tmp_path: Path) -> None:

@@ -93,7 +93,9 @@ def saved_step(sources: Sequence[str | None], lowered: Any, metadata: AttentionM
     saved = GraphModule(lowered, graph)  # the same submodules and attributes, a graph without node metadata
     pieces: list[SavedPiece] = []
     slots: dict[int, int] = {}  # compiled piece (shared by identical layers) -> its index in `pieces`
-    for name, module in list(saved.named_children()):
+    # By call site, not `named_children()`: identical layers share one compiled module, listed there only once.
+    for name in dict.fromkeys(n.target for n in saved.graph.find_nodes(op="call_module")):
+        module = saved.get_submodule(name)
         if not isinstance(module, _Compiled):
             continue
         if id(module.fn) not in slots:
@@ -115,7 +117,8 @@ class LoadedStep:
         self.saved = saved
         compiled = [_Compiled(piece.load()) for piece in saved.pieces]
         graph = saved.graph
-        for name, module in list(graph.named_children()):
+        for name in dict.fromkeys(n.target for n in graph.graph.find_nodes(op="call_module")):
+            module = graph.get_submodule(name)
             if isinstance(module, _Slot):
                 setattr(graph, name, compiled[module.index])
         self.graph = graph
