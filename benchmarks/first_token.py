@@ -41,6 +41,7 @@ def one_run(config: str) -> dict:
                 first_generate_s=done - optimized, optimize_to_first_token_s=done - built,
                 timings=model.nanoflow.timings, config=model.nanoflow.config.to_dict(),
                 step_loaded=model.nanoflow.step_fn.loaded is not None,
+                step_replicated=model.nanoflow.step_fn.replicated is not None,
                 attention_backend=model.nanoflow.attention_backend.name)
 
 

@@ -83,6 +83,15 @@ class NanoFlowConfig:
     moves their weights into one buffer, each parameter becoming a view of it (no extra memory; the eager model
     computes as before), and the captured step runs one GEMM per group. See `nanoflow_fx.capture.fuse_linears`."""
 
+    replicate_layers: bool = True
+    """Trace only the first period of the model's repeated decoder layers (one layer for a Llama, two for
+    Gemma-2's sliding/global pairs) and copy its graph for the others, each copy reading its own weights and KV
+    cache, instead of tracing every layer: Dynamo and AOTAutograd then cost about as much for a 32-layer model as
+    for a 2-layer one. Layers repeat when their classes, attributes (but `layer_idx`), parameter layout and
+    attention configuration are equal; the traced layers are also checked against each other node for node, and
+    the result against the eager model (`check_capture`). Models whose layers do not repeat are traced whole.
+    See `nanoflow_fx.capture.replicate`."""
+
     cuda_graphs: bool = True
     """On CUDA with the "triton" or "flashinfer" backend: replay decode-sized steps as CUDA graphs."""
 
@@ -125,7 +134,7 @@ class NanoFlowConfig:
             )
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ValueError(f"NanoFlowConfig.cache_dir must be a path string or None, got {self.cache_dir!r}")
-        for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears", "save_step"):
+        for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears", "save_step", "replicate_layers"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "inductor" and value == "auto"):
                 raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {value!r}")

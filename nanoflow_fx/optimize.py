@@ -16,8 +16,9 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from nanoflow_fx.capture import hf_attention
-from nanoflow_fx.capture.backend import GraphSink, LoweredSink, make_backend
+from nanoflow_fx.capture.backend import Expand, GraphSink, LoweredSink, make_backend
 from nanoflow_fx.capture.fuse_linears import FusedLayout, relayout_parallel_linears
+from nanoflow_fx.capture.replicate import find_layer_stack
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.capture.store import StepStore, step_key
 from nanoflow_fx.capture.support import check_supported, discover_layers
@@ -72,9 +73,11 @@ class NanoFlowRuntime:
         self.split_policy = even_split(self.config, self.device) if self.config.nanobatched else None
         self.tunings: list[Any] = []  # num_nanobatches="auto": what the schedule search measured (cost.search)
         self.step_fn = StepFunction(
-            model, lambda on_graph, on_lowered, skip_run: backend(self.config, on_graph, self.channel, on_lowered,
-                                                                  skip_run),
-            _step_store(model, self.config, self.attention_backend.name))
+            model, lambda on_graph, on_lowered, skip_run, expand=None: backend(
+                self.config, on_graph, self.channel, on_lowered, skip_run, expand),
+            _step_store(model, self.config, self.attention_backend.name),
+            find_layer_stack(model, self.layers) if self.config.replicate_layers and self.device.type != "meta"
+            else None)
         self.capture_seconds = 0.0  # all of optimize()'s capture work; `timings` breaks it down
         self.timings: dict[str, float] = {}
         self.kv_cache: PagedKVCache
@@ -101,6 +104,7 @@ class NanoFlowRuntime:
 def backend(
     config: NanoFlowConfig | None = None, on_graph: GraphSink | None = None, channel: StepChannel | None = None,
     on_lowered: LoweredSink | None = None, skip_run: Callable[[], bool] | None = None,
+    expand: Expand | None = None,
 ) -> Callable[..., Any]:
     """The nanoflow `torch.compile` backend: `torch.compile(fn, backend=nanoflow_fx.backend(config))`.
 
@@ -109,14 +113,14 @@ def backend(
     program of pieces (`capture.program`) run by a `ProgramRunner`: whole, or cut into nano-batches when the
     step runner hands it a step's record through `channel`, on the execution units `sm_partition` asks for.
     `on_graph` receives each captured (unsplit) ATen GraphModule, `on_lowered` what runs; `skip_run` makes calls
-    trace-only (`make_backend`).
+    trace-only, `expand` extends the traced graph (`make_backend`).
     """
     config = config or NanoFlowConfig()
     program = None
     if config.num_nanobatches != 1:
         program = lambda step_program: ProgramRunner(step_program, channel)  # noqa: E731
     return make_backend(None, on_graph, inductor=config.inductor is True, fuse_linears=config.fuse_linears,
-                        program=program, on_lowered=on_lowered, skip_run=skip_run)
+                        program=program, on_lowered=on_lowered, skip_run=skip_run, expand=expand)
 
 
 def even_split(config: NanoFlowConfig, device: torch.device) -> Callable[[int, int], Cut]:
@@ -192,11 +196,13 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
             try:
                 _check_against_eager(model, runtime)
             except CaptureMismatchError as e:
-                if runtime.step_fn.loaded is None:
+                step_fn = runtime.step_fn
+                if step_fn.direct is None:
                     raise
-                log.warning("nanoflow_fx: the step loaded from %s failed the check (%s); tracing it again",
-                            runtime.step_fn.store.path if runtime.step_fn.store else "?", e)
-                runtime.step_fn.discard_loaded()
+                log.warning("nanoflow_fx: the step %s failed the check (%s); tracing every layer again",
+                            f"loaded from {step_fn.store.path if step_fn.store else '?'}" if step_fn.loaded
+                            else "replicated from its first layers", e)
+                step_fn.discard_loaded()
                 _check_against_eager(model, runtime)
         probed = time.perf_counter()
         bar.update()

@@ -13,39 +13,43 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidde
                num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def _llama() -> tf.PreTrainedModel:
-    return tf.LlamaForCausalLM(tf.LlamaConfig(**_COMMON))
+# Each builder takes config overrides (`build(..., num_hidden_layers=5)`).
+def _llama(**kw: object) -> tf.PreTrainedModel:
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**{**_COMMON, **kw}))
 
 
-def _mistral() -> tf.PreTrainedModel:  # window 5 < prompt lengths used in tests: the window really cuts
-    return tf.MistralForCausalLM(tf.MistralConfig(**_COMMON, sliding_window=5))
+def _mistral(**kw: object) -> tf.PreTrainedModel:  # window 5 < prompt lengths used in tests: the window really cuts
+    return tf.MistralForCausalLM(tf.MistralConfig(**{**_COMMON, "sliding_window": 5, **kw}))
 
 
-def _qwen2() -> tf.PreTrainedModel:
-    return tf.Qwen2ForCausalLM(tf.Qwen2Config(**_COMMON))
+def _qwen2(**kw: object) -> tf.PreTrainedModel:
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(**{**_COMMON, **kw}))
 
 
-def _qwen3() -> tf.PreTrainedModel:
-    return tf.Qwen3ForCausalLM(tf.Qwen3Config(**_COMMON, head_dim=16))
+def _qwen3(**kw: object) -> tf.PreTrainedModel:
+    return tf.Qwen3ForCausalLM(tf.Qwen3Config(**{**_COMMON, "head_dim": 16, **kw}))
 
 
-def _gemma2() -> tf.PreTrainedModel:  # soft-capping, alternating sliding (window 4) / global layers
-    cfg = tf.Gemma2Config(**{**_COMMON, "num_hidden_layers": 3}, head_dim=8, sliding_window=4,
-                          attn_logit_softcapping=2.0, final_logit_softcapping=5.0, query_pre_attn_scalar=8)
+def _gemma2(**kw: object) -> tf.PreTrainedModel:  # soft-capping, alternating sliding (window 4) / global layers
+    cfg = tf.Gemma2Config(**{**_COMMON, "num_hidden_layers": 3, "head_dim": 8, "sliding_window": 4,
+                             "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0,
+                             "query_pre_attn_scalar": 8, **kw})
     return tf.Gemma2ForCausalLM(cfg)
 
 
-def _phi3() -> tf.PreTrainedModel:
-    return tf.Phi3ForCausalLM(tf.Phi3Config(**_COMMON))
+def _phi3(**kw: object) -> tf.PreTrainedModel:
+    return tf.Phi3ForCausalLM(tf.Phi3Config(**{**_COMMON, **kw}))
 
 
-def _mixtral() -> tf.PreTrainedModel:
-    return tf.MixtralForCausalLM(tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2))
+def _mixtral(**kw: object) -> tf.PreTrainedModel:
+    return tf.MixtralForCausalLM(tf.MixtralConfig(**{**_COMMON, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                                     **kw}))
 
 
-def _gpt2() -> tf.PreTrainedModel:
-    cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
-                        eos_token_id=2, pad_token_id=0)
+def _gpt2(**kw: object) -> tf.PreTrainedModel:
+    layers = kw.pop("num_hidden_layers", 2)
+    cfg = tf.GPT2Config(**{"vocab_size": VOCAB, "n_embd": 32, "n_layer": layers, "n_head": 4, "n_positions": 256,
+                           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **kw})
     return tf.GPT2LMHeadModel(cfg)
 
 
@@ -55,9 +59,11 @@ FAMILIES: dict[str, Callable[[], tf.PreTrainedModel]] = {
 }
 
 
-def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tf.PreTrainedModel:
-    """A fresh tiny model of `family` with weights drawn from `seed`, in eval mode, eager attention."""
+def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+          **config: object) -> tf.PreTrainedModel:
+    """A fresh tiny model of `family` with weights drawn from `seed`, in eval mode, eager attention; `config`
+    overrides its config's fields (e.g. `num_hidden_layers`)."""
     torch.manual_seed(seed)
-    model = FAMILIES[family]()
+    model = FAMILIES[family](**config)
     model.set_attn_implementation("eager")
     return model.to(dtype=dtype, device=device).eval()

@@ -21,6 +21,9 @@ GraphSink = Callable[[torch.fx.GraphModule], None]
 Lower = Callable[[torch.fx.GraphModule], Callable[..., Any]]
 LoweredSink = Callable[[list[str | None], Sequence[Any], Any, torch.fx.GraphModule], None]
 """(Dynamo's source of each input, Dynamo's example inputs, what runs, the ATen graph): see `make_backend`."""
+Expand = Callable[[torch.fx.GraphModule, list[str | None]], tuple[list[str], list[Any], list[Any]]]
+"""Extends the ATen graph in place before it is lowered (`capture.replicate`): (graph, sources) -> the sources,
+Dynamo-level values and AOT-level (fake) values of the inputs it added."""
 
 
 _NOT_RUN = torch.empty(0)  # what a trace-only call returns
@@ -30,6 +33,7 @@ def make_backend(
     lower: Lower | None = None, on_graph: GraphSink | None = None, inductor: bool = False,
     fuse_linears: bool = False, program: Callable[[Any], Callable[..., Any]] | None = None,
     on_lowered: LoweredSink | None = None, skip_run: Callable[[], bool] | None = None,
+    expand: Expand | None = None,
 ) -> Callable[..., Any]:
     """Return a `torch.compile` backend that lowers each captured graph to ATen and runs it.
 
@@ -47,6 +51,7 @@ def make_backend(
     `on_lowered` receives, once lowered, how each input is read off the call (Dynamo's source expressions, as
     `capture.store` persists them), Dynamo's example inputs, what runs, and the ATen graph. While `skip_run()`
     is true, calls of the compiled step return without running it (a trace-only call: see `StepFunction.trace`).
+    `expand` extends the ATen graph before anything else sees it (the replicated layers of `capture.replicate`).
     """
     if inductor and lower is not None:
         raise ValueError("inductor=True compiles the whole step itself; it takes no `lower`")
@@ -61,6 +66,11 @@ def make_backend(
 
         def compile_aten(aten_gm: torch.fx.GraphModule, aten_inputs: Sequence[Any]) -> Any:
             times["aot"] = time.perf_counter()
+            inputs, graph_sources = list(example_inputs), list(sources)
+            if expand is not None:
+                added, values, fakes = expand(aten_gm, graph_sources)
+                graph_sources, inputs, aten_inputs = graph_sources + added, inputs + values, [*aten_inputs, *fakes]
+                times["replicate"] = time.perf_counter()
             aten_gm.meta["nanoflow_compile_times"] = times
             aten_gm.meta["nanoflow_fused_linears"] = fused  # groups of linears merged into one GEMM
             aten_gm.graph.eliminate_dead_code()
@@ -84,7 +94,7 @@ def make_backend(
                 lowered = lower(aten_gm) if lower is not None else aten_gm
             times["lower"] = time.perf_counter()
             if on_lowered is not None:
-                on_lowered(sources, example_inputs, lowered, aten_gm)
+                on_lowered(graph_sources, inputs, lowered, aten_gm)
             if skip_run is None:
                 return lowered
             run = lowered

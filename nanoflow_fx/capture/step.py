@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from nanoflow_fx.capture.backend import GraphSink, LoweredSink
+from nanoflow_fx.capture import replicate
 from nanoflow_fx.capture.hf_attention import METADATA_KWARG
+from nanoflow_fx.capture.replicate import LayerStack
 from nanoflow_fx.capture.store import LoadedStep, StepStore, saved_step
 from nanoflow_fx.ops import AttentionMetadata
 
@@ -34,11 +35,15 @@ class StepFunction:
     and runs it without Dynamo (`loaded`); otherwise the first capture is saved there once lowered.
     """
 
-    def __init__(self, model: PreTrainedModel,
-                 make_backend: Callable[[GraphSink, LoweredSink, Callable[[], bool]], Any],
-                 store: StepStore | None = None) -> None:
-        """`make_backend(on_graph, on_lowered, skip_run)` returns the torch.compile backend to capture with."""
+    def __init__(self, model: PreTrainedModel, make_backend: Callable[..., Any], store: StepStore | None = None,
+                 stack: LayerStack | None = None) -> None:
+        """`make_backend(on_graph, on_lowered, skip_run, expand=None)` returns the torch.compile backend to capture
+        with. With a `stack`, the first capture traces its first layers only and replicates them
+        (`capture.replicate`): `replicated` runs it; a call it does not serve goes through Dynamo."""
         self.model = model
+        self.make_backend = make_backend
+        self.stack = stack
+        self.replicated: LoadedStep | None = None  # the step traced with `stack` truncated, then replicated
         self.graphs: list[torch.fx.GraphModule] = []
         self.compile_seconds = 0.0  # wall time of the calls that captured (and compiled) a new graph
         self.compile_breakdown: dict[str, float] = {}  # of which Dynamo, our FX passes, AOT, lowering (seconds)
@@ -65,9 +70,18 @@ class StepFunction:
         logits_indices: torch.Tensor,  # [N] int64
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [N, vocab]
-        loaded = self._loaded_for(metadata)
-        if loaded is not None:
-            return loaded(self.model, input_ids, position_ids, logits_indices, metadata)
+        args = (input_ids, position_ids, logits_indices, metadata)
+        direct = self._loaded_for(metadata)
+        if direct is None and self.stack is not None and not self.graphs:
+            self._trace_replicated(*args)
+            direct = self._loaded_for(metadata)
+        if direct is not None:
+            return direct(self.model, *args)
+        return self._dynamo(self._compiled, *args)  # type: ignore[no-any-return]
+
+    def _dynamo(self, compiled: Callable[..., Any], input_ids: torch.Tensor, position_ids: torch.Tensor,
+                logits_indices: torch.Tensor, metadata: AttentionMetadata) -> Any:
+        """Call `compiled` (a torch.compile of the step) on the model, accounting for the time of a capture."""
         # The step's sizes (tokens, requests, pages used, logits rows) are symbolic; the builder keeps each >= 2
         # so Dynamo never specialises them on 0/1. The KV caches and weights keep static shapes.
         for tensor in (input_ids, position_ids, logits_indices, *metadata.tensors()):
@@ -81,7 +95,7 @@ class StepFunction:
                           logits_indices=logits_indices, metadata=metadata)
         try:
             with torch.fx.experimental._config.patch(use_duck_shape=False):
-                out = self._compiled(self.model, input_ids, position_ids, logits_indices, metadata)
+                out = compiled(self.model, input_ids, position_ids, logits_indices, metadata)
         finally:
             self._call = None
         if len(self.graphs) != seen:
@@ -89,12 +103,60 @@ class StepFunction:
             self.compile_seconds += end - start
             marks = self.graphs[-1].meta.get("nanoflow_compile_times", {})
             previous = start
-            for stage in ("dynamo", "fx_passes", "aot", "lower"):
+            for stage in ("dynamo", "fx_passes", "aot", "replicate", "lower"):
                 if stage in marks:
                     self.compile_breakdown[f"{stage}_s"] = self.compile_breakdown.get(f"{stage}_s", 0.0) + (
                         marks[stage] - previous)
                     previous = marks[stage]
-        return out  # type: ignore[no-any-return]
+        return out
+
+    @torch.no_grad()
+    def _trace_replicated(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_indices: torch.Tensor,
+                          metadata: AttentionMetadata) -> None:
+        """Trace the step with the layer stack cut to its first layers and replicate them (`capture.replicate`),
+        without running it; `replicated` then runs it. On any failure, forget the attempt (the caller traces every
+        layer)."""
+        stack, self.stack = self.stack, None  # one attempt
+        assert stack is not None
+        lowered: list[Any] = []
+
+        def expand(aten_gm: torch.fx.GraphModule, sources: list[str | None]) -> tuple[list[str], list[Any], list[Any]]:
+            call = self._call
+
+            def read(srcs: list[str]) -> list[Any]:
+                with stack.whole():
+                    return list(LoadedStep.reader(srcs)(call))
+
+            added, templates, values = replicate.expand(stack, aten_gm, sources, read)
+            return added, values, [p.meta.get("val") for p in templates]
+
+        def on_lowered(sources: list[str | None], example_inputs: Any, run: Any, aten_gm: torch.fx.GraphModule) -> None:
+            lowered.append((sources, run))
+            with stack.whole():  # its inputs are read off the whole model
+                self._save(sources, example_inputs, run, aten_gm)
+
+        # Its own code object: the truncated model's compiled entry lives and dies with this function, never in the
+        # cache `self._compiled` consults.
+        fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_layers")
+        backend = self.make_backend(self.graphs.append, on_lowered, lambda: True, expand)
+        compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False,
+                                 options={"guard_filter_fn": _drop_registry_guards})
+        seen = len(self.graphs)
+        try:
+            with stack.truncated():
+                self._dynamo(compiled, input_ids, position_ids, logits_indices, metadata)
+        except Exception as e:  # noqa: BLE001 - replication is an optimisation: trace every layer instead
+            del self.graphs[seen:]
+            reason = e.__cause__ if isinstance(e.__cause__, replicate.NotReplicable) else e
+            log.info("nanoflow_fx: layers not replicated (%s: %s); tracing all %d", type(reason).__name__, reason,
+                     stack.num_layers)
+            return
+        if not lowered or len(self.graphs) != seen + 1:
+            del self.graphs[seen:]
+            return
+        sources, run = lowered[-1]
+        self.replicated = LoadedStep(run, sources, metadata.backend, len(metadata.kv_caches))
+        self.graphs[-1].meta["nanoflow_replicated"] = (stack.traced, stack.num_layers, stack.period)
 
     def trace(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_indices: torch.Tensor,
               metadata: AttentionMetadata) -> None:
@@ -103,6 +165,10 @@ class StepFunction:
         builds its kernels."""
         if self.graphs or self._loaded_for(metadata) is not None:
             return
+        if self.stack is not None:
+            self._trace_replicated(input_ids, position_ids, logits_indices, metadata)
+            if self.replicated is not None:
+                return
         self._trace_only = True
         try:
             self(input_ids, position_ids, logits_indices, metadata)
@@ -118,17 +184,26 @@ class StepFunction:
         finally:
             self.loaded = loaded
 
+    @property
+    def direct(self) -> LoadedStep | None:
+        """What runs without Dynamo: the step loaded from the store, or the replicated trace."""
+        return self.loaded or self.replicated
+
     def discard_loaded(self) -> None:
-        """Forget the loaded step and delete its file: the next call traces (and saves) the step afresh."""
-        self.loaded = None
+        """Forget the loaded (or replicated) step and delete its file: the next call traces every layer (and saves
+        the step) afresh."""
+        if self.replicated is not None:
+            self.graphs.clear()
+        self.loaded = self.replicated = None
+        self.stack = None
         if self.store is not None:
             self.store.discard()
 
     def _loaded_for(self, metadata: AttentionMetadata) -> LoadedStep | None:
-        """The saved step (loaded on the first call), if it serves this call."""
+        """The saved step (loaded on the first call) or the replicated one, if it serves this call."""
         if not self._load_tried:
             self._load()
-        return self.loaded if self.loaded is not None and self.loaded.accepts(metadata) else None
+        return next((s for s in (self.loaded, self.replicated) if s is not None and s.accepts(metadata)), None)
 
     def _load(self) -> None:
         self._load_tried = True

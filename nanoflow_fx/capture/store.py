@@ -110,19 +110,26 @@ def saved_step(sources: Sequence[str | None], lowered: Any, metadata: AttentionM
 
 
 class LoadedStep:
-    """A `SavedStep` ready to run: called like the step function, it reads the graph's inputs off the call with
-    the saved expressions and runs the lowered graph (no Dynamo, no guards: `accepts` is the check)."""
+    """A lowered step that runs without Dynamo: called like the step function, it reads the graph's inputs off
+    the call with Dynamo's source expressions and runs the lowered graph (no guards: `accepts` is the check).
+    Built from a `SavedStep` (`from_saved`) or from a trace (`capture.replicate`)."""
 
-    def __init__(self, saved: SavedStep) -> None:
-        self.saved = saved
+    def __init__(self, graph: Any, sources: Sequence[str | None], backend: str, num_caches: int) -> None:
+        if any(s is None for s in sources):
+            raise ValueError("every input of a step run without Dynamo needs a source")
+        self.graph = graph
+        self.backend, self.num_caches = backend, num_caches
+        self.read_inputs = self.reader([s for s in sources if s is not None])
+
+    @classmethod
+    def from_saved(cls, saved: SavedStep) -> LoadedStep:
         compiled = [_Compiled(piece.load()) for piece in saved.pieces]
         graph = saved.graph
         for name in dict.fromkeys(n.target for n in graph.graph.find_nodes(op="call_module")):
             module = graph.get_submodule(name)
             if isinstance(module, _Slot):
                 setattr(graph, name, compiled[module.index])
-        self.graph = graph
-        self.read_inputs = self.reader(saved.sources)
+        return cls(graph, saved.sources, saved.backend, saved.num_caches)
 
     @staticmethod
     def reader(sources: Sequence[str]) -> Any:
@@ -131,7 +138,7 @@ class LoadedStep:
             compile(f"lambda L: ({', '.join(sources)},)", "<nanoflow_fx step inputs>", "eval"))
 
     def accepts(self, metadata: AttentionMetadata) -> bool:
-        return metadata.backend == self.saved.backend and len(metadata.kv_caches) == self.saved.num_caches
+        return metadata.backend == self.backend and len(metadata.kv_caches) == self.num_caches
 
     def __call__(self, model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  logits_indices: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -167,7 +174,7 @@ class StepStore:
             data = torch.load(self.path, weights_only=False)
             if not isinstance(data, dict) or data.get("format") != _FORMAT:
                 raise ValueError(f"unknown format {data.get('format') if isinstance(data, dict) else type(data)}")
-            return LoadedStep(data["step"])
+            return LoadedStep.from_saved(data["step"])
         except Exception as e:  # noqa: BLE001 - any failure means: trace as if there were no file
             log.warning("nanoflow_fx: could not load the saved step %s (%s: %s); tracing it again", self.path,
                         type(e).__name__, e)
