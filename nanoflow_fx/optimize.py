@@ -78,6 +78,10 @@ class NanoFlowRuntime:
             _step_store(model, self.config, self.attention_backend.name),
             find_layer_stack(model, self.layers) if self.config.replicate_layers and self.device.type != "meta"
             else None)
+        # The attention backend readies its kernels from here on (FlashInfer: a JIT build of ~25 s on a fresh
+        # machine, the longest part of a fresh optimize()), while the step is traced; `_build` waits for them.
+        self.attention_ready = self.attention_backend.prepare(self.attention_configs, self.config.page_size,
+                                                              self.dtype, self.device)
         self.capture_seconds = 0.0  # all of optimize()'s capture work; `timings` breaks it down
         self.timings: dict[str, float] = {}
         self.kv_cache: PagedKVCache
@@ -180,11 +184,10 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     search = cfg.num_nanobatches == "auto" and runtime.device.type == "cuda"
     with tqdm(total=4 + search, desc="nanoflow_fx.optimize", unit="phase", delay=3.0, leave=False,
               disable=None) as bar:
-        # The attention backend readies its kernels (FlashInfer: a JIT build on a fresh machine) while the step is
-        # traced (or loaded) for the probe's inputs without running it; the probe then runs what both made.
+        # The step is traced (or loaded) for the probe's inputs without running it while the attention backend
+        # readies its kernels (started by NanoFlowRuntime); the probe then runs what both made.
         bar.set_postfix_str("capture the step")
-        wait = runtime.attention_backend.prepare(runtime.attention_configs, cfg.page_size, runtime.dtype,
-                                                 runtime.device)
+        wait = runtime.attention_ready
         runtime.runner.run_prompts(_probe_prompts(model, runtime), all_logits=True, trace_only=True)
         traced = time.perf_counter()
         if wait is not None:
