@@ -35,6 +35,13 @@ def _step_logits(model: torch.nn.Module, lengths: list[int]) -> torch.Tensor:
     return model.nanoflow.runner.run_prompts(prompts, all_logits=True)
 
 
+def _layers(gm: torch.fx.GraphModule, step_fn: object) -> Counter[int | None]:
+    """How many nodes Dynamo's module stack puts in each layer."""
+    stack = replicate.find_layer_stack(step_fn.model, step_fn.model.nanoflow.layers)  # type: ignore[attr-defined]
+    pattern = replicate._module_pattern(stack.path if stack else "model.layers")
+    return Counter(replicate._stack_layer(n, pattern) for n in gm.graph.nodes if n.op == "call_function")
+
+
 def _targets(gm: torch.fx.GraphModule) -> Counter[str]:
     return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
@@ -49,8 +56,10 @@ def test_the_replicated_step_is_the_fully_traced_step(family: str) -> None:
     assert step_fn.graphs[0].meta["nanoflow_replicated"] == (traced, layers, period) and traced < layers
     full = nanoflow_fx.optimize(_deep(family), dataclasses.replace(DEFAULT_CONFIG, replicate_layers=False))
     assert full.nanoflow.step_fn.replicated is None
-    # The same ops, as many of each: every layer is in the graph (an 8-layer model has 8 attention calls) ...
+    # The same ops, as many of each: every layer is in the graph (an 8-layer model has 8 attention calls), each
+    # copied node labelled with the layer it runs in ...
     assert _targets(step_fn.graphs[0]) == _targets(full.nanoflow.step_fn.graphs[0])
+    assert _layers(step_fn.graphs[0], step_fn) == _layers(full.nanoflow.step_fn.graphs[0], step_fn)
     # ... each reading its own weights and cache, in the same order: the same numbers, bit for bit.
     for lengths in ([5, 1, 8], [1, 1], [3, 2, 2, 1]):
         assert torch.equal(_step_logits(model, lengths), _step_logits(full, lengths))

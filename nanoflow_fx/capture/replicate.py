@@ -315,6 +315,7 @@ def expand(stack: LayerStack, gm: GraphModule, sources: Sequence[str | None],
         for x in layers[t]:
             with graph.inserting_before(first_after):
                 e[x] = graph.node_copy(x, remap)
+            _relabel(e[x], i, module_pattern)
     for x in [*(x for x in nodes if region[x] == _EPILOGUE), graph.output_node()]:
         def remap_epilogue(u: Node) -> Node:
             r = region[u]
@@ -326,6 +327,23 @@ def expand(stack: LayerStack, gm: GraphModule, sources: Sequence[str | None],
     graph.lint()
     gm.recompile()
     return added, templates, values
+
+
+def _relabel(node: Node, layer: int, pattern: re.Pattern[str]) -> None:
+    """A copied node's module stack names the layer it now runs in (not the template's)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return
+
+    def path(p: str) -> str:
+        m = pattern.match(p)
+        if m is None:
+            return p
+        group = "a" if m.group("a") is not None else "b"
+        return p[: m.start(group)] + str(layer) + p[m.end(group):]
+
+    node.meta["nn_module_stack"] = {
+        key: (path(value[0]), *value[1:]) if isinstance(value, tuple) else value for key, value in stack.items()}
 
 
 def _source_pattern_owners(path: str, placeholders: Sequence[Node],
