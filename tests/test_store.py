@@ -205,7 +205,8 @@ def test_a_loaded_step_on_cuda_computes_what_the_traced_one_does(tmp_path: Path,
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     want = traced.nanoflow.runner.run_prompts(prompts, all_logits=True)
     got = loaded.nanoflow.runner.run_prompts(prompts, all_logits=True)
-    assert torch.equal(got, want)  # the same kernels on the same inputs
+    # The same kernels on the same inputs (one H200 run saw fp32 bits differ, unexplained: report by how much)
+    assert torch.equal(got, want), f"max |loaded - traced| = {(got - want).abs().max().item():.3g}"
     ids = _prompts().cuda()
     assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False),
                        traced.generate(ids, max_new_tokens=6, do_sample=False))
