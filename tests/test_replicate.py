@@ -191,3 +191,34 @@ def test_the_replicated_step_on_cuda_is_the_fully_traced_step(family: str, backe
     ids = torch.randint(3, 500, (3, 30), generator=torch.Generator().manual_seed(8)).cuda()
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False),
                        full.generate(ids, max_new_tokens=12, do_sample=False))
+
+
+def test_a_hook_that_differs_per_layer_keeps_every_layer_traced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward hooks are part of what a layer computes. One bound to its layer (here a partial scaling layer i's
+    output by 1 + i/10) makes the layers' signatures differ, so none is copied; and were the signatures blind to
+    it, the traced layers' graphs differ (the factor is a constant in each), so the node-for-node check refuses
+    to copy them. Either way the hooks' effect is in the step."""
+    import functools
+
+    def scale(factor: float, module: torch.nn.Module, args: object, output: object) -> object:
+        return (output[0] * factor, *output[1:]) if isinstance(output, tuple) else output * factor
+
+    def hooked() -> tf.PreTrainedModel:
+        model = _deep("llama", 5)
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_hook(functools.partial(scale, 1 + i / 10))
+        return model
+
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = hooked().generate(ids, max_new_tokens=4, do_sample=False)
+    model = nanoflow_fx.optimize(hooked(), DEFAULT_CONFIG)
+    assert replicate.find_layer_stack(model, model.nanoflow.layers) is None
+    assert model.nanoflow.step_fn.replicated is None
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), want)
+
+    monkeypatch.setattr(replicate, "_signature", lambda *args: "alike")  # the signatures miss the hooks
+    model = nanoflow_fx.optimize(hooked(), DEFAULT_CONFIG)
+    assert replicate.find_layer_stack(model, model.nanoflow.layers) is not None
+    assert model.nanoflow.step_fn.replicated is None  # refused by the node-for-node check
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), want)

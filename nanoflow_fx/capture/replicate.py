@@ -137,6 +137,8 @@ def _signature(layer: torch.nn.Module, index: int, attention: Any) -> str:
         for key, value in sorted(vars(module).items()):
             if key in ("_parameters", "_buffers", "_modules") or (key == "layer_idx" and value == index):
                 continue
+            if "hooks" in key and isinstance(value, dict):  # keyed by handle ids, unique per registration
+                value = list(value.values())
             parts.append((path, key, _value_key(value)))
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
