@@ -84,13 +84,13 @@ class NanoFlowConfig:
     computes as before), and the captured step runs one GEMM per group. See `nanoflow_fx.capture.fuse_linears`."""
 
     replicate_layers: bool = True
-    """Trace only the first period of the model's repeated decoder layers (one layer for a Llama, two for
-    Gemma-2's sliding/global pairs) and copy its graph for the others, each copy reading its own weights and KV
-    cache, instead of tracing every layer: Dynamo and AOTAutograd then cost about as much for a 32-layer model as
-    for a 2-layer one. Layers repeat when their classes, attributes (but `layer_idx`), parameter layout and
-    attention configuration are equal; the traced layers are also checked against each other node for node, and
-    the result against the eager model (`check_capture`). Models whose layers do not repeat are traced whole.
-    See `nanoflow_fx.capture.replicate`."""
+    """Trace only the first layers of the model's repeated decoder layers (three periods: 3 layers of a Llama, 6-7 of a
+    Gemma-2, whose sliding/global layers alternate) and copy their graph for the others, each copy reading its own
+    weights and KV cache, instead of tracing every layer: Dynamo and AOTAutograd then cost about as much for a 32-layer
+    model as for a 3-layer one. Layers repeat when their classes, attributes (but `layer_idx`), hooks, parameter layout
+    and attention configuration are equal; the traced layers are also checked against each other node for node, and the
+    result against the eager model (`check_capture`). Models whose layers do not repeat are traced whole. See
+    `nanoflow_fx.capture.replicate`."""
 
     cuda_graphs: bool = True
     """On CUDA with the "triton" or "flashinfer" backend: replay decode-sized steps as CUDA graphs."""

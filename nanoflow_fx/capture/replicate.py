@@ -1,10 +1,11 @@
-"""Layer replication: trace one period of a model's repeated decoder layers and copy it for the others.
+"""Layer replication: trace the first periods of a model's repeated decoder layers and copy them for the others.
 
 Dynamo and AOTAutograd spend their time per traced op: an 8B Llama's 32 layers cost them ~20 s on an H100 host,
 on every fresh machine (benchmarks/RESULTS.md), although every layer runs the same code on its own weights and KV
 cache. When the layers repeat with a period p (Llama: every layer alike, p = 1; Gemma-2's sliding/global
-alternation: p = 2), nanoflow_fx traces the model with its layer list cut to the first T layers (T >= 2p, T = N
-modulo p) and extends the traced ATen graph to all N layers:
+alternation: p = 2), nanoflow_fx traces the model with its layer list cut to the first T layers (T >= 3p, T = N
+modulo p: the first period reads the prologue where later ones read their predecessor, so two more periods are
+each checked against the one before) and extends the traced ATen graph to all N layers:
 
 1. Each node is assigned to the layer it runs in: by Dynamo's `nn_module_stack` (the layer module it was traced
    in), or, for nodes without one (the fused-linear views our passes add), by the latest layer among its inputs.
@@ -19,10 +20,10 @@ modulo p) and extends the traced ATen graph to all N layers:
    values of the layers before it. The epilogue then reads layer N-1.
 
 Which layers repeat is decided before tracing (`find_layer_stack`): same class and submodule classes, the same
-attributes (but `layer_idx`) with equal values, the same parameter and buffer layout (shapes, strides, dtypes,
-which share a storage), the same attention configuration. The result is the graph a full trace gives, up to node
-names; `optimize()` checks it against the eager model like any capture, and any surprise (`NotReplicable`) falls
-back to tracing every layer.
+attributes (but `layer_idx`) with equal values, the same hooks, the same parameter and buffer layout (shapes, strides,
+dtypes, which share a storage), the same attention configuration. The result is the graph a full trace gives, up to node
+names; `optimize()` checks it against the eager model like any capture, and any surprise (`NotReplicable`) falls back to
+tracing every layer.
 """
 
 from __future__ import annotations
