@@ -57,16 +57,24 @@ class NanoFlowRuntime:
     """What `optimize()` attaches to a model as `model.nanoflow`: the resolved config, the captured step, the
     KV cache, the step runner and the engine."""
 
-    def __init__(self, model: PreTrainedModel, config: NanoFlowConfig, layout: FusedLayout,
-                 original_attention: str) -> None:
+    def __init__(self, model: PreTrainedModel, config: NanoFlowConfig, original_attention: str,
+                 relayout: Callable[[], FusedLayout]) -> None:
+        """`relayout()` lays out the fused linears' weights (`fuse_linears`); it runs once the attention backend
+        has started readying its kernels."""
         self.original_attention = original_attention  # restored if optimize() fails or runs again
         self.dtype, self.device = next(model.parameters()).dtype, model.device
         self.layers = discover_layers(model)  # layer i's attention configuration
-        self.config = _resolve(config, model, self.device, self.dtype)
         self.attention_configs = tuple(dict.fromkeys(self.layers))
         self.attention_backend = attention_backends.choose(config.attention_backend, self.attention_configs,
                                                            self.dtype, self.device)
-        self.layout = layout
+        # The attention backend readies its kernels from here on (FlashInfer: a JIT build of ~26 s on a fresh
+        # machine, the longest part of a fresh optimize()), while the weights are laid out and the step traced;
+        # `_build` waits for them. So it starts first, as soon as the layers' shapes are known.
+        self.attention_ready = self.attention_backend.prepare(self.attention_configs, config.page_size,
+                                                              self.dtype, self.device)
+        self.attention_started = time.perf_counter()
+        self.config = _resolve(config, model, self.device, self.dtype)
+        self.layout = relayout()
         # Nano-batched configurations run the step as a program of pieces that can be cut per step; each cut
         # step's record reaches the program through this channel.
         self.channel = StepChannel() if self.config.num_nanobatches != 1 else None
@@ -78,10 +86,6 @@ class NanoFlowRuntime:
             _step_store(model, self.config, self.attention_backend.name),
             find_layer_stack(model, self.layers) if self.config.replicate_layers and self.device.type != "meta"
             else None)
-        # The attention backend readies its kernels from here on (FlashInfer: a JIT build of ~25 s on a fresh
-        # machine, the longest part of a fresh optimize()), while the step is traced; `_build` waits for them.
-        self.attention_ready = self.attention_backend.prepare(self.attention_configs, self.config.page_size,
-                                                              self.dtype, self.device)
         self.capture_seconds = 0.0  # all of optimize()'s capture work; `timings` breaks it down
         self.timings: dict[str, float] = {}
         self.kv_cache: PagedKVCache
@@ -149,19 +153,24 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
     _use_cache_dir(config)
     _teardown(model)
     original_attention = model.config._attn_implementation
-    layout = FusedLayout(())
+    layouts: list[FusedLayout] = []
+
+    def relayout() -> FusedLayout:
+        layouts.append(FusedLayout(()) if not config.fuse_linears or model.device.type == "meta" else  # meta: no
+                       relayout_parallel_linears(model, _relayout_probe(model)))  # weights to lay out, no probe
+        return layouts[-1]
+
     try:
         begin = time.perf_counter()
         model.eval()
-        if config.fuse_linears and model.device.type != "meta":  # meta: no weights to lay out, and no probe
-            layout = relayout_parallel_linears(model, _relayout_probe(model))
         hf_attention.register()
         model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
         _use_static_experts(model)
-        runtime = NanoFlowRuntime(model, config, layout, original_attention)
+        runtime = NanoFlowRuntime(model, config, original_attention, relayout)
         _build(model, runtime, begin)
     except BaseException:
-        layout.undo()
+        for layout in layouts:
+            layout.undo()
         model.set_attn_implementation(original_attention)
         raise
     model.nanoflow = runtime  # type: ignore[assignment]
@@ -230,7 +239,10 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     compile_s = runtime.step_fn.compile_seconds
     graphs = runtime.runner.cuda_graphs
     probe_s = probed - start - compile_s - (prepared - traced)
+    build_s = getattr(wait, "seconds", None)  # how long the backend took to ready its kernels, if it says
     runtime.timings = dict(setup_s=start - begin, compile_s=compile_s, attention_wait_s=prepared - traced,
+                           attention_start_s=runtime.attention_started - begin,
+                           **({"attention_build_s": build_s} if build_s is not None else {}),
                            probe_s=probe_s, kv_sizing_s=sized - probed,
                            cuda_graphs_s=graphs.capture_seconds if graphs else 0.0,
                            schedule_search_s=time.perf_counter() - searched if search else 0.0,

@@ -94,6 +94,7 @@ class FlashInferBackend(AttentionBackend):
         failure here is only logged: the step's own planning then raises it where it belongs."""
         _workspace(device)  # created here, not raced for by the thread
         failure: list[BaseException] = []
+        start = time.perf_counter()
 
         def build() -> None:
             try:
@@ -107,9 +108,8 @@ class FlashInferBackend(AttentionBackend):
                     torch.cuda.current_stream(device).synchronize()
             except BaseException as e:  # noqa: BLE001 - reported by wait()
                 failure.append(e)
-
-        thread = threading.Thread(target=build, name="nanoflow_fx-flashinfer-build", daemon=True)
-        thread.start()
+            finally:
+                wait.seconds = time.perf_counter() - start
 
         def wait() -> None:
             thread.join()
@@ -117,6 +117,9 @@ class FlashInferBackend(AttentionBackend):
                 log.warning("nanoflow_fx: preparing FlashInfer's kernels failed: %s: %s", type(failure[0]).__name__,
                             failure[0])
 
+        wait.seconds = None  # type: ignore[attr-defined]  # the build's duration, once done (timings)
+        thread = threading.Thread(target=build, name="nanoflow_fx-flashinfer-build", daemon=True)
+        thread.start()
         return wait
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
