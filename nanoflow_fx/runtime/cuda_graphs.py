@@ -84,18 +84,20 @@ class CudaGraphRunner:
             return None
         for bucket in self.buckets:
             if num_tokens <= bucket:  # padding tokens are one-token requests: see `build_step`
-                bucket = self.route.get(bucket, bucket)
-                shape = StepShape(bucket, bucket, self.kv_cache.allocator.num_pages + bucket, bucket)
+                shape = self._shape(self.route.get(bucket, bucket))
                 return shape if num_logits <= shape.logits else None
         return None
+
+    def _shape(self, bucket: int) -> StepShape:
+        """The static shape of `bucket`'s graph."""
+        return StepShape(bucket, bucket, self.kv_cache.allocator.num_pages + bucket, bucket)
 
     def capture_all(self) -> None:
         """Capture every bucket, largest first (later, smaller graphs reuse the pool's blocks)."""
         start = time.perf_counter()
         pool = None
         for bucket in reversed(self.buckets):
-            shape = self.shape_for(bucket, 0)
-            assert shape is not None
+            shape = self._shape(bucket)
             self.graphs[shape] = self._capture(shape, pool)
             pool = self.graphs[shape].graph.pool()
         torch.cuda.synchronize()
@@ -107,10 +109,11 @@ class CudaGraphRunner:
     def _measure_buckets(self, replays: int = 3) -> None:
         """Time each bucket's graph (its capture inputs: one-token padding requests, so mostly the GEMMs and the
         elementwise work) and route a bucket's steps to a larger bucket's graph where that replays >5% faster.
-        cuBLAS does not always get faster with fewer rows: on an H100 the 8B model's 448-row decode step took
-        27.0 ms against 22.9 ms for 512 rows (benchmarks/bench_buckets.py)."""
+        cuBLAS does not always get faster with fewer rows: on an H100 an 8B model's 448-request decode step took
+        27.6 ms in the 448 graph (GEMMs 14.2 ms) against 23.8 ms for 449 requests in the 512 graph (GEMMs 9.9 ms;
+        benchmarks/bench_buckets.py)."""
         for bucket in self.buckets:
-            graph = self.graphs[self.shape_for(bucket, 0)].graph  # type: ignore[index]
+            graph = self.graphs[self._shape(bucket)].graph
             graph.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
