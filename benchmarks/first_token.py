@@ -4,7 +4,11 @@ fresh process with the on-disk caches as they are, then again in a second fresh 
     python benchmarks/first_token.py [--config '{"max_num_tokens": 2048}'] [--out first_token.json]
 
 Each run prints `optimize()`'s breakdown (`model.nanoflow.timings`) and the first generate call (1 prompt of 128
-tokens, 1 new token).
+tokens, 1 new token). Then, whether or not the first steps ran on the interim kernel
+(`NanoFlowConfig.interim_attention`), 32 more tokens are generated at once (`after_first_32_tokens_s`: on the
+interim kernel if the attention backend is still being built), the backend's build is waited for, and 32 tokens
+are generated again (`ready_32_tokens_s`; the switch to the backend, if still due, happens at its first step and is
+reported in `timings` as `attention_switch_s` / `attention_switch_cost_s`).
 """
 
 from __future__ import annotations
@@ -37,8 +41,20 @@ def one_run(config: str) -> dict:
     out = model.generate(ids, max_new_tokens=1, do_sample=False)
     out.tolist()
     done = time.perf_counter()
+    interim_after_first = model.nanoflow.runner.interim is not None
+    model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False).tolist()
+    more = time.perf_counter()
+    if model.nanoflow.attention_ready is not None:
+        model.nanoflow.attention_ready.wait()
+    ready = time.perf_counter()
+    model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False).tolist()
+    again = time.perf_counter()
     return dict(import_s=imported - start, build_model_s=built - imported, optimize_s=optimized - built,
                 first_generate_s=done - optimized, optimize_to_first_token_s=done - built,
+                interim_after_first_token=interim_after_first, after_first_32_tokens_s=more - done,
+                wait_for_backend_s=ready - more, ready_32_tokens_s=again - ready,
+                interim_at_end=model.nanoflow.runner.interim is not None,
+                cuda_graphs=model.nanoflow.runner.cuda_graphs is not None,
                 timings=model.nanoflow.timings, config=model.nanoflow.config.to_dict(),
                 step_loaded=model.nanoflow.step_fn.loaded is not None,
                 step_replicated=model.nanoflow.step_fn.replicated is not None,

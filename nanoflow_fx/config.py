@@ -61,6 +61,13 @@ class NanoFlowConfig:
     needs `pip install flashinfer-python`), or "auto": flashinfer where it can run, else triton on CUDA when
     Triton imports, else torch."""
 
+    interim_attention: bool = True
+    """While the attention backend's kernels are still being built when the step is ready (FlashInfer's JIT build,
+    ~25 s, on a fresh machine), run the first steps on Triton's kernel (the same captured step; checked against the
+    eager model like any step) instead of waiting, and switch to the backend at the first step after its build (its
+    check and the CUDA-graph capture run then). `optimize()` then returns sooner, and the first tokens come from
+    slower eager steps. False: `optimize()` waits for the build. Steps cut into nano-batches always wait."""
+
     sm_partition: str = "off"
     """The execution units of nano-batched CUDA steps: "off" (one stream, in the Schedule's order), "streams"
     (a stream per unit, events for cross-unit waits), "soft" (the memory unit's attention confined to
@@ -134,7 +141,8 @@ class NanoFlowConfig:
             )
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ValueError(f"NanoFlowConfig.cache_dir must be a path string or None, got {self.cache_dir!r}")
-        for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears", "save_step", "replicate_layers"):
+        for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears", "save_step", "replicate_layers",
+                     "interim_attention"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "inductor" and value == "auto"):
                 raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {value!r}")

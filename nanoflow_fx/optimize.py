@@ -27,12 +27,13 @@ from nanoflow_fx.cost.device import measure_ceilings, token_budget
 from nanoflow_fx.cost.search import UNSPLIT, StepShape, TunedPolicy, candidates, tune
 from nanoflow_fx.errors import CaptureMismatchError, KVCacheExhaustedError, NanoFlowError
 from nanoflow_fx.ops import backend as attention_backends
+from nanoflow_fx.ops.backend import AttentionBackend
 from nanoflow_fx.runtime.continuous import ContinuousBatchingManager, generate_batch
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
 from nanoflow_fx.runtime.kv_cache import PagedKVCache, page_bytes
 from nanoflow_fx.runtime.program_runner import Cut, ProgramRunner, StepChannel, make_units
-from nanoflow_fx.runtime.step_runner import StepRunner
+from nanoflow_fx.runtime.step_runner import StepRunner, Switch
 from nanoflow_fx.schedule import Split
 
 __all__ = ["optimize", "backend", "NanoFlowRuntime"]
@@ -73,6 +74,11 @@ class NanoFlowRuntime:
         self.attention_ready = self.attention_backend.prepare(self.attention_configs, config.page_size,
                                                               self.dtype, self.device)
         self.attention_started = time.perf_counter()
+        # While the backend's kernels are built, steps may run on a stand-in (`_start_interim`): what every
+        # step runner made by `use_cache` is then given (`StepRunner.run_interim`).
+        self.interim: tuple[AttentionBackend, Callable[[], bool], Switch] | None = None
+        self.probe: tuple[list[list[int]], torch.Tensor] | None = None  # the check's prompts, eager logits
+        self.cache_sized = False  # the KV cache is the one it keeps (CUDA graphs are captured on it)
         self.config = _resolve(config, model, self.device, self.dtype)
         self.layout = relayout()
         # Nano-batched configurations run the step as a program of pieces that can be cut per step; each cut
@@ -97,6 +103,8 @@ class NanoFlowRuntime:
         self.kv_cache = kv_cache
         self.runner = StepRunner(self.step_fn, kv_cache, self.config, self.attention_backend,
                                  self.attention_configs, self.channel, self.split_policy)
+        if self.interim is not None:
+            self.runner.run_interim(*self.interim)
         self.engine = Engine(self.runner, self.config)
 
     @property
@@ -194,19 +202,21 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     with tqdm(total=4 + search, desc="nanoflow_fx.optimize", unit="phase", delay=3.0, leave=False,
               disable=None) as bar:
         # The step is traced (or loaded) for the probe's inputs without running it while the attention backend
-        # readies its kernels (started by NanoFlowRuntime); the probe then runs what both made.
+        # readies its kernels (started by NanoFlowRuntime); the probe then runs what both made, or, if the kernels
+        # are not ready yet, the first steps run on a stand-in (`_start_interim`).
         bar.set_postfix_str("capture the step")
-        wait = runtime.attention_ready
+        preparation = runtime.attention_ready
         runtime.runner.run_prompts(_probe_prompts(model, runtime), all_logits=True, trace_only=True)
         traced = time.perf_counter()
-        if wait is not None:
-            wait()
+        interim = _start_interim(model, runtime, begin)
+        if preparation is not None and not interim:
+            preparation.wait()
         prepared = time.perf_counter()
         bar.update()
         bar.set_postfix_str("check the step")
         if cfg.check_capture:
             try:
-                _check_against_eager(model, runtime)
+                runtime.probe = _check_against_eager(model, runtime)
             except CaptureMismatchError as e:
                 step_fn = runtime.step_fn
                 if step_fn.direct is None:
@@ -215,7 +225,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
                             f"loaded from {step_fn.store.path if step_fn.store else '?'}" if step_fn.loaded
                             else "replicated from its first layers", e)
                 step_fn.discard_loaded()
-                _check_against_eager(model, runtime)
+                runtime.probe = _check_against_eager(model, runtime)
         probed = time.perf_counter()
         bar.update()
         bar.set_postfix_str("size the KV cache")
@@ -225,7 +235,8 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         sized = time.perf_counter()
         bar.update()
         bar.set_postfix_str("capture CUDA graphs")
-        if cfg.cuda_graphs:
+        runtime.cache_sized = True
+        if cfg.cuda_graphs and runtime.interim is None:  # (else when the backend's kernels are ready: `switch`)
             runtime.runner.enable_cuda_graphs()
         bar.update()
         searched = time.perf_counter()
@@ -239,14 +250,16 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     compile_s = runtime.step_fn.compile_seconds
     graphs = runtime.runner.cuda_graphs
     probe_s = probed - start - compile_s - (prepared - traced)
-    build_s = getattr(wait, "seconds", None)  # how long the backend took to ready its kernels, if it says
-    runtime.timings = dict(setup_s=start - begin, compile_s=compile_s, attention_wait_s=prepared - traced,
-                           attention_start_s=runtime.attention_started - begin,
-                           **({"attention_build_s": build_s} if build_s is not None else {}),
-                           probe_s=probe_s, kv_sizing_s=sized - probed,
-                           cuda_graphs_s=graphs.capture_seconds if graphs else 0.0,
-                           schedule_search_s=time.perf_counter() - searched if search else 0.0,
-                           **{f"compile_{k}": v for k, v in runtime.step_fn.compile_breakdown.items()})
+    build_s = preparation.seconds if preparation is not None else None  # how long the backend's kernels took
+    timings = dict(setup_s=start - begin, compile_s=compile_s, attention_wait_s=prepared - traced,
+                   attention_start_s=runtime.attention_started - begin,
+                   **({"attention_build_s": build_s} if build_s is not None else {}),
+                   attention_interim=float(interim),
+                   probe_s=probe_s, kv_sizing_s=sized - probed,
+                   cuda_graphs_s=graphs.capture_seconds if graphs else 0.0,
+                   schedule_search_s=time.perf_counter() - searched if search else 0.0,
+                   **{f"compile_{k}": v for k, v in runtime.step_fn.compile_breakdown.items()})
+    runtime.timings = {**timings, **runtime.timings}  # (a switch from the interim kernel during optimize(): its own)
     log.info("nanoflow_fx: optimized %s (%d attention layers, %s attention, KV cache %d pages = %.1f MiB, "
              "step budget %d tokens, capture %.1f s: %s)", type(model).__name__, len(runtime.layers),
              runtime.attention_backend.name, runtime.kv_cache.allocator.num_pages, runtime.kv_cache.num_bytes / 2**20,
@@ -483,13 +496,20 @@ def _probe_prompts(model: PreTrainedModel, runtime: NanoFlowRuntime) -> list[lis
 
 
 @torch.no_grad()
-def _check_against_eager(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
-    """Run the captured step on a probe (two packed prompts) and compare every logit with the eager model."""
+def _check_against_eager(model: PreTrainedModel, runtime: NanoFlowRuntime) -> tuple[list[list[int]], torch.Tensor]:
+    """Run the captured step on a probe (two packed prompts) and compare every logit with the eager model;
+    returns the probe and the eager logits (a later check of another attention kernel reuses them)."""
     prompts = _probe_prompts(model, runtime)
-    got = runtime.runner.run_prompts(prompts, all_logits=True).float()
     want = torch.cat([model(torch.tensor([p], device=model.device), use_cache=False).logits[0] for p in prompts])
-    want = want.float()
-    dtype = runtime.dtype
+    _check_probe(model, runtime.runner, prompts, want.float())
+    return prompts, want.float()
+
+
+@torch.no_grad()
+def _check_probe(model: PreTrainedModel, runner: StepRunner, prompts: list[list[int]], want: torch.Tensor) -> None:
+    """Raise `CaptureMismatchError` unless the runner's step gives the eager logits `want` on `prompts`."""
+    got = runner.run_prompts(prompts, all_logits=True).float()
+    dtype = runner.kv_cache.dtype
     scale = max(1.0, want.abs().max().item())
     diff = (got - want).abs().max().item()
     if dtype in _PROBE_MAX_TOLERANCE:
@@ -501,8 +521,57 @@ def _check_against_eager(model: PreTrainedModel, runtime: NanoFlowRuntime) -> No
         measure = (f"relative RMS logit diff of a token row {row_rms:.3g} > {_PROBE_ROW_RMS_TOLERANCE:.3g} "
                    f"(max |logit diff| {diff:.3g}, logit scale {scale:.3g})")
     if not ok:
+        kernel = runner.interim.name if runner.interim is not None else runner.backend.name
         raise CaptureMismatchError(
-            f"{type(model).__name__} ({model.config.model_type}): the captured nanoflow step differs from the eager "
-            f"model on the probe by {measure}, dtype {dtype}; "
+            f"{type(model).__name__} ({model.config.model_type}): the captured nanoflow step ({kernel} attention) "
+            f"differs from the eager model on the probe by {measure}, dtype {dtype}; "
             "this model uses something nanoflow_fx does not reproduce; please report it with the model name"
         )
+
+
+def _start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> bool:
+    """If the attention backend's kernels are still being built, run the steps on its stand-in until they are
+    (`NanoFlowConfig.interim_attention`); returns whether it did. At the first step after the build, `switch`
+    checks the backend's step against the eager probe logits and captures the CUDA graphs; a failed build or
+    check keeps the stand-in for good, with a warning (its steps were checked: correct, slower)."""
+    preparation, cfg = runtime.attention_ready, runtime.config
+    if preparation is None or preparation.done() or not cfg.interim_attention or runtime.channel is not None \
+            or cfg.num_nanobatches == "auto":
+        return False
+    stand_in = runtime.attention_backend.interim_backend(runtime.attention_configs, runtime.dtype, runtime.device)
+    if stand_in is None:
+        return False
+    backend = runtime.attention_backend.name
+
+    def switch(runner: StepRunner) -> bool:
+        started = time.perf_counter()
+        preparation.wait()
+        keep = None
+        if preparation.failure is not None:
+            keep = f"its kernels could not be built ({type(preparation.failure).__name__}: {preparation.failure})"
+        elif runtime.probe is not None:
+            try:
+                _check_probe(model, runner, *runtime.probe)
+            except CaptureMismatchError as e:
+                keep = f"its step failed the check against the eager model: {e}"
+        if keep is not None:
+            log.warning("nanoflow_fx: %s attention stays off: %s; steps keep running on %s's kernel (checked, "
+                        "slower)", backend, keep, stand_in.name)
+            runtime.interim = (stand_in, lambda: False, switch)
+            return False
+        runtime.interim = None
+        if cfg.cuda_graphs and runtime.cache_sized:  # (else optimize() captures them once the cache is sized)
+            runner.enable_cuda_graphs()
+        # when the switch happened (since optimize() began), and what it cost (the check, the CUDA graphs)
+        runtime.timings.update(attention_switch_s=time.perf_counter() - begin,
+                               attention_switch_cost_s=time.perf_counter() - started,
+                               attention_build_s=preparation.seconds or 0.0)
+        log.info("nanoflow_fx: %s attention ready %.1f s after optimize() began; its steps from now on",
+                 backend, time.perf_counter() - begin)
+        return True
+
+    runtime.interim = (stand_in, preparation.done, switch)
+    runtime.runner.run_interim(*runtime.interim)
+    log.info("nanoflow_fx: %s's kernels are still being built: the first steps run on %s's kernel", backend,
+             stand_in.name)
+    return True

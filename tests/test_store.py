@@ -170,8 +170,17 @@ def test_the_step_is_traced_while_the_attention_backend_prepares(monkeypatch: py
         real_init(self, *args)
         runtimes.append(self)
 
+    class Preparing:  # a preparation that is never done by itself: optimize() must wait for it
+        seconds = failure = None
+
+        def done(self) -> bool:
+            return False
+
+        def wait(self) -> None:
+            seen.append((len(runtimes[0].step_fn.graphs), runtimes[0].runner.stats["eager_steps"]))
+
     def prepare(*args: object) -> object:
-        return lambda: seen.append((len(runtimes[0].step_fn.graphs), runtimes[0].runner.stats["eager_steps"]))
+        return Preparing()
 
     monkeypatch.setenv("NANOFLOW_FX_SAVE_STEP", "0")
     monkeypatch.setattr(NanoFlowRuntime, "__init__", init)

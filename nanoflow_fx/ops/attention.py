@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoflow_fx.ops.backend import get
+from nanoflow_fx.ops.backend import resolve
 from nanoflow_fx.ops.kv_write import write_kv
 
 __all__ = ["paged_attention"]
@@ -35,10 +35,11 @@ def paged_attention(
 
     `sliding_window` <= 0 means no window; `softcap` <= 0 means no logit soft-capping. `backend` names the
     kernel (`nanoflow_fx.ops.backend`): "torch" (the reference, any device), "triton" (CUDA, or Triton's
-    interpreter on the CPU) or "flashinfer" (CUDA; runs the plan made on the host for this step).
+    interpreter on the CPU) or "flashinfer" (CUDA; runs the plan made on the host for this step); a step runner
+    may have another backend stand in for it on this thread (`ops.backend.substituting`).
     """
     write_kv(kv_cache, k, v, slot_mapping)
-    return get(backend).run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
+    return resolve(backend).run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
                             sliding_window, softcap)
 
 

@@ -1,18 +1,24 @@
 """Attention backends: one object per kernel family behind one protocol, chosen in one place (`choose`).
 
 A backend says whether it can run here (and why not), whether its steps can be captured in a CUDA graph,
-makes the host-side planner a step needs (FlashInfer plans each step's work split on the host), and runs the
-kernel for `nanoflow::paged_attention`. The captured graph names its backend by `AttentionBackend.name` (a
-constant of the graph); `get(name)` finds the object. A new backend is one new module plus a line in
-`_MODULES`.
+makes the host-side planner a step needs (FlashInfer plans each step's work split on the host), readies its
+kernels in the background (`prepare`: FlashInfer's JIT build) and runs the kernel for `nanoflow::paged_attention`.
+The captured graph names its backend by `AttentionBackend.name` (a constant of the graph); `resolve(name)` finds
+the object that runs it: `get(name)`, or, inside `substituting(name, other)` on this thread, the backend standing
+in for it while its own kernels are still being built (`AttentionBackend.interim`). A new backend is one new
+module plus a line in `_MODULES`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import logging
 import os
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,7 +26,10 @@ import torch
 
 from nanoflow_fx.errors import NanoFlowError
 
-__all__ = ["AttentionBackend", "AttentionConfig", "Planner", "BACKEND_NAMES", "choose", "get", "register"]
+__all__ = ["AttentionBackend", "AttentionConfig", "Planner", "Preparation", "BACKEND_NAMES", "choose", "get",
+           "register", "resolve", "substituting"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,10 +86,24 @@ class AttentionBackend:
         return None
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
-                device: torch.device) -> Callable[[], None] | None:
+                device: torch.device) -> Preparation | None:
         """Start getting this backend's kernels ready (build, load) in the background while the step is traced;
-        returns the function that waits for that, or None if there is nothing to get ready."""
+        returns the `Preparation` under way, or None if there is nothing to get ready."""
         return None
+
+    # A backend whose kernel computes this backend's steps (same inputs, no plan) while `prepare` is under way:
+    # the runtime's first steps run on it instead of waiting for the build ("" = none; `interim_backend`).
+    interim = ""
+
+    def interim_backend(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
+                        device: torch.device) -> AttentionBackend | None:
+        """The backend named by `interim`, if it can run these layers here (it plans nothing on the host)."""
+        if not self.interim or (self.interim == "triton" and (not _installed("triton") or device.type != "cuda")):
+            return None
+        other = get(self.interim)
+        if other.plans_on_host or other.unsupported_reason(configs, dtype, device):
+            return None
+        return other
 
     # The kernel `run` calls: a function of `run`'s arguments (backends that plan on the host override `run`).
     kernel: Callable[..., torch.Tensor] | None = None
@@ -93,6 +116,40 @@ class AttentionBackend:
             raise NotImplementedError(f"attention backend {self.name!r} has no kernel")
         return self.kernel(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
                            sliding_window, softcap)
+
+
+class Preparation:
+    """A backend readying its kernels in a background thread (`AttentionBackend.prepare`).
+
+    `work` runs once in a daemon thread (FlashInfer: a JIT build in ninja subprocesses, so the GIL stays free
+    for Dynamo). `done()` asks without waiting; `wait()` waits; `failure` is what `work` raised (logged by
+    `wait`), `seconds` how long it took (None while it runs)."""
+
+    def __init__(self, work: Callable[[], None], name: str) -> None:
+        self.name = name
+        self.seconds: float | None = None
+        self.failure: BaseException | None = None
+        start = time.perf_counter()
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:  # noqa: BLE001 - reported by wait()
+                self.failure = e
+            finally:
+                self.seconds = time.perf_counter() - start
+
+        self._thread = threading.Thread(target=run, name=f"nanoflow_fx-{name}-prepare", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self.failure is not None:
+            log.warning("nanoflow_fx: preparing %s's kernels failed: %s: %s", self.name, type(self.failure).__name__,
+                        self.failure)
 
 
 # name -> module that registers it (imported on first use: Triton and FlashInfer load only when chosen)
@@ -116,6 +173,28 @@ def get(name: str) -> AttentionBackend:
             raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_MODULES)}")
         importlib.import_module(_MODULES[name])
     return _REGISTRY[name]
+
+
+_substitutes = threading.local()  # this thread's {backend name: the backend running its steps instead}
+
+
+def resolve(name: str) -> AttentionBackend:
+    """The backend that runs `nanoflow::paged_attention(backend=name)` on this thread now: `get(name)`, unless a
+    `substituting(name, ...)` block of this thread puts another in its place."""
+    substitute = getattr(_substitutes, "map", {}).get(name)
+    return substitute if substitute is not None else get(name)
+
+
+@contextlib.contextmanager
+def substituting(name: str, backend: AttentionBackend) -> Iterator[None]:
+    """Run the captured op's `name` calls on `backend` within the block, on this thread only (a step runner's
+    interim steps: `AttentionBackend.interim`). The captured graph is unchanged: it names `name`."""
+    previous = getattr(_substitutes, "map", {})
+    _substitutes.map = {**previous, name: backend}
+    try:
+        yield
+    finally:
+        _substitutes.map = previous
 
 
 def _installed(package: str) -> bool:

@@ -22,14 +22,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, register
+from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Preparation, register
 from nanoflow_fx.ops.metadata import AttentionMetadata
 
 __all__ = ["FlashInferBackend", "FlashInferPlanner"]
@@ -68,6 +68,7 @@ _float_workspaces: dict[torch.device, torch.Tensor] = {}
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     plans_on_host = True
+    interim = "triton"  # computes the same steps from the device metadata while FlashInfer's JIT build runs
 
     def unsupported_reason(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
                            device: torch.device) -> str:
@@ -87,40 +88,24 @@ class FlashInferBackend(AttentionBackend):
         return FlashInferPlanner(configs, page_size, dtype, device, decode_batch, max_pages)
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
-                device: torch.device) -> Callable[[], None]:
-        """FlashInfer builds (JIT: ~25 s per kernel family on a fresh machine) and loads its modules when a
+                device: torch.device) -> Preparation:
+        """FlashInfer builds (JIT: ~25 s for the attention module on a fresh machine) and loads its modules when a
         wrapper is first planned. Plan a one-decode, one-prefill table in a thread (the build runs in ninja
-        subprocesses, so the GIL is free for Dynamo's trace meanwhile); the returned function waits for it. A
-        failure here is only logged: the step's own planning then raises it where it belongs."""
+        subprocesses, so the GIL is free for Dynamo's trace meanwhile). A failure here is only logged (by
+        `Preparation.wait`): the step's own planning then raises it where it belongs."""
         _workspace(device)  # created here, not raced for by the thread
-        failure: list[BaseException] = []
-        start = time.perf_counter()
 
         def build() -> None:
-            try:
-                with torch.cuda.device(device):
-                    planner = FlashInferPlanner(configs, page_size, dtype, device)
-                    host = dict(dtype=torch.int32, device="cpu")
-                    qo = torch.tensor([0, 1, 3], **host).pin_memory()
-                    kv_ptr = torch.tensor([0, 1, 2], **host).pin_memory()
-                    last = torch.tensor([1, 2], **host).pin_memory()
-                    planner.plan_tables(qo, kv_ptr, last, torch.zeros(2, dtype=torch.int32, device=device))
-                    torch.cuda.current_stream(device).synchronize()
-            except BaseException as e:  # noqa: BLE001 - reported by wait()
-                failure.append(e)
-            finally:
-                wait.seconds = time.perf_counter() - start
+            with torch.cuda.device(device):
+                planner = FlashInferPlanner(configs, page_size, dtype, device)
+                host = dict(dtype=torch.int32, device="cpu")
+                qo = torch.tensor([0, 1, 3], **host).pin_memory()
+                kv_ptr = torch.tensor([0, 1, 2], **host).pin_memory()
+                last = torch.tensor([1, 2], **host).pin_memory()
+                planner.plan_tables(qo, kv_ptr, last, torch.zeros(2, dtype=torch.int32, device=device))
+                torch.cuda.current_stream(device).synchronize()
 
-        def wait() -> None:
-            thread.join()
-            if failure:
-                log.warning("nanoflow_fx: preparing FlashInfer's kernels failed: %s: %s", type(failure[0]).__name__,
-                            failure[0])
-
-        wait.seconds = None  # type: ignore[attr-defined]  # the build's duration, once done (timings)
-        thread = threading.Thread(target=build, name="nanoflow_fx-flashinfer-build", daemon=True)
-        thread.start()
-        return wait
+        return Preparation(build, "flashinfer")
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
             kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,

@@ -4,6 +4,11 @@ It builds the step's token-packed inputs on the host, plans the attention backen
 the captured step directly or, for decode-sized steps, a CUDA graph of the step's bucket. It owns the
 device-side table of each running request's last sampled token (by slot), from which a step's PENDING input
 tokens are read (`batch.feed_pending`), so the host never waits for the GPU between steps.
+
+While the attention backend's kernels are still being built (FlashInfer's JIT build on a fresh machine), the
+runner can run its steps on an interim backend (`run_interim`): the same captured step, its attention calls
+computed by the stand-in's kernel (`ops.backend.substituting`), eagerly. It switches at the first step after the
+build is done.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.config import NanoFlowConfig
-from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
+from nanoflow_fx.errors import KVCacheExhaustedError
+from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner, substituting
 from nanoflow_fx.ops.split_metadata import split_attention_metadata
 from nanoflow_fx.runtime.batch import Chunk, build_step, feed_pending, to_device
 from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
@@ -34,6 +40,10 @@ _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, e
 
 SplitPolicy = Callable[[int, int], "Cut | None"]
 """(step tokens, leading decode requests) -> how to cut the step (`Cut`), or None: run it whole."""
+
+Switch = Callable[["StepRunner"], bool]
+"""Run once the interim ends: readies the runner for its own backend (checks it, captures CUDA graphs); returns
+whether to switch (False: keep running on the interim backend)."""
 
 
 class StepRunner:
@@ -62,7 +72,11 @@ class StepRunner:
         self.cuda_graphs_off_reason = "not enabled"
         # Each running request's last sampled token, on the device, by slot (see requests.PENDING).
         self.last_tokens = torch.zeros(config.max_batch_size, dtype=torch.int64, device=kv_cache.device)
-        self.stats = {"graph_steps": 0, "eager_steps": 0}
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "interim_steps": 0}
+        # run_interim(): the backend standing in for `backend` until `_interim_ready()`, and what then switches
+        self.interim: AttentionBackend | None = None
+        self._interim_ready: Callable[[], bool] = lambda: False
+        self._interim_switch: Switch | None = None
 
     @property
     def device(self) -> torch.device:
@@ -79,6 +93,29 @@ class StepRunner:
     @property
     def num_slots(self) -> int:
         return self.last_tokens.shape[0]
+
+    def run_interim(self, backend: AttentionBackend, ready: Callable[[], bool], switch: Switch) -> None:
+        """Run steps with `backend`'s kernel standing in for this runner's backend until `ready()` says the
+        backend's own kernels are ready; the first step after that calls `switch(self)` first, and from then on
+        steps plan and run on the runner's backend (if `switch` returned True; else on `backend` for good).
+        `backend` must plan nothing on the host (the captured step passes it the device metadata)."""
+        if backend.plans_on_host:
+            raise ValueError(f"an interim backend must not plan on the host ({backend.name!r} does)")
+        self.interim, self._interim_ready, self._interim_switch = backend, ready, switch
+
+    def _end_interim(self) -> None:
+        interim, ready, switch = self.interim, self._interim_ready, self._interim_switch
+        self.interim, self._interim_switch = None, None  # `switch` runs its check on the runner's own backend
+        try:
+            switched = switch(self) if switch is not None else True
+        except KVCacheExhaustedError:  # its check needs a few free pages: try again at a later step
+            self.interim, self._interim_ready, self._interim_switch = interim, ready, switch
+            return
+        except BaseException:
+            self.interim, self._interim_ready, self._interim_switch = interim, lambda: False, None
+            raise
+        if not switched:
+            self.interim, self._interim_ready, self._interim_switch = interim, lambda: False, None
 
     def enable_cuda_graphs(self) -> bool:
         """Capture decode-bucket CUDA graphs now, if this runner can replay them; returns whether it did.
@@ -109,6 +146,8 @@ class StepRunner:
     def _cuda_graphs_blocker(self) -> str:
         if self.device.type != "cuda":
             return "the model is not on CUDA"
+        if self.interim is not None:
+            return f"steps run on the interim {self.interim.name} kernel until {self.backend.name}'s are built"
         blocker = self.backend.graph_blocker()
         if blocker:
             return blocker
@@ -118,6 +157,8 @@ class StepRunner:
         """Run one step; returns logits of completing chunks in order ([N, vocab]), or of every token.
 
         The requests' pages must cover their chunks. The caller advances the requests (`num_cached`)."""
+        if self.interim is not None and self._interim_ready():
+            self._end_interim()
         shape = None
         if self.cuda_graphs is not None:
             num_logits = sum(c.num_tokens if all_logits else int(c.completes) for c in chunks)
@@ -139,6 +180,12 @@ class StepRunner:
         if trace_only:
             self.step_fn.trace(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
             return inputs.input_ids.new_empty(0)
+        if self.interim is not None:  # the stand-in's kernel reads the device metadata: nothing to plan
+            self.stats["interim_steps"] += 1
+            input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
+            with substituting(self.backend.name, self.interim):
+                logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+            return logits[: inputs.num_logits]
         record = self._nanobatch_record(chunks, host.metadata.tensors()[:4], inputs.input_ids.shape[0])
         if record is None and self.planner is not None:
             self.planner.plan(host.metadata, inputs.metadata.kv_indices)
