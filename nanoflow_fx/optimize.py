@@ -236,8 +236,11 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         bar.update()
         bar.set_postfix_str("capture CUDA graphs")
         runtime.cache_sized = True
-        if cfg.cuda_graphs and runtime.interim is None:  # (else when the backend's kernels are ready: `switch`)
+        if cfg.cuda_graphs and runtime.interim is None:
             runtime.runner.enable_cuda_graphs()
+        elif cfg.cuda_graphs:  # captured at the switch (`_start_interim`)
+            runtime.runner.cuda_graphs_off_reason = (f"captured once {runtime.attention_backend.name}'s kernels are "
+                                                     "built (until then steps run on the interim kernel)")
         bar.update()
         searched = time.perf_counter()
         if search:

@@ -50,7 +50,7 @@ def _model(family: str, backend: str, graphs: bool, inductor: bool = False) -> t
     model = CONFIGS[family]().to(device="cuda", dtype=torch.bfloat16).eval()
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256,
                                         num_pages=256, attention_backend=backend, cuda_graphs=graphs,
-                                        inductor=inductor)
+                                        inductor=inductor, interim_attention=False)  # these test the backend
     return nanoflow_fx.optimize(model, config)
 
 
@@ -207,7 +207,7 @@ def test_engine_in_bf16_makes_greedy_choices_with_and_without_preemption() -> No
     config = GenerationConfig(max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=-1)
     batched = model.generate_batch(prompts, generation_config=config)
     small = nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(
-        max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256, num_pages=40))
+        max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256, num_pages=40, interim_attention=False))
     runtime = small.nanoflow
     runtime.engine = Engine(runtime.runner, runtime.config, reserve_ratio=0.0)  # admit eagerly: preempt later
     preempted = small.generate_batch(prompts, generation_config=config)

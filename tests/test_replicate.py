@@ -180,7 +180,7 @@ def test_the_replicated_step_on_cuda_is_the_fully_traced_step(family: str, backe
         pytest.importorskip("flashinfer")
     dtype = torch.bfloat16 if backend == "flashinfer" else torch.float32
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=8, max_seq_len=128, page_size=16, num_pages=128,
-                                        attention_backend=backend, inductor=True)
+                                        attention_backend=backend, inductor=True, interim_attention=False)
     model = nanoflow_fx.optimize(_cuda_deep(family, dtype), config)
     full = nanoflow_fx.optimize(_cuda_deep(family, dtype), dataclasses.replace(config, replicate_layers=False))
     assert model.nanoflow.step_fn.replicated is not None and full.nanoflow.step_fn.replicated is None

@@ -206,7 +206,7 @@ def test_a_loaded_step_on_cuda_computes_what_the_traced_one_does(tmp_path: Path,
     """Inductor pieces reloaded from their generated code, CUDA graphs captured on the loaded step."""
     if backend == "flashinfer":
         pytest.importorskip("flashinfer")
-    config = _config(tmp_path, attention_backend=backend, inductor=True)
+    config = _config(tmp_path, attention_backend=backend, inductor=True, interim_attention=False)
     traced = nanoflow_fx.optimize(_cuda_model(backend), config)
     loaded = nanoflow_fx.optimize(_cuda_model(backend), config)
     assert loaded.nanoflow.step_fn.loaded is not None and loaded.nanoflow.step_fn.graphs == []
