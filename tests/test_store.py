@@ -214,8 +214,14 @@ def test_a_loaded_step_on_cuda_computes_what_the_traced_one_does(tmp_path: Path,
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     want = traced.nanoflow.runner.run_prompts(prompts, all_logits=True)
     got = loaded.nanoflow.runner.run_prompts(prompts, all_logits=True)
-    # The same kernels on the same inputs (one H200 run saw fp32 bits differ, unexplained: report by how much)
-    assert torch.equal(got, want), f"max |loaded - traced| = {(got - want).abs().max().item():.3g}"
+    # The same kernel code on the same inputs, but not always the same launch configuration: Inductor benchmarks
+    # each kernel's candidate configs (block sizes, warps) at its first run in a process, and the loaded step's
+    # kernels are benchmarked again. With an empty Inductor cache the two chose differently for 3-5 of 8 kernels
+    # in each of 3 runs (H200, 2026-11-27; RMSNorm's persistent reduction among them), so fp32 logits differed
+    # by up to 4.5e-8 (a reduction order). Hence: within a few roundings, and the same tokens below.
+    bound = (1e-6 if got.dtype == torch.float32 else 2**-7) * want.abs().max().item()
+    diff = (got - want).abs().max().item()
+    assert diff <= bound, f"max |loaded - traced| = {diff:.3g} > {bound:.3g}"
     ids = _prompts().cuda()
     assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False),
                        traced.generate(ids, max_new_tokens=6, do_sample=False))
