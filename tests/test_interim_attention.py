@@ -254,3 +254,29 @@ def test_flashinfer_steps_run_on_triton_until_its_build_is_done(monkeypatch: pyt
     for out in (before, after):
         for prompt, row in zip(ids.tolist(), out.tolist()):
             assert _greedy_within_tolerance(fast, prompt, row[len(prompt):])
+
+
+def test_the_flashinfer_build_thread_yields_the_cpu_to_the_step_compilation() -> None:
+    """The build thread lowers its own priority (and so its compiler processes'); the rest of the process keeps
+    its own."""
+    import os
+    import subprocess
+    import sys
+
+    from nanoflow_fx.ops.flashinfer_attention import _lower_priority
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread niceness is Linux's")
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    seen: list[int] = []
+
+    def build() -> None:
+        _lower_priority()
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"],
+                               capture_output=True, text=True, check=True)
+        seen.append(int(child.stdout))
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    thread.join()
+    assert seen == [min(before + 10, 19)] and os.getpriority(os.PRIO_PROCESS, 0) == before
