@@ -562,9 +562,9 @@ def _start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: floa
                         "slower)", backend, keep, stand_in.name)
             runtime.interim = (stand_in, lambda: False, switch)
             return False
-        runtime.interim = None
         if cfg.cuda_graphs and runtime.cache_sized:  # (else optimize() captures them once the cache is sized)
             runner.enable_cuda_graphs()
+        runtime.interim = runtime.probe = None  # (the probe's logits served this check only)
         # when the switch happened (since optimize() began), and what it cost (the check, the CUDA graphs)
         runtime.timings.update(attention_switch_s=time.perf_counter() - begin,
                                attention_switch_cost_s=time.perf_counter() - started,

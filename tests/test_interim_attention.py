@@ -280,3 +280,27 @@ def test_the_flashinfer_build_thread_yields_the_cpu_to_the_step_compilation() ->
     thread.start()
     thread.join()
     assert seen == [min(before + 10, 19)] and os.getpriority(os.PRIO_PROCESS, 0) == before
+
+
+def test_a_switch_without_free_pages_for_its_check_is_tried_again(gated: GatedBackend) -> None:
+    """The switch's check takes a few KV pages; when the engine holds them all, the step runs on the interim
+    kernel and the switch is tried again at the next step."""
+    from nanoflow_fx.errors import KVCacheExhaustedError
+
+    gated.gate.set()
+    model = nanoflow_fx.optimize(build("llama"), DEFAULT_CONFIG)
+    runner = model.nanoflow.runner
+    attempts: list[int] = []
+
+    def switch(r: object) -> bool:
+        attempts.append(runner.stats["interim_steps"])
+        if len(attempts) == 1:
+            raise KVCacheExhaustedError("no pages for the check (stand-in)")
+        return True
+
+    runner.run_interim(attention_backends.get("torch"), lambda: True, switch)
+    steps = runner.stats["interim_steps"]
+    runner.run_prompts([[5, 6, 7]])
+    assert runner.interim is not None and runner.stats["interim_steps"] == steps + 1
+    runner.run_prompts([[5, 6, 7]])
+    assert runner.interim is None and attempts == [steps, steps + 1] and runner.stats["interim_steps"] == steps + 1

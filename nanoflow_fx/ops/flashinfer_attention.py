@@ -137,6 +137,7 @@ def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor
     plans.prefill.run(q[num_decode:], kv_cache, out=out[num_decode:])
     return out
 
+
 def _lower_priority() -> None:
     """Lower this thread's CPU priority (Linux: niceness is per thread, and the ninja/nvcc processes it starts
     inherit it). The build competes with the step's compilation (Inductor's Triton workers) for the host's cores;
