@@ -37,6 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = nanoflow_fx.optimize(build_model("llama3-8b", "cuda", torch.bfloat16))
+    model.nanoflow.wait_until_ready()  # time the chosen attention backend, not the interim kernel
     runtime = model.nanoflow
     graphs = runtime.runner.cuda_graphs
     assert graphs is not None, "CUDA graphs are off"

@@ -114,6 +114,7 @@ def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, partit
     timed_generate(model, ids, 1)
     first = time.perf_counter() - start
     runtime = model.nanoflow
+    runtime.wait_until_ready()  # steps on the chosen backend, not the interim kernel (a fresh machine's first steps)
     graphs = runtime.runner.cuda_graphs is not None
     parts = [f"{count} nano-batch(es)"]
     if count > 1:

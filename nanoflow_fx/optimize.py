@@ -107,6 +107,17 @@ class NanoFlowRuntime:
             self.runner.run_interim(*self.interim)
         self.engine = Engine(self.runner, self.config)
 
+    def wait_until_ready(self) -> bool:
+        """Wait until steps run on the chosen attention backend: its kernels built (FlashInfer's JIT build, on a
+        fresh machine) and, if the first steps ran on the interim kernel (`NanoFlowConfig.interim_attention`),
+        the switch made now (its check, the CUDA graphs) rather than at the next step. Returns whether they do
+        (False: the build or its check failed and the interim kernel stays, as logged). Benchmarks call it before
+        timing steps."""
+        if self.attention_ready is not None:
+            self.attention_ready.wait()
+        with self.engine.lock:  # (a continuous-batching thread may be stepping)
+            return self.runner.end_interim()
+
     @property
     def fused_linear_groups(self) -> int:
         return len(self.layout.groups)

@@ -174,3 +174,24 @@ def test_kv_cache_exhausted_names_what_is_missing() -> None:
                        match=r"needs 5 pages but only 3 of 10 are free \(2 more than it has\)"):
         allocator.allocate(5)
     assert allocator.num_free == 3  # all-or-nothing
+
+
+@pytest.mark.parametrize("layers", [2, 5])  # 5: the replicated path (its own trace of the first layers)
+def test_a_dropped_or_reoptimized_model_frees_its_runtime_and_weights(layers: int) -> None:
+    """Dynamo keeps compiled steps in caches the garbage collector cannot see into; nothing there may hold the
+    model, its runtime or its KV cache (they leaked for the process's life: a second optimize() of an 8B model
+    on an H100 ran out of memory)."""
+    import gc
+    import weakref
+
+    model = nanoflow_fx.optimize(build("llama", num_hidden_layers=layers), DEFAULT_CONFIG)
+    assert (model.nanoflow.step_fn.replicated is not None) == (layers == 5)
+    model.generate(torch.randint(3, 100, (2, 5)), max_new_tokens=3, do_sample=False)
+    first = weakref.ref(model.nanoflow.kv_cache)
+    nanoflow_fx.optimize(model, DEFAULT_CONFIG)  # replaces the runtime
+    gc.collect()
+    assert first() is None
+    second, weights = weakref.ref(model.nanoflow.kv_cache), weakref.ref(model.lm_head.weight)
+    del model
+    gc.collect()
+    assert second() is None and weights() is None

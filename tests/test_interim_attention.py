@@ -304,3 +304,13 @@ def test_a_switch_without_free_pages_for_its_check_is_tried_again(gated: GatedBa
     assert runner.interim is not None and runner.stats["interim_steps"] == steps + 1
     runner.run_prompts([[5, 6, 7]])
     assert runner.interim is None and attempts == [steps, steps + 1] and runner.stats["interim_steps"] == steps + 1
+
+
+def test_wait_until_ready_switches_at_once(gated: GatedBackend) -> None:
+    model = nanoflow_fx.optimize(build("llama"), DEFAULT_CONFIG)
+    assert model.nanoflow.runner.interim is not None
+    gated.gate.set()
+    assert model.nanoflow.wait_until_ready() is True
+    assert model.nanoflow.runner.interim is None and gated.planned_steps == 1  # the switch's check, no step yet
+    ids = _ids()
+    assert torch.equal(_generate(model, ids, 3), _hf(ids, 3))

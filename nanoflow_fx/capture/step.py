@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -58,9 +59,34 @@ class StepFunction:
         # dynamic=False: only the sizes marked dynamic in `__call__` are symbolic. Without it Dynamo's automatic
         # dynamism (and its profile persisted across processes) turns values it saw change in other models'
         # compiles, such as a norm's eps, into graph inputs: the graph would depend on what ran before.
-        compile_backend = make_backend(self.graphs.append, self._save, lambda: self._trace_only)
+        compile_backend = make_backend(*self._weak_sinks())
         self._compiled = torch.compile(fn, backend=compile_backend, fullgraph=True, dynamic=False,
                                        options={"guard_filter_fn": _drop_registry_guards})
+
+    def _weak_sinks(self) -> tuple[Callable[..., None], Callable[..., None], Callable[[], bool]]:
+        """(on_graph, on_lowered, skip_run) for a compile backend, reaching this object through a weak reference.
+
+        Dynamo keeps what a backend returned (and what that closes over) in caches that the garbage collector
+        cannot see into (a code object's extra state, the module globals it installs compiled functions in); a
+        strong reference from there back to this step (and so to the model and its runtime, KV cache included)
+        would keep them alive for the life of the process."""
+        me = weakref.ref(self)
+
+        def on_graph(gm: torch.fx.GraphModule) -> None:
+            step = me()
+            if step is not None:
+                step.graphs.append(gm)
+
+        def on_lowered(*args: Any) -> None:
+            step = me()
+            if step is not None:
+                step._save(*args)
+
+        def skip_run() -> bool:
+            step = me()
+            return step is not None and step._trace_only
+
+        return on_graph, on_lowered, skip_run
 
     @torch.no_grad()
     def __call__(
@@ -118,10 +144,15 @@ class StepFunction:
         layer)."""
         stack, self.stack = self.stack, None  # one attempt
         assert stack is not None
-        lowered: list[Any] = []
+        # What the backend's callbacks need, dropped after this trace: Dynamo keeps the callbacks for the life of
+        # the process (see `_weak_sinks`), and the stack holds the model's layers.
+        state: dict[str, Any] = {"stack": stack, "lowered": []}
+        on_graph, save, _ = self._weak_sinks()
+        me = weakref.ref(self)
 
         def expand(aten_gm: torch.fx.GraphModule, sources: list[str | None]) -> tuple[list[str], list[Any], list[Any]]:
-            call = self._call
+            step, stack = me(), state["stack"]
+            call = step._call if step is not None else None
 
             def read(srcs: list[str]) -> list[Any]:
                 with stack.whole():
@@ -131,14 +162,14 @@ class StepFunction:
             return added, values, [p.meta.get("val") for p in templates]
 
         def on_lowered(sources: list[str | None], example_inputs: Any, run: Any, aten_gm: torch.fx.GraphModule) -> None:
-            lowered.append((sources, run))
-            with stack.whole():  # its inputs are read off the whole model
-                self._save(sources, example_inputs, run, aten_gm)
+            state["lowered"].append((sources, run))
+            with state["stack"].whole():  # its inputs are read off the whole model
+                save(sources, example_inputs, run, aten_gm)
 
         # Its own code object: the truncated model's compiled entry lives and dies with this function, never in the
         # cache `self._compiled` consults.
         fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_layers")
-        backend = self.make_backend(self.graphs.append, on_lowered, lambda: True, expand)
+        backend = self.make_backend(on_graph, on_lowered, lambda: True, expand)
         compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False,
                                  options={"guard_filter_fn": _drop_registry_guards})
         seen = len(self.graphs)
@@ -151,6 +182,9 @@ class StepFunction:
             log.info("nanoflow_fx: layers not replicated (%s: %s); tracing all %d", type(reason).__name__, reason,
                      stack.num_layers)
             return
+        finally:
+            lowered = state.pop("lowered")
+            state.clear()
         if not lowered or len(self.graphs) != seen + 1:
             del self.graphs[seen:]
             return

@@ -103,6 +103,13 @@ class StepRunner:
             raise ValueError(f"an interim backend must not plan on the host ({backend.name!r} does)")
         self.interim, self._interim_ready, self._interim_switch = backend, ready, switch
 
+    def end_interim(self) -> bool:
+        """Switch now if the interim is over (its `ready()`), instead of at the next step; returns whether steps
+        now run on the runner's own backend."""
+        if self.interim is not None and self._interim_ready():
+            self._end_interim()
+        return self.interim is None
+
     def _end_interim(self) -> None:
         interim, ready, switch = self.interim, self._interim_ready, self._interim_switch
         self.interim, self._interim_switch = None, None  # `switch` runs its check on the runner's own backend
