@@ -33,6 +33,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nanoflow_fx  # noqa: E402
+from benchmarks.bench_attention_sms import time_ms  # noqa: E402
 from examples.generate import build_model  # noqa: E402
 from nanoflow_fx.cost.profile import StepHarness  # noqa: E402
 from nanoflow_fx.cost.search import (  # noqa: E402
@@ -101,16 +102,7 @@ def attention_bandwidth(model: Any, shape: StepShape, reps: int) -> list[dict[st
     for sms in (16, 32, 48, 0):
         stream = split_sms(sms)[0].stream if sms else torch.cuda.current_stream()
         for name, fn in kernels.items():
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    fn()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                for _ in range(reps):
-                    fn()
-                end.record(stream)
-            end.synchronize()
-            ms = start.elapsed_time(end) / reps
+            ms = time_ms(fn, stream, reps)
             rows.append({"kernel": name, "sms": sms or torch.cuda.get_device_properties(0).multi_processor_count,
                          "ms": round(ms, 4), "tb_s": round(kv_bytes / ms / 1e9, 3)})
             print(f"  {name:34s} {rows[-1]['sms']:4d} SMs {ms:8.4f} ms {rows[-1]['tb_s']:6.3f} TB/s", flush=True)
