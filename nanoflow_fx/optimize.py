@@ -27,13 +27,12 @@ from nanoflow_fx.cost.device import measure_ceilings, token_budget
 from nanoflow_fx.cost.search import UNSPLIT, StepShape, TunedPolicy, candidates, tune
 from nanoflow_fx.errors import CaptureMismatchError, KVCacheExhaustedError, NanoFlowError
 from nanoflow_fx.ops import backend as attention_backends
-from nanoflow_fx.ops.backend import AttentionBackend
 from nanoflow_fx.runtime.continuous import ContinuousBatchingManager, generate_batch
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
 from nanoflow_fx.runtime.kv_cache import PagedKVCache, page_bytes
 from nanoflow_fx.runtime.program_runner import Cut, ProgramRunner, StepChannel, make_units
-from nanoflow_fx.runtime.step_runner import StepRunner, Switch
+from nanoflow_fx.runtime.step_runner import StepRunner
 from nanoflow_fx.schedule import Split
 
 __all__ = ["optimize", "backend", "NanoFlowRuntime"]
@@ -74,9 +73,6 @@ class NanoFlowRuntime:
         self.attention_ready = self.attention_backend.prepare(self.attention_configs, config.page_size,
                                                               self.dtype, self.device)
         self.attention_started = time.perf_counter()
-        # While the backend's kernels are built, steps may run on a stand-in (`_start_interim`): what every
-        # step runner made by `use_cache` is then given (`StepRunner.run_interim`).
-        self.interim: tuple[AttentionBackend, Callable[[], bool], Switch] | None = None
         self.probe: tuple[list[list[int]], torch.Tensor] | None = None  # the check's prompts, eager logits
         self.cache_sized = False  # the KV cache is the one it keeps (CUDA graphs are captured on it)
         self.config = _resolve(config, model, self.device, self.dtype)
@@ -101,10 +97,11 @@ class NanoFlowRuntime:
     def use_cache(self, kv_cache: PagedKVCache) -> None:
         """Run on `kv_cache` from now on (a new step runner and engine; the captured step is kept)."""
         self.kv_cache = kv_cache
+        previous = getattr(self, "runner", None)
         self.runner = StepRunner(self.step_fn, kv_cache, self.config, self.attention_backend,
                                  self.attention_configs, self.channel, self.split_policy)
-        if self.interim is not None:
-            self.runner.run_interim(*self.interim)
+        if previous is not None:  # steps on a stand-in kernel until the backend's are built (`_start_interim`)
+            self.runner.carry_interim(previous)
         self.engine = Engine(self.runner, self.config)
 
     def wait_until_ready(self) -> bool:
@@ -247,7 +244,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         bar.update()
         bar.set_postfix_str("capture CUDA graphs")
         runtime.cache_sized = True
-        if cfg.cuda_graphs and runtime.interim is None:
+        if cfg.cuda_graphs and runtime.runner.interim is None:
             runtime.runner.enable_cuda_graphs()
         elif cfg.cuda_graphs:  # captured at the switch (`_start_interim`)
             runtime.runner.cuda_graphs_off_reason = (f"captured once {runtime.attention_backend.name}'s kernels are "
@@ -515,8 +512,9 @@ def _check_against_eager(model: PreTrainedModel, runtime: NanoFlowRuntime) -> tu
     returns the probe and the eager logits (a later check of another attention kernel reuses them)."""
     prompts = _probe_prompts(model, runtime)
     want = torch.cat([model(torch.tensor([p], device=model.device), use_cache=False).logits[0] for p in prompts])
-    _check_probe(model, runtime.runner, prompts, want.float())
-    return prompts, want.float()
+    want = want.float()
+    _check_probe(model, runtime.runner, prompts, want)
+    return prompts, want
 
 
 @torch.no_grad()
@@ -549,9 +547,8 @@ def _start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: floa
     checks the backend's step against the eager probe logits and captures the CUDA graphs; a failed build or
     check keeps the stand-in for good, with a warning (its steps were checked: correct, slower)."""
     preparation, cfg = runtime.attention_ready, runtime.config
-    if preparation is None or preparation.done() or not cfg.interim_attention or runtime.channel is not None \
-            or cfg.num_nanobatches == "auto":
-        return False
+    if preparation is None or preparation.done() or not cfg.interim_attention or runtime.channel is not None:
+        return False  # (a channel: nano-batched or "auto", which plan each nano-batch on the backend)
     stand_in = runtime.attention_backend.interim_backend(runtime.attention_configs, runtime.dtype, runtime.device)
     if stand_in is None:
         return False
@@ -568,14 +565,13 @@ def _start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: floa
                 _check_probe(model, runner, *runtime.probe)
             except CaptureMismatchError as e:
                 keep = f"its step failed the check against the eager model: {e}"
-        if keep is not None:
+        if keep is not None:  # (the runner then keeps the stand-in for good)
             log.warning("nanoflow_fx: %s attention stays off: %s; steps keep running on %s's kernel (checked, "
                         "slower)", backend, keep, stand_in.name)
-            runtime.interim = (stand_in, lambda: False, switch)
             return False
         if cfg.cuda_graphs and runtime.cache_sized:  # (else optimize() captures them once the cache is sized)
             runner.enable_cuda_graphs()
-        runtime.interim = runtime.probe = None  # (the probe's logits served this check only)
+        runtime.probe = None  # (the probe's logits served this check only)
         # when the switch happened (since optimize() began), and what it cost (the check, the CUDA graphs)
         runtime.timings.update(attention_switch_s=time.perf_counter() - begin,
                                attention_switch_cost_s=time.perf_counter() - started,
@@ -584,8 +580,7 @@ def _start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: floa
                  backend, time.perf_counter() - begin)
         return True
 
-    runtime.interim = (stand_in, preparation.done, switch)
-    runtime.runner.run_interim(*runtime.interim)
+    runtime.runner.run_interim(stand_in, preparation.done, switch)
     log.info("nanoflow_fx: %s's kernels are still being built: the first steps run on %s's kernel", backend,
              stand_in.name)
     return True

@@ -112,7 +112,7 @@ def test_the_first_steps_run_on_the_interim_kernel_then_on_the_backend(gated: Ga
     runtime.attention_ready.wait()
     interim_steps = runtime.runner.stats["interim_steps"]
     assert torch.equal(_generate(model, ids, 6), want)
-    assert runtime.runner.interim is None and runtime.interim is None
+    assert runtime.runner.interim is None and runtime.probe is None  # (the switch's check used the probe)
     assert runtime.runner.stats["interim_steps"] == interim_steps  # no interim step after the build
     # the switch's check (one probe step) and the 6 generation steps, every layer on the backend
     assert gated.planned_steps == 7 and gated.calls == 7 * NUM_LAYERS

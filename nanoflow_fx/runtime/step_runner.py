@@ -13,8 +13,10 @@ build is done.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -103,6 +105,12 @@ class StepRunner:
             raise ValueError(f"an interim backend must not plan on the host ({backend.name!r} does)")
         self.interim, self._interim_ready, self._interim_switch = backend, ready, switch
 
+    def carry_interim(self, previous: StepRunner) -> None:
+        """Take over `previous`'s interim, if it still has one (a runner made for a new KV cache)."""
+        if previous.interim is not None:
+            self.interim, self._interim_ready = previous.interim, previous._interim_ready
+            self._interim_switch = previous._interim_switch
+
     def end_interim(self) -> bool:
         """Switch now if the interim is over (its `ready()`), instead of at the next step; returns whether steps
         now run on the runner's own backend."""
@@ -164,8 +172,8 @@ class StepRunner:
         """Run one step; returns logits of completing chunks in order ([N, vocab]), or of every token.
 
         The requests' pages must cover their chunks. The caller advances the requests (`num_cached`)."""
-        if self.interim is not None and self._interim_ready():
-            self._end_interim()
+        if self.interim is not None:
+            self.end_interim()
         shape = None
         if self.cuda_graphs is not None:
             num_logits = sum(c.num_tokens if all_logits else int(c.completes) for c in chunks)
@@ -187,21 +195,19 @@ class StepRunner:
         if trace_only:
             self.step_fn.trace(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
             return inputs.input_ids.new_empty(0)
+        kernels: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if self.interim is not None:  # the stand-in's kernel reads the device metadata: nothing to plan
             self.stats["interim_steps"] += 1
-            input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
-            with substituting(self.backend.name, self.interim):
-                logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
-            return logits[: inputs.num_logits]
-        record = self._nanobatch_record(chunks, host.metadata.tensors()[:4], inputs.input_ids.shape[0])
-        if record is None and self.planner is not None:
-            self.planner.plan(host.metadata, inputs.metadata.kv_indices)
-        input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
-        if self.channel is None:
-            logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+            kernels = substituting(self.backend.name, self.interim)
         else:
-            with self.channel.carrying(record):
-                logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+            record = self._nanobatch_record(chunks, host.metadata.tensors()[:4], inputs.input_ids.shape[0])
+            if record is None and self.planner is not None:
+                self.planner.plan(host.metadata, inputs.metadata.kv_indices)
+            if self.channel is not None:
+                kernels = self.channel.carrying(record)
+        input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
+        with kernels:
+            logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
         return logits[: inputs.num_logits]
 
     def _nanobatch_record(self, chunks: Sequence[Chunk], host: tuple[torch.Tensor, ...],
