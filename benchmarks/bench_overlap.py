@@ -33,9 +33,14 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nanoflow_fx  # noqa: E402
-from benchmarks.bench_attention_sms import time_ms  # noqa: E402
 from examples.generate import build_model  # noqa: E402
-from nanoflow_fx.cost.profile import StepHarness  # noqa: E402
+from nanoflow_fx.cost.profile import (  # noqa: E402
+    TRITON_DECODE_VARIANTS,
+    StepHarness,
+    best_decode_kernels,
+    decode_kernel_timings,
+    time_on,
+)
 from nanoflow_fx.cost.search import (  # noqa: E402
     UNSPLIT,
     Candidate,
@@ -46,6 +51,7 @@ from nanoflow_fx.cost.search import (  # noqa: E402
     policy_for,
 )
 from nanoflow_fx.explain import profile_harness  # noqa: E402
+from nanoflow_fx.ops.backend import DecodeKernel  # noqa: E402
 from nanoflow_fx.runtime.program_runner import make_units  # noqa: E402
 
 STEPS = {
@@ -102,7 +108,7 @@ def attention_bandwidth(model: Any, shape: StepShape, reps: int) -> list[dict[st
     for sms in (16, 32, 48, 0):
         stream = split_sms(sms)[0].stream if sms else torch.cuda.current_stream()
         for name, fn in kernels.items():
-            ms = time_ms(fn, stream, reps)
+            ms = time_on(fn, stream, reps)
             rows.append({"kernel": name, "sms": sms or torch.cuda.get_device_properties(0).multi_processor_count,
                          "ms": round(ms, 4), "tb_s": round(kv_bytes / ms / 1e9, 3)})
             print(f"  {name:34s} {rows[-1]['sms']:4d} SMs {ms:8.4f} ms {rows[-1]['tb_s']:6.3f} TB/s", flush=True)
@@ -119,6 +125,8 @@ def main() -> None:
     parser.add_argument("--out", default="overlap.json")
     parser.add_argument("--trace", default=None)
     parser.add_argument("--model", default="llama3-8b")
+    parser.add_argument("--decode-kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the memory unit's decode kernels per SM share and try the fastest")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_model(args.model, "cuda", torch.bfloat16)
@@ -127,10 +135,24 @@ def main() -> None:
                                                            max_batch_size=320, max_seq_len=4096, cuda_graphs=False))
     optimize_s = time.perf_counter() - start
     print(f"optimize: {optimize_s:.1f} s; config {model.nanoflow.config}", flush=True)
-    space = candidates((32, 48)) if args.quick else candidates()
+    shares = (32, 48) if args.quick else (16, 24, 32, 48)
     result: dict[str, Any] = {
         "date": str(datetime.date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "transformers": transformers.__version__, "optimize_s": round(optimize_s, 1), "steps": {}}
+    decode: dict[int, DecodeKernel | None] = {}
+    if args.decode_kernels:  # the memory unit's decode kernel per share, measured on the balanced step's decodes
+        start = time.perf_counter()
+        timings = decode_kernel_timings(model.nanoflow, STEPS["balanced"], (*shares, 0),
+                                        [DecodeKernel("triton", v) for v in TRITON_DECODE_VARIANTS], args.reps * 2)
+        decode = {k: v for k, v in best_decode_kernels(timings).items() if k}
+        print(f"\n## memory unit's decode kernel per SM share ({time.perf_counter() - start:.1f} s)", flush=True)
+        for t in timings:
+            name = t.kernel.label() if t.kernel else f"{model.nanoflow.backend.name} (own)"
+            print(f"  {t.sms:4d} SMs {name:50s} {t.ms:8.4f} ms {t.tb_s:6.3f} TB/s", flush=True)
+        print(f"  chosen: { {k: v.label() if v else 'own' for k, v in decode.items()} }", flush=True)
+        result["decode_kernels"] = [{"sms": t.sms, "kernel": t.kernel.label() if t.kernel else "own",
+                                     "ms": round(t.ms, 4), "tb_s": round(t.tb_s, 3)} for t in timings]
+    space = candidates(shares, decode=decode)
     chosen: dict[StepShape, Candidate] = {}
     for name in args.steps:
         shape = STEPS[name]

@@ -10,10 +10,13 @@ bound (1e-5), as the nano-batch property tests hold on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import nanoflow_fx
+from nanoflow_fx.ops.backend import DecodeKernel, get
 from nanoflow_fx.runtime import Chunk
 from nanoflow_fx.runtime.program_runner import Cut, make_units
 from tests.steps import admit, release
@@ -32,9 +35,10 @@ def _model(family: str, dtype: torch.dtype, backend: str) -> torch.nn.Module:
     return nanoflow_fx.optimize(model, config)
 
 
-def _mixed_step(model: torch.nn.Module, cut: tuple[int, ...] | None, mode: str = "off") -> torch.Tensor:
+def _mixed_step(model: torch.nn.Module, cut: tuple[int, ...] | None, mode: str = "off",
+                decode: DecodeKernel | None = None) -> torch.Tensor:
     """Logits of every token of one step: 6 decodes at contexts 20-70, then a 50-token prefill chunk (and the
-    step's padding token); `cut`: inner boundaries."""
+    step's padding token); `cut`: inner boundaries; `decode`: the memory unit's decode kernel."""
     runner = model.nanoflow.runner
     gen = torch.Generator().manual_seed(0)
     lengths = [20, 33, 41, 52, 64, 70, 50]
@@ -45,6 +49,8 @@ def _mixed_step(model: torch.nn.Module, cut: tuple[int, ...] | None, mode: str =
             runner.run([Chunk(req, len(req.prompt) - 1)], all_logits=True)
             req.num_cached = len(req.prompt) - 1
         units = make_units(mode, 32)
+        if decode is not None:
+            units = dataclasses.replace(units, decode=decode)
         runner.split_policy = (lambda tokens, decodes: Cut((0, *cut, tokens), units)) if cut is not None else None
         chunks = [Chunk(r, 1) for r in requests[:-1]] + [Chunk(requests[-1], 50)]
         return runner.run(chunks, all_logits=True).float()
@@ -67,6 +73,28 @@ def test_split_step_on_flashinfer_and_inductor_equals_whole_step(family: str, mo
                    if "nanoflow_program_runner" in g.meta)
     assert program.last_schedule is not None and program.last_schedule.split("nb").boundaries[:2] == (0, 30)
     assert program.program.compiles > 0  # the pieces are Inductor's
+
+
+@pytest.mark.parametrize("launch", [(), (("block_n", 32), ("num_stages", 7))])
+def test_split_step_with_triton_decoding_on_the_memory_unit_equals_whole_step(launch: tuple) -> None:
+    """FlashInfer step, the memory unit's decode rows on the Triton kernel (as the search may choose): the same
+    logits within bf16 tolerance; the prefill rows stay on FlashInfer's prefill kernel."""
+    if not _flashinfer_available():
+        pytest.skip("flashinfer is not installed")
+    model = _model("llama", torch.bfloat16, "flashinfer")
+    want = _mixed_step(model, None)
+    calls = []
+    triton = get("triton")
+    original = triton.kernel
+    try:
+        triton.kernel = lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k)  # type: ignore[method-assign]
+        for cut in ((6,), (3,), (30,)):  # decode rows alone; split among them; with the prefill chunk
+            got = _mixed_step(model, cut, "soft", DecodeKernel("triton", launch))
+            assert (got - want).abs().max().item() <= TOLERANCE * want.abs().max().item(), cut
+    finally:
+        vars(triton).pop("kernel", None)  # the class's kernel again
+    layers = model.config.num_hidden_layers
+    assert calls == [6] * layers + [3, 3] * layers + [6] * layers  # decode rows only, per nano-batch and layer
 
 
 @pytest.mark.parametrize("mode", ["off", "soft", "carveout"])

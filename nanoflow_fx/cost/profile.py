@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from nanoflow_fx.cost.search import StepShape
+from nanoflow_fx.ops.backend import DecodeKernel, get
 from nanoflow_fx.runtime.batch import Chunk
 from nanoflow_fx.runtime.requests import Request
 from nanoflow_fx.runtime.sampling import SamplingParams
 
-__all__ = ["StepHarness"]
+__all__ = ["DecodeTiming", "StepHarness", "TRITON_DECODE_VARIANTS", "best_decode_kernels", "decode_kernel_timings",
+           "time_on"]
 
 _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), min_new_tokens=0)
 
@@ -89,3 +93,78 @@ class StepHarness:
             runner.split_policy = saved
         self.host_ms = statistics.median(host)
         return statistics.median(times)
+
+
+# The Triton kernel's launch variants the memory unit is tried with: tile of 32/64/128 tokens, 4 warps, and enough
+# pipeline stages for Triton's pipeliner to keep 1-3 tiles of K/V in flight (the page-index load before each tile
+# takes stages of its own: 3-4 stages give one tile in flight, 5-6 two, 7-8 three).
+TRITON_DECODE_VARIANTS: tuple[tuple[tuple[str, Any], ...], ...] = tuple(
+    (("block_n", b), ("num_stages", s), ("num_warps", 4)) for b, s in ((64, 3), (64, 5), (64, 7), (32, 7), (128, 5)))
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    """One decode-attention kernel timed on one SM partition: ms per call, and the KV bytes it read per second."""
+
+    sms: int
+    kernel: DecodeKernel | None  # None: the step backend's own decode kernel
+    ms: float
+    tb_s: float
+
+
+def decode_kernel_timings(runtime: Any, shape: StepShape, shares: Sequence[int], kernels: Sequence[DecodeKernel],
+                          reps: int = 10, streams: Callable[[int], Any] | None = None) -> list[DecodeTiming]:
+    """Time the decode rows of `shape` (its decodes at its context, layer 0's cache and configuration) on partitions
+    of each of `shares` SMs (0: the whole GPU): the step backend's own decode kernel (planned as a nano-batch's)
+    and each of `kernels`. `streams(sms)`: the stream of a partition (default: `green_context.split_sms`)."""
+    from nanoflow_fx.runtime.batch import build_step
+    from nanoflow_fx.runtime.green_context import split_sms
+
+    streams = streams or (lambda sms: split_sms(sms)[0].stream)
+    harness = StepHarness(runtime, StepShape(shape.decodes, shape.context, 0), 2)
+    try:
+        cache = runtime.kv_cache
+        step = build_step(harness.chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
+                          backend=runtime.backend.name)
+        host = tuple(t.pin_memory() for t in step.metadata.tensors()[:4])
+        metadata = tuple(t.to(cache.device) for t in host)
+        config = runtime.attention_configs[0]
+        backend = get(runtime.backend.name)
+        planner = backend.make_planner(runtime.attention_configs, cache.page_size, cache.dtype, cache.device)
+        plan = planner.plan_tables(host[0], host[1], host[3], metadata[2]) if planner is not None else None
+        layer = cache.caches[0]
+        q = torch.randn(metadata[0].shape[0] - 1, config.num_qo_heads, config.head_dim, dtype=cache.dtype,
+                        device=cache.device)
+        kv_bytes = shape.decodes * shape.context * config.num_kv_heads * config.head_dim * 2 * cache.dtype.itemsize
+        timings = []
+        for sms in shares:
+            stream = streams(sms) if sms else torch.cuda.current_stream()
+            for kernel in (None, *kernels):
+                ms = time_on(lambda k=kernel: backend.run_planned(plan, config, q, layer, metadata, k), stream, reps)
+                timings.append(DecodeTiming(sms, kernel, ms, kv_bytes / ms / 1e9))
+        return timings
+    finally:
+        harness.release()
+
+
+def best_decode_kernels(timings: Sequence[DecodeTiming]) -> Mapping[int, DecodeKernel | None]:
+    """Per SM share, the fastest kernel of `timings` (None where the step backend's own is fastest)."""
+    best: dict[int, DecodeTiming] = {}
+    for t in timings:
+        if t.sms not in best or t.ms < best[t.sms].ms:
+            best[t.sms] = t
+    return {sms: t.kernel for sms, t in best.items()}
+
+
+def time_on(fn: Callable[[], Any], stream: Any, reps: int) -> float:
+    """ms per call of `fn` issued `reps` times back to back on `stream` (after 3 warm-up calls), by CUDA events."""
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(reps):
+            fn()
+        end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / reps

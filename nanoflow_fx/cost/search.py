@@ -14,10 +14,12 @@ Pure given the measurements (`pick`, `TunedPolicy`), so it is tested on the CPU 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nanoflow_fx.ops.backend import DecodeKernel
 from nanoflow_fx.runtime.program_runner import Cut, Units
 
 __all__ = ["Candidate", "StepShape", "TunedPolicy", "Tuning", "candidates", "pick", "policy_for", "tune"]
@@ -44,12 +46,14 @@ class StepShape:
 class Candidate:
     """A cut: `fractions` of the step's tokens where nano-batches end (() = unsplit); with `at_decodes` the first
     boundary is the end of the decode rows instead (one nano-batch of decodes, one of prefill); `units` is an
-    `NanoFlowConfig.sm_partition` mode and `memory_sms` its partition size."""
+    `NanoFlowConfig.sm_partition` mode and `memory_sms` its partition size; `decode` the kernel the memory unit
+    attends decode rows with (None: the step backend's own)."""
 
     fractions: tuple[float, ...] = ()
     at_decodes: bool = False
     units: str = "off"
     memory_sms: int = 0
+    decode: DecodeKernel | None = None
 
     @property
     def unsplit(self) -> bool:
@@ -67,16 +71,19 @@ class Candidate:
             return "unsplit"
         split = "decodes|prefill" if self.at_decodes else "/".join(f"{f:g}" for f in self.fractions)
         units = self.units if self.units in ("off", "streams") else f"{self.units}{self.memory_sms}"
-        return f"{split} {units}"
+        return f"{split} {units}" + (f" [{self.decode.label()}]" if self.decode is not None else "")
 
 
 UNSPLIT = Candidate()
 
 
 def candidates(shares: Sequence[int] = (16, 24, 32, 48), fractions: Sequence[float] = (0.25, 0.5, 0.75),
-               modes: Sequence[str] = ("streams", "soft", "carveout")) -> list[Candidate]:
+               modes: Sequence[str] = ("streams", "soft", "carveout"),
+               decode: Mapping[int, DecodeKernel | None] | None = None) -> list[Candidate]:
     """The search space: unsplit; two nano-batches cut at each fraction or at the decode rows, on each unit mode
-    ("soft"/"carveout"/"hard" at each SM share)."""
+    ("soft"/"carveout"/"hard" at each SM share). `decode`: per SM share, a kernel measured to attend decode rows
+    faster than the step backend's own on that partition (`cost.profile.best_decode_kernels`): partitioned
+    candidates of that share are tried with it as well."""
     found = [UNSPLIT]
     cuts = [((f,), False) for f in fractions] + [((), True)]
     for frac, at_decodes in cuts:
@@ -84,8 +91,12 @@ def candidates(shares: Sequence[int] = (16, 24, 32, 48), fractions: Sequence[flo
         for mode in modes:
             if mode == "streams":
                 found.append(Candidate(frac, at_decodes, "streams"))
-            else:
-                found += [Candidate(frac, at_decodes, mode, k) for k in shares]
+                continue
+            for k in shares:
+                found.append(Candidate(frac, at_decodes, mode, k))
+                kernel = (decode or {}).get(k)
+                if kernel is not None:
+                    found.append(Candidate(frac, at_decodes, mode, k, kernel))
     return found
 
 
@@ -124,6 +135,8 @@ def policy_for(candidate: Candidate,
                make_units: Callable[[str, int], Units | None]) -> Callable[[int, int], Cut | None]:
     """A split policy that cuts every step like `candidate` (what the search replays)."""
     units = None if candidate.unsplit else make_units(candidate.units, candidate.memory_sms)
+    if units is not None and candidate.decode is not None:
+        units = dataclasses.replace(units, decode=candidate.decode)
 
     def policy(tokens: int, decodes: int) -> Cut | None:
         boundaries = candidate.boundaries(tokens, decodes)

@@ -26,8 +26,8 @@ import torch
 
 from nanoflow_fx.errors import NanoFlowError
 
-__all__ = ["AttentionBackend", "AttentionConfig", "Planner", "Preparation", "BACKEND_NAMES", "choose", "get",
-           "register", "resolve", "substituting"]
+__all__ = ["AttentionBackend", "AttentionConfig", "DecodeKernel", "Planner", "Preparation", "BACKEND_NAMES", "choose",
+           "get", "register", "resolve", "substituting"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,24 @@ class AttentionConfig:
     scaling: float  # the softmax scale the model passes (or 1/sqrt(head_dim) where it passes none)
     sliding_window: int  # <= 0: none
     softcap: float  # <= 0: none
+
+
+@dataclass(frozen=True)
+class DecodeKernel:
+    """A kernel that attends a nano-batch's decode rows (its leading one-token requests) in place of the step
+    backend's own decode kernel, with launch options: what the memory unit runs on its SM partition, chosen for
+    the bandwidth it pulls there (`cost.profile.best_decode_kernel`). `backend` plans nothing on the host."""
+
+    backend: str
+    launch: tuple[tuple[str, Any], ...] = ()
+
+    def label(self) -> str:
+        return self.backend + "".join(f" {k}={v}" for k, v in self.launch)
+
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Sequence[torch.Tensor],
+            config: AttentionConfig) -> torch.Tensor:
+        return get(self.backend).run(q, kv_cache, *metadata, config.scaling, config.sliding_window, config.softcap,
+                                     **dict(self.launch))
 
 
 class Planner(Protocol):
@@ -74,9 +92,13 @@ class AttentionBackend:
         return ""
 
     def run_planned(self, plan: Any, config: AttentionConfig, q: torch.Tensor, kv_cache: torch.Tensor,
-                    metadata: Sequence[torch.Tensor]) -> torch.Tensor:
+                    metadata: Sequence[torch.Tensor], decode: DecodeKernel | None = None) -> torch.Tensor:
         """Attend one nano-batch: `plan` is what this backend's planner made for exactly that nano-batch (None
-        for backends that plan nothing), `metadata` its (qo_indptr, kv_indptr, kv_indices, kv_last_page_len)."""
+        for backends that plan nothing), `metadata` its (qo_indptr, kv_indptr, kv_indices, kv_last_page_len).
+        `decode`: the kernel for its decode rows (a backend whose one kernel attends every row, as this default
+        assumes, runs them all on it: one launch)."""
+        if decode is not None:
+            return decode.run(q, kv_cache, metadata, config)
         return self.run(q, kv_cache, *metadata, config.scaling, config.sliding_window, config.softcap)
 
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
@@ -110,12 +132,13 @@ class AttentionBackend:
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
             kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
-            softcap: float) -> torch.Tensor:
-        """Attention of q [T, H, D] over the paged cache (its K/V for this step already written) -> [T, H, D]."""
+            softcap: float, **launch: Any) -> torch.Tensor:
+        """Attention of q [T, H, D] over the paged cache (its K/V for this step already written) -> [T, H, D].
+        `launch`: the kernel's launch options (`DecodeKernel.launch`), where it has any."""
         if self.kernel is None:
             raise NotImplementedError(f"attention backend {self.name!r} has no kernel")
         return self.kernel(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
-                           sliding_window, softcap)
+                           sliding_window, softcap, **launch)
 
 
 class Preparation:

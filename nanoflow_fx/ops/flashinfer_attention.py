@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Preparation, register
+from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, DecodeKernel, Preparation, register
 from nanoflow_fx.ops.metadata import AttentionMetadata
 
 __all__ = ["FlashInferBackend", "FlashInferPlanner"]
@@ -120,14 +120,26 @@ class FlashInferBackend(AttentionBackend):
         return _run(plans, q, kv_cache)
 
     def run_planned(self, plan: Any, config: AttentionConfig, q: torch.Tensor, kv_cache: torch.Tensor,
-                    metadata: Sequence[torch.Tensor]) -> torch.Tensor:
-        return _run(plan.plans[config], q, kv_cache)
+                    metadata: Sequence[torch.Tensor], decode: DecodeKernel | None = None) -> torch.Tensor:
+        return _run(plan.plans[config], q, kv_cache, metadata if decode is not None else None, decode, config)
 
 
-def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-    """Run one configuration's planned wrappers: leading one-token rows on the decode kernel, the rest on the
-    prefill kernel (one output, written in two slices)."""
+def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Sequence[torch.Tensor] | None = None,
+         decode: DecodeKernel | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+    """Run one configuration's planned wrappers: leading one-token rows on the decode kernel (or on `decode`, given
+    the nano-batch's `metadata`: its tables cut to those rows are views), the rest on the prefill kernel (one
+    output, written in two slices)."""
     num_decode = plans.num_decode
+    if decode is not None and num_decode:
+        assert metadata is not None and config is not None
+        qo, kv_ptr, kv_indices, last = metadata
+        rows = (qo[: num_decode + 1], kv_ptr[: num_decode + 1], kv_indices, last[:num_decode])
+        if plans.prefill is None or num_decode == q.shape[0]:
+            return decode.run(q, kv_cache, rows, config)
+        out = q.new_empty(q.shape[0], q.shape[1], kv_cache.shape[-1])
+        out[:num_decode] = decode.run(q[:num_decode], kv_cache, rows, config)
+        plans.prefill.run(q[num_decode:], kv_cache, out=out[num_decode:])
+        return out
     if plans.prefill is None or num_decode == q.shape[0]:
         return plans.decode.run(q, kv_cache)  # type: ignore[no-any-return]
     if num_decode == 0:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from nanoflow_fx.capture.program import StepProgram
-from nanoflow_fx.ops.backend import AttentionConfig, get
+from nanoflow_fx.ops.backend import AttentionConfig, DecodeKernel, get
 from nanoflow_fx.ops.kv_write import write_kv
 from nanoflow_fx.passes.info import ATTENTION_OP
 from nanoflow_fx.runtime.streams import StreamAction, stream_actions
@@ -48,11 +48,13 @@ SPLIT = "nb"
 
 @dataclass(frozen=True)
 class Units:
-    """Execution units of nano-batched steps: a stream per unit (missing: a plain stream of its own) and the SMs
-    cuBLASLt leaves free while the compute unit launches its GEMMs (0: none)."""
+    """Execution units of nano-batched steps: a stream per unit (missing: a plain stream of its own), the SMs
+    cuBLASLt leaves free while the compute unit launches its GEMMs (0: none), and the kernel the memory unit
+    attends decode rows with (None: the step backend's own; see `DecodeKernel`)."""
 
     streams: Mapping[str, Any]
     carveout: int = 0
+    decode: DecodeKernel | None = None
 
 
 @dataclass(frozen=True)
@@ -267,8 +269,9 @@ class ProgramRunner:
         write_kv(cache, k, v, state.part(call.slot_mapping, i))
         config = AttentionConfig(q.shape[1], cache.shape[3], q.shape[2], call.scaling, call.sliding_window,
                                  call.softcap)
+        decode = record.units.decode if record.units is not None else None  # (attention is the memory unit's)
         state.parts[i][piece.outputs[0]] = get(call.backend).run_planned(
-            record.plans[i], config, q, cache, record.metadata[i])
+            record.plans[i], config, q, cache, record.metadata[i], decode)
 
 
 class _Values:
