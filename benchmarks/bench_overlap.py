@@ -142,7 +142,7 @@ def main() -> None:
     decode: dict[int, DecodeKernel | None] = {}
     if args.decode_kernels:  # the memory unit's decode kernel per share, measured on the balanced step's decodes
         start = time.perf_counter()
-        timings = decode_kernel_timings(model.nanoflow, STEPS["balanced"], (*shares, 0),
+        timings = decode_kernel_timings(model.nanoflow, model.config.vocab_size, STEPS["balanced"], (*shares, 0),
                                         [DecodeKernel("triton", v) for v in TRITON_DECODE_VARIANTS], args.reps * 2)
         decode = {k: v for k, v in best_decode_kernels(timings).items() if k}
         print(f"\n## memory unit's decode kernel per SM share ({time.perf_counter() - start:.1f} s)", flush=True)

@@ -75,7 +75,7 @@ def test_split_step_on_flashinfer_and_inductor_equals_whole_step(family: str, mo
     assert program.program.compiles > 0  # the pieces are Inductor's
 
 
-@pytest.mark.parametrize("launch", [(), (("block_n", 32), ("num_stages", 7))])
+@pytest.mark.parametrize("launch", [(), (("block_n", 32), ("num_stages", 7)), (("pv_precision", "half"),)])
 def test_split_step_with_triton_decoding_on_the_memory_unit_equals_whole_step(launch: tuple) -> None:
     """FlashInfer step, the memory unit's decode rows on the Triton kernel (as the search may choose): the same
     logits within bf16 tolerance; the prefill rows stay on FlashInfer's prefill kernel."""

@@ -67,3 +67,29 @@ def test_generate_with_triton_backend_equals_torch_backend() -> None:
     assert model.nanoflow.attention_backend.name == "triton"
     got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("pv_precision", ["tf32", "half"])
+def test_triton_kernel_in_half_precision_is_within_its_rounding(pv_precision: str) -> None:
+    """fp16 inputs (Triton's interpreter computes bf16 wrongly, so the bf16 models' case runs in the GPU tests),
+    P @ V in tf32 (the default for half models) or with P rounded to fp16 (a memory-unit variant): within a few
+    fp16 roundings of the fp32 reference over the same values."""
+    from nanoflow_fx.ops.reference import paged_attention_reference
+    from nanoflow_fx.ops.triton_attention import paged_attention_triton
+
+    gen = torch.Generator().manual_seed(0)
+    page, heads_kv, group, dim = 16, 2, 4, 32
+    lengths = [37, 1, 70]
+    pages = [-(-n // page) for n in lengths]
+    cache = torch.randn(sum(pages) + 1, 2, page, heads_kv, dim, generator=gen).half()
+    order = torch.randperm(sum(pages) + 1, generator=gen).tolist()
+    kvi = [order.pop() for _ in range(sum(pages))]
+    kvp = [0, pages[0], pages[0] + pages[1], sum(pages)]
+    last = [n - (p - 1) * page for n, p in zip(lengths, pages)]
+    qo = [0, 1, 2, 3]  # one decode row per request
+    q = torch.randn(3, heads_kv * group, dim, generator=gen).half()
+    meta = [torch.tensor(x, dtype=torch.int32) for x in (qo, kvp, kvi, last)]
+    want = paged_attention_reference(q.float(), cache.float(), *meta, dim**-0.5, 0, 0.0)
+    got = paged_attention_triton(q, cache, *meta, dim**-0.5, 0, 0.0, pv_precision=pv_precision, block_n=32)
+    assert got.dtype == torch.float16
+    assert (got.float() - want).abs().max().item() <= 4 * 2**-11 * want.abs().max().item()

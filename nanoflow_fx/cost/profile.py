@@ -95,11 +95,13 @@ class StepHarness:
         return statistics.median(times)
 
 
-# The Triton kernel's launch variants the memory unit is tried with: tile of 32/64/128 tokens, 4 warps, and enough
-# pipeline stages for Triton's pipeliner to keep 1-3 tiles of K/V in flight (the page-index load before each tile
-# takes stages of its own: 3-4 stages give one tile in flight, 5-6 two, 7-8 three).
+# The Triton kernel's launch variants the memory unit is tried with: tiles of 32-128 tokens, 4 warps, P @ V on
+# tensor cores in tf32 (the kernel's default for half models) or with P rounded to bf16 (as FlashAttention and
+# FlashInfer do: V feeds the MMA as loaded, which halves the kernel's shared-memory traffic per KV byte).
 TRITON_DECODE_VARIANTS: tuple[tuple[tuple[str, Any], ...], ...] = tuple(
-    (("block_n", b), ("num_stages", s), ("num_warps", 4)) for b, s in ((64, 3), (64, 5), (64, 7), (32, 7), (128, 5)))
+    (("block_n", b), ("num_stages", s), ("num_warps", 4), ("pv_precision", pv))
+    for b, s, pv in ((64, 3, "tf32"), (128, 4, "tf32"), (32, 3, "half"), (64, 3, "half"), (128, 3, "half"),
+                     (64, 5, "half")))
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,9 @@ class DecodeTiming:
     tb_s: float
 
 
-def decode_kernel_timings(runtime: Any, shape: StepShape, shares: Sequence[int], kernels: Sequence[DecodeKernel],
-                          reps: int = 10, streams: Callable[[int], Any] | None = None) -> list[DecodeTiming]:
+def decode_kernel_timings(runtime: Any, vocab_size: int, shape: StepShape, shares: Sequence[int],
+                          kernels: Sequence[DecodeKernel], reps: int = 10,
+                          streams: Callable[[int], Any] | None = None) -> list[DecodeTiming]:
     """Time the decode rows of `shape` (its decodes at its context, layer 0's cache and configuration) on partitions
     of each of `shares` SMs (0: the whole GPU): the step backend's own decode kernel (planned as a nano-batch's)
     and each of `kernels`. `streams(sms)`: the stream of a partition (default: `green_context.split_sms`)."""
@@ -121,7 +124,7 @@ def decode_kernel_timings(runtime: Any, shape: StepShape, shares: Sequence[int],
     from nanoflow_fx.runtime.green_context import split_sms
 
     streams = streams or (lambda sms: split_sms(sms)[0].stream)
-    harness = StepHarness(runtime, StepShape(shape.decodes, shape.context, 0), 2)
+    harness = StepHarness(runtime, StepShape(shape.decodes, shape.context, 0), vocab_size)
     try:
         cache = runtime.kv_cache
         step = build_step(harness.chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),

@@ -71,7 +71,11 @@ def _paged_attention_kernel(
         # P @ V with P in fp32 (not cast to bf16, as FlashAttention does): it keeps bf16 models as close to fp32
         # attention as the reference. PV_PRECISION "ieee": fp32 FMAs; "tf32": tensor cores (V exact, a bf16
         # value is a tf32 one; P rounded to 10 bits).
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PV_PRECISION)
+        if PV_PRECISION == "half":  # P rounded to V's half type, as FlashAttention and FlashInfer do: V is used as
+            # loaded (no fp32 copy through shared memory, the tf32 path's cost per KV byte)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PV_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
