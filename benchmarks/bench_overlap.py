@@ -147,7 +147,7 @@ def main() -> None:
         decode = {k: v for k, v in best_decode_kernels(timings).items() if k}
         print(f"\n## memory unit's decode kernel per SM share ({time.perf_counter() - start:.1f} s)", flush=True)
         for t in timings:
-            name = t.kernel.label() if t.kernel else f"{model.nanoflow.backend.name} (own)"
+            name = t.kernel.label() if t.kernel else f"{model.nanoflow.attention_backend.name} (own)"
             print(f"  {t.sms:4d} SMs {name:50s} {t.ms:8.4f} ms {t.tb_s:6.3f} TB/s", flush=True)
         print(f"  chosen: { {k: v.label() if v else 'own' for k, v in decode.items()} }", flush=True)
         result["decode_kernels"] = [{"sms": t.sms, "kernel": t.kernel.label() if t.kernel else "own",

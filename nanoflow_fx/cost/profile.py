@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nanoflow_fx.cost.search import StepShape
-from nanoflow_fx.ops.backend import DecodeKernel, get
+from nanoflow_fx.ops.backend import DecodeKernel
 from nanoflow_fx.runtime.batch import Chunk
 from nanoflow_fx.runtime.requests import Request
 from nanoflow_fx.runtime.sampling import SamplingParams
@@ -128,11 +128,11 @@ def decode_kernel_timings(runtime: Any, vocab_size: int, shape: StepShape, share
     try:
         cache = runtime.kv_cache
         step = build_step(harness.chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          backend=runtime.backend.name)
+                          backend=runtime.attention_backend.name)
         host = tuple(t.pin_memory() for t in step.metadata.tensors()[:4])
         metadata = tuple(t.to(cache.device) for t in host)
         config = runtime.attention_configs[0]
-        backend = get(runtime.backend.name)
+        backend = runtime.attention_backend
         planner = backend.make_planner(runtime.attention_configs, cache.page_size, cache.dtype, cache.device)
         plan = planner.plan_tables(host[0], host[1], host[3], metadata[2]) if planner is not None else None
         layer = cache.caches[0]
