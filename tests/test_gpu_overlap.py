@@ -122,3 +122,34 @@ def test_profile_step_writes_a_chrome_trace_and_a_timeline(tmp_path) -> None:  #
     result = profile_step(model, StepShape(8, 64, 100), str(trace), str(png), policy=policy)
     assert len(result.busy_ms()) >= 2 and result.by_kind_ms().get("attention", 0) > 0
     assert json.loads(trace.read_text())["traceEvents"] and png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("mode", ["off", "soft"])
+def test_a_captured_split_step_replays_the_eager_one(mode: str) -> None:
+    """`StepRunner.capture_step` (what the search's graph timings replay): a split step on FlashInfer + Inductor
+    (decode rows on the Triton kernel on the memory unit) captured in a CUDA graph writes, at each replay, the
+    logits the same step computes eagerly."""
+    from nanoflow_fx.cost.profile import StepHarness
+    from nanoflow_fx.cost.search import StepShape
+
+    if not _flashinfer_available():
+        pytest.skip("flashinfer is not installed")
+    model = _model("llama", torch.bfloat16, "flashinfer")
+    runner = model.nanoflow.runner
+    harness = StepHarness(model.nanoflow, StepShape(6, 40, 30), model.config.vocab_size)
+    units = make_units(mode, 32)
+    if units is not None:
+        units = dataclasses.replace(units, decode=DecodeKernel("triton", (("pv_precision", "half"),)))
+    try:
+        runner.split_policy = lambda tokens, decodes: Cut((0, decodes + 10, tokens), units)
+        eager = runner.run(harness.chunks).float()
+        graph, logits = runner.capture_step(harness.chunks)
+        for _ in range(2):
+            logits.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(logits.float(), eager)
+        assert harness.time_graph(runner.split_policy, reps=2, rounds=1) > 0
+    finally:
+        runner.split_policy = None
+        harness.release()

@@ -94,6 +94,33 @@ class StepHarness:
         self.host_ms = statistics.median(host)
         return statistics.median(times)
 
+    def time_graph(self, policy: Any, reps: int = 6, rounds: int = 3, pool: Any = None) -> float:
+        """ms per step under `policy` with the host's issue cost removed: the step captured once in a CUDA graph
+        (`StepRunner.capture_step`) and replayed back to back (median over `rounds` of `reps`). The runtime issues
+        mixed steps eagerly: `time` is what it gets; this is what the same GPU work takes."""
+        runner = self.runtime.runner
+        saved = runner.split_policy
+        runner.split_policy = policy
+        try:
+            graph, _ = runner.capture_step(self.chunks, pool)
+        finally:
+            runner.split_policy = saved
+        try:
+            graph.replay()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(rounds):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(reps):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / reps)
+            return statistics.median(times)
+        finally:
+            del graph
+
 
 # The Triton kernel's launch variants the memory unit is tried with: tiles of 32-128 tokens, 4 warps, P @ V on
 # tensor cores in tf32 (the kernel's default for half models) or with P rounded to bf16 (as FlashAttention and

@@ -186,6 +186,16 @@ class StepRunner:
         return self._run_eager(chunks, all_logits)
 
     def _run_eager(self, chunks: Sequence[Chunk], all_logits: bool, trace_only: bool = False) -> torch.Tensor:
+        prepared = self._prepare_eager(chunks, all_logits, trace_only)
+        if prepared is None:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        call, num_logits = prepared
+        return call()[:num_logits]
+
+    def _prepare_eager(self, chunks: Sequence[Chunk], all_logits: bool,
+                       trace_only: bool = False) -> tuple[Callable[[], torch.Tensor], int] | None:
+        """Everything of an eager step up to the step function's call (inputs on the device, attention planned,
+        the nano-batch record made), and that call (its logits rows: the first `num_logits`)."""
         cache = self.kv_cache
         on_cuda = self.device.type == "cuda"  # built in pinned host memory, then copied without blocking
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page,
@@ -194,21 +204,46 @@ class StepRunner:
         inputs = host.to(self.device) if on_cuda else host
         if trace_only:
             self.step_fn.trace(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
-            return inputs.input_ids.new_empty(0)
-        kernels: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if self.interim is not None:  # the stand-in's kernel reads the device metadata: nothing to plan
+            return None
+        interim, channel, record = self.interim, self.channel, None
+        if interim is not None:  # the stand-in's kernel reads the device metadata: nothing to plan
             self.stats["interim_steps"] += 1
-            kernels = substituting(self.backend.name, self.interim)
         else:
             record = self._nanobatch_record(chunks, host.metadata.tensors()[:4], inputs.input_ids.shape[0])
             if record is None and self.planner is not None:
                 self.planner.plan(host.metadata, inputs.metadata.kv_indices)
-            if self.channel is not None:
-                kernels = self.channel.carrying(record)
         input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
-        with kernels:
-            logits = self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
-        return logits[: inputs.num_logits]
+
+        def call() -> torch.Tensor:
+            kernels: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if interim is not None:
+                kernels = substituting(self.backend.name, interim)
+            elif channel is not None:
+                kernels = channel.carrying(record)
+            with kernels:
+                return self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices,  # type: ignore[no-any-return]
+                                    inputs.metadata)
+
+        return call, inputs.num_logits
+
+    def capture_step(self, chunks: Sequence[Chunk], pool: Any = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """One eager step of `chunks` (split as the split policy says) captured in a CUDA graph: each replay
+        recomputes that very step (same inputs, plans and nano-batch record), so the replays time its GPU work
+        without the host's cost of issuing it (`cost.profile.StepHarness.time_graph`). The runtime does not
+        replay mixed steps from such graphs: what they measure is what issuing split steps costs the host.
+        Returns the graph and the logits tensor its replays write (the completing chunks' rows)."""
+        prepared = self._prepare_eager(chunks, all_logits=False)
+        assert prepared is not None
+        call, num_logits = prepared
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()  # (a first run on the capture's stream: lazy initialisations happen outside the capture)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = call()
+        return graph, logits[:num_logits]
 
     def _nanobatch_record(self, chunks: Sequence[Chunk], host: tuple[torch.Tensor, ...],
                           num_tokens: int) -> NanobatchStep | None:
