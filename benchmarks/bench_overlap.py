@@ -172,10 +172,10 @@ def main() -> None:
         search_s = time.perf_counter() - search_start
         graph_ms: dict[Candidate, float] = {}
         if args.graphs:  # the same GPU work without the host's issue cost (each step captured in a CUDA graph)
-            pool = torch.cuda.graph_pool_handle()
-            for cand in measured:
+            for cand in measured:  # (each graph its own memory pool, freed after its timing: a pool handle shared
+                # by graphs that are freed in turn trips an internal assert of torch's caching allocator, 2.11)
                 try:
-                    graph_ms[cand] = harness.time_graph(policy_of(cand), args.reps, pool=pool)
+                    graph_ms[cand] = harness.time_graph(policy_of(cand), args.reps)
                 except Exception as err:  # noqa: BLE001 - reported, not fatal
                     print(f"  graph of {cand.label()}: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
         best = pick(measured)
