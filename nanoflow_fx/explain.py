@@ -67,7 +67,9 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
     counts = Counter(info(n).op_class for n in gm.graph.nodes if n.op == "call_function")
     groups = tuple(dict.fromkeys(g.name for g in step.schedule.groups))
     timeline = format_timeline(simulate(step.schedule, roofline_cost(step, runner, cost or RooflineCost())))
-    searched = tuple(_searched(t) for t in runtime.tunings)
+    searched = tuple(_searched(t) for t in runtime.tunings) + tuple(
+        f"  decode rows on {t.sms} SMs: {t.kernel.label() if t.kernel else runtime.attention_backend.name} "
+        f"{t.ms:.3f} ms ({t.tb_s:.2f} TB/s)" for t in getattr(runtime, "decode_timings", ()))
     return Explanation(type(model).__name__, dict(counts), groups, tuple(runner.splittable), step.plan,
                        format_schedule(step.schedule), timeline, step.records, searched)
 

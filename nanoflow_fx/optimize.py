@@ -24,9 +24,11 @@ from nanoflow_fx.capture.store import StepStore, step_key
 from nanoflow_fx.capture.support import check_supported, discover_layers
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.cost.device import measure_ceilings, token_budget
+from nanoflow_fx.cost.profile import DecodeTiming, StepHarness, best_decode_kernels, decode_kernel_timings
 from nanoflow_fx.cost.search import UNSPLIT, StepShape, TunedPolicy, candidates, tune
 from nanoflow_fx.errors import CaptureMismatchError, KVCacheExhaustedError, NanoFlowError
 from nanoflow_fx.ops import backend as attention_backends
+from nanoflow_fx.ops.backend import DecodeKernel
 from nanoflow_fx.runtime.continuous import ContinuousBatchingManager, generate_batch
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
@@ -82,6 +84,7 @@ class NanoFlowRuntime:
         self.channel = StepChannel() if self.config.num_nanobatches != 1 else None
         self.split_policy = even_split(self.config, self.device) if self.config.nanobatched else None
         self.tunings: list[Any] = []  # num_nanobatches="auto": what the schedule search measured (cost.search)
+        self.decode_timings: list[DecodeTiming] = []  # and the memory unit's decode kernels per SM share
         self.step_fn = StepFunction(
             model, lambda on_graph, on_lowered, skip_run, expand=None: backend(
                 self.config, on_graph, self.channel, on_lowered, skip_run, expand),
@@ -293,11 +296,17 @@ def search_shapes(config: NanoFlowConfig, free_pages: int) -> list[StepShape]:
 
 
 def _search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
-    """`num_nanobatches="auto"` on CUDA: replay the candidate cuts of the tuned shapes and keep the fastest per
-    shape (`cost.search`); the unsplit step wins unless a cut beats it by more than 1%."""
-    space = candidates(shares=(32, 48), fractions=(0.5,), modes=("streams", "carveout"))
+    """`num_nanobatches="auto"` on CUDA: the memory unit's decode kernel per SM share (the backend's own, or the
+    Triton kernel's variant `AUTO_DECODE_VARIANT`, whichever reads the mixed shape's decode rows faster on that
+    partition), then replay the candidate cuts of the tuned shapes and keep the fastest per shape
+    (`cost.search`); the unsplit step wins unless a cut beats it by more than 1%."""
+    shares = (32, 48)
+    vocab_size = model.config.get_text_config().vocab_size
     shapes = search_shapes(runtime.config, runtime.kv_cache.allocator.num_free)
-    tunings = tune(runtime, model.config.get_text_config().vocab_size, shapes, space, make_units)
+    runtime.decode_timings = _time_decode_kernels(runtime, vocab_size, shapes, shares)
+    decode = best_decode_kernels(runtime.decode_timings)
+    space = candidates(shares=shares, fractions=(0.5,), modes=("streams", "carveout"), decode=decode)
+    tunings = tune(runtime, vocab_size, shapes, space, make_units)
     runtime.tunings = tunings
     runtime.split_policy = TunedPolicy({t.shape: t.chosen for t in tunings}, make_units)
     runtime.runner.split_policy = runtime.split_policy
@@ -305,6 +314,27 @@ def _search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
         unsplit = dict(t.measured)[UNSPLIT]
         log.info("nanoflow_fx: schedule search %s: %s (%.2f ms; unsplit %.2f ms) in %.1f s", t.shape,
                  t.chosen.label(), dict(t.measured)[t.chosen], unsplit, t.seconds)
+
+
+# The Triton kernel's launch the memory unit is tried with: 128-token tiles, P rounded to the half type for P @ V
+# (on an H200, 2026-11-27: 1.87 / 2.75 TB/s on 32 / 48 SMs against FlashInfer's decode kernel's 1.76 / 2.56).
+AUTO_DECODE_VARIANT = DecodeKernel("triton", (("block_n", 128), ("num_stages", 3), ("num_warps", 4),
+                                              ("pv_precision", "half")))
+
+
+def _time_decode_kernels(runtime: NanoFlowRuntime, vocab_size: int, shapes: list[StepShape],
+                         shares: tuple[int, ...]) -> list[DecodeTiming]:
+    """The decode kernels' timings on the SM shares (none when no tuned shape has decodes, when the Triton kernel
+    cannot stand in, or when the decode rows do not fit the cache: the backend's own kernel then)."""
+    mixed = next((s for s in shapes if s.decodes), None)
+    dtype, device = runtime.kv_cache.dtype, runtime.kv_cache.device
+    if (mixed is None or runtime.attention_backend.name == "triton" or not attention_backends.triton_runs(dtype, device)
+            or attention_backends.get("triton").unsupported_reason(runtime.attention_configs, dtype, device)):
+        return []
+    decodes = StepShape(mixed.decodes, mixed.context, 0)
+    if not StepHarness.fits(runtime, decodes):
+        return []
+    return decode_kernel_timings(runtime, vocab_size, decodes, shares, [AUTO_DECODE_VARIANT])
 
 
 def _cache_root(config: NanoFlowConfig) -> str:

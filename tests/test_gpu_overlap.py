@@ -153,3 +153,30 @@ def test_a_captured_split_step_replays_the_eager_one(mode: str) -> None:
     finally:
         runner.split_policy = None
         harness.release()
+
+
+def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape() -> None:
+    """num_nanobatches="auto" on CUDA (FlashInfer): the decode rows timed on 32 and 48 SMs with FlashInfer's own
+    kernel and the Triton variant, the fastest per share offered to the search, a pick per tuned shape that is
+    the unsplit step unless a cut beat it by more than 1%, and explain() lists both."""
+    from nanoflow_fx.cost.search import UNSPLIT
+    from nanoflow_fx.explain import explain
+    from nanoflow_fx.optimize import AUTO_DECODE_VARIANT
+
+    if not _flashinfer_available():
+        pytest.skip("flashinfer is not installed")
+    torch.manual_seed(0)
+    model = CONFIGS["llama"]().to(device="cuda", dtype=torch.bfloat16).eval()
+    config = nanoflow_fx.NanoFlowConfig(max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256,
+                                        num_pages=256, attention_backend="flashinfer", num_nanobatches="auto")
+    runtime = nanoflow_fx.optimize(model, config).nanoflow
+    timings = runtime.decode_timings
+    assert sorted((t.sms, t.kernel) for t in timings) == [(32, None), (32, AUTO_DECODE_VARIANT), (48, None),
+                                                          (48, AUTO_DECODE_VARIANT)]
+    assert all(t.ms > 0 and t.tb_s > 0 for t in timings)
+    assert runtime.tunings
+    for tuning in runtime.tunings:
+        measured = dict(tuning.measured)
+        assert tuning.chosen == UNSPLIT or measured[tuning.chosen] < 0.99 * measured[UNSPLIT]
+    text = "\n".join(explain(model).searched)
+    assert "decode rows on 32 SMs" in text and "runs" in text

@@ -27,7 +27,7 @@ import torch
 from nanoflow_fx.errors import NanoFlowError
 
 __all__ = ["AttentionBackend", "AttentionConfig", "DecodeKernel", "Planner", "Preparation", "BACKEND_NAMES", "choose",
-           "get", "register", "resolve", "substituting"]
+           "get", "register", "resolve", "substituting", "triton_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class AttentionBackend:
     def interim_backend(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
                         device: torch.device) -> AttentionBackend | None:
         """The backend named by `interim`, if it can run these layers here (it plans nothing on the host)."""
-        if not self.interim or (self.interim == "triton" and not _triton_runs(dtype, device)):
+        if not self.interim or (self.interim == "triton" and not triton_runs(dtype, device)):
             return None
         other = get(self.interim)
         if other.plans_on_host or other.unsupported_reason(configs, dtype, device):
@@ -224,7 +224,7 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def _triton_runs(dtype: torch.dtype, device: torch.device) -> bool:
+def triton_runs(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the Triton kernel can be chosen without asking for it: CUDA, Triton installed, at most fp32."""
     return device.type == "cuda" and _installed("triton") and dtype != torch.float64
 
@@ -241,7 +241,7 @@ def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtyp
     if requested == "auto":
         if not flashinfer_blocker:
             return get("flashinfer")
-        return get("triton" if _triton_runs(dtype, device) else "torch")
+        return get("triton" if triton_runs(dtype, device) else "torch")
     if requested == "flashinfer" and flashinfer_blocker:
         raise NanoFlowError(f"attention_backend='flashinfer' cannot run here: {flashinfer_blocker}; "
                             "use 'triton' (GPU), 'torch' or 'auto'")
