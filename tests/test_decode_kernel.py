@@ -13,7 +13,7 @@ import torch
 from nanoflow_fx.cost.profile import DecodeTiming, best_decode_kernels
 from nanoflow_fx.cost.search import Candidate, candidates, policy_for
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, DecodeKernel, get, register
-from nanoflow_fx.runtime.program_runner import NanobatchStep, Units
+from nanoflow_fx.runtime.program_runner import Units
 
 
 class Spy(AttentionBackend):
@@ -35,26 +35,17 @@ SPY = register(Spy())
 
 
 def test_a_nanobatched_step_attends_with_the_units_decode_kernel() -> None:
-    from nanoflow_fx.ops.split_metadata import split_attention_metadata
-    from tests.conftest import DEFAULT_CONFIG, optimized
-    from tests.test_streams import _probe_args
+    from tests.test_streams import two_nanobatch_probe
 
-    model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
-    program = model.nanoflow.step_fn.graphs[0].meta["nanoflow_program_runner"]
-    args = _probe_args(model, program)
-    names = program.program.placeholders
-    call = next(p.call for p in program.program.pieces if p.kind == "attention")
-    host = [args[names.index(m)] for m in call.metadata]
-    boundaries = (0, 5, args[names.index(call.slot_mapping)].shape[0])
-    metadata = tuple(split_attention_metadata(*host, model.nanoflow.kv_cache.page_size, boundaries))
-    plain = NanobatchStep(boundaries, metadata, (None, None))
+    model, program, args, plain = two_nanobatch_probe()
     want = program.run_nanobatched(args, plain)
     SPY.calls.clear()
     kernel = DecodeKernel(SPY.name, (("block_n", 32), ("num_stages", 7)))
     got = program.run_nanobatched(args, dataclasses.replace(plain, units=Units({}, decode=kernel)))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     layers = model.config.num_hidden_layers
-    sizes = (boundaries[1], boundaries[2] - boundaries[1])
+    bounds = plain.boundaries
+    sizes = (bounds[1], bounds[2] - bounds[1])
     assert SPY.calls == [(n, {"block_n": 32, "num_stages": 7}) for _ in range(layers) for n in sizes]
     SPY.calls.clear()
     program.run_nanobatched(args, dataclasses.replace(plain, units=Units({})))

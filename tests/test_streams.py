@@ -142,10 +142,8 @@ def test_program_runner_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) 
     run of the same cut."""
     import dataclasses
 
-    from nanoflow_fx.ops.split_metadata import split_attention_metadata
     from nanoflow_fx.runtime import program_runner
-    from nanoflow_fx.runtime.program_runner import NanobatchStep, ProgramRunner, Units
-    from tests.conftest import DEFAULT_CONFIG, optimized
+    from nanoflow_fx.runtime.program_runner import ProgramRunner, Units
 
     log: list[tuple] = []
     current = ["main"]
@@ -181,15 +179,7 @@ def test_program_runner_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) 
         def __exit__(self, *exc) -> None:
             current[0] = self.saved
 
-    model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
-    program = model.nanoflow.step_fn.graphs[0].meta["nanoflow_program_runner"]
-    args = _probe_args(model, program)
-    names = program.program.placeholders
-    call = next(p.call for p in program.program.pieces if p.kind == "attention")
-    host = [args[names.index(m)] for m in call.metadata]
-    boundaries = (0, 5, args[names.index(call.slot_mapping)].shape[0])  # 16 prompt tokens (+ padding)
-    metadata = tuple(split_attention_metadata(*host, model.nanoflow.kv_cache.page_size, boundaries))
-    one_stream = NanobatchStep(boundaries, metadata, (None, None))
+    _, program, args, one_stream = two_nanobatch_probe()
     units = {u: FakeStream(u) for u in ("compute", "memory")}
     on_units = dataclasses.replace(one_stream, units=Units(units))
     want = program.run_nanobatched(args, one_stream)
@@ -226,6 +216,26 @@ def test_program_runner_issues_the_stream_plan(monkeypatch: pytest.MonkeyPatch) 
     assert set(position) == set(ops)
     assert {(e[1], e[2]) for e in log if e[0] == "wait_stream"} == {("main", "compute"), ("main", "memory")}
     assert any(op.unit == "memory" for op in schedule.ops) and any(op.waits for op in schedule.ops)
+
+
+def two_nanobatch_probe():  # type: ignore[no-untyped-def]
+    """A 2-nano-batch Llama program (CPU), its inputs for a two-prompt step, and a one-stream record cutting that
+    step after 5 of its tokens (each nano-batch with its own metadata; no plans: the torch backend)."""
+    import dataclasses
+
+    from nanoflow_fx.ops.split_metadata import split_attention_metadata
+    from nanoflow_fx.runtime.program_runner import NanobatchStep
+    from tests.conftest import DEFAULT_CONFIG, optimized
+
+    model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
+    program = model.nanoflow.step_fn.graphs[0].meta["nanoflow_program_runner"]
+    args = _probe_args(model, program)
+    names = program.program.placeholders
+    call = next(p.call for p in program.program.pieces if p.kind == "attention")
+    host = [args[names.index(m)] for m in call.metadata]
+    boundaries = (0, 5, args[names.index(call.slot_mapping)].shape[0])  # 16 prompt tokens (+ padding)
+    metadata = tuple(split_attention_metadata(*host, model.nanoflow.kv_cache.page_size, boundaries))
+    return model, program, args, NanobatchStep(boundaries, metadata, (None, None))
 
 
 def _probe_args(model, program) -> list:

@@ -68,11 +68,12 @@ def _paged_attention_kernel(
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        # P @ V with P in fp32 (not cast to bf16, as FlashAttention does): it keeps bf16 models as close to fp32
-        # attention as the reference. PV_PRECISION "ieee": fp32 FMAs; "tf32": tensor cores (V exact, a bf16
-        # value is a tf32 one; P rounded to 10 bits).
-        if PV_PRECISION == "half":  # P rounded to V's half type, as FlashAttention and FlashInfer do: V is used as
-            # loaded (no fp32 copy through shared memory, the tf32 path's cost per KV byte)
+        # P @ V. PV_PRECISION "ieee": fp32 FMAs; "tf32" (the default for half models): tensor cores with P in
+        # fp32 (V exact, a bf16 value is a tf32 one; P rounded to 10 bits), as close to fp32 attention as the
+        # reference; "half": P rounded to V's half type, as FlashAttention and FlashInfer do, so V feeds the MMA as
+        # loaded (the tf32 path moves an fp32 copy of each V tile through shared memory: on SM partitions, where
+        # the kernel is bound per SM, "half" pulls 1.5x its bandwidth; benchmarks/RESULTS.md).
+        if PV_PRECISION == "half":
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         else:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PV_PRECISION)
@@ -124,7 +125,9 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
     (`benchmarks/bench_attention_sms.py`, H100, Llama-3-8B heads, 288 decodes at 1280, bf16): 1.34 TB/s with "ieee",
     2.98 with "tf32" (FlashInfer's decode kernel: 2.97); outputs within 2e-3 of each other, the bf16 output's own
     rounding. fp32 models keep "ieee" (the reference's precision). 64-token blocks, 4 warps: the fastest of 32/64/128
-    and 4/8 (2-4 stages equal within 1%)."""
+    and 4/8 (2-4 stages equal within 1%; 5-8 stages, which keep more K/V tiles in flight, no faster on partitions
+    either). "half" (P rounded to the half type) is a launch option, not the default: the memory unit's decode
+    rows may use it (`cost.profile.TRITON_DECODE_VARIANTS`)."""
     return dict(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3,
                 pv_precision="ieee" if dtype == torch.float32 else "tf32")
 
