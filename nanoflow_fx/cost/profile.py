@@ -102,24 +102,24 @@ class StepHarness:
         saved = runner.split_policy
         runner.split_policy = policy
         try:
-            graph, _ = runner.capture_step(self.chunks, pool)
+            captured = runner.capture_step(self.chunks, pool)
         finally:
             runner.split_policy = saved
         try:
-            graph.replay()
+            captured.replay()
             torch.cuda.synchronize()
             times = []
             for _ in range(rounds):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 for _ in range(reps):
-                    graph.replay()
+                    captured.replay()
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) / reps)
             return statistics.median(times)
         finally:
-            del graph
+            del captured
 
 
 # The Triton kernel's launch variants the memory unit is tried with: tiles of 32-128 tokens, 4 warps, P @ V on

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,6 +42,21 @@ _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, e
 
 
 SplitPolicy = Callable[[int, int], "Cut | None"]
+
+
+@dataclass(frozen=True)
+class CapturedStep:
+    """A step captured in a CUDA graph (`StepRunner.capture_step`): `replay()` reruns it and returns the logits it
+    writes. `inputs` holds what the graph's kernels read (the step's device inputs, its nano-batch record and
+    metadata): they must live as long as the graph, or their memory could be handed to other tensors."""
+
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+    inputs: Any
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.logits
 """(step tokens, leading decode requests) -> how to cut the step (`Cut`), or None: run it whole."""
 
 Switch = Callable[["StepRunner"], bool]
@@ -226,24 +242,24 @@ class StepRunner:
 
         return call, inputs.num_logits
 
-    def capture_step(self, chunks: Sequence[Chunk], pool: Any = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def capture_step(self, chunks: Sequence[Chunk], pool: Any = None) -> CapturedStep:
         """One eager step of `chunks` (split as the split policy says) captured in a CUDA graph: each replay
         recomputes that very step (same inputs, plans and nano-batch record), so the replays time its GPU work
         without the host's cost of issuing it (`cost.profile.StepHarness.time_graph`). The runtime does not
         replay mixed steps from such graphs: what they measure is what issuing split steps costs the host.
-        Returns the graph and the logits tensor its replays write (the completing chunks' rows)."""
+        Replay it before this runner's next step: that step plans again into the planners' buffers it reads."""
         prepared = self._prepare_eager(chunks, all_logits=False)
         assert prepared is not None
         call, num_logits = prepared
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            call()  # (a first run on the capture's stream: lazy initialisations happen outside the capture)
+            call()  # (a first run outside the capture: lazy initialisations and Dynamo's guards happen there)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             logits = call()
-        return graph, logits[:num_logits]
+        return CapturedStep(graph, logits[:num_logits], call)
 
     def _nanobatch_record(self, chunks: Sequence[Chunk], host: tuple[torch.Tensor, ...],
                           num_tokens: int) -> NanobatchStep | None:
