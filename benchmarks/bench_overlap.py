@@ -6,8 +6,12 @@ A Llama-3-8B-shaped model (random bf16 weights) is optimized with the program lo
 Inductor pieces, FlashInfer planned per nano-batch). Steps (D decodes at context L + one prefill chunk of P):
   balanced 288 @ 1280 + 768 (the 1024/512 workload's steady state), 2048-token 128 @ 1024 + 1920,
   decode-only 64 and 256 @ 1024, prefill-only 2048.
-For each step every candidate of `nanoflow_fx.cost.search.candidates` is timed (CUDA events over steps issued
-back to back, as the engine issues them, so host work hides behind the previous step where it can):
+First the memory unit's decode kernels: the balanced step's decode rows on each SM share with the step backend's
+own kernel and the Triton variants of `cost.profile.TRITON_DECODE_VARIANTS`; the fastest per share joins the
+partitioned candidates (`--no-decode-kernels`: skipped). For each step every candidate of
+`nanoflow_fx.cost.search.candidates` is timed (CUDA events over steps issued back to back, as the engine issues
+them, so host work hides behind the previous step where it can), and, with `--graphs` (default), also captured in
+a CUDA graph and replayed (`StepHarness.time_graph`: the same GPU work without the host's cost of issuing it):
 unsplit (the captured step as one nano-batch), two nano-batches on one stream (the price of splitting), on
 plain streams, with attention on a green-context partition of k SMs (soft), plus the GEMMs' cuBLASLt carve-out
 of the same k SMs (carveout), and "auto" (the search's pick, re-measured). Per row: step ms, speedup over

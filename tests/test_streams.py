@@ -254,3 +254,21 @@ def _probe_args(model, program) -> list:
         type(program).__call__ = original
     assert seen
     return list(seen)
+
+
+def test_program_runner_evaluates_each_symbolic_size_once_per_step_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizes that depend on the token count are re-evaluated per nano-batch through sympy (about 1 ms a call, on the
+    host, every step): the runner keeps each value, so a second step of the same shape evaluates none, and gives
+    the same logits."""
+    import sympy
+
+    _, program, args, record = two_nanobatch_probe()
+    program._sizes.clear()
+    calls = []
+    subs = sympy.Basic.subs
+    monkeypatch.setattr(sympy.Basic, "subs", lambda self, *a, **k: calls.append(1) or subs(self, *a, **k))
+    first = program.run_nanobatched(args, record)
+    evaluated = len(calls)
+    second = program.run_nanobatched(args, record)
+    assert evaluated > 0 and len(calls) == evaluated
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

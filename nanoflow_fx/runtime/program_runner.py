@@ -182,6 +182,7 @@ class ProgramRunner:
         self.program, self.channel = program, channel or StepChannel()
         self._pieces = {p.name: p for p in program.pieces}
         self._streams: dict[str, Any] = {}
+        self._sizes: dict[tuple[Any, ...], int] = {}  # symbolic sizes evaluated per nano-batch (`_Values.part`)
         self.last_schedule: Schedule | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -208,7 +209,7 @@ class ProgramRunner:
     # -- nano-batched ------------------------------------------------------------------------------------------
     def run_nanobatched(self, args: Sequence[Any], record: NanobatchStep) -> Any:
         program = self.program
-        state = _Values(program, dict(zip(program.placeholders, args)), record.boundaries)
+        state = _Values(program, dict(zip(program.placeholders, args)), record.boundaries, self._sizes)
         units = record.units
         use_units = units is not None and self._on_cuda(args)
         schedule, actions = _planned(program.schedule_key, record.boundaries, not use_units)
@@ -277,11 +278,14 @@ class ProgramRunner:
 class _Values:
     """A nano-batched step's values: whole ones (inputs, outputs of whole pieces, joins) and each nano-batch's."""
 
-    def __init__(self, program: StepProgram, inputs: dict[str, Any], boundaries: Sequence[int]) -> None:
+    def __init__(self, program: StepProgram, inputs: dict[str, Any], boundaries: Sequence[int],
+                 sizes: dict[tuple[Any, ...], int] | None = None) -> None:
         self.program, self.whole, self.bounds = program, inputs, tuple(boundaries)
         self.parts: list[dict[str, Any]] = [{} for _ in range(len(boundaries) - 1)]
         self.symbols = {program.symbolic[name]: value for name, value in inputs.items()
                         if name in program.symbolic and program.symbolic[name].is_Symbol}
+        # sympy's subs costs ~1 ms a call: the runner keeps each (size, symbol values, tokens) it evaluated
+        self.sizes = sizes if sizes is not None else {}
 
     def part(self, name: str, i: int) -> Any:
         cache = self.parts[i]
@@ -292,7 +296,12 @@ class _Values:
             expr = self.program.symbolic[name]
             token = self.program.token
             if token is not None and token in expr.free_symbols:
-                value: Any = int(expr.subs({**self.symbols, token: end - start}))
+                key = (name, end - start, *(int(self.symbols[sym]) for sym in self._other_symbols(expr)))
+                value: Any = self.sizes.get(key)
+                if value is None:
+                    if len(self.sizes) > 4096:  # step shapes repeat; a stream of new ones must not grow it forever
+                        self.sizes.clear()
+                    value = self.sizes[key] = int(expr.subs({**self.symbols, token: end - start}))
             else:
                 value = self.whole[name]
         else:
@@ -302,6 +311,11 @@ class _Values:
                                                                                                  end - start)
         cache[name] = value
         return value
+
+    def _other_symbols(self, expr: Any) -> list[Any]:
+        """The expression's symbols other than the token count, in a fixed order (the size cache's key)."""
+        token = self.program.token
+        return sorted((sym for sym in expr.free_symbols if sym != token), key=str)
 
     def joined(self, name: str) -> Any:
         if name in self.whole:
