@@ -334,7 +334,12 @@ def _time_decode_kernels(runtime: NanoFlowRuntime, vocab_size: int, shapes: list
     decodes = StepShape(mixed.decodes, mixed.context, 0)
     if not StepHarness.fits(runtime, decodes):
         return []
-    return decode_kernel_timings(runtime, vocab_size, decodes, shares, [AUTO_DECODE_VARIANT])
+    try:
+        return decode_kernel_timings(runtime, vocab_size, decodes, shares, [AUTO_DECODE_VARIANT])
+    except Exception as err:  # noqa: BLE001 - no partitions here (the search skips partitioned candidates too)
+        log.warning("nanoflow_fx: timing decode kernels on SM partitions failed (%s: %s); the memory unit keeps %s's",
+                    type(err).__name__, err, runtime.attention_backend.name)
+        return []
 
 
 def _cache_root(config: NanoFlowConfig) -> str:

@@ -115,3 +115,27 @@ def test_best_decode_kernels_picks_the_fastest_per_share() -> None:
     timings = [DecodeTiming(16, None, 2.0, 1.0), DecodeTiming(16, a, 1.5, 1.3), DecodeTiming(16, b, 1.2, 1.6),
                DecodeTiming(132, None, 0.5, 3.0), DecodeTiming(132, a, 0.6, 2.9), DecodeTiming(132, b, 0.55, 2.95)]
     assert best_decode_kernels(timings) == {16: b, 132: None}
+
+
+def test_auto_keeps_the_backends_decode_kernel_where_partitions_cannot_be_timed(monkeypatch, caplog) -> None:
+    """`num_nanobatches="auto"`'s decode-kernel timings on a device without SM partitions (here: the timing raises,
+    as `green_context.split_sms` does where the driver cannot split): a warning, no timings, no decode kernel."""
+    import importlib
+
+    from nanoflow_fx.cost.search import StepShape
+    from tests.conftest import DEFAULT_CONFIG, optimized
+
+    opt = importlib.import_module("nanoflow_fx.optimize")  # (the package's `optimize` is the function)
+    runtime = optimized("llama", DEFAULT_CONFIG).nanoflow
+    shapes = [StepShape(2, 8, 6), StepShape(0, 0, 8)]
+    assert opt._time_decode_kernels(runtime, 256, shapes, (32,)) == []  # the CPU: Triton cannot stand in
+
+    def no_partitions(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("cuDevSmResourceSplitByCount failed")
+
+    monkeypatch.setattr(opt.attention_backends, "triton_runs", lambda dtype, device: True)
+    monkeypatch.setattr(opt, "decode_kernel_timings", no_partitions)
+    with caplog.at_level("WARNING"):
+        assert opt._time_decode_kernels(runtime, 256, shapes, (32,)) == []
+    assert "timing decode kernels on SM partitions failed" in caplog.text
+    assert best_decode_kernels([]) == {}
