@@ -43,6 +43,7 @@ from nanoflow_fx.cost.profile import (  # noqa: E402
     StepHarness,
     best_decode_kernels,
     decode_kernel_timings,
+    decode_rows,
     time_on,
 )
 from nanoflow_fx.cost.search import (  # noqa: E402
@@ -81,43 +82,37 @@ def attention_bandwidth(model: Any, shape: StepShape, reps: int) -> list[dict[st
     import flashinfer
 
     from nanoflow_fx.ops.backend import get
-    from nanoflow_fx.runtime.batch import build_step
     from nanoflow_fx.runtime.green_context import split_sms
 
-    harness = StepHarness(model.nanoflow, StepShape(shape.decodes, shape.context, 0), model.config.vocab_size)
-    runtime = harness.runtime
+    runtime = model.nanoflow
     cache = runtime.kv_cache
-    step = build_step(harness.chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                      backend="flashinfer").to(cache.device)
-    qo, kvp, idx, last, _ = step.metadata.tensors()
-    cfg = runtime.attention_configs[0]
-    layer = cache.caches[0]
-    q = torch.randn(step.input_ids.shape[0], cfg.num_qo_heads, cfg.head_dim, dtype=cache.dtype, device=cache.device)
-    kv_bytes = shape.decodes * shape.context * cfg.num_kv_heads * cfg.head_dim * 2 * cache.dtype.itemsize
-    workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device=cache.device)
-    seq = ((kvp[1:] - kvp[:-1] - 1) * cache.page_size + last).to(torch.int32)
-    kernels: dict[str, Any] = {}
-    for tc in (True, False):
-        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tc)
-        w.plan(kvp, idx, last, cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size,
-               q_data_type=cache.dtype, kv_data_type=cache.dtype, sm_scale=cfg.scaling)
-        kernels[f"flashinfer decode{' (tensor cores)' if tc else ''}"] = (lambda w=w: w.run(q, layer))
-    p = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
-    p.plan(qo, kvp, idx, last, cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size, causal=True,
-           q_data_type=cache.dtype, kv_data_type=cache.dtype, sm_scale=cfg.scaling, seq_lens=seq)
-    kernels["flashinfer prefill kernel"] = lambda: p.run(q, layer)
-    triton = get("triton")
-    kernels["nanoflow triton"] = lambda: triton.run(q, layer, qo, kvp, idx, last, cfg.scaling, 0, 0.0)
-    rows = []
-    for sms in (16, 32, 48, 0):
-        stream = split_sms(sms)[0].stream if sms else torch.cuda.current_stream()
-        for name, fn in kernels.items():
-            ms = time_on(fn, stream, reps)
-            rows.append({"kernel": name, "sms": sms or torch.cuda.get_device_properties(0).multi_processor_count,
-                         "ms": round(ms, 4), "tb_s": round(kv_bytes / ms / 1e9, 3)})
-            print(f"  {name:34s} {rows[-1]['sms']:4d} SMs {ms:8.4f} ms {rows[-1]['tb_s']:6.3f} TB/s", flush=True)
-    harness.release()
-    return rows
+    with decode_rows(runtime, model.config.vocab_size, shape) as rows:
+        qo, kvp, idx, last = rows.metadata
+        cfg, q, layer = rows.config, rows.q, rows.layer
+        workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device=cache.device)
+        seq = ((kvp[1:] - kvp[:-1] - 1) * cache.page_size + last).to(torch.int32)
+        kernels: dict[str, Any] = {}
+        for tc in (True, False):
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tc)
+            w.plan(kvp, idx, last, cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size,
+                   q_data_type=cache.dtype, kv_data_type=cache.dtype, sm_scale=cfg.scaling)
+            kernels[f"flashinfer decode{' (tensor cores)' if tc else ''}"] = (lambda w=w: w.run(q, layer))
+        p = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+        p.plan(qo, kvp, idx, last, cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size, causal=True,
+               q_data_type=cache.dtype, kv_data_type=cache.dtype, sm_scale=cfg.scaling, seq_lens=seq)
+        kernels["flashinfer prefill kernel"] = lambda: p.run(q, layer)
+        triton = get("triton")
+        kernels["nanoflow triton"] = lambda: triton.run(q, layer, qo, kvp, idx, last, cfg.scaling, 0, 0.0)
+        rows_out, total = [], torch.cuda.get_device_properties(0).multi_processor_count
+        for sms in (16, 32, 48, 0):
+            stream = split_sms(sms)[0].stream if sms else torch.cuda.current_stream()
+            for name, fn in kernels.items():
+                ms = time_on(fn, stream, reps)
+                rows_out.append({"kernel": name, "sms": sms or total, "ms": round(ms, 4),
+                                 "tb_s": round(rows.kv_bytes / ms / 1e9, 3)})
+                print(f"  {name:34s} {rows_out[-1]['sms']:4d} SMs {ms:8.4f} ms {rows_out[-1]['tb_s']:6.3f} TB/s",
+                      flush=True)
+    return rows_out
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
     timeline = format_timeline(simulate(step.schedule, roofline_cost(step, runner, cost or RooflineCost())))
     searched = tuple(_searched(t) for t in runtime.tunings) + tuple(
         f"  decode rows on {t.sms} SMs: {t.kernel.label() if t.kernel else runtime.attention_backend.name} "
-        f"{t.ms:.3f} ms ({t.tb_s:.2f} TB/s)" for t in getattr(runtime, "decode_timings", ()))
+        f"{t.ms:.3f} ms ({t.tb_s:.2f} TB/s)" for t in runtime.decode_timings)
     return Explanation(type(model).__name__, dict(counts), groups, tuple(runner.splittable), step.plan,
                        format_schedule(step.schedule), timeline, step.records, searched)
 

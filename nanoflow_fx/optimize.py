@@ -324,12 +324,14 @@ AUTO_DECODE_VARIANT = DecodeKernel("triton", (("block_n", 128), ("num_stages", 3
 
 def _time_decode_kernels(runtime: NanoFlowRuntime, vocab_size: int, shapes: list[StepShape],
                          shares: tuple[int, ...]) -> list[DecodeTiming]:
-    """The decode kernels' timings on the SM shares (none when no tuned shape has decodes, when the Triton kernel
-    cannot stand in, or when the decode rows do not fit the cache: the backend's own kernel then)."""
+    """The decode kernels' timings on the SM shares (none when no tuned shape has decodes, when the model is not
+    in a half type (the variant rounds P to it), when the Triton kernel cannot stand in here, or when the decode
+    rows do not fit the cache: the backend's own kernel then)."""
     mixed = next((s for s in shapes if s.decodes), None)
     dtype, device = runtime.kv_cache.dtype, runtime.kv_cache.device
-    if (mixed is None or runtime.attention_backend.name == "triton" or not attention_backends.triton_runs(dtype, device)
-            or attention_backends.get("triton").unsupported_reason(runtime.attention_configs, dtype, device)):
+    if (mixed is None or dtype not in (torch.float16, torch.bfloat16)
+            or attention_backends.stand_in(AUTO_DECODE_VARIANT.backend, runtime.attention_configs, dtype,
+                                           device) is None):
         return []
     decodes = StepShape(mixed.decodes, mixed.context, 0)
     if not StepHarness.fits(runtime, decodes):

@@ -93,3 +93,14 @@ def test_triton_kernel_in_half_precision_is_within_its_rounding(pv_precision: st
     got = paged_attention_triton(q, cache, *meta, dim**-0.5, 0, 0.0, pv_precision=pv_precision, block_n=32)
     assert got.dtype == torch.float16
     assert (got.float() - want).abs().max().item() <= 4 * 2**-11 * want.abs().max().item()
+
+
+def test_triton_kernel_refuses_half_p_at_v_on_a_full_precision_cache() -> None:
+    """"half" rounds P to the cache's half type: on an fp32 cache it would be fp32 dots at the default (tf32)
+    precision, silently less exact than the reference; it is refused instead."""
+    from nanoflow_fx.ops.triton_attention import paged_attention_triton
+
+    meta = [torch.tensor(x, dtype=torch.int32) for x in ([0, 1], [0, 1], [0], [3])]
+    with pytest.raises(ValueError, match="half type"):
+        paged_attention_triton(torch.zeros(1, 2, 16), torch.zeros(1, 2, 4, 1, 16), *meta, 0.25, 0, 0.0,
+                               pv_precision="half")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +23,8 @@ from nanoflow_fx.runtime.batch import Chunk
 from nanoflow_fx.runtime.requests import Request
 from nanoflow_fx.runtime.sampling import SamplingParams
 
-__all__ = ["DecodeTiming", "StepHarness", "TRITON_DECODE_VARIANTS", "best_decode_kernels", "decode_kernel_timings",
-           "time_on"]
+__all__ = ["DecodeRows", "DecodeTiming", "StepHarness", "TRITON_DECODE_VARIANTS", "best_decode_kernels",
+           "decode_kernel_timings", "decode_rows", "time_on"]
 
 _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), min_new_tokens=0)
 
@@ -105,21 +106,18 @@ class StepHarness:
             captured = runner.capture_step(self.chunks, pool)
         finally:
             runner.split_policy = saved
-        try:
-            captured.replay()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(rounds):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(reps):
-                    captured.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / reps)
-            return statistics.median(times)
-        finally:
-            del captured
+        captured.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                captured.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / reps)
+        return statistics.median(times)
 
 
 # The Triton kernel's launch variants the memory unit is tried with: tiles of 32-128 tokens, 4 warps, P @ V on
@@ -141,16 +139,25 @@ class DecodeTiming:
     tb_s: float
 
 
-def decode_kernel_timings(runtime: Any, vocab_size: int, shape: StepShape, shares: Sequence[int],
-                          kernels: Sequence[DecodeKernel], reps: int = 10,
-                          streams: Callable[[int], Any] | None = None) -> list[DecodeTiming]:
-    """Time the decode rows of `shape` (its decodes at its context, layer 0's cache and configuration) on partitions
-    of each of `shares` SMs (0: the whole GPU): the step backend's own decode kernel (planned as a nano-batch's)
-    and each of `kernels`. `streams(sms)`: the stream of a partition (default: `green_context.split_sms`)."""
-    from nanoflow_fx.runtime.batch import build_step
-    from nanoflow_fx.runtime.green_context import split_sms
+@dataclass(frozen=True)
+class DecodeRows:
+    """A shape's decode rows as an attention kernel sees them (layer 0): the request tables in pinned host memory
+    (`host`) and on the device (`metadata`: qo_indptr, kv_indptr, kv_indices, kv_last_page_len), a random query,
+    the layer's cache and configuration, and the KV bytes one pass reads."""
 
-    streams = streams or (lambda sms: split_sms(sms)[0].stream)
+    host: tuple[torch.Tensor, ...]
+    metadata: tuple[torch.Tensor, ...]
+    q: torch.Tensor
+    layer: torch.Tensor
+    config: Any
+    kv_bytes: int
+
+
+@contextmanager
+def decode_rows(runtime: Any, vocab_size: int, shape: StepShape) -> Iterator[DecodeRows]:
+    """`shape`'s decodes at its context, held on `runtime`'s KV cache for the block (`StepHarness`)."""
+    from nanoflow_fx.runtime.batch import build_step
+
     harness = StepHarness(runtime, StepShape(shape.decodes, shape.context, 0), vocab_size)
     try:
         cache = runtime.kv_cache
@@ -159,22 +166,36 @@ def decode_kernel_timings(runtime: Any, vocab_size: int, shape: StepShape, share
         host = tuple(t.pin_memory() for t in step.metadata.tensors()[:4])
         metadata = tuple(t.to(cache.device) for t in host)
         config = runtime.attention_configs[0]
-        backend = runtime.attention_backend
-        planner = backend.make_planner(runtime.attention_configs, cache.page_size, cache.dtype, cache.device)
-        plan = planner.plan_tables(host[0], host[1], host[3], metadata[2]) if planner is not None else None
-        layer = cache.caches[0]
         q = torch.randn(metadata[0].shape[0] - 1, config.num_qo_heads, config.head_dim, dtype=cache.dtype,
                         device=cache.device)
         kv_bytes = shape.decodes * shape.context * config.num_kv_heads * config.head_dim * 2 * cache.dtype.itemsize
+        yield DecodeRows(host, metadata, q, cache.caches[0], config, kv_bytes)
+    finally:
+        harness.release()
+
+
+def decode_kernel_timings(runtime: Any, vocab_size: int, shape: StepShape, shares: Sequence[int],
+                          kernels: Sequence[DecodeKernel], reps: int = 10,
+                          streams: Callable[[int], Any] | None = None) -> list[DecodeTiming]:
+    """Time the decode rows of `shape` (`decode_rows`) on partitions of each of `shares` SMs (0: the whole GPU):
+    the step backend's own decode kernel (planned as a nano-batch's) and each of `kernels`. `streams(sms)`: the
+    stream of a partition (default: `green_context.split_sms`)."""
+    from nanoflow_fx.runtime.green_context import split_sms
+
+    streams = streams or (lambda sms: split_sms(sms)[0].stream)
+    backend, cache = runtime.attention_backend, runtime.kv_cache
+    with decode_rows(runtime, vocab_size, shape) as rows:
+        host, metadata = rows.host, rows.metadata
+        planner = backend.make_planner(runtime.attention_configs, cache.page_size, cache.dtype, cache.device)
+        plan = planner.plan_tables(host[0], host[1], host[3], metadata[2]) if planner is not None else None
         timings = []
         for sms in shares:
             stream = streams(sms) if sms else torch.cuda.current_stream()
             for kernel in (None, *kernels):
-                ms = time_on(lambda k=kernel: backend.run_planned(plan, config, q, layer, metadata, k), stream, reps)
-                timings.append(DecodeTiming(sms, kernel, ms, kv_bytes / ms / 1e9))
+                ms = time_on(lambda k=kernel: backend.run_planned(plan, rows.config, rows.q, rows.layer, metadata, k),
+                             stream, reps)
+                timings.append(DecodeTiming(sms, kernel, ms, rows.kv_bytes / ms / 1e9))
         return timings
-    finally:
-        harness.release()
 
 
 def best_decode_kernels(timings: Sequence[DecodeTiming]) -> Mapping[int, DecodeKernel | None]:

@@ -27,7 +27,7 @@ import torch
 from nanoflow_fx.errors import NanoFlowError
 
 __all__ = ["AttentionBackend", "AttentionConfig", "DecodeKernel", "Planner", "Preparation", "BACKEND_NAMES", "choose",
-           "get", "register", "resolve", "substituting", "triton_runs"]
+           "get", "register", "resolve", "stand_in", "substituting"]
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +119,8 @@ class AttentionBackend:
 
     def interim_backend(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
                         device: torch.device) -> AttentionBackend | None:
-        """The backend named by `interim`, if it can run these layers here (it plans nothing on the host)."""
-        if not self.interim or (self.interim == "triton" and not triton_runs(dtype, device)):
-            return None
-        other = get(self.interim)
-        if other.plans_on_host or other.unsupported_reason(configs, dtype, device):
-            return None
-        return other
+        """The backend named by `interim`, if it can stand in here (`stand_in`)."""
+        return stand_in(self.interim, configs, dtype, device) if self.interim else None
 
     # The kernel `run` calls: a function of `run`'s arguments (backends that plan on the host override `run`).
     kernel: Callable[..., torch.Tensor] | None = None
@@ -224,9 +219,22 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def triton_runs(dtype: torch.dtype, device: torch.device) -> bool:
+def _triton_runs(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the Triton kernel can be chosen without asking for it: CUDA, Triton installed, at most fp32."""
     return device.type == "cuda" and _installed("triton") and dtype != torch.float64
+
+
+def stand_in(name: str, configs: Sequence[AttentionConfig], dtype: torch.dtype,
+             device: torch.device) -> AttentionBackend | None:
+    """The backend `name`, if it can run these layers here without planning on the host, as what computes another
+    backend's attention from the device metadata alone must (an interim backend, a memory unit's `DecodeKernel`);
+    None if it cannot."""
+    if name == "triton" and not _triton_runs(dtype, device):
+        return None
+    backend = get(name)
+    if backend.plans_on_host or backend.unsupported_reason(configs, dtype, device):
+        return None
+    return backend
 
 
 def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtype,
@@ -241,7 +249,7 @@ def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtyp
     if requested == "auto":
         if not flashinfer_blocker:
             return get("flashinfer")
-        return get("triton" if triton_runs(dtype, device) else "torch")
+        return get("triton" if _triton_runs(dtype, device) else "torch")
     if requested == "flashinfer" and flashinfer_blocker:
         raise NanoFlowError(f"attention_backend='flashinfer' cannot run here: {flashinfer_blocker}; "
                             "use 'triton' (GPU), 'torch' or 'auto'")

@@ -130,22 +130,22 @@ def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Seque
     the nano-batch's `metadata`: its tables cut to those rows are views), the rest on the prefill kernel (one
     output, written in two slices)."""
     num_decode = plans.num_decode
-    if decode is not None and num_decode:
+
+    def attend_decode(rows_q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if decode is None:
+            return plans.decode.run(rows_q, kv_cache, out=out)  # type: ignore[no-any-return]
         assert metadata is not None and config is not None
         qo, kv_ptr, kv_indices, last = metadata
         rows = (qo[: num_decode + 1], kv_ptr[: num_decode + 1], kv_indices, last[:num_decode])
-        if plans.prefill is None or num_decode == q.shape[0]:
-            return decode.run(q, kv_cache, rows, config)
-        out = q.new_empty(q.shape[0], q.shape[1], kv_cache.shape[-1])
-        out[:num_decode] = decode.run(q[:num_decode], kv_cache, rows, config)
-        plans.prefill.run(q[num_decode:], kv_cache, out=out[num_decode:])
-        return out
+        result = decode.run(rows_q, kv_cache, rows, config)
+        return result if out is None else out.copy_(result)
+
     if plans.prefill is None or num_decode == q.shape[0]:
-        return plans.decode.run(q, kv_cache)  # type: ignore[no-any-return]
+        return attend_decode(q)
     if num_decode == 0:
         return plans.prefill.run(q, kv_cache)  # type: ignore[no-any-return]
     out = q.new_empty(q.shape[0], q.shape[1], kv_cache.shape[-1])
-    plans.decode.run(q[:num_decode], kv_cache, out=out[:num_decode])
+    attend_decode(q[:num_decode], out[:num_decode])
     plans.prefill.run(q[num_decode:], kv_cache, out=out[num_decode:])
     return out
 

@@ -104,6 +104,8 @@ def paged_attention_triton(
     group = num_heads // num_kv_heads
     num_requests = kv_last_page_len.shape[0]
     config = {**launch_config(head_dim, q.dtype), **launch}
+    if config["pv_precision"] == "half" and kv_cache.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"pv_precision='half' rounds P to the cache's half type; this cache is {kv_cache.dtype}")
     _paged_attention_kernel[(num_tokens, num_kv_heads)](
         q, kv_cache, out, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
         num_requests, q.stride(0), q.stride(1), out.stride(0), out.stride(1),

@@ -284,8 +284,10 @@ class _Values:
         self.parts: list[dict[str, Any]] = [{} for _ in range(len(boundaries) - 1)]
         self.symbols = {program.symbolic[name]: value for name, value in inputs.items()
                         if name in program.symbolic and program.symbolic[name].is_Symbol}
-        # sympy's subs costs ~1 ms a call: the runner keeps each (size, symbol values, tokens) it evaluated
+        # sympy's subs costs ~70 us a call: the runner keeps each size it evaluated, by (name, the nano-batch's
+        # tokens, the step's other symbol values)
         self.sizes = sizes if sizes is not None else {}
+        self.symbol_values = tuple(int(v) for sym, v in self.symbols.items() if sym != program.token)
 
     def part(self, name: str, i: int) -> Any:
         cache = self.parts[i]
@@ -296,7 +298,7 @@ class _Values:
             expr = self.program.symbolic[name]
             token = self.program.token
             if token is not None and token in expr.free_symbols:
-                key = (name, end - start, *(int(self.symbols[sym]) for sym in self._other_symbols(expr)))
+                key = (name, end - start, self.symbol_values)
                 value: Any = self.sizes.get(key)
                 if value is None:
                     if len(self.sizes) > 4096:  # step shapes repeat; a stream of new ones must not grow it forever
@@ -311,11 +313,6 @@ class _Values:
                                                                                                  end - start)
         cache[name] = value
         return value
-
-    def _other_symbols(self, expr: Any) -> list[Any]:
-        """The expression's symbols other than the token count, in a fixed order (the size cache's key)."""
-        token = self.program.token
-        return sorted((sym for sym in expr.free_symbols if sym != token), key=str)
 
     def joined(self, name: str) -> Any:
         if name in self.whole:

@@ -42,6 +42,11 @@ _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, e
 
 
 SplitPolicy = Callable[[int, int], "Cut | None"]
+"""(step tokens, leading decode requests) -> how to cut the step (`Cut`), or None: run it whole."""
+
+Switch = Callable[["StepRunner"], bool]
+"""Run once the interim ends: readies the runner for its own backend (checks it, captures CUDA graphs); returns
+whether to switch (False: keep running on the interim backend)."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,6 @@ class CapturedStep:
     def replay(self) -> torch.Tensor:
         self.graph.replay()
         return self.logits
-"""(step tokens, leading decode requests) -> how to cut the step (`Cut`), or None: run it whole."""
-
-Switch = Callable[["StepRunner"], bool]
-"""Run once the interim ends: readies the runner for its own backend (checks it, captures CUDA graphs); returns
-whether to switch (False: keep running on the interim backend)."""
 
 
 class StepRunner:
