@@ -132,7 +132,9 @@ def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Seque
     num_decode = plans.num_decode
 
     def attend_decode(rows_q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if decode is None:
+        if decode is None:  # (the planned wrapper, called as before this helper: `out` only when given)
+            if out is None:
+                return plans.decode.run(rows_q, kv_cache)  # type: ignore[no-any-return]
             return plans.decode.run(rows_q, kv_cache, out=out)  # type: ignore[no-any-return]
         assert metadata is not None and config is not None
         qo, kv_ptr, kv_indices, last = metadata
