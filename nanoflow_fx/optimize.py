@@ -283,15 +283,17 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
 def search_shapes(config: NanoFlowConfig, free_pages: int) -> list[StepShape]:
     """The dense steps `num_nanobatches="auto"` tunes: the step budget as a mixed step (decodes at context 1024, a
     quarter of the budget or as many as the slots and 80% of the free KV pages hold, then one prefill chunk, like
-    the steady state of a long-prompt workload) and as one prefill chunk. Other steps are cut like the nearest of
+    the steady state of a long-prompt workload) and as one prefill chunk. A chunk is one request's, so it is at
+    most `max_seq_len` tokens (the step is then smaller than the budget). Other steps are cut like the nearest of
     them; decode-only steps run whole."""
     budget, page = int(config.max_num_tokens), config.page_size  # type: ignore[arg-type]
-    context = min(1024, int(config.max_seq_len))  # type: ignore[arg-type]
-    room = int(0.8 * free_pages) - -(-budget // page)
+    longest = int(config.max_seq_len)  # type: ignore[arg-type]
+    context = min(1024, longest)
+    room = int(0.8 * free_pages) - -(-min(budget, longest) // page)
     decodes = max(0, min(budget // 4, config.max_batch_size - 1, room // -(-context // page)))
-    shapes = [StepShape(0, 0, budget)]
+    shapes = [StepShape(0, 0, min(budget, longest))]
     if decodes:
-        shapes.insert(0, StepShape(decodes, context, budget - decodes))
+        shapes.insert(0, StepShape(decodes, context, min(budget - decodes, longest)))
     return shapes
 
 

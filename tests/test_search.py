@@ -94,6 +94,9 @@ def test_search_shapes_fit_the_budget_the_slots_and_the_cache() -> None:
     mixed, _ = search_shapes(config, free_pages=10000)  # 80% of the pages, less the prefill's, at 64 pages each
     assert mixed.decodes == (8000 - 128) // 64 and mixed.tokens == 2048
     assert search_shapes(config, free_pages=100) == [StepShape(0, 0, 2048)]  # no room for decodes
+    # A chunk is one request's: never longer than max_seq_len, even when the budget is (the step is smaller then).
+    short = dataclasses.replace(config, max_num_tokens=256, max_batch_size=16, max_seq_len=160)
+    assert search_shapes(short, free_pages=240) == [StepShape(15, 160, 160), StepShape(0, 0, 160)]
 
 
 def test_auto_on_the_cpu_runs_whole_steps_through_the_program() -> None:
