@@ -60,6 +60,7 @@ for step in ${STEPS:-tests example}; do
     tests_overlap) run pytest_overlap ${TESTS_S:-240} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=10 $XDIST tests/test_gpu_overlap.py tests/test_streams.py ;;
     buckets) run buckets ${BUCKETS_S:-240} python3 benchmarks/bench_buckets.py --out "$OUT/buckets.json" ;;
     attn_sms) run attn_sms ${ATTN_S:-300} python3 benchmarks/bench_attention_sms.py ${ATTN_ARGS:-} --out "$OUT/attention_sms.json" ;;
+    auto) run auto ${AUTO_S:-400} python3 benchmarks/bench_auto.py --config "$NF_CONFIG" --out "$OUT/auto.json" ;;
     ttft) run ttft ${TTFT_S:-200} python3 benchmarks/first_token.py --out "$OUT/ttft.json" ;;
     *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac

@@ -82,9 +82,12 @@ def _trace(runtime: Any) -> None:
 
 def _searched(tuning: Any) -> str:
     measured = sorted(tuning.measured, key=lambda item: item[1])
-    best = ", ".join(f"{c.label()} {ms:.2f}" for c, ms in measured[:4])
-    return (f"  {tuning.shape}: runs {tuning.chosen.label()} ({tuning.seconds:.1f} s, {len(measured)} candidates; "
-            f"fastest ms: {best})")
+    predicted = dict(tuning.predicted)
+    best = ", ".join(f"{c.label()} {ms:.2f}" + (f" (predicted {predicted[c]:.2f})" if c in predicted else "")
+                     for c, ms in measured[:4])
+    ranked = f" of {len(predicted)} predicted" if predicted else ""
+    return (f"  {tuning.shape}: runs {tuning.chosen.label()} ({tuning.seconds:.1f} s, {len(measured)} candidates "
+            f"replayed{ranked}; fastest ms: {best})")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,15 @@ from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.cost.device import measure_ceilings, token_budget
 from nanoflow_fx.cost.profile import DecodeTiming, StepHarness, best_decode_kernels, decode_kernel_timings
 from nanoflow_fx.cost.search import UNSPLIT, StepShape, TunedPolicy, candidates, tune
+from nanoflow_fx.cost.tables import (
+    CostTable,
+    decode_key,
+    load_table,
+    measure_carveout,
+    measure_shape,
+    save_table,
+    table_key,
+)
 from nanoflow_fx.errors import CaptureMismatchError, KVCacheExhaustedError, NanoFlowError
 from nanoflow_fx.ops import backend as attention_backends
 from nanoflow_fx.ops.backend import DecodeKernel
@@ -85,6 +94,7 @@ class NanoFlowRuntime:
         self.split_policy = even_split(self.config, self.device) if self.config.nanobatched else None
         self.tunings: list[Any] = []  # num_nanobatches="auto": what the schedule search measured (cost.search)
         self.decode_timings: list[DecodeTiming] = []  # and the memory unit's decode kernels per SM share
+        self.cost_table: CostTable | None = None  # and the times it predicted the candidates from (cost.tables)
         self.step_fn = StepFunction(
             model, lambda on_graph, on_lowered, skip_run, expand=None: backend(
                 self.config, on_graph, self.channel, on_lowered, skip_run, expand),
@@ -302,20 +312,76 @@ def _search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
     Triton kernel's variant `AUTO_DECODE_VARIANT`, whichever reads the mixed shape's decode rows faster on that
     partition), then replay the candidate cuts of the tuned shapes and keep the fastest per shape
     (`cost.search`); the unsplit step wins unless a cut beats it by more than 1%."""
-    shares = (32, 48)
+    shares = (16, 32, 48, 64)
     vocab_size = model.config.get_text_config().vocab_size
     shapes = search_shapes(runtime.config, runtime.kv_cache.allocator.num_free)
-    runtime.decode_timings = _time_decode_kernels(runtime, vocab_size, shapes, shares)
+    table = _cost_table(model, runtime)
+    timings = _time_decode_kernels(runtime, vocab_size, shapes, (0, *shares))
+    runtime.decode_timings = [t for t in timings if t.sms]
+    mixed = next((s for s in shapes if s.decodes), None)
+    if timings and mixed is not None:
+        table.decode = {decode_key(t.sms, t.kernel): t.ms for t in timings}
+        table.decode_ref = (mixed.decodes, mixed.context)
     decode = best_decode_kernels(runtime.decode_timings)
-    space = candidates(shares=shares, fractions=(0.5,), modes=("streams", "carveout"), decode=decode)
-    tunings = tune(runtime, vocab_size, shapes, space, make_units)
-    runtime.tunings = tunings
+    space = candidates(shares=shares, fractions=(0.25, 0.5, 0.75), modes=("streams", "soft", "carveout"),
+                       decode=decode, cuts=((1 / 3, 2 / 3), (0.25, 0.5, 0.75)))
+    fitting = [s for s in shapes if StepHarness.fits(runtime, s)]
+    if fitting and not all(k in table.carveout for k in shares):
+        widest = max(fitting, key=lambda s: s.tokens)
+        try:
+            pieces, _ = measure_shape(runtime, vocab_size, widest)
+            table.carveout.update(measure_carveout(runtime, vocab_size, widest, shares, pieces))
+        except Exception as err:  # noqa: BLE001 - no carve-out here: its candidates are not priced (nor replayed)
+            log.warning("nanoflow_fx: timing the GEMMs' SM carve-out failed (%s: %s)", type(err).__name__, err)
+    tunings = tune(runtime, vocab_size, shapes, space, make_units, table=table)
+    runtime.tunings, runtime.cost_table = tunings, table
+    try:
+        save_table(_cost_dir(runtime.config), table)
+    except OSError as err:
+        log.warning("nanoflow_fx: could not keep the cost table (%s); the next optimize() measures it again", err)
     runtime.split_policy = TunedPolicy({t.shape: t.chosen for t in tunings}, make_units)
     runtime.runner.split_policy = runtime.split_policy
     for t in tunings:
         unsplit = dict(t.measured)[UNSPLIT]
-        log.info("nanoflow_fx: schedule search %s: %s (%.2f ms; unsplit %.2f ms) in %.1f s", t.shape,
-                 t.chosen.label(), dict(t.measured)[t.chosen], unsplit, t.seconds)
+        log.info("nanoflow_fx: schedule search %s: %s (%.2f ms; unsplit %.2f ms; %d of %d candidates replayed) in "
+                 "%.1f s", t.shape, t.chosen.label(), dict(t.measured)[t.chosen], unsplit, len(t.measured),
+                 len(t.predicted), t.seconds)
+
+
+def _cost_dir(config: NanoFlowConfig) -> str:
+    return os.path.join(_cache_root(config), "cost")
+
+
+def _cost_table(model: PreTrainedModel, runtime: NanoFlowRuntime) -> CostTable:
+    """The cost table kept for this model, lowering, device and versions, or a new empty one."""
+    import transformers
+    import triton
+
+    try:
+        from importlib.metadata import version
+
+        flashinfer = version("flashinfer-python")
+    except Exception:  # noqa: BLE001 - not installed
+        flashinfer = None
+    cfg, props = runtime.config, torch.cuda.get_device_properties(runtime.device)
+    key = table_key({"model": model.config.to_dict(), "dtype": str(runtime.dtype), "device": props.name,
+                     "sms": props.multi_processor_count, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "triton": triton.__version__,
+                     "flashinfer": flashinfer, "nanoflow_fx": _nanoflow_version(),
+                     "lowering": [runtime.attention_backend.name, cfg.inductor, cfg.fuse_linears, cfg.page_size,
+                                  cfg.replicate_layers]})
+    table = load_table(_cost_dir(cfg), key)
+    if table is not None:
+        log.info("nanoflow_fx: cost table %s loaded (%d nano-batch shapes measured)", key, len(table.pieces))
+        return table
+    program = runtime.channel.program  # type: ignore[union-attr]
+    return CostTable(key, program.schedule_key, props.multi_processor_count)
+
+
+def _nanoflow_version() -> str:
+    from nanoflow_fx import __version__
+
+    return __version__
 
 
 # The Triton kernel's launch the memory unit is tried with: 128-token tiles, P rounded to the half type for P @ V

@@ -170,12 +170,17 @@ def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape() -> 
                                         num_pages=256, attention_backend="flashinfer", num_nanobatches="auto")
     runtime = nanoflow_fx.optimize(model, config).nanoflow
     timings = runtime.decode_timings
-    assert len(timings) == 4 and {(t.sms, t.kernel) for t in timings} == {
-        (32, None), (32, AUTO_DECODE_VARIANT), (48, None), (48, AUTO_DECODE_VARIANT)}
+    assert {(t.sms, t.kernel) for t in timings} == {
+        (k, kernel) for k in (16, 32, 48, 64) for kernel in (None, AUTO_DECODE_VARIANT)} and len(timings) == 8
     assert all(t.ms > 0 and t.tb_s > 0 for t in timings)
-    assert runtime.tunings
+    assert runtime.tunings and runtime.cost_table is not None
     for tuning in runtime.tunings:
         measured = dict(tuning.measured)
         assert tuning.chosen == UNSPLIT or measured[tuning.chosen] < 0.99 * measured[UNSPLIT]
+        # predicted from the cost table, fewer replayed than predicted, the unsplit step always among them
+        assert UNSPLIT in measured and len(tuning.predicted) > len(measured) > 1
+        # the pieces' events time the GPU's work: their sum cannot be much above the step's own time
+        unsplit = runtime.cost_table.predict(tuning.shape, UNSPLIT)
+        assert 0 < unsplit.gpu_ms <= 1.05 * measured[UNSPLIT]
     text = "\n".join(explain(model).searched)
-    assert "decode rows on 32 SMs" in text and "runs" in text
+    assert "decode rows on 32 SMs" in text and "runs" in text and "predicted" in text

@@ -22,7 +22,8 @@ from typing import Any
 from nanoflow_fx.ops.backend import DecodeKernel
 from nanoflow_fx.runtime.program_runner import Cut, Units
 
-__all__ = ["Candidate", "StepShape", "TunedPolicy", "Tuning", "candidates", "pick", "policy_for", "tune"]
+__all__ = ["Candidate", "StepShape", "TunedPolicy", "Tuning", "candidates", "pick", "policy_for", "replay_order",
+           "search_shape", "tune"]
 
 
 @dataclass(frozen=True)
@@ -79,14 +80,15 @@ UNSPLIT = Candidate()
 
 def candidates(shares: Sequence[int] = (16, 24, 32, 48), fractions: Sequence[float] = (0.25, 0.5, 0.75),
                modes: Sequence[str] = ("streams", "soft", "carveout"),
-               decode: Mapping[int, DecodeKernel | None] | None = None) -> list[Candidate]:
-    """The search space: unsplit; two nano-batches cut at each fraction or at the decode rows, on each unit mode
-    ("soft"/"carveout"/"hard" at each SM share). `decode`: per SM share, a kernel measured to attend decode rows
-    faster than the step backend's own on that partition (`cost.profile.best_decode_kernels`): partitioned
-    candidates of that share are tried with it as well."""
+               decode: Mapping[int, DecodeKernel | None] | None = None,
+               cuts: Sequence[tuple[float, ...]] = ()) -> list[Candidate]:
+    """The search space: unsplit; two nano-batches cut at each fraction or at the decode rows, and more cut at
+    each tuple of `cuts`, on each unit mode ("soft"/"carveout"/"hard" at each SM share). `decode`: per SM share,
+    a kernel measured to attend decode rows faster than the step backend's own on that partition
+    (`cost.profile.best_decode_kernels`): partitioned candidates of that share are tried with it as well."""
     found = [UNSPLIT]
-    cuts = [((f,), False) for f in fractions] + [((), True)]
-    for frac, at_decodes in cuts:
+    every = [((f,), False) for f in fractions] + [((), True)] + [(tuple(c), False) for c in cuts]
+    for frac, at_decodes in every:
         found.append(Candidate(frac, at_decodes, "off"))
         for mode in modes:
             if mode == "streams":
@@ -147,18 +149,37 @@ def policy_for(candidate: Candidate,
 
 @dataclass(frozen=True)
 class Tuning:
-    """What the search measured on one step shape: ms per candidate, the pick, and how long it took."""
+    """What the search did on one step shape: ms per replayed candidate, the pick, how long it took, and (with a
+    cost table) the predicted ms of every candidate it ranked, before the replays calibrated the table."""
 
     shape: StepShape
     measured: tuple[tuple[Candidate, float], ...]
     chosen: Candidate
     seconds: float
+    predicted: tuple[tuple[Candidate, float], ...] = ()
+
+
+def replay_order(predicted: Mapping[Candidate, float], top: int, calibrated: Sequence[str] = ()) -> list[Candidate]:
+    """Which candidates the search replays, from their predicted ms: the unsplit step, the `top` fastest
+    predicted cuts, and the fastest predicted cut of each unit mode not in `calibrated` (so that every mode's
+    prediction gets measured against a real step once). Deterministic: ties go to the candidate listed first."""
+    ranked = sorted((c for c in predicted if not c.unsplit), key=lambda c: predicted[c])
+    chosen = [UNSPLIT, *ranked[:top]]
+    for candidate in ranked:
+        mode = candidate.units
+        if mode not in calibrated and all(c.unsplit or c.units != mode for c in chosen):
+            chosen.append(candidate)
+    return chosen
 
 
 def tune(runtime: Any, vocab_size: int, shapes: Sequence[StepShape], space: Sequence[Candidate],
-         make_units: Callable[[str, int], Units | None], reps: int = 4, rounds: int = 2) -> list[Tuning]:
-    """Replay every candidate of `space` on each shape that fits the runtime's cache (CUDA) and pick per shape.
-    A candidate the device cannot run (e.g. a partition it cannot make) is skipped."""
+         make_units: Callable[[str, int], Units | None], reps: int = 4, rounds: int = 2, table: Any = None,
+         top: int = 4) -> list[Tuning]:
+    """Replay candidates of `space` on each shape that fits the runtime's cache (CUDA) and pick per shape. Without
+    `table` every candidate is replayed; with a `cost.tables.CostTable`, the pieces of each nano-batch shape the
+    candidates cut are measured (those the table lacks), every candidate is predicted, the ones `replay_order`
+    names are replayed, and the table is calibrated with them. A candidate the device cannot run (e.g. a
+    partition it cannot make) is skipped."""
     import time
 
     from nanoflow_fx.cost.profile import StepHarness
@@ -168,18 +189,58 @@ def tune(runtime: Any, vocab_size: int, shapes: Sequence[StepShape], space: Sequ
         if not StepHarness.fits(runtime, shape):
             continue
         start = time.perf_counter()
+        runnable = [c for c in space if c.unsplit or c.boundaries(shape.tokens, shape.decodes) is not None]
+        predictions = _predict(runtime, vocab_size, table, shape, runnable) if table is not None else None
         harness = StepHarness(runtime, shape, vocab_size)
-        measured: dict[Candidate, float] = {}
         try:
-            for candidate in space:
-                if not candidate.unsplit and candidate.boundaries(shape.tokens + 1, shape.decodes) is None:
-                    continue
-                try:
-                    measured[candidate] = harness.time(policy_for(candidate, make_units), reps, rounds)
-                except Exception:  # noqa: BLE001 - a unit mode this device cannot run: not a candidate here
-                    if candidate.unsplit:
-                        raise
+            measured = search_shape(runnable, lambda c, h=harness: h.time(policy_for(c, make_units), reps, rounds),
+                                    table, predictions, top)
         finally:
             harness.release()
-        found.append(Tuning(shape, tuple(measured.items()), pick(measured), time.perf_counter() - start))
+        found.append(Tuning(shape, tuple(measured.items()), pick(measured), time.perf_counter() - start,
+                            tuple((c, p.ms) for c, p in (predictions or {}).items())))
+    return found
+
+
+def search_shape(space: Sequence[Candidate], replay: Callable[[Candidate], float], table: Any = None,
+                 predictions: Mapping[Candidate, Any] | None = None, top: int = 4) -> dict[Candidate, float]:
+    """One shape's search, given how to replay a candidate (ms): every candidate of `space`, or, with a cost table
+    and its `predictions` (`cost.tables.Prediction` per candidate), those `replay_order` names; the table is then
+    calibrated with them. A candidate whose replay raises (a unit mode this device cannot run) is skipped; the
+    unsplit step's may not. Returns ms per replayed candidate (`pick` chooses from it)."""
+    order = list(space)
+    if table is not None and predictions is not None:
+        order = replay_order({c: p.ms for c, p in predictions.items()}, top, tuple(table.calibration))
+    measured: dict[Candidate, float] = {}
+    for candidate in order:
+        try:
+            measured[candidate] = replay(candidate)
+        except Exception:  # noqa: BLE001 - a unit mode this device cannot run: not a candidate here
+            if candidate.unsplit:
+                raise
+    if table is not None and predictions is not None:
+        table.calibrate({c: (ms, predictions[c]) for c, ms in measured.items() if c in predictions})
+    return measured
+
+
+def _predict(runtime: Any, vocab_size: int, table: Any, shape: StepShape,
+             space: Sequence[Candidate]) -> dict[Candidate, Any]:
+    """Every candidate's prediction, after measuring the nano-batch shapes the table lacks (and the shape's own
+    host time). Candidates the table cannot price (e.g. a share without decode timings) are left out."""
+    from nanoflow_fx.cost.profile import StepHarness
+    from nanoflow_fx.cost.tables import measure_shape, shape_key
+
+    needed = {shape_key(s): s for c in space for s in table.missing(shape, c)}
+    for key, part in needed.items():
+        if StepHarness.fits(runtime, part):
+            table.pieces[key], host_ms = measure_shape(runtime, vocab_size, part)
+            if part == shape:
+                table.host_ms[key] = host_ms
+    if shape_key(shape) not in table.host_ms:
+        _, table.host_ms[shape_key(shape)] = measure_shape(runtime, vocab_size, shape)
+    found = {}
+    for candidate in space:
+        prediction = table.predict(shape, candidate)
+        if prediction is not None:
+            found[candidate] = prediction
     return found

@@ -39,8 +39,8 @@ from nanoflow_fx.passes.info import ATTENTION_OP
 from nanoflow_fx.runtime.streams import StreamAction, stream_actions
 from nanoflow_fx.schedule import NanoOp, OpGroup, Schedule, Split, validate
 
-__all__ = ["Cut", "NanobatchStep", "ProgramRunner", "StepChannel", "Units", "make_units", "program_schedule",
-           "sm_carveout"]
+__all__ = ["Cut", "NanobatchStep", "PieceTimer", "ProgramRunner", "StepChannel", "Units", "make_units",
+           "program_schedule", "schedule_of", "sm_carveout"]
 
 WHOLE = "whole"
 SPLIT = "nb"
@@ -85,10 +85,13 @@ class NanobatchStep:
 class StepChannel:
     """How a step's record reaches the runner inside the captured call: Dynamo and AOT pass tensors only, so the
     step runner hands the immutable record over for the duration of one call (`carrying`), and the runner
-    reads it once at the start of that call."""
+    reads it once at the start of that call. The runner names its program here (`program`: what the cost model
+    builds its Schedules from), and times its pieces on a whole step while `timer` is set (`cost.tables`)."""
 
     def __init__(self) -> None:
         self.record: NanobatchStep | None = None
+        self.program: StepProgram | None = None
+        self.timer: PieceTimer | None = None
 
     @contextmanager
     def carrying(self, record: NanobatchStep | None):  # type: ignore[no-untyped-def]
@@ -140,7 +143,13 @@ def program_schedule(program: StepProgram, boundaries: Sequence[int], one_unit: 
     """The Schedule of `program` cut at `boundaries`: groups are pieces (dense pieces on "compute", attention on
     "memory", or all on "compute" with `one_unit`), each nano-batch trailing the previous one so that its
     attention runs under the next nano-batch's dense piece."""
-    return _planned(program.schedule_key, tuple(boundaries), one_unit)[0]
+    return schedule_of(program.schedule_key, boundaries, one_unit)
+
+
+def schedule_of(kinds: Sequence[Sequence[Any]], boundaries: Sequence[int], one_unit: bool = False) -> Schedule:
+    """`program_schedule` from a program's `schedule_key` alone (what the cost model keeps of a program)."""
+    key = tuple((str(n), str(k), bool(w), tuple(d)) for n, k, w, d in kinds)
+    return _planned(key, tuple(int(b) for b in boundaries), one_unit)[0]
 
 
 @lru_cache(maxsize=256)
@@ -175,11 +184,41 @@ def _build_schedule(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], b
     return schedule
 
 
+class PieceTimer:
+    """When each piece of a whole step ended (`ProgramRunner.run_whole` marks the start, then every piece): CUDA
+    events on the current stream, or the host's clock on the CPU (where the step runs synchronously).
+    `piece_ms()` after the step: ms per piece name (a name that runs several times adds up)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: list[tuple[str | None, Any]] = []
+
+    def mark(self, name: str | None) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            import time
+
+            self.marks.append((name, time.perf_counter()))
+
+    def piece_ms(self) -> dict[str, float]:
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()
+        times: dict[str, float] = {}
+        for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
+            ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+            times[name] = times.get(name, 0.0) + ms  # type: ignore[index]
+        return times
+
+
 class ProgramRunner:
     """The lowered step AOT calls with the captured graph's flat inputs (see the module docstring)."""
 
     def __init__(self, program: StepProgram, channel: StepChannel | None = None) -> None:
         self.program, self.channel = program, channel or StepChannel()
+        self.channel.program = program
         self._pieces = {p.name: p for p in program.pieces}
         self._streams: dict[str, Any] = {}
         self._sizes: dict[tuple[Any, ...], int] = {}  # symbolic sizes evaluated per nano-batch (`_Values.part`)
@@ -194,6 +233,9 @@ class ProgramRunner:
     # -- whole -------------------------------------------------------------------------------------------------
     def run_whole(self, args: Sequence[Any]) -> Any:
         env: dict[str, Any] = dict(zip(self.program.placeholders, args))
+        timer = self.channel.timer
+        if timer is not None:
+            timer.mark(None)
         for piece in self.program.pieces:
             if piece.kind == "dense":
                 outs = piece.fn(*(env[i] for i in piece.inputs))  # type: ignore[misc]
@@ -204,6 +246,8 @@ class ProgramRunner:
                 env[piece.outputs[0]] = ATTENTION_OP(
                     env[call.q], env[call.k], env[call.v], env[call.cache], *(env[m] for m in call.metadata),
                     env[call.slot_mapping], call.scaling, call.sliding_window, call.softcap, call.backend)
+            if timer is not None:
+                timer.mark(piece.name)
         return _map_names(self.program.output, env)
 
     # -- nano-batched ------------------------------------------------------------------------------------------

@@ -201,6 +201,10 @@ class StepRunner:
         self.stats["eager_steps"] += 1
         return self._run_eager(chunks, all_logits)
 
+    def run_eager(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """One step of `chunks` run eagerly (never from a CUDA graph), cut as the split policy says."""
+        return self._run_eager(chunks, False)
+
     def _run_eager(self, chunks: Sequence[Chunk], all_logits: bool, trace_only: bool = False) -> torch.Tensor:
         prepared = self._prepare_eager(chunks, all_logits, trace_only)
         if prepared is None:

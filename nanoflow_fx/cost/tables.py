@@ -1,0 +1,270 @@
+"""Per-op-group time tables, and the step time they predict for a cut: what the schedule search ranks by.
+
+`CostTable` is measured on the device when `num_nanobatches="auto"` tunes (`measure_shape`, `measure_carveout`;
+decode-row timings from `cost.profile.decode_kernel_timings`) and kept on disk (`load_table` / `save_table`, keyed
+by `table_key`: the model's configuration and dtype, the lowering, the device and the library versions). It holds:
+
+- `pieces`: each piece of the step program (a dense piece: a layer's GEMMs with the code Inductor fused around
+  them; an attention call) timed on a whole step of one nano-batch's shape (its decode rows at the tuned context,
+  its prefill tokens), on the whole GPU: CUDA events between the pieces (`program_runner.PieceTimer`), the step
+  queued behind a sleep kernel so that the host's issue time does not show;
+- `carveout`: per SM share k, the dense pieces' time with the GEMMs' cuBLASLt carve-out of k SMs over their time
+  without it;
+- `decode`: the decode rows' attention per SM share and kernel, for `decode_ref` = (decodes, context);
+- `host_ms`: the host's time to issue each tuned shape's unsplit step;
+- `calibration`: per unit mode, measured / predicted step time over the candidates the search replayed (the
+  interference between units, and whatever else the model leaves out, measured rather than assumed).
+
+Assumed, not measured (the calibration absorbs what they miss): a prefill row's attention on k of the GPU's S SMs
+takes S/k times its whole-GPU time (compute-bound); decode rows' attention time scales with their KV tokens; a
+later nano-batch of one prefill chunk attends like a chunk without a prefix; a step of n nano-batches costs the
+host n times the unsplit step's issue time.
+
+`CostTable.predict(shape, candidate)`: the cut's Schedule (`program_runner.schedule_of`, from the program's
+shape kept in the table), simulated with those times (`schedule.simulate`); the step takes the longer of the GPU's
+makespan and the host's issue time, times the mode's calibration. Pure given the table: tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanoflow_fx.cost.search import Candidate, StepShape
+from nanoflow_fx.ops.backend import DecodeKernel
+from nanoflow_fx.runtime.program_runner import schedule_of
+from nanoflow_fx.schedule import NanoOp, simulate
+
+__all__ = ["CostTable", "Prediction", "load_table", "measure_carveout", "measure_shape", "mode_of", "save_table",
+           "subshapes", "table_key"]
+
+FORMAT = 1
+
+
+def shape_key(shape: StepShape) -> str:
+    return f"{shape.decodes}x{shape.context}+{shape.prefill}"
+
+
+def decode_key(sms: int, kernel: DecodeKernel | None) -> str:
+    return f"{sms}|{kernel.label() if kernel is not None else 'own'}"
+
+
+def mode_of(candidate: Candidate) -> str:
+    """The unit mode a candidate's calibration is kept under: "unsplit", or its units ("off", "streams", ...)."""
+    return "unsplit" if candidate.unsplit else candidate.units
+
+
+def subshapes(shape: StepShape, candidate: Candidate) -> list[StepShape]:
+    """Each nano-batch of `shape` cut like `candidate`, as a step shape of its own (decode rows come first)."""
+    bounds = candidate.boundaries(shape.tokens, shape.decodes) or (0, shape.tokens)
+    found = []
+    for start, end in zip(bounds, bounds[1:]):
+        decodes = max(0, min(end, shape.decodes) - start)
+        prefill = (end - start) - decodes
+        found.append(StepShape(decodes, shape.context if decodes else 0, prefill))
+    return found
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A candidate's predicted step: the GPU's makespan, the host's issue time, and the step time (the longer of
+    the two, times the mode's calibration; `raw_ms` without it)."""
+
+    gpu_ms: float
+    host_ms: float
+    raw_ms: float
+    ms: float
+
+
+@dataclass
+class CostTable:
+    """Measured times (see the module docstring). Plain data: `to_json` / `from_json`."""
+
+    key: str
+    kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...]  # the program's `schedule_key`
+    sms: int  # the device's SM count
+    pieces: dict[str, dict[str, float]] = field(default_factory=dict)  # shape_key -> piece -> ms
+    carveout: dict[int, float] = field(default_factory=dict)
+    decode: dict[str, float] = field(default_factory=dict)  # decode_key -> ms (one layer's call)
+    decode_ref: tuple[int, int] = (0, 0)
+    host_ms: dict[str, float] = field(default_factory=dict)  # shape_key -> ms
+    calibration: dict[str, float] = field(default_factory=dict)  # mode -> measured / predicted
+
+    # -- prediction ---------------------------------------------------------------------------------------------
+    def missing(self, shape: StepShape, candidate: Candidate) -> list[StepShape]:
+        """The nano-batch shapes `candidate` needs whose pieces are not measured yet."""
+        return [s for s in [shape, *subshapes(shape, candidate)] if shape_key(s) not in self.pieces]
+
+    def predict(self, shape: StepShape, candidate: Candidate) -> Prediction | None:
+        """The predicted step of `shape` cut like `candidate`; None when a time it needs is not in the table."""
+        parts = subshapes(shape, candidate)
+        if self.missing(shape, candidate) or shape_key(shape) not in self.host_ms:
+            return None
+        whole = self.pieces[shape_key(shape)]
+        host = self.host_ms[shape_key(shape)] * len(parts)
+        if candidate.unsplit:
+            gpu = sum(whole.values())
+        else:
+            partitioned = candidate.units in ("soft", "carveout", "hard")
+            carve = self.carveout.get(candidate.memory_sms) if candidate.units in ("carveout", "hard") else 1.0
+            if carve is None:
+                return None
+            attention = {name for name, kind, _, _ in self.kinds if kind == "attention"}
+            whole_pieces = {name for name, _, is_whole, _ in self.kinds if is_whole}
+            costs: dict[tuple[str, int], float] = {}
+            for name, _, _, _ in self.kinds:
+                for i, part in enumerate(parts):
+                    if name in whole_pieces:
+                        costs[(name, i)] = whole.get(name, 0.0)
+                        continue
+                    ms = self.pieces[shape_key(part)].get(name, 0.0)
+                    if name in attention and partitioned:
+                        ms = self._attention_on(part, ms, candidate.memory_sms, candidate.decode)
+                        if ms is None:
+                            return None
+                    elif name not in attention:
+                        ms *= carve
+                    costs[(name, i)] = ms
+            bounds = candidate.boundaries(shape.tokens, shape.decodes)
+            schedule = schedule_of(self.kinds, bounds, one_unit=candidate.units == "off")  # type: ignore[arg-type]
+            gpu = simulate(schedule, lambda op: _cost_us(costs, op)).makespan_us / 1e3
+        raw = max(gpu, host)
+        return Prediction(gpu, host, raw, raw * self.calibration.get(mode_of(candidate), 1.0))
+
+    def _attention_on(self, part: StepShape, whole_ms: float, sms: int, kernel: DecodeKernel | None) -> float | None:
+        """A nano-batch's attention call on a partition of `sms` SMs (see the module docstring's assumptions)."""
+        decodes, context = self.decode_ref
+        if not part.decodes:
+            return whole_ms * self.sms / sms
+        on_gpu, on_share = self.decode.get(decode_key(0, None)), self.decode.get(decode_key(sms, kernel))
+        if on_gpu is None or on_share is None or not decodes:
+            return None
+        scale = part.decodes * part.context / (decodes * context)
+        prefill = max(0.0, whole_ms - on_gpu * scale)
+        return on_share * scale + prefill * self.sms / sms
+
+    # -- calibration --------------------------------------------------------------------------------------------
+    def calibrate(self, replayed: Mapping[Candidate, tuple[float, Prediction]]) -> None:
+        """Per unit mode, measured / predicted (median over the candidates of that mode in `replayed`: measured
+        ms and the prediction made before the replay) replaces the mode's factor."""
+        ratios: dict[str, list[float]] = {}
+        for candidate, (measured, predicted) in replayed.items():
+            if predicted.raw_ms > 0:
+                ratios.setdefault(mode_of(candidate), []).append(measured / predicted.raw_ms)
+        for mode, values in ratios.items():
+            self.calibration[mode] = statistics.median(values)
+
+    # -- storage ------------------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "key": self.key, "kinds": [list(k[:3]) + [list(k[3])] for k in self.kinds],
+                "sms": self.sms, "pieces": self.pieces, "carveout": {str(k): v for k, v in self.carveout.items()},
+                "decode": self.decode, "decode_ref": list(self.decode_ref), "host_ms": self.host_ms,
+                "calibration": self.calibration}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CostTable:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"cost table format {data.get('format')!r}, expected {FORMAT}")
+        kinds = tuple((str(n), str(k), bool(w), tuple(str(d) for d in deps)) for n, k, w, deps in data["kinds"])
+        return cls(str(data["key"]), kinds, int(data["sms"]),
+                   {s: {p: float(ms) for p, ms in v.items()} for s, v in data["pieces"].items()},
+                   {int(k): float(v) for k, v in data["carveout"].items()},
+                   {k: float(v) for k, v in data["decode"].items()},
+                   (int(data["decode_ref"][0]), int(data["decode_ref"][1])),
+                   {k: float(v) for k, v in data["host_ms"].items()},
+                   {k: float(v) for k, v in data["calibration"].items()})
+
+
+def _cost_us(costs: Mapping[tuple[str, int], float], op: NanoOp) -> float:
+    return costs.get((op.group, op.nanobatch), 0.0) * 1e3
+
+
+# -- disk ---------------------------------------------------------------------------------------------------------
+def table_key(parts: Mapping[str, Any]) -> str:
+    """A short stable key for what a table's times depend on (`parts`: JSON-able)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def load_table(directory: str, key: str) -> CostTable | None:
+    """The table kept under `key` in `directory`, or None (none kept, or unreadable: measured again)."""
+    try:
+        with open(os.path.join(directory, f"{key}.json")) as f:
+            table = CostTable.from_json(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return table if table.key == key else None
+
+
+def save_table(directory: str, table: CostTable) -> None:
+    """Write `table` atomically (a reader never sees half a file)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{table.key}.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(table.to_json(), f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# -- measurement (on the device) ----------------------------------------------------------------------------------
+def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3) -> tuple[dict[str, float], float]:
+    """Each piece's ms on a whole eager step of `shape` (median over `reps`), and the host's ms to issue the step.
+    On CUDA a sleep kernel queued first lets the host issue the whole step before the GPU reaches it, so the
+    events between pieces time the GPU's work alone."""
+    import time
+
+    import torch
+
+    from nanoflow_fx.cost.profile import StepHarness
+    from nanoflow_fx.runtime.program_runner import PieceTimer
+
+    runner, channel = runtime.runner, runtime.channel
+    if channel is None:
+        raise ValueError("piece times need a nano-batched configuration (the step lowered to a program)")
+    cuda = runtime.device.type == "cuda"
+    harness = StepHarness(runtime, shape, vocab_size)
+    saved = runner.split_policy
+    runner.split_policy = None
+    samples: dict[str, list[float]] = {}
+    host = []
+    try:
+        runner.run_eager(harness.chunks)
+        for _ in range(reps):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda._sleep(100_000_000)  # ~50 ms at 2 GHz: longer than the host takes to issue a step
+            channel.timer = PieceTimer(cuda)
+            start = time.perf_counter()
+            try:
+                runner.run_eager(harness.chunks)
+                host.append((time.perf_counter() - start) * 1e3)
+                times = channel.timer.piece_ms()
+            finally:
+                channel.timer = None
+            for name, ms in times.items():
+                samples.setdefault(name, []).append(ms)
+    finally:
+        runner.split_policy = saved
+        harness.release()
+    return {name: statistics.median(v) for name, v in samples.items()}, statistics.median(host)
+
+
+def measure_carveout(runtime: Any, vocab_size: int, shape: StepShape, shares: Sequence[int],
+                     pieces: Mapping[str, float], reps: int = 3) -> dict[int, float]:
+    """Per SM share k: the dense pieces' ms on a whole step of `shape` with the GEMMs' carve-out of k SMs, over
+    `pieces` (the same without it)."""
+    from nanoflow_fx.runtime.program_runner import sm_carveout
+
+    program = runtime.channel.program
+    dense = {p.name for p in program.pieces if p.kind == "dense"}
+    base = sum(ms for name, ms in pieces.items() if name in dense)
+    factors = {}
+    for k in shares:
+        with sm_carveout(k):
+            times, _ = measure_shape(runtime, vocab_size, shape, reps)
+        factors[k] = sum(ms for name, ms in times.items() if name in dense) / base if base > 0 else 1.0
+    return factors
