@@ -77,6 +77,7 @@ def main() -> None:
         runs.append({"optimize_s": round(seconds, 1), "schedule_search_s": round(search_s, 1),
                      "max_num_tokens": runtime.config.max_num_tokens, **report(runtime)})
         print("calibration:", runs[-1]["calibration"], "carve-out:", runs[-1]["carveout"], flush=True)
+        del runtime  # (the next optimize() sizes its KV cache from the free memory: this one's must be freed)
     out = {"date": str(datetime.date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "transformers": transformers.__version__, "runs": runs}
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -26,7 +26,7 @@ PREFILL8 = StepShape(0, 0, 8)
 
 def table() -> CostTable:
     t = CostTable("k", KINDS, 132)
-    t.pieces = {"0x0+8": dict(WHOLE), "0x0+4": dict(HALF)}
+    t.pieces = {"0x0+8": dict(WHOLE), "0x0+4": dict(HALF), "0x0+4@4": dict(HALF)}
     t.host_ms = {"0x0+8": 2.0}
     return t
 
@@ -71,10 +71,13 @@ def test_partitions_price_attention_from_the_decode_timings_and_gemms_from_the_c
 def test_missing_measurements_are_named_and_not_guessed() -> None:
     t = table()
     cut = Candidate((0.25,))
-    assert [shape_key(s) for s in t.missing(PREFILL8, cut)] == ["0x0+2", "0x0+6"]
+    assert [shape_key(s) for s in t.missing(PREFILL8, cut)] == ["0x0+2", "0x0+6@2"]
     assert t.predict(PREFILL8, cut) is None
-    assert subshapes(StepShape(3, 50, 5), Candidate((0.5,))) == [StepShape(3, 50, 1), StepShape(0, 0, 4)]
+    # a later piece of the prefill chunk attends over the chunk's earlier tokens: its prefix
+    assert subshapes(StepShape(3, 50, 5), Candidate((0.5,))) == [StepShape(3, 50, 1), StepShape(0, 0, 4, 1)]
     assert subshapes(StepShape(3, 50, 5), Candidate((), True)) == [StepShape(3, 50, 0), StepShape(0, 0, 5)]
+    assert subshapes(StepShape(0, 0, 9), Candidate((1 / 3, 2 / 3))) == [
+        StepShape(0, 0, 3), StepShape(0, 0, 3, 3), StepShape(0, 0, 3, 6)]
 
 
 def test_calibration_scales_each_mode_by_what_its_replays_measured() -> None:

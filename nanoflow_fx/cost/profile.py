@@ -45,9 +45,11 @@ class StepHarness:
                 req.num_cached = shape.context - 1
                 self.requests.append(req)
             if shape.prefill:
-                req = Request("tune_p", torch.randint(3, vocab_size, (shape.prefill,), generator=gen).tolist(),
+                length = shape.prefix + shape.prefill
+                req = Request("tune_p", torch.randint(3, vocab_size, (length,), generator=gen).tolist(),
                               _GREEDY, 1, slot=shape.decodes)
-                req.pages = cache.allocator.allocate(cache.pages_for(shape.prefill))
+                req.pages = cache.allocator.allocate(cache.pages_for(length))
+                req.num_cached = shape.prefix
                 self.requests.append(req)
         except BaseException:
             self.release()
@@ -60,9 +62,9 @@ class StepHarness:
     @staticmethod
     def fits(runtime: Any, shape: StepShape) -> bool:
         cache, config = runtime.kv_cache, runtime.config
-        pages = shape.decodes * cache.pages_for(shape.context) + cache.pages_for(shape.prefill)
+        pages = shape.decodes * cache.pages_for(shape.context) + cache.pages_for(shape.prefix + shape.prefill)
         return (shape.decodes + 1 <= config.max_batch_size and pages <= cache.allocator.num_free
-                and max(shape.context, shape.prefill) <= config.max_seq_len)
+                and max(shape.context, shape.prefix + shape.prefill) <= config.max_seq_len)
 
     def release(self) -> None:
         for req in self.requests:

@@ -28,11 +28,13 @@ __all__ = ["Candidate", "StepShape", "TunedPolicy", "Tuning", "candidates", "pic
 
 @dataclass(frozen=True)
 class StepShape:
-    """A dense step: `decodes` one-token requests at context `context`, then `prefill` tokens of one chunk."""
+    """A dense step: `decodes` one-token requests at context `context`, then `prefill` tokens of one chunk whose
+    request has `prefix` tokens cached before it (a later piece of a chunk cut into nano-batches)."""
 
     decodes: int
     context: int
     prefill: int
+    prefix: int = 0
 
     @property
     def tokens(self) -> int:

@@ -17,8 +17,8 @@ by `table_key`: the model's configuration and dtype, the lowering, the device an
 
 Assumed, not measured (the calibration absorbs what they miss): a prefill row's attention on k of the GPU's S SMs
 takes S/k times its whole-GPU time (compute-bound); decode rows' attention time scales with their KV tokens; a
-later nano-batch of one prefill chunk attends like a chunk without a prefix; a step of n nano-batches costs the
-host n times the unsplit step's issue time.
+step of n nano-batches costs the host n times the unsplit step's issue time. (A later nano-batch of a prefill chunk
+is measured with the chunk's earlier tokens cached as its prefix, as the cut step runs it.)
 
 `CostTable.predict(shape, candidate)`: the cut's Schedule (`program_runner.schedule_of`, from the program's
 shape kept in the table), simulated with those times (`schedule.simulate`); the step takes the longer of the GPU's
@@ -47,7 +47,7 @@ FORMAT = 1
 
 
 def shape_key(shape: StepShape) -> str:
-    return f"{shape.decodes}x{shape.context}+{shape.prefill}"
+    return f"{shape.decodes}x{shape.context}+{shape.prefill}" + (f"@{shape.prefix}" if shape.prefix else "")
 
 
 def decode_key(sms: int, kernel: DecodeKernel | None) -> str:
@@ -60,13 +60,15 @@ def mode_of(candidate: Candidate) -> str:
 
 
 def subshapes(shape: StepShape, candidate: Candidate) -> list[StepShape]:
-    """Each nano-batch of `shape` cut like `candidate`, as a step shape of its own (decode rows come first)."""
+    """Each nano-batch of `shape` cut like `candidate`, as a step shape of its own (decode rows come first; a later
+    piece of the prefill chunk has the chunk's earlier tokens as its prefix)."""
     bounds = candidate.boundaries(shape.tokens, shape.decodes) or (0, shape.tokens)
     found = []
     for start, end in zip(bounds, bounds[1:]):
         decodes = max(0, min(end, shape.decodes) - start)
         prefill = (end - start) - decodes
-        found.append(StepShape(decodes, shape.context if decodes else 0, prefill))
+        prefix = shape.prefix + max(0, start - shape.decodes) if prefill else 0
+        found.append(StepShape(decodes, shape.context if decodes else 0, prefill, prefix))
     return found
 
 
