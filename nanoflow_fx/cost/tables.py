@@ -214,7 +214,8 @@ def save_table(directory: str, table: CostTable) -> None:
 
 # -- measurement (on the device) ----------------------------------------------------------------------------------
 def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3) -> tuple[dict[str, float], float]:
-    """Each piece's ms on a whole eager step of `shape` (median over `reps`), and the host's ms to issue the step.
+    """Each piece's ms on a whole eager step of `shape` (median over `reps`), and the host's ms to issue the step
+    (planners' waits for the GPU excluded).
     On CUDA a sleep kernel queued first lets the host issue the whole step before the GPU reaches it, so the
     events between pieces time the GPU's work alone."""
     import time
@@ -240,10 +241,11 @@ def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3
                 torch.cuda.synchronize()
                 torch.cuda._sleep(100_000_000)  # ~50 ms at 2 GHz: longer than the host takes to issue a step
             channel.timer = PieceTimer(cuda)
-            start = time.perf_counter()
+            start, waited = time.perf_counter(), runner.planner_wait_s
             try:
                 runner.run_eager(harness.chunks)
-                host.append((time.perf_counter() - start) * 1e3)
+                # (the time its planners waited for the GPU excluded, as `StepHarness.time` does)
+                host.append((time.perf_counter() - start - (runner.planner_wait_s - waited)) * 1e3)
                 times = channel.timer.piece_ms()
             finally:
                 channel.timer = None
