@@ -135,3 +135,39 @@ def test_generation_with_nanobatches_equals_unsplit(family: str, device: str) ->
         assert cuts and all(len(c.boundaries) - 1 == count for c in cuts)  # 4 rows + padding >= count
         schedules = [p.last_schedule for p in _program_runners(runner) if p.last_schedule]
         assert schedules and {s.split("nb").boundaries for s in schedules} <= {c.boundaries for c in cuts}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mix=step_mixes(), attention=st.lists(st.floats(0.01, 0.99), min_size=1, max_size=5))
+def test_uneven_split_step_equals_unsplit_step(family: str, mix: tuple[list[list[int]], list[list[int]], list[float]],
+                                              attention: list[float]) -> None:
+    """Attention calls cut at boundaries of their own (NanoFlow's uneven splits: e.g. attention in 4 nano-batches
+    under GEMMs in 2): each attention call reads the dense nano-batches that overlap it, and the dense pieces read
+    the attention outputs that overlap theirs; logits and KV equal the unsplit step's."""
+    prompts, chunkings, cuts = mix
+    whole, split = _runner(optimized(family)), _runner(optimized(family, SPLIT_CONFIG))
+    dense, attn = _boundaries(cuts), _boundaries(attention)
+    uneven: list[bool] = []
+
+    def policy(num_tokens: int, num_decodes: int) -> Cut:
+        uneven.append(dense(num_tokens) != attn(num_tokens))
+        return Cut(dense(num_tokens), attention=attn(num_tokens))
+
+    split.split_policy = policy
+    reqs_w, reqs_s = admit(whole, prompts, 0), admit(split, prompts, 0)
+    pending = [list(c) for c in chunkings]
+    while any(pending):
+        sizes = [p.pop(0) if p else 0 for p in pending]
+        for program in _program_runners(split):
+            program.last_schedule = None
+        got = run(split, [Chunk(r, n) for r, n in zip(reqs_s, sizes) if n])
+        want = run(whole, [Chunk(r, n) for r, n in zip(reqs_w, sizes) if n])
+        assert (got - want).abs().max().item() <= ATOL
+        if uneven[-1]:  # the program ran the attention calls at their own boundaries
+            schedule = next(p.last_schedule for p in _program_runners(split) if p.last_schedule is not None)
+            assert dict(schedule.splits)["attn"].boundaries == attn(schedule.num_tokens)
+            assert dict(schedule.splits)["nb"].boundaries == dense(schedule.num_tokens)
+    num_pages = whole.kv_cache.allocator.num_pages
+    for a, b in zip(whole.kv_cache.caches, split.kv_cache.caches):
+        assert (a[:num_pages] - b[:num_pages]).abs().max().item() <= ATOL

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from nanoflow_fx.cost.search import UNSPLIT, Candidate, StepShape, TunedPolicy, candidates, pick
 from nanoflow_fx.runtime.program_runner import Units
+from tests.test_cost_tables import KINDS
 
 SPACE = candidates()
 
@@ -116,3 +117,32 @@ def test_auto_on_the_cpu_runs_whole_steps_through_the_program() -> None:
     assert model.nanoflow.tunings == [] and model.nanoflow.runner.split_policy is None
     programs = [g.meta["nanoflow_program_runner"] for g in model.nanoflow.step_fn.graphs]
     assert programs and all(p.last_schedule is None for p in programs)  # never cut
+
+
+@settings(max_examples=100, deadline=None)
+@given(dense=st.lists(st.integers(1, 15), max_size=4), attention=st.lists(st.integers(1, 15), max_size=6),
+       one_unit=st.booleans())
+def test_an_uneven_cut_waits_for_exactly_the_overlapping_producers(dense: list[int], attention: list[int],
+                                                                   one_unit: bool) -> None:
+    """Attention calls cut apart from the dense pieces (NanoFlow's uneven splits): the Schedule is valid and each
+    nano-op on the other unit waits for exactly the producers' nano-ops whose tokens overlap its own."""
+    from nanoflow_fx.runtime.program_runner import schedule_of
+
+    cut = (0, *sorted(set(dense)), 16)
+    attn = (0, *sorted(set(attention)), 16)
+    schedule = schedule_of(KINDS, cut, one_unit, attn)  # (validates)
+    splits = dict(schedule.splits)
+    groups = {g.name: g for g in schedule.groups}
+    assert splits["nb"].boundaries == cut
+    assert groups["L0.attn"].split == ("attn" if attn != cut else "nb")
+    for op in schedule.ops:
+        group = groups[op.group]
+        lo, hi = schedule.token_range(op.group, op.nanobatch)
+        want = set()
+        for dep in group.deps:
+            if one_unit or groups[dep].op_class == group.op_class:
+                continue
+            n = len(splits[groups[dep].split].boundaries) - 1
+            want |= {(dep, j) for j in range(n) if schedule.token_range(dep, j)[0] < hi
+                     and lo < schedule.token_range(dep, j)[1]}
+        assert set(op.waits) == want

@@ -44,6 +44,7 @@ __all__ = ["Cut", "NanobatchStep", "PieceTimer", "ProgramRunner", "StepChannel",
 
 WHOLE = "whole"
 SPLIT = "nb"
+ATTENTION_SPLIT = "attn"  # the attention calls' split, when a cut gives them boundaries of their own
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,12 @@ class Units:
 @dataclass(frozen=True)
 class Cut:
     """How a split policy cuts one step: token boundaries (0, ..., tokens) and the execution units its
-    nano-batches run on (None: one stream, in the Schedule's order)."""
+    nano-batches run on (None: one stream, in the Schedule's order). `attention`: other boundaries for the
+    attention calls (None: the same), e.g. NanoFlow's uneven splits, attention in 4 nano-batches under GEMMs in 2."""
 
     boundaries: tuple[int, ...]
     units: Units | None = None
+    attention: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,23 @@ class NanobatchStep:
     planner that planned exactly that nano-batch, or None for backends that plan nothing)."""
 
     boundaries: tuple[int, ...]
-    metadata: tuple[tuple[torch.Tensor, ...], ...]
+    metadata: tuple[tuple[torch.Tensor, ...], ...]  # per attention nano-batch
     plans: tuple[Any, ...]
     units: Units | None = None
+    attention_boundaries: tuple[int, ...] | None = None  # the attention calls' own cut (None: `boundaries`)
 
     @property
     def num_nanobatches(self) -> int:
         return len(self.boundaries) - 1
+
+    @property
+    def attention_bounds(self) -> tuple[int, ...]:
+        return self.attention_boundaries if self.attention_boundaries is not None else self.boundaries
+
+    @property
+    def whole(self) -> bool:
+        """Neither the dense pieces nor the attention calls are cut."""
+        return self.num_nanobatches == 1 and len(self.attention_bounds) == 2
 
 
 class StepChannel:
@@ -139,47 +152,67 @@ def sm_carveout(sms: int):  # type: ignore[no-untyped-def]
         torch.backends.cuda.preferred_blas_library(previous)
 
 
-def program_schedule(program: StepProgram, boundaries: Sequence[int], one_unit: bool = False) -> Schedule:
-    """The Schedule of `program` cut at `boundaries`: groups are pieces (dense pieces on "compute", attention on
-    "memory", or all on "compute" with `one_unit`), each nano-batch trailing the previous one so that its
-    attention runs under the next nano-batch's dense piece."""
-    return schedule_of(program.schedule_key, boundaries, one_unit)
+def program_schedule(program: StepProgram, boundaries: Sequence[int], one_unit: bool = False,
+                     attention: Sequence[int] | None = None) -> Schedule:
+    """The Schedule of `program` cut at `boundaries` (its attention calls at `attention`, when given): groups are
+    pieces (dense pieces on "compute", attention on "memory", or all on "compute" with `one_unit`), each
+    nano-batch trailing the previous one so that its attention runs under the next nano-batch's dense piece."""
+    return schedule_of(program.schedule_key, boundaries, one_unit, attention)
 
 
-def schedule_of(kinds: Sequence[Sequence[Any]], boundaries: Sequence[int], one_unit: bool = False) -> Schedule:
+def schedule_of(kinds: Sequence[Sequence[Any]], boundaries: Sequence[int], one_unit: bool = False,
+                attention: Sequence[int] | None = None) -> Schedule:
     """`program_schedule` from a program's `schedule_key` alone (what the cost model keeps of a program)."""
     key = tuple((str(n), str(k), bool(w), tuple(d)) for n, k, w, d in kinds)
-    return _planned(key, tuple(int(b) for b in boundaries), one_unit)[0]
+    cut = tuple(int(b) for b in boundaries)
+    return _planned(key, cut, one_unit, _other(attention, cut))[0]
+
+
+def _other(attention: Sequence[int] | None, boundaries: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The attention calls' boundaries when they differ from the dense pieces' (else None: one split)."""
+    if attention is None:
+        return None
+    cut = tuple(int(b) for b in attention)
+    return None if cut == boundaries else cut
 
 
 @lru_cache(maxsize=256)
 def _planned(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], boundaries: tuple[int, ...],
-             one_unit: bool) -> tuple[Schedule, tuple[StreamAction, ...]]:
+             one_unit: bool, attention: tuple[int, ...] | None = None) -> tuple[Schedule, tuple[StreamAction, ...]]:
     """A cut's Schedule and its stream plan, built and validated once per (program shape, cut, units)."""
-    schedule = _build_schedule(kinds, boundaries, one_unit)
+    schedule = _build_schedule(kinds, boundaries, one_unit, attention)
     return schedule, tuple(stream_actions(schedule))
 
 
 def _build_schedule(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], boundaries: tuple[int, ...],
-                    one_unit: bool) -> Schedule:
-    split = Split(boundaries)
-    n = split.num_nanobatches
-    groups, ops = [], []
+                    one_unit: bool, attention: tuple[int, ...] | None = None) -> Schedule:
+    """Dense pieces split at `boundaries` ("nb"), attention calls at `attention` ("attn") when given, whole pieces
+    unsplit ("whole"). A nano-op waits for the nano-ops of its producers on the other unit whose tokens overlap
+    its own (all of them for a whole piece or producer); on its own unit program order keeps the dependency."""
+    if attention is not None and attention[-1] != boundaries[-1]:
+        raise ValueError(f"attention boundaries {attention} and dense boundaries {boundaries} cut different steps")
+    splits = {SPLIT: Split(boundaries), WHOLE: Split((0, boundaries[-1]))}
+    if attention is not None:
+        splits[ATTENTION_SPLIT] = Split(attention)
+    split_of = {name: WHOLE if whole else (ATTENTION_SPLIT if attention is not None and kind == "attention" else SPLIT)
+                for name, kind, whole, _ in kinds}
     unit_of = {name: "compute" if one_unit or kind == "dense" else "memory" for name, kind, _, _ in kinds}
-    count = {name: 1 if whole else n for name, _, whole, _ in kinds}
-    for name, kind, whole, deps in kinds:
-        groups.append(OpGroup(name, "attention" if kind == "attention" else "gemm", WHOLE if whole else SPLIT, deps))
-    for name, _, whole, deps in kinds:
-        for i in range(count[name]):
+    groups, ops = [], []
+    for name, kind, _, deps in kinds:
+        groups.append(OpGroup(name, "attention" if kind == "attention" else "gemm", split_of[name], deps))
+    for name, _, _, deps in kinds:
+        own = splits[split_of[name]].boundaries
+        for i in range(len(own) - 1):
             waits = set()
             for dep in deps:
                 if unit_of[dep] == unit_of[name]:
                     continue
-                waits |= {(dep, j) for j in (range(count[dep]) if whole or count[dep] == 1 else [i])}
+                theirs = splits[split_of[dep]].boundaries
+                waits |= {(dep, j) for j in range(len(theirs) - 1)
+                          if theirs[j] < own[i + 1] and own[i] < theirs[j + 1]}
             ops.append(NanoOp(name, i, unit_of[name], tuple(sorted(waits))))
-    splits = ((SPLIT, split), (WHOLE, Split((0, boundaries[-1]))))
     units = ("compute",) if one_unit else ("compute", "memory")
-    schedule = Schedule(boundaries[-1], splits, tuple(groups), units, tuple(ops))
+    schedule = Schedule(boundaries[-1], tuple(splits.items()), tuple(groups), units, tuple(ops))
     validate(schedule)
     return schedule
 
@@ -226,7 +259,7 @@ class ProgramRunner:
 
     def __call__(self, *args: Any) -> Any:
         record = self.channel.record
-        if record is None or record.num_nanobatches == 1:
+        if record is None or record.whole:
             return self.run_whole(args)
         return self.run_nanobatched(args, record)
 
@@ -253,10 +286,11 @@ class ProgramRunner:
     # -- nano-batched ------------------------------------------------------------------------------------------
     def run_nanobatched(self, args: Sequence[Any], record: NanobatchStep) -> Any:
         program = self.program
-        state = _Values(program, dict(zip(program.placeholders, args)), record.boundaries, self._sizes)
+        attention = _other(record.attention_boundaries, record.boundaries)
+        state = _Values(program, dict(zip(program.placeholders, args)), record.boundaries, self._sizes, attention)
         units = record.units
         use_units = units is not None and self._on_cuda(args)
-        schedule, actions = _planned(program.schedule_key, record.boundaries, not use_units)
+        schedule, actions = _planned(program.schedule_key, record.boundaries, not use_units, attention)
         self.last_schedule = schedule
         if not use_units:
             for op in schedule.ops:
@@ -305,27 +339,39 @@ class ProgramRunner:
         if piece.kind == "dense":
             outs = piece.fn(*(state.part(n, i) for n in piece.inputs))  # type: ignore[misc]
             for out, value in zip(piece.outputs, outs):
-                state.parts[i][out] = value
+                state.put(out, i, value)
             return
         call = piece.call
         assert call is not None
-        q, k, v = state.part(call.q, i), state.part(call.k, i), state.part(call.v, i)
+        split = state.attention_split
+        q, k, v = (state.part(n, i, split) for n in (call.q, call.k, call.v))
         cache = state.joined(call.cache)
-        write_kv(cache, k, v, state.part(call.slot_mapping, i))
+        write_kv(cache, k, v, state.part(call.slot_mapping, i, split))
         config = AttentionConfig(q.shape[1], cache.shape[3], q.shape[2], call.scaling, call.sliding_window,
                                  call.softcap)
         decode = record.units.decode if record.units is not None else None  # (attention is the memory unit's)
-        state.parts[i][piece.outputs[0]] = get(call.backend).run_planned(
-            record.plans[i], config, q, cache, record.metadata[i], decode)
+        state.put(piece.outputs[0], i, get(call.backend).run_planned(
+            record.plans[i], config, q, cache, record.metadata[i], decode), split)
 
 
 class _Values:
-    """A nano-batched step's values: whole ones (inputs, outputs of whole pieces, joins) and each nano-batch's."""
+    """A nano-batched step's values: whole ones (inputs, outputs of whole pieces, joins) and each nano-batch's, per
+    split (the dense pieces' "nb"; the attention calls' "attn" when a cut gives them boundaries of their own). A
+    value made in one split and read in another is joined from the parts that overlap the reader's tokens only
+    (the Schedule's waits cover exactly those)."""
 
     def __init__(self, program: StepProgram, inputs: dict[str, Any], boundaries: Sequence[int],
-                 sizes: dict[tuple[Any, ...], int] | None = None) -> None:
-        self.program, self.whole, self.bounds = program, inputs, tuple(boundaries)
-        self.parts: list[dict[str, Any]] = [{} for _ in range(len(boundaries) - 1)]
+                 sizes: dict[tuple[Any, ...], int] | None = None,
+                 attention: Sequence[int] | None = None) -> None:
+        self.program, self.whole = program, inputs
+        self.split_bounds = {SPLIT: tuple(boundaries)}
+        if attention is not None:
+            self.split_bounds[ATTENTION_SPLIT] = tuple(attention)
+        self.attention_split = ATTENTION_SPLIT if attention is not None else SPLIT
+        self.split_parts: dict[str, list[dict[str, Any]]] = {
+            name: [{} for _ in range(len(b) - 1)] for name, b in self.split_bounds.items()}
+        self.made_in: dict[str, str] = {}  # value -> the split whose nano-batches made it
+        self.bounds, self.parts = self.split_bounds[SPLIT], self.split_parts[SPLIT]
         self.symbols = {program.symbolic[name]: value for name, value in inputs.items()
                         if name in program.symbolic and program.symbolic[name].is_Symbol}
         # sympy's subs costs ~70 us a call: the runner keeps each size it evaluated, by (name, the nano-batch's
@@ -333,11 +379,16 @@ class _Values:
         self.sizes = sizes if sizes is not None else {}
         self.symbol_values = tuple(int(v) for sym, v in self.symbols.items() if sym != program.token)
 
-    def part(self, name: str, i: int) -> Any:
-        cache = self.parts[i]
+    def put(self, name: str, i: int, value: Any, split: str = SPLIT) -> None:
+        self.split_parts[split][i][name] = value
+        self.made_in[name] = split
+
+    def part(self, name: str, i: int, split: str = SPLIT) -> Any:
+        cache = self.split_parts[split][i]
         if name in cache:
             return cache[name]
-        start, end = self.bounds[i], self.bounds[i + 1]
+        bounds = self.split_bounds[split]
+        start, end = bounds[i], bounds[i + 1]
         if name in self.program.symbolic and name in self.whole:  # a size: re-evaluated for the nano-batch
             expr = self.program.symbolic[name]
             token = self.program.token
@@ -350,6 +401,8 @@ class _Values:
                     value = self.sizes[key] = int(expr.subs({**self.symbols, token: end - start}))
             else:
                 value = self.whole[name]
+        elif name not in self.whole and self.made_in.get(name, split) != split:
+            value = self._across(name, start, end)
         else:
             whole = self.joined(name)
             dim = self.program.token_dim.get(name)
@@ -358,10 +411,22 @@ class _Values:
         cache[name] = value
         return value
 
+    def _across(self, name: str, start: int, end: int) -> Any:
+        """Tokens [start, end) of a value made in another split: its overlapping parts joined, then narrowed."""
+        split = self.made_in[name]
+        bounds, parts = self.split_bounds[split], self.split_parts[split]
+        overlap = [j for j in range(len(parts)) if bounds[j] < end and start < bounds[j + 1]]
+        dim = self.program.token_dim.get(name)
+        first = parts[overlap[0]][name]
+        if dim is None or not isinstance(first, torch.Tensor):
+            return first
+        joined = first if len(overlap) == 1 else torch.cat([parts[j][name] for j in overlap], dim=dim)
+        return joined.narrow(dim, start - bounds[overlap[0]], end - start)
+
     def joined(self, name: str) -> Any:
         if name in self.whole:
             return self.whole[name]
-        parts = [p[name] for p in self.parts]
+        parts = [p[name] for p in self.split_parts[self.made_in.get(name, SPLIT)]]
         dim = self.program.token_dim.get(name)
         if dim is None or not isinstance(parts[0], torch.Tensor):
             value = parts[0]

@@ -277,21 +277,24 @@ class StepRunner:
                 break
             num_decode += 1
         cut = self.split_policy(num_tokens, num_decode)
-        if cut is None or len(cut.boundaries) <= 2:
+        if cut is None or (len(cut.boundaries) <= 2 and (cut.attention is None or len(cut.attention) <= 2)):
             return None
         boundaries = Split(cut.boundaries).boundaries  # (checks: from 0, strictly rising)
-        if boundaries[-1] != num_tokens:
-            raise ValueError(f"the split policy cut a step of {num_tokens} tokens (padding included) at {boundaries}: "
-                             f"the last boundary must be {num_tokens}")
+        attention = Split(cut.attention).boundaries if cut.attention is not None else boundaries
+        for name, bounds in (("", boundaries), ("attention ", attention)):
+            if bounds[-1] != num_tokens:
+                raise ValueError(f"the split policy cut a step of {num_tokens} tokens (padding included) at {name}"
+                                 f"boundaries {bounds}: the last boundary must be {num_tokens}")
         on_cuda = self.device.type == "cuda"
-        parts = split_attention_metadata(*host, self.kv_cache.page_size, boundaries, pin=on_cuda)
+        # one attention plan and metadata per attention nano-batch (the dense pieces' cut needs none)
+        parts = split_attention_metadata(*host, self.kv_cache.page_size, attention, pin=on_cuda)
         metadata = tuple(tuple(t.to(self.device, non_blocking=True) for t in part) for part in parts)
         while len(self._nanobatch_planners) < len(parts):
             self._nanobatch_planners.append(self.backend.make_planner(
                 self.attention_configs, self.kv_cache.page_size, self.kv_cache.dtype, self.device))
         plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2]) if planner is not None else None
                       for planner, part, meta in zip(self._nanobatch_planners, parts, metadata))
-        return NanobatchStep(boundaries, metadata, plans, cut.units)
+        return NanobatchStep(boundaries, metadata, plans, cut.units, attention if attention != boundaries else None)
 
     def run_prompts(self, prompts: Sequence[Sequence[int]], all_logits: bool = False,
                     trace_only: bool = False) -> torch.Tensor:
