@@ -59,6 +59,7 @@ from nanoflow_fx.explain import profile_harness  # noqa: E402
 from nanoflow_fx.ops.backend import DecodeKernel  # noqa: E402
 from nanoflow_fx.runtime.program_runner import make_units  # noqa: E402
 
+UNEVEN = (((0.5,), (0.25, 0.5, 0.75)),)  # (dense fractions, attention fractions): NanoFlow's 8B-style 2 / 4 cut
 STEPS = {
     "balanced": StepShape(288, 1280, 768),
     "2048": StepShape(128, 1024, 1920),
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--model", default="llama3-8b")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="also time every candidate replayed as a CUDA graph (its GPU work, no host issue cost)")
+    parser.add_argument("--uneven", action=argparse.BooleanOptionalAction, default=True,
+                        help="also NanoFlow's uneven cut: dense pieces in 2 nano-batches, attention calls in 4")
     parser.add_argument("--decode-kernels", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the memory unit's decode kernels per SM share and try the fastest")
     args = parser.parse_args()
@@ -153,12 +156,13 @@ def main() -> None:
         print(f"  chosen: { {k: v.label() if v else 'own' for k, v in decode.items()} }", flush=True)
         result["decode_kernels"] = [{"sms": t.sms, "kernel": t.kernel.label() if t.kernel else "own",
                                      "ms": round(t.ms, 4), "tb_s": round(t.tb_s, 3)} for t in timings]
-    space = candidates(shares, decode=decode)
+    space = candidates(shares, decode=decode, uneven=UNEVEN if args.uneven else ())
     chosen: dict[StepShape, Candidate] = {}
     for name in args.steps:
         shape = STEPS[name]
         harness = StepHarness(model.nanoflow, shape, model.config.vocab_size)
-        tried = [c for c in space if c.unsplit or c.boundaries(shape.tokens + 1, shape.decodes) is not None]
+        tried = [c for c in space if c.unsplit or c.boundaries(shape.tokens + 1, shape.decodes) is not None
+                 or c.attention_boundaries(shape.tokens + 1, shape.decodes) is not None]
         measured: dict[Candidate, float] = {}
         host_ms: dict[Candidate, float] = {}
         search_start = time.perf_counter()

@@ -48,6 +48,28 @@ def test_a_cut_on_two_streams_overlaps_as_its_schedule_says() -> None:
     assert got is not None and got.gpu_ms == pytest.approx(9.5) and got.ms == pytest.approx(9.5)
 
 
+def test_an_uneven_cut_is_priced_per_split_and_replayed_as_one() -> None:
+    """Dense pieces in 2 nano-batches, attention calls in 4 (NanoFlow's uneven split), on two streams:
+    compute: P0#0 [0,1] P0#1 [1,2] P1#0 [3,4] P1#1 [5,6] P2 [9,9.5]
+    memory:  L0.attn#0..3 [1,2] [2,3] [3,4] [4,5]  L1.attn#0..3 [5,6] [6,7] [7,8] [8,9]"""
+    from nanoflow_fx.cost.search import policy_for
+    from nanoflow_fx.runtime.program_runner import Units
+
+    t = table()
+    quarter = {"P0": 9.0, "L0.attn": 1.0, "P1": 9.0, "L1.attn": 1.0, "P2": 9.0}  # (only the calls are used)
+    t.pieces.update({"0x0+2": quarter, "0x0+2@2": quarter, "0x0+2@4": quarter, "0x0+2@6": quarter})
+    cut = Candidate((0.5,), False, "streams", attention=(0.25, 0.5, 0.75))
+    assert subshapes(PREFILL8, cut, attention=True) == [StepShape(0, 0, 2, p) for p in (0, 2, 4, 6)]
+    got = t.predict(PREFILL8, cut)
+    assert got is not None and got.gpu_ms == pytest.approx(9.5) and got.host_ms == pytest.approx(2.0 * 3)
+    assert cut.label() == "0.5 attn 0.25/0.5/0.75 streams"
+    policy = policy_for(cut, lambda mode, sms: Units({}))
+    step = policy(8, 0)
+    assert step is not None and step.boundaries == (0, 4, 8) and step.attention == (0, 2, 4, 6, 8)
+    same = policy_for(Candidate((0.5,), attention=(0.5,)), lambda mode, sms: None)(8, 0)
+    assert same is not None and same.attention is None  # the same cut: one split
+
+
 def test_partitions_price_attention_from_the_decode_timings_and_gemms_from_the_carveout() -> None:
     t = table()
     t.decode_ref = (8, 100)

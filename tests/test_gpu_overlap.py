@@ -36,9 +36,10 @@ def _model(family: str, dtype: torch.dtype, backend: str) -> torch.nn.Module:
 
 
 def _mixed_step(model: torch.nn.Module, cut: tuple[int, ...] | None, mode: str = "off",
-                decode: DecodeKernel | None = None) -> torch.Tensor:
+                decode: DecodeKernel | None = None, attention: tuple[int, ...] | None = None) -> torch.Tensor:
     """Logits of every token of one step: 6 decodes at contexts 20-70, then a 50-token prefill chunk (and the
-    step's padding token); `cut`: inner boundaries; `decode`: the memory unit's decode kernel."""
+    step's padding token); `cut`: inner boundaries; `decode`: the memory unit's decode kernel; `attention`: the
+    attention calls' own inner boundaries."""
     runner = model.nanoflow.runner
     gen = torch.Generator().manual_seed(0)
     lengths = [20, 33, 41, 52, 64, 70, 50]
@@ -51,7 +52,8 @@ def _mixed_step(model: torch.nn.Module, cut: tuple[int, ...] | None, mode: str =
         units = make_units(mode, 32)
         if decode is not None:
             units = dataclasses.replace(units, decode=decode)
-        runner.split_policy = (lambda tokens, decodes: Cut((0, *cut, tokens), units)) if cut is not None else None
+        runner.split_policy = (lambda tokens, decodes: Cut(
+            (0, *cut, tokens), units, (0, *attention, tokens) if attention else None)) if cut is not None else None
         chunks = [Chunk(r, 1) for r in requests[:-1]] + [Chunk(requests[-1], 50)]
         return runner.run(chunks, all_logits=True).float()
     finally:
@@ -73,6 +75,23 @@ def test_split_step_on_flashinfer_and_inductor_equals_whole_step(family: str, mo
                    if "nanoflow_program_runner" in g.meta)
     assert program.last_schedule is not None and program.last_schedule.split("nb").boundaries[:2] == (0, 30)
     assert program.program.compiles > 0  # the pieces are Inductor's
+
+
+@pytest.mark.parametrize("mode", ["off", "streams", "soft", "carveout"])
+def test_uneven_split_step_on_flashinfer_equals_whole_step(mode: str) -> None:
+    """Dense pieces in 2 nano-batches, attention calls in 4 (NanoFlow's uneven split; one attention nano-batch
+    spans the decode rows and the chunk), FlashInfer planned per attention nano-batch: the whole step's logits
+    within bf16 tolerance, and the program ran both splits."""
+    if not _flashinfer_available():
+        pytest.skip("flashinfer is not installed")
+    model = _model("llama", torch.bfloat16, "flashinfer")
+    want = _mixed_step(model, None)
+    got = _mixed_step(model, (30,), mode, attention=(3, 10, 40))
+    assert (got - want).abs().max().item() <= TOLERANCE * want.abs().max().item()
+    program = next(g.meta["nanoflow_program_runner"] for g in model.nanoflow.step_fn.graphs
+                   if "nanoflow_program_runner" in g.meta)
+    splits = dict(program.last_schedule.splits)
+    assert splits["nb"].boundaries[:2] == (0, 30) and splits["attn"].boundaries[:4] == (0, 3, 10, 40)
 
 
 @pytest.mark.parametrize("launch", [(), (("block_n", 32), ("num_stages", 7)), (("pv_precision", "half"),)])

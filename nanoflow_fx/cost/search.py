@@ -50,31 +50,47 @@ class Candidate:
     """A cut: `fractions` of the step's tokens where nano-batches end (() = unsplit); with `at_decodes` the first
     boundary is the end of the decode rows instead (one nano-batch of decodes, one of prefill); `units` is an
     `NanoFlowConfig.sm_partition` mode and `memory_sms` its partition size; `decode` the kernel the memory unit
-    attends decode rows with (None: the step backend's own)."""
+    attends decode rows with (None: the step backend's own); `attention`: fractions where the attention calls'
+    nano-batches end, when they are cut apart from the dense pieces (NanoFlow's uneven splits; () = the same)."""
 
     fractions: tuple[float, ...] = ()
     at_decodes: bool = False
     units: str = "off"
     memory_sms: int = 0
     decode: DecodeKernel | None = None
+    attention: tuple[float, ...] = ()
 
     @property
     def unsplit(self) -> bool:
-        return not self.fractions and not self.at_decodes
+        return not self.fractions and not self.at_decodes and not self.attention
 
     def boundaries(self, tokens: int, decodes: int) -> tuple[int, ...] | None:
-        if self.unsplit:
+        """The dense pieces' boundaries (None: not cut)."""
+        if not self.fractions and not self.at_decodes:
             return None
         cuts = [decodes] if self.at_decodes else [round(f * tokens) for f in self.fractions]
-        inner = sorted({c for c in cuts if 0 < c < tokens})
-        return (0, *inner, tokens) if inner else None
+        return _bounds(cuts, tokens)
+
+    def attention_boundaries(self, tokens: int, decodes: int) -> tuple[int, ...] | None:
+        """The attention calls' boundaries when they differ from the dense pieces' (None: the same)."""
+        if not self.attention:
+            return None
+        cut = _bounds([round(f * tokens) for f in self.attention], tokens) or (0, tokens)
+        return None if cut == (self.boundaries(tokens, decodes) or (0, tokens)) else cut
 
     def label(self) -> str:
         if self.unsplit:
             return "unsplit"
-        split = "decodes|prefill" if self.at_decodes else "/".join(f"{f:g}" for f in self.fractions)
+        split = "decodes|prefill" if self.at_decodes else "/".join(f"{f:g}" for f in self.fractions) or "whole"
+        if self.attention:
+            split += " attn " + "/".join(f"{f:g}" for f in self.attention)
         units = self.units if self.units in ("off", "streams") else f"{self.units}{self.memory_sms}"
         return f"{split} {units}" + (f" [{self.decode.label()}]" if self.decode is not None else "")
+
+
+def _bounds(cuts: Sequence[int], tokens: int) -> tuple[int, ...] | None:
+    inner = sorted({c for c in cuts if 0 < c < tokens})
+    return (0, *inner, tokens) if inner else None
 
 
 UNSPLIT = Candidate()
@@ -83,24 +99,28 @@ UNSPLIT = Candidate()
 def candidates(shares: Sequence[int] = (16, 24, 32, 48), fractions: Sequence[float] = (0.25, 0.5, 0.75),
                modes: Sequence[str] = ("streams", "soft", "carveout"),
                decode: Mapping[int, DecodeKernel | None] | None = None,
-               cuts: Sequence[tuple[float, ...]] = ()) -> list[Candidate]:
-    """The search space: unsplit; two nano-batches cut at each fraction or at the decode rows, and more cut at
-    each tuple of `cuts`, on each unit mode ("soft"/"carveout"/"hard" at each SM share). `decode`: per SM share,
-    a kernel measured to attend decode rows faster than the step backend's own on that partition
-    (`cost.profile.best_decode_kernels`): partitioned candidates of that share are tried with it as well."""
+               cuts: Sequence[tuple[float, ...]] = (),
+               uneven: Sequence[tuple[tuple[float, ...], tuple[float, ...]]] = ()) -> list[Candidate]:
+    """The search space: unsplit; two nano-batches cut at each fraction or at the decode rows, more cut at each
+    tuple of `cuts`, and the dense pieces and the attention calls cut apart at each pair of `uneven` (e.g.
+    NanoFlow's ((0.5,), (0.25, 0.5, 0.75)): GEMMs in 2, attention in 4), on each unit mode ("soft"/"carveout"/
+    "hard" at each SM share). `decode`: per SM share, a kernel measured to attend decode rows faster than the
+    step backend's own on that partition (`cost.profile.best_decode_kernels`): partitioned candidates of that
+    share are tried with it as well."""
     found = [UNSPLIT]
-    every = [((f,), False) for f in fractions] + [((), True)] + [(tuple(c), False) for c in cuts]
-    for frac, at_decodes in every:
-        found.append(Candidate(frac, at_decodes, "off"))
+    every = ([((f,), False, ()) for f in fractions] + [((), True, ())] + [(tuple(c), False, ()) for c in cuts]
+             + [(tuple(d), False, tuple(a)) for d, a in uneven])
+    for frac, at_decodes, attention in every:
+        found.append(Candidate(frac, at_decodes, "off", attention=attention))
         for mode in modes:
             if mode == "streams":
-                found.append(Candidate(frac, at_decodes, "streams"))
+                found.append(Candidate(frac, at_decodes, "streams", attention=attention))
                 continue
             for k in shares:
-                found.append(Candidate(frac, at_decodes, mode, k))
+                found.append(Candidate(frac, at_decodes, mode, k, attention=attention))
                 kernel = (decode or {}).get(k)
                 if kernel is not None:
-                    found.append(Candidate(frac, at_decodes, mode, k, kernel))
+                    found.append(Candidate(frac, at_decodes, mode, k, kernel, attention))
     return found
 
 
@@ -144,7 +164,10 @@ def policy_for(candidate: Candidate,
 
     def policy(tokens: int, decodes: int) -> Cut | None:
         boundaries = candidate.boundaries(tokens, decodes)
-        return Cut(boundaries, units) if boundaries is not None else None
+        attention = candidate.attention_boundaries(tokens, decodes)
+        if boundaries is None and attention is None:
+            return None
+        return Cut(boundaries or (0, tokens), units, attention)
 
     return policy
 
@@ -191,7 +214,8 @@ def tune(runtime: Any, vocab_size: int, shapes: Sequence[StepShape], space: Sequ
         if not StepHarness.fits(runtime, shape):
             continue
         start = time.perf_counter()
-        runnable = [c for c in space if c.unsplit or c.boundaries(shape.tokens, shape.decodes) is not None]
+        runnable = [c for c in space if c.unsplit or c.boundaries(shape.tokens, shape.decodes) is not None
+                    or c.attention_boundaries(shape.tokens, shape.decodes) is not None]
         predictions = _predict(runtime, vocab_size, table, shape, runnable) if table is not None else None
         harness = StepHarness(runtime, shape, vocab_size)
         try:

@@ -17,8 +17,9 @@ by `table_key`: the model's configuration and dtype, the lowering, the device an
 
 Assumed, not measured (the calibration absorbs what they miss): a prefill row's attention on k of the GPU's S SMs
 takes S/k times its whole-GPU time (compute-bound); decode rows' attention time scales with their KV tokens; a
-step of n nano-batches costs the host n times the unsplit step's issue time. (A later nano-batch of a prefill chunk
-is measured with the chunk's earlier tokens cached as its prefix, as the cut step runs it.)
+step of n nano-batches costs the host n times the unsplit step's issue time ((n + m) / 2 times with the attention
+calls cut apart into m). (A later nano-batch of a prefill chunk is measured with the chunk's earlier tokens cached
+as its prefix, as the cut step runs it.)
 
 `CostTable.predict(shape, candidate)`: the cut's Schedule (`program_runner.schedule_of`, from the program's
 shape kept in the table), simulated with those times (`schedule.simulate`); the step takes the longer of the GPU's
@@ -59,10 +60,12 @@ def mode_of(candidate: Candidate) -> str:
     return "unsplit" if candidate.unsplit else candidate.units
 
 
-def subshapes(shape: StepShape, candidate: Candidate) -> list[StepShape]:
-    """Each nano-batch of `shape` cut like `candidate`, as a step shape of its own (decode rows come first; a later
-    piece of the prefill chunk has the chunk's earlier tokens as its prefix)."""
-    bounds = candidate.boundaries(shape.tokens, shape.decodes) or (0, shape.tokens)
+def subshapes(shape: StepShape, candidate: Candidate, attention: bool = False) -> list[StepShape]:
+    """Each nano-batch of `shape` cut like `candidate` (its attention calls' nano-batches with `attention`), as a
+    step shape of its own (decode rows come first; a later piece of the prefill chunk has the chunk's earlier
+    tokens as its prefix)."""
+    dense = candidate.boundaries(shape.tokens, shape.decodes) or (0, shape.tokens)
+    bounds = (candidate.attention_boundaries(shape.tokens, shape.decodes) or dense) if attention else dense
     found = []
     for start, end in zip(bounds, bounds[1:]):
         decodes = max(0, min(end, shape.decodes) - start)
@@ -100,15 +103,17 @@ class CostTable:
     # -- prediction ---------------------------------------------------------------------------------------------
     def missing(self, shape: StepShape, candidate: Candidate) -> list[StepShape]:
         """The nano-batch shapes `candidate` needs whose pieces are not measured yet."""
-        return [s for s in [shape, *subshapes(shape, candidate)] if shape_key(s) not in self.pieces]
+        needed = [shape, *subshapes(shape, candidate), *subshapes(shape, candidate, attention=True)]
+        return [s for s in dict.fromkeys(needed) if shape_key(s) not in self.pieces]
 
     def predict(self, shape: StepShape, candidate: Candidate) -> Prediction | None:
         """The predicted step of `shape` cut like `candidate`; None when a time it needs is not in the table."""
-        parts = subshapes(shape, candidate)
+        parts, attention_parts = subshapes(shape, candidate), subshapes(shape, candidate, attention=True)
         if self.missing(shape, candidate) or shape_key(shape) not in self.host_ms:
             return None
         whole = self.pieces[shape_key(shape)]
-        host = self.host_ms[shape_key(shape)] * len(parts)
+        # the host issues each dense piece once per dense nano-batch and each call once per attention nano-batch
+        host = self.host_ms[shape_key(shape)] * (len(parts) + len(attention_parts)) / 2
         if candidate.unsplit:
             gpu = sum(whole.values())
         else:
@@ -120,7 +125,7 @@ class CostTable:
             whole_pieces = {name for name, _, is_whole, _ in self.kinds if is_whole}
             costs: dict[tuple[str, int], float] = {}
             for name, _, _, _ in self.kinds:
-                for i, part in enumerate(parts):
+                for i, part in enumerate(attention_parts if name in attention else parts):
                     if name in whole_pieces:
                         costs[(name, i)] = whole.get(name, 0.0)
                         continue
@@ -132,8 +137,9 @@ class CostTable:
                     elif name not in attention:
                         ms *= carve
                     costs[(name, i)] = ms
-            bounds = candidate.boundaries(shape.tokens, shape.decodes)
-            schedule = schedule_of(self.kinds, bounds, one_unit=candidate.units == "off")  # type: ignore[arg-type]
+            bounds = candidate.boundaries(shape.tokens, shape.decodes) or (0, shape.tokens)
+            schedule = schedule_of(self.kinds, bounds, candidate.units == "off",
+                                   candidate.attention_boundaries(shape.tokens, shape.decodes))
             gpu = simulate(schedule, lambda op: _cost_us(costs, op)).makespan_us / 1e3
         raw = max(gpu, host)
         return Prediction(gpu, host, raw, raw * self.calibration.get(mode_of(candidate), 1.0))
