@@ -102,20 +102,28 @@ def test_missing_measurements_are_named_and_not_guessed() -> None:
         StepShape(0, 0, 3), StepShape(0, 0, 3, 3), StepShape(0, 0, 3, 6)]
 
 
-def test_calibration_scales_each_mode_by_what_its_replays_measured() -> None:
+def test_calibration_scales_each_mode_on_each_shape_by_what_its_replays_measured() -> None:
     t = table()
     streams, off = Candidate((0.5,), False, "streams"), Candidate((0.5,))
     before = {c: t.predict(PREFILL8, c) for c in (UNSPLIT, streams, off)}
-    t.calibrate({streams: (2 * before[streams].raw_ms, before[streams]),  # type: ignore[union-attr]
-                 UNSPLIT: (before[UNSPLIT].raw_ms, before[UNSPLIT])})  # type: ignore[union-attr]
-    assert t.calibration == {"streams": pytest.approx(2.0), "unsplit": pytest.approx(1.0)}
+    t.calibrate(PREFILL8, {streams: (2 * before[streams].raw_ms, before[streams]),  # type: ignore[union-attr]
+                           UNSPLIT: (before[UNSPLIT].raw_ms, before[UNSPLIT])})  # type: ignore[union-attr]
+    assert t.calibration == {"streams|0x0+8": pytest.approx(2.0), "unsplit|0x0+8": pytest.approx(1.0)}
+    assert t.calibrated(PREFILL8) == ("streams", "unsplit")
     assert t.predict(PREFILL8, streams).ms == pytest.approx(2 * before[streams].raw_ms)  # type: ignore[union-attr]
     assert t.predict(PREFILL8, off) == before[off]  # a mode not replayed keeps its prediction
+    # another shape: its own factor once replayed there; until then the median over the shapes replayed
+    other = StepShape(2, 16, 6)
+    assert t.calibrated(other) == () and t.factor(other, "streams") == pytest.approx(2.0)
+    t.calibration["streams|2x16+6"] = 1.1
+    t.calibration["streams|0x0+4"] = 1.5
+    assert t.factor(other, "streams") == pytest.approx(1.1) and t.factor(PREFILL8, "streams") == pytest.approx(2.0)
+    assert t.factor(StepShape(1, 1, 1), "streams") == pytest.approx(1.5) and t.factor(other, "soft") == 1.0
 
 
 def test_tables_round_trip_through_disk_and_a_wrong_or_broken_file_is_measured_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
     t = table()
-    t.carveout, t.decode, t.decode_ref, t.calibration = {32: 1.2}, {"0|own": 1.0}, (8, 100), {"soft": 1.3}
+    t.carveout, t.decode, t.decode_ref, t.calibration = {32: 1.2}, {"0|own": 1.0}, (8, 100), {"soft|0x0+8": 1.3}
     save_table(str(tmp_path), t)
     loaded = load_table(str(tmp_path), "k")
     assert loaded == t and loaded.predict(PREFILL8, UNSPLIT) == t.predict(PREFILL8, UNSPLIT)  # type: ignore[union-attr]
@@ -152,13 +160,13 @@ def test_the_predicted_search_picks_the_known_optimum_and_replays_few() -> None:
     true_ms[optimum] = 30.0
     t, predicted = synthetic(true_ms)
     replayed: list[Candidate] = []
-    measured = search_shape(SPACE, lambda c: replayed.append(c) or true_ms[c], t, predicted, top=2)
+    measured = search_shape(SPACE, lambda c: replayed.append(c) or true_ms[c], t, predicted, top=2, shape=PREFILL8)
     assert pick(measured) == optimum
     assert len(replayed) < len(SPACE) and replayed[0] == UNSPLIT and set(replayed) == set(measured)
-    assert t.calibration == {m: pytest.approx(1.0) for m in ("unsplit", "off", "streams", "soft")}
+    assert t.calibration == {f"{m}|0x0+8": pytest.approx(1.0) for m in ("unsplit", "off", "streams", "soft")}
     # Calibrated now: the next search replays the unsplit step and the top predictions only.
     replayed.clear()
-    search_shape(SPACE, lambda c: replayed.append(c) or true_ms[c], t, predicted, top=2)
+    search_shape(SPACE, lambda c: replayed.append(c) or true_ms[c], t, predicted, top=2, shape=PREFILL8)
     assert replayed == [UNSPLIT, optimum, *sorted((c for c in SPACE if c not in (UNSPLIT, optimum)),
                                                   key=lambda c: true_ms[c])[:1]]
 
@@ -173,7 +181,7 @@ def test_the_predicted_search_is_never_slower_than_unsplit_and_is_deterministic(
     picks = []
     for _ in range(2):
         t, predicted = synthetic(wrong)
-        measured = search_shape(SPACE, lambda c: true_ms[c], t, predicted, top=3)
+        measured = search_shape(SPACE, lambda c: true_ms[c], t, predicted, top=3, shape=PREFILL8)
         picks.append(pick(measured))
         assert true_ms[picks[-1]] <= true_ms[UNSPLIT]
     assert picks[0] == picks[1]

@@ -220,7 +220,7 @@ def tune(runtime: Any, vocab_size: int, shapes: Sequence[StepShape], space: Sequ
         harness = StepHarness(runtime, shape, vocab_size)
         try:
             measured = search_shape(runnable, lambda c, h=harness: h.time(policy_for(c, make_units), reps, rounds),
-                                    table, predictions, top)
+                                    table, predictions, top, shape)
         finally:
             harness.release()
         found.append(Tuning(shape, tuple(measured.items()), pick(measured), time.perf_counter() - start,
@@ -229,14 +229,16 @@ def tune(runtime: Any, vocab_size: int, shapes: Sequence[StepShape], space: Sequ
 
 
 def search_shape(space: Sequence[Candidate], replay: Callable[[Candidate], float], table: Any = None,
-                 predictions: Mapping[Candidate, Any] | None = None, top: int = 4) -> dict[Candidate, float]:
-    """One shape's search, given how to replay a candidate (ms): every candidate of `space`, or, with a cost table
-    and its `predictions` (`cost.tables.Prediction` per candidate), those `replay_order` names; the table is then
-    calibrated with them. A candidate whose replay raises (a unit mode this device cannot run) is skipped; the
-    unsplit step's may not. Returns ms per replayed candidate (`pick` chooses from it)."""
+                 predictions: Mapping[Candidate, Any] | None = None, top: int = 4,
+                 shape: StepShape | None = None) -> dict[Candidate, float]:
+    """One shape's search, given how to replay a candidate (ms): every candidate of `space`, or, with a cost table,
+    `shape` and its `predictions` (`cost.tables.Prediction` per candidate), those `replay_order` names; the
+    table is then calibrated with them. A candidate whose replay raises (a unit mode this device cannot run) is
+    skipped; the unsplit step's may not. Returns ms per replayed candidate (`pick` chooses from it)."""
     order = list(space)
-    if table is not None and predictions is not None:
-        order = replay_order({c: p.ms for c, p in predictions.items()}, top, tuple(table.calibration))
+    calibrate = table is not None and predictions is not None and shape is not None
+    if calibrate:
+        order = replay_order({c: p.ms for c, p in predictions.items()}, top, table.calibrated(shape))
     measured: dict[Candidate, float] = {}
     for candidate in order:
         try:
@@ -244,8 +246,8 @@ def search_shape(space: Sequence[Candidate], replay: Callable[[Candidate], float
         except Exception:  # noqa: BLE001 - a unit mode this device cannot run: not a candidate here
             if candidate.unsplit:
                 raise
-    if table is not None and predictions is not None:
-        table.calibrate({c: (ms, predictions[c]) for c, ms in measured.items() if c in predictions})
+    if calibrate:
+        table.calibrate(shape, {c: (ms, predictions[c]) for c, ms in measured.items() if c in predictions})
     return measured
 
 

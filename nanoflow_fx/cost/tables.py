@@ -12,8 +12,10 @@ by `table_key`: the model's configuration and dtype, the lowering, the device an
   without it;
 - `decode`: the decode rows' attention per SM share and kernel, for `decode_ref` = (decodes, context);
 - `host_ms`: the host's time to issue each tuned shape's unsplit step;
-- `calibration`: per unit mode, measured / predicted step time over the candidates the search replayed (the
-  interference between units, and whatever else the model leaves out, measured rather than assumed).
+- `calibration`: per tuned shape and unit mode, measured / predicted step time over the candidates the search
+  replayed (the interference between units, and whatever else the model leaves out, measured rather than
+  assumed); a shape not replayed yet takes its mode's median over the shapes that were (one factor per mode
+  shared by all shapes was measured to be too coarse: a prefill step's factor mispriced a mixed step by 20%).
 
 Assumed, not measured (the calibration absorbs what they miss): a prefill row's attention on k of the GPU's S SMs
 takes S/k times its whole-GPU time (compute-bound); decode rows' attention time scales with their KV tokens; a
@@ -23,7 +25,7 @@ as its prefix, as the cut step runs it.)
 
 `CostTable.predict(shape, candidate)`: the cut's Schedule (`program_runner.schedule_of`, from the program's
 shape kept in the table), simulated with those times (`schedule.simulate`); the step takes the longer of the GPU's
-makespan and the host's issue time, times the mode's calibration. Pure given the table: tested on the CPU.
+makespan and the host's issue time, times the calibration. Pure given the table: tested on the CPU.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from nanoflow_fx.schedule import NanoOp, simulate
 __all__ = ["CostTable", "Prediction", "load_table", "measure_carveout", "measure_shape", "mode_of", "save_table",
            "subshapes", "table_key"]
 
-FORMAT = 1
+FORMAT = 2  # 2: calibration per (mode, shape)
 
 
 def shape_key(shape: StepShape) -> str:
@@ -98,7 +100,7 @@ class CostTable:
     decode: dict[str, float] = field(default_factory=dict)  # decode_key -> ms (one layer's call)
     decode_ref: tuple[int, int] = (0, 0)
     host_ms: dict[str, float] = field(default_factory=dict)  # shape_key -> ms
-    calibration: dict[str, float] = field(default_factory=dict)  # mode -> measured / predicted
+    calibration: dict[str, float] = field(default_factory=dict)  # "mode|shape_key" -> measured / predicted
 
     # -- prediction ---------------------------------------------------------------------------------------------
     def missing(self, shape: StepShape, candidate: Candidate) -> list[StepShape]:
@@ -142,7 +144,7 @@ class CostTable:
                                    candidate.attention_boundaries(shape.tokens, shape.decodes))
             gpu = simulate(schedule, lambda op: _cost_us(costs, op)).makespan_us / 1e3
         raw = max(gpu, host)
-        return Prediction(gpu, host, raw, raw * self.calibration.get(mode_of(candidate), 1.0))
+        return Prediction(gpu, host, raw, raw * self.factor(shape, mode_of(candidate)))
 
     def _attention_on(self, part: StepShape, whole_ms: float, sms: int, kernel: DecodeKernel | None) -> float | None:
         """A nano-batch's attention call on a partition of `sms` SMs (see the module docstring's assumptions)."""
@@ -157,15 +159,28 @@ class CostTable:
         return on_share * scale + prefill * self.sms / sms
 
     # -- calibration --------------------------------------------------------------------------------------------
-    def calibrate(self, replayed: Mapping[Candidate, tuple[float, Prediction]]) -> None:
-        """Per unit mode, measured / predicted (median over the candidates of that mode in `replayed`: measured
-        ms and the prediction made before the replay) replaces the mode's factor."""
+    def calibrate(self, shape: StepShape, replayed: Mapping[Candidate, tuple[float, Prediction]]) -> None:
+        """Per unit mode, measured / predicted on `shape` (median over the candidates of that mode in `replayed`:
+        measured ms and the prediction made before the replay) replaces the factor of (mode, shape)."""
         ratios: dict[str, list[float]] = {}
         for candidate, (measured, predicted) in replayed.items():
             if predicted.raw_ms > 0:
                 ratios.setdefault(mode_of(candidate), []).append(measured / predicted.raw_ms)
         for mode, values in ratios.items():
-            self.calibration[mode] = statistics.median(values)
+            self.calibration[f"{mode}|{shape_key(shape)}"] = statistics.median(values)
+
+    def factor(self, shape: StepShape, mode: str) -> float:
+        """The calibration of `mode` on `shape`; for a shape not replayed, the median over the shapes that were."""
+        own = self.calibration.get(f"{mode}|{shape_key(shape)}")
+        if own is not None:
+            return own
+        others = [v for k, v in self.calibration.items() if k.split("|", 1)[0] == mode]
+        return statistics.median(others) if others else 1.0
+
+    def calibrated(self, shape: StepShape) -> tuple[str, ...]:
+        """The unit modes whose predictions were measured on `shape`."""
+        suffix = f"|{shape_key(shape)}"
+        return tuple(k[: -len(suffix)] for k in self.calibration if k.endswith(suffix))
 
     # -- storage ------------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
