@@ -211,3 +211,23 @@ def test_pieces_measured_on_a_real_step_cover_the_program_and_price_its_cuts() -
     assert got is not None and got.gpu_ms == pytest.approx(want)
     assert t.predict(shape, UNSPLIT).gpu_ms == pytest.approx(sum(t.pieces[shape_key(shape)].values()))  # type: ignore[union-attr]
     assert runtime.runner.split_policy is policy and runtime.channel.timer is None  # left as found
+
+
+def test_a_shape_whose_pieces_cannot_be_timed_leaves_its_candidates_unpriced(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A failed measurement does not fail optimize(): the candidates needing it are not priced (so not replayed);
+    the unsplit step still is."""
+    from nanoflow_fx.cost import profile, search, tables
+
+    def measure(runtime, vocab_size, shape, reps=3):  # type: ignore[no-untyped-def]
+        if shape != PREFILL8:
+            raise RuntimeError("no room")
+        return dict(WHOLE), 2.0
+
+    monkeypatch.setattr(tables, "measure_shape", measure)
+    monkeypatch.setattr(profile.StepHarness, "fits", staticmethod(lambda runtime, shape: True))
+    t = CostTable("k", KINDS, 132)
+    space = [UNSPLIT, Candidate((0.5,)), Candidate((0.5,), False, "streams")]
+    with caplog.at_level("WARNING"):
+        found = search._predict(None, 100, t, PREFILL8, space)
+    assert list(found) == [UNSPLIT] and found[UNSPLIT].gpu_ms == pytest.approx(11.3)
+    assert "timing the pieces of StepShape(decodes=0, context=0, prefill=4" in caplog.text

@@ -255,17 +255,25 @@ def _predict(runtime: Any, vocab_size: int, table: Any, shape: StepShape,
              space: Sequence[Candidate]) -> dict[Candidate, Any]:
     """Every candidate's prediction, after measuring the nano-batch shapes the table lacks (and the shape's own
     host time). Candidates the table cannot price (e.g. a share without decode timings) are left out."""
+    import logging
+
     from nanoflow_fx.cost.profile import StepHarness
     from nanoflow_fx.cost.tables import measure_shape, shape_key
 
     needed = {shape_key(s): s for c in space for s in table.missing(shape, c)}
-    for key, part in needed.items():
-        if StepHarness.fits(runtime, part):
-            table.pieces[key], host_ms = measure_shape(runtime, vocab_size, part)
-            if part == shape:
-                table.host_ms[key] = host_ms
     if shape_key(shape) not in table.host_ms:
-        _, table.host_ms[shape_key(shape)] = measure_shape(runtime, vocab_size, shape)
+        needed[shape_key(shape)] = shape
+    for key, part in needed.items():
+        if not StepHarness.fits(runtime, part):
+            continue
+        try:
+            table.pieces[key], host_ms = measure_shape(runtime, vocab_size, part)
+        except Exception as err:  # noqa: BLE001 - the candidates that need it stay unpriced (and are not replayed)
+            logging.getLogger(__name__).warning("nanoflow_fx: timing the pieces of %s failed (%s: %s)", part,
+                                                type(err).__name__, err)
+            continue
+        if part == shape:
+            table.host_ms[key] = host_ms
     found = {}
     for candidate in space:
         prediction = table.predict(shape, candidate)
