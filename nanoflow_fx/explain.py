@@ -13,8 +13,8 @@ from nanoflow_fx.passes import NanobatchPlan, PassRecord, info
 from nanoflow_fx.runtime.nanobatch import NanobatchRunner
 from nanoflow_fx.schedule import format_schedule, format_timeline, simulate
 
-__all__ = ["Explanation", "KernelSpan", "RooflineCost", "StepProfile", "draw_timeline", "explain", "profile_harness",
-           "profile_step", "spans_from_chrome_trace"]
+__all__ = ["Explanation", "KernelSpan", "RooflineCost", "StepProfile", "UnitComparison", "compare_step",
+           "draw_timeline", "explain", "profile_harness", "profile_step", "spans_from_chrome_trace", "unit_busy_ms"]
 
 
 @dataclass(frozen=True)
@@ -223,3 +223,65 @@ def profile_harness(harness: Any, policy: Any = "model", chrome_trace: str | Non
     prof.export_chrome_trace(path)
     with open(path) as f:
         return StepProfile(spans_from_chrome_trace(json.load(f)))
+
+
+def unit_busy_ms(profile: StepProfile) -> dict[str, float]:
+    """A profiled step's busy ms per execution unit: a stream whose kernels are mostly attention is the memory
+    unit's, any other the compute unit's (the runtime issues attention on the memory unit, the rest on compute)."""
+    by_stream: dict[str, dict[str, float]] = {}
+    for span in profile.spans:
+        kinds = by_stream.setdefault(span.stream, {})
+        kinds[span.kind] = kinds.get(span.kind, 0.0) + (span.end_us - span.start_us) / 1e3
+    units: dict[str, float] = {}
+    for kinds in by_stream.values():
+        busy = sum(kinds.values())
+        unit = "memory" if kinds.get("attention", 0.0) > busy / 2 else "compute"
+        units[unit] = units.get(unit, 0.0) + busy
+    return units
+
+
+@dataclass(frozen=True)
+class UnitComparison:
+    """One step shape as the runtime cuts it: the cost table's prediction per unit against a real profiled step."""
+
+    shape: Any
+    candidate: str
+    predicted_ms: float  # the GPU's predicted makespan
+    predicted_busy: dict[str, float]
+    measured_ms: float  # the profiled step's span, first kernel start to last kernel end
+    measured_busy: dict[str, float]
+
+    def __str__(self) -> str:
+        rows = [f"{self.shape}: {self.candidate}",
+                f"  {'unit':<8} {'predicted ms':>13} {'measured ms':>12}",
+                *(f"  {u:<8} {self.predicted_busy.get(u, 0.0):13.2f} {self.measured_busy.get(u, 0.0):12.2f}"
+                  for u in sorted(set(self.predicted_busy) | set(self.measured_busy))),
+                f"  {'step':<8} {self.predicted_ms:13.2f} {self.measured_ms:12.2f}"]
+        return "\n".join(rows)
+
+
+def compare_step(model: PreTrainedModel, shape: Any, chrome_trace: str | None = None,
+                 png: str | None = None) -> UnitComparison:
+    """Predicted against measured busy time per unit for one dense step of `shape` (a `cost.search.StepShape`), cut
+    as the runtime's search cut its nearest tuned shape (`num_nanobatches="auto"` on CUDA): the cost table's
+    prediction (its missing nano-batch shapes measured first), then the real step profiled (`profile_step`, with
+    the Chrome trace and PNG timeline when given paths)."""
+    from nanoflow_fx.cost.search import UNSPLIT, policy_for, predict_candidates
+    from nanoflow_fx.runtime.program_runner import make_units
+
+    runtime = getattr(model, "nanoflow", None)
+    table = getattr(runtime, "cost_table", None)
+    if runtime is None or table is None:
+        raise ValueError("compare_step() needs a CUDA model optimized with num_nanobatches='auto' (it reads the "
+                         "cost table the schedule search measured)")
+    policy = runtime.split_policy
+    nearest = policy.nearest(shape.tokens, shape.decodes) if policy is not None else None
+    candidate = policy.chosen[nearest] if nearest is not None else UNSPLIT
+    vocab_size = model.config.get_text_config().vocab_size
+    prediction = predict_candidates(runtime, vocab_size, table, shape, [candidate]).get(candidate)
+    if prediction is None:
+        raise ValueError(f"the cost table cannot price {candidate.label()} on {shape} (a time it needs could not be "
+                         "measured: see the warnings)")
+    profile = profile_step(model, shape, chrome_trace, png, policy=policy_for(candidate, make_units))
+    return UnitComparison(shape, candidate.label(), prediction.gpu_ms, dict(prediction.busy), profile.span_ms,
+                          unit_busy_ms(profile))

@@ -34,10 +34,11 @@ def table() -> CostTable:
 def test_a_one_stream_cut_costs_the_sum_of_its_nanobatches_and_the_unsplit_step_its_pieces() -> None:
     t = table()
     unsplit = t.predict(PREFILL8, UNSPLIT)
-    assert unsplit == Prediction(11.3, 2.0, 11.3, 11.3)
+    assert unsplit == Prediction(11.3, 2.0, 11.3, 11.3, (("compute", 11.3),))
     off = t.predict(PREFILL8, Candidate((0.5,)))
     # each half's pieces, the whole piece once (from the whole step's table), on one unit
     assert off is not None and off.gpu_ms == pytest.approx(2 * (1 + 2 + 1 + 2) + 0.5)
+    assert dict(off.busy) == {"compute": pytest.approx(off.gpu_ms)}
     assert off.host_ms == 4.0  # two nano-batches issued: twice the unsplit step's host time
 
 
@@ -46,6 +47,7 @@ def test_a_cut_on_two_streams_overlaps_as_its_schedule_says() -> None:
     # memory:  L0.attn#0 [1,3] L0.attn#1 [3,5] L1.attn#0 [5,7] L1.attn#1 [7,9]
     got = table().predict(PREFILL8, Candidate((0.5,), False, "streams"))
     assert got is not None and got.gpu_ms == pytest.approx(9.5) and got.ms == pytest.approx(9.5)
+    assert dict(got.busy) == {"compute": pytest.approx(4.5), "memory": pytest.approx(8.0)}
 
 
 def test_an_uneven_cut_is_priced_per_split_and_replayed_as_one() -> None:
@@ -228,6 +230,6 @@ def test_a_shape_whose_pieces_cannot_be_timed_leaves_its_candidates_unpriced(mon
     t = CostTable("k", KINDS, 132)
     space = [UNSPLIT, Candidate((0.5,)), Candidate((0.5,), False, "streams")]
     with caplog.at_level("WARNING"):
-        found = search._predict(None, 100, t, PREFILL8, space)
+        found = search.predict_candidates(None, 100, t, PREFILL8, space)
     assert list(found) == [UNSPLIT] and found[UNSPLIT].gpu_ms == pytest.approx(11.3)
     assert "timing the pieces of StepShape(decodes=0, context=0, prefill=4" in caplog.text

@@ -62,3 +62,28 @@ def test_chrome_trace_kernels_become_a_timeline_png(tmp_path) -> None:  # type: 
     path = tmp_path / "timeline.png"
     draw_timeline(profile, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_profiled_steps_streams_become_units_and_are_compared_with_the_prediction() -> None:
+    """`compare_step`'s pure part: a stream mostly running attention is the memory unit's, the others the compute
+    unit's; the comparison prints predicted and measured ms per unit and for the step."""
+    from nanoflow_fx.explain import KernelSpan, StepProfile, UnitComparison, unit_busy_ms
+
+    profile = StepProfile((KernelSpan("7", "nvjet", "gemm", 0.0, 4000.0), KernelSpan("7", "fa", "attention", 4000.0,
+                                                                                    5000.0),
+                           KernelSpan("9", "fa", "attention", 1000.0, 3000.0),
+                           KernelSpan("9", "triton_poi", "other", 3000.0, 3500.0),
+                           KernelSpan("11", "nvjet", "gemm", 0.0, 500.0)))
+    assert unit_busy_ms(profile) == {"compute": 5.5, "memory": 2.5}
+    text = str(UnitComparison("S", "0.5 soft32", 6.0, {"compute": 5.0, "memory": 2.0}, profile.span_ms,
+                              unit_busy_ms(profile)))
+    assert text.splitlines()[0] == "S: 0.5 soft32"
+    assert "compute           5.00         5.50" in text and "step              6.00         5.00" in text
+
+
+def test_compare_step_needs_an_auto_tuned_model() -> None:
+    from nanoflow_fx.cost.search import StepShape
+    from nanoflow_fx.explain import compare_step
+
+    with pytest.raises(ValueError, match="num_nanobatches='auto'"):
+        compare_step(optimized("llama"), StepShape(2, 8, 8))

@@ -203,3 +203,11 @@ def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape() -> 
         assert 0 < unsplit.gpu_ms <= 1.05 * measured[UNSPLIT]
     text = "\n".join(explain(model).searched)
     assert "decode rows on 32 SMs" in text and "runs" in text and "predicted" in text
+    # predicted against measured busy time per unit, on a real profiled step cut as the search chose
+    from nanoflow_fx.explain import compare_step
+
+    shape = runtime.tunings[0].shape
+    compared = compare_step(model, shape)
+    assert compared.candidate == runtime.tunings[0].chosen.label()
+    assert compared.predicted_busy["compute"] > 0 and compared.measured_busy["compute"] > 0
+    assert compared.measured_ms > 0 and "step" in str(compared)

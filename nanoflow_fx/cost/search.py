@@ -22,8 +22,8 @@ from typing import Any
 from nanoflow_fx.ops.backend import DecodeKernel
 from nanoflow_fx.runtime.program_runner import Cut, Units
 
-__all__ = ["Candidate", "StepShape", "TunedPolicy", "Tuning", "candidates", "pick", "policy_for", "replay_order",
-           "search_shape", "tune"]
+__all__ = ["Candidate", "StepShape", "TunedPolicy", "Tuning", "candidates", "pick", "policy_for", "predict_candidates",
+           "replay_order", "search_shape", "tune"]
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def tune(runtime: Any, vocab_size: int, shapes: Sequence[StepShape], space: Sequ
         start = time.perf_counter()
         runnable = [c for c in space if c.unsplit or c.boundaries(shape.tokens, shape.decodes) is not None
                     or c.attention_boundaries(shape.tokens, shape.decodes) is not None]
-        predictions = _predict(runtime, vocab_size, table, shape, runnable) if table is not None else None
+        predictions = predict_candidates(runtime, vocab_size, table, shape, runnable) if table is not None else None
         harness = StepHarness(runtime, shape, vocab_size)
         try:
             measured = search_shape(runnable, lambda c, h=harness: h.time(policy_for(c, make_units), reps, rounds),
@@ -251,7 +251,7 @@ def search_shape(space: Sequence[Candidate], replay: Callable[[Candidate], float
     return measured
 
 
-def _predict(runtime: Any, vocab_size: int, table: Any, shape: StepShape,
+def predict_candidates(runtime: Any, vocab_size: int, table: Any, shape: StepShape,
              space: Sequence[Candidate]) -> dict[Candidate, Any]:
     """Every candidate's prediction, after measuring the nano-batch shapes the table lacks (and the shape's own
     host time). Candidates the table cannot price (e.g. a share without decode timings) are left out."""

@@ -80,12 +80,13 @@ def subshapes(shape: StepShape, candidate: Candidate, attention: bool = False) -
 @dataclass(frozen=True)
 class Prediction:
     """A candidate's predicted step: the GPU's makespan, the host's issue time, and the step time (the longer of
-    the two, times the mode's calibration; `raw_ms` without it)."""
+    the two, times the mode's calibration; `raw_ms` without it); `busy`: each unit's predicted busy ms."""
 
     gpu_ms: float
     host_ms: float
     raw_ms: float
     ms: float
+    busy: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -118,6 +119,7 @@ class CostTable:
         host = self.host_ms[shape_key(shape)] * (len(parts) + len(attention_parts)) / 2
         if candidate.unsplit:
             gpu = sum(whole.values())
+            busy: tuple[tuple[str, float], ...] = (("compute", gpu),)
         else:
             partitioned = candidate.units in ("soft", "carveout", "hard")
             carve = self.carveout.get(candidate.memory_sms) if candidate.units in ("carveout", "hard") else 1.0
@@ -142,9 +144,12 @@ class CostTable:
             bounds = candidate.boundaries(shape.tokens, shape.decodes) or (0, shape.tokens)
             schedule = schedule_of(self.kinds, bounds, candidate.units == "off",
                                    candidate.attention_boundaries(shape.tokens, shape.decodes))
-            gpu = simulate(schedule, lambda op: _cost_us(costs, op)).makespan_us / 1e3
+            timeline = simulate(schedule, lambda op: _cost_us(costs, op))
+            gpu = timeline.makespan_us / 1e3
+            busy = tuple((unit, sum(slot.end_us - slot.start_us for slot in slots) / 1e3)
+                         for unit, slots in timeline.rows)
         raw = max(gpu, host)
-        return Prediction(gpu, host, raw, raw * self.factor(shape, mode_of(candidate)))
+        return Prediction(gpu, host, raw, raw * self.factor(shape, mode_of(candidate)), busy)
 
     def _attention_on(self, part: StepShape, whole_ms: float, sms: int, kernel: DecodeKernel | None) -> float | None:
         """A nano-batch's attention call on a partition of `sms` SMs (see the module docstring's assumptions)."""
