@@ -77,7 +77,22 @@ def test_split_step_equals_unsplit_step(family: str, mix: tuple[list[list[int]],
         ran.append(len(cut(num_tokens)) - 1)
         return Cut(cut(num_tokens))
 
+    def check(schedules: list) -> None:  # type: ignore[type-arg]
+        if ran[-1] > 1:  # the program really ran the step cut where the policy said
+            assert len(schedules) == 1
+            assert schedules[0].split("nb").boundaries == cut(schedules[0].num_tokens)
+
     split.split_policy = policy
+    _steps_equal(whole, split, prompts, chunkings, check)
+    assert ran  # the split path really ran
+    if cuts:
+        assert max(ran) > 1  # every step has >= 2 tokens (padding included), so some cut lands inside it
+
+
+def _steps_equal(whole: StepRunner, split: StepRunner, prompts: list[list[int]], chunkings: list[list[int]],
+                 check: Callable[[list], None]) -> None:  # type: ignore[type-arg]
+    """Run the same requests' chunks step by step on both runners: equal logits every step (and `check` on the
+    split runner's Schedules of that step), equal KV cache at the end."""
     reqs_w, reqs_s = admit(whole, prompts, 0), admit(split, prompts, 0)
     pending = [list(c) for c in chunkings]
     while any(pending):
@@ -87,16 +102,10 @@ def test_split_step_equals_unsplit_step(family: str, mix: tuple[list[list[int]],
         got = run(split, [Chunk(r, n) for r, n in zip(reqs_s, sizes) if n])
         want = run(whole, [Chunk(r, n) for r, n in zip(reqs_w, sizes) if n])
         assert (got - want).abs().max().item() <= ATOL
-        if ran[-1] > 1:  # the program really ran the step cut where the policy said
-            schedules = [p.last_schedule for p in _program_runners(split) if p.last_schedule is not None]
-            assert len(schedules) == 1
-            assert schedules[0].split("nb").boundaries == cut(schedules[0].num_tokens)
+        check([p.last_schedule for p in _program_runners(split) if p.last_schedule is not None])
     num_pages = whole.kv_cache.allocator.num_pages  # the scratch page (padding) is not compared
     for a, b in zip(whole.kv_cache.caches, split.kv_cache.caches):
         assert (a[:num_pages] - b[:num_pages]).abs().max().item() <= ATOL
-    assert ran  # the split path really ran
-    if cuts:
-        assert max(ran) > 1  # every step has >= 2 tokens (padding included), so some cut lands inside it
 
 
 def _recording(policy, cuts: list) -> Callable[[int, int], Cut]:  # type: ignore[no-untyped-def, type-arg]
@@ -154,20 +163,12 @@ def test_uneven_split_step_equals_unsplit_step(family: str, mix: tuple[list[list
         uneven.append(dense(num_tokens) != attn(num_tokens))
         return Cut(dense(num_tokens), attention=attn(num_tokens))
 
-    split.split_policy = policy
-    reqs_w, reqs_s = admit(whole, prompts, 0), admit(split, prompts, 0)
-    pending = [list(c) for c in chunkings]
-    while any(pending):
-        sizes = [p.pop(0) if p else 0 for p in pending]
-        for program in _program_runners(split):
-            program.last_schedule = None
-        got = run(split, [Chunk(r, n) for r, n in zip(reqs_s, sizes) if n])
-        want = run(whole, [Chunk(r, n) for r, n in zip(reqs_w, sizes) if n])
-        assert (got - want).abs().max().item() <= ATOL
+    def check(schedules: list) -> None:  # type: ignore[type-arg]
         if uneven[-1]:  # the program ran the attention calls at their own boundaries
-            schedule = next(p.last_schedule for p in _program_runners(split) if p.last_schedule is not None)
-            assert dict(schedule.splits)["attn"].boundaries == attn(schedule.num_tokens)
-            assert dict(schedule.splits)["nb"].boundaries == dense(schedule.num_tokens)
-    num_pages = whole.kv_cache.allocator.num_pages
-    for a, b in zip(whole.kv_cache.caches, split.kv_cache.caches):
-        assert (a[:num_pages] - b[:num_pages]).abs().max().item() <= ATOL
+            assert len(schedules) == 1
+            assert dict(schedules[0].splits)["attn"].boundaries == attn(schedules[0].num_tokens)
+            assert dict(schedules[0].splits)["nb"].boundaries == dense(schedules[0].num_tokens)
+
+    split.split_policy = policy
+    _steps_equal(whole, split, prompts, chunkings, check)
+    assert uneven  # the split path really ran
