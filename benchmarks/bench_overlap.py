@@ -161,8 +161,7 @@ def main() -> None:
     for name in args.steps:
         shape = STEPS[name]
         harness = StepHarness(model.nanoflow, shape, model.config.vocab_size)
-        tried = [c for c in space if c.unsplit or c.boundaries(shape.tokens + 1, shape.decodes) is not None
-                 or c.attention_boundaries(shape.tokens + 1, shape.decodes) is not None]
+        tried = [c for c in space if c.unsplit or c.cuts(shape.tokens, shape.decodes)]
         measured: dict[Candidate, float] = {}
         host_ms: dict[Candidate, float] = {}
         search_start = time.perf_counter()

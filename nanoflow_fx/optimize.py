@@ -33,6 +33,7 @@ from nanoflow_fx.cost.tables import (
     measure_carveout,
     measure_shape,
     save_table,
+    shape_key,
     table_key,
 )
 from nanoflow_fx.errors import CaptureMismatchError, KVCacheExhaustedError, NanoFlowError
@@ -308,29 +309,32 @@ def search_shapes(config: NanoFlowConfig, free_pages: int) -> list[StepShape]:
 
 
 def _search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
-    """`num_nanobatches="auto"` on CUDA: the memory unit's decode kernel per SM share (the backend's own, or the
-    Triton kernel's variant `AUTO_DECODE_VARIANT`, whichever reads the mixed shape's decode rows faster on that
-    partition), then replay the candidate cuts of the tuned shapes and keep the fastest per shape
-    (`cost.search`); the unsplit step wins unless a cut beats it by more than 1%."""
+    """`num_nanobatches="auto"` on CUDA: the cost table (kept on disk, `cost.tables`) gets the memory unit's decode
+    kernels per SM share (the backend's own and the Triton kernel's variant `AUTO_DECODE_VARIANT`, on the mixed
+    shape's decode rows) and the GEMMs' carve-out factors; then every candidate cut of the tuned shapes is
+    predicted, the few `cost.search.replay_order` names are replayed, and the fastest per shape is kept (the
+    unsplit step unless a cut beats it by more than 1%)."""
     shares = (16, 32, 48, 64)
     vocab_size = model.config.get_text_config().vocab_size
     shapes = search_shapes(runtime.config, runtime.kv_cache.allocator.num_free)
     table = _cost_table(model, runtime)
-    timings = _time_decode_kernels(runtime, vocab_size, shapes, (0, *shares))
-    runtime.decode_timings = [t for t in timings if t.sms]
     mixed = next((s for s in shapes if s.decodes), None)
-    if timings and mixed is not None:
+    timings = _time_decode_kernels(runtime, vocab_size, mixed, (0, *shares)) if mixed is not None else []
+    runtime.decode_timings = [t for t in timings if t.sms]
+    if timings:
         table.decode = {decode_key(t.sms, t.kernel): t.ms for t in timings}
-        table.decode_ref = (mixed.decodes, mixed.context)
+        table.decode_ref = (mixed.decodes, mixed.context)  # type: ignore[union-attr]
     decode = best_decode_kernels(runtime.decode_timings)
     space = candidates(shares=shares, fractions=(0.25, 0.5, 0.75), modes=("streams", "soft", "carveout"),
                        decode=decode, cuts=((1 / 3, 2 / 3), (0.25, 0.5, 0.75)))
     fitting = [s for s in shapes if StepHarness.fits(runtime, s)]
     if fitting and not all(k in table.carveout for k in shares):
         widest = max(fitting, key=lambda s: s.tokens)
+        key = shape_key(widest)
         try:
-            pieces, _ = measure_shape(runtime, vocab_size, widest)
-            table.carveout.update(measure_carveout(runtime, vocab_size, widest, shares, pieces))
+            if key not in table.pieces:  # (kept: the search's predictions need them too)
+                table.pieces[key], table.host_ms[key] = measure_shape(runtime, vocab_size, widest)
+            table.carveout.update(measure_carveout(runtime, vocab_size, widest, shares, table.pieces[key]))
         except Exception as err:  # noqa: BLE001 - no carve-out here: its candidates are not priced (nor replayed)
             log.warning("nanoflow_fx: timing the GEMMs' SM carve-out failed (%s: %s)", type(err).__name__, err)
     tunings = tune(runtime, vocab_size, shapes, space, make_units, table=table)
@@ -357,6 +361,8 @@ def _cost_table(model: PreTrainedModel, runtime: NanoFlowRuntime) -> CostTable:
     import transformers
     import triton
 
+    from nanoflow_fx import __version__ as nanoflow_version
+
     try:
         from importlib.metadata import version
 
@@ -367,7 +373,7 @@ def _cost_table(model: PreTrainedModel, runtime: NanoFlowRuntime) -> CostTable:
     key = table_key({"model": model.config.to_dict(), "dtype": str(runtime.dtype), "device": props.name,
                      "sms": props.multi_processor_count, "torch": torch.__version__,
                      "transformers": transformers.__version__, "triton": triton.__version__,
-                     "flashinfer": flashinfer, "nanoflow_fx": _nanoflow_version(),
+                     "flashinfer": flashinfer, "nanoflow_fx": nanoflow_version,
                      "lowering": [runtime.attention_backend.name, cfg.inductor, cfg.fuse_linears, cfg.page_size,
                                   cfg.replicate_layers]})
     table = load_table(_cost_dir(cfg), key)
@@ -378,26 +384,19 @@ def _cost_table(model: PreTrainedModel, runtime: NanoFlowRuntime) -> CostTable:
     return CostTable(key, program.schedule_key, props.multi_processor_count)
 
 
-def _nanoflow_version() -> str:
-    from nanoflow_fx import __version__
-
-    return __version__
-
-
 # The Triton kernel's launch the memory unit is tried with: 128-token tiles, P rounded to the half type for P @ V
 # (on an H200, 2026-11-27: 1.87 / 2.75 TB/s on 32 / 48 SMs against FlashInfer's decode kernel's 1.76 / 2.56).
 AUTO_DECODE_VARIANT = DecodeKernel("triton", (("block_n", 128), ("num_stages", 3), ("num_warps", 4),
                                               ("pv_precision", "half")))
 
 
-def _time_decode_kernels(runtime: NanoFlowRuntime, vocab_size: int, shapes: list[StepShape],
+def _time_decode_kernels(runtime: NanoFlowRuntime, vocab_size: int, mixed: StepShape,
                          shares: tuple[int, ...]) -> list[DecodeTiming]:
-    """The decode kernels' timings on the SM shares (none when no tuned shape has decodes, when the model is not
-    in a half type (the variant rounds P to it), when the Triton kernel cannot stand in here, or when the decode
-    rows do not fit the cache: the backend's own kernel then)."""
-    mixed = next((s for s in shapes if s.decodes), None)
+    """The decode kernels' timings over the decode rows of `mixed` on the SM shares (none when the model is not in
+    a half type (the variant rounds P to it), when the Triton kernel cannot stand in here, or when the decode rows
+    do not fit the cache: the backend's own kernel then)."""
     dtype, device = runtime.kv_cache.dtype, runtime.kv_cache.device
-    if (mixed is None or dtype not in (torch.float16, torch.bfloat16)
+    if (dtype not in (torch.float16, torch.bfloat16)
             or attention_backends.stand_in(AUTO_DECODE_VARIANT.backend, runtime.attention_configs, dtype,
                                            device) is None):
         return []

@@ -127,8 +127,8 @@ def test_auto_keeps_the_backends_decode_kernel_where_partitions_cannot_be_timed(
 
     opt = importlib.import_module("nanoflow_fx.optimize")  # (the package's `optimize` is the function)
     runtime = optimized("llama", DEFAULT_CONFIG).nanoflow
-    shapes = [StepShape(2, 8, 6), StepShape(0, 0, 8)]
-    assert opt._time_decode_kernels(runtime, 256, shapes, (32,)) == []  # fp32 on the CPU: no half variant
+    mixed = StepShape(2, 8, 6)
+    assert opt._time_decode_kernels(runtime, 256, mixed, (32,)) == []  # fp32 on the CPU: no half variant
 
     def no_partitions(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("cuDevSmResourceSplitByCount failed")
@@ -137,6 +137,6 @@ def test_auto_keeps_the_backends_decode_kernel_where_partitions_cannot_be_timed(
     monkeypatch.setattr(opt.attention_backends, "stand_in", lambda name, configs, dtype, device: get(name))
     monkeypatch.setattr(opt, "decode_kernel_timings", no_partitions)
     with caplog.at_level("WARNING"):
-        assert opt._time_decode_kernels(runtime, 256, shapes, (32,)) == []
+        assert opt._time_decode_kernels(runtime, 256, mixed, (32,)) == []
     assert "timing decode kernels on SM partitions failed" in caplog.text
     assert best_decode_kernels([]) == {}

@@ -108,18 +108,8 @@ class StepHarness:
             captured = runner.capture_step(self.chunks, pool)
         finally:
             runner.split_policy = saved
-        captured.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                captured.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / reps)
-        return statistics.median(times)
+        stream = torch.cuda.current_stream()
+        return statistics.median(time_on(captured.replay, stream, reps) for _ in range(rounds))
 
 
 # The Triton kernel's launch variants the memory unit is tried with: tiles of 32-128 tokens, 4 warps, P @ V on

@@ -15,12 +15,15 @@ Pure given the measurements (`pick`, `TunedPolicy`), so it is tested on the CPU 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from nanoflow_fx.ops.backend import DecodeKernel
 from nanoflow_fx.runtime.program_runner import Cut, Units
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Candidate", "StepShape", "TunedPolicy", "Tuning", "candidates", "pick", "policy_for", "predict_candidates",
            "replay_order", "search_shape", "tune"]
@@ -77,6 +80,11 @@ class Candidate:
             return None
         cut = _bounds([round(f * tokens) for f in self.attention], tokens) or (0, tokens)
         return None if cut == (self.boundaries(tokens, decodes) or (0, tokens)) else cut
+
+    def cuts(self, tokens: int, decodes: int) -> bool:
+        """Whether a step of `tokens` tokens (`decodes` of them decode rows) is cut at all: its dense pieces or its
+        attention calls (a cut at the decode rows of a decode-only step cuts nothing)."""
+        return self.boundaries(tokens, decodes) is not None or self.attention_boundaries(tokens, decodes) is not None
 
     def label(self) -> str:
         if self.unsplit:
@@ -163,11 +171,10 @@ def policy_for(candidate: Candidate,
         units = dataclasses.replace(units, decode=candidate.decode)
 
     def policy(tokens: int, decodes: int) -> Cut | None:
-        boundaries = candidate.boundaries(tokens, decodes)
-        attention = candidate.attention_boundaries(tokens, decodes)
-        if boundaries is None and attention is None:
+        if not candidate.cuts(tokens, decodes):
             return None
-        return Cut(boundaries or (0, tokens), units, attention)
+        return Cut(candidate.boundaries(tokens, decodes) or (0, tokens), units,
+                   candidate.attention_boundaries(tokens, decodes))
 
     return policy
 
@@ -214,8 +221,7 @@ def tune(runtime: Any, vocab_size: int, shapes: Sequence[StepShape], space: Sequ
         if not StepHarness.fits(runtime, shape):
             continue
         start = time.perf_counter()
-        runnable = [c for c in space if c.unsplit or c.boundaries(shape.tokens, shape.decodes) is not None
-                    or c.attention_boundaries(shape.tokens, shape.decodes) is not None]
+        runnable = [c for c in space if c.unsplit or c.cuts(shape.tokens, shape.decodes)]
         predictions = predict_candidates(runtime, vocab_size, table, shape, runnable) if table is not None else None
         harness = StepHarness(runtime, shape, vocab_size)
         try:
@@ -252,11 +258,9 @@ def search_shape(space: Sequence[Candidate], replay: Callable[[Candidate], float
 
 
 def predict_candidates(runtime: Any, vocab_size: int, table: Any, shape: StepShape,
-             space: Sequence[Candidate]) -> dict[Candidate, Any]:
+                       space: Sequence[Candidate]) -> dict[Candidate, Any]:
     """Every candidate's prediction, after measuring the nano-batch shapes the table lacks (and the shape's own
     host time). Candidates the table cannot price (e.g. a share without decode timings) are left out."""
-    import logging
-
     from nanoflow_fx.cost.profile import StepHarness
     from nanoflow_fx.cost.tables import measure_shape, shape_key
 
@@ -269,8 +273,7 @@ def predict_candidates(runtime: Any, vocab_size: int, table: Any, shape: StepSha
         try:
             table.pieces[key], host_ms = measure_shape(runtime, vocab_size, part)
         except Exception as err:  # noqa: BLE001 - the candidates that need it stay unpriced (and are not replayed)
-            logging.getLogger(__name__).warning("nanoflow_fx: timing the pieces of %s failed (%s: %s)", part,
-                                                type(err).__name__, err)
+            log.warning("nanoflow_fx: timing the pieces of %s failed (%s: %s)", part, type(err).__name__, err)
             continue
         if part == shape:
             table.host_ms[key] = host_ms

@@ -43,8 +43,8 @@ from nanoflow_fx.ops.backend import DecodeKernel
 from nanoflow_fx.runtime.program_runner import schedule_of
 from nanoflow_fx.schedule import NanoOp, simulate
 
-__all__ = ["CostTable", "Prediction", "load_table", "measure_carveout", "measure_shape", "mode_of", "save_table",
-           "subshapes", "table_key"]
+__all__ = ["CostTable", "Prediction", "decode_key", "load_table", "measure_carveout", "measure_shape", "mode_of",
+           "save_table", "shape_key", "subshapes", "table_key"]
 
 FORMAT = 2  # 2: calibration per (mode, shape)
 
@@ -107,12 +107,15 @@ class CostTable:
     def missing(self, shape: StepShape, candidate: Candidate) -> list[StepShape]:
         """The nano-batch shapes `candidate` needs whose pieces are not measured yet."""
         needed = [shape, *subshapes(shape, candidate), *subshapes(shape, candidate, attention=True)]
-        return [s for s in dict.fromkeys(needed) if shape_key(s) not in self.pieces]
+        return self._unmeasured(needed)
+
+    def _unmeasured(self, shapes: Sequence[StepShape]) -> list[StepShape]:
+        return [s for s in dict.fromkeys(shapes) if shape_key(s) not in self.pieces]
 
     def predict(self, shape: StepShape, candidate: Candidate) -> Prediction | None:
         """The predicted step of `shape` cut like `candidate`; None when a time it needs is not in the table."""
         parts, attention_parts = subshapes(shape, candidate), subshapes(shape, candidate, attention=True)
-        if self.missing(shape, candidate) or shape_key(shape) not in self.host_ms:
+        if self._unmeasured([shape, *parts, *attention_parts]) or shape_key(shape) not in self.host_ms:
             return None
         whole = self.pieces[shape_key(shape)]
         # the host issues each dense piece once per dense nano-batch and each call once per attention nano-batch
@@ -143,7 +146,7 @@ class CostTable:
                     costs[(name, i)] = ms
             bounds = candidate.boundaries(shape.tokens, shape.decodes) or (0, shape.tokens)
             schedule = schedule_of(self.kinds, bounds, candidate.units == "off",
-                                   candidate.attention_boundaries(shape.tokens, shape.decodes))
+                                   candidate.attention_boundaries(shape.tokens, shape.decodes))  # (as subshapes cut)
             timeline = simulate(schedule, lambda op: _cost_us(costs, op))
             gpu = timeline.makespan_us / 1e3
             busy = tuple((unit, sum(slot.end_us - slot.start_us for slot in slots) / 1e3)

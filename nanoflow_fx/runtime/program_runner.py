@@ -24,6 +24,7 @@ are not captured (dense steps of hundreds of tokens hide their launch cost behin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -232,8 +233,6 @@ class PieceTimer:
             event.record()
             self.marks.append((name, event))
         else:
-            import time
-
             self.marks.append((name, time.perf_counter()))
 
     def piece_ms(self) -> dict[str, float]:
@@ -286,7 +285,7 @@ class ProgramRunner:
     # -- nano-batched ------------------------------------------------------------------------------------------
     def run_nanobatched(self, args: Sequence[Any], record: NanobatchStep) -> Any:
         program = self.program
-        attention = _other(record.attention_boundaries, record.boundaries)
+        attention = record.attention_boundaries  # (None where it equals `boundaries`: `StepRunner` made the record)
         state = _Values(program, dict(zip(program.placeholders, args)), record.boundaries, self._sizes, attention)
         units = record.units
         use_units = units is not None and self._on_cuda(args)
@@ -371,7 +370,6 @@ class _Values:
         self.split_parts: dict[str, list[dict[str, Any]]] = {
             name: [{} for _ in range(len(b) - 1)] for name, b in self.split_bounds.items()}
         self.made_in: dict[str, str] = {}  # value -> the split whose nano-batches made it
-        self.bounds, self.parts = self.split_bounds[SPLIT], self.split_parts[SPLIT]
         self.symbols = {program.symbolic[name]: value for name, value in inputs.items()
                         if name in program.symbolic and program.symbolic[name].is_Symbol}
         # sympy's subs costs ~70 us a call: the runner keeps each size it evaluated, by (name, the nano-batch's
