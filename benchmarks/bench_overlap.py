@@ -15,7 +15,9 @@ a CUDA graph and replayed (`StepHarness.time_graph`: the same GPU work without t
 unsplit (the captured step as one nano-batch), two nano-batches on one stream (the price of splitting), on
 plain streams, with attention on a green-context partition of k SMs (soft), plus the GEMMs' cuBLASLt carve-out
 of the same k SMs (carveout), and "auto" (the search's pick, re-measured). Per row: step ms, speedup over
-unsplit; for unsplit and the best cut, the kernel time by class (GEMM, attention, other) from torch.profiler.
+unsplit; for unsplit and the best cut, the kernel time by class (GEMM, attention, other) from torch.profiler;
+for unsplit and the `--profile-top` fastest cuts by graph time, one graph replay profiled: kernel time by class
+and the time attention kernels co-ran with the others (`StepProfile.concurrent_ms`). `--only` restricts the cuts.
 Then the memory unit alone: attention kernels' bandwidth (TB/s) on partitions of 16/32/48 SMs and the whole GPU:
 FlashInfer's decode kernel with and without tensor cores, its prefill kernel over the same decode rows, and
 nanoflow's Triton kernel. JSON (--out), a Markdown table on stdout, a Chrome trace of the balanced step's best
@@ -74,6 +76,15 @@ def kernels(harness: StepHarness, policy: Any, trace: str | None = None) -> dict
     return {k: round(v, 3) for k, v in profile_harness(harness, policy, trace).by_kind_ms().items()}
 
 
+def graph_profile(harness: StepHarness, policy: Any) -> dict[str, Any]:
+    """One CUDA-graph replay of the step under `policy`, profiled: kernel ms by class, the ms during which
+    attention co-ran with other kernels (the overlap the units got), the busy union and the span."""
+    prof = profile_harness(harness, policy, graph=True)
+    return {"kinds": {k: round(v, 3) for k, v in prof.by_kind_ms().items()},
+            "attention_concurrent_ms": round(prof.concurrent_ms(), 3), "busy_ms": round(prof.union_ms(), 3),
+            "span_ms": round(prof.span_ms, 3)}
+
+
 def policy_of(candidate: Candidate) -> Any:
     return policy_for(candidate, make_units)
 
@@ -124,6 +135,10 @@ def main() -> None:
     parser.add_argument("--num-pages", type=int, default=24000)
     parser.add_argument("--out", default="overlap.json")
     parser.add_argument("--trace", default=None)
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="replay only the candidates with these labels (and the unsplit step)")
+    parser.add_argument("--profile-top", type=int, default=4,
+                        help="profile one graph replay of the unsplit step and of the N fastest cuts by graph time")
     parser.add_argument("--model", default="llama3-8b")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="also time every candidate replayed as a CUDA graph (its GPU work, no host issue cost)")
@@ -161,7 +176,8 @@ def main() -> None:
     for name in args.steps:
         shape = STEPS[name]
         harness = StepHarness(model.nanoflow, shape, model.config.vocab_size)
-        tried = [c for c in space if c.unsplit or c.cuts(shape.tokens, shape.decodes)]
+        tried = [c for c in space if c.unsplit or (c.cuts(shape.tokens, shape.decodes)
+                                                   and (args.only is None or c.label() in args.only))]
         measured: dict[Candidate, float] = {}
         host_ms: dict[Candidate, float] = {}
         search_start = time.perf_counter()
@@ -198,13 +214,20 @@ def main() -> None:
         one = min((c for c in measured if not c.unsplit and c.units == "off"), key=lambda c: measured[c], default=None)
         if one is not None and one != fastest:  # the price of splitting in GPU time: one stream, no overlap
             breakdown[one.label()] = kernels(harness, policy_of(one))
+        graph_profiles: dict[str, Any] = {}
+        if graph_ms and args.profile_top:  # where the GPU's time goes without the host: did the units co-run?
+            for cand in sorted(graph_ms, key=lambda c: (not c.unsplit, graph_ms[c]))[: args.profile_top + 1]:
+                try:
+                    graph_profiles[cand.label()] = graph_profile(harness, policy_of(cand))
+                except Exception as err:  # noqa: BLE001 - reported, not fatal
+                    print(f"  profile of {cand.label()}: {type(err).__name__}: {str(err).splitlines()[0]}")
         one_stream = min((t for c, t in measured.items() if not c.unsplit and c.units == "off"), default=None)
         result["steps"][name] = {
             "shape": vars(shape), "unsplit_ms": round(unsplit, 3), "rows": rows,
             "split_one_stream_price": round(one_stream / unsplit - 1, 4) if one_stream else None,
             "auto": {"pick": best.label(), "ms": round(auto_ms, 3), "speedup": round(unsplit / auto_ms, 3),
                      "search_s": round(search_s, 1), "candidates": len(measured)},
-            "kernels_ms": breakdown}
+            "kernels_ms": breakdown, "graph_profiles": graph_profiles}
         print(f"\n## {name}: {shape}  unsplit {unsplit:.2f} ms, auto -> {best.label()} {auto_ms:.2f} ms "
               f"({unsplit / auto_ms:.3f}x), search {search_s:.1f} s over {len(measured)} candidates", flush=True)
         print("| config | step ms | speedup | host ms | graph ms | graph speedup |\n" + "| --- " * 6 + "|")
@@ -217,6 +240,12 @@ def main() -> None:
                 print(f"| {row['config']} | {row['ms']:.2f} | {row['speedup']:.3f}x | {row['host_ms']:.1f} | "
                       f"{row['graph_ms']} | {row['graph_speedup']}x |")
         print(f"kernels: {breakdown}", flush=True)
+        if graph_profiles:
+            print("one graph replay profiled | span ms | busy ms | attention co-ran ms | kernel ms by class\n"
+                  "| --- | --- | --- | --- | --- |")
+            for label, p in graph_profiles.items():
+                print(f"| {label} | {p['span_ms']} | {p['busy_ms']} | {p['attention_concurrent_ms']} | {p['kinds']} |",
+                      flush=True)
         harness.release()
         Path(args.out).write_text(json.dumps(result, indent=1))
     print("\n## attention bandwidth per partition (288 decodes @ 1280, one layer)", flush=True)

@@ -123,10 +123,49 @@ class StepProfile:
             kinds[s.kind] = kinds.get(s.kind, 0.0) + (s.end_us - s.start_us) / 1e3
         return kinds
 
+    def concurrent_ms(self, kind: str = "attention") -> float:
+        """ms during which a kernel of `kind` and a kernel of another kind ran at the same time (on any streams):
+        the overlap the units achieved. Zero when a step's kernels never co-ran, whatever streams they were on."""
+        return _measure(_intersect(_union(s for s in self.spans if s.kind == kind),
+                                   _union(s for s in self.spans if s.kind != kind))) / 1e3
+
+    def union_ms(self) -> float:
+        """ms during which any kernel ran (the span less the gaps where the GPU was idle)."""
+        return _measure(_union(self.spans)) / 1e3
+
     def __str__(self) -> str:
         busy = ", ".join(f"stream {k} {v:.2f} ms" for k, v in self.busy_ms().items())
         kinds = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(self.by_kind_ms().items()))
         return f"step span {self.span_ms:.2f} ms; busy: {busy}; kernels: {kinds}"
+
+
+def _union(spans: Any) -> list[tuple[float, float]]:
+    """The disjoint intervals (µs) covered by `spans`, in order."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted((s.start_us, s.end_us) for s in spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The intersection of two sorted lists of disjoint intervals."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _measure(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in intervals)
 
 
 def kernel_kind(name: str) -> str:
@@ -197,9 +236,13 @@ def profile_step(model: PreTrainedModel, shape: Any, chrome_trace: str | None = 
     return result
 
 
-def profile_harness(harness: Any, policy: Any = "model", chrome_trace: str | None = None) -> StepProfile:
+def profile_harness(harness: Any, policy: Any = "model", chrome_trace: str | None = None,
+                    graph: bool = False) -> StepProfile:
     """Profile one step of a `cost.profile.StepHarness` (its runtime's split policy, or `policy`), after one
-    unprofiled run; writes the Chrome trace to `chrome_trace` when given."""
+    unprofiled run; writes the Chrome trace to `chrome_trace` when given. `graph`: the step captured in a CUDA
+    graph (`StepRunner.capture_step`) and one replay profiled: the GPU's work without the host's issue gaps (the
+    trace may then show the graph's kernels on the stream that replayed it; `StepProfile.concurrent_ms` does not
+    depend on streams)."""
     import json
     import os
     import tempfile
@@ -212,10 +255,11 @@ def profile_harness(harness: Any, policy: Any = "model", chrome_trace: str | Non
     if policy != "model":
         runner.split_policy = policy
     try:
-        runner.run(harness.chunks)
+        step = runner.capture_step(harness.chunks).replay if graph else lambda: runner.run(harness.chunks)
+        step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            runner.run(harness.chunks)
+            step()
             torch.cuda.synchronize()
     finally:
         runner.split_policy = saved

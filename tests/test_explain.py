@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nanoflow_fx
 from nanoflow_fx.schedule import parse_schedule, validate
@@ -59,6 +61,7 @@ def test_chrome_trace_kernels_become_a_timeline_png(tmp_path) -> None:  # type: 
     assert [s.kind for s in profile.spans] == ["gemm", "attention", "other"]
     assert profile.busy_ms() == {"7": 0.45, "9": 0.3} and profile.span_ms == 0.45
     assert profile.by_kind_ms() == {"gemm": 0.4, "attention": 0.3, "other": 0.05}
+    assert profile.concurrent_ms() == pytest.approx(0.3) and profile.union_ms() == pytest.approx(0.45)
     path = tmp_path / "timeline.png"
     draw_timeline(profile, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,6 +78,7 @@ def test_a_profiled_steps_streams_become_units_and_are_compared_with_the_predict
                            KernelSpan("9", "triton_poi", "other", 3000.0, 3500.0),
                            KernelSpan("11", "nvjet", "gemm", 0.0, 500.0)))
     assert unit_busy_ms(profile) == {"compute": 5.5, "memory": 2.5}
+    assert profile.concurrent_ms() == 2.0 and profile.union_ms() == 5.0  # the attention at 4-5 ms ran alone
     text = str(UnitComparison("S", "0.5 soft32", 6.0, {"compute": 5.0, "memory": 2.0}, profile.span_ms,
                               unit_busy_ms(profile)))
     assert text.splitlines()[0] == "S: 0.5 soft32"
@@ -87,3 +91,18 @@ def test_compare_step_needs_an_auto_tuned_model() -> None:
 
     with pytest.raises(ValueError, match="num_nanobatches='auto'"):
         compare_step(optimized("llama"), StepShape(2, 8, 8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["gemm", "attention", "other"]), st.integers(0, 60), st.integers(1, 30)),
+                min_size=1, max_size=12))
+def test_concurrent_time_is_the_time_attention_and_other_kernels_share(kernels) -> None:  # type: ignore[no-untyped-def]
+    """`StepProfile.concurrent_ms` against counting microsecond by microsecond, whatever the streams."""
+    from nanoflow_fx.explain import KernelSpan, StepProfile
+
+    profile = StepProfile(tuple(KernelSpan(str(i % 3), kind, kind, float(start), float(start + length))
+                                for i, (kind, start, length) in enumerate(kernels)))
+    running = [{kind for kind, start, length in kernels if start <= t < start + length} for t in range(100)]
+    assert profile.concurrent_ms() == pytest.approx(
+        sum("attention" in r and len(r - {"attention"}) > 0 for r in running) / 1e3)
+    assert profile.union_ms() == pytest.approx(sum(bool(r) for r in running) / 1e3)
