@@ -131,6 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", nargs="*", default=list(STEPS))
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--modes", nargs="*", default=["streams", "soft", "carveout", "hard"],
+                        help="unit modes of the cuts (one stream, 'off', is always tried)")
     parser.add_argument("--quick", action="store_true", help="fewer candidates (SM shares 32 and 48 only)")
     parser.add_argument("--num-pages", type=int, default=24000)
     parser.add_argument("--out", default="overlap.json")
@@ -171,7 +173,7 @@ def main() -> None:
         print(f"  chosen: { {k: v.label() if v else 'own' for k, v in decode.items()} }", flush=True)
         result["decode_kernels"] = [{"sms": t.sms, "kernel": t.kernel.label() if t.kernel else "own",
                                      "ms": round(t.ms, 4), "tb_s": round(t.tb_s, 3)} for t in timings]
-    space = candidates(shares, decode=decode, uneven=UNEVEN if args.uneven else ())
+    space = candidates(shares, modes=args.modes, decode=decode, uneven=UNEVEN if args.uneven else ())
     chosen: dict[StepShape, Candidate] = {}
     for name in args.steps:
         shape = STEPS[name]

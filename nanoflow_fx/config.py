@@ -72,11 +72,12 @@ class NanoFlowConfig:
     """The execution units of nano-batched CUDA steps: "off" (one stream, in the Schedule's order), "streams"
     (a stream per unit, events for cross-unit waits), "soft" (the memory unit's attention confined to
     `memory_sms` SMs by a green context, the compute unit free), "carveout" (as "soft", and the compute unit's
-    cuBLASLt GEMMs leave those SMs free), or "hard" (the compute unit on a green context of the remaining SMs).
+    cuBLASLt GEMMs leave those SMs free), or "hard" (the compute unit on a green context of the remaining SMs,
+    its GEMMs sized to them by the same carve-out: the two units never share an SM).
     Ignored with num_nanobatches="auto" (the search picks units per step shape)."""
 
     memory_sms: int = 32
-    """SMs of the memory-bound unit's partition ("soft"/"hard"); rounded up to a multiple of 8."""
+    """SMs of the memory-bound unit's partition ("soft"/"carveout"/"hard"); rounded up to a multiple of 8."""
 
     inductor: bool | Literal["auto"] = "auto"
     """Compile the step's ops between attention calls with Inductor (fuses HF's elementwise work: norms, RoPE,
