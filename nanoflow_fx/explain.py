@@ -12,6 +12,7 @@ from nanoflow_fx.cost.roofline import RooflineCost, roofline_cost
 from nanoflow_fx.passes import NanobatchPlan, PassRecord, info
 from nanoflow_fx.runtime.nanobatch import NanobatchRunner
 from nanoflow_fx.schedule import format_schedule, format_timeline, simulate
+from nanoflow_fx.schedule.timeline import intersect_intervals, intervals_length, merge_intervals
 
 __all__ = ["Explanation", "KernelSpan", "RooflineCost", "StepProfile", "UnitComparison", "compare_step",
            "draw_timeline", "explain", "profile_harness", "profile_step", "spans_from_chrome_trace", "unit_busy_ms"]
@@ -126,46 +127,18 @@ class StepProfile:
     def concurrent_ms(self, kind: str = "attention") -> float:
         """ms during which a kernel of `kind` and a kernel of another kind ran at the same time (on any streams):
         the overlap the units achieved. Zero when a step's kernels never co-ran, whatever streams they were on."""
-        return _measure(_intersect(_union(s for s in self.spans if s.kind == kind),
-                                   _union(s for s in self.spans if s.kind != kind))) / 1e3
+        return intervals_length(intersect_intervals(
+            merge_intervals((s.start_us, s.end_us) for s in self.spans if s.kind == kind),
+            merge_intervals((s.start_us, s.end_us) for s in self.spans if s.kind != kind))) / 1e3
 
     def union_ms(self) -> float:
         """ms during which any kernel ran (the span less the gaps where the GPU was idle)."""
-        return _measure(_union(self.spans)) / 1e3
+        return intervals_length(merge_intervals((s.start_us, s.end_us) for s in self.spans)) / 1e3
 
     def __str__(self) -> str:
         busy = ", ".join(f"stream {k} {v:.2f} ms" for k, v in self.busy_ms().items())
         kinds = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(self.by_kind_ms().items()))
         return f"step span {self.span_ms:.2f} ms; busy: {busy}; kernels: {kinds}"
-
-
-def _union(spans: Any) -> list[tuple[float, float]]:
-    """The disjoint intervals (µs) covered by `spans`, in order."""
-    merged: list[tuple[float, float]] = []
-    for start, end in sorted((s.start_us, s.end_us) for s in spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The intersection of two sorted lists of disjoint intervals."""
-    out, i, j = [], 0, 0
-    while i < len(a) and j < len(b):
-        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if lo < hi:
-            out.append((lo, hi))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
-
-
-def _measure(intervals: list[tuple[float, float]]) -> float:
-    return sum(end - start for start, end in intervals)
 
 
 def kernel_kind(name: str) -> str:
@@ -294,12 +267,17 @@ class UnitComparison:
     predicted_busy: dict[str, float]
     measured_ms: float  # the profiled step's span, first kernel start to last kernel end
     measured_busy: dict[str, float]
+    predicted_overlap_ms: float = 0.0  # both units at once, as predicted (kernels timed alone)
+    measured_overlap_ms: float = 0.0  # attention co-running with other kernels in the profiled step
 
     def __str__(self) -> str:
+        """Per unit, predicted against measured busy ms; "both": the time the units ran at once. A unit measured
+        busier than predicted while they overlapped is the interference between them."""
         rows = [f"{self.shape}: {self.candidate}",
                 f"  {'unit':<8} {'predicted ms':>13} {'measured ms':>12}",
                 *(f"  {u:<8} {self.predicted_busy.get(u, 0.0):13.2f} {self.measured_busy.get(u, 0.0):12.2f}"
                   for u in sorted(set(self.predicted_busy) | set(self.measured_busy))),
+                f"  {'both':<8} {self.predicted_overlap_ms:13.2f} {self.measured_overlap_ms:12.2f}",
                 f"  {'step':<8} {self.predicted_ms:13.2f} {self.measured_ms:12.2f}"]
         return "\n".join(rows)
 
@@ -328,4 +306,4 @@ def compare_step(model: PreTrainedModel, shape: Any, chrome_trace: str | None = 
                          "measured: see the warnings)")
     profile = profile_step(model, shape, chrome_trace, png, policy=policy_for(candidate, make_units))
     return UnitComparison(shape, candidate.label(), prediction.gpu_ms, dict(prediction.busy), profile.span_ms,
-                          unit_busy_ms(profile))
+                          unit_busy_ms(profile), prediction.overlap_ms, profile.concurrent_ms())

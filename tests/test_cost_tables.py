@@ -38,7 +38,7 @@ def test_a_one_stream_cut_costs_the_sum_of_its_nanobatches_and_the_unsplit_step_
     off = t.predict(PREFILL8, Candidate((0.5,)))
     # each half's pieces, the whole piece once (from the whole step's table), on one unit
     assert off is not None and off.gpu_ms == pytest.approx(2 * (1 + 2 + 1 + 2) + 0.5)
-    assert dict(off.busy) == {"compute": pytest.approx(off.gpu_ms)}
+    assert dict(off.busy) == {"compute": pytest.approx(off.gpu_ms)} and off.overlap_ms == 0.0
     assert off.host_ms == 4.0  # two nano-batches issued: twice the unsplit step's host time
 
 
@@ -48,6 +48,7 @@ def test_a_cut_on_two_streams_overlaps_as_its_schedule_says() -> None:
     got = table().predict(PREFILL8, Candidate((0.5,), False, "streams"))
     assert got is not None and got.gpu_ms == pytest.approx(9.5) and got.ms == pytest.approx(9.5)
     assert dict(got.busy) == {"compute": pytest.approx(4.5), "memory": pytest.approx(8.0)}
+    assert got.overlap_ms == pytest.approx(3.0)  # P0#1, P1#0 and P1#1 run under attention calls
 
 
 def test_an_uneven_cut_is_priced_per_split_and_replayed_as_one() -> None:

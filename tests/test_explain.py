@@ -80,9 +80,10 @@ def test_a_profiled_steps_streams_become_units_and_are_compared_with_the_predict
     assert unit_busy_ms(profile) == {"compute": 5.5, "memory": 2.5}
     assert profile.concurrent_ms() == 2.0 and profile.union_ms() == 5.0  # the attention at 4-5 ms ran alone
     text = str(UnitComparison("S", "0.5 soft32", 6.0, {"compute": 5.0, "memory": 2.0}, profile.span_ms,
-                              unit_busy_ms(profile)))
+                              unit_busy_ms(profile), 1.5, profile.concurrent_ms()))
     assert text.splitlines()[0] == "S: 0.5 soft32"
     assert "compute           5.00         5.50" in text and "step              6.00         5.00" in text
+    assert "both              1.50         2.00" in text
 
 
 def test_compare_step_needs_an_auto_tuned_model() -> None:

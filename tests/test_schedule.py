@@ -473,3 +473,17 @@ def test_format_timeline_one_row_per_unit(build) -> None:
     assert all(len(line) == 50 for line in lines[1:])
     with pytest.raises(ValueError, match="width"):
         format_timeline(simulate(s, lambda op: 1.0), width=5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_concurrent_time_is_when_both_units_run_an_op(data: st.DataObject) -> None:
+    """`Timeline.concurrent_us` against checking each microsecond of a simulated ping-pong with integer costs."""
+    s = nanoflow_pingpong(1, 1024)
+    costs = {op.key: data.draw(st.integers(0, 6)) for op in s.ops}
+    tl = simulate(s, lambda op: costs[op.key])
+    busy = {unit: [(slot.start_us, slot.end_us) for slot in slots] for unit, slots in tl.rows}
+    both = sum(all(any(a <= t + 0.5 < b for a, b in busy[u]) for u in ("compute", "memory"))
+               for t in range(int(tl.makespan_us)))
+    assert tl.concurrent_us("compute", "memory") == both == tl.concurrent_us("memory", "compute")
+    assert tl.concurrent_us("compute", "nowhere") == 0.0

@@ -80,13 +80,15 @@ def subshapes(shape: StepShape, candidate: Candidate, attention: bool = False) -
 @dataclass(frozen=True)
 class Prediction:
     """A candidate's predicted step: the GPU's makespan, the host's issue time, and the step time (the longer of
-    the two, times the mode's calibration; `raw_ms` without it); `busy`: each unit's predicted busy ms."""
+    the two, times the mode's calibration; `raw_ms` without it); `busy`: each unit's predicted busy ms;
+    `overlap_ms`: how long both units are predicted to run at once (kernels timed alone: no interference)."""
 
     gpu_ms: float
     host_ms: float
     raw_ms: float
     ms: float
     busy: tuple[tuple[str, float], ...] = ()
+    overlap_ms: float = 0.0
 
 
 @dataclass
@@ -123,6 +125,7 @@ class CostTable:
         if candidate.unsplit:
             gpu = sum(whole.values())
             busy: tuple[tuple[str, float], ...] = (("compute", gpu),)
+            overlap = 0.0
         else:
             partitioned = candidate.units in ("soft", "carveout", "hard")
             carve = self.carveout.get(candidate.memory_sms) if candidate.units in ("carveout", "hard") else 1.0
@@ -151,8 +154,9 @@ class CostTable:
             gpu = timeline.makespan_us / 1e3
             busy = tuple((unit, sum(slot.end_us - slot.start_us for slot in slots) / 1e3)
                          for unit, slots in timeline.rows)
+            overlap = timeline.concurrent_us("compute", "memory") / 1e3
         raw = max(gpu, host)
-        return Prediction(gpu, host, raw, raw * self.factor(shape, mode_of(candidate)), busy)
+        return Prediction(gpu, host, raw, raw * self.factor(shape, mode_of(candidate)), busy, overlap)
 
     def _attention_on(self, part: StepShape, whole_ms: float, sms: int, kernel: DecodeKernel | None) -> float | None:
         """A nano-batch's attention call on a partition of `sms` SMs (see the module docstring's assumptions)."""

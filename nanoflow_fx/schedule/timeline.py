@@ -10,14 +10,47 @@ program order, and an op starts once the previous op on its unit and every op it
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from nanoflow_fx.schedule.graph import build_op_graph
 from nanoflow_fx.schedule.ir import NanoOp, Schedule, ScheduleError, op_label
 from nanoflow_fx.schedule.validate import validate
 
-__all__ = ["Slot", "Timeline", "format_timeline", "simulate"]
+__all__ = ["Slot", "Timeline", "format_timeline", "intersect_intervals", "intervals_length", "merge_intervals",
+           "simulate"]
+
+Intervals = list[tuple[float, float]]
+
+
+def merge_intervals(intervals: Iterable[tuple[float, float]]) -> Intervals:
+    """The disjoint intervals covering `intervals` (start, end pairs), in order."""
+    merged: Intervals = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def intersect_intervals(a: Intervals, b: Intervals) -> Intervals:
+    """The intersection of two sorted lists of disjoint intervals (`merge_intervals`' output)."""
+    out: Intervals = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def intervals_length(intervals: Intervals) -> float:
+    return sum(end - start for start, end in intervals)
 
 
 @dataclass(frozen=True)
@@ -37,6 +70,13 @@ class Timeline:
     """(unit, its slots in program order) for every unit of the schedule, idle units included."""
     makespan_us: float
     """End of the last op (0.0 for a schedule without ops)."""
+
+    def concurrent_us(self, a: str, b: str) -> float:
+        """How long units `a` and `b` both run an op (0.0 if either has none)."""
+        slots = dict(self.rows)
+        return intervals_length(intersect_intervals(
+            merge_intervals((s.start_us, s.end_us) for s in slots.get(a, ())),
+            merge_intervals((s.start_us, s.end_us) for s in slots.get(b, ()))))
 
 
 def simulate(schedule: Schedule, cost_us: Callable[[NanoOp], float]) -> Timeline:
