@@ -145,6 +145,12 @@ def test_replay_order_takes_unsplit_the_top_predictions_and_one_per_unmeasured_m
     assert replay_order(predicted, top=1) == [UNSPLIT, a, c, d]
     assert replay_order(predicted, top=1, calibrated=("soft", "off", "streams")) == [UNSPLIT, a]
     assert replay_order(predicted, top=2, calibrated=("soft", "off")) == [UNSPLIT, a, b, d]
+    # With the unsplit step calibrated too, a calibrated mode's cut predicted more than 3% slower is not replayed
+    # (c: 12 ms against 10); an uncalibrated mode's best still is (d).
+    calibrated = ("unsplit", "soft", "off")
+    assert replay_order(predicted, top=3, calibrated=calibrated) == [UNSPLIT, a, b, d]
+    assert replay_order({**predicted, c: 10.3}, top=3, calibrated=calibrated) == [UNSPLIT, a, b, c, d]
+    assert replay_order({UNSPLIT: 10.0, c: 10.31}, top=3, calibrated=calibrated) == [UNSPLIT]
 
 
 SPACE = [c for c in candidates(shares=(33, 66), fractions=(0.25, 0.5, 0.75), modes=("streams", "soft"))

@@ -191,11 +191,17 @@ class Tuning:
     predicted: tuple[tuple[Candidate, float], ...] = ()
 
 
-def replay_order(predicted: Mapping[Candidate, float], top: int, calibrated: Sequence[str] = ()) -> list[Candidate]:
+def replay_order(predicted: Mapping[Candidate, float], top: int, calibrated: Sequence[str] = (),
+                 within: float = 1.03) -> list[Candidate]:
     """Which candidates the search replays, from their predicted ms: the unsplit step, the `top` fastest
     predicted cuts, and the fastest predicted cut of each unit mode not in `calibrated` (so that every mode's
-    prediction gets measured against a real step once). Deterministic: ties go to the candidate listed first."""
-    ranked = sorted((c for c in predicted if not c.unsplit), key=lambda c: predicted[c])
+    prediction gets measured against a real step once). A cut of a calibrated mode (its predictions on this
+    shape already corrected by a replay, and the unsplit step's too) is replayed only if predicted within
+    `within` of the unsplit step: once the table knows a shape, cuts it expects to lose cost no replays.
+    Deterministic: ties go to the candidate listed first."""
+    bound = predicted[UNSPLIT] * within if UNSPLIT in predicted and "unsplit" in calibrated else float("inf")
+    ranked = sorted((c for c in predicted if not c.unsplit and (c.units not in calibrated or predicted[c] <= bound)),
+                    key=lambda c: predicted[c])
     chosen = [UNSPLIT, *ranked[:top]]
     for candidate in ranked:
         mode = candidate.units
