@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -516,12 +517,18 @@ def _gib(num_bytes: float) -> str:
 
 
 def _teardown(model: PreTrainedModel) -> None:
-    """Undo a previous `optimize()` of this model, so it can be optimized again (e.g. after a move)."""
+    """Undo a previous `optimize()` of this model, so it can be optimized again (e.g. after a move). The old
+    runtime's KV cache and CUDA graphs are freed here, before the new runtime sizes its cache from the free
+    memory: the runtime sits in reference cycles (its runner, engine and step function refer to each other), so
+    dropping the model's reference alone left it, and ~all of the GPU's memory, to whenever Python's cycle
+    collector next ran."""
     runtime = getattr(model, "nanoflow", None)
     for name in ("generate", "generate_batch", "init_continuous_batching", "nanoflow"):
         model.__dict__.pop(name, None)
     if isinstance(runtime, NanoFlowRuntime):
         model.set_attn_implementation(runtime.original_attention)
+        del runtime
+        gc.collect()
 
 
 def _relayout_probe(model: PreTrainedModel) -> dict[str, Any]:

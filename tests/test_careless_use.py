@@ -178,19 +178,36 @@ def test_kv_cache_exhausted_names_what_is_missing() -> None:
 
 
 @pytest.mark.parametrize("layers", [2, 5])  # 5: the replicated path (its own trace of the first layers)
-def test_a_dropped_or_reoptimized_model_frees_its_runtime_and_weights(layers: int) -> None:
+def test_a_dropped_or_reoptimized_model_frees_its_runtime_and_weights(layers: int,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Dynamo keeps compiled steps in caches the garbage collector cannot see into; nothing there may hold the
     model, its runtime or its KV cache (they leaked for the process's life: a second optimize() of an 8B model
-    on an H100 ran out of memory)."""
+    on an H100 ran out of memory). And a second optimize() frees the old KV cache before it allocates its own,
+    which it sizes from the free memory (the old runtime sits in reference cycles: without the collector's help
+    it would still be alive then; automatic collection is off here so that it cannot hide that)."""
     import gc
     import weakref
+
+    from nanoflow_fx.runtime.kv_cache import PagedKVCache
 
     model = nanoflow_fx.optimize(build("llama", num_hidden_layers=layers), DEFAULT_CONFIG)
     assert (model.nanoflow.step_fn.replicated is not None) == (layers == 5)
     model.generate(torch.randint(3, 100, (2, 5)), max_new_tokens=3, do_sample=False)
     first = weakref.ref(model.nanoflow.kv_cache)
-    nanoflow_fx.optimize(model, DEFAULT_CONFIG)  # replaces the runtime
-    gc.collect()
+    old_alive: list[bool] = []
+    init = PagedKVCache.__init__
+
+    def recording_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        old_alive.append(first() is not None)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PagedKVCache, "__init__", recording_init)
+    gc.disable()
+    try:
+        nanoflow_fx.optimize(model, DEFAULT_CONFIG)  # replaces the runtime
+    finally:
+        gc.enable()
+    assert old_alive and not any(old_alive)
     assert first() is None
     second, weights = weakref.ref(model.nanoflow.kv_cache), weakref.ref(model.lm_head.weight)
     del model
