@@ -29,6 +29,7 @@ class Explanation:
     timeline: str
     passes: tuple[PassRecord, ...]
     searched: tuple[str, ...] = ()  # num_nanobatches="auto": per tuned step shape, the pick and what was measured
+    units: tuple[UnitComparison, ...] = ()  # explain(..., timelines=dir): per tuned shape, predicted vs profiled
 
     def __str__(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items()))
@@ -45,12 +46,17 @@ class Explanation:
             "schedule:", self.schedule_text.rstrip(),
             "predicted timeline (roofline; attention without its KV reads):", self.timeline,
             *(["schedule search (measured on the device):", *self.searched] if self.searched else []),
+            *(["per unit, predicted against a profiled step (ms):", *map(str, self.units)] if self.units else []),
         ])
 
 
-def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: RooflineCost | None = None) -> Explanation:
+def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: RooflineCost | None = None,
+            timelines: str | None = None) -> Explanation:
     """Explain an optimized model's step at `num_tokens` tokens (default: the last step it cut into nano-batches,
-    else 256)."""
+    else 256). `timelines` (a directory; CUDA models optimized with num_nanobatches="auto"): also run one real
+    step of each tuned shape cut as the search chose, profiled (`compare_step`): its predicted against measured
+    busy time per unit in `Explanation.units`, and its timeline there as `<shape>.png` and `<shape>.json` (a
+    Chrome trace that Perfetto opens)."""
     runtime = getattr(model, "nanoflow", None)
     if runtime is not None and not runtime.step_fn.graphs and runtime.step_fn.loaded is not None:
         _trace(runtime)
@@ -71,8 +77,25 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
     searched = tuple(_searched(t) for t in runtime.tunings) + tuple(
         f"  decode rows on {t.sms} SMs: {t.kernel.label() if t.kernel else runtime.attention_backend.name} "
         f"{t.ms:.3f} ms ({t.tb_s:.2f} TB/s)" for t in runtime.decode_timings)
+    units = _profiled_units(model, runtime, timelines) if timelines is not None else ()
     return Explanation(type(model).__name__, dict(counts), groups, tuple(runner.splittable), step.plan,
-                       format_schedule(step.schedule), timeline, step.records, searched)
+                       format_schedule(step.schedule), timeline, step.records, searched, units)
+
+
+def _profiled_units(model: PreTrainedModel, runtime: Any, directory: str) -> tuple[UnitComparison, ...]:
+    """`compare_step` for each shape the search tuned, its trace and PNG written to `directory`."""
+    import os
+
+    if not runtime.tunings:
+        raise ValueError("explain(model, timelines=...) needs a CUDA model optimized with num_nanobatches='auto' "
+                         "(it profiles the step shapes the schedule search tuned)")
+    os.makedirs(directory, exist_ok=True)
+    found = []
+    for tuning in runtime.tunings:
+        shape = tuning.shape
+        name = os.path.join(directory, f"{shape.decodes}x{shape.context}+{shape.prefill}")
+        found.append(compare_step(model, shape, name + ".json", name + ".png"))
+    return tuple(found)
 
 
 def _trace(runtime: Any) -> None:

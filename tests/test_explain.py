@@ -86,6 +86,11 @@ def test_a_profiled_steps_streams_become_units_and_are_compared_with_the_predict
     assert "both              1.50         2.00" in text
 
 
+def test_explain_with_timelines_needs_an_auto_tuned_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="num_nanobatches='auto'"):
+        nanoflow_fx.explain(optimized("llama"), timelines=str(tmp_path))
+
+
 def test_compare_step_needs_an_auto_tuned_model() -> None:
     from nanoflow_fx.cost.search import StepShape
     from nanoflow_fx.explain import compare_step

@@ -173,10 +173,11 @@ def test_a_captured_split_step_replays_the_eager_one(mode: str) -> None:
         harness.release()
 
 
-def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape() -> None:
+def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """num_nanobatches="auto" on CUDA (FlashInfer): the decode rows timed on 32 and 48 SMs with FlashInfer's own
     kernel and the Triton variant, the fastest per share offered to the search, a pick per tuned shape that is
-    the unsplit step unless a cut beat it by more than 1%, and explain() lists both."""
+    the unsplit step unless a cut beat it by more than 1%, and explain() lists both. A fresh cache directory: the
+    cost table is measured here (a table kept from an earlier run would cut the replays short)."""
     from nanoflow_fx.cost.search import UNSPLIT
     from nanoflow_fx.explain import explain
     from nanoflow_fx.optimize import AUTO_DECODE_VARIANT
@@ -186,7 +187,8 @@ def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape() -> 
     torch.manual_seed(0)
     model = CONFIGS["llama"]().to(device="cuda", dtype=torch.bfloat16).eval()
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256,
-                                        num_pages=256, attention_backend="flashinfer", num_nanobatches="auto")
+                                        num_pages=256, attention_backend="flashinfer", num_nanobatches="auto",
+                                        cache_dir=str(tmp_path / "cache"))
     runtime = nanoflow_fx.optimize(model, config).nanoflow
     timings = runtime.decode_timings
     assert {(t.sms, t.kernel) for t in timings} == {
@@ -211,3 +213,17 @@ def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape() -> 
     assert compared.candidate == runtime.tunings[0].chosen.label()
     assert compared.predicted_busy["compute"] > 0 and compared.measured_busy["compute"] > 0
     assert compared.measured_ms > 0 and "step" in str(compared)
+    # explain() with timelines: the same per tuned shape, each profiled step's Chrome trace and PNG written
+    explained = explain(model, timelines=str(tmp_path / "timelines"))
+    assert [u.shape for u in explained.units] == [t.shape for t in runtime.tunings]
+    for u in explained.units:
+        name = tmp_path / "timelines" / f"{u.shape.decodes}x{u.shape.context}+{u.shape.prefill}"
+        assert name.with_suffix(".json").stat().st_size > 0 and name.with_suffix(".png").stat().st_size > 0
+    assert "per unit, predicted against a profiled step" in str(explained)
+    # optimized again with the table kept: no shape replays more than it did, the unsplit step always
+    first = {t.shape: len(t.measured) for t in runtime.tunings}
+    again = nanoflow_fx.optimize(model, config).nanoflow
+    assert again.cost_table is not None and again.tunings
+    for tuning in again.tunings:
+        measured = dict(tuning.measured)
+        assert UNSPLIT in measured and len(measured) <= first.get(tuning.shape, len(measured))
