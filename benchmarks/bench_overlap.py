@@ -14,8 +14,10 @@ them, so host work hides behind the previous step where it can), and, with `--gr
 a CUDA graph and replayed (`StepHarness.time_graph`: the same GPU work without the host's cost of issuing it):
 unsplit (the captured step as one nano-batch), two nano-batches on one stream (the price of splitting), on
 plain streams, with attention on a green-context partition of k SMs (soft), plus the GEMMs' cuBLASLt carve-out
-of the same k SMs (carveout), and "auto" (the search's pick, re-measured). Per row: step ms, speedup over
-unsplit; for unsplit and the best cut, the kernel time by class (GEMM, attention, other) from torch.profiler;
+of the same k SMs (carveout), the GEMMs on the other SMs' green context, carved out to them (hard) or on the
+persistent Triton GEMM sized to them (hard-triton), and "auto" (the search's pick, re-measured). Per row: step
+ms, speedup over unsplit; for unsplit and the best cut, the kernel time by class (GEMM, attention, other) from
+torch.profiler;
 for unsplit and the `--profile-top` fastest cuts by graph time, one graph replay profiled: kernel time by class
 and the time attention kernels co-ran with the others (`StepProfile.concurrent_ms`). `--only` restricts the cuts.
 Then the memory unit alone: attention kernels' bandwidth (TB/s) on partitions of 16/32/48 SMs and the whole GPU:
@@ -131,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", nargs="*", default=list(STEPS))
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--modes", nargs="*", default=["streams", "soft", "carveout", "hard"],
+    parser.add_argument("--modes", nargs="*", default=["streams", "soft", "carveout", "hard", "hard-triton"],
                         help="unit modes of the cuts (one stream, 'off', is always tried)")
     parser.add_argument("--quick", action="store_true", help="fewer candidates (SM shares 32 and 48 only)")
     parser.add_argument("--num-pages", type=int, default=24000)

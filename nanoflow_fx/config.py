@@ -9,7 +9,7 @@ from typing import Any, Literal
 __all__ = ["NanoFlowConfig", "ATTENTION_BACKENDS"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")  # see nanoflow_fx.ops.backend
-SM_PARTITIONS = ("off", "streams", "soft", "carveout", "hard")
+SM_PARTITIONS = ("off", "streams", "soft", "carveout", "hard", "hard-triton")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ class NanoFlowConfig:
     (a stream per unit, events for cross-unit waits), "soft" (the memory unit's attention confined to
     `memory_sms` SMs by a green context, the compute unit free), "carveout" (as "soft", and the compute unit's
     cuBLASLt GEMMs leave those SMs free), or "hard" (the compute unit on a green context of the remaining SMs,
-    its GEMMs sized to them by the same carve-out: the two units never share an SM).
+    its GEMMs sized to them by the same carve-out: the two units never share an SM), or "hard-triton" (as "hard",
+    its GEMMs on a persistent Triton GEMM with one program per SM of its partition; not yet measured on a GPU).
     Ignored with num_nanobatches="auto" (the search picks units per step shape)."""
 
     memory_sms: int = 32

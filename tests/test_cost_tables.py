@@ -91,6 +91,8 @@ def test_partitions_price_attention_from_the_decode_timings_and_gemms_from_the_c
     t.carveout[33] = 1.5
     fast, slow = t.predict(PREFILL8, soft), t.predict(PREFILL8, carve)
     assert fast is not None and slow is not None and slow.gpu_ms > fast.gpu_ms
+    # the table holds no times of the persistent Triton GEMM on partitions: "hard-triton" is not priced
+    assert t.predict(PREFILL8, Candidate((0.5,), False, "hard-triton", 33)) is None
 
 
 def test_missing_measurements_are_named_and_not_guessed() -> None:

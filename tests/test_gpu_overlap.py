@@ -23,7 +23,7 @@ from tests.steps import admit, release
 from tests.test_gpu_backends import CONFIGS, TOLERANCE, _flashinfer_available
 
 pytestmark = pytest.mark.cuda
-MODES = ["off", "streams", "soft", "carveout", "hard"]
+MODES = ["off", "streams", "soft", "carveout", "hard", "hard-triton"]
 
 
 def _model(family: str, dtype: torch.dtype, backend: str) -> torch.nn.Module:

@@ -39,3 +39,56 @@ def test_a_group_of_tile_rows_is_visited_in_order_and_bad_input_is_named() -> No
         persistent_linear(x, weight.double())
     with pytest.raises(ValueError, match="num_sms >= 1"):
         persistent_linear(x, weight, 0)
+
+
+def test_partitioned_gemms_take_the_matmuls_issued_inside_and_nothing_outside() -> None:
+    """F.linear with and without bias (aten.mm / addmm at the dispatcher), `mm(out=)`; other ops untouched."""
+    from nanoflow_fx.ops.triton_gemm import partitioned_gemms
+
+    gen = torch.Generator().manual_seed(1)
+    x, weight, bias = torch.randn(9, 20, generator=gen), torch.randn(13, 20, generator=gen), torch.randn(13)
+    out = torch.empty(9, 13)
+    with partitioned_gemms(3) as mode:
+        plain = torch.nn.functional.linear(x, weight)
+        biased = torch.nn.functional.linear(x, weight, bias)
+        torch.mm(x, weight.T, out=out)
+        summed = x.sum()
+    assert mode is not None and mode.calls == 3
+    torch.testing.assert_close(plain, x @ weight.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(biased, x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(summed, x.sum())
+    with partitioned_gemms(0) as none:
+        torch.nn.functional.linear(x, weight)
+    assert none is None and mode.calls == 3
+
+
+def test_a_nanobatched_step_on_partitioned_gemms_equals_the_plain_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Units with `gemm_sms` (the "hard-triton" compute unit): the step's matmuls run on the persistent GEMM, and
+    the split step's logits are the plain split step's (fp32)."""
+    import dataclasses
+
+    from nanoflow_fx.ops import triton_gemm
+    from nanoflow_fx.runtime.program_runner import Units
+    from tests.test_streams import two_nanobatch_probe
+
+    model, program, args, plain = two_nanobatch_probe()
+    want = program.run_nanobatched(args, plain)
+    shapes: list[tuple[int, int]] = []
+    original = triton_gemm.persistent_linear
+
+    def counting(x, weight, num_sms=None, out=None, **launch):  # type: ignore[no-untyped-def]
+        assert num_sms == 3
+        shapes.append((x.shape[0], weight.shape[0]))
+        return original(x, weight, num_sms, out, **launch)
+
+    monkeypatch.setattr(triton_gemm, "persistent_linear", counting)
+    got = program.run_nanobatched(args, dataclasses.replace(plain, units=Units({}, gemm_sms=3)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Every matmul went to the persistent GEMM. Fused linears: per layer qkv, o, gate_up, down. Each nano-batch (5
+    # tokens, then the other 12) runs every layer's qkv and, but for the last layer's, its o / gate_up / down; the
+    # piece after the last attention call (the last layer's o / gate_up / down, the final norm, the logits rows,
+    # the LM head) mixes tokens and runs once on all 17 tokens: 3 more, and the LM head on the 2 logits rows.
+    layers, tokens = model.config.num_hidden_layers, plain.boundaries[2]
+    assert len(shapes) == 2 * (layers + 3 * (layers - 1)) + 4
+    assert sorted({rows for rows, _ in shapes}) == [2, 5, tokens - 5, tokens]

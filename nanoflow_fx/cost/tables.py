@@ -126,6 +126,8 @@ class CostTable:
             gpu = sum(whole.values())
             busy: tuple[tuple[str, float], ...] = (("compute", gpu),)
             overlap = 0.0
+        elif candidate.units == "hard-triton":  # (no times of the persistent GEMM on partitions in the table)
+            return None
         else:
             partitioned = candidate.units in ("soft", "carveout", "hard")
             carve = self.carveout.get(candidate.memory_sms) if candidate.units in ("carveout", "hard") else 1.0

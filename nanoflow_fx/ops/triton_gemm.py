@@ -7,18 +7,29 @@ second, partial wave (measured on an H100: a layer's GEMMs at 1024 tokens took 0
 exactly the partition it is given, and its time scales with the partition's SM count. It computes
 `x @ weight.T` (torch.nn.functional.linear's layout, no bias), accumulating in fp32.
 
+`partitioned_gemms(num_sms)` routes every matmul issued inside it (aten.mm and addmm, as Inductor's compiled pieces
+and eager linears issue them) to this kernel with `num_sms` programs: what the compute unit of an "hard-triton"
+partition runs (`runtime.program_runner.make_units`). It intercepts at the dispatcher (a TorchDispatchMode), so
+the captured and compiled step is the same with and without it, and nothing changes outside it.
+
 Runs under TRITON_INTERPRET=1 on the CPU (with small tiles: `launch`).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["launch_config", "persistent_linear"]
+__all__ = ["PartitionedGemms", "launch_config", "partitioned_gemms", "persistent_linear"]
+
+_aten = torch.ops.aten
 
 
 @triton.jit
@@ -65,17 +76,20 @@ def launch_config(dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
 
 
 def persistent_linear(x: torch.Tensor, weight: torch.Tensor, num_sms: int | None = None,
-                      **launch: Any) -> torch.Tensor:
+                      out: torch.Tensor | None = None, **launch: Any) -> torch.Tensor:
     """`x @ weight.T` ([M, K] x [N, K] -> [M, N]) by at most `num_sms` programs, each looping over output tiles:
-    the whole of an SM partition of `num_sms` SMs and no more (default: every SM of the device; 1 on the CPU).
-    `launch` overrides `launch_config`'s choices (benchmarks)."""
+    the whole of an SM partition of `num_sms` SMs and no more (default: every SM of the device; 1 on the CPU),
+    written to `out` when given. `launch` overrides `launch_config`'s choices (benchmarks)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"persistent_linear takes x [M, K] and weight [N, K], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     if x.dtype != weight.dtype:
         raise ValueError(f"persistent_linear needs x and weight of one dtype, got {x.dtype} and {weight.dtype}")
     (m, k), n = x.shape, weight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype:
+        raise ValueError(f"persistent_linear's out must be [{m}, {n}] {x.dtype}, got {tuple(out.shape)} {out.dtype}")
     if m == 0 or n == 0:
         return out
     config = {**launch_config(x.dtype, x.device), **launch}
@@ -92,3 +106,40 @@ def persistent_linear(x: torch.Tensor, weight: torch.Tensor, num_sms: int | None
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
+
+
+class PartitionedGemms(TorchDispatchMode):
+    """While active, aten.mm (also with `out=`) and addmm (beta = alpha = 1) of two same-dtype matrices on a
+    device Triton can run on go to `persistent_linear` with `num_sms` programs; every other op runs as it would.
+    `calls` counts the matmuls it took."""
+
+    def __init__(self, num_sms: int) -> None:
+        super().__init__()
+        self.num_sms, self.calls = num_sms, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in (_aten.mm.default, _aten.mm.out) and self._takes(*args[:2]):
+            self.calls += 1
+            return persistent_linear(args[0], args[1].t(), self.num_sms, out=kwargs.get("out"))
+        if (func is _aten.addmm.default and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1
+                and self._takes(*args[1:3])):
+            self.calls += 1
+            return persistent_linear(args[1], args[2].t(), self.num_sms).add_(args[0])
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _takes(a: torch.Tensor, b: torch.Tensor) -> bool:
+        on_device = a.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        return on_device and a.dim() == 2 and b.dim() == 2 and a.dtype == b.dtype and a.dtype != torch.float64
+
+
+@contextmanager
+def partitioned_gemms(num_sms: int) -> Iterator[PartitionedGemms | None]:
+    """Matmuls issued inside run on `num_sms` SMs' worth of persistent programs (`PartitionedGemms`); 0: as
+    usual (cuBLAS)."""
+    if num_sms <= 0:
+        yield None
+        return
+    with PartitionedGemms(num_sms) as mode:
+        yield mode

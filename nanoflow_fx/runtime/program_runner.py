@@ -36,6 +36,7 @@ import torch
 from nanoflow_fx.capture.program import StepProgram
 from nanoflow_fx.ops.backend import AttentionConfig, DecodeKernel, get
 from nanoflow_fx.ops.kv_write import write_kv
+from nanoflow_fx.ops.triton_gemm import partitioned_gemms
 from nanoflow_fx.passes.info import ATTENTION_OP
 from nanoflow_fx.runtime.streams import StreamAction, stream_actions
 from nanoflow_fx.schedule import NanoOp, OpGroup, Schedule, Split, validate
@@ -51,12 +52,15 @@ ATTENTION_SPLIT = "attn"  # the attention calls' split, when a cut gives them bo
 @dataclass(frozen=True)
 class Units:
     """Execution units of nano-batched steps: a stream per unit (missing: a plain stream of its own), the SMs
-    cuBLASLt leaves free while the compute unit launches its GEMMs (0: none), and the kernel the memory unit
-    attends decode rows with (None: the step backend's own; see `DecodeKernel`)."""
+    cuBLASLt leaves free while the compute unit launches its GEMMs (0: none), the kernel the memory unit
+    attends decode rows with (None: the step backend's own; see `DecodeKernel`), and `gemm_sms`: when set, the
+    step's matmuls run on the persistent Triton GEMM with that many programs (`ops.triton_gemm`) instead of
+    cuBLAS, sized to the compute unit's partition."""
 
     streams: Mapping[str, Any]
     carveout: int = 0
     decode: DecodeKernel | None = None
+    gemm_sms: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,8 @@ def make_units(mode: str, memory_sms: int) -> Units | None:
     """The execution units `NanoFlowConfig.sm_partition=mode` names (None for "off": one stream): "streams":
     plain streams; "soft": the memory unit on a green-context partition of `memory_sms` SMs, the compute unit
     free; "carveout": as "soft", and the compute unit's cuBLASLt GEMMs leave those SMs free; "hard": the compute
-    unit on the green-context partition of the remaining SMs, its GEMMs sized to them by the same carve-out.
+    unit on the green-context partition of the remaining SMs, its GEMMs sized to them by the same carve-out;
+    "hard-triton": as "hard", its GEMMs on the persistent Triton GEMM with one program per SM of that partition.
 
     Why "hard": a green context confines only its own kernels; in "soft" and "carveout" the compute unit's kernels
     may still be placed on SMs of the memory unit's partition whenever those are free. Profiled on an H100 (8B
@@ -140,6 +145,8 @@ def make_units(mode: str, memory_sms: int) -> Units | None:
         return Units({"memory": memory.stream}, carveout=memory.num_sms)
     if mode == "hard":
         return Units({"memory": memory.stream, "compute": rest.stream}, carveout=memory.num_sms)
+    if mode == "hard-triton":
+        return Units({"memory": memory.stream, "compute": rest.stream}, gemm_sms=rest.num_sms)
     raise ValueError(f"no execution units for sm_partition={mode!r}")
 
 
@@ -297,10 +304,18 @@ class ProgramRunner:
         use_units = units is not None and self._on_cuda(args)
         schedule, actions = _planned(program.schedule_key, record.boundaries, not use_units, attention)
         self.last_schedule = schedule
-        if not use_units:
-            for op in schedule.ops:
-                self._run_op(op.group, op.nanobatch, state, record)
-            return _map_names(program.output, state.joined)
+        with partitioned_gemms(units.gemm_sms if units is not None else 0):  # (every matmul of the step: on the
+            # GPU those are the compute unit's GEMMs; the attention kernels are not matmuls)
+            if not use_units:
+                for op in schedule.ops:
+                    self._run_op(op.group, op.nanobatch, state, record)
+            else:
+                self._run_on_units(schedule, actions, state, record)
+        return _map_names(program.output, state.joined)  # (`state` kept every value alive until the join)
+
+    def _run_on_units(self, schedule: Schedule, actions: Sequence[StreamAction], state: _Values,
+                      record: NanobatchStep) -> None:
+        units = record.units
         streams = self._unit_streams(schedule.units, units)  # type: ignore[arg-type]
         main = torch.cuda.current_stream()
         fork = torch.cuda.Event()
@@ -320,7 +335,6 @@ class ProgramRunner:
                     events[action.key].record(stream)
         for stream in streams.values():
             main.wait_stream(stream)
-        return _map_names(program.output, state.joined)  # (`state` kept every value alive until the join)
 
     @staticmethod
     def _on_cuda(args: Sequence[Any]) -> bool:
