@@ -8,7 +8,7 @@ exactly the partition it is given, and its time scales with the partition's SM c
 `x @ weight.T` (torch.nn.functional.linear's layout, no bias), accumulating in fp32.
 
 `partitioned_gemms(num_sms)` routes every matmul issued inside it (aten.mm and addmm, as Inductor's compiled pieces
-and eager linears issue them) to this kernel with `num_sms` programs: what the compute unit of an "hard-triton"
+and eager linears issue them) to this kernel with `num_sms` programs: what the compute unit of a "hard-triton"
 partition runs (`runtime.program_runner.make_units`). It intercepts at the dispatcher (a TorchDispatchMode), so
 the captured and compiled step is the same with and without it, and nothing changes outside it.
 
@@ -119,9 +119,11 @@ class PartitionedGemms(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in (_aten.mm.default, _aten.mm.out) and self._takes(*args[:2]):
+        out = kwargs.get("out")
+        fits = out is None or (out.dtype == args[0].dtype and out.shape == (args[0].shape[0], args[1].shape[1]))
+        if func in (_aten.mm.default, _aten.mm.out) and self._takes(*args[:2]) and fits:
             self.calls += 1
-            return persistent_linear(args[0], args[1].t(), self.num_sms, out=kwargs.get("out"))
+            return persistent_linear(args[0], args[1].t(), self.num_sms, out=out)
         if (func is _aten.addmm.default and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1
                 and self._takes(*args[1:3])):
             self.calls += 1
