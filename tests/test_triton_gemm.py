@@ -53,11 +53,13 @@ def test_partitioned_gemms_take_the_matmuls_issued_inside_and_nothing_outside() 
         biased = torch.nn.functional.linear(x, weight, bias)
         torch.mm(x, weight.T, out=out)
         summed = x.sum()
+        added = torch.add(x, 1.0, out=torch.empty_like(x))  # another op with out=: untouched
     assert mode is not None and mode.calls == 3
     torch.testing.assert_close(plain, x @ weight.T, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(biased, x @ weight.T + bias, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(summed, x.sum())
+    torch.testing.assert_close(added, x + 1.0)
     with partitioned_gemms(0) as none:
         torch.nn.functional.linear(x, weight)
     assert none is None and mode.calls == 3

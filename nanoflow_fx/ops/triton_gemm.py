@@ -119,11 +119,11 @@ class PartitionedGemms(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = kwargs.get("out")
-        fits = out is None or (out.dtype == args[0].dtype and out.shape == (args[0].shape[0], args[1].shape[1]))
-        if func in (_aten.mm.default, _aten.mm.out) and self._takes(*args[:2]) and fits:
-            self.calls += 1
-            return persistent_linear(args[0], args[1].t(), self.num_sms, out=out)
+        if func in (_aten.mm.default, _aten.mm.out) and self._takes(*args[:2]):
+            out = kwargs.get("out")
+            if out is None or (out.dtype == args[0].dtype and out.shape == (args[0].shape[0], args[1].shape[1])):
+                self.calls += 1
+                return persistent_linear(args[0], args[1].t(), self.num_sms, out=out)
         if (func is _aten.addmm.default and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1
                 and self._takes(*args[1:3])):
             self.calls += 1
