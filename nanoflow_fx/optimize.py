@@ -178,8 +178,8 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
     of its fields. Raises `UnsupportedModelError` for models outside the supported class and
     `CaptureMismatchError` if the captured step disagrees with the eager model on a probe input; on any error
     the model is left as it was. Calling it again (e.g. after moving the model) replaces the runtime: the old one
-    is freed first (its KV cache holds most of the GPU's memory), so if that call fails, the model is left as it
-    was before its first optimize().
+    is freed first (its KV cache holds most of the GPU's memory), so if that call fails, the model is left
+    without a runtime: its own `generate()` and attention, as if never optimized.
     """
     config = _as_config(config)
     check_supported(model)
