@@ -5,7 +5,8 @@ partition help?
 
 One layer's worth of the Llama-3-8B balanced step's work, repeated: its gate/up GEMM (x [1056, 4096] times
 weight [28672, 4096]^T, bf16) and decode attention over 288 requests at context 1280 (nanoflow's Triton kernel,
-half-precision P@V, one layer's paged KV); a streaming 1 GiB copy stands in for a memory kernel with no reuse.
+half-precision P@V, one layer's paged KV; also with its K/V loads marked evict_first, so that they leave L2
+before the GEMM's tiles); a streaming 1 GiB copy stands in for a memory kernel with no reuse.
 The GEMM runs as cuBLAS (cuBLASLt) or as nanoflow's persistent Triton GEMM (`ops.triton_gemm`, its grid sized
 to the SMs it is given). For each SM share k, each GEMM variant and memory kernel: each alone, then both at once:
   soft         the memory kernel on a green-context partition of k SMs, cuBLAS on the default stream;
@@ -72,10 +73,13 @@ def main() -> None:
     flop = 2 * x.shape[0] * x.shape[1] * weight.shape[0]
     torch.testing.assert_close(persistent_linear(x, weight), F.linear(x, weight), rtol=2e-2, atol=2e-2)
     batch = make_batch(288, 1280)
-    attend = triton_fn(batch, block_n=128, num_stages=3, num_warps=4, pv_precision="half")
+    launch = dict(block_n=128, num_stages=3, num_warps=4, pv_precision="half")
+    attend = triton_fn(batch, **launch)
+    attend_evicting = triton_fn(batch, **launch, kv_eviction="evict_first")  # K/V leave L2 first
     src = torch.empty(2**30, device="cuda", dtype=torch.uint8)
     dst = torch.empty_like(src)
     memory_kernels = {"attention": (loop(attend, ATTENTION), ATTENTION * batch["bytes"]),
+                      "attention evict_first": (loop(attend_evicting, ATTENTION), ATTENTION * batch["bytes"]),
                       "copy": (loop(lambda: dst.copy_(src), COPIES), COPIES * 2 * src.numel())}
     default = torch.cuda.current_stream()
     total = torch.cuda.get_device_properties(0).multi_processor_count

@@ -93,6 +93,10 @@ def test_triton_kernel_in_half_precision_is_within_its_rounding(pv_precision: st
     got = paged_attention_triton(q, cache, *meta, dim**-0.5, 0, 0.0, pv_precision=pv_precision, block_n=32)
     assert got.dtype == torch.float16
     assert (got.float() - want).abs().max().item() <= 4 * 2**-11 * want.abs().max().item()
+    # the K/V loads' cache policy changes where they sit in L2, not what they read
+    evicting = paged_attention_triton(q, cache, *meta, dim**-0.5, 0, 0.0, pv_precision=pv_precision, block_n=32,
+                                      kv_eviction="evict_first")
+    assert torch.equal(evicting, got)
 
 
 def test_triton_kernel_refuses_half_p_at_v_on_a_full_precision_cache() -> None:

@@ -28,7 +28,7 @@ def _paged_attention_kernel(
     scaling, softcap, sliding_window,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr, KV_EVICTION: tl.constexpr,
 ):
     t = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -58,8 +58,11 @@ def _paged_attention_kernel(
         page = tl.load(kvi_ptr + page_lo + n // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
         base = page * stride_cp + (n % PAGE_SIZE) * stride_cs + kvh * stride_ch
         kv_mask = valid[:, None] & d_ok
-        k = tl.load(cache_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(cache_ptr + stride_ckv + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        # (KV_EVICTION "evict_first": K/V are read once; marked so, they leave L2 first, and a GEMM running beside
+        # this kernel keeps more of its tiles there)
+        k = tl.load(cache_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0, eviction_policy=KV_EVICTION)
+        v = tl.load(cache_ptr + stride_ckv + base[:, None] + d[None, :], mask=kv_mask, other=0.0,
+                    eviction_policy=KV_EVICTION)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling  # [GROUP_PAD, BLOCK_N]
         if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh through exp (no libdevice needed)
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
@@ -95,7 +98,8 @@ def paged_attention_triton(
     softcap: float,
     **launch: Any,
 ) -> torch.Tensor:  # [T, H, D]
-    """`launch` overrides `launch_config`'s choices (block_n, num_warps, num_stages, pv_precision: benchmarks)."""
+    """`launch` overrides `launch_config`'s choices (block_n, num_warps, num_stages, pv_precision, kv_eviction:
+    benchmarks)."""
     num_tokens, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = kv_cache.shape
     if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
@@ -115,6 +119,7 @@ def paged_attention_triton(
         D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=config["block_n"],
         R_PAD=max(16, triton.next_power_of_2(num_requests)), HAS_SOFTCAP=softcap > 0, HAS_WINDOW=sliding_window > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PV_PRECISION=config["pv_precision"],
+        KV_EVICTION=config["kv_eviction"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
@@ -129,9 +134,10 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
     rounding. fp32 models keep "ieee" (the reference's precision). 64-token blocks, 4 warps: the fastest of 32/64/128
     and 4/8 (2-4 stages equal within 1%; 5-8 stages, which keep more K/V tiles in flight, no faster on partitions
     either). "half" (P rounded to the half type) is a launch option, not the default: the memory unit's decode
-    rows may use it (`cost.profile.TRITON_DECODE_VARIANTS`)."""
+    rows may use it (`cost.profile.TRITON_DECODE_VARIANTS`). `kv_eviction` ("" or "evict_first"): the cache
+    policy of the K/V loads, for the memory unit's kernel running beside GEMMs (`benchmarks/probe_corun.py`)."""
     return dict(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3,
-                pv_precision="ieee" if dtype == torch.float32 else "tf32")
+                pv_precision="ieee" if dtype == torch.float32 else "tf32", kv_eviction="")
 
 
 class TritonBackend(AttentionBackend):
