@@ -12,7 +12,7 @@ from nanoflow_fx.cost.roofline import RooflineCost, roofline_cost
 from nanoflow_fx.passes import NanobatchPlan, PassRecord, info
 from nanoflow_fx.runtime.nanobatch import NanobatchRunner
 from nanoflow_fx.schedule import format_schedule, format_timeline, simulate
-from nanoflow_fx.schedule.timeline import intersect_intervals, intervals_length, merge_intervals
+from nanoflow_fx.schedule.timeline import covered_length, overlap_length
 
 __all__ = ["Explanation", "KernelSpan", "RooflineCost", "StepProfile", "UnitComparison", "compare_step",
            "draw_timeline", "explain", "profile_harness", "profile_step", "spans_from_chrome_trace", "unit_busy_ms"]
@@ -55,8 +55,8 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: Rooflin
     """Explain an optimized model's step at `num_tokens` tokens (default: the last step it cut into nano-batches,
     else 256). `timelines` (a directory; CUDA models optimized with num_nanobatches="auto"): also run one real
     step of each tuned shape cut as the search chose, profiled (`compare_step`): its predicted against measured
-    busy time per unit in `Explanation.units`, and its timeline there as `<shape>.png` and `<shape>.json` (a
-    Chrome trace that Perfetto opens)."""
+    busy time per unit in `Explanation.units`, and its timeline there as `<shape>.png` and `<shape>.json`
+    (`cost.tables.shape_key`; the JSON a Chrome trace that Perfetto opens)."""
     runtime = getattr(model, "nanoflow", None)
     if runtime is not None and not runtime.step_fn.graphs and runtime.step_fn.loaded is not None:
         _trace(runtime)
@@ -86,15 +86,16 @@ def _profiled_units(model: PreTrainedModel, runtime: Any, directory: str) -> tup
     """`compare_step` for each shape the search tuned, its trace and PNG written to `directory`."""
     import os
 
+    from nanoflow_fx.cost.tables import shape_key
+
     if not runtime.tunings:
         raise ValueError("explain(model, timelines=...) needs a CUDA model optimized with num_nanobatches='auto' "
                          "(it profiles the step shapes the schedule search tuned)")
     os.makedirs(directory, exist_ok=True)
     found = []
     for tuning in runtime.tunings:
-        shape = tuning.shape
-        name = os.path.join(directory, f"{shape.decodes}x{shape.context}+{shape.prefill}")
-        found.append(compare_step(model, shape, name + ".json", name + ".png"))
+        name = os.path.join(directory, shape_key(tuning.shape))
+        found.append(compare_step(model, tuning.shape, name + ".json", name + ".png"))
     return tuple(found)
 
 
@@ -150,13 +151,12 @@ class StepProfile:
     def concurrent_ms(self, kind: str = "attention") -> float:
         """ms during which a kernel of `kind` and a kernel of another kind ran at the same time (on any streams):
         the overlap the units achieved. Zero when a step's kernels never co-ran, whatever streams they were on."""
-        return intervals_length(intersect_intervals(
-            merge_intervals((s.start_us, s.end_us) for s in self.spans if s.kind == kind),
-            merge_intervals((s.start_us, s.end_us) for s in self.spans if s.kind != kind))) / 1e3
+        return overlap_length(((s.start_us, s.end_us) for s in self.spans if s.kind == kind),
+                              ((s.start_us, s.end_us) for s in self.spans if s.kind != kind)) / 1e3
 
     def union_ms(self) -> float:
         """ms during which any kernel ran (the span less the gaps where the GPU was idle)."""
-        return intervals_length(merge_intervals((s.start_us, s.end_us) for s in self.spans)) / 1e3
+        return covered_length((s.start_us, s.end_us) for s in self.spans) / 1e3
 
     def __str__(self) -> str:
         busy = ", ".join(f"stream {k} {v:.2f} ms" for k, v in self.busy_ms().items())

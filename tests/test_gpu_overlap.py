@@ -11,6 +11,7 @@ bound (1e-5), as the nano-batch property tests hold on the CPU.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,11 +215,13 @@ def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape(tmp_p
     assert compared.predicted_busy["compute"] > 0 and compared.measured_busy["compute"] > 0
     assert compared.measured_ms > 0 and "step" in str(compared)
     # explain() with timelines: the same per tuned shape, each profiled step's Chrome trace and PNG written
+    from nanoflow_fx.cost.tables import shape_key
+
     explained = explain(model, timelines=str(tmp_path / "timelines"))
     assert [u.shape for u in explained.units] == [t.shape for t in runtime.tunings]
     for u in explained.units:
-        name = tmp_path / "timelines" / f"{u.shape.decodes}x{u.shape.context}+{u.shape.prefill}"
-        assert name.with_suffix(".json").stat().st_size > 0 and name.with_suffix(".png").stat().st_size > 0
+        name = tmp_path / "timelines" / shape_key(u.shape)
+        assert Path(f"{name}.json").stat().st_size > 0 and Path(f"{name}.png").stat().st_size > 0
     assert "per unit, predicted against a profiled step" in str(explained)
     # optimized again with the table kept: no shape replays more than it did, the unsplit step always
     first = {t.shape: len(t.measured) for t in runtime.tunings}

@@ -17,40 +17,38 @@ from nanoflow_fx.schedule.graph import build_op_graph
 from nanoflow_fx.schedule.ir import NanoOp, Schedule, ScheduleError, op_label
 from nanoflow_fx.schedule.validate import validate
 
-__all__ = ["Slot", "Timeline", "format_timeline", "intersect_intervals", "intervals_length", "merge_intervals",
-           "simulate"]
+__all__ = ["Slot", "Timeline", "covered_length", "format_timeline", "overlap_length", "simulate"]
 
-Intervals = list[tuple[float, float]]
+Intervals = Iterable[tuple[float, float]]
 
 
-def merge_intervals(intervals: Iterable[tuple[float, float]]) -> Intervals:
-    """The disjoint intervals covering `intervals` (start, end pairs), in order."""
-    merged: Intervals = []
+def covered_length(intervals: Intervals) -> float:
+    """How much of the line (start, end) `intervals` cover together (overlaps counted once)."""
+    return sum(end - start for start, end in _merged(intervals))
+
+
+def overlap_length(a: Intervals, b: Intervals) -> float:
+    """How much of the line is covered both by an interval of `a` and by one of `b`."""
+    x, y = _merged(a), _merged(b)
+    total, i, j = 0.0, 0, 0
+    while i < len(x) and j < len(y):
+        total += max(0.0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def _merged(intervals: Intervals) -> list[tuple[float, float]]:
+    """The disjoint intervals covering `intervals`, in order."""
+    merged: list[tuple[float, float]] = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], end))
         else:
             merged.append((start, end))
     return merged
-
-
-def intersect_intervals(a: Intervals, b: Intervals) -> Intervals:
-    """The intersection of two sorted lists of disjoint intervals (`merge_intervals`' output)."""
-    out: Intervals = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if lo < hi:
-            out.append((lo, hi))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
-
-
-def intervals_length(intervals: Intervals) -> float:
-    return sum(end - start for start, end in intervals)
 
 
 @dataclass(frozen=True)
@@ -74,9 +72,8 @@ class Timeline:
     def concurrent_us(self, a: str, b: str) -> float:
         """How long units `a` and `b` both run an op (0.0 if either has none)."""
         slots = dict(self.rows)
-        return intervals_length(intersect_intervals(
-            merge_intervals((s.start_us, s.end_us) for s in slots.get(a, ())),
-            merge_intervals((s.start_us, s.end_us) for s in slots.get(b, ()))))
+        return overlap_length(((s.start_us, s.end_us) for s in slots.get(a, ())),
+                              ((s.start_us, s.end_us) for s in slots.get(b, ())))
 
 
 def simulate(schedule: Schedule, cost_us: Callable[[NanoOp], float]) -> Timeline:
