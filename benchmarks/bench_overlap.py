@@ -17,9 +17,9 @@ plain streams, with attention on a green-context partition of k SMs (soft), plus
 of the same k SMs (carveout), the GEMMs on the other SMs' green context, carved out to them (hard) or on the
 persistent Triton GEMM sized to them (hard-triton), and "auto" (the search's pick, re-measured). Per row: step
 ms, speedup over unsplit; for unsplit and the best cut, the kernel time by class (GEMM, attention, other) from
-torch.profiler;
-for unsplit and the `--profile-top` fastest cuts by graph time, one graph replay profiled: kernel time by class
-and the time attention kernels co-ran with the others (`StepProfile.concurrent_ms`). `--only` restricts the cuts.
+torch.profiler; for unsplit and the `--profile-top` fastest cuts by graph time, one graph replay profiled: kernel
+time by class and the time attention kernels co-ran with the others (`StepProfile.concurrent_ms`). `--only`
+restricts the cuts.
 Then the memory unit alone: attention kernels' bandwidth (TB/s) on partitions of 16/32/48 SMs and the whole GPU:
 FlashInfer's decode kernel with and without tensor cores, its prefill kernel over the same decode rows, and
 nanoflow's Triton kernel. JSON (--out), a Markdown table on stdout, a Chrome trace of the balanced step's best

@@ -330,16 +330,8 @@ def _search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
     decode = best_decode_kernels(runtime.decode_timings)
     space = candidates(shares=shares, fractions=(0.25, 0.5, 0.75), modes=("streams", "soft", "carveout"),
                        decode=decode, cuts=((1 / 3, 2 / 3), (0.25, 0.5, 0.75)))
-    fitting = [s for s in shapes if StepHarness.fits(runtime, s)]
-    if fitting and not all(k in table.carveout for k in shares):
-        widest = max(fitting, key=lambda s: s.tokens)
-        key = shape_key(widest)
-        try:
-            if key not in table.pieces:  # (kept: the search's predictions need them too)
-                table.pieces[key], table.host_ms[key] = measure_shape(runtime, vocab_size, widest)
-            table.carveout.update(measure_carveout(runtime, vocab_size, widest, shares, table.pieces[key]))
-        except Exception as err:  # noqa: BLE001 - no carve-out here: its candidates are not priced (nor replayed)
-            log.warning("nanoflow_fx: timing the GEMMs' SM carve-out failed (%s: %s)", type(err).__name__, err)
+    if not all(k in table.carveout for k in shares):
+        _measure_carveout(runtime, vocab_size, table, shapes, shares)
     tunings = tune(runtime, vocab_size, shapes, space, make_units, table=table)
     runtime.tunings, runtime.cost_table = tunings, table
     try:
@@ -353,6 +345,24 @@ def _search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime) -> None:
         log.info("nanoflow_fx: schedule search %s: %s (%.2f ms; unsplit %.2f ms; %d of %d candidates replayed) in "
                  "%.1f s", t.shape, t.chosen.label(), dict(t.measured)[t.chosen], unsplit, len(t.measured),
                  len(t.predicted), t.seconds)
+
+
+def _measure_carveout(runtime: NanoFlowRuntime, vocab_size: int, table: CostTable, shapes: list[StepShape],
+                      shares: tuple[int, ...]) -> None:
+    """The GEMMs' carve-out factor per SM share into `table`, on the widest tuned shape that fits (its pieces, timed
+    for the baseline, are kept: the search's predictions need them too). A failure leaves the carve-out candidates
+    unpriced (and not replayed)."""
+    fitting = [s for s in shapes if StepHarness.fits(runtime, s)]
+    if not fitting:
+        return
+    widest = max(fitting, key=lambda s: s.tokens)
+    key = shape_key(widest)
+    try:
+        if key not in table.pieces:
+            table.pieces[key], table.host_ms[key] = measure_shape(runtime, vocab_size, widest)
+        table.carveout.update(measure_carveout(runtime, vocab_size, widest, shares, table.pieces[key]))
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log.warning("nanoflow_fx: timing the GEMMs' SM carve-out failed (%s: %s)", type(err).__name__, err)
 
 
 def _cost_dir(config: NanoFlowConfig) -> str:

@@ -24,7 +24,7 @@ from nanoflow_fx.runtime.requests import Request
 from nanoflow_fx.runtime.sampling import SamplingParams
 
 __all__ = ["DecodeRows", "DecodeTiming", "StepHarness", "TRITON_DECODE_VARIANTS", "best_decode_kernels",
-           "decode_kernel_timings", "decode_rows", "time_on"]
+           "decode_kernel_timings", "decode_rows", "issue_ms", "time_on"]
 
 _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), min_new_tokens=0)
 
@@ -86,9 +86,7 @@ class StepHarness:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 for _ in range(reps):
-                    t0, waited = time.perf_counter(), runner.planner_wait_s
-                    runner.run(self.chunks)
-                    host.append((time.perf_counter() - t0 - (runner.planner_wait_s - waited)) * 1e3)
+                    host.append(issue_ms(runner, lambda: runner.run(self.chunks)))
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) / reps)
@@ -197,6 +195,14 @@ def best_decode_kernels(timings: Sequence[DecodeTiming]) -> Mapping[int, DecodeK
         if t.sms not in best or t.ms < best[t.sms].ms:
             best[t.sms] = t
     return {sms: t.kernel for sms, t in best.items()}
+
+
+def issue_ms(runner: Any, step: Callable[[], Any]) -> float:
+    """ms the host takes to issue `step()` on `runner` (a `StepRunner`), the time its planners waited for the GPU
+    excluded (FlashInfer re-plans only after its previous plan's copies ran: a wait, not issue work)."""
+    start, waited = time.perf_counter(), runner.planner_wait_s
+    step()
+    return (time.perf_counter() - start - (runner.planner_wait_s - waited)) * 1e3
 
 
 def time_on(fn: Callable[[], Any], stream: Any, reps: int) -> float:

@@ -253,11 +253,9 @@ def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3
     (planners' waits for the GPU excluded).
     On CUDA a sleep kernel queued first lets the host issue the whole step before the GPU reaches it, so the
     events between pieces time the GPU's work alone."""
-    import time
-
     import torch
 
-    from nanoflow_fx.cost.profile import StepHarness
+    from nanoflow_fx.cost.profile import StepHarness, issue_ms
     from nanoflow_fx.runtime.program_runner import PieceTimer
 
     runner, channel = runtime.runner, runtime.channel
@@ -276,11 +274,8 @@ def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3
                 torch.cuda.synchronize()
                 torch.cuda._sleep(100_000_000)  # ~50 ms at 2 GHz: longer than the host takes to issue a step
             channel.timer = PieceTimer(cuda)
-            start, waited = time.perf_counter(), runner.planner_wait_s
             try:
-                runner.run_eager(harness.chunks)
-                # (the time its planners waited for the GPU excluded, as `StepHarness.time` does)
-                host.append((time.perf_counter() - start - (runner.planner_wait_s - waited)) * 1e3)
+                host.append(issue_ms(runner, lambda: runner.run_eager(harness.chunks)))
                 times = channel.timer.piece_ms()
             finally:
                 channel.timer = None

@@ -91,13 +91,9 @@ class NanobatchStep:
         return len(self.boundaries) - 1
 
     @property
-    def attention_bounds(self) -> tuple[int, ...]:
-        return self.attention_boundaries if self.attention_boundaries is not None else self.boundaries
-
-    @property
     def whole(self) -> bool:
         """Neither the dense pieces nor the attention calls are cut."""
-        return self.num_nanobatches == 1 and len(self.attention_bounds) == 2
+        return self.num_nanobatches == 1 and (self.attention_boundaries is None or len(self.attention_boundaries) == 2)
 
 
 class StepChannel:
