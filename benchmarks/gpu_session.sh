@@ -61,7 +61,7 @@ for step in ${STEPS:-tests example}; do
     buckets) run buckets ${BUCKETS_S:-240} python3 benchmarks/bench_buckets.py --out "$OUT/buckets.json" ;;
     attn_sms) run attn_sms ${ATTN_S:-300} python3 benchmarks/bench_attention_sms.py ${ATTN_ARGS:-} --out "$OUT/attention_sms.json" ;;
     auto) run auto ${AUTO_S:-400} python3 benchmarks/bench_auto.py --config "$NF_CONFIG" --out "$OUT/auto.json" ;;
-    corun) run corun ${CORUN_S:-150} python3 benchmarks/probe_corun.py --out "$OUT/corun.json" ;;
+    corun) run corun ${CORUN_S:-150} python3 benchmarks/probe_corun.py ${CORUN_ARGS:-} --out "$OUT/corun.json" ;;
     ttft) run ttft ${TTFT_S:-200} python3 benchmarks/first_token.py --out "$OUT/ttft.json" ;;
     *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
   esac

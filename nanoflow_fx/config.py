@@ -74,7 +74,8 @@ class NanoFlowConfig:
     `memory_sms` SMs by a green context, the compute unit free), "carveout" (as "soft", and the compute unit's
     cuBLASLt GEMMs leave those SMs free), or "hard" (the compute unit on a green context of the remaining SMs,
     its GEMMs sized to them by the same carve-out: the two units never share an SM), or "hard-triton" (as "hard",
-    its GEMMs on a persistent Triton GEMM with one program per SM of its partition; not yet measured on a GPU).
+    its GEMMs on a persistent Triton GEMM with one program per SM of its partition; slower than cuBLAS on a
+    step's GEMMs: README).
     Ignored with num_nanobatches="auto" (the search picks units per step shape)."""
 
     memory_sms: int = 32
