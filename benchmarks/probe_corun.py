@@ -20,6 +20,9 @@ case kept busy for about S seconds while nvidia-smi samples the SM clock, the bo
 clock-event (throttle) reasons every 20 ms: serial on one stream against co-runs per mode and share, with each
 unit's exact progress while both ran. Do the two units slow each other down through the shared power budget
 (clocks drop) or through the memory system (clocks hold)? (--no-burst / --sustained 0: one part only.)
+With --fp8 the sustained GEMMs run in FP8 (e4m3 operands, per-tensor scales, `torch._scaled_mm`, bf16 out; same
+shapes and layer composition, no Triton variant): does a GEMM that costs less energy per FLOP leave the power the
+overlap needs?
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def main() -> None:
     parser.add_argument("--shares", type=int, nargs="*", default=[32, 48])
     parser.add_argument("--sustained", type=float, default=2.0, help="seconds per sampled case (0: none)")
     parser.add_argument("--no-burst", action="store_true", help="only the sustained cases")
+    parser.add_argument("--fp8", action="store_true", help="the sustained cases' GEMMs in FP8 (see above)")
     args = parser.parse_args()
     torch.backends.cuda.preferred_blas_library("cublaslt")
     x = torch.randn(1056, 4096, device="cuda", dtype=torch.bfloat16)
@@ -259,9 +263,17 @@ def power_cases(args: Any, attention_once: Any, x: torch.Tensor, weight: torch.T
     print("idle:", idle, flush=True)
     rows: list[dict] = [{"case": "idle", **idle}]
     gemm_once = lambda: F.linear(x, weight)  # noqa: E731
+    if args.fp8:
+        x8, w8 = x.to(torch.float8_e4m3fn), weight.to(torch.float8_e4m3fn)
+        one = torch.ones((), device=x.device)
+        got = torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        torch.testing.assert_close(got, F.linear(x8.to(x.dtype), w8.to(x.dtype)), rtol=2e-2, atol=2e-1)
+        gemm_once = lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one,  # noqa: E731
+                                             out_dtype=torch.bfloat16)
+    (bf16_ms,) = timed([(loop(lambda: F.linear(x, weight), 20), default, 0)])
     (gemm_ms,) = timed([(loop(gemm_once, 20), default, 0)])
     (attn_ms,) = timed([(loop(attention_once, 20), default, 0)])
-    a_calls = max(1, round(STEP_RATIO * 2 * gemm_ms / attn_ms))
+    a_calls = max(1, round(STEP_RATIO * 2 * bf16_ms / attn_ms))  # the bf16 step's composition, also with --fp8
     layers = math.ceil(args.sustained * 1e3 / ((2 * gemm_ms + a_calls * attn_ms) / 20))
     print(f"chunks: 2 GEMMs ({2 * gemm_ms / 20:.3f} ms) + {a_calls} attention calls ({a_calls * attn_ms / 20:.3f} ms)"
           f" per layer, {layers} layers", flush=True)
@@ -297,13 +309,16 @@ def power_cases(args: Any, attention_once: Any, x: torch.Tensor, weight: torch.T
     serial = serial_row["ms"]
     whole = {"gemm": run("GEMMs alone, whole GPU", [("gemm", gemm_chunk(None), default, 0)])["ms"],
              "attention": run("attention alone, whole GPU", [("attention", attention_chunk, default, 0)])["ms"]}
-    run("Triton GEMMs alone, whole GPU", [("gemm", gemm_chunk(torch.cuda.get_device_properties(0)
-                                                               .multi_processor_count), default, 0)], whole)
+    if not args.fp8:
+        total = torch.cuda.get_device_properties(0).multi_processor_count
+        run("Triton GEMMs alone, whole GPU", [("gemm", gemm_chunk(total), default, 0)], whole)
     for k in args.shares:
         memory, rest = split_sms(k)
         run(f"attention alone on {memory.num_sms} SMs", [("attention", attention_chunk, memory.stream, 0)], whole)
         modes = {"soft": (gemm_chunk(None), default, 0), "hard": (gemm_chunk(None), rest.stream, memory.num_sms),
                  "hard-triton": (gemm_chunk(rest.num_sms), rest.stream, 0)}
+        if args.fp8:
+            del modes["hard-triton"]
         for mode, (fn, stream, carve) in modes.items():
             if mode != "soft":
                 run(f"GEMMs alone, {mode} on {rest.num_sms} SMs", [("gemm", fn, stream, carve)], whole)
