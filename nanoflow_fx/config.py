@@ -54,7 +54,9 @@ class NanoFlowConfig:
     keeps, per shape, the fastest, unless no cut beats the whole step by more than 1% (`nanoflow_fx.cost.search`;
     about 12 s for an 8B model on an H100); on the CPU every step runs whole. Any value but 1 runs the step as a
     program of pieces that can be cut per step (`nanoflow_fx.capture.program`). Measured on an H100 (README):
-    no cut of the engine's dense steps beats the whole step yet, so 1 is the default."""
+    no cut of the engine's dense steps beats the whole step yet, so 1 is the default: "auto" would add its search
+    (12-21 s on an 8B model) to `optimize()` and give up what makes the first token quick (the saved step, the
+    interim attention kernel) for no faster step on an H100 or H200."""
 
     attention_backend: str = "auto"
     """Paged attention kernel: "torch" (reference, CPU and GPU), "triton" (GPU), "flashinfer" (GPU, fp16/bf16;
