@@ -20,6 +20,13 @@ matmuls to cuBLASLt only when it is the preferred BLAS library), so the runner s
 nano-batched step and restores them before returning: no other step, and no other user of the process, sees
 them. Under CUDA-graph capture the value at capture time is baked into each GEMM node; nano-batched steps
 are not captured (dense steps of hundreds of tokens hide their launch cost behind the GPU's work).
+
+What the partitions cost, measured on an H100 and an H200 (README, "Why no cut pays"): a GEMM confined to the
+other units' SMs (carve-out, or the persistent Triton GEMM of "hard-triton") keeps about its share of the SMs'
+work; the decode attention on 48 SMs keeps 0.67-0.86 of its whole-GPU rate. But co-running units share one
+power budget, which the GEMMs alone already fill: the clock drops and each unit slows by about as much, so the
+units together do 0.78-1.10x the work of running one after the other (best: attention on 48-64 SMs beside
+cuBLAS on the whole GPU, "soft"), before the 1.4-8% that cutting a step costs its GEMMs.
 """
 
 from __future__ import annotations
