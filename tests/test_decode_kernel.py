@@ -120,12 +120,10 @@ def test_best_decode_kernels_picks_the_fastest_per_share() -> None:
 def test_auto_keeps_the_backends_decode_kernel_where_partitions_cannot_be_timed(monkeypatch, caplog) -> None:
     """`num_nanobatches="auto"`'s decode-kernel timings on a device without SM partitions (here: the timing raises,
     as `green_context.split_sms` does where the driver cannot split): a warning, no timings, no decode kernel."""
-    import importlib
-
+    from nanoflow_fx.cost import autotune as opt
     from nanoflow_fx.cost.search import StepShape
     from tests.conftest import DEFAULT_CONFIG, optimized
 
-    opt = importlib.import_module("nanoflow_fx.optimize")  # (the package's `optimize` is the function)
     runtime = optimized("llama", DEFAULT_CONFIG).nanoflow
     mixed = StepShape(2, 8, 6)
     assert opt._time_decode_kernels(runtime, 256, mixed, (32,)) == []  # fp32 on the CPU: no half variant

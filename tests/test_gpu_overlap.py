@@ -179,9 +179,9 @@ def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape(tmp_p
     kernel and the Triton variant, the fastest per share offered to the search, a pick per tuned shape that is
     the unsplit step unless a cut beat it by more than 1%, and explain() lists both. A fresh cache directory: the
     cost table is measured here (a table kept from an earlier run would cut the replays short)."""
+    from nanoflow_fx.cost.autotune import AUTO_DECODE_VARIANT
     from nanoflow_fx.cost.search import UNSPLIT
     from nanoflow_fx.explain import explain
-    from nanoflow_fx.optimize import AUTO_DECODE_VARIANT
 
     if not _flashinfer_available():
         pytest.skip("flashinfer is not installed")

@@ -84,7 +84,7 @@ def test_program_schedule_of_any_cut_is_valid() -> None:
 def test_search_shapes_fit_the_budget_the_slots_and_the_cache() -> None:
     import dataclasses
 
-    from nanoflow_fx.optimize import search_shapes
+    from nanoflow_fx.cost.autotune import search_shapes
     from tests.conftest import DEFAULT_CONFIG
 
     config = dataclasses.replace(DEFAULT_CONFIG, max_num_tokens=2048, max_batch_size=512, max_seq_len=4096,
