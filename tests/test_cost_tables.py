@@ -73,6 +73,22 @@ def test_an_uneven_cut_is_priced_per_split_and_replayed_as_one() -> None:
     assert same is not None and same.attention is None  # the same cut: one split
 
 
+def test_each_nanobatch_past_the_first_costs_the_host_what_the_second_did() -> None:
+    """With the step's issue time cut in two measured (`host_split_ms`), n nano-batches cost the host the unsplit
+    step's time plus (n - 1) times the second nano-batch's extra; without it, n times the unsplit step's."""
+    t = table()
+    quarter = {"P0": 0.5, "L0.attn": 1.0, "P1": 0.5, "L1.attn": 1.0, "P2": 9.0}
+    t.pieces.update({"0x0+2": quarter, "0x0+2@2": quarter, "0x0+2@4": quarter, "0x0+2@6": quarter})
+    four, uneven = Candidate((0.25, 0.5, 0.75)), Candidate((0.5,), attention=(0.25, 0.5, 0.75))
+    assert [t.predict(PREFILL8, c).host_ms for c in (UNSPLIT, Candidate((0.5,)), uneven, four)] == [  # type: ignore[union-attr]
+        2.0, 4.0, 6.0, 8.0]  # assumed: n times 2.0 ms (uneven: (2 + 4) / 2 = 3 nano-batches)
+    t.host_split_ms = {"0x0+8": 3.0}  # the second nano-batch costs the host 1.0 ms more
+    assert [t.predict(PREFILL8, c).host_ms for c in (UNSPLIT, Candidate((0.5,)), uneven, four)] == [  # type: ignore[union-attr]
+        2.0, 3.0, 4.0, 5.0]
+    t.host_split_ms = {"0x0+8": 1.5}  # measured below the unsplit step (noise): no nano-batch is free
+    assert t.predict(PREFILL8, four).host_ms == 2.0  # type: ignore[union-attr]
+
+
 def test_partitions_price_attention_from_the_decode_timings_and_gemms_from_the_carveout() -> None:
     t = table()
     t.decode_ref = (8, 100)
@@ -129,11 +145,15 @@ def test_calibration_scales_each_mode_on_each_shape_by_what_its_replays_measured
 def test_tables_round_trip_through_disk_and_a_wrong_or_broken_file_is_measured_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
     t = table()
     t.carveout, t.decode, t.decode_ref, t.calibration = {32: 1.2}, {"0|own": 1.0}, (8, 100), {"soft|0x0+8": 1.3}
+    t.host_split_ms = {"0x0+8": 3.0}
     save_table(str(tmp_path), t)
     loaded = load_table(str(tmp_path), "k")
     assert loaded == t and loaded.predict(PREFILL8, UNSPLIT) == t.predict(PREFILL8, UNSPLIT)  # type: ignore[union-attr]
     assert load_table(str(tmp_path), "other") is None
     data = json.loads((tmp_path / "k.json").read_text())
+    older = {k: v for k, v in data.items() if k != "host_split_ms"}  # kept before the split host time was measured
+    (tmp_path / "k.json").write_text(json.dumps(older))
+    assert load_table(str(tmp_path), "k") == dataclasses.replace(t, host_split_ms={})
     (tmp_path / "k.json").write_text(json.dumps({**data, "format": 0}))
     assert load_table(str(tmp_path), "k") is None
     (tmp_path / "k.json").write_text("{not json")
@@ -201,7 +221,7 @@ def test_the_predicted_search_is_never_slower_than_unsplit_and_is_deterministic(
 def test_pieces_measured_on_a_real_step_cover_the_program_and_price_its_cuts() -> None:
     """On the CPU (the step runs synchronously; the host's clock times each piece): every piece of the program
     is timed on a whole step of the shape and of each nano-batch, and the one-stream cut is priced as the sum."""
-    from nanoflow_fx.cost.tables import measure_shape
+    from nanoflow_fx.cost.tables import measure_shape, measure_split_host
     from tests.conftest import DEFAULT_CONFIG, optimized
 
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
@@ -222,6 +242,9 @@ def test_pieces_measured_on_a_real_step_cover_the_program_and_price_its_cuts() -
     assert got is not None and got.gpu_ms == pytest.approx(want)
     assert t.predict(shape, UNSPLIT).gpu_ms == pytest.approx(sum(t.pieces[shape_key(shape)].values()))  # type: ignore[union-attr]
     assert runtime.runner.split_policy is policy and runtime.channel.timer is None  # left as found
+    free = runtime.kv_cache.allocator.num_free
+    assert measure_split_host(runtime, model.config.vocab_size, shape, reps=2) > 0
+    assert runtime.runner.split_policy is policy and runtime.kv_cache.allocator.num_free == free  # left as found
 
 
 def test_a_shape_whose_pieces_cannot_be_timed_leaves_its_candidates_unpriced(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]

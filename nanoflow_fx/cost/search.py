@@ -266,9 +266,10 @@ def search_shape(space: Sequence[Candidate], replay: Callable[[Candidate], float
 def predict_candidates(runtime: Any, vocab_size: int, table: Any, shape: StepShape,
                        space: Sequence[Candidate]) -> dict[Candidate, Any]:
     """Every candidate's prediction, after measuring the nano-batch shapes the table lacks (and the shape's own
-    host time). Candidates the table cannot price (e.g. a share without decode timings) are left out."""
+    host time, unsplit and cut in two). Candidates the table cannot price (e.g. a share without decode timings)
+    are left out."""
     from nanoflow_fx.cost.profile import StepHarness
-    from nanoflow_fx.cost.tables import measure_shape, shape_key
+    from nanoflow_fx.cost.tables import measure_shape, measure_split_host, shape_key
 
     needed = {shape_key(s): s for c in space for s in table.missing(shape, c)}
     if shape_key(shape) not in table.host_ms:
@@ -283,6 +284,12 @@ def predict_candidates(runtime: Any, vocab_size: int, table: Any, shape: StepSha
             continue
         if part == shape:
             table.host_ms[key] = host_ms
+    if shape_key(shape) not in table.host_split_ms and shape.tokens > 1 and StepHarness.fits(runtime, shape):
+        try:
+            table.host_split_ms[shape_key(shape)] = measure_split_host(runtime, vocab_size, shape)
+        except Exception as err:  # noqa: BLE001 - the host cost of more nano-batches is then assumed (tables.py)
+            log.warning("nanoflow_fx: timing the host's issue of %s cut in two failed (%s: %s)", shape,
+                        type(err).__name__, err)
     found = {}
     for candidate in space:
         prediction = table.predict(shape, candidate)

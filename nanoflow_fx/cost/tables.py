@@ -11,17 +11,21 @@ by `table_key`: the model's configuration and dtype, the lowering, the device an
 - `carveout`: per SM share k, the dense pieces' time with the GEMMs' cuBLASLt carve-out of k SMs over their time
   without it;
 - `decode`: the decode rows' attention per SM share and kernel, for `decode_ref` = (decodes, context);
-- `host_ms`: the host's time to issue each tuned shape's unsplit step;
+- `host_ms`: the host's time to issue each tuned shape's unsplit step, and `host_split_ms` the same step cut in
+  two halves on one stream (`measure_split_host`): what one more nano-batch costs the host (not as much again: on
+  an H200, the 8B balanced step of 1056 tokens took 18.7 ms to issue unsplit and 28.2-29.9 ms cut in two on one
+  stream, RESULTS.md);
 - `calibration`: per tuned shape and unit mode, measured / predicted step time over the candidates the search
   replayed (the interference between units, and whatever else the model leaves out, measured rather than
   assumed); a shape not replayed yet takes its mode's median over the shapes that were (one factor per mode
   shared by all shapes was measured to be too coarse: a prefill step's factor mispriced a mixed step by 20%).
 
 Assumed, not measured (the calibration absorbs what they miss): a prefill row's attention on k of the GPU's S SMs
-takes S/k times its whole-GPU time (compute-bound); decode rows' attention time scales with their KV tokens; a
-step of n nano-batches costs the host n times the unsplit step's issue time ((n + m) / 2 times with the attention
-calls cut apart into m). (A later nano-batch of a prefill chunk is measured with the chunk's earlier tokens cached
-as its prefix, as the cut step runs it.)
+takes S/k times its whole-GPU time (compute-bound); decode rows' attention time scales with their KV tokens; every
+nano-batch past the first costs the host what the second one did (`host_split_ms - host_ms`; counted as (n + m) / 2
+nano-batches with the attention calls cut apart into m; without `host_split_ms`, n times the unsplit step's issue
+time). (A later nano-batch of a prefill chunk is measured with the chunk's earlier tokens cached as its prefix, as
+the cut step runs it.)
 
 `CostTable.predict(shape, candidate)`: the cut's Schedule (`program_runner.schedule_of`, from the program's
 shape kept in the table), simulated with those times (`schedule.simulate`); the step takes the longer of the GPU's
@@ -40,11 +44,11 @@ from typing import Any
 
 from nanoflow_fx.cost.search import Candidate, StepShape
 from nanoflow_fx.ops.backend import DecodeKernel
-from nanoflow_fx.runtime.program_runner import schedule_of
+from nanoflow_fx.runtime.program_runner import make_units, schedule_of
 from nanoflow_fx.schedule import NanoOp, simulate
 
-__all__ = ["CostTable", "Prediction", "decode_key", "load_table", "measure_carveout", "measure_shape", "mode_of",
-           "save_table", "shape_key", "subshapes", "table_key"]
+__all__ = ["CostTable", "Prediction", "decode_key", "load_table", "measure_carveout", "measure_shape",
+           "measure_split_host", "mode_of", "save_table", "shape_key", "subshapes", "table_key"]
 
 FORMAT = 2  # 2: calibration per (mode, shape)
 
@@ -103,6 +107,7 @@ class CostTable:
     decode: dict[str, float] = field(default_factory=dict)  # decode_key -> ms (one layer's call)
     decode_ref: tuple[int, int] = (0, 0)
     host_ms: dict[str, float] = field(default_factory=dict)  # shape_key -> ms
+    host_split_ms: dict[str, float] = field(default_factory=dict)  # shape_key -> ms, cut in two on one stream
     calibration: dict[str, float] = field(default_factory=dict)  # "mode|shape_key" -> measured / predicted
 
     # -- prediction ---------------------------------------------------------------------------------------------
@@ -121,7 +126,7 @@ class CostTable:
             return None
         whole = self.pieces[shape_key(shape)]
         # the host issues each dense piece once per dense nano-batch and each call once per attention nano-batch
-        host = self.host_ms[shape_key(shape)] * (len(parts) + len(attention_parts)) / 2
+        host = self.host_for(shape, (len(parts) + len(attention_parts)) / 2)
         if candidate.unsplit:
             gpu = sum(whole.values())
             busy: tuple[tuple[str, float], ...] = (("compute", gpu),)
@@ -159,6 +164,14 @@ class CostTable:
             overlap = timeline.concurrent_us("compute", "memory") / 1e3
         raw = max(gpu, host)
         return Prediction(gpu, host, raw, raw * self.factor(shape, mode_of(candidate)), busy, overlap)
+
+    def host_for(self, shape: StepShape, nanobatches: float) -> float:
+        """The host's ms to issue `shape` as `nanobatches` nano-batches (see the module docstring)."""
+        whole = self.host_ms[shape_key(shape)]
+        split = self.host_split_ms.get(shape_key(shape))
+        if split is None:
+            return whole * nanobatches
+        return whole + (nanobatches - 1) * max(0.0, split - whole)
 
     def _attention_on(self, part: StepShape, whole_ms: float, sms: int, kernel: DecodeKernel | None) -> float | None:
         """A nano-batch's attention call on a partition of `sms` SMs (see the module docstring's assumptions)."""
@@ -201,7 +214,7 @@ class CostTable:
         return {"format": FORMAT, "key": self.key, "kinds": [list(k[:3]) + [list(k[3])] for k in self.kinds],
                 "sms": self.sms, "pieces": self.pieces, "carveout": {str(k): v for k, v in self.carveout.items()},
                 "decode": self.decode, "decode_ref": list(self.decode_ref), "host_ms": self.host_ms,
-                "calibration": self.calibration}
+                "host_split_ms": self.host_split_ms, "calibration": self.calibration}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CostTable:
@@ -214,6 +227,7 @@ class CostTable:
                    {k: float(v) for k, v in data["decode"].items()},
                    (int(data["decode_ref"][0]), int(data["decode_ref"][1])),
                    {k: float(v) for k, v in data["host_ms"].items()},
+                   {k: float(v) for k, v in data.get("host_split_ms", {}).items()},  # (absent in older tables)
                    {k: float(v) for k, v in data["calibration"].items()})
 
 
@@ -250,18 +264,15 @@ def save_table(directory: str, table: CostTable) -> None:
 # -- measurement (on the device) ----------------------------------------------------------------------------------
 def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3) -> tuple[dict[str, float], float]:
     """Each piece's ms on a whole eager step of `shape` (median over `reps`), and the host's ms to issue the step
-    (planners' waits for the GPU excluded).
+    (`_issue_behind_sleep`; the fastest of `reps`: the host's noise only ever adds).
     On CUDA a sleep kernel queued first lets the host issue the whole step before the GPU reaches it, so the
     events between pieces time the GPU's work alone."""
-    import torch
-
-    from nanoflow_fx.cost.profile import StepHarness, issue_ms
+    from nanoflow_fx.cost.profile import StepHarness
     from nanoflow_fx.runtime.program_runner import PieceTimer
 
     runner, channel = runtime.runner, runtime.channel
     if channel is None:
         raise ValueError("piece times need a nano-batched configuration (the step lowered to a program)")
-    cuda = runtime.device.type == "cuda"
     harness = StepHarness(runtime, shape, vocab_size)
     saved = runner.split_policy
     runner.split_policy = None
@@ -270,12 +281,9 @@ def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3
     try:
         runner.run_eager(harness.chunks)
         for _ in range(reps):
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda._sleep(100_000_000)  # ~50 ms at 2 GHz: longer than the host takes to issue a step
-            channel.timer = PieceTimer(cuda)
+            channel.timer = PieceTimer(runtime.device.type == "cuda")
             try:
-                host.append(issue_ms(runner, lambda: runner.run_eager(harness.chunks)))
+                host.append(_issue_behind_sleep(runtime, lambda: runner.run_eager(harness.chunks)))
                 times = channel.timer.piece_ms()
             finally:
                 channel.timer = None
@@ -284,7 +292,39 @@ def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3
     finally:
         runner.split_policy = saved
         harness.release()
-    return {name: statistics.median(v) for name, v in samples.items()}, statistics.median(host)
+    return {name: statistics.median(v) for name, v in samples.items()}, min(host)
+
+
+def measure_split_host(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3) -> float:
+    """The host's ms to issue `shape`'s step cut in two halves on one stream (`host_split_ms`; the fastest of
+    `reps` after one warm-up, as `measure_shape` times the unsplit step's)."""
+    from nanoflow_fx.cost.profile import StepHarness
+    from nanoflow_fx.cost.search import policy_for
+
+    runner = runtime.runner
+    harness = StepHarness(runtime, shape, vocab_size)
+    saved = runner.split_policy
+    runner.split_policy = policy_for(Candidate((0.5,)), make_units)
+    try:
+        runner.run_eager(harness.chunks)
+        return min(_issue_behind_sleep(runtime, lambda: runner.run_eager(harness.chunks)) for _ in range(reps))
+    finally:
+        runner.split_policy = saved
+        harness.release()
+
+
+def _issue_behind_sleep(runtime: Any, step: Any) -> float:
+    """ms the host takes to issue `step()` (`cost.profile.issue_ms`: planners' waits excluded); on CUDA with a
+    sleep kernel queued first (~50 ms at 2 GHz: longer than the host takes to issue a step), so that the GPU's
+    work never holds the host up."""
+    import torch
+
+    from nanoflow_fx.cost.profile import issue_ms
+
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)
+    return issue_ms(runtime.runner, step)
 
 
 def measure_carveout(runtime: Any, vocab_size: int, shape: StepShape, shares: Sequence[int],
