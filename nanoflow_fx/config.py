@@ -52,7 +52,7 @@ class NanoFlowConfig:
     """Nano-batches an eager step is cut into (even sizes, on the units `sm_partition` names); decode steps replayed
     as CUDA graphs run whole. "auto": on CUDA, `optimize()` measures candidate cuts of two dense step shapes and
     keeps, per shape, the fastest, unless no cut beats the whole step by more than 1% (`nanoflow_fx.cost.autotune`;
-    15-21 s for an 8B model with an empty cache, 1.4 s with its cost table kept on disk); on the CPU every step
+    13-21 s for an 8B model with an empty cache, 1.1-1.4 s with its cost table kept on disk); on the CPU every step
     runs whole. Any value but 1 runs the step as a program of pieces that can be cut per step
     (`nanoflow_fx.capture.program`). Measured on an H100 and an H200 (README): no cut of the engine's dense steps
     beats the whole step, so 1 is the default: "auto" would add its search to `optimize()` and give up what makes
