@@ -59,21 +59,9 @@ def loop(fn: Any, n: int) -> Any:
 
 
 def timed(jobs: list[tuple[Any, Any, int]]) -> list[float]:
-    """Run each (fn, stream, carve-out SMs) at once from a common start; ms from the start to each one's end."""
-    start = torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(20_000_000)  # ~10 ms: every job is queued before the start fires (no launch skew)
-    start.record(torch.cuda.current_stream())
-    ends = []
-    for fn, stream, carve in jobs:
-        stream.wait_event(start)
-        with torch.cuda.stream(stream), sm_carveout(carve):
-            fn()
-        end = torch.cuda.Event(enable_timing=True)
-        end.record(stream)
-        ends.append(end)
-    torch.cuda.synchronize()
-    return [start.elapsed_time(e) for e in ends]
+    """Run each (fn, stream, carve-out SMs) once, all at once from a common start (`chunks_at_once`); ms from the
+    start to each one's end."""
+    return [ends[-1] for ends in chunks_at_once([(fn, 1, stream, carve) for fn, stream, carve in jobs])]
 
 
 class Sampler:

@@ -38,7 +38,8 @@ import hashlib
 import json
 import os
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,47 +268,49 @@ def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3
     (`_issue_behind_sleep`; the fastest of `reps`: the host's noise only ever adds).
     On CUDA a sleep kernel queued first lets the host issue the whole step before the GPU reaches it, so the
     events between pieces time the GPU's work alone."""
-    from nanoflow_fx.cost.profile import StepHarness
     from nanoflow_fx.runtime.program_runner import PieceTimer
 
-    runner, channel = runtime.runner, runtime.channel
+    channel = runtime.channel
     if channel is None:
         raise ValueError("piece times need a nano-batched configuration (the step lowered to a program)")
-    harness = StepHarness(runtime, shape, vocab_size)
-    saved = runner.split_policy
-    runner.split_policy = None
     samples: dict[str, list[float]] = {}
     host = []
-    try:
-        runner.run_eager(harness.chunks)
+    with _requests(runtime, vocab_size, shape, None) as step:
+        step()
         for _ in range(reps):
             channel.timer = PieceTimer(runtime.device.type == "cuda")
             try:
-                host.append(_issue_behind_sleep(runtime, lambda: runner.run_eager(harness.chunks)))
+                host.append(_issue_behind_sleep(runtime, step))
                 times = channel.timer.piece_ms()
             finally:
                 channel.timer = None
             for name, ms in times.items():
                 samples.setdefault(name, []).append(ms)
-    finally:
-        runner.split_policy = saved
-        harness.release()
     return {name: statistics.median(v) for name, v in samples.items()}, min(host)
 
 
 def measure_split_host(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3) -> float:
     """The host's ms to issue `shape`'s step cut in two halves on one stream (`host_split_ms`; the fastest of
     `reps` after one warm-up, as `measure_shape` times the unsplit step's)."""
-    from nanoflow_fx.cost.profile import StepHarness
     from nanoflow_fx.cost.search import policy_for
+
+    with _requests(runtime, vocab_size, shape, policy_for(Candidate((0.5,)), make_units)) as step:
+        step()
+        return min(_issue_behind_sleep(runtime, step) for _ in range(reps))
+
+
+@contextmanager
+def _requests(runtime: Any, vocab_size: int, shape: StepShape, policy: Any) -> Iterator[Callable[[], Any]]:
+    """`shape`'s requests on `runtime`'s cache (`cost.profile.StepHarness`) with the runner's split policy set to
+    `policy`; yields what runs one eager step of them. The pages and the policy are given back after."""
+    from nanoflow_fx.cost.profile import StepHarness
 
     runner = runtime.runner
     harness = StepHarness(runtime, shape, vocab_size)
     saved = runner.split_policy
-    runner.split_policy = policy_for(Candidate((0.5,)), make_units)
+    runner.split_policy = policy
     try:
-        runner.run_eager(harness.chunks)
-        return min(_issue_behind_sleep(runtime, lambda: runner.run_eager(harness.chunks)) for _ in range(reps))
+        yield lambda: runner.run_eager(harness.chunks)
     finally:
         runner.split_policy = saved
         harness.release()
