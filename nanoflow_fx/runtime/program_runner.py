@@ -31,6 +31,7 @@ cuBLAS on the whole GPU, "soft"), before the 1.4-8% that cutting a step costs it
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -43,7 +44,6 @@ import torch
 from nanoflow_fx.capture.program import StepProgram
 from nanoflow_fx.ops.backend import AttentionConfig, DecodeKernel, get
 from nanoflow_fx.ops.kv_write import write_kv
-from nanoflow_fx.ops.triton_gemm import partitioned_gemms
 from nanoflow_fx.passes.info import ATTENTION_OP
 from nanoflow_fx.runtime.streams import StreamAction, stream_actions
 from nanoflow_fx.schedule import NanoOp, OpGroup, Schedule, Split, validate
@@ -307,7 +307,7 @@ class ProgramRunner:
         use_units = units is not None and self._on_cuda(args)
         schedule, actions = _planned(program.schedule_key, record.boundaries, not use_units, attention)
         self.last_schedule = schedule
-        with partitioned_gemms(units.gemm_sms if units is not None else 0):  # (every matmul of the step: on the
+        with _partitioned_gemms(units.gemm_sms if units is not None else 0):  # (every matmul of the step: on the
             # GPU those are the compute unit's GEMMs; the attention kernels are not matmuls)
             if not use_units:
                 for op in schedule.ops:
@@ -465,3 +465,12 @@ def _map_names(structure: Any, env: Any) -> Any:
         return type(structure)(_map_names(s, env) for s in structure)
     return structure
 
+
+def _partitioned_gemms(num_sms: int) -> contextlib.AbstractContextManager[Any]:
+    """`ops.triton_gemm.partitioned_gemms(num_sms)`, importing Triton only for a "hard-triton" compute unit
+    (num_sms > 0): the CPU build of torch comes without Triton, and every other unit mode runs without it."""
+    if num_sms <= 0:
+        return contextlib.nullcontext()
+    from nanoflow_fx.ops.triton_gemm import partitioned_gemms
+
+    return partitioned_gemms(num_sms)
