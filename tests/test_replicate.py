@@ -106,6 +106,42 @@ def test_layers_that_differ_are_traced_whole() -> None:
                            reference.generate(ids, max_new_tokens=4, do_sample=False))
 
 
+def test_alike_layers_replicate_whatever_objects_they_hold(caplog: pytest.LogCaptureFixture) -> None:
+    """Modules held as plain attributes, one object per layer (transformers 5.25 gives every attention its own
+    kernel-function wrapper in `_kernel_funcs`), are compared by value: equal ones do not stop replication. One
+    whose value differs does, with a warning that names it (not a silent INFO-level fallback)."""
+
+    class Helper(torch.nn.Module):  # a parameter-free module, as the kernel wrappers are
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = factor
+
+    model = _deep("llama", 5)
+    for layer in model.model.layers:
+        layer.self_attn.__dict__["helpers"] = {"rotary": Helper(1.0)}  # a plain attribute, not a submodule
+    with caplog.at_level(logging.INFO, logger="nanoflow_fx.capture.replicate"):
+        stack = replicate.find_layer_stack(model, nanoflow_fx.optimize(model, DEFAULT_CONFIG).nanoflow.layers)
+    assert stack is not None and stack.period == 1 and model.nanoflow.step_fn.replicated is not None
+    assert not caplog.records
+
+    model.model.layers[3].self_attn.__dict__["helpers"]["rotary"].factor = 2.0
+    with caplog.at_level(logging.INFO, logger="nanoflow_fx.capture.replicate"):
+        assert replicate.find_layer_stack(model, model.nanoflow.layers) is None
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "layers 0 and 3" in warning[0].getMessage()
+    assert "`self_attn.helpers`" in warning[0].getMessage()
+
+
+def test_layers_without_a_period_are_traced_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Layers whose attention differs with no period (Qwen-2's first layers global, the rest sliding) are a model
+    that cannot replicate: INFO, not a warning."""
+    qwen = _deep("qwen2", 6, use_sliding_window=True, sliding_window=3, max_window_layers=2)
+    layers = nanoflow_fx.optimize(qwen, DEFAULT_CONFIG).nanoflow.layers
+    with caplog.at_level(logging.INFO, logger="nanoflow_fx.capture.replicate"):
+        assert replicate.find_layer_stack(qwen, layers) is None
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+
+
 def test_a_failed_replication_traces_every_layer(monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
@@ -217,7 +253,7 @@ def test_a_hook_that_differs_per_layer_keeps_every_layer_traced(monkeypatch: pyt
     assert model.nanoflow.step_fn.replicated is None
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), want)
 
-    monkeypatch.setattr(replicate, "_signature", lambda *args: "alike")  # the signatures miss the hooks
+    monkeypatch.setattr(replicate, "_attributes", lambda *args: [])  # the signatures miss the hooks
     model = nanoflow_fx.optimize(hooked(), DEFAULT_CONFIG)
     assert replicate.find_layer_stack(model, model.nanoflow.layers) is not None
     assert model.nanoflow.step_fn.replicated is None  # refused by the node-for-node check

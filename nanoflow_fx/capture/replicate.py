@@ -20,8 +20,10 @@ each checked against the one before) and extends the traced ATen graph to all N 
    values of the layers before it. The epilogue then reads layer N-1.
 
 Which layers repeat is decided before tracing (`find_layer_stack`): same class and submodule classes, the same
-attributes (but `layer_idx`) with equal values, the same hooks, the same parameter and buffer layout (shapes, strides,
-dtypes, which share a storage), the same attention configuration. The result is the graph a full trace gives, up to node
+attributes (but `layer_idx`) with equal values (parameter-free modules held as plain attributes, such as
+transformers' per-layer kernel-function wrappers, compared by their own attributes), the same hooks, the same
+parameter and buffer layout (shapes, strides, dtypes, which share a storage), the same attention configuration.
+Layers alike in modules and parameters whose attributes differ are logged as a warning naming the attribute. The result is the graph a full trace gives, up to node
 names; `optimize()` checks it against the eager model like any capture, and any surprise (`NotReplicable`) falls back to
 tracing every layer.
 """
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 _MODEL, _METADATA = "L['model']", "L['metadata']"  # the step function's argument names, as Dynamo's sources say
 _PROLOGUE, _EPILOGUE = -1, -2  # regions of nodes outside the layers (shared by all layers / after the last one)
 _SMALL_TENSOR = 4096  # plain tensor attributes up to this many elements are compared by value, larger by identity
+_MAX_DEPTH = 4  # modules held as plain attributes are compared by value this deep (then by identity)
 
 
 class NotReplicable(Exception):
@@ -105,11 +108,19 @@ def find_layer_stack(model: torch.nn.Module, attention: Sequence[Any]) -> LayerS
             continue
         if not all(_indexed(layer, i) for i, layer in enumerate(module)):
             continue
-        signatures = [_signature(layer, i, attention[i]) for i, layer in enumerate(module)]
-        period = next((p for p in range(1, n // 2 + 1)
-                       if all(signatures[i] == signatures[i % p] for i in range(n))), None)
+        structures = [_structure(layer, attention[i]) for i, layer in enumerate(module)]
+        signatures = [(structures[i], _attributes(layer, i)) for i, layer in enumerate(module)]
+        period = _period(signatures)
         if period is None:
-            log.info("nanoflow_fx: the layers of %s do not repeat; every layer is traced", path)
+            alike = _period(structures)
+            if alike is None:
+                log.info("nanoflow_fx: the layers of %s do not repeat; every layer is traced", path)
+            else:  # same modules and parameters, yet an attribute differs: a model this should have served
+                i = next(i for i in range(n) if signatures[i] != signatures[i % alike])
+                log.warning("nanoflow_fx: layers %d and %d of %s have the same modules and parameters but differ in "
+                            "%s, so every layer is traced (slower optimize(), same results); if that attribute "
+                            "does not change what the layer computes, please report it", i % alike, i, path,
+                            _first_difference(signatures[i % alike][1], signatures[i][1]))
             return None
         traced = 3 * period + (n - 3 * period) % period  # two periods checked against their predecessors
         if traced >= n:
@@ -124,8 +135,15 @@ def _indexed(layer: torch.nn.Module, index: int) -> bool:
     return bool(indices) and all(i == index for i in indices)
 
 
-def _signature(layer: torch.nn.Module, index: int, attention: Any) -> str:
-    """What the traced graph of `layer` depends on besides its tensors' values (see the module docstring)."""
+def _period(signatures: Sequence[Any]) -> int | None:
+    """The smallest p <= n/2 with signatures[i] == signatures[i % p] for every i, or None."""
+    n = len(signatures)
+    return next((p for p in range(1, n // 2 + 1) if all(signatures[i] == signatures[i % p] for i in range(n))), None)
+
+
+def _structure(layer: torch.nn.Module, attention: Any) -> list[Any]:
+    """The layer's attention configuration, module classes and parameter/buffer layout (shapes, strides, dtypes,
+    which share a storage)."""
     parts: list[Any] = [repr(attention)]
     storages: dict[int, int] = {}
     for name, t in itertools.chain(layer.named_parameters(remove_duplicate=False),
@@ -133,33 +151,61 @@ def _signature(layer: torch.nn.Module, index: int, attention: Any) -> str:
         storage = storages.setdefault(t.untyped_storage().data_ptr(), len(storages))
         parts.append((name, type(t).__name__, tuple(t.shape), t.stride(), str(t.dtype), str(t.device),
                       t.storage_offset(), storage, t.requires_grad))
-    for path, module in layer.named_modules(remove_duplicate=False):
-        parts.append((path, type(module).__module__, type(module).__qualname__))
-        for key, value in sorted(vars(module).items()):
-            if key in ("_parameters", "_buffers", "_modules") or (key == "layer_idx" and value == index):
-                continue
-            if "hooks" in key and isinstance(value, dict):  # keyed by handle ids, unique per registration
-                value = list(value.values())
-            parts.append((path, key, _value_key(value)))
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
+    parts.extend((path, type(m).__module__, type(m).__qualname__) for path, m in layer.named_modules(
+        remove_duplicate=False))
+    return parts
 
 
-def _value_key(value: Any) -> Any:
-    """A comparable stand-in for an attribute: equal for equal plain values, identity for other objects."""
+def _attributes(layer: torch.nn.Module, index: int) -> list[Any]:
+    """Every other attribute of the layer's modules, by value (`_value_key`), but its own `layer_idx`."""
+    return [(path, key, value) for path, module in layer.named_modules(remove_duplicate=False)
+            for key, value in _module_state(module, index)]
+
+
+def _module_state(module: torch.nn.Module, index: int | None, depth: int = 0) -> list[tuple[str, Any]]:
+    """(attribute, `_value_key`) for a module's attributes other than its parameters, buffers and submodules."""
+    state = []
+    for key, value in sorted(vars(module).items()):
+        if key in ("_parameters", "_buffers", "_modules") or (key == "layer_idx" and value == index):
+            continue
+        if "hooks" in key and isinstance(value, dict):  # keyed by handle ids, unique per registration
+            value = list(value.values())
+        state.append((key, _value_key(value, depth)))
+    return state
+
+
+def _first_difference(a: list[Any], b: list[Any]) -> str:
+    """The first (module path, attribute) at which two `_attributes` lists differ, for the log."""
+    for x, y in itertools.zip_longest(a, b):
+        if x != y:
+            path, key = (x or y)[:2]
+            return f"`{path + '.' if path else ''}{key}`"
+    return "nothing"
+
+
+def _value_key(value: Any, depth: int = 0) -> Any:
+    """A comparable stand-in for an attribute: equal for equal plain values; a module held as a plain attribute
+    (not a submodule; e.g. transformers' per-layer kernel-function wrappers) by its class and its own attributes'
+    values; other objects by identity."""
     if value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype, torch.device)):
         return (type(value).__name__, value)
     if isinstance(value, (tuple, list, frozenset, set)):
-        items = [_value_key(v) for v in value]
+        items = [_value_key(v, depth) for v in value]
         return (type(value).__name__, sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items)
     if isinstance(value, dict):
-        return ("dict", sorted(((repr(k), _value_key(v)) for k, v in value.items()), key=repr))
+        return ("dict", sorted(((repr(k), _value_key(v, depth)) for k, v in value.items()), key=repr))
     if isinstance(value, torch.Tensor):
         if value.numel() <= _SMALL_TENSOR and value.device.type != "meta":
             data = value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
             return ("tensor", tuple(value.shape), str(value.dtype), hashlib.sha256(data).hexdigest())
         return ("tensor", id(value))
     if isinstance(value, functools.partial):  # e.g. an activation's partial(gelu, approximate=...), one per layer
-        return ("partial", _value_key(value.func), _value_key(value.args), _value_key(value.keywords))
+        return ("partial", _value_key(value.func, depth), _value_key(value.args, depth),
+                _value_key(value.keywords, depth))
+    if isinstance(value, torch.nn.Module) and depth < _MAX_DEPTH and not value._parameters and not value._buffers:
+        # (one with weights of its own is a layer's state: identity, as before)
+        modules = [(k, _value_key(m, depth + 1)) for k, m in value._modules.items()]
+        return ("module", id(type(value)), _module_state(value, None, depth + 1), modules)
     return ("object", type(value).__qualname__, id(value))
 
 
