@@ -23,9 +23,9 @@ Which layers repeat is decided before tracing (`find_layer_stack`): same class a
 attributes (but `layer_idx`) with equal values (parameter-free modules held as plain attributes, such as
 transformers' per-layer kernel-function wrappers, compared by their own attributes), the same hooks, the same
 parameter and buffer layout (shapes, strides, dtypes, which share a storage), the same attention configuration.
-Layers alike in modules and parameters whose attributes differ are logged as a warning naming the attribute. The result is the graph a full trace gives, up to node
-names; `optimize()` checks it against the eager model like any capture, and any surprise (`NotReplicable`) falls back to
-tracing every layer.
+Layers alike in modules and parameters whose attributes differ are logged as a warning naming the attribute.
+The result is the graph a full trace gives, up to node names; `optimize()` checks it against the eager model like
+any capture, and any surprise (`NotReplicable`) falls back to tracing every layer.
 """
 
 from __future__ import annotations
