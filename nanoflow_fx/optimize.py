@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
+import inspect
 import logging
 import os
 import time
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -87,9 +90,10 @@ class NanoFlowRuntime:
         self.tunings: list[Any] = []  # num_nanobatches="auto": what the schedule search measured (cost.search)
         self.decode_timings: list[DecodeTiming] = []  # and the memory unit's decode kernels per SM share
         self.cost_table: CostTable | None = None  # and the times it predicted the candidates from (cost.tables)
+        config, channel = self.config, self.channel  # (not `self`: the step would hold its runtime in a cycle)
         self.step_fn = StepFunction(
             model, lambda on_graph, on_lowered, skip_run, expand=None: backend(
-                self.config, on_graph, self.channel, on_lowered, skip_run, expand),
+                config, on_graph, channel, on_lowered, skip_run, expand),
             _step_store(model, self.config, self.attention_backend.name),
             find_layer_stack(model, self.layers) if self.config.replicate_layers and self.device.type != "meta"
             else None)
@@ -197,10 +201,31 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
         model.set_attn_implementation(original_attention)
         raise
     model.nanoflow = runtime  # type: ignore[assignment]
-    model.generate = types.MethodType(_generate, model)  # type: ignore[method-assign]
-    model.generate_batch = types.MethodType(_generate_batch, model)  # type: ignore[method-assign]
-    model.init_continuous_batching = types.MethodType(_init_continuous_batching, model)  # type: ignore[method-assign]
+    model.generate = _ModelMethod(_generate, model)  # type: ignore[method-assign]
+    model.generate_batch = _ModelMethod(_generate_batch, model)  # type: ignore[method-assign]
+    model.init_continuous_batching = _ModelMethod(_init_continuous_batching, model)  # type: ignore[method-assign]
     return model
+
+
+class _ModelMethod:
+    """`model.generate` and the others `optimize()` sets on the model: `function` bound to the model through a weak
+    reference. A bound method kept in the model's own `__dict__` would put the model in a reference cycle, and
+    dropping the model would free it (its KV cache, its weights) only when the garbage collector next ran."""
+
+    def __init__(self, function: Callable[..., Any], model: PreTrainedModel) -> None:
+        functools.update_wrapper(self, function)
+        self.__func__, self._model = function, weakref.ref(model)
+        self.__signature__ = inspect.signature(types.MethodType(function, model))  # without `self`
+
+    @property
+    def __self__(self) -> PreTrainedModel | None:
+        return self._model()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self._model()
+        if model is None:
+            raise ReferenceError(f"the model of {self.__func__.__name__} was deleted")
+        return self.__func__(model, *args, **kwargs)
 
 
 def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> None:
@@ -357,6 +382,9 @@ def _pages_from_memory(runtime: NanoFlowRuntime) -> int:
     """KV pages that fit in `kv_cache_memory_fraction` of the GPU once weights and the largest step's
     activations are counted: the step is run once (a full `max_num_tokens` step) and its peak measured."""
     cfg, device = runtime.config, runtime.device
+    # Memory of dropped objects still in reference cycles (a dropped optimized model is not: it frees its runtime
+    # at once; other objects of the caller may be) is reclaimed first, so the cache is sized from what is free.
+    gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     vocab = runtime.step_fn.model.get_output_embeddings().weight.shape[0]
@@ -536,8 +564,14 @@ def _start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: floa
     if stand_in is None:
         return False
     backend = runtime.attention_backend.name
+    # The runner keeps `switch`, and the runtime keeps the runner: weak references, or the runtime (and its KV
+    # cache) would outlive the dropped model until the garbage collector ran.
+    runtime_ref, model_ref = weakref.ref(runtime), weakref.ref(model)
 
     def switch(runner: StepRunner) -> bool:
+        runtime, model = runtime_ref(), model_ref()
+        if runtime is None or model is None:
+            return False
         started = time.perf_counter()
         preparation.wait()
         keep = None

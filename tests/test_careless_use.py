@@ -182,9 +182,10 @@ def test_a_dropped_or_reoptimized_model_frees_its_runtime_and_weights(layers: in
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Dynamo keeps compiled steps in caches the garbage collector cannot see into; nothing there may hold the
     model, its runtime or its KV cache (they leaked for the process's life: a second optimize() of an 8B model
-    on an H100 ran out of memory). And a second optimize() frees the old KV cache before it allocates its own,
-    which it sizes from the free memory (the old runtime sits in reference cycles: without the collector's help
-    it would still be alive then; automatic collection is off here so that it cannot hide that)."""
+    on an H100 ran out of memory). A second optimize() frees the old KV cache before it allocates its own, which
+    it sizes from the free memory. And an optimized model is in no reference cycle: dropping it frees its KV
+    cache and weights at once, not at the collector's next run (on an H200, optimizing one model after another
+    found the previous KV cache still held). Automatic collection is off here so that it cannot hide either."""
     import gc
     import weakref
 
@@ -205,11 +206,63 @@ def test_a_dropped_or_reoptimized_model_frees_its_runtime_and_weights(layers: in
     gc.disable()
     try:
         nanoflow_fx.optimize(model, DEFAULT_CONFIG)  # replaces the runtime
+        assert old_alive and not any(old_alive)
+        assert first() is None
+        second, weights = weakref.ref(model.nanoflow.kv_cache), weakref.ref(model.lm_head.weight)
+        del model
+        assert second() is None and weights() is None
     finally:
         gc.enable()
-    assert old_alive and not any(old_alive)
-    assert first() is None
-    second, weights = weakref.ref(model.nanoflow.kv_cache), weakref.ref(model.lm_head.weight)
-    del model
+
+
+@pytest.mark.parametrize("changes", [{}, {"num_nanobatches": 2}], ids=["whole", "nanobatched"])
+def test_a_model_used_every_way_is_freed_at_once_when_dropped(changes: dict[str, object]) -> None:
+    """After generate(), generate_batch() and a manager's run (and with nano-batches, whose pieces and channel are
+    the runtime's), dropping the model (and the manager, which holds it as transformers' does) frees its KV cache
+    and weights by reference counting alone."""
+    import gc
+    import weakref
+
+    model = nanoflow_fx.optimize(build("llama"), dataclasses.replace(DEFAULT_CONFIG, **changes))
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    model.generate(ids, max_new_tokens=3, do_sample=False)
+    model.generate_batch([[5, 6, 7], [8, 9]], max_new_tokens=3)
+    manager = model.init_continuous_batching()
+    manager.start()
+    manager.add_request([5, 6, 7], max_new_tokens=3)
+    assert manager.get_result(timeout=60) is not None
+    manager.stop(block=True, timeout=60)
+    kv, weights = weakref.ref(model.nanoflow.kv_cache), weakref.ref(model.lm_head.weight)
     gc.collect()
-    assert second() is None and weights() is None
+    gc.disable()
+    try:
+        del model, manager
+        assert kv() is None and weights() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.cuda
+def test_models_optimized_one_after_another_free_the_gpu_at_once() -> None:
+    """The issue's case on a GPU: small models optimized one after another in one process, each dropped before the
+    next, each KV cache sized from the free memory (num_pages=None: ~90% of the GPU). Each drop must give the
+    memory back at once (automatic collection off), and every optimize() must find it free."""
+    import gc
+
+    config = nanoflow_fx.NanoFlowConfig(max_batch_size=8, max_seq_len=96, page_size=16)
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0), device="cuda")
+    gc.collect()
+    total = torch.cuda.mem_get_info()[1]
+    for i, family in enumerate(["llama", "gemma2", "llama"]):
+        before = torch.cuda.memory_allocated()
+        model = nanoflow_fx.optimize(build(family, dtype=torch.bfloat16, device="cuda"), config)
+        assert model.nanoflow.kv_cache.num_bytes > 0.5 * total  # sized from the memory the last one freed
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+        model.generate_batch([[5, 6, 7]], max_new_tokens=3)
+        gc.disable()
+        try:
+            del model
+            left = torch.cuda.memory_allocated() - before
+        finally:
+            gc.enable()
+        assert left < 0.01 * total, f"model {i} ({family}) left {left / 2**30:.2f} GiB allocated after its drop"

@@ -314,3 +314,27 @@ def test_wait_until_ready_switches_at_once(gated: GatedBackend) -> None:
     assert model.nanoflow.runner.interim is None and gated.planned_steps == 1  # the switch's check, no step yet
     ids = _ids()
     assert torch.equal(_generate(model, ids, 3), _hf(ids, 3))
+
+
+def test_a_dropped_model_on_the_interim_kernel_is_freed_at_once(gated: GatedBackend) -> None:
+    """The runner keeps the switch to the backend (which checks the backend's step on the model): that must not
+    keep the runtime or the model alive once the model is dropped, before or after the switch."""
+    import gc
+    import weakref
+
+    for switched in (False, True):
+        model = nanoflow_fx.optimize(build("llama"), DEFAULT_CONFIG)
+        assert model.nanoflow.runner.interim is not None
+        _generate(model, _ids(), 2)
+        if switched:
+            gated.gate.set()
+            model.nanoflow.wait_until_ready()
+            assert model.nanoflow.runner.interim is None
+        kv, weights = weakref.ref(model.nanoflow.kv_cache), weakref.ref(model.lm_head.weight)
+        gc.collect()
+        gc.disable()
+        try:
+            del model
+            assert kv() is None and weights() is None, f"switched={switched}"
+        finally:
+            gc.enable()

@@ -41,7 +41,10 @@ class StepFunction:
         """`make_backend(on_graph, on_lowered, skip_run, expand=None)` returns the torch.compile backend to capture
         with. With a `stack`, the first capture traces its first layers only and replicates them
         (`capture.replicate`): `replicated` runs it; a call it does not serve goes through Dynamo."""
-        self.model = model
+        # Weakly: the model holds its runtime (`model.nanoflow`), which holds this step; a strong reference back
+        # would put the model in a reference cycle, so dropping it would free its KV cache and weights only when
+        # the garbage collector next ran, not at once.
+        self._model = weakref.ref(model)
         self.make_backend = make_backend
         self.stack = stack
         self.replicated: LoadedStep | None = None  # the step traced with `stack` truncated, then replicated
@@ -62,6 +65,13 @@ class StepFunction:
         compile_backend = make_backend(*self._weak_sinks())
         self._compiled = torch.compile(fn, backend=compile_backend, fullgraph=True, dynamic=False,
                                        options={"guard_filter_fn": _drop_registry_guards})
+
+    @property
+    def model(self) -> PreTrainedModel:
+        model = self._model()
+        if model is None:
+            raise ReferenceError("the model of this nanoflow step was deleted")
+        return model
 
     def _weak_sinks(self) -> tuple[Callable[..., None], Callable[..., None], Callable[[], bool]]:
         """(on_graph, on_lowered, skip_run) for a compile backend, reaching this object through a weak reference.
