@@ -83,6 +83,7 @@ class NanoFlowRuntime:
         self.cache_sized = False  # the KV cache is the one it keeps (CUDA graphs are captured on it)
         self.config = _resolve(config, model, self.device, self.dtype)
         self.layout = relayout()
+        self.follow_model = _model_follower(model, self.dtype, self.device, self.layout)
         # Nano-batched configurations run the step as a program of pieces that can be cut per step; each cut
         # step's record reaches the program through this channel.
         self.channel = StepChannel() if self.config.num_nanobatches != 1 else None
@@ -111,7 +112,7 @@ class NanoFlowRuntime:
                                  self.attention_configs, self.channel, self.split_policy)
         if previous is not None:  # steps on a stand-in kernel until the backend's are built (`_start_interim`)
             self.runner.carry_interim(previous)
-        self.engine = Engine(self.runner, self.config)
+        self.engine = Engine(self.runner, self.config, before_new_requests=self.follow_model)
 
     def wait_until_ready(self) -> bool:
         """Wait until steps run on the chosen attention backend: its kernels built (FlashInfer's JIT build, on a
@@ -347,7 +348,14 @@ def _resolve(config: NanoFlowConfig, model: PreTrainedModel, device: torch.devic
     if dtype == torch.float64 and config.attention_backend in ("triton", "flashinfer"):
         raise NanoFlowError(f"attention_backend={config.attention_backend!r} does not take float64 models; "
                             "use 'torch' (or 'auto'), or run the model in float32")
-    max_seq_len = config.max_seq_len or getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if config.max_seq_len is not None and positions is not None and config.max_seq_len > positions:
+        raise NanoFlowError(
+            f"NanoFlowConfig.max_seq_len={config.max_seq_len} exceeds {type(model).__name__}'s "
+            f"max_position_embeddings={positions}: a longer request would read positions the model does not have; "
+            f"set max_seq_len <= {positions} (or None), or raise the model's config.max_position_embeddings if "
+            "its position encoding extends further (e.g. scaled RoPE)")
+    max_seq_len = config.max_seq_len or positions
     on_cuda = device.type == "cuda"
     budget = config.max_num_tokens
     if budget == "auto":
@@ -450,14 +458,31 @@ def _runtime(model: PreTrainedModel) -> NanoFlowRuntime:
     if runtime is None:
         raise NanoFlowError(f"this {type(model).__name__} is a copy of a model optimized by nanoflow_fx; its KV cache "
                             "and captured step stayed with the original: call nanoflow_fx.optimize() on the copy")
-    param = next(model.parameters())
-    if param.dtype != runtime.dtype or param.device != runtime.device:
-        raise NanoFlowError(
-            f"the model moved from {runtime.dtype} on {runtime.device} to {param.dtype} on {param.device} after "
-            "nanoflow_fx.optimize(); its KV cache and captured step are for the old ones: call "
-            "nanoflow_fx.optimize(model) again")
-    runtime.layout.restore()  # parameters replaced (load_state_dict(assign=True), .to(), ...): re-lay them out
+    runtime.follow_model()
     return runtime
+
+
+def _model_follower(model: PreTrainedModel, dtype: torch.dtype, device: torch.device,
+                    layout: FusedLayout) -> Callable[[], None]:
+    """What is checked before requests run on the model (each generate() call, each step that takes new requests
+    of the engine, so also the manager's): the model must still have the dtype and device it was optimized for
+    (else: call optimize() again), and parameters replaced since (`load_state_dict(..., assign=True)`,
+    `p.data = new`) are laid out again as the captured step reads them. Holds the model weakly (no cycle)."""
+    model_ref = weakref.ref(model)
+
+    def follow() -> None:
+        model = model_ref()
+        if model is None:
+            raise ReferenceError("the optimized model was deleted")
+        param = next(model.parameters())
+        if param.dtype != dtype or param.device != device:
+            raise NanoFlowError(
+                f"the model moved from {dtype} on {device} to {param.dtype} on {param.device} after "
+                "nanoflow_fx.optimize(); its KV cache and captured step are for the old ones: call "
+                "nanoflow_fx.optimize(model) again")
+        layout.restore()
+
+    return follow
 
 
 @contextmanager

@@ -118,6 +118,63 @@ def test_replaced_parameters_are_laid_out_again() -> None:
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
 
 
+def _manager_tokens(manager: object, prompts: list[list[int]], new: int) -> list[object]:
+    """Each prompt through a running manager, one after another: its result (status, tokens, error)."""
+    results = []
+    for prompt in prompts:
+        rid = manager.add_request(prompt, max_new_tokens=new)  # type: ignore[attr-defined]
+        result = manager.get_result(request_id=rid, timeout=60)  # type: ignore[attr-defined]
+        assert result is not None, "no result within 60 s"
+        results.append(result)
+    return results
+
+
+def test_a_running_manager_follows_replaced_parameters() -> None:
+    """A manager started before the weights change (load_state_dict(assign=True), p.data = new) answers with the
+    new weights, as generate() does; it failed every request ('setStorage ... out of bounds') and its thread died."""
+    model, prompts = _fresh(), [[5, 6, 7, 8], [9, 10, 11]]
+    other = build("llama", seed=1)
+    want = [other.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]
+    manager = model.init_continuous_batching()
+    manager.start()
+    try:
+        _manager_tokens(manager, prompts[:1], 2)  # running on the old weights
+        model.load_state_dict(other.state_dict(), assign=True)
+        got = _manager_tokens(manager, prompts, 4)
+        assert [r.generated_tokens for r in got] == want and all(r.error is None for r in got)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()  # new storage for every parameter (the fused linears' too)
+        assert [r.generated_tokens for r in _manager_tokens(manager, prompts, 4)] == want
+        assert manager.is_running()
+    finally:
+        manager.stop(block=True, timeout=60)
+
+
+def test_a_manager_says_to_optimize_again_after_the_model_moved() -> None:
+    model = _fresh()
+    manager = model.init_continuous_batching()
+    manager.start()
+    try:
+        _manager_tokens(manager, [[5, 6, 7]], 2)
+        model.to(torch.bfloat16)
+        (result,) = _manager_tokens(manager, [[5, 6, 7]], 2)
+        assert result.error is not None and "call nanoflow_fx.optimize(model) again" in result.error
+        assert "moved from torch.float32" in result.error
+    finally:
+        manager.stop(block=True, timeout=60)
+
+
+def test_max_seq_len_beyond_the_models_positions_is_refused() -> None:
+    """GPT-2's learned position table has 64 rows here: a request past it raised a raw IndexError mid-batch."""
+    with pytest.raises(nanoflow_fx.NanoFlowError, match=r"max_seq_len=128 exceeds GPT2LMHeadModel's "
+                                                       r"max_position_embeddings=64.*set max_seq_len <= 64"):
+        nanoflow_fx.optimize(build("gpt2", n_positions=64), dataclasses.replace(DEFAULT_CONFIG, max_seq_len=128))
+    model = nanoflow_fx.optimize(build("gpt2", n_positions=64), dataclasses.replace(DEFAULT_CONFIG, max_seq_len=None))
+    assert model.nanoflow.config.max_seq_len == 64
+
+
 def test_a_deep_copy_says_to_optimize_it_and_the_original_still_works() -> None:
     model, ids = _fresh(), torch.randint(3, VOCAB, (1, 6))
     want = reference("llama").generate(ids, max_new_tokens=5, do_sample=False)

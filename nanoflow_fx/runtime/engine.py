@@ -88,9 +88,14 @@ class _Readback:
 class Engine:
     """One optimized model's continuous-batching engine (see the module docstring)."""
 
-    def __init__(self, runner: StepRunner, config: NanoFlowConfig, reserve_ratio: float | None = None) -> None:
-        """`reserve_ratio`: see `SchedulerLimits`; None adapts it to how much finished requests generated."""
+    def __init__(self, runner: StepRunner, config: NanoFlowConfig, reserve_ratio: float | None = None,
+                 before_new_requests: Callable[[], None] | None = None) -> None:
+        """`reserve_ratio`: see `SchedulerLimits`; None adapts it to how much finished requests generated.
+        `before_new_requests`: run (in the stepping thread, under the lock) by each step that takes newly added
+        requests, before it schedules: the runtime checks there that the model was not moved or changed since
+        `optimize()` (an error then ends the step's callers' requests with it)."""
         self.runner, self.config = runner, config
+        self.before_new_requests = before_new_requests
         self.kv_cache = runner.kv_cache
         self.vocab_size = runner.step_fn.model.get_input_embeddings().weight.shape[0]
         allocator = self.kv_cache.allocator
@@ -193,6 +198,8 @@ class Engine:
                 self.stats.step_s += time.perf_counter() - start
 
     def _step(self) -> None:
+        if self._inbox and self.before_new_requests is not None:
+            self.before_new_requests()
         self._take_inbox()
         self._resolve(block=False)
         plan = schedule(self.running, self.waiting, self.kv_cache.allocator.num_free, self.limits)
