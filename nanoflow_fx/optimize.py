@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import gc
@@ -11,8 +12,7 @@ import os
 import time
 import types
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -192,6 +192,7 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
         begin = time.perf_counter()
         model.eval()
         hf_attention.register()
+        hf_attention.PLAIN.set(model.config, _plain_choice(model, original_attention))
         model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
         _use_static_experts(model)
         runtime = NanoFlowRuntime(model, config, original_attention, relayout)
@@ -205,6 +206,7 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
     model.generate = _ModelMethod(_generate, model)  # type: ignore[method-assign]
     model.generate_batch = _ModelMethod(_generate_batch, model)  # type: ignore[method-assign]
     model.init_continuous_batching = _ModelMethod(_init_continuous_batching, model)  # type: ignore[method-assign]
+    model.set_attn_implementation = _ModelMethod(_set_attn_implementation, model)  # type: ignore[method-assign]
     return model
 
 
@@ -221,6 +223,10 @@ class _ModelMethod:
     @property
     def __self__(self) -> PreTrainedModel | None:
         return self._model()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ModelMethod:
+        """Bound to the copy of the model (as a deep-copied bound method is)."""
+        return _ModelMethod(self.__func__, copy.deepcopy(self._model(), memo))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model = self._model()
@@ -431,7 +437,7 @@ def _teardown(model: PreTrainedModel) -> None:
     dropping the model's reference alone left it, and ~all of the GPU's memory, to whenever Python's cycle
     collector next ran."""
     runtime = getattr(model, "nanoflow", None)
-    for name in ("generate", "generate_batch", "init_continuous_batching", "nanoflow"):
+    for name in ("generate", "generate_batch", "init_continuous_batching", "set_attn_implementation", "nanoflow"):
         model.__dict__.pop(name, None)
     if isinstance(runtime, NanoFlowRuntime):
         model.set_attn_implementation(runtime.original_attention)
@@ -458,6 +464,8 @@ def _runtime(model: PreTrainedModel) -> NanoFlowRuntime:
     if runtime is None:
         raise NanoFlowError(f"this {type(model).__name__} is a copy of a model optimized by nanoflow_fx; its KV cache "
                             "and captured step stayed with the original: call nanoflow_fx.optimize() on the copy")
+    if model.config._attn_implementation != hf_attention.ATTN_IMPLEMENTATION:  # set behind our back (the config)
+        _set_attn_implementation(model, model.config._attn_implementation)
     runtime.follow_model()
     return runtime
 
@@ -485,19 +493,32 @@ def _model_follower(model: PreTrainedModel, dtype: torch.dtype, device: torch.de
     return follow
 
 
-@contextmanager
-def _nanoflow_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run with nanoflow's attention even if the user switched the model to another one after optimize()
-    (the plain forward keeps the user's choice)."""
-    chosen = model.config._attn_implementation
-    if chosen == hf_attention.ATTN_IMPLEMENTATION:
-        yield
+def _plain_choice(model: PreTrainedModel, requested: str | None) -> str:
+    """The plain forward's attention for a requested implementation (`hf_attention.PlainAttention`)."""
+    plain = requested if requested in hf_attention.PLAIN_ATTENTION else "eager"
+    if plain == "sdpa" and not getattr(model, "_supports_sdpa", False):
+        plain = "eager"
+    if plain != requested and requested != hf_attention.ATTN_IMPLEMENTATION:
+        log.info("nanoflow_fx: %s's plain forward runs on eager attention beside nanoflow's step (%r is not one of "
+                 "%s)", type(model).__name__, requested, hf_attention.PLAIN_ATTENTION)
+    return plain
+
+
+def _set_attn_implementation(self: PreTrainedModel, attn_implementation: str) -> None:
+    """transformers' `set_attn_implementation` after `optimize()`: it sets the plain forward's attention ("eager"
+    or "sdpa"; others run it on eager attention); generate(), generate_batch and the manager keep nanoflow's
+    step. The config keeps naming "nanoflow": nothing is flipped per call."""
+    if not isinstance(attn_implementation, str):
+        raise NanoFlowError("after nanoflow_fx.optimize(), set_attn_implementation takes one implementation name "
+                            f"for the whole model, got {attn_implementation!r}")
+    if attn_implementation == hf_attention.ATTN_IMPLEMENTATION:
         return
-    model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(chosen)
+    hf_attention.PLAIN.set(self.config, _plain_choice(self, attn_implementation))
+    if self.config._attn_implementation != hf_attention.ATTN_IMPLEMENTATION:
+        type(self).set_attn_implementation(self, hf_attention.ATTN_IMPLEMENTATION)
+    runtime = self.__dict__.get("nanoflow")
+    if isinstance(runtime, NanoFlowRuntime):
+        runtime.original_attention = attn_implementation  # what a later optimize() or teardown restores
 
 
 def _generate(
@@ -512,8 +533,7 @@ def _generate(
     if isinstance(plan, str):
         log.info("nanoflow_fx: running transformers' generate() because %s", plan)
         return type(self).generate(self, inputs, generation_config, **kwargs)  # type: ignore[no-any-return]
-    with _nanoflow_attention(self):
-        return run_generation(runtime.engine, plan)
+    return run_generation(runtime.engine, plan)
 
 
 def _generate_batch(self: PreTrainedModel, inputs: list[list[int]], generation_config: GenerationConfig | None = None,
@@ -523,9 +543,8 @@ def _generate_batch(self: PreTrainedModel, inputs: list[list[int]], generation_c
     """transformers' `generate_batch` on nanoflow's engine (`continuous_batching_config`, `persistent_manager`
     and `warmup` are accepted and have nothing to set: the engine is configured by `NanoFlowConfig`)."""
     runtime = _runtime(self)
-    with _nanoflow_attention(self):
-        return generate_batch(self, runtime.engine, inputs, generation_config, progress_bar, record_timestamps,
-                              **kwargs)
+    return generate_batch(self, runtime.engine, inputs, generation_config, progress_bar, record_timestamps,
+                          **kwargs)
 
 
 def _init_continuous_batching(self: PreTrainedModel, generation_config: GenerationConfig | None = None,

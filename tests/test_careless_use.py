@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import nanoflow_fx
+from nanoflow_fx.capture import hf_attention
 from tests.conftest import DEFAULT_CONFIG, optimized, reference
 from tests.test_generate_parity import _left_padded_batch
 from tests.tiny_models import VOCAB, build
@@ -102,9 +103,50 @@ def test_switching_attention_after_optimize_keeps_generate_right() -> None:
     for implementation in ("sdpa", "eager"):
         model.set_attn_implementation(implementation)
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want)
-        assert model.config._attn_implementation == implementation  # the user's choice stays for forward()
+        # the user's choice stays for forward(); the config keeps naming nanoflow's step, whose attention function
+        # runs the plain choice for plain calls (a per-call switch of the config raced with other threads)
+        assert model.config._attn_implementation == "nanoflow"
+        assert hf_attention.PLAIN.get(model.config) == implementation
         ref.set_attn_implementation(implementation)
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits)
+
+
+def test_plain_forwards_and_generate_in_threads_at_once_stay_right() -> None:
+    """set_attn_implementation("sdpa") after optimize(), then generate() in one thread and the plain forward in
+    another: generate() flipped the shared config per call, so some plain forwards ran the wrong attention
+    (13-23 of ~4,000 gave wrong logits) and a generate() could trace the wrong one. Nothing is flipped per call."""
+    import threading
+
+    model, ref = _fresh(), reference("llama")
+    model.set_attn_implementation("sdpa")
+    ref.set_attn_implementation("sdpa")
+    ids, mask = _left_padded_batch([4, 9])
+    want_tokens = ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        want_logits = ref(ids, attention_mask=mask).logits
+    seen: list[str] = []
+    wrong: list[str] = []
+    stop = threading.Event()
+
+    def forwards() -> None:
+        with torch.no_grad():
+            while not stop.is_set():
+                seen.append(model.config._attn_implementation)
+                if not torch.allclose(model(ids, attention_mask=mask).logits, want_logits, atol=1e-5):
+                    wrong.append("forward")
+
+    thread = threading.Thread(target=forwards)
+    thread.start()
+    try:
+        for _ in range(30):
+            if not torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
+                               want_tokens):
+                wrong.append("generate")
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive() and len(seen) > 30
+    assert not wrong and set(seen) == {"nanoflow"}
 
 
 def test_replaced_parameters_are_laid_out_again() -> None:

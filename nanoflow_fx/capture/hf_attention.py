@@ -1,15 +1,20 @@
 """The attention function nanoflow_fx registers in transformers' `AttentionInterface`.
 
 With `nanoflow_metadata` among the forward's keyword arguments (the token-packed step), attention becomes one
-`nanoflow::paged_attention` call. Without it (a plain `model(...)` or HF's own `generate()`), it runs the
-model's own eager attention, so the optimized model still behaves as before for every other use. The matching
-mask function builds HF's eager mask for those plain calls; in the packed step that mask is unused and
-dead-code elimination drops it from the captured graph.
+`nanoflow::paged_attention` call. Without it (a plain `model(...)` or HF's own `generate()`), it runs the plain
+forward's attention (`PlainAttention`: the model's own eager attention, or SDPA), so the optimized model behaves
+as before for every other use. The matching mask function builds that implementation's mask for plain calls; in
+the packed step (being compiled) it builds the eager mask, which is unused and dead-code elimination drops.
+
+The config names "nanoflow" from `optimize()` on and is never flipped per call (a per-call switch of the shared
+config raced with other threads' forwards, and a changed name would make Dynamo recompile the step); the plain
+forward's choice is kept beside it, per config, in `PLAIN`.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +27,37 @@ from nanoflow_fx.errors import UnsupportedModelError
 from nanoflow_fx.ops import AttentionMetadata, paged_attention
 from nanoflow_fx.ops.backend import AttentionConfig
 
-__all__ = ["ATTN_IMPLEMENTATION", "ShapeProbe", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "PLAIN", "PLAIN_ATTENTION", "PlainAttention", "ShapeProbe", "register"]
 
 ATTN_IMPLEMENTATION = "nanoflow"
 METADATA_KWARG = "nanoflow_metadata"
+PLAIN_ATTENTION = ("eager", "sdpa")  # what the plain forward may run beside nanoflow's step (see PlainAttention)
+
+
+class PlainAttention:
+    """Which implementation each optimized model's plain forward uses, by config (the attention and mask functions
+    only see the module's config). Eager or SDPA: their attention functions take the masks their mask functions
+    build from the same arguments; flash and flex attention depend on model-level branches on the config's name,
+    so a model set to one of those runs its plain forward on eager attention."""
+
+    def __init__(self) -> None:
+        self._choice: dict[int, str] = {}
+
+    def set(self, config: Any, plain: str) -> None:
+        """`config` and its sub-configs (what their modules read) run `plain` in plain forwards."""
+        if plain not in PLAIN_ATTENTION:
+            raise ValueError(f"plain attention must be one of {PLAIN_ATTENTION}, got {plain!r}")
+        for c in [config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))]:
+            if c is not None:
+                if id(c) not in self._choice:
+                    weakref.finalize(c, self._choice.pop, id(c), None)
+                self._choice[id(c)] = plain
+
+    def get(self, config: Any) -> str:
+        return self._choice.get(id(config), "eager")
+
+
+PLAIN = PlainAttention()
 
 
 @dataclass
@@ -39,7 +71,14 @@ class ShapeProbe:
 def register() -> None:
     """Register the attention and mask functions under `ATTN_IMPLEMENTATION` (idempotent)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, nanoflow_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _nanoflow_mask)
+
+
+def _nanoflow_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
+    """The plain forward's mask (its implementation's); eager's while compiled (the packed step: unused)."""
+    plain = "eager" if torch.compiler.is_compiling() else PLAIN.get(config)
+    mask = eager_mask if plain == "eager" else AttentionMaskInterface._global_mapping[plain]
+    return mask(*args, config=config, **kwargs)
 
 
 def nanoflow_attention(
@@ -56,7 +95,9 @@ def nanoflow_attention(
 ) -> tuple[torch.Tensor, None]:
     meta = kwargs.pop(METADATA_KWARG, None)
     if meta is None:
-        return _eager_fallback(module)(
+        plain = "eager" if torch.compiler.is_compiling() else PLAIN.get(getattr(module, "config", None))
+        fallback = _eager_fallback(module) if plain == "eager" else AttentionInterface._global_mapping[plain]
+        return fallback(  # type: ignore[no-any-return]
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
             sliding_window=sliding_window, softcap=softcap, **kwargs,
         )
