@@ -1,0 +1,107 @@
+"""Where `generate()`'s time goes per decode step, Llama-3-8B shape, bf16, prompt 128 + 128 new tokens: the
+step time through generate() against the GPU's kernel time per step and the CUDA-graph replay of the same
+decode step, two runs each (run-to-run stability), the engine's host time per step, and a cProfile of the host.
+
+    python benchmarks/profile_generate.py [--batch-sizes 64 256] [--out $OUT/profile_generate.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nanoflow_fx  # noqa: E402
+from examples.generate import build_model  # noqa: E402
+
+
+def timed(model: Any, ids: torch.Tensor, new: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def step_ms(model: Any, ids: torch.Tensor, new: int) -> dict[str, float]:
+    """Mean decode step of generate(): (t(new) - t(1)) / (new - 1), with the engine's host counters over it."""
+    engine, runner = model.nanoflow.engine, model.nanoflow.runner
+    t_one = timed(model, ids, 1)
+    before = (engine.stats.steps, engine.stats.step_s, engine.stats.readback_wait_s, dict(runner.stats))
+    t_all = timed(model, ids, new)
+    steps = engine.stats.steps - before[0]
+    return dict(step_ms=(t_all - t_one) / (new - 1) * 1e3, steps=steps,
+                host_in_step_ms=(engine.stats.step_s - before[1]) / steps * 1e3,
+                readback_wait_ms=(engine.stats.readback_wait_s - before[2]) / steps * 1e3,
+                graph_steps=runner.stats["graph_steps"] - before[3]["graph_steps"],
+                eager_steps=runner.stats["eager_steps"] - before[3]["eager_steps"])
+
+
+def kernel_ms_per_step(model: Any, ids: torch.Tensor, new: int) -> float:
+    """GPU kernel time per step while generate() runs (torch.profiler; prefill included, divided by steps)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+    return total_us / 1e3 / new
+
+
+def host_profile(model: Any, ids: torch.Tensor, new: int) -> str:
+    pr = cProfile.Profile()
+    pr.enable()
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    torch.cuda.synchronize()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(18)
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile_generate.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = build_model("llama3-8b", "cuda", torch.bfloat16)
+    config = nanoflow_fx.NanoFlowConfig(max_batch_size=max(args.batch_sizes),
+                                        max_seq_len=args.prompt_len + args.new_tokens)
+    start = time.perf_counter()
+    nanoflow_fx.optimize(model, config)
+    model.nanoflow.wait_until_ready()
+    results: dict[str, Any] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                   optimize_s=time.perf_counter() - start,
+                                   backend=model.nanoflow.runner.backend.name, cases=[])
+    runner = model.nanoflow.runner
+    for batch in args.batch_sizes:
+        ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
+        timed(model, ids, 8)  # warm-up
+        runs = [step_ms(model, ids, args.new_tokens) for _ in range(2)]
+        kernels = kernel_ms_per_step(model, ids, 32)
+        graphs = runner.cuda_graphs
+        bucket = min((b for b in graphs.replay_ms if b >= batch), default=None) if graphs is not None else None
+        replay = graphs.replay_ms[bucket] if bucket is not None else None
+        case = dict(batch=batch, runs=runs, kernel_ms_per_step=kernels, graph_replay_ms_at_capture=replay,
+                    step_over_kernels=[r["step_ms"] / kernels for r in runs],
+                    tokens_per_s=[batch / r["step_ms"] * 1e3 for r in runs])
+        print(json.dumps(case, indent=1), flush=True)
+        print(host_profile(model, ids, 32), flush=True)
+        results["cases"].append(case)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
