@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -67,7 +68,89 @@ def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
     return thread, out
 
 
+# ------------------------------------------------------------------------------------------- 1. options
+def test_options_the_engine_lacks_are_refused_by_name() -> None:
+    model = optimized("llama")
+    for option, value in (("no_repeat_ngram_size", 2), ("repetition_penalty", 1.3), ("max_time", 5.0)):
+        config = GenerationConfig(max_new_tokens=4, do_sample=False, **{option: value})
+        with pytest.raises(ValueError, match=option):
+            model.generate_batch(PROMPTS, config)
+        with pytest.raises(ValueError, match=option):
+            model.init_continuous_batching(config)
+    _no_leak(model)
+
+
+def test_suppress_tokens_equal_transformers() -> None:
+    model = optimized("llama")
+    plain = GenerationConfig(max_new_tokens=5, do_sample=False)
+    first = model.generate_batch(PROMPTS, plain)["req_0"].generated_tokens[0]
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, suppress_tokens=[first, VOCAB + 3])
+    got = _tokens(model.generate_batch(PROMPTS, config))
+    assert first not in got["req_0"]
+    assert got == _tokens(_transformers_batch(PROMPTS, config))
+
+
+def test_num_return_sequences_follow_transformers_ids_and_order() -> None:
+    model = optimized("llama")
+    config = GenerationConfig(max_new_tokens=5, do_sample=True, top_k=1, num_return_sequences=2)
+    got = model.generate_batch(PROMPTS, config)
+    want = _transformers_batch(PROMPTS, config)
+    assert list(got) == list(want) == ["req_0__child#0", "req_0", "req_1__child#0", "req_1"]
+    assert _tokens(got) == _tokens(want)
+    manager = model.init_continuous_batching(config)
+    manager.start()
+    try:
+        rid = manager.add_request(PROMPTS[0], request_id="mine")
+        results = _finals(manager, f"{rid}__child#0", rid)
+    finally:
+        manager.stop(block=True, timeout=20)
+    assert [r.generated_tokens for r in results.values()] == [want["req_0"].generated_tokens] * 2
+    _no_leak(model)
+
+
+# ---------------------------------------------------------------------------------------------- 2. EOS
+def test_a_config_without_eos_disables_eos_like_transformers() -> None:
+    model = optimized("llama")
+    config = GenerationConfig(max_new_tokens=6, do_sample=False)  # eos_token_id None; the model's EOS is 2
+    got = _tokens(model.generate_batch([EOS_FIRST], config))
+    assert got == _tokens(_transformers_batch([EOS_FIRST], config))
+    assert got["req_0"][0] == 2 and len(got["req_0"]) == 6  # ran through the model's EOS
+    manager = model.init_continuous_batching(config)
+    manager.start()
+    try:
+        result = _finals(manager, rid := manager.add_request(EOS_FIRST))[rid]
+    finally:
+        manager.stop(block=True, timeout=20)
+    assert result.generated_tokens == got["req_0"]
+    assert config.eos_token_id is None  # the caller's config is left as it was
+
+
 # ------------------------------------------------------------------------------------ 3. bad sampling values
+@pytest.mark.parametrize("bad, named", [
+    (dict(temperature=0.0), "temperature=0.0"), (dict(temperature=float("nan")), "temperature=nan"),
+    (dict(top_k=-1), "top_k=-1"), (dict(top_p=-0.5), "top_p=-0.5"), (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_k="abc"), "top_k='abc'"),
+])
+def test_a_bad_sampling_value_fails_only_its_request(bad: dict[str, Any], named: str) -> None:
+    model = optimized("llama")
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=True, max_new_tokens=30, eos_token_id=NO_EOS))
+    manager.start()
+    try:
+        good = manager.add_request([5, 9, 14, 3], top_k=1)
+        rid = manager.add_request([7, 8, 9], **bad)
+        finals = _finals(manager, rid, good)
+        alive = manager.is_running()
+    finally:
+        manager.stop(block=True, timeout=20)
+    failed, result = finals[rid], finals[good]
+    assert failed.status == RequestStatus.FAILED and named in failed.error
+    key = next(iter(bad))
+    assert ("0 and 1" if key == "top_p" else ">= 0" if key == "top_k" else "> 0") in failed.error  # the range
+    assert result.status == RequestStatus.FINISHED and result.generated_tokens == _hf_greedy([5, 9, 14, 3], 30)
+    assert alive
+    _no_leak(model)
+
+
 def test_an_eos_outside_the_vocabulary_with_min_new_tokens_runs_like_hf() -> None:
     """HF's min-new-tokens mask ignores ids outside the vocabulary (`isin`); it used to fail the step."""
     model = optimized("llama")
@@ -101,4 +184,35 @@ def test_a_sampling_failure_in_a_step_fails_only_that_parameter_group() -> None:
     assert failed.status == RequestStatus.FAILED and "probability" in failed.error
     assert result.status == RequestStatus.FINISHED and result.generated_tokens == _hf_greedy([5, 9, 14, 3], 12)
     assert alive
+    _no_leak(model)
+
+
+# ---------------------------------------------------------------------------------------------- 8. messages
+def test_errors_name_the_value_and_the_fix() -> None:
+    model = optimized("llama")  # max_seq_len 96
+    out = model.generate_batch([[5] * 100], GenerationConfig(do_sample=False, eos_token_id=NO_EOS))
+    error = out["req_0"].error
+    assert "prompt of 100 tokens" in error and "max_seq_len=96" in error and "too long" in error
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=True, max_new_tokens=4))
+    manager.start()
+    try:
+        rid = manager.add_request([5, 6], top_k="abc")
+        failed = _finals(manager, rid)[rid]
+    finally:
+        manager.stop(block=True, timeout=20)
+    assert "top_k='abc'" in failed.error and "invalid literal" not in failed.error
+
+
+def test_generation_config_fields_as_keywords_and_fractional_max_new_tokens() -> None:
+    model = optimized("llama")
+    torch.manual_seed(0)
+    sampled = model.generate_batch(PROMPTS, max_new_tokens=6, do_sample=True, top_k=1, eos_token_id=NO_EOS)
+    assert all(r.status == RequestStatus.FINISHED for r in sampled.values())
+    assert _tokens(sampled)["req_0"] == _hf_greedy(PROMPTS[0], 6)
+    with pytest.raises(ValueError, match="not_an_option"):
+        model.generate_batch(PROMPTS, max_new_tokens=6, not_an_option=3)
+    ids = torch.tensor([PROMPTS[0]])
+    want = model.generate(ids, max_new_tokens=2.5, do_sample=False)[0, 4:].tolist()  # type: ignore[arg-type]
+    got = model.generate_batch(PROMPTS[:1], max_new_tokens=2.5, eos_token_id=NO_EOS)["req_0"].generated_tokens
+    assert len(want) == 3 and got == want
     _no_leak(model)

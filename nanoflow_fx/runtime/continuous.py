@@ -4,11 +4,17 @@
 transformers' arguments and return its types (`GenerationOutput` per request id, `RequestStatus`), so code
 written for transformers' continuous batching runs unchanged; the requests run on the optimized model's one
 engine (`runtime.engine.Engine`), with its dense steps, paged KV cache and CUDA graphs. Per request:
-`max_new_tokens`, `eos_token_id` and the sampling keywords `temperature`, `top_k`, `top_p`.
+`max_new_tokens`, `eos_token_id` and the sampling keywords `temperature`, `top_k`, `top_p`. From the
+GenerationConfig also `do_sample`, `min_new_tokens` / `min_length`, `max_length`, `suppress_tokens` (a logits
+mask, as HF's processor) and `num_return_sequences` (n - 1 more requests per prompt, with transformers' ids
+`{id}__child#{i}`). Any other option set to a non-default value is refused by name (`generate()`'s list of the
+options its fast path implements, `runtime.generate`): transformers' continuous batching drops some of them
+with a warning and runs others wrongly, and nanoflow never ignores an option silently.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import queue
@@ -21,19 +27,21 @@ from transformers import GenerationConfig
 from transformers.generation.continuous_batching import RequestStatus
 from transformers.generation.continuous_batching.requests import GenerationOutput
 
-from nanoflow_fx.errors import NanoFlowError
+from nanoflow_fx.errors import InvalidInputError, NanoFlowError, RequestTooLongError
 from nanoflow_fx.runtime.engine import Engine
+from nanoflow_fx.runtime.generate import _max_new_tokens, _unsupported_options
 from nanoflow_fx.runtime.requests import FAILED, FINISHED, PENDING, RUNNING, Request
-from nanoflow_fx.runtime.sampling import SamplingParams
+from nanoflow_fx.runtime.sampling import SamplingParams, sampling_value
 
 __all__ = ["ContinuousBatchingManager", "generate_batch", "to_output"]
 
 log = logging.getLogger(__name__)
 
-_SAMPLING_KWARGS = {"temperature": float, "top_k": int, "top_p": float}
-# What an unset option means (transformers' continuous batching builds its processors from the config as given:
-# an unset top_k adds no top-k warper).
+# The per-request sampling keywords, and what an unset one means (transformers' continuous batching builds its
+# processors from the config as given: an unset top_k adds no top-k warper).
 _UNSET = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+# Options the manager implements beyond generate()'s fast path (or that configure what it has nothing to set).
+_ALSO_HANDLED = ("suppress_tokens", "num_return_sequences", "continuous_batching_config")
 
 
 def to_output(req: Request) -> GenerationOutput:
@@ -53,6 +61,16 @@ def to_output(req: Request) -> GenerationOutput:
                             timestamps=list(req.timestamps) if req.timestamps is not None else None)
 
 
+def check_options(gen: GenerationConfig) -> None:
+    """Raise `InvalidInputError` naming the first option of `gen` set to a value the engine does not implement."""
+    option = _unsupported_options(gen, _ALSO_HANDLED)
+    if option is not None:
+        raise InvalidInputError(
+            f"the GenerationConfig option `{option}`={getattr(gen, option, None)!r} is not implemented by "
+            f"nanoflow_fx's continuous batching; unset it (`{option}=None`), or use model.generate(), which runs "
+            "transformers' own generate() for options its fast path lacks")
+
+
 def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -65,8 +83,18 @@ class ContinuousBatchingManager:
     while requests are added, cancelled and read back (`get_result`, iteration, `request_id_iter`)."""
 
     def __init__(self, model: Any, engine: Engine, generation_config: GenerationConfig | None = None) -> None:
-        self.model, self.engine = model, engine
-        self.generation_config = generation_config if generation_config is not None else model.generation_config
+        """Raises `InvalidInputError` for a GenerationConfig option the engine does not implement. A config
+        without `eos_token_id` disables EOS (as transformers' `init_continuous_batching` does, with a warning;
+        the caller's config is left as it is)."""
+        gen = generation_config if generation_config is not None else model.generation_config
+        check_options(gen)
+        if gen.eos_token_id is None:
+            log.warning("nanoflow_fx: `eos_token_id` is not set in the GenerationConfig: EOS is disabled (as in "
+                        "transformers' continuous batching); requests stop at max_new_tokens or their own eos_token_id")
+        self.model, self.engine, self.generation_config = model, engine, gen
+        self._eos = _eos_ids(gen.eos_token_id)
+        self._suppress = tuple(int(t) for t in gen.suppress_tokens or ())
+        self._children = int(gen.num_return_sequences or 1) - 1
         self.output_queue: queue.Queue[GenerationOutput] = queue.Queue()
         self._requests: dict[str, Request] = {}
         self._counter = itertools.count()
@@ -139,32 +167,34 @@ class ContinuousBatchingManager:
     def add_request(self, input_ids: list[int], request_id: str | None = None, max_new_tokens: int | None = None,
                     streaming: bool = False, record_timestamps: bool = False,
                     eos_token_id: int | list[int] | None = None, **logit_processor_kwargs: Any) -> str:
-        """Queue one request (transformers' arguments); returns its id. A request that can never run (too long,
-        larger than the KV cache, bad token ids) is answered at once with a FAILED result naming the problem."""
+        """Queue one request (transformers' arguments); returns its id. With `num_return_sequences` n > 1, n - 1
+        more requests of the same prompt run with ids `{id}__child#{i}` (transformers' scheme; each samples
+        on its own from its first token, as transformers' forks do). A request that can never run (too long,
+        larger than the KV cache, bad token ids, a sampling value out of range) is answered at once with a FAILED
+        result naming the problem; the other requests are not affected."""
         with self._lock:
             if request_id is None:
                 request_id = f"req_{next(self._counter)}"
-        gen = self.generation_config
-        eos = gen.eos_token_id if eos_token_id is None else eos_token_id
-        if eos is None:
-            eos = getattr(self.model.config, "eos_token_id", None)
         prompt = [int(t) for t in input_ids]
-        max_new = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if max_new is None:  # transformers: no limit but EOS; ours: the longest sequence the engine takes
-            max_new = self.engine.config.max_seq_len - len(prompt)
+        for rid in self.family(request_id):
+            self._queue(rid, prompt, max_new_tokens, streaming, record_timestamps, eos_token_id,
+                        logit_processor_kwargs)
+        self._wake.set()
+        return request_id
+
+    def _queue(self, request_id: str, prompt: list[int], max_new_tokens: float | None, streaming: bool,
+               record_timestamps: bool, eos_token_id: int | list[int] | None, kwargs: dict[str, Any]) -> None:
         try:
-            params = self._sampling(gen, _eos_ids(eos), logit_processor_kwargs)
+            params = self._sampling(len(prompt), eos_token_id, kwargs)
+            max_new = self._max_new(len(prompt), max_new_tokens)
             with self._lock:  # registered before `_deliver` (the engine's thread, under this lock) can hear of it
-                req = self.engine.add_request(prompt, params, int(max_new), request_id, streaming, self._deliver,
+                req = self.engine.add_request(prompt, params, max_new, request_id, streaming, self._deliver,
                                               record_timestamps)
                 self._requests[request_id] = req
         except (NanoFlowError, ValueError, TypeError) as err:
             req = Request(request_id, prompt, SamplingParams(False, 1.0, 0, 1.0, (), 0), 0, state=FAILED,
                           error=str(err))
             self.output_queue.put(to_output(req))
-            return request_id
-        self._wake.set()
-        return request_id
 
     def add_requests(self, inputs: list[list[int]], max_new_tokens: int | None = None, streaming: bool = False,
                      record_timestamps: bool = False, **logit_processor_kwargs: Any) -> list[str]:
@@ -203,6 +233,11 @@ class ContinuousBatchingManager:
                 if result.is_finished():
                     return
 
+    def family(self, request_id: str) -> list[str]:
+        """The ids a request added as `request_id` answers under: its `num_return_sequences - 1` children, then
+        itself (transformers' order)."""
+        return [*(f"{request_id}__child#{i}" for i in range(self._children)), request_id]
+
     def cancel_all(self) -> None:
         with self._lock:
             requests, self._requests = list(self._requests.values()), {}
@@ -216,30 +251,56 @@ class ContinuousBatchingManager:
                 self._requests.pop(req.request_id, None)
         self.output_queue.put(to_output(req))
 
-    @staticmethod
-    def _sampling(gen: GenerationConfig, eos: tuple[int, ...], kwargs: dict[str, Any]) -> SamplingParams:
-        unknown = sorted(set(kwargs) - set(_SAMPLING_KWARGS))
+    def _sampling(self, prompt_len: int, eos_token_id: int | list[int] | None,
+                  kwargs: dict[str, Any]) -> SamplingParams:
+        """The request's sampling parameters: its keywords over the config's, each checked (type and range)."""
+        unknown = sorted(set(kwargs) - set(_UNSET))
         if unknown:
-            raise ValueError(f"unknown per-request sampling arguments {unknown}; known: {sorted(_SAMPLING_KWARGS)}")
-        values = {}
-        for key, cast in _SAMPLING_KWARGS.items():
+            raise ValueError(f"unknown per-request sampling arguments {unknown}; add_request takes {sorted(_UNSET)} "
+                             "(other options go in the GenerationConfig)")
+        gen, values = self.generation_config, {}
+        for key, unset in _UNSET.items():
             value = kwargs.get(key, getattr(gen, key, None))
-            values[key] = cast(_UNSET[key] if value is None else value)
-        return SamplingParams(do_sample=bool(gen.do_sample), temperature=values["temperature"],
-                              top_k=int(values["top_k"] or 0), top_p=values["top_p"], eos_token_ids=eos,
-                              min_new_tokens=int(gen.min_new_tokens or 0))
+            values[key] = unset if value is None else sampling_value(key, value)
+        eos = self._eos if eos_token_id is None else _eos_ids(eos_token_id)
+        min_new = max(gen.min_new_tokens or 0, (gen.min_length or 0) - prompt_len, 0)
+        params = SamplingParams(bool(gen.do_sample), values["temperature"], values["top_k"], values["top_p"], eos,
+                                min_new, self._suppress)
+        params.check()
+        return params
+
+    def _max_new(self, prompt_len: int, max_new_tokens: float | None) -> int:
+        """The request's `max_new_tokens`, else the config's, rounded up (2.5 gives 3, as HF's generate():
+        `generate._max_new_tokens`); else what the config's `max_length` leaves; else what `max_seq_len` leaves
+        (transformers: no limit but EOS)."""
+        gen = self.generation_config
+        if max_new_tokens is not None or gen.max_new_tokens is not None or gen.max_length is not None:
+            return _max_new_tokens(self.model, gen, prompt_len, False, max_new_tokens)
+        max_seq_len = self.engine.config.max_seq_len
+        if prompt_len >= max_seq_len:
+            raise RequestTooLongError(
+                f"the prompt of {prompt_len} tokens is too long for NanoFlowConfig.max_seq_len={max_seq_len}: with no "
+                "max_new_tokens given a request may generate up to max_seq_len minus its prompt, which leaves nothing; "
+                "raise max_seq_len in optimize() or shorten the prompt")
+        return max_seq_len - prompt_len
 
 
 def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
                    generation_config: GenerationConfig | None = None, progress_bar: bool = False,
                    record_timestamps: bool = False, **kwargs: Any) -> dict[str, GenerationOutput]:
     """transformers' `generate_batch`: every prompt as a request of the engine, run to completion in the
-    calling thread; results by request id in input order (failed requests included, with their error)."""
+    calling thread; results by request id in input order, a prompt's `num_return_sequences` results as
+    transformers orders them (`{id}__child#0`, ..., then `{id}`); failed requests included, with their error.
+
+    Keywords are GenerationConfig fields (`max_new_tokens=`, `do_sample=True`, ...) applied to a copy of the
+    config, as `generate()` takes them (transformers 5.25's `generate_batch` reads `max_new_tokens` and ignores
+    every other keyword); a keyword that is not a field is refused by name."""
     if not inputs:
         return {}
-    max_new_tokens = kwargs.pop("max_new_tokens", None)
-    manager = ContinuousBatchingManager(model, engine, generation_config)
-    ids = manager.add_requests(inputs, max_new_tokens=max_new_tokens, record_timestamps=record_timestamps, **kwargs)
+    gen = generation_config if generation_config is not None else model.generation_config
+    manager = ContinuousBatchingManager(model, engine, _with_keywords(gen, kwargs))
+    parents = manager.add_requests(inputs, record_timestamps=record_timestamps)
+    ids = [rid for parent in parents for rid in manager.family(parent)]
     results: dict[str, GenerationOutput] = {}
     with _Progress(len(ids), progress_bar, engine) as progress:
         try:
@@ -254,6 +315,19 @@ def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
         finally:
             manager.cancel_all()
     return {rid: results[rid] for rid in ids if rid in results}
+
+
+def _with_keywords(gen: GenerationConfig, kwargs: dict[str, Any]) -> GenerationConfig:
+    """A copy of `gen` with the GenerationConfig fields in `kwargs` set; raises naming any other keyword."""
+    if not kwargs:
+        return gen
+    unknown = sorted(set(kwargs) - set(gen.to_dict()))
+    if unknown:
+        raise ValueError(f"generate_batch got keyword arguments that are not GenerationConfig fields: {unknown}; pass "
+                         "GenerationConfig fields (max_new_tokens=..., do_sample=True, ...) or a GenerationConfig")
+    gen = copy.deepcopy(gen)
+    gen.update(**kwargs)
+    return gen
 
 
 class _Progress:
