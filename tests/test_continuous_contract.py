@@ -6,6 +6,7 @@ own `generate_batch` on the reference model where they could differ)."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 import time
@@ -184,6 +185,121 @@ def test_a_sampling_failure_in_a_step_fails_only_that_parameter_group() -> None:
     assert failed.status == RequestStatus.FAILED and "probability" in failed.error
     assert result.status == RequestStatus.FINISHED and result.generated_tokens == _hf_greedy([5, 9, 14, 3], 12)
     assert alive
+    _no_leak(model)
+
+
+# ----------------------------------------------------------------------------------------------- 5. streams
+def test_a_stream_is_monotone_and_nothing_is_left_behind() -> None:
+    model = optimized("llama")
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=NO_EOS))
+    manager.start()
+    rid = manager.add_request([5, 9, 14, 3], streaming=True)
+    manager.stop(block=True, timeout=20)  # flush: every update is delivered, none read yet
+    assert manager.get_result(request_id="someone-else", timeout=0) is None  # another consumer looks first
+    assert manager.get_result(request_id="someone-else", timeout=0) is None
+    stream = []
+    while (result := manager.get_result(request_id=rid, timeout=0)) is not None:
+        stream.append(result)
+    lengths = [len(r.generated_tokens) for r in stream]
+    assert lengths and lengths == sorted(set(lengths)) and stream[-1].is_finished()  # grows, ends at the end
+    assert stream[-1].generated_tokens == _hf_greedy([5, 9, 14, 3], 6)
+    assert manager.get_result(timeout=0) is None  # no stale partial result left
+
+
+def test_a_cancelled_stream_leaves_nothing_behind() -> None:
+    model = optimized("llama")
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=80, eos_token_id=NO_EOS))
+    manager.start()
+    try:
+        rid = manager.add_request([5, 9, 14, 3], streaming=True)
+        first = manager.get_result(request_id=rid, timeout=20)
+        manager.cancel_request(rid)
+        iterating, stream = _in_thread(lambda: list(manager.request_id_iter(rid)))
+        iterating.join(timeout=5)  # ends: the request is gone
+        assert not iterating.is_alive()
+    finally:
+        manager.stop(block=True, timeout=20)
+    assert first is not None and not first.is_finished()
+    assert stream == [[]] and manager.get_result(timeout=0) is None
+    _no_leak(model)
+
+
+def test_register_result_handler_delivers_each_update_on_the_event_loop() -> None:
+    model = optimized("llama")
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=NO_EOS))
+    manager.start()
+
+    async def stream() -> list[Any]:
+        got: list[Any] = []
+        done = asyncio.Event()
+
+        def on_result(result: Any) -> None:
+            got.append(result)
+            if result.is_finished():
+                done.set()
+
+        rid = manager.add_request([5, 9, 14, 3], streaming=True)
+        manager.register_result_handler(rid, on_result)
+        await asyncio.wait_for(done.wait(), timeout=20)
+        return got
+
+    try:
+        got = asyncio.run(stream())
+    finally:
+        manager.stop(block=True, timeout=20)
+    lengths = [len(r.generated_tokens) for r in got]
+    assert lengths == sorted(set(lengths)) and got[-1].generated_tokens == _hf_greedy([5, 9, 14, 3], 6)
+    assert manager.get_result(timeout=0) is None  # none went to get_result
+
+
+# --------------------------------------------------------------------------------------------- 6. lifecycle
+def test_get_result_on_a_stopped_manager_returns_none_and_hard_stop_wakes_a_waiting_consumer() -> None:
+    model = optimized("llama")
+    config = GenerationConfig(do_sample=False, max_new_tokens=80, eos_token_id=NO_EOS)
+    manager = model.init_continuous_batching(config)
+    manager.start()
+    waiting, got = _in_thread(manager.get_result)  # nothing will come until the stop
+    manager.stop(hard_stop=True, block=True, timeout=20)
+    waiting.join(timeout=5)
+    assert not waiting.is_alive() and got == [None]
+    after, got_after = _in_thread(manager.get_result)  # a stopped manager answers at once (transformers: None)
+    after.join(timeout=5)
+    assert not after.is_alive() and got_after == [None]
+    busy = model.init_continuous_batching(config)
+    busy.start()
+    rid = busy.add_request([5, 9, 14, 3])
+    assert busy.get_result(request_id="not-there", timeout=0.2) is None  # the request is under way
+    busy.stop(hard_stop=True, block=True, timeout=20)
+    result = busy.get_result(timeout=5)  # as transformers: a hard stop fails what was left
+    assert result is not None and result.request_id == rid and result.status == RequestStatus.FAILED
+    assert "stop" in result.error
+    _no_leak(model)
+
+
+def test_add_request_after_stop_is_refused_like_transformers() -> None:
+    model = optimized("llama")
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=4, eos_token_id=NO_EOS))
+    manager.start()
+    manager.stop(block=True, timeout=20)
+    assert manager.add_request([5, 9, 14, 3]) is None  # transformers: a warning and no id
+    _no_leak(model)
+
+
+def test_request_ids_never_collide() -> None:
+    model = optimized("llama")
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=30, eos_token_id=NO_EOS))
+    manager.start()
+    try:
+        explicit = manager.add_request([5, 9, 14, 3], request_id="req_0")
+        with pytest.raises(ValueError, match="'req_0'.*already"):
+            manager.add_request([7, 8], request_id="req_0")
+        auto = [manager.add_request([7, 8]) for _ in range(2)]
+        results = _finals(manager, explicit, *auto)
+    finally:
+        manager.stop(block=True, timeout=20)
+    assert explicit == "req_0" and "req_0" not in auto and len(set(auto)) == 2
+    assert results["req_0"].generated_tokens == _hf_greedy([5, 9, 14, 3], 30)
+    assert all(results[rid].generated_tokens == _hf_greedy([7, 8], 30) for rid in auto)
     _no_leak(model)
 
 

@@ -14,13 +14,13 @@ with a warning and runs others wrongly, and nanoflow never ignores an option sil
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from transformers import GenerationConfig
@@ -78,9 +78,72 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(i) for i in ids if int(i) >= 0)  # transformers uses -1 for "no EOS"
 
 
+class _Results:
+    """Results not read yet: at most one per request, oldest request first. A newer result of a request replaces
+    its unread one (the newer one's tokens extend it), so a stream read late skips updates but never goes back,
+    and nothing piles up. A request with a handler (`register`) gets its results there instead."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.unread: dict[str, GenerationOutput] = {}  # insertion order: a replaced result keeps its place
+        self.handlers: dict[str, tuple[Callable[[GenerationOutput], Any], asyncio.AbstractEventLoop]] = {}
+
+    def put(self, result: GenerationOutput) -> None:
+        with self.cond:
+            handler = self.handlers.get(result.request_id)
+            if handler is None:
+                self.unread[result.request_id] = result
+                self.cond.notify_all()
+                return
+            if result.is_finished():
+                del self.handlers[result.request_id]
+        handler[1].call_soon_threadsafe(handler[0], result)
+
+    def take(self, request_id: str | None, timeout: float | None,
+             may_come: Callable[[], bool]) -> GenerationOutput | None:
+        """The oldest unread result (of `request_id`, if given), waiting up to `timeout` seconds (None: no limit)
+        while `may_come()` says one may still come; else None."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while True:
+                key = request_id if request_id is not None else next(iter(self.unread), None)
+                if key in self.unread:
+                    return self.unread.pop(key)  # type: ignore[arg-type]
+                left = None if deadline is None else deadline - time.monotonic()
+                if (left is not None and left <= 0) or not may_come():
+                    return None
+                self.cond.wait(left)
+
+    def register(self, request_id: str, callback: Callable[[GenerationOutput], Any],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        with self.cond:
+            self.handlers[request_id] = (callback, loop)
+        waiting = self.take(request_id, 0, lambda: False)
+        if waiting is not None:
+            self.put(waiting)
+
+    def has(self, request_id: str) -> bool:
+        with self.cond:
+            return request_id in self.unread
+
+    def drop(self, request_ids: list[str]) -> None:
+        """Forget the requests' unread results and handlers, and wake whoever waits for them."""
+        with self.cond:
+            for rid in request_ids:
+                self.unread.pop(rid, None)
+                self.handlers.pop(rid, None)
+            self.cond.notify_all()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+
 class ContinuousBatchingManager:
     """transformers' `ContinuousBatchingManager` on nanoflow's engine: a background thread steps the engine
-    while requests are added, cancelled and read back (`get_result`, iteration, `request_id_iter`)."""
+    while requests are added, cancelled and read back (`get_result`, iteration, `request_id_iter`,
+    `register_result_handler`). Unread results are kept per request (`_Results`): a streamed request's updates
+    each extend the one before, and a finished or cancelled request leaves nothing behind once read."""
 
     def __init__(self, model: Any, engine: Engine, generation_config: GenerationConfig | None = None) -> None:
         """Raises `InvalidInputError` for a GenerationConfig option the engine does not implement. A config
@@ -95,12 +158,13 @@ class ContinuousBatchingManager:
         self._eos = _eos_ids(gen.eos_token_id)
         self._suppress = tuple(int(t) for t in gen.suppress_tokens or ())
         self._children = int(gen.num_return_sequences or 1) - 1
-        self.output_queue: queue.Queue[GenerationOutput] = queue.Queue()
-        self._requests: dict[str, Request] = {}
+        self._results = _Results()
+        self._requests: dict[str, Request] = {}  # live: `_deliver` drops the finished, `cancel_request` the cancelled
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop_mode = 0  # 0 run, 1 flush then stop, 2 stop now
+        self._looping = False  # the thread is started and its loop has not ended
         self._thread: threading.Thread | None = None
         self.fatal_error: BaseException | None = None
         self.warmed_up = True  # CUDA graphs are captured by optimize()
@@ -116,13 +180,15 @@ class ContinuousBatchingManager:
         if self.is_running():
             log.warning("nanoflow_fx: the continuous-batching manager is already running")
             return
-        self._stop_mode, self.fatal_error = 0, None
+        self._stop_mode, self.fatal_error, self._looping = 0, None, True
         self._thread = threading.Thread(target=self._loop, name="nanoflow-engine", daemon=True)
         self._thread.start()
 
     def stop(self, block: bool = True, timeout: float | None = None, keep_for_next_session: bool = False,
              hard_stop: bool = False) -> None:
-        """Stop the thread: after the queued requests finish, or at once with `hard_stop` (those are cancelled)."""
+        """Stop the thread: after the queued requests finish, or at once with `hard_stop` (the unfinished ones end
+        FAILED, as transformers fails them). Then `get_result` returns what is left unread, then None, and a
+        consumer waiting in it is woken; `add_request` refuses new requests until `start()`."""
         if self._thread is None:
             log.warning("nanoflow_fx: the continuous-batching manager was not started")
             return
@@ -142,59 +208,81 @@ class ContinuousBatchingManager:
             self.stop(block=True, hard_stop=True)
 
     def _loop(self) -> None:
-        engine = self.engine
+        error: BaseException | str = "the manager was stopped (hard_stop=True) before this request finished"
         try:
             while self._stop_mode < 2:
-                with self._lock:
-                    busy = any(not r.finished for r in self._requests.values())
-                if busy:
-                    engine.step()
+                if self._requests:
+                    self.engine.step()
                 elif self._stop_mode == 1:
                     break
                 else:
                     self._wake.wait(0.05)
                     self._wake.clear()
         except BaseException as err:  # noqa: BLE001 (any failure ends every request with its message)
-            self.fatal_error = err
+            self.fatal_error = error = err
             log.error("nanoflow_fx: the continuous-batching loop failed: %s", err, exc_info=True)
-            with self._lock:
-                pending = [r for r in self._requests.values() if not r.finished]
-            engine.fail(pending, err)
         finally:
-            self.cancel_all()  # after a hard stop nothing more runs: free what is left
+            with self._lock:
+                left = list(self._requests.values())
+            self.engine.fail(left, error)  # nothing more runs: end what is left (a hard stop's requests)
+            self._looping = False
+            self._results.wake()
 
     # ------------------------------------------------------------------------------- requests and results
     def add_request(self, input_ids: list[int], request_id: str | None = None, max_new_tokens: int | None = None,
                     streaming: bool = False, record_timestamps: bool = False,
-                    eos_token_id: int | list[int] | None = None, **logit_processor_kwargs: Any) -> str:
-        """Queue one request (transformers' arguments); returns its id. With `num_return_sequences` n > 1, n - 1
+                    eos_token_id: int | list[int] | None = None, **logit_processor_kwargs: Any) -> str | None:
+        """Queue one request (transformers' arguments); returns its id, or None once the manager was stopped
+        (or its loop failed): the request is dropped with a warning, as transformers does. Automatic ids
+        (`req_N`) skip ids in use; a `request_id` in use (its request running, or a result of it not read yet)
+        raises ValueError. With `num_return_sequences` n > 1, n - 1
         more requests of the same prompt run with ids `{id}__child#{i}` (transformers' scheme; each samples
         on its own from its first token, as transformers' forks do). A request that can never run (too long,
         larger than the KV cache, bad token ids, a sampling value out of range) is answered at once with a FAILED
         result naming the problem; the other requests are not affected."""
-        with self._lock:
-            if request_id is None:
-                request_id = f"req_{next(self._counter)}"
         prompt = [int(t) for t in input_ids]
-        for rid in self.family(request_id):
-            self._queue(rid, prompt, max_new_tokens, streaming, record_timestamps, eos_token_id,
-                        logit_processor_kwargs)
+        with self._lock:  # a stop's last look at the live requests (`_loop`) comes before or after this whole block
+            if self._stop_mode or self.fatal_error is not None:
+                log.warning("nanoflow_fx: the continuous-batching manager is %s: a request of %d tokens is dropped "
+                            "(add_request returns None, as transformers' does); call start() to add requests again",
+                            "stopped" if self.fatal_error is None else "dead after an error", len(prompt))
+                return None
+            request_id = self._claim(request_id)
+            for rid in self.family(request_id):
+                self._queue(rid, prompt, max_new_tokens, streaming, record_timestamps, eos_token_id,
+                            logit_processor_kwargs)
         self._wake.set()
         return request_id
 
+    def _claim(self, request_id: str | None) -> str:
+        """`request_id` if free, or a fresh automatic id; raises ValueError for one in use (under `_lock`)."""
+        if request_id is None:
+            request_id = f"req_{next(self._counter)}"
+            while self._in_use(request_id):
+                request_id = f"req_{next(self._counter)}"
+        elif self._in_use(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in use by a request that has not finished or "
+                             "whose result was not read yet; give another id (or None for a fresh one), or "
+                             f"cancel_request({request_id!r}) first")
+        return request_id
+
+    def _in_use(self, request_id: str) -> bool:
+        return any(rid in self._requests or self._results.has(rid) for rid in self.family(request_id))
+
     def _queue(self, request_id: str, prompt: list[int], max_new_tokens: float | None, streaming: bool,
                record_timestamps: bool, eos_token_id: int | list[int] | None, kwargs: dict[str, Any]) -> None:
+        """Queue one request, or publish its FAILED result (under `_lock`, so the request is registered before
+        `_deliver`, in the engine's thread, can forget it)."""
         try:
             params = self._sampling(len(prompt), eos_token_id, kwargs)
             max_new = self._max_new(len(prompt), max_new_tokens)
-            with self._lock:  # registered before `_deliver` (the engine's thread, under this lock) can hear of it
-                req = self.engine.add_request(prompt, params, max_new, request_id, streaming, self._deliver,
-                                              record_timestamps)
-                self._requests[request_id] = req
+            req = self.engine.add_request(prompt, params, max_new, request_id, streaming, self._deliver,
+                                          record_timestamps)
+            self._requests[request_id] = req
         except (NanoFlowError, ValueError, TypeError) as err:
             req = Request(request_id, prompt, SamplingParams(False, 1.0, 0, 1.0, (), 0), 0, state=FAILED,
                           error=str(err))
-            self.output_queue.put(to_output(req))
+            self._results.put(to_output(req))
 
     def add_requests(self, inputs: list[list[int]], max_new_tokens: int | None = None, streaming: bool = False,
                      record_timestamps: bool = False, **logit_processor_kwargs: Any) -> list[str]:
@@ -202,36 +290,45 @@ class ContinuousBatchingManager:
                 for ids in inputs]
 
     def cancel_request(self, request_id: str) -> None:
-        """Drop a request; its KV pages are freed at once and no result is delivered (as transformers does)."""
+        """Drop a request and its `num_return_sequences` children: their KV pages are freed at once, unread
+        results dropped, and no further result comes (transformers delivers none either); a consumer waiting for
+        it gets None."""
+        ids = self.family(request_id)
         with self._lock:
-            req = self._requests.pop(request_id, None)
-        if req is not None:
-            self.engine.cancel(req)
+            requests = [self._requests.pop(rid, None) for rid in ids]
+        for req in requests:
+            if req is not None:
+                self.engine.cancel(req)
+        self._results.drop(ids)
 
     def get_result(self, request_id: str | None = None, timeout: float | None = None) -> GenerationOutput | None:
-        """The next result (of `request_id`, if given), or None after `timeout` seconds."""
-        try:
-            result = self.output_queue.get(block=True, timeout=timeout)
-        except queue.Empty:
-            return None
-        if request_id is not None and result.request_id != request_id:
-            self.output_queue.put(result)
-            return None
-        return result
+        """The oldest unread result (of `request_id`, if given; a streamed request's latest), waiting up to
+        `timeout` seconds (None: as long as one may come). None after the timeout, and at once when none can
+        come: the manager is not running (as transformers returns None then) or `request_id` is not a live
+        request (cancelled, unknown, or its final result was read)."""
+        def may_come() -> bool:
+            return self._looping and (request_id is None or request_id in self._requests)
+
+        return self._results.take(request_id, timeout, may_come)
 
     def __iter__(self) -> Iterator[GenerationOutput]:
-        while self.is_running() or not self.output_queue.empty():
-            result = self.get_result(timeout=0.1)
-            if result is not None:
-                yield result
+        """Every result as it comes, until the manager has stopped and none is left unread."""
+        while (result := self.get_result()) is not None:
+            yield result
 
     def request_id_iter(self, request_id: str) -> Generator[GenerationOutput]:
-        while self.is_running() or not self.output_queue.empty():
-            result = self.get_result(request_id=request_id, timeout=0.1)
-            if result is not None:
-                yield result
-                if result.is_finished():
-                    return
+        """The results of `request_id` as they come, up to its final one (each streamed update extends the one
+        before); ends early if the request was cancelled or the manager stopped."""
+        while (result := self.get_result(request_id=request_id)) is not None:
+            yield result
+            if result.is_finished():
+                return
+
+    def register_result_handler(self, request_id: str, callback: Callable[[GenerationOutput], Any]) -> None:
+        """transformers' per-request delivery: each result of `request_id` (every update when streaming, else the
+        final one) goes to `callback` on the caller's running asyncio loop (`call_soon_threadsafe`) instead of
+        `get_result`; the handler is dropped after the final result. A result already unread is handed over."""
+        self._results.register(request_id, callback, asyncio.get_running_loop())
 
     def family(self, request_id: str) -> list[str]:
         """The ids a request added as `request_id` answers under: its `num_return_sequences - 1` children, then
@@ -239,17 +336,21 @@ class ContinuousBatchingManager:
         return [*(f"{request_id}__child#{i}" for i in range(self._children)), request_id]
 
     def cancel_all(self) -> None:
+        """Cancel every live request (see `cancel_request`)."""
         with self._lock:
             requests, self._requests = list(self._requests.values()), {}
         for req in requests:
             self.engine.cancel(req)
+        self._results.drop([r.request_id for r in requests])
 
     # ------------------------------------------------------------------------------------------ helpers
     def _deliver(self, req: Request) -> None:
+        """The engine's listener (in a step): publish, then forget a finished request, so a consumer always
+        finds the live request or its result."""
+        self._results.put(to_output(req))
         if req.finished:
             with self._lock:
                 self._requests.pop(req.request_id, None)
-        self.output_queue.put(to_output(req))
 
     def _sampling(self, prompt_len: int, eos_token_id: int | list[int] | None,
                   kwargs: dict[str, Any]) -> SamplingParams:
