@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import signal
 import threading
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import RequestStatus
 
+import nanoflow_fx
 from tests.conftest import optimized, reference
 from tests.tiny_models import VOCAB
 
@@ -188,6 +191,38 @@ def test_a_sampling_failure_in_a_step_fails_only_that_parameter_group() -> None:
     _no_leak(model)
 
 
+# ------------------------------------------------------------------------------------------ 4. interrupts
+def test_an_interrupted_generate_batch_cancels_only_its_own_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (SIGINT to the main thread) while generate_batch and another caller's request share a step."""
+    model = optimized("llama")
+    runner = model.nanoflow.runner
+    real_run, sent = runner.run, threading.Event()
+
+    def run(chunks: Any, *args: Any, **kwargs: Any) -> Any:
+        ids = {c.request.request_id for c in chunks}
+        if "other" in ids and len(ids) > 1 and not sent.is_set():
+            sent.set()
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+        return real_run(chunks, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run", run)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=80, eos_token_id=NO_EOS))
+    manager.start()
+    try:
+        manager.add_request([5, 9, 14, 3], request_id="other")
+        with pytest.raises(KeyboardInterrupt):
+            model.generate_batch([[7, 8, 9], [10, 11]], max_new_tokens=40)
+        result = _finals(manager, "other")["other"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        manager.stop(block=True, timeout=20)
+    assert sent.is_set()
+    assert result.status == RequestStatus.FINISHED, result.error
+    assert result.generated_tokens == _hf_greedy([5, 9, 14, 3], 80)
+    _no_leak(model)
+
+
 # ----------------------------------------------------------------------------------------------- 5. streams
 def test_a_stream_is_monotone_and_nothing_is_left_behind() -> None:
     model = optimized("llama")
@@ -301,6 +336,26 @@ def test_request_ids_never_collide() -> None:
     assert results["req_0"].generated_tokens == _hf_greedy([5, 9, 14, 3], 30)
     assert all(results[rid].generated_tokens == _hf_greedy([7, 8], 30) for rid in auto)
     _no_leak(model)
+
+
+# ------------------------------------------------------------------------------------------------ 7. inputs
+@pytest.mark.parametrize("bad, named", [
+    (None, r"inputs\[1\]"), ("5 6", r"inputs\[1\].*str"), ([[5, 6]], r"inputs\[1\]"),
+    (torch.tensor([[5, 6]]), r"inputs\[1\].*2-D"), ([5.7, 6], r"inputs\[1\].*5.7"), ([True, 6], r"inputs\[1\].*True"),
+    (torch.tensor([5.0, 6.0]), r"inputs\[1\].*float"),
+])
+def test_malformed_inputs_are_refused_before_anything_is_queued(bad: Any, named: str) -> None:
+    model = optimized("llama")
+    with pytest.raises(nanoflow_fx.InvalidInputError, match=named):
+        model.generate_batch([[5, 9, 14, 3], bad], max_new_tokens=4)
+    _no_leak(model)  # the good first entry was not queued either
+
+
+def test_integer_arrays_and_tensors_are_token_ids() -> None:
+    model = optimized("llama")
+    want = _tokens(model.generate_batch([[5, 9, 14, 3]], max_new_tokens=4))["req_0"]
+    inputs = [np.array([5, 9, 14, 3]), torch.tensor([5, 9, 14, 3]), [np.int64(5), 9, 14, torch.tensor(3).item()]]
+    assert list(_tokens(model.generate_batch(inputs, max_new_tokens=4)).values()) == [want] * 3
 
 
 # ---------------------------------------------------------------------------------------------- 8. messages

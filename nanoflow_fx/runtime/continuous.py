@@ -18,11 +18,14 @@ import asyncio
 import copy
 import itertools
 import logging
+import numbers
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
+import numpy as np
+import torch
 from transformers import GenerationConfig
 from transformers.generation.continuous_batching import RequestStatus
 from transformers.generation.continuous_batching.requests import GenerationOutput
@@ -69,6 +72,26 @@ def check_options(gen: GenerationConfig) -> None:
             f"the GenerationConfig option `{option}`={getattr(gen, option, None)!r} is not implemented by "
             f"nanoflow_fx's continuous batching; unset it (`{option}=None`), or use model.generate(), which runs "
             "transformers' own generate() for options its fast path lacks")
+
+
+def token_ids(ids: Any, name: str) -> list[int]:
+    """`ids` as a list of ints: a sequence of ints (numpy ints too) or a 1-D integer tensor or array. Anything
+    else raises `InvalidInputError` naming `name`: a float would be truncated and a bool read as 0 or 1."""
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        integer = not (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool) \
+            if isinstance(ids, torch.Tensor) else np.issubdtype(ids.dtype, np.integer)
+        if ids.ndim != 1 or not integer:
+            raise InvalidInputError(f"{name} is a {ids.ndim}-D {ids.dtype} tensor; give each prompt as a 1-D integer "
+                                    "tensor or a list of token ids (ints)")
+        return ids.tolist()  # type: ignore[no-any-return]
+    if isinstance(ids, (str, bytes, dict)) or not isinstance(ids, Iterable):
+        raise InvalidInputError(f"{name} is a {type(ids).__name__}; give each prompt as a list of token ids (ints)")
+    tokens = list(ids)
+    for i, token in enumerate(tokens):
+        if type(token) is not int and (isinstance(token, bool) or not isinstance(token, numbers.Integral)):
+            raise InvalidInputError(f"{name}: token {i} is {token!r} ({type(token).__name__}), not a token id; give "
+                                    "each prompt as a flat list of ints (a float or a bool is refused, not rounded)")
+    return [int(t) for t in tokens]
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -235,12 +258,13 @@ class ContinuousBatchingManager:
         """Queue one request (transformers' arguments); returns its id, or None once the manager was stopped
         (or its loop failed): the request is dropped with a warning, as transformers does. Automatic ids
         (`req_N`) skip ids in use; a `request_id` in use (its request running, or a result of it not read yet)
-        raises ValueError. With `num_return_sequences` n > 1, n - 1
+        raises ValueError, and `input_ids` that are not token ids (`token_ids`) raise InvalidInputError. With
+        `num_return_sequences` n > 1, n - 1
         more requests of the same prompt run with ids `{id}__child#{i}` (transformers' scheme; each samples
         on its own from its first token, as transformers' forks do). A request that can never run (too long,
         larger than the KV cache, bad token ids, a sampling value out of range) is answered at once with a FAILED
         result naming the problem; the other requests are not affected."""
-        prompt = [int(t) for t in input_ids]
+        prompt = token_ids(input_ids, "input_ids")
         with self._lock:  # a stop's last look at the live requests (`_loop`) comes before or after this whole block
             if self._stop_mode or self.fatal_error is not None:
                 log.warning("nanoflow_fx: the continuous-batching manager is %s: a request of %d tokens is dropped "
@@ -389,32 +413,39 @@ class ContinuousBatchingManager:
 def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
                    generation_config: GenerationConfig | None = None, progress_bar: bool = False,
                    record_timestamps: bool = False, **kwargs: Any) -> dict[str, GenerationOutput]:
-    """transformers' `generate_batch`: every prompt as a request of the engine, run to completion in the
-    calling thread; results by request id in input order, a prompt's `num_return_sequences` results as
-    transformers orders them (`{id}__child#0`, ..., then `{id}`); failed requests included, with their error.
+    """transformers' `generate_batch`: every prompt as a request of a manager of its own, whose thread steps the
+    engine while the caller waits for the results, as transformers' does. So an interrupt (Ctrl-C) or an error
+    in the caller lands outside any step and cancels only this call's requests; other callers' requests run on.
+    Results by request id in input order, a prompt's `num_return_sequences` results as transformers orders them
+    (`{id}__child#0`, ..., then `{id}`); failed requests included, with their error.
 
-    Keywords are GenerationConfig fields (`max_new_tokens=`, `do_sample=True`, ...) applied to a copy of the
-    config, as `generate()` takes them (transformers 5.25's `generate_batch` reads `max_new_tokens` and ignores
-    every other keyword); a keyword that is not a field is refused by name."""
+    Every entry of `inputs` is checked (`token_ids`) before any is queued. Keywords are GenerationConfig fields
+    (`max_new_tokens=`, `do_sample=True`, ...) applied to a copy of the config, as `generate()` takes them
+    (transformers 5.25's `generate_batch` reads `max_new_tokens` and ignores every other keyword); a keyword
+    that is not a field is refused by name."""
     if not inputs:
         return {}
     gen = generation_config if generation_config is not None else model.generation_config
     manager = ContinuousBatchingManager(model, engine, _with_keywords(gen, kwargs))
-    parents = manager.add_requests(inputs, record_timestamps=record_timestamps)
-    ids = [rid for parent in parents for rid in manager.family(parent)]
+    prompts = [token_ids(ids, f"inputs[{i}]") for i, ids in enumerate(inputs)]
     results: dict[str, GenerationOutput] = {}
-    with _Progress(len(ids), progress_bar, engine) as progress:
-        try:
+    ids: list[str] = []
+    manager.start()
+    try:
+        parents = manager.add_requests(prompts, record_timestamps=record_timestamps)
+        ids = [rid for parent in parents for rid in manager.family(parent)]
+        with _Progress(len(ids), progress_bar, engine) as progress:
             while len(results) < len(ids):
-                result = manager.get_result(timeout=0)
-                if result is None:
-                    engine.step()
-                    progress.refresh()
-                elif result.is_finished():
+                result = manager.get_result(timeout=0.5)
+                if result is None and not manager.is_running():
+                    break  # the loop failed; its requests were answered first
+                if result is not None and result.is_finished():
                     results[result.request_id] = result
                     progress.done(1)
-        finally:
-            manager.cancel_all()
+                progress.refresh()
+    finally:
+        manager.cancel_all()  # a no-op unless the caller was interrupted: only this call's requests
+        manager.stop(block=True, hard_stop=True)
     return {rid: results[rid] for rid in ids if rid in results}
 
 
