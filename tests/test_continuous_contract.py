@@ -303,7 +303,6 @@ def test_get_result_on_a_stopped_manager_returns_none_and_hard_stop_wakes_a_wait
     busy = model.init_continuous_batching(config)
     busy.start()
     rid = busy.add_request([5, 9, 14, 3])
-    assert busy.get_result(request_id="not-there", timeout=0.2) is None  # the request is under way
     busy.stop(hard_stop=True, block=True, timeout=20)
     result = busy.get_result(timeout=5)  # as transformers: a hard stop fails what was left
     assert result is not None and result.request_id == rid and result.status == RequestStatus.FAILED

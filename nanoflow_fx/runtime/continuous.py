@@ -64,7 +64,7 @@ def to_output(req: Request) -> GenerationOutput:
                             timestamps=list(req.timestamps) if req.timestamps is not None else None)
 
 
-def check_options(gen: GenerationConfig) -> None:
+def _check_options(gen: GenerationConfig) -> None:
     """Raise `InvalidInputError` naming the first option of `gen` set to a value the engine does not implement."""
     option = _unsupported_options(gen, _ALSO_HANDLED)
     if option is not None:
@@ -74,13 +74,11 @@ def check_options(gen: GenerationConfig) -> None:
             "transformers' own generate() for options its fast path lacks")
 
 
-def token_ids(ids: Any, name: str) -> list[int]:
+def _token_ids(ids: Any, name: str) -> list[int]:
     """`ids` as a list of ints: a sequence of ints (numpy ints too) or a 1-D integer tensor or array. Anything
     else raises `InvalidInputError` naming `name`: a float would be truncated and a bool read as 0 or 1."""
     if isinstance(ids, (torch.Tensor, np.ndarray)):
-        integer = not (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool) \
-            if isinstance(ids, torch.Tensor) else np.issubdtype(ids.dtype, np.integer)
-        if ids.ndim != 1 or not integer:
+        if ids.ndim != 1 or not _integer_dtype(ids):
             raise InvalidInputError(f"{name} is a {ids.ndim}-D {ids.dtype} tensor; give each prompt as a 1-D integer "
                                     "tensor or a list of token ids (ints)")
         return ids.tolist()  # type: ignore[no-any-return]
@@ -92,6 +90,12 @@ def token_ids(ids: Any, name: str) -> list[int]:
             raise InvalidInputError(f"{name}: token {i} is {token!r} ({type(token).__name__}), not a token id; give "
                                     "each prompt as a flat list of ints (a float or a bool is refused, not rounded)")
     return [int(t) for t in tokens]
+
+
+def _integer_dtype(array: torch.Tensor | np.ndarray) -> bool:
+    if isinstance(array, torch.Tensor):
+        return not (array.dtype.is_floating_point or array.dtype.is_complex or array.dtype == torch.bool)
+    return bool(np.issubdtype(array.dtype, np.integer))
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -120,7 +124,7 @@ class _Results:
                 return
             if result.is_finished():
                 del self.handlers[result.request_id]
-        handler[1].call_soon_threadsafe(handler[0], result)
+            handler[1].call_soon_threadsafe(handler[0], result)  # under the lock: the loop gets them in order
 
     def take(self, request_id: str | None, timeout: float | None,
              may_come: Callable[[], bool]) -> GenerationOutput | None:
@@ -139,11 +143,13 @@ class _Results:
 
     def register(self, request_id: str, callback: Callable[[GenerationOutput], Any],
                  loop: asyncio.AbstractEventLoop) -> None:
+        """Send `request_id`'s results to `callback` on `loop` from now on, its unread one first."""
         with self.cond:
-            self.handlers[request_id] = (callback, loop)
-        waiting = self.take(request_id, 0, lambda: False)
-        if waiting is not None:
-            self.put(waiting)
+            unread = self.unread.pop(request_id, None)
+            if unread is None or not unread.is_finished():
+                self.handlers[request_id] = (callback, loop)
+            if unread is not None:
+                loop.call_soon_threadsafe(callback, unread)
 
     def has(self, request_id: str) -> bool:
         with self.cond:
@@ -173,7 +179,7 @@ class ContinuousBatchingManager:
         without `eos_token_id` disables EOS (as transformers' `init_continuous_batching` does, with a warning;
         the caller's config is left as it is)."""
         gen = generation_config if generation_config is not None else model.generation_config
-        check_options(gen)
+        _check_options(gen)
         if gen.eos_token_id is None:
             log.warning("nanoflow_fx: `eos_token_id` is not set in the GenerationConfig: EOS is disabled (as in "
                         "transformers' continuous batching); requests stop at max_new_tokens or their own eos_token_id")
@@ -256,15 +262,16 @@ class ContinuousBatchingManager:
                     streaming: bool = False, record_timestamps: bool = False,
                     eos_token_id: int | list[int] | None = None, **logit_processor_kwargs: Any) -> str | None:
         """Queue one request (transformers' arguments); returns its id, or None once the manager was stopped
-        (or its loop failed): the request is dropped with a warning, as transformers does. Automatic ids
-        (`req_N`) skip ids in use; a `request_id` in use (its request running, or a result of it not read yet)
-        raises ValueError, and `input_ids` that are not token ids (`token_ids`) raise InvalidInputError. With
-        `num_return_sequences` n > 1, n - 1
-        more requests of the same prompt run with ids `{id}__child#{i}` (transformers' scheme; each samples
-        on its own from its first token, as transformers' forks do). A request that can never run (too long,
-        larger than the KV cache, bad token ids, a sampling value out of range) is answered at once with a FAILED
-        result naming the problem; the other requests are not affected."""
-        prompt = token_ids(input_ids, "input_ids")
+        (or its loop failed): the request is dropped with a warning, as transformers does.
+
+        Automatic ids (`req_N`) skip ids in use; a `request_id` in use (its request running, or a result of it
+        not read yet) raises ValueError, and `input_ids` that are not token ids (`_token_ids`) raise
+        InvalidInputError. With `num_return_sequences` n > 1, n - 1 more requests of the same prompt run with
+        ids `{id}__child#{i}` (transformers' scheme; each samples on its own from its first token, as
+        transformers' forks do). A request that can never run (too long, larger than the KV cache, ids outside
+        the vocabulary, a sampling value out of range) is answered at once with a FAILED result naming the
+        problem; the other requests are not affected."""
+        prompt = _token_ids(input_ids, "input_ids")
         with self._lock:  # a stop's last look at the live requests (`_loop`) comes before or after this whole block
             if self._stop_mode or self.fatal_error is not None:
                 log.warning("nanoflow_fx: the continuous-batching manager is %s: a request of %d tokens is dropped "
@@ -309,7 +316,7 @@ class ContinuousBatchingManager:
             self._results.put(to_output(req))
 
     def add_requests(self, inputs: list[list[int]], max_new_tokens: int | None = None, streaming: bool = False,
-                     record_timestamps: bool = False, **logit_processor_kwargs: Any) -> list[str]:
+                     record_timestamps: bool = False, **logit_processor_kwargs: Any) -> list[str | None]:
         return [self.add_request(ids, None, max_new_tokens, streaming, record_timestamps, **logit_processor_kwargs)
                 for ids in inputs]
 
@@ -400,7 +407,7 @@ class ContinuousBatchingManager:
         (transformers: no limit but EOS)."""
         gen = self.generation_config
         if max_new_tokens is not None or gen.max_new_tokens is not None or gen.max_length is not None:
-            return _max_new_tokens(self.model, gen, prompt_len, False, max_new_tokens)
+            return _max_new_tokens(self.model, gen, prompt_len, default_max_length=False, max_new_tokens=max_new_tokens)
         max_seq_len = self.engine.config.max_seq_len
         if prompt_len >= max_seq_len:
             raise RequestTooLongError(
@@ -419,7 +426,7 @@ def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
     Results by request id in input order, a prompt's `num_return_sequences` results as transformers orders them
     (`{id}__child#0`, ..., then `{id}`); failed requests included, with their error.
 
-    Every entry of `inputs` is checked (`token_ids`) before any is queued. Keywords are GenerationConfig fields
+    Every entry of `inputs` is checked (`_token_ids`) before any is queued. Keywords are GenerationConfig fields
     (`max_new_tokens=`, `do_sample=True`, ...) applied to a copy of the config, as `generate()` takes them
     (transformers 5.25's `generate_batch` reads `max_new_tokens` and ignores every other keyword); a keyword
     that is not a field is refused by name."""
@@ -427,7 +434,7 @@ def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
         return {}
     gen = generation_config if generation_config is not None else model.generation_config
     manager = ContinuousBatchingManager(model, engine, _with_keywords(gen, kwargs))
-    prompts = [token_ids(ids, f"inputs[{i}]") for i, ids in enumerate(inputs)]
+    prompts = [_token_ids(ids, f"inputs[{i}]") for i, ids in enumerate(inputs)]
     results: dict[str, GenerationOutput] = {}
     ids: list[str] = []
     manager.start()
