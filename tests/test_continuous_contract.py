@@ -53,7 +53,9 @@ def _finals(manager: Any, *ids: str, timeout: float = 20.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while set(ids) - set(finals) and (left := deadline - time.monotonic()) > 0:
         result = manager.get_result(timeout=left)
-        if result is not None and result.is_finished():
+        if result is None:  # timed out, or nothing more can come
+            break
+        if result.is_finished():
             finals[result.request_id] = result
     return finals
 
