@@ -28,6 +28,7 @@ import torch
 
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import InvalidInputError, KVCacheExhaustedError, RequestTooLongError
+from nanoflow_fx.runtime.batch import to_device
 from nanoflow_fx.runtime.requests import FAILED, FINISHED, PENDING, RUNNING, WAITING, Request
 from nanoflow_fx.runtime.sampling import SamplingParams, sample_rows
 from nanoflow_fx.runtime.scheduler import SchedulerLimits, StepPlan, schedule
@@ -263,7 +264,13 @@ class Engine:
         stats.kv_pages_used_sum += self.kv_cache.allocator.num_pages - self.kv_cache.allocator.num_free
         if not completing:
             return
-        tokens = sample_rows(logits, [len(r.output) for r in completing], [r.params for r in completing])
+        failed: list[tuple[list[int], Exception]] = []
+        tokens = sample_rows(logits, [len(r.output) for r in completing], [r.params for r in completing],
+                             lambda rows, err: failed.append((rows, err)))
+        if failed:
+            completing, tokens = self._fail_sampling(completing, tokens, failed)
+            if not completing:
+                return
         self.runner.record_tokens([r.slot for r in completing], tokens)
         self.inflight.append(_Readback(tokens, [(r, len(r.output)) for r in completing]))
         stats.generated_tokens += len(completing)
@@ -271,6 +278,18 @@ class Engine:
             req.output.append(PENDING)
             if len(req.output) >= req.max_new_tokens:
                 self._stop_generating(req)
+
+    def _fail_sampling(self, completing: list[Request], tokens: torch.Tensor,
+                       failed: list[tuple[list[int], Exception]]) -> tuple[list[Request], torch.Tensor]:
+        """Fail the requests whose parameter group's sampling raised (rows of `completing`), with its error;
+        the others keep their tokens. Every other request of the step runs on."""
+        dropped: set[int] = set()
+        for rows, err in failed:
+            log.warning("nanoflow_fx: sampling failed for %d request(s) of one parameter set: %s", len(rows), err)
+            self.fail([completing[r] for r in rows], err)
+            dropped.update(rows)
+        kept = [r for r in range(len(completing)) if r not in dropped]
+        return [completing[r] for r in kept], tokens.index_select(0, to_device(kept, torch.int64, tokens.device))
 
     # ------------------------------------------------------------------------------------------- readback
     def _resolve(self, block: bool) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,13 +104,16 @@ def run_generation(engine: Engine, plan: GenerationPlan) -> torch.Tensor | Gener
     return GenerateDecoderOnlyOutput(sequences=sequences) if plan.return_dict else sequences
 
 
-def _unsupported_options(gen: GenerationConfig) -> str | None:
+def _unsupported_options(gen: GenerationConfig, also_handled: Collection[str] = ()) -> str | None:
+    """The first option of `gen` set to a value the fast path does not implement (None if there is none);
+    `also_handled`: options a caller implements beyond `generate()`'s (the continuous-batching manager)."""
     defaults = GenerationConfig._get_default_generation_params()
     for key, value in gen.to_dict().items():
-        if key in _HANDLED or key in _NO_EFFECT:
+        if key in _HANDLED or key in _NO_EFFECT or key in also_handled:
             continue
         default = defaults.get(key)
-        if value != default and not (value in (None, False, {}) and default in (None, False)):
+        unset = value is None or (value in (False, {}) and default in (None, False))  # None: the default applies
+        if value != default and not unset:
             return key
     if gen.do_sample is not True and gen.do_sample not in (False, None):
         return "do_sample"
@@ -157,9 +161,14 @@ def _attention_mask(input_ids: torch.Tensor, mask: torch.Tensor | None, gen: Gen
     return mask
 
 
-def _max_new_tokens(model: Any, gen: GenerationConfig, input_len: int, default_max_length: bool) -> int:
-    if gen.max_new_tokens is not None:
-        max_new = gen.max_new_tokens
+def _max_new_tokens(model: Any, gen: GenerationConfig, input_len: int, default_max_length: bool,
+                    max_new_tokens: float | None = None) -> int:
+    """HF's number of new tokens: `max_new_tokens` (a per-request value; else the config's) rounded up, else
+    what `max_length` leaves after the prompt; raises if that is nothing."""
+    if max_new_tokens is None:
+        max_new_tokens = gen.max_new_tokens
+    if max_new_tokens is not None:
+        max_new = max_new_tokens
     else:
         max_length = gen.max_length
         if default_max_length:  # HF's default: 20 new tokens, capped by the model's positions
