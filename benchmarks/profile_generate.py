@@ -1,6 +1,7 @@
 """Where `generate()`'s time goes per decode step, Llama-3-8B shape, bf16, prompt 128 + 128 new tokens: the
-step time through generate() against the GPU's kernel time per step and the CUDA-graph replay of the same
-decode step, two runs each (run-to-run stability), the engine's host time per step, and a cProfile of the host.
+step time through generate() (three runs: run-to-run stability) against the CUDA-graph replay of the same decode
+step and the GPU's kernel time per decode step, the engine's host time per step, and a cProfile of the host.
+Target: a decode step through generate() within 10% of its graph replay.
 
     python benchmarks/profile_generate.py [--batch-sizes 64 256] [--out $OUT/profile_generate.json]
 """
@@ -48,13 +49,30 @@ def step_ms(model: Any, ids: torch.Tensor, new: int) -> dict[str, float]:
                 eager_steps=runner.stats["eager_steps"] - before[3]["eager_steps"])
 
 
-def kernel_ms_per_step(model: Any, ids: torch.Tensor, new: int) -> float:
-    """GPU kernel time per step while generate() runs (torch.profiler; prefill included, divided by steps)."""
+def kernel_ms(model: Any, ids: torch.Tensor, new: int) -> float:
+    """GPU kernel time of one generate() call (torch.profiler)."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         torch.cuda.synchronize()
-    total_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
-    return total_us / 1e3 / new
+    return sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e3
+
+
+def replay_ms(model: Any, batch: int, repeats: int = 20) -> float | None:
+    """GPU time of one replay of the decode graph `batch` requests use, on the inputs of the last step it ran
+    (the end of the last generate(): its requests' final context), between CUDA events."""
+    graphs = model.nanoflow.runner.cuda_graphs
+    shape = graphs.shape_for(batch, batch) if graphs is not None else None
+    if shape is None:
+        return None
+    graph = graphs.graphs[shape].graph
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def host_profile(model: Any, ids: torch.Tensor, new: int) -> str:
@@ -85,16 +103,15 @@ def main() -> None:
     results: dict[str, Any] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                    optimize_s=time.perf_counter() - start,
                                    backend=model.nanoflow.runner.backend.name, cases=[])
-    runner = model.nanoflow.runner
     for batch in args.batch_sizes:
         ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
         timed(model, ids, 8)  # warm-up
-        runs = [step_ms(model, ids, args.new_tokens) for _ in range(2)]
-        kernels = kernel_ms_per_step(model, ids, 32)
-        graphs = runner.cuda_graphs
-        bucket = min((b for b in graphs.replay_ms if b >= batch), default=None) if graphs is not None else None
-        replay = graphs.replay_ms[bucket] if bucket is not None else None
-        case = dict(batch=batch, runs=runs, kernel_ms_per_step=kernels, graph_replay_ms_at_capture=replay,
+        runs = [step_ms(model, ids, args.new_tokens) for _ in range(3)]
+        replay = replay_ms(model, batch)  # at the context the last run ended with
+        # kernel time of a decode step: of generate(N) less generate(1) (the prefill), per added step
+        kernels = (kernel_ms(model, ids, 33) - kernel_ms(model, ids, 1)) / 32
+        case = dict(batch=batch, runs=runs, graph_replay_ms_at_end=replay, kernel_ms_per_decode_step=kernels,
+                    step_over_replay=[r["step_ms"] / replay for r in runs] if replay else None,
                     step_over_kernels=[r["step_ms"] / kernels for r in runs],
                     tokens_per_s=[batch / r["step_ms"] * 1e3 for r in runs])
         print(json.dumps(case, indent=1), flush=True)

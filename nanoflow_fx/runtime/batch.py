@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from nanoflow_fx.ops import AttentionMetadata
 from nanoflow_fx.ops.metadata import pad_request_table
 from nanoflow_fx.runtime.requests import PENDING, Request
 
-__all__ = ["Chunk", "StepInputs", "StepShape", "build_step", "feed_pending", "to_device"]
+__all__ = ["Chunk", "HostStaging", "StepInputs", "StepShape", "build_step", "feed_pending", "to_device"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,53 @@ class _Packed:
         self.last_len.append(end - (num_pages - 1) * self.page_size)
 
 
+class HostStaging:
+    """Reused host buffers a step's integer inputs are packed into, one after another, for one copy to the device.
+
+    A pinned tensor made per input per step (`torch.tensor(values, pin_memory=True)`, 9 per step) costs the host
+    far more than writing into memory pinned once (benchmarks/RESULTS.md), enough to make small-batch decode
+    steps wait on the host. Here each step writes its values (through numpy) into one buffer of a ring of
+    `depth`; a buffer is written again only once the device has run the copies queued from it (an event recorded
+    when the next step is packed, by which time every copy from it has been queued). Pinned when CUDA is there.
+    """
+
+    def __init__(self, depth: int = 4, pin: bool | None = None) -> None:
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._buffers: list[torch.Tensor | None] = [None] * depth
+        self._events: list[torch.cuda.Event | None] = [None] * depth
+        self._next = 0
+        self._last: int | None = None
+
+    def pack(self, fields: Sequence[tuple[Sequence[int], torch.dtype]]) -> list[torch.Tensor]:
+        """Each (values, dtype) as a 1-D host tensor: views of one buffer, valid until `depth` more packs."""
+        if self._last is not None and self.pin:
+            self._events[self._last] = event = torch.cuda.Event()
+            event.record()
+        slot = self._next
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()  # (the ring is deeper than the host ever runs ahead: no wait)
+        sizes = [len(values) * dtype.itemsize for values, dtype in fields]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + -(-size // 8) * 8)  # every view 8-byte aligned
+        buffer = self._buffers[slot]
+        if buffer is None or buffer.numel() < offsets[-1]:
+            buffer = torch.empty(max(offsets[-1], 2 * (buffer.numel() if buffer is not None else 4096)),
+                                 dtype=torch.uint8, pin_memory=self.pin)
+            self._buffers[slot] = buffer
+        raw = buffer.numpy()
+        views = []
+        for (values, dtype), start, size in zip(fields, offsets, sizes):
+            view = buffer[start : start + size].view(dtype)
+            raw[start : start + size].view(_NUMPY[dtype])[:] = values
+            views.append(view)
+        self._last, self._next = slot, (slot + 1) % len(self._buffers)
+        return views
+
+
+_NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.bool: np.bool_}
+
+
 def build_step(
     chunks: Sequence[Chunk],
     kv_caches: tuple[torch.Tensor, ...],
@@ -101,6 +149,7 @@ def build_step(
     backend: str = "torch",
     shape: StepShape | None = None,
     pin: bool = False,
+    staging: HostStaging | None = None,
 ) -> StepInputs:
     """Pack the chunks' tokens into one step. Requests' pages must already cover their new tokens.
 
@@ -114,7 +163,8 @@ def build_step(
     token is a request of its own, a step of decodes stays a step of one-token requests, and a bucket of T
     tokens never needs more than T requests or (allocator pages + T) page ids. Tensors for a CUDA device travel
     from pinned host memory without blocking the host; `pin` pins CPU results (the source of a later
-    non-blocking copy).
+    non-blocking copy). With `staging` (the step runner's, on CUDA) the host results are views of its reused
+    buffers instead (valid until it has packed `depth` more steps: copy them to the device at once).
     """
     packed = _Packed(page_size)
     logits_rows: list[int] = []
@@ -138,33 +188,20 @@ def build_step(
     if shape is not None:
         pad_request_table(packed.qo, packed.kv_ptr, packed.kv_idx, packed.last_len, page_size, shape.requests,
                           shape.pages)
-    return _to_tensors(packed, logits_rows, num_logits, kv_caches, device, backend, pin)
-
-
-def _to_tensors(
-    packed: _Packed, logits_rows: list[int], num_logits: int, kv_caches: tuple[torch.Tensor, ...],
-    device: torch.device, backend: str, pin: bool,
-) -> StepInputs:
-    def tensor(values: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        return to_device(values, dtype, device, pin)
-
-    metadata = AttentionMetadata(
-        qo_indptr=tensor(packed.qo),
-        kv_indptr=tensor(packed.kv_ptr),
-        kv_indices=tensor(packed.kv_idx),
-        kv_last_page_len=tensor(packed.last_len),
-        slot_mapping=tensor(packed.slots, torch.int64),
-        kv_caches=kv_caches,
-        backend=backend,
-    )
-    return StepInputs(
-        input_ids=tensor(packed.ids, torch.int64),
-        position_ids=tensor(packed.positions, torch.int64),
-        feed_slots=tensor(packed.feed, torch.int64),
-        logits_indices=tensor(logits_rows, torch.int64),
-        num_logits=num_logits,
-        metadata=metadata,
-    )
+    fields = [(packed.qo, torch.int32), (packed.kv_ptr, torch.int32), (packed.kv_idx, torch.int32),
+              (packed.last_len, torch.int32), (packed.slots, torch.int64), (packed.ids, torch.int64),
+              (packed.positions, torch.int64), (packed.feed, torch.int64), (logits_rows, torch.int64)]
+    if staging is None:
+        tensors = [to_device(list(values), dtype, device, pin) for values, dtype in fields]
+    elif device.type != "cpu":
+        raise ValueError("a staged step is built on the host (device 'cpu'); copy it with StepInputs.to")
+    else:
+        tensors = staging.pack(fields)
+    qo, kv_ptr, kv_idx, last_len, slots, ids, positions, feed, logits_index = tensors
+    metadata = AttentionMetadata(qo_indptr=qo, kv_indptr=kv_ptr, kv_indices=kv_idx, kv_last_page_len=last_len,
+                                 slot_mapping=slots, kv_caches=kv_caches, backend=backend)
+    return StepInputs(input_ids=ids, position_ids=positions, feed_slots=feed, logits_indices=logits_index,
+                      num_logits=num_logits, metadata=metadata)
 
 
 def to_device(values: list[int], dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
-from nanoflow_fx.runtime.batch import Chunk, StepInputs, StepShape, build_step, feed_pending
+from nanoflow_fx.runtime.batch import Chunk, HostStaging, StepInputs, StepShape, build_step, feed_pending
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 
 __all__ = ["CudaGraphRunner", "decode_buckets", "route_buckets"]
@@ -59,6 +59,7 @@ class CudaGraphRunner:
         self, step_fn: StepFunction, kv_cache: PagedKVCache, max_batch_size: int, backend: AttentionBackend,
         last_tokens: torch.Tensor,
         attention_configs: Sequence[AttentionConfig] = (),
+        staging: HostStaging | None = None,
     ) -> None:
         """`last_tokens` is the engine's device-side table of each request's last sampled token; the graphs
         read PENDING input tokens from it (see `feed_pending`). A backend that plans on the host gives each
@@ -66,6 +67,7 @@ class CudaGraphRunner:
         nano-batch) in any configuration: splitting a decode step reads every weight once more per nano-batch."""
         self.step_fn, self.kv_cache, self.backend, self.last_tokens = step_fn, kv_cache, backend, last_tokens
         self.attention_configs = tuple(attention_configs)
+        self.staging = staging  # the step runner's host buffers, where each replay's inputs are packed
         self.buckets = decode_buckets(max_batch_size)
         self.graphs: dict[StepShape, _Graph] = {}
         self.capture_seconds = 0.0
@@ -153,7 +155,7 @@ class CudaGraphRunner:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          all_logits, backend=self.backend.name, shape=shape, pin=True)
+                          all_logits, backend=self.backend.name, shape=shape, pin=True, staging=self.staging)
         targets, sources = _step_tensors(entry.inputs), _step_tensors(host)
         for dst, src in zip(targets, sources):
             dst.copy_(src, non_blocking=True)  # from pinned memory: the host does not wait

@@ -26,7 +26,7 @@ from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import KVCacheExhaustedError
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner, substituting
 from nanoflow_fx.ops.split_metadata import split_attention_metadata
-from nanoflow_fx.runtime.batch import Chunk, build_step, feed_pending, to_device
+from nanoflow_fx.runtime.batch import Chunk, HostStaging, build_step, feed_pending, to_device
 from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 from nanoflow_fx.runtime.program_runner import Cut, NanobatchStep, StepChannel
@@ -86,6 +86,8 @@ class StepRunner:
         self._nanobatch_planners: list[Planner | None] = []
         self.planner: Planner | None = backend.make_planner(self.attention_configs, kv_cache.page_size,
                                                             kv_cache.dtype, kv_cache.device)
+        # Reused host buffers for each step's inputs (CUDA: they are copied to the device; see HostStaging).
+        self.staging = HostStaging() if kv_cache.device.type == "cuda" else None
         self.cuda_graphs: CudaGraphRunner | None = None  # set by enable_cuda_graphs()
         self.cuda_graphs_off_reason = "not enabled"
         # Each running request's last sampled token, on the device, by slot (see requests.PENDING).
@@ -162,7 +164,7 @@ class StepRunner:
             self.cuda_graphs_off_reason = reason
             return False
         runner = CudaGraphRunner(self.step_fn, self.kv_cache, self.config.max_batch_size, self.backend,
-                                 self.last_tokens, self.attention_configs)
+                                 self.last_tokens, self.attention_configs, self.staging)
         try:
             runner.capture_all()
         except RuntimeError as err:
@@ -220,7 +222,7 @@ class StepRunner:
         on_cuda = self.device.type == "cuda"  # built in pinned host memory, then copied without blocking
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page,
                           torch.device("cpu") if on_cuda else self.device, all_logits, min_tokens=2,
-                          backend=self.backend.name, pin=on_cuda)
+                          backend=self.backend.name, pin=on_cuda, staging=self.staging)
         inputs = host.to(self.device) if on_cuda else host
         if trace_only:
             self.step_fn.trace(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
