@@ -95,3 +95,15 @@ def _nucleus_of_topk(logits: torch.Tensor, k: int, top_p: float) -> torch.Tensor
     masked = torch.full_like(logits.flatten(), float("-inf"))
     masked[top.indices] = top.values
     return _nucleus(masked, top_p)
+
+
+def test_the_kept_min_new_tokens_mask_follows_the_rows() -> None:
+    """The EOS mask of rows still under min_new_tokens is kept on the device while it stays the same; when the
+    rows change, so does the mask (one parameter set, called step after step)."""
+    from nanoflow_fx.runtime.sampling import SamplingParams, select_tokens
+
+    params = SamplingParams(False, 1.0, 0, 1.0, eos_token_ids=(3,), min_new_tokens=2)
+    logits = torch.zeros(2, 8)
+    logits[:, 3], logits[:, 5] = 2.0, 1.0  # EOS first, token 5 second
+    for generated, want in (([0, 5], [5, 3]), ([0, 5], [5, 3]), ([5, 0], [3, 5]), ([5, 5], [3, 3])):
+        assert select_tokens(logits.clone(), generated, params).tolist() == want, generated

@@ -59,6 +59,15 @@ class SamplingParams:
             warpers.append(TopPLogitsWarper(top_p=self.top_p, min_tokens_to_keep=1))
         return warpers
 
+    def young_on(self, young: list[bool], device: torch.device) -> torch.Tensor:
+        """`young` (which rows may not end yet) on `device`; the last one is kept, since it stays the same step
+        after step while a batch generates its first tokens (a pinned copy per step costs the host)."""
+        cache = self.__dict__.setdefault("_young", {})  # not a field: equality and hashing ignore it
+        key = tuple(young)
+        if cache.get(device, ((), None))[0] != key:
+            cache[device] = (key, to_device(young, torch.bool, device))
+        return cache[device][1]  # type: ignore[no-any-return]
+
     def ids_on(self, field: str, device: torch.device, vocab: int) -> torch.Tensor:
         """`eos_token_ids` or `suppress_tokens` (`field`) as a tensor on `device`, made once per device: the
         per-step masks index with it (a Python list index would be copied from pageable memory, a host wait,
@@ -86,7 +95,7 @@ def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: Sa
     vocab = scores.shape[-1]
     if params.eos_token_ids and params.min_new_tokens > 0:
         # A mask, not indices: no nonzero(), so no host sync on the per-step path.
-        young = to_device([n < params.min_new_tokens for n in num_generated], torch.bool, scores.device)
+        young = params.young_on([n < params.min_new_tokens for n in num_generated], scores.device)
         eos = params.ids_on("eos_token_ids", scores.device, vocab)
         scores[:, eos] = scores[:, eos].masked_fill(young[:, None], float("-inf"))
     if params.suppress_tokens:

@@ -90,6 +90,7 @@ class StepRunner:
         self.staging = HostStaging() if kv_cache.device.type == "cuda" else None
         self.cuda_graphs: CudaGraphRunner | None = None  # set by enable_cuda_graphs()
         self.cuda_graphs_off_reason = "not enabled"
+        self._slots: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)  # record_tokens' last slots, on device
         # Each running request's last sampled token, on the device, by slot (see requests.PENDING).
         self.last_tokens = torch.zeros(config.max_batch_size, dtype=torch.int64, device=kv_cache.device)
         self.stats = {"graph_steps": 0, "eager_steps": 0, "interim_steps": 0}
@@ -319,5 +320,7 @@ class StepRunner:
     def record_tokens(self, slots: Sequence[int], tokens: torch.Tensor) -> None:
         """Store each request's newly sampled token (on the device) where PENDING inputs are fed from."""
         if slots:
-            index = to_device(list(slots), torch.int64, self.device)
-            self.last_tokens.index_copy_(0, index, tokens.to(torch.int64))
+            key = tuple(slots)
+            if key != self._slots[0]:  # decode steps complete the same requests step after step: copied once
+                self._slots = (key, to_device(list(slots), torch.int64, self.device))
+            self.last_tokens.index_copy_(0, self._slots[1], tokens.to(torch.int64))
