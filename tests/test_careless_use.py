@@ -349,7 +349,7 @@ def test_models_optimized_one_after_another_free_the_gpu_at_once() -> None:
     import gc
 
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=8, max_seq_len=96, page_size=16)
-    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0), device="cuda")
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0)).cuda()
     gc.collect()
     total = torch.cuda.mem_get_info()[1]
     for i, family in enumerate(["llama", "gemma2", "llama"]):
