@@ -397,8 +397,11 @@ def _pages_from_memory(runtime: NanoFlowRuntime) -> int:
     activations are counted: the step is run once (a full `max_num_tokens` step) and its peak measured."""
     cfg, device = runtime.config, runtime.device
     # Memory of dropped objects still in reference cycles (a dropped optimized model is not: it frees its runtime
-    # at once; other objects of the caller may be) is reclaimed first, so the cache is sized from what is free.
+    # at once; other objects of the caller may be) is reclaimed first, so the cache is sized from what is free;
+    # and the allocator's cached free blocks go back to the driver: a previous model's cache, freed into blocks of
+    # its own sizes, left the new cache's large allocations without room (an H100, models one after another).
     gc.collect()
+    torch.cuda.empty_cache()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     vocab = runtime.step_fn.model.get_output_embeddings().weight.shape[0]
