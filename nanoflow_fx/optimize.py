@@ -399,7 +399,7 @@ def _pages_from_memory(runtime: NanoFlowRuntime) -> int:
     # Memory of dropped objects still in reference cycles (a dropped optimized model is not: it frees its runtime
     # at once; other objects of the caller may be) is reclaimed first, so the cache is sized from what is free;
     # and the allocator's cached free blocks go back to the driver: a previous model's cache, freed into blocks of
-    # its own sizes, left the new cache's large allocations without room (an H100, models one after another).
+    # its own sizes, left the new cache's large allocations without room (models optimized one after another).
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.synchronize(device)
@@ -469,19 +469,19 @@ def _runtime(model: PreTrainedModel) -> NanoFlowRuntime:
                             "and captured step stayed with the original: call nanoflow_fx.optimize() on the copy")
     if model.config._attn_implementation != hf_attention.ATTN_IMPLEMENTATION:  # set behind our back (the config)
         _set_attn_implementation(model, model.config._attn_implementation)
-    runtime.follow_model()
+    runtime.follow_model(relayout=False)  # (a moved model fails here, before any request; the engine lays out)
     return runtime
 
 
 def _model_follower(model: PreTrainedModel, dtype: torch.dtype, device: torch.device,
-                    layout: FusedLayout) -> Callable[[], None]:
+                    layout: FusedLayout) -> Callable[..., None]:
     """What is checked before requests run on the model (each generate() call, each step that takes new requests
     of the engine, so also the manager's): the model must still have the dtype and device it was optimized for
     (else: call optimize() again), and parameters replaced since (`load_state_dict(..., assign=True)`,
     `p.data = new`) are laid out again as the captured step reads them. Holds the model weakly (no cycle)."""
     model_ref = weakref.ref(model)
 
-    def follow() -> None:
+    def follow(relayout: bool = True) -> None:
         model = model_ref()
         if model is None:
             raise ReferenceError("the optimized model was deleted")
@@ -491,7 +491,8 @@ def _model_follower(model: PreTrainedModel, dtype: torch.dtype, device: torch.de
                 f"the model moved from {dtype} on {device} to {param.dtype} on {param.device} after "
                 "nanoflow_fx.optimize(); its KV cache and captured step are for the old ones: call "
                 "nanoflow_fx.optimize(model) again")
-        layout.restore()
+        if relayout:
+            layout.restore()
 
     return follow
 
