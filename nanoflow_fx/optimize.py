@@ -478,7 +478,8 @@ def _model_follower(model: PreTrainedModel, dtype: torch.dtype, device: torch.de
     """What is checked before requests run on the model (each generate() call, each step that takes new requests
     of the engine, so also the manager's): the model must still have the dtype and device it was optimized for
     (else: call optimize() again), and parameters replaced since (`load_state_dict(..., assign=True)`,
-    `p.data = new`) are laid out again as the captured step reads them. Holds the model weakly (no cycle)."""
+    `p.data = new`) are laid out again as the captured step reads them (not with `relayout=False`: the entry
+    points check the placement only, the engine's step does both). Holds the model weakly (no cycle)."""
     model_ref = weakref.ref(model)
 
     def follow(relayout: bool = True) -> None:
