@@ -1,4 +1,4 @@
-"""`explain(model)`: what nanoflow_fx did to a model: graph, groups, plan, schedule, timeline, passes."""
+"""`explain(model)`: what runs for an optimized model: the lowering's passes, the program, the cut, the schedule."""
 
 from __future__ import annotations
 
@@ -8,78 +8,100 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from nanoflow_fx.cost.roofline import RooflineCost, roofline_cost
-from nanoflow_fx.passes import NanobatchPlan, PassRecord, info
-from nanoflow_fx.runtime.nanobatch import NanobatchRunner
-from nanoflow_fx.schedule import format_schedule, format_timeline, simulate
+from nanoflow_fx.capture.lowering import PassRun
+from nanoflow_fx.passes import info
+from nanoflow_fx.schedule import format_schedule
 from nanoflow_fx.schedule.timeline import covered_length, overlap_length
 
-__all__ = ["Explanation", "KernelSpan", "RooflineCost", "StepProfile", "UnitComparison", "compare_step",
-           "draw_timeline", "explain", "profile_harness", "profile_step", "spans_from_chrome_trace", "unit_busy_ms"]
+__all__ = ["Explanation", "KernelSpan", "StepProfile", "UnitComparison", "compare_step", "draw_timeline", "explain",
+           "profile_harness", "profile_step", "spans_from_chrome_trace", "unit_busy_ms"]
 
 
 @dataclass(frozen=True)
 class Explanation:
+    """What `explain()` found (its `str` is the report)."""
+
     model: str
-    op_counts: dict[str, int]
-    groups: tuple[str, ...]
-    splittable: tuple[str, ...]
-    plan: NanobatchPlan
-    schedule_text: str
-    timeline: str
-    passes: tuple[PassRecord, ...]
-    searched: tuple[str, ...] = ()  # num_nanobatches="auto": per tuned step shape, the pick and what was measured
+    lowering: str  # the pass list, in order, and its key
+    source: str  # where the program that runs came from: traced, replicated, loaded from the saved step
+    op_counts: dict[str, int]  # the captured ATen graph's ops by class (empty for a loaded step)
+    passes: tuple[PassRun, ...]  # each pass as it ran on the captured graph: node counts, what it changed, time
+    pieces: tuple[str, ...]  # the program's pieces in order ("*": kept whole, it mixes tokens)
+    compiles: int  # distinct dense pieces Inductor compiled
+    num_tokens: int  # the step shape the cut and schedule below are for
+    num_decodes: int
+    cut: str  # how the runtime cuts that step
+    schedule_text: str  # the Schedule it runs (`schedule.format_schedule`)
+    searched: tuple[str, ...] = ()  # num_nanobatches="auto": per tuned step shape, the pick, measured and predicted
     units: tuple[UnitComparison, ...] = ()  # explain(..., timelines=dir): per tuned shape, predicted vs profiled
 
     def __str__(self) -> str:
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items()))
-        whole = [g for g in self.groups if g not in self.splittable]
-        splits = "; ".join(f"{name} {list(s.boundaries)}" for name, s in self.plan.splits) or "none"
-        passes = "\n".join(f"  {r.name:<18} {r.num_nodes:>6} nodes {r.seconds * 1e3:8.1f} ms" for r in self.passes)
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items())) or "(not traced in this process)"
+        kinds = Counter("attention" if ".attn" in p else "dense" for p in self.pieces)
+        whole = [p.rstrip("*") for p in self.pieces if p.endswith("*")]
         return "\n".join([
             f"nanoflow_fx: {self.model}",
-            f"captured graph ops by class: {counts}",
-            f"op groups ({len(self.groups)}): {' '.join(self.groups)}",
-            f"groups kept whole (they mix tokens): {' '.join(whole) or 'none'}",
-            f"plan for {self.plan.num_tokens} tokens: splits {splits}",
-            "passes:", passes,
+            f"lowering: {self.lowering}",
+            f"step: {self.source}; captured graph ops by class: {counts}",
+            "passes:", *(f"  {r}" for r in self.passes),
+            f"program: {len(self.pieces)} pieces ({kinds['dense']} dense, {kinds['attention']} attention calls; "
+            f"{self.compiles} distinct pieces compiled by Inductor); kept whole (they mix tokens): "
+            f"{' '.join(whole) or 'none'}",
+            "  " + " ".join(self.pieces),
+            f"a step of {self.num_tokens} tokens ({self.num_decodes} decodes): {self.cut}",
             "schedule:", self.schedule_text.rstrip(),
-            "predicted timeline (roofline; attention without its KV reads):", self.timeline,
-            *(["schedule search (measured on the device):", *self.searched] if self.searched else []),
+            *(["schedule search (measured on the device; predicted by the cost table):", *self.searched]
+              if self.searched else []),
             *(["per unit, predicted against a profiled step (ms):", *map(str, self.units)] if self.units else []),
         ])
 
 
-def explain(model: PreTrainedModel, num_tokens: int | None = None, cost: RooflineCost | None = None,
+def explain(model: PreTrainedModel, num_tokens: int | None = None, num_decodes: int = 0,
             timelines: str | None = None) -> Explanation:
-    """Explain an optimized model's step at `num_tokens` tokens (default: the last step it cut into nano-batches,
-    else 256). `timelines` (a directory; CUDA models optimized with num_nanobatches="auto"): also run one real
-    step of each tuned shape cut as the search chose, profiled (`compare_step`): its predicted against measured
-    busy time per unit in `Explanation.units`, and its timeline there as `<shape>.png` and `<shape>.json`
-    (`cost.tables.shape_key`; the JSON a Chrome trace that Perfetto opens)."""
+    """Explain what runs for an optimized model: the lowering's passes as they ran, the lowered program, and how
+    a step of `num_tokens` tokens (`num_decodes` of them decodes; default: the largest step, the step budget) is
+    cut and scheduled. `timelines` (a directory; CUDA models optimized with num_nanobatches="auto"): also run one
+    real step of each tuned shape cut as the search chose, profiled (`compare_step`): its predicted against
+    measured busy time per unit in `Explanation.units`, and its timeline there as `<shape>.png` and
+    `<shape>.json` (`cost.tables.shape_key`; the JSON a Chrome trace that Perfetto opens)."""
+    from nanoflow_fx.runtime.program_runner import program_schedule
+
     runtime = getattr(model, "nanoflow", None)
-    if runtime is not None and not runtime.step_fn.graphs and runtime.step_fn.loaded is not None:
-        _trace(runtime)
-    if runtime is None or not runtime.step_fn.graphs:
+    step_fn = getattr(runtime, "step_fn", None)
+    if runtime is None or step_fn is None or step_fn.program is None:
         raise ValueError("explain() needs a model returned by nanoflow_fx.optimize() (with check_capture on, or "
                          "after one generate() call, so that a step has been captured)")
-    gm = runtime.step_fn.graphs[-1]
-    count = runtime.config.num_nanobatches
-    runner = NanobatchRunner(gm, count if isinstance(count, int) else 1)
-    if num_tokens is None:
-        program = gm.meta.get("nanoflow_program_runner")
-        last = program.last_schedule if program is not None else None
-        num_tokens = last.num_tokens if last is not None else 256
-    step = runner.scheduled(num_tokens)
-    counts = Counter(info(n).op_class for n in gm.graph.nodes if n.op == "call_function")
-    groups = tuple(dict.fromkeys(g.name for g in step.schedule.groups))
-    timeline = format_timeline(simulate(step.schedule, roofline_cost(step, runner, cost or RooflineCost())))
+    program = step_fn.program
+    capture = step_fn.captures[-1] if step_fn.captures else None
+    if step_fn.loaded is not None:
+        source = f"loaded from the saved step {step_fn.store.path if step_fn.store else ''}".rstrip()
+    elif capture is not None and capture.replicated is not None:
+        traced, layers, period = capture.replicated
+        source = f"traced {traced} of {layers} layers, replicated (period {period})"
+    else:
+        source = "traced"
+    counts = Counter(info(n).op_class for n in capture.graph.graph.nodes
+                     if n.op == "call_function" and "nanoflow" in n.meta) if capture is not None else Counter()
+    cfg = runtime.config
+    tokens = int(num_tokens if num_tokens is not None else cfg.max_num_tokens)
+    policy = runtime.runner.split_policy
+    cut = policy(tokens, num_decodes) if policy is not None else None
+    if cut is None or (len(cut.boundaries) <= 2 and (cut.attention is None or len(cut.attention) <= 2)):
+        how, schedule = "run whole (one nano-batch)", program_schedule(program, (0, tokens), one_unit=True)
+    else:
+        units = "one stream, in the schedule's order" if cut.units is None else (
+            f"units {cfg.sm_partition if not runtime.tunings else 'as the search chose'}")
+        attention = f", attention at {list(cut.attention)}" if cut.attention is not None else ""
+        how = f"cut at {list(cut.boundaries)}{attention}; {units}"
+        schedule = program_schedule(program, cut.boundaries, cut.units is None, cut.attention)
     searched = tuple(_searched(t) for t in runtime.tunings) + tuple(
         f"  decode rows on {t.sms} SMs: {t.kernel.label() if t.kernel else runtime.attention_backend.name} "
         f"{t.ms:.3f} ms ({t.tb_s:.2f} TB/s)" for t in runtime.decode_timings)
-    units = _profiled_units(model, runtime, timelines) if timelines is not None else ()
-    return Explanation(type(model).__name__, dict(counts), groups, tuple(runner.splittable), step.plan,
-                       format_schedule(step.schedule), timeline, step.records, searched, units)
+    units_found = _profiled_units(model, runtime, timelines) if timelines is not None else ()
+    pieces = tuple(p.name + ("*" if p.whole else "") for p in program.pieces)
+    return Explanation(type(model).__name__, f"{runtime.lowering.describe()} (key {runtime.lowering.key})", source,
+                       dict(counts), tuple(capture.passes) if capture is not None else (), pieces, program.compiles,
+                       tokens, num_decodes, how, format_schedule(schedule), searched, units_found)
 
 
 def _profiled_units(model: PreTrainedModel, runtime: Any, directory: str) -> tuple[UnitComparison, ...]:
@@ -97,12 +119,6 @@ def _profiled_units(model: PreTrainedModel, runtime: Any, directory: str) -> tup
         name = os.path.join(directory, shape_key(tuning.shape))
         found.append(compare_step(model, tuning.shape, name + ".json", name + ".png"))
     return tuple(found)
-
-
-def _trace(runtime: Any) -> None:
-    """A step loaded from the cache (`capture.store`) has no traced graph: trace one (a two-prompt step)."""
-    with runtime.step_fn.bypassing_loaded():
-        runtime.runner.run_prompts([[1, 2, 3, 4, 5], [1, 2, 3]])
 
 
 def _searched(tuning: Any) -> str:
@@ -246,19 +262,17 @@ def profile_harness(harness: Any, policy: Any = "model", chrome_trace: str | Non
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from nanoflow_fx.runtime.step_runner import RUNNER_POLICY
+
     runner = harness.runtime.runner
-    saved = runner.split_policy
-    if policy != "model":
-        runner.split_policy = policy
-    try:
-        step = runner.capture_step(harness.chunks).replay if graph else lambda: runner.run(harness.chunks)
+    split = RUNNER_POLICY if policy == "model" else policy
+    step = (runner.capture_step(harness.chunks, split=split).replay if graph
+            else lambda: runner.run(harness.chunks, split=split))
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-    finally:
-        runner.split_policy = saved
     path = chrome_trace or os.path.join(tempfile.mkdtemp(), "step_trace.json")
     prof.export_chrome_trace(path)
     with open(path) as f:

@@ -20,8 +20,9 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from nanoflow_fx.capture import hf_attention
-from nanoflow_fx.capture.backend import Expand, GraphSink, LoweredSink, make_backend
+from nanoflow_fx.capture.backend import make_backend
 from nanoflow_fx.capture.fuse_linears import FusedLayout, relayout_parallel_linears
+from nanoflow_fx.capture.lowering import lowering_for
 from nanoflow_fx.capture.replicate import find_layer_stack
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.capture.store import StepStore, step_key
@@ -37,7 +38,7 @@ from nanoflow_fx.runtime.continuous import ContinuousBatchingManager, generate_b
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
 from nanoflow_fx.runtime.kv_cache import PagedKVCache, page_bytes
-from nanoflow_fx.runtime.program_runner import Cut, ProgramRunner, StepChannel, make_units
+from nanoflow_fx.runtime.program_runner import Cut, make_units
 from nanoflow_fx.runtime.step_runner import StepRunner
 from nanoflow_fx.schedule import Split
 
@@ -84,18 +85,17 @@ class NanoFlowRuntime:
         self.config = _resolve(config, model, self.device, self.dtype)
         self.layout = relayout()
         self.follow_model = _model_follower(model, self.dtype, self.device, self.layout)
-        # Nano-batched configurations run the step as a program of pieces that can be cut per step; each cut
-        # step's record reaches the program through this channel.
-        self.channel = StepChannel() if self.config.num_nanobatches != 1 else None
+        self.lowering = lowering_for(self.config)  # the passes every step is lowered through
         self.split_policy = even_split(self.config, self.device) if self.config.nanobatched else None
+        self.search_pending = False  # num_nanobatches="auto": the search waits for the backend's kernels
         self.tunings: list[Any] = []  # num_nanobatches="auto": what the schedule search measured (cost.search)
         self.decode_timings: list[DecodeTiming] = []  # and the memory unit's decode kernels per SM share
         self.cost_table: CostTable | None = None  # and the times it predicted the candidates from (cost.tables)
-        config, channel = self.config, self.channel  # (not `self`: the step would hold its runtime in a cycle)
+        lowering = self.lowering  # (not `self`: the step would hold its runtime in a cycle)
         self.step_fn = StepFunction(
-            model, lambda on_graph, on_lowered, skip_run, expand=None: backend(
-                config, on_graph, channel, on_lowered, skip_run, expand),
-            _step_store(model, self.config, self.attention_backend.name),
+            model, lambda on_capture, on_lowered, skip_run, expand=None: make_backend(
+                lowering, on_capture, on_lowered, skip_run, expand),
+            _step_store(model, self.config, self.lowering.key, self.attention_backend.name),
             find_layer_stack(model, self.layers) if self.config.replicate_layers and self.device.type != "meta"
             else None)
         self.capture_seconds = 0.0  # all of optimize()'s capture work; `timings` breaks it down
@@ -109,7 +109,7 @@ class NanoFlowRuntime:
         self.kv_cache = kv_cache
         previous = getattr(self, "runner", None)
         self.runner = StepRunner(self.step_fn, kv_cache, self.config, self.attention_backend,
-                                 self.attention_configs, self.channel, self.split_policy)
+                                 self.attention_configs, self.split_policy)
         if previous is not None:  # steps on a stand-in kernel until the backend's are built (`_start_interim`)
             self.runner.carry_interim(previous)
         self.engine = Engine(self.runner, self.config, before_new_requests=self.follow_model)
@@ -135,26 +135,13 @@ class NanoFlowRuntime:
         return None
 
 
-def backend(
-    config: NanoFlowConfig | None = None, on_graph: GraphSink | None = None, channel: StepChannel | None = None,
-    on_lowered: LoweredSink | None = None, skip_run: Callable[[], bool] | None = None,
-    expand: Expand | None = None,
-) -> Callable[..., Any]:
+def backend(config: NanoFlowConfig | dict[str, Any] | None = None) -> Callable[..., Any]:
     """The nanoflow `torch.compile` backend: `torch.compile(fn, backend=nanoflow_fx.backend(config))`.
 
-    Captures to one ATen graph (in-place KV-cache writes kept in place). With `inductor` its pieces between
-    attention calls are compiled by Inductor. With `num_nanobatches` other than 1 the graph is lowered to a
-    program of pieces (`capture.program`) run by a `ProgramRunner`: whole, or cut into nano-batches when the
-    step runner hands it a step's record through `channel`, on the execution units `sm_partition` asks for.
-    `on_graph` receives each captured (unsplit) ATen GraphModule, `on_lowered` what runs; `skip_run` makes calls
-    trace-only, `expand` extends the traced graph (`make_backend`).
-    """
-    config = config or NanoFlowConfig()
-    program = None
-    if config.num_nanobatches != 1:
-        program = lambda step_program: ProgramRunner(step_program, channel)  # noqa: E731
-    return make_backend(None, on_graph, inductor=config.inductor is True, fuse_linears=config.fuse_linears,
-                        program=program, on_lowered=on_lowered, skip_run=skip_run, expand=expand)
+    Captures `fn` to one ATen graph (the attention op's KV-cache writes kept in place) and lowers it through the
+    passes `config` asks for (`capture.lowering`) to a program of pieces between attention calls, run whole.
+    `config.inductor` "auto" means off here (no device is known)."""
+    return make_backend(lowering_for(_as_config(config)))
 
 
 def even_split(config: NanoFlowConfig, device: torch.device) -> Callable[[int, int], Cut]:
@@ -290,6 +277,8 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
                                                      "built (until then steps run on the interim kernel)")
         bar.update()
         searched = time.perf_counter()
+        if search and runtime.runner.interim is not None:  # searched at the switch, on the backend's own kernels
+            runtime.search_pending, search = True, False
         if search:
             bar.set_postfix_str("search nano-batch schedules")
             search_schedules(model, runtime, os.path.join(_cache_root(cfg), "cost"))
@@ -326,14 +315,15 @@ def _use_cache_dir(config: NanoFlowConfig) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_cache_root(config), "inductor"))
 
 
-def _step_store(model: PreTrainedModel, config: NanoFlowConfig, backend_name: str) -> StepStore | None:
+def _step_store(model: PreTrainedModel, config: NanoFlowConfig, lowering_key: str,
+                backend_name: str) -> StepStore | None:
     """Where this model's captured step is saved (`NanoFlowConfig.save_step`), or None."""
-    if (not config.save_step or os.environ.get("NANOFLOW_FX_SAVE_STEP") == "0" or config.num_nanobatches != 1
-            or model.device.type == "meta"):
+    if not config.save_step or os.environ.get("NANOFLOW_FX_SAVE_STEP") == "0" or model.device.type == "meta":
         return None
-    # The config fields the captured graph depends on (the cache's page shape, what lowers it); the step's sizes
-    # (tokens, requests, pages) are symbolic, so the budgets (max_num_tokens: measured, "auto") do not count.
-    fields = {k: getattr(config, k) for k in ("page_size", "inductor", "fuse_linears", "num_nanobatches")}
+    # What the captured graph depends on of the config: the cache's page shape and the lowering (its passes).
+    # The step's sizes (tokens, requests, pages) are symbolic, so the budgets (max_num_tokens: measured, "auto")
+    # do not count, and neither does the nano-batch count: a cut is chosen per step at run time.
+    fields = {"page_size": config.page_size, "lowering": lowering_key}
     return StepStore(os.path.join(_cache_root(config), "steps"), step_key(model, fields, backend_name))
 
 
@@ -607,8 +597,8 @@ def _start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: floa
     checks the backend's step against the eager probe logits and captures the CUDA graphs; a failed build or
     check keeps the stand-in for good, with a warning (its steps were checked: correct, slower)."""
     preparation, cfg = runtime.attention_ready, runtime.config
-    if preparation is None or preparation.done() or not cfg.interim_attention or runtime.channel is not None:
-        return False  # (a channel: nano-batched or "auto", which plan each nano-batch on the backend)
+    if preparation is None or preparation.done() or not cfg.interim_attention:
+        return False
     stand_in = runtime.attention_backend.interim_backend(runtime.attention_configs, runtime.dtype, runtime.device)
     if stand_in is None:
         return False
@@ -637,6 +627,9 @@ def _start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: floa
             return False
         if cfg.cuda_graphs and runtime.cache_sized:  # (else optimize() captures them once the cache is sized)
             runner.enable_cuda_graphs()
+        if runtime.search_pending:  # (num_nanobatches="auto": the search times the backend's own kernels)
+            runtime.search_pending = False
+            search_schedules(model, runtime, os.path.join(_cache_root(cfg), "cost"))
         runtime.probe = None  # (the probe's logits served this check only)
         # when the switch happened (since optimize() began), and what it cost (the check, the CUDA graphs)
         runtime.timings.update(attention_switch_s=time.perf_counter() - begin,

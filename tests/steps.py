@@ -17,7 +17,7 @@ def runner_on(model: torch.nn.Module, num_pages: int, page_size: int) -> StepRun
     runtime = model.nanoflow
     cache = PagedKVCache(runtime.layers, num_pages, page_size, runtime.dtype, runtime.device)
     return StepRunner(runtime.step_fn, cache, runtime.config, runtime.attention_backend, runtime.attention_configs,
-                      runtime.channel, runtime.split_policy)
+                      runtime.split_policy)
 
 
 def admit(runner: StepRunner, prompts: Sequence[Sequence[int]], max_new_tokens: int = 1) -> list[Request]:
@@ -60,3 +60,11 @@ def stream_chunks(requests: Sequence[Request], budget: int) -> list[Chunk]:
             chunks.append(Chunk(req, min(req.num_pending, budget)))
             budget -= chunks[-1].num_tokens
     return chunks
+
+
+def program_runners(model: torch.nn.Module) -> list:  # type: ignore[type-arg]
+    """The `ProgramRunner`s of an optimized model's step: the loaded or replicated step's, and each captured
+    graph's (Dynamo may specialise a few, e.g. on one request); the first is what runs."""
+    step_fn = model.nanoflow.step_fn
+    direct = [step_fn.direct.graph] if step_fn.direct is not None else []
+    return list({id(r): r for r in [*direct, *(c.runner for c in step_fn.captures)]}.values())

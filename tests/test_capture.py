@@ -42,17 +42,23 @@ def test_one_graph_one_attention_op_per_layer_and_cache_mutated_in_place(family:
 
 
 def test_backend_works_with_torch_compile_directly() -> None:
-    graphs: list[torch.fx.GraphModule] = []
+    from nanoflow_fx.capture.backend import make_backend
+    from nanoflow_fx.capture.lowering import Capture, lowering_for
 
     def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.relu(x @ w).sum(-1)
 
-    compiled = torch.compile(f, backend=nanoflow_fx.backend(on_graph=graphs.append), fullgraph=True)
     x, w = torch.randn(5, 4), torch.randn(4, 3)
+    public = torch.compile(f, backend=nanoflow_fx.backend(), fullgraph=True)
+    torch.testing.assert_close(public(x, w), f(x, w))
+    captures: list[Capture] = []
+    lowering = lowering_for(nanoflow_fx.NanoFlowConfig(inductor=False))
+    compiled = torch.compile(f, backend=make_backend(lowering, on_capture=captures.append), fullgraph=True)
     torch.testing.assert_close(compiled(x, w), f(x, w))
-    assert len(graphs) == 1
-    targets = {n.target for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert len(captures) == 1
+    targets = {n.target for n in captures[0].graph.graph.nodes if n.op == "call_function"}
     assert torch.ops.aten.mm.default in targets  # lowered to ATen
+    assert [p.kind for p in captures[0].program.pieces] == ["dense"]  # no attention call: one piece
 
 
 def test_optimize_returns_the_same_object() -> None:
@@ -88,6 +94,7 @@ def test_inductor_pieces_generate_like_hf(family: str) -> None:
     (in place); greedy generation still equals HF's, and the KV write is still one in-place op per layer."""
     import dataclasses
 
+    from nanoflow_fx.capture.inductor import CompiledPiece
     from nanoflow_fx.passes.info import ATTENTION_OP
     from tests.conftest import DEFAULT_CONFIG, optimized, reference
     from tests.test_generate_parity import _left_padded_batch
@@ -100,7 +107,9 @@ def test_inductor_pieces_generate_like_hf(family: str) -> None:
     graph = model.nanoflow.step_fn.graphs[0]
     layers = model.config.num_hidden_layers
     assert len(list(graph.graph.find_nodes(op="call_function", target=ATTENTION_OP))) == layers
-    assert graph.meta["nanoflow_inductor_pieces"] == layers + 1  # before, between and after the attention calls
+    dense = [p for p in model.nanoflow.step_fn.program.pieces if p.kind == "dense"]
+    assert len(dense) == layers + 1  # before, between and after the attention calls
+    assert all(isinstance(p.fn, CompiledPiece) for p in dense)
     assert not any(n.op == "call_function" and n.target is torch.ops.aten.copy_.default for n in graph.graph.nodes)
 
 
@@ -149,7 +158,7 @@ def test_fused_linears_give_the_unfused_step(family: str) -> None:
     for lengths in ([5, 1, 8], [1, 1]):  # the step is captured on its first run
         torch.testing.assert_close(_step_logits(model, lengths), _step_logits(unfused, lengths), rtol=1e-5,
                                    atol=1e-5)
-    assert model.nanoflow.step_fn.graphs[0].meta["nanoflow_fused_linears"] == _FUSED_PER_LAYER[family] * layers
+    assert model.nanoflow.step_fn.captures[0].changed("fuse_linears") == _FUSED_PER_LAYER[family] * layers
     assert _gemms(unfused) - _gemms(model) == _GEMMS_SAVED_PER_LAYER[family] * layers
 
 
@@ -168,9 +177,7 @@ def test_inductor_compiles_identical_layers_once() -> None:
                             num_attention_heads=4, num_key_value_heads=2)
     model = tf.LlamaForCausalLM(config)
     nanoflow_fx.optimize(model, dataclasses.replace(DEFAULT_CONFIG, inductor=True))
-    graph = model.nanoflow.step_fn.graphs[0]
-    assert graph.meta["nanoflow_inductor_pieces"] == 6
-    assert graph.meta["nanoflow_inductor_compiles"] == 3
-    split = graph.meta["nanoflow_lowered"]
-    pieces = [m for m in split._modules.values() if not isinstance(m, torch.fx.GraphModule)]
-    assert len(pieces) == 6 and len({id(m) for m in pieces}) == 3  # the 4 middle pieces are one object
+    program = model.nanoflow.step_fn.program
+    pieces = [p.fn for p in program.pieces if p.kind == "dense"]
+    assert program.compiles == 3
+    assert len(pieces) == 6 and len({id(fn) for fn in pieces}) == 3  # the 4 middle pieces are one object

@@ -226,7 +226,7 @@ def test_pieces_measured_on_a_real_step_cover_the_program_and_price_its_cuts() -
 
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
     runtime = model.nanoflow
-    program, policy = runtime.channel.program, runtime.runner.split_policy
+    program, policy = runtime.step_fn.program, runtime.runner.split_policy
     t = CostTable("cpu", program.schedule_key, 1)
     shape, cut = StepShape(4, 16, 20), Candidate((0.5,))
     for part in [shape, *t.missing(shape, cut)]:
@@ -241,7 +241,7 @@ def test_pieces_measured_on_a_real_step_cover_the_program_and_price_its_cuts() -
     got = t.predict(shape, cut)
     assert got is not None and got.gpu_ms == pytest.approx(want)
     assert t.predict(shape, UNSPLIT).gpu_ms == pytest.approx(sum(t.pieces[shape_key(shape)].values()))  # type: ignore[union-attr]
-    assert runtime.runner.split_policy is policy and runtime.channel.timer is None  # left as found
+    assert runtime.runner.split_policy is policy  # left as found
     free = runtime.kv_cache.allocator.num_free
     assert measure_split_host(runtime, model.config.vocab_size, shape, reps=2) > 0
     assert runtime.runner.split_policy is policy and runtime.kv_cache.allocator.num_free == free  # left as found

@@ -9,39 +9,60 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nanoflow_fx
+from nanoflow_fx.runtime.program_runner import program_schedule
 from nanoflow_fx.schedule import parse_schedule, validate
 from tests.conftest import DEFAULT_CONFIG, optimized
 from tests.test_generate_parity import _left_padded_batch
 
 
-def test_explain_a_nanobatched_model() -> None:
+def test_explain_a_nanobatched_model_shows_the_program_and_cut_that_run() -> None:
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
     ids, mask = _left_padded_batch([3, 12, 7, 9])
     model.generate(ids, attention_mask=mask, max_new_tokens=3)
     e = nanoflow_fx.explain(model, num_tokens=40)
     # 2 layers x 4 GEMMs (Q/K/V fused, O, gate/up fused, down) + the LM head
     assert e.op_counts["attention"] == 2 and e.op_counts["gemm"] == 9
-    assert e.groups[0] == "embed" and "L1.attn" in e.groups and e.groups[-1] == "L1.mix"
-    assert "L1.mix" not in e.splittable
-    assert dict(e.plan.splits)["nb"].boundaries == (0, 20, 40)
+    program = model.nanoflow.step_fn.program
+    assert e.pieces == tuple(p.name + ("*" if p.whole else "") for p in program.pieces)
+    assert e.pieces == ("P0", "L0.attn", "P1", "L1.attn", "P2*")  # the LM head's piece mixes tokens
+    assert [r.name for r in e.passes] == ["fuse_linears", "annotate", "lower"]
+    assert e.passes[0].changed == 4 and e.passes[-1].nodes_after == 5
+    assert e.cut.startswith("cut at [0, 20, 40]")
     schedule = parse_schedule(e.schedule_text)
     validate(schedule)
-    assert {op.unit for op in schedule.ops} == {"compute", "memory"}
-    assert [r.name for r in e.passes] == ["captured", "annotate", "group_ops", "split_nanobatches"]
-    assert e.timeline.count("\n") >= 2  # header + one row per unit
+    assert schedule == program_schedule(program, (0, 20, 40), one_unit=True)  # what the runner runs for that cut
+    assert dict(schedule.splits)["nb"].boundaries == (0, 20, 40)
+    assert model.nanoflow.lowering.key in e.lowering
     text = str(e)
-    for part in ("LlamaForCausalLM", "op groups", "plan for 40 tokens", "split_nanobatches", "memory"):
+    for part in ("LlamaForCausalLM", "fuse_linears", "annotate", "L1.attn", "a step of 40 tokens", "cut at"):
         assert part in text
 
 
 def test_explain_an_unsplit_model_and_a_bare_model() -> None:
     e = nanoflow_fx.explain(optimized("qwen2"), num_tokens=16)
-    assert e.plan.max_nanobatches == 1
-    assert {op.unit for op in parse_schedule(e.schedule_text).ops} == {"compute"}
+    assert e.cut.startswith("run whole")
+    schedule = parse_schedule(e.schedule_text)
+    assert {op.unit for op in schedule.ops} == {"compute"} and all(op.nanobatch == 0 for op in schedule.ops)
     from tests.tiny_models import build
 
     with pytest.raises(ValueError, match="optimize"):
         nanoflow_fx.explain(build("qwen2"))
+
+
+def test_explain_a_step_loaded_from_the_saved_step(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A second process's model runs the saved step (no trace): explain() shows the loaded program as it runs."""
+    from tests.tiny_models import build
+
+    monkeypatch.delenv("NANOFLOW_FX_SAVE_STEP", raising=False)  # (conftest turns saving off for other tests)
+
+    config = dataclasses.replace(DEFAULT_CONFIG, save_step=True, cache_dir=str(tmp_path), num_nanobatches=2)
+    first = nanoflow_fx.optimize(build("llama"), config)
+    assert first.nanoflow.step_fn.store is not None and first.nanoflow.step_fn.store.path.exists()
+    second = nanoflow_fx.optimize(build("llama"), config)
+    assert second.nanoflow.step_fn.loaded is not None and not second.nanoflow.step_fn.captures
+    e = nanoflow_fx.explain(second, num_tokens=12)
+    assert e.source.startswith("loaded from the saved step") and e.op_counts == {} and e.passes == ()
+    assert e.pieces == ("P0", "L0.attn", "P1", "L1.attn", "P2*") and e.cut.startswith("cut at [0, 6, 12]")
 
 
 def test_chrome_trace_kernels_become_a_timeline_png(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanoflow_fx.context import StepContext, step_context
 from nanoflow_fx.ops import flashinfer_attention
 
 
@@ -80,9 +81,9 @@ def test_the_captured_op_runs_the_plans_of_its_own_thread() -> None:
     planned, ran = threading.Event(), {}
 
     def model_a() -> None:
-        flashinfer_attention._active.plans = {config: flashinfer_attention._Plans(Wrapper("a"), None, 3)}
-        planned.set()
-        ran["a"] = backend.run(*args)
+        with step_context(StepContext(plans={config: flashinfer_attention._Plans(Wrapper("a"), None, 3)})):
+            planned.set()
+            ran["a"] = backend.run(*args)
 
     def model_b() -> None:
         planned.wait()

@@ -20,7 +20,7 @@ import nanoflow_fx
 from nanoflow_fx.ops.backend import DecodeKernel, get
 from nanoflow_fx.runtime import Chunk
 from nanoflow_fx.runtime.program_runner import Cut, make_units
-from tests.steps import admit, release
+from tests.steps import admit, program_runners, release
 from tests.test_gpu_backends import CONFIGS, TOLERANCE, _flashinfer_available
 
 pytestmark = pytest.mark.cuda
@@ -72,8 +72,7 @@ def test_split_step_on_flashinfer_and_inductor_equals_whole_step(family: str, mo
     for cut in ((6,), (30,)):  # at the decode rows; inside the prefill chunk
         got = _mixed_step(model, cut, mode)
         assert (got - want).abs().max().item() <= TOLERANCE * want.abs().max().item(), cut
-    program = next(g.meta["nanoflow_program_runner"] for g in model.nanoflow.step_fn.graphs
-                   if "nanoflow_program_runner" in g.meta)
+    program = program_runners(model)[0]
     assert program.last_schedule is not None and program.last_schedule.split("nb").boundaries[:2] == (0, 30)
     assert program.program.compiles > 0  # the pieces are Inductor's
 
@@ -89,8 +88,7 @@ def test_uneven_split_step_on_flashinfer_equals_whole_step(mode: str) -> None:
     want = _mixed_step(model, None)
     got = _mixed_step(model, (30,), mode, attention=(3, 10, 40))
     assert (got - want).abs().max().item() <= TOLERANCE * want.abs().max().item()
-    program = next(g.meta["nanoflow_program_runner"] for g in model.nanoflow.step_fn.graphs
-                   if "nanoflow_program_runner" in g.meta)
+    program = program_runners(model)[0]
     splits = dict(program.last_schedule.splits)
     assert splits["nb"].boundaries[:2] == (0, 30) and splits["attn"].boundaries[:4] == (0, 3, 10, 40)
 

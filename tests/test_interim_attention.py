@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import nanoflow_fx
+from nanoflow_fx.context import StepContext, current, step_context
 from nanoflow_fx.ops import backend as attention_backends
 from nanoflow_fx.ops.backend import AttentionBackend, Preparation
 from tests.conftest import DEFAULT_CONFIG, reference
@@ -30,18 +31,18 @@ class _Planner:
     def __init__(self, backend: GatedBackend) -> None:
         self.backend = backend
 
-    def plan(self, host: Any, kv_indices: torch.Tensor) -> None:
+    def plan(self, host: Any, kv_indices: torch.Tensor) -> dict[str, int]:
         self.backend.planned_steps += 1
-        self.backend.active_plan = threading.get_ident()
+        return {"planned_in": threading.get_ident()}  # what the step context carries to `run`
 
     def plan_tables(self, *tables: torch.Tensor) -> _Planner:  # a nano-batch's plan
-        self.backend.active_plan = threading.get_ident()
         return self
 
 
 class GatedBackend(AttentionBackend):
     """FlashInfer's shape on the CPU: plans every step on the host, readies its kernels in the background (until
-    `gate` opens), runs the reference kernel (or a wrong one, `wrong`) only in a thread that planned."""
+    `gate` opens), runs the reference kernel (or a wrong one, `wrong`) only on a plan: the one the step context
+    carries (made in this thread), or a nano-batch's own."""
 
     name = "gated_test"
     plans_on_host = True
@@ -50,8 +51,7 @@ class GatedBackend(AttentionBackend):
     def __init__(self, build_fails: bool = False, wrong: bool = False) -> None:
         self.gate = threading.Event()
         self.build_fails, self.wrong = build_fails, wrong
-        self.calls = self.planned_steps = 0
-        self.active_plan: int | None = None
+        self.calls = self.planned_steps = self.nanobatch_calls = 0
         self.preparation: Preparation | None = None
 
     def make_planner(self, *args: Any, **kwargs: Any) -> _Planner:
@@ -67,11 +67,23 @@ class GatedBackend(AttentionBackend):
         return self.preparation
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, *args: Any) -> torch.Tensor:
-        if self.preparation is None or not self.preparation.done() or self.active_plan != threading.get_ident():
+        plans = current().plans or {}
+        if not self._ready() or plans.get("planned_in") != threading.get_ident():
             raise RuntimeError("the gated backend ran before its kernels were ready or without a plan")
         self.calls += 1
         out = attention_backends.get("torch").run(q, kv_cache, *args)
         return torch.zeros_like(out) if self.wrong else out
+
+    def run_planned(self, plan: Any, config: Any, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any,
+                    decode: Any = None) -> torch.Tensor:
+        if not self._ready() or not isinstance(plan, _Planner):
+            raise RuntimeError("the gated backend ran a nano-batch before its kernels were ready or without a plan")
+        self.nanobatch_calls += 1
+        return attention_backends.get("torch").run(q, kv_cache, *metadata, config.scaling, config.sliding_window,
+                                                   config.softcap)
+
+    def _ready(self) -> bool:
+        return self.preparation is not None and self.preparation.done()
 
 
 @pytest.fixture
@@ -179,19 +191,25 @@ def test_a_backend_ready_by_the_end_of_the_trace_is_used_at_once(gated: GatedBac
     assert model.nanoflow.runner.interim is None and gated.calls == NUM_LAYERS
 
 
-def test_nano_batched_steps_wait_for_the_build(gated: GatedBackend) -> None:
-    """Nano-batched steps plan each nano-batch on the backend: no interim kernel for them."""
-    timer = threading.Timer(0.3, gated.gate.set)
-    timer.start()
+def test_nano_batched_configurations_start_on_the_interim_kernel_too(gated: GatedBackend) -> None:
+    """Nano-batched steps plan each nano-batch on the backend, so until its kernels are built steps run whole on the
+    interim kernel; after the switch they are cut (each nano-batch on its own plan). HF's tokens throughout."""
     model = nanoflow_fx.optimize(build("llama"), dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
-    assert model.nanoflow.runner.interim is None and model.nanoflow.timings["attention_interim"] == 0.0
+    assert model.nanoflow.runner.interim is not None and model.nanoflow.timings["attention_interim"] == 1.0
+    ids, steps = _ids(), model.nanoflow.runner.stats["interim_steps"]
+    assert torch.equal(_generate(model, ids, 3), _hf(ids, 3))
+    assert gated.calls == gated.nanobatch_calls == 0 and model.nanoflow.runner.stats["interim_steps"] == steps + 3
+    gated.gate.set()
+    assert model.nanoflow.wait_until_ready()
+    assert torch.equal(_generate(model, ids, 4), _hf(ids, 4))
+    assert gated.nanobatch_calls > 0  # the prefill step was cut: its attention ran per nano-batch on the backend
 
 
-def test_a_substitution_holds_on_its_own_thread_only() -> None:
+def test_a_step_context_holds_on_its_own_thread_only() -> None:
     torch_backend = attention_backends.get("torch")
     stand_in = AttentionBackend()
     seen: list[AttentionBackend] = []
-    with attention_backends.substituting("torch", stand_in):
+    with step_context(StepContext(substitute=stand_in)):
         assert attention_backends.resolve("torch") is stand_in
         other = threading.Thread(target=lambda: seen.append(attention_backends.resolve("torch")))
         other.start()

@@ -118,9 +118,12 @@ def _recording(policy, cuts: list) -> Callable[[int, int], Cut]:  # type: ignore
 
 
 def _program_runners(runner: StepRunner) -> list:  # type: ignore[type-arg]
-    """The program runners of the captured graphs (Dynamo may specialise a few, e.g. on one request)."""
-    found = [g.meta["nanoflow_program_runner"] for g in runner.step_fn.graphs if "nanoflow_program_runner" in g.meta]
-    assert found, "the nano-batched configuration lowers its captured graphs to programs"
+    """The program runners of what runs: the loaded or replicated step's, and each captured graph's (Dynamo may
+    specialise a few, e.g. on one request)."""
+    step_fn = runner.step_fn
+    direct = [step_fn.direct.graph] if step_fn.direct is not None else []
+    found = list({id(r): r for r in [*direct, *(c.runner for c in step_fn.captures)]}.values())
+    assert found, "every configuration lowers its captured graphs to programs"
     return found
 
 

@@ -1,173 +1,148 @@
-"""Unit and structural tests of the passes: annotate, group_ops, split_nanobatches, assign_units."""
+"""The lowering every configuration runs: the annotate pass, the program of pieces, cuts of it, the pass list."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
-from torch.fx import GraphModule, Node
 
+import nanoflow_fx
+from nanoflow_fx.capture.lowering import GraphPass, Lowering, lowering_for
+from nanoflow_fx.context import StepContext, step_context
 from nanoflow_fx.ops.split_metadata import split_attention_metadata
-from nanoflow_fx.passes import (
-    NanobatchPlan,
-    annotate,
-    assign_units,
-    group_names,
-    group_ops,
-    info,
-    split_nanobatches,
-    splittable_groups,
-)
-from nanoflow_fx.runtime.schedule_executor import ScheduleExecutor
+from nanoflow_fx.passes import info
+from nanoflow_fx.runtime.program_runner import NanobatchStep, ProgramRunner, program_schedule
 from nanoflow_fx.schedule import ScheduleError, validate
 from tests.conftest import optimized
 from tests.test_generate_parity import _left_padded_batch
 from tests.toy_graph import capture_toy, toy_inputs
 
-TOY_ROLES = ["T", "x", "w", "cache", "R1", "qo", "R1b", "kvp", "P", "kvi", "R", "last", "slots"]
 
-
-def _render(gm: GraphModule, roles: list[str]) -> list[str]:
-    """Each call as `op(args)`, placeholders by role, earlier calls as %index: a readable exact form."""
-    names: dict[Node, str] = {}
-    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
-        names[node] = roles[i] if i < len(roles) else node.name
-    lines = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        args = torch.fx.map_arg(node.args, lambda n: names[n])
-        names[node] = f"%{len(lines)}"
-        lines.append(f"{str(node.target).split('.')[-2]}({', '.join(map(str, args))})".replace("'", ""))
-    return lines
-
-
-def test_toy_graph_annotation_and_groups() -> None:
-    gm = group_ops(annotate(capture_toy()))
+def test_toy_graph_annotation() -> None:
+    gm = capture_toy().graph
     by_name = {n.name: info(n) for n in gm.graph.nodes if n.op == "call_function"}
     assert by_name["mm"].op_class == "gemm" and by_name["mm"].token_parallel and by_name["mm"].token_dim == 0
     assert by_name["paged_attention"].op_class == "attention" and by_name["paged_attention"].token_parallel
     assert not by_name["cumsum"].token_parallel and "cumsum" in by_name["cumsum"].why_not_parallel
     assert by_name["mm"].flops != 0  # 2 * T * 4 * 4, symbolic in T
-    assert group_names(gm) == ["L0.qkv", "L0.attn", "L0.mix"]
-    assert splittable_groups(gm) == ["L0.qkv", "L0.attn"]
 
 
-def test_toy_graph_split_is_exactly_the_expected_graph() -> None:
-    gm = group_ops(annotate(capture_toy()))
-    split = split_nanobatches(gm, NanobatchPlan.uniform(["L0.qkv", "L0.attn"], (0, 2, 6)))
-    roles = TOY_ROLES + [f"nb{i}.{f}" for i in (0, 1) for f in ("qo", "kvp", "kvi", "last")]
-    assert _render(split, roles) == [
-        "slice(x, 0, 0, 2)", "mm(%0, w)",  # nano-batch 0 reads token rows [0, 2) ...
-        "slice(x, 0, 2, 6)", "mm(%2, w)",  # ... nano-batch 1 rows [2, 6); the weight is shared, not copied
-        "relu(%1)", "relu(%3)",
-        "view(%4, [-1, 1, 4])", "view(%5, [-1, 1, 4])",
-        "slice(slots, 0, 0, 2)",
-        "paged_attention(%6, %6, %6, cache, nb0.qo, nb0.kvp, nb0.kvi, nb0.last, %8, 0.5, 0, 0.0)",
-        "slice(slots, 0, 2, 6)",
-        "paged_attention(%7, %7, %7, cache, nb1.qo, nb1.kvp, nb1.kvi, nb1.last, %10, 0.5, 0, 0.0)",
-        "view(%9, [-1, 4])", "view(%11, [-1, 4])",
-        "mul(%12, 2.0)", "mul(%13, 2.0)",
-        "cat([%14, %15], 0)", "cumsum(%16, 0)",  # the whole (mixing) group reads the merged rows
+def test_toy_graph_lowers_to_dense_attention_dense() -> None:
+    capture = capture_toy()
+    program = capture.program
+    assert [(p.name, p.kind, p.whole) for p in program.pieces] == [
+        ("P0", "dense", False),  # x @ w, relu, view: token-parallel
+        ("L0.attn", "attention", False),
+        ("P1", "dense", True),  # view, * 2, cumsum: mixes tokens, so any cut joins its nano-batches first
     ]
+    attention = program.pieces[1]
+    assert attention.call is not None and attention.call.scaling == 0.5 and attention.call.backend == "torch"
+    # the value crossing from P0 to the attention call carries its token dimension (so a cut can slice it)
+    assert all(program.token_dim[name] == 0 for name in attention.inputs if name == attention.call.q)
+    assert [r.name for r in capture.passes] == ["annotate", "lower"]
+    assert capture.passes[0].changed == 1  # one node mixes tokens: the cumsum
 
 
 @pytest.mark.parametrize("boundaries", [(0, 6), (0, 2, 6), (0, 1, 2, 3, 4, 5, 6), (0, 4, 5, 6)])
-def test_toy_graph_split_computes_the_unsplit_result(boundaries: tuple[int, ...]) -> None:
-    gm = group_ops(annotate(capture_toy()))
-    split = split_nanobatches(gm, NanobatchPlan.uniform(["L0.qkv", "L0.attn"], boundaries))
-    schedule = assign_units(split)
+def test_toy_program_cut_computes_the_unsplit_result(boundaries: tuple[int, ...]) -> None:
+    runner = ProgramRunner(capture_toy().program)
     args, cache = toy_inputs([3, 2])  # 3 + 2 tokens and one padding token: boundary 2 cuts request 0
-    (want,) = gm(*_flat(args))
+    (want,) = runner(*_flat(args))
     cache_after = cache.caches[0].clone()
     cache.caches[0].zero_()
-    extra = [t for nb in split_attention_metadata(*args[3:7], 2, boundaries) for t in nb]
-    (got,) = ScheduleExecutor(split, schedule)(*_flat(args), *extra)
+    metadata = split_attention_metadata(*args[3:7], 2, boundaries)
+    record = NanobatchStep(boundaries, metadata, tuple(None for _ in metadata))
+    with step_context(StepContext(nanobatches=record)):
+        (got,) = runner(*_flat(args))
     assert torch.equal(got, want)  # same ops on the same rows: bitwise equal here
     assert torch.equal(cache.caches[0], cache_after)
+    if len(boundaries) > 2:  # (one nano-batch runs whole: no schedule)
+        assert runner.last_schedule is not None and runner.last_schedule.split_of("P0").boundaries == boundaries
 
 
 def _flat(args: list[torch.Tensor]) -> list:
-    """The captured toy graph's inputs: symbolic sizes interleaved as Dynamo lifted them (see TOY_ROLES)."""
+    """The captured toy graph's inputs: symbolic sizes interleaved as Dynamo lifted them."""
     x, w, cache, qo, kvp, kvi, last, slots = args
     return [x.shape[0], x, w, cache, qo.shape[0], qo, kvp.shape[0], kvp, kvi.shape[0], kvi, last.shape[0], last,
             slots]
 
 
-def test_split_rejects_cutting_a_mixing_group() -> None:
-    gm = group_ops(annotate(capture_toy()))
-    with pytest.raises(ValueError, match="mixes tokens"):
-        split_nanobatches(gm, NanobatchPlan.uniform(["L0.mix"], (0, 3, 6)))
-
-
-def _llama_step_graph() -> GraphModule:
+def _llama_program():  # type: ignore[no-untyped-def]
     model = optimized("llama")
     ids, mask = _left_padded_batch([6, 2, 9])
     model.generate(ids, attention_mask=mask, max_new_tokens=2)
-    return group_ops(annotate(model.nanoflow.step_fn.graphs[0]))
+    return model.nanoflow.step_fn.program
 
 
 @pytest.mark.parametrize("num_nanobatches", [2, 3, 5])
-def test_each_op_once_per_nanobatch_and_weights_never_copied(num_nanobatches: int) -> None:
-    gm = _llama_step_graph()
-    plan = NanobatchPlan.by_kind(group_names(gm), 20, {k: num_nanobatches for k in ("embed", "qkv", "attn", "o",
-                                                                                   "ffn")})
-    split = split_nanobatches(gm, plan)
-    count = lambda g, op: sum(1 for n in g.graph.nodes if n.target == op)  # noqa: E731
-    mm, attention = torch.ops.aten.mm.default, torch.ops.nanoflow.paged_attention.default
-    # Tiny Llama: 2 layers x 4 GEMMs (q/k/v fused, o, gate/up fused, down), all in cut groups, plus the LM head
-    # in the whole `mix` group: 8 * n + 1 GEMMs. Two attention ops, each once per nano-batch.
-    assert count(gm, mm) == 9 and count(split, mm) == 8 * num_nanobatches + 1
-    assert count(split, attention) == 2 * num_nanobatches
-    # Weights: same placeholders, and each weight transpose still appears once (shared by every nano-batch).
-    t = torch.ops.aten.t.default
-    assert count(split, t) == count(gm, t) == 9
-    weights = [p for p in gm.graph.find_nodes(op="placeholder") if not info(p).token_dependent]
-    split_weights = {p.name for p in split.graph.find_nodes(op="placeholder")}
-    assert {p.name for p in weights} <= split_weights
-    for node in split.graph.nodes:
-        if node.target in (torch.ops.aten.slice.Tensor, torch.ops.aten.cat.default) and node.op == "call_function":
-            assert all(info(a).token_dependent for a in node.all_input_nodes), f"{node.name} touches a weight"
-    # Every (group, nano-batch) exactly once in the schedule.
-    schedule = assign_units(split)
+def test_each_piece_once_per_nanobatch_and_whole_pieces_once(num_nanobatches: int) -> None:
+    program = _llama_program()
+    boundaries = tuple(range(0, 21, 20 // num_nanobatches))[:num_nanobatches] + (20,)
+    schedule = program_schedule(program, boundaries)
+    validate(schedule)
     keys = [op.key for op in schedule.ops]
     assert len(keys) == len(set(keys))
-    expected = {(g, i) for g in group_names(gm) for i in range(plan.split(plan.split_of(g)).num_nanobatches)}
-    assert set(keys) == expected
+    whole = {p.name for p in program.pieces if p.whole}
+    assert whole == {program.pieces[-1].name}  # only the LM head's piece (it selects the logits rows) mixes tokens
+    assert set(keys) == {(p.name, i) for p in program.pieces
+                         for i in range(1 if p.name in whole else num_nanobatches)}
+    assert {op.unit for op in schedule.ops if op.group.endswith(".attn")} == {"memory"}
+    assert {op.unit for op in schedule.ops if not op.group.endswith(".attn")} == {"compute"}
 
 
-def test_70b_style_4_2_plan_splits_and_schedules() -> None:
-    gm = _llama_step_graph()
-    plan = NanobatchPlan.by_kind(group_names(gm), 16, {"qkv": 4, "attn": 4, "o": 2, "ffn": 2, "embed": 2})
-    split = split_nanobatches(gm, plan)
-    schedule = assign_units(split)
+def test_uneven_attention_cut_waits_on_the_overlapping_nanobatches() -> None:
+    program = _llama_program()
+    schedule = program_schedule(program, (0, 8, 16), attention=(0, 4, 8, 12, 16))
     validate(schedule)
-    assert {op.unit for op in schedule.ops if op.group.endswith("attn")} == {"memory"}
-    assert schedule.split_of("L0.qkv").num_nanobatches == 4 and schedule.split_of("L0.o").num_nanobatches == 2
-    # O nano-batch 0 (rows [0, 8)) consumes attention nano-batches 0 and 1 (rows [0, 4) and [4, 8)).
-    o0 = next(op for op in schedule.ops if op.key == ("L0.o", 0))
-    assert {("L0.attn", 1)} <= set(o0.waits)
+    # The piece after layer 0's attention, nano-batch 0 (rows [0, 8)), waits for attention 0 and 1 ([0, 4), [4, 8)).
+    after = program.pieces[2].name
+    waits = set(next(op for op in schedule.ops if op.key == (after, 0)).waits)
+    assert {("L0.attn", 0), ("L0.attn", 1)} <= waits and ("L0.attn", 2) not in waits
 
 
 def test_validator_rejects_a_real_schedule_with_a_dropped_wait() -> None:
-    gm = _llama_step_graph()
-    split = split_nanobatches(gm, NanobatchPlan.uniform(splittable_groups(gm), (0, 5, 10)))
-    schedule = assign_units(split)
+    program = _llama_program()
+    schedule = program_schedule(program, (0, 5, 10))
     ops = list(schedule.ops)
-    index = next(i for i, op in enumerate(ops) if op.key == ("L0.o", 1))
-    ops[index] = dataclasses.replace(ops[index], waits=())  # O#1 no longer waits for attention#1
+    after = program.pieces[2].name
+    index = next(i for i, op in enumerate(ops) if op.key == (after, 1))
+    ops[index] = dataclasses.replace(ops[index], waits=())  # no longer waits for attention nano-batch 1
     with pytest.raises(ScheduleError):
         validate(dataclasses.replace(schedule, ops=tuple(ops)))
 
 
-def test_passes_on_a_32_layer_8b_shaped_graph_are_fast() -> None:
+def test_lowering_key_names_the_passes_and_inductor() -> None:
+    base = lowering_for(nanoflow_fx.NanoFlowConfig(fuse_linears=True, inductor=False))
+    assert [p.name for p in base.passes] == ["fuse_linears"]
+    assert base.key == lowering_for(nanoflow_fx.NanoFlowConfig(fuse_linears=True, inductor=False)).key
+    assert base.key != lowering_for(nanoflow_fx.NanoFlowConfig(fuse_linears=False, inductor=False)).key
+    assert base.key != lowering_for(nanoflow_fx.NanoFlowConfig(fuse_linears=True, inductor=True)).key
+    extra = Lowering((*base.passes, GraphPass("fp8_linears", "dynamo", lambda gm, inputs: 0)), base.inductor)
+    assert extra.key != base.key
+    with_param = Lowering((GraphPass("x", "aten", lambda gm, inputs: 0, (("scale", 1.0),)),))
+    assert with_param.key != Lowering((GraphPass("x", "aten", lambda gm, inputs: 0, (("scale", 2.0),)),)).key
+    with pytest.raises(ValueError, match="stage"):
+        GraphPass("x", "inductor", lambda gm, inputs: 0)
+    # the nano-batch count is a run-time cut, not part of the lowering: one saved step serves every count
+    assert lowering_for(nanoflow_fx.NanoFlowConfig(num_nanobatches=2)).key == lowering_for(
+        nanoflow_fx.NanoFlowConfig(num_nanobatches=1)).key
+
+
+def test_captured_step_records_each_pass() -> None:
+    model = optimized("llama")
+    capture = model.nanoflow.step_fn.captures[0]
+    names = [r.name for r in capture.passes]
+    assert names == ["fuse_linears", "annotate", "lower"]
+    # tiny Llama, 2 layers: q/k/v fused and gate/up fused per layer
+    assert capture.changed("fuse_linears") == 4
+    lower = capture.passes[-1]
+    assert lower.nodes_after == len(capture.program.pieces) == 2 * 2 + 1
+
+
+def test_lowering_a_32_layer_8b_shaped_graph() -> None:
     """Captured on the meta device (no weights in memory). Prints the pass times; no timed assertion."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    import nanoflow_fx
-    from nanoflow_fx.runtime.nanobatch import NanobatchRunner
 
     config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8)
@@ -175,12 +150,11 @@ def test_passes_on_a_32_layer_8b_shaped_graph_are_fast() -> None:
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(max_batch_size=2, max_seq_len=64, check_capture=False))
     model.nanoflow.runner.run_prompts([[1] * 40, [2] * 20])
-    gm = model.nanoflow.step_fn.graphs[0]
-    start = time.perf_counter()
-    runner = NanobatchRunner(gm, 2)
-    step = runner.scheduled(1024)
-    total = time.perf_counter() - start
-    assert len(step.schedule.ops) == len(group_names(runner.graph)) * 2 - 1  # every group cut in 2 but the tail
-    print(f"\n32-layer 8B graph, {len(gm.graph.nodes)} nodes -> {len(step.graph.graph.nodes)}: passes {total:.3f} s")
-    for record in step.records:
-        print(f"  {record.name:<18} {record.num_nodes:>6} nodes {record.seconds:.3f} s")
+    program = model.nanoflow.step_fn.program
+    assert program.num_layers == 32 and len(program.pieces) == 2 * 32 + 1
+    schedule = program_schedule(program, (0, 512, 1024))
+    assert len(schedule.ops) == 2 * len(program.pieces) - 1  # every piece cut in 2 but the LM head's
+    capture = model.nanoflow.step_fn.captures[-1]
+    print(f"\n32-layer 8B graph, {len(capture.graph.graph.nodes)} nodes -> {len(program.pieces)} pieces")
+    for record in capture.passes:
+        print(f"  {record}")

@@ -52,8 +52,8 @@ def test_the_replicated_step_is_the_fully_traced_step(family: str) -> None:
     model = nanoflow_fx.optimize(_deep(family), DEFAULT_CONFIG)
     step_fn = model.nanoflow.step_fn
     assert step_fn.replicated is not None
-    traced = step_fn.graphs[0].meta["nanoflow_replicated"][0]
-    assert step_fn.graphs[0].meta["nanoflow_replicated"] == (traced, layers, period) and traced < layers
+    traced = step_fn.captures[0].replicated[0]
+    assert step_fn.captures[0].replicated == (traced, layers, period) and traced < layers
     full = nanoflow_fx.optimize(_deep(family), dataclasses.replace(DEFAULT_CONFIG, replicate_layers=False))
     assert full.nanoflow.step_fn.replicated is None
     # The same ops, as many of each: every layer is in the graph (an 8-layer model has 8 attention calls), each
@@ -76,9 +76,9 @@ def test_replicated_layers_share_the_inductor_pieces_and_nano_batches_split_them
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     want = _deep("llama", 6).generate(ids, max_new_tokens=5, do_sample=False)
     model = nanoflow_fx.optimize(_deep("llama", 6), dataclasses.replace(DEFAULT_CONFIG, inductor=True))
-    graph = model.nanoflow.step_fn.graphs[0]
-    assert graph.meta["nanoflow_replicated"] == (3, 6, 1)
-    assert graph.meta["nanoflow_inductor_pieces"] == 7 and graph.meta["nanoflow_inductor_compiles"] == 3
+    capture = model.nanoflow.step_fn.captures[0]
+    assert capture.replicated == (3, 6, 1)
+    assert sum(p.kind == "dense" for p in capture.program.pieces) == 7 and capture.program.compiles == 3
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want)
     split = nanoflow_fx.optimize(_deep("llama", 6), dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
     assert split.nanoflow.step_fn.replicated is not None

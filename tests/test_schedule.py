@@ -1,4 +1,4 @@
-"""Tests of the Schedule IR: builders (golden text), text round trip, validate, simulate / format_timeline.
+"""Tests of the Schedule IR: hand-built schedules (golden text), text round trip, validate, simulate / timelines.
 
 Property tests use hypothesis; oracles here (token overlap, reachability) are written independently of
 the library's bitset / bisect code so they check it rather than restate it.
@@ -21,16 +21,13 @@ from nanoflow_fx.schedule import (
     Schedule,
     ScheduleError,
     Split,
-    add_needed_waits,
     format_schedule,
     format_timeline,
-    nanoflow_pingpong,
     parse_schedule,
-    sequential,
     simulate,
-    split_4_2,
     validate,
 )
+from tests.schedules import add_needed_waits, nanoflow_pingpong, sequential, split_4_2
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

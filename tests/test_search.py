@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from nanoflow_fx.cost.search import UNSPLIT, Candidate, StepShape, TunedPolicy, candidates, pick
 from nanoflow_fx.runtime.program_runner import Units
+from tests.steps import program_runners
 from tests.test_cost_tables import KINDS
 
 SPACE = candidates()
@@ -70,7 +71,7 @@ def test_program_schedule_of_any_cut_is_valid() -> None:
     from tests.conftest import DEFAULT_CONFIG, optimized
 
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
-    program = next(g.meta["nanoflow_program"] for g in model.nanoflow.step_fn.graphs if "nanoflow_program" in g.meta)
+    program = model.nanoflow.step_fn.program
     for boundaries in ((0, 1, 9), (0, 3, 6, 9), (0, 2, 4, 6, 9)):
         for one_unit in (False, True):
             schedule = program_schedule(program, boundaries, one_unit)
@@ -115,7 +116,7 @@ def test_auto_on_the_cpu_runs_whole_steps_through_the_program() -> None:
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches="auto"))
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), want)
     assert model.nanoflow.tunings == [] and model.nanoflow.runner.split_policy is None
-    programs = [g.meta["nanoflow_program_runner"] for g in model.nanoflow.step_fn.graphs]
+    programs = program_runners(model)
     assert programs and all(p.last_schedule is None for p in programs)  # never cut
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import nanoflow_fx
+from nanoflow_fx.capture.inductor import SavedPiece
 from nanoflow_fx.capture.store import LoadedStep
 from tests.conftest import DEFAULT_CONFIG, reference
 from tests.tiny_models import VOCAB, build
@@ -47,20 +48,21 @@ def test_a_saved_step_is_loaded_and_runs_as_the_traced_one(tmp_path: Path, famil
     assert torch.equal(traced.generate(ids, max_new_tokens=6, do_sample=False), want)
     assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False), want)
     assert step_fn.graphs == []  # every step of the generation ran the loaded step
-    if inductor:  # the file holds each distinct piece's generated code once, every call site as a slot to it
-        (path,) = _saved(tmp_path)
-        saved = torch.load(path, weights_only=False)["step"]
-        targets = {n.target for n in saved.graph.graph.find_nodes(op="call_module")}
-        slots = {t: saved.graph.get_submodule(t) for t in targets
-                 if not isinstance(saved.graph.get_submodule(t), torch.fx.GraphModule)}
-        assert slots and all(type(m).__name__ == "_Slot" for m in slots.values())
-        assert len(saved.pieces) == len({m.index for m in slots.values()})
-        assert any(type(m).__name__ == "_Compiled" for m in step_fn.loaded.graph.children())
+    (path,) = _saved(tmp_path)
+    saved = torch.load(path, weights_only=False)["step"]
+    dense = [p for p in saved.program.pieces if p.kind == "dense"]
+    assert dense and all(isinstance(p.fn, int) for p in dense)  # each piece points into `pieces`
+    if inductor:  # the file holds each distinct piece's generated code once (Inductor's module source)
+        assert all(isinstance(p, SavedPiece) for p in saved.pieces)
+        assert len(saved.pieces) == len({p.fn for p in dense})
+        assert all(isinstance(p.fn, type(lambda: 0)) for p in step_fn.program.pieces if p.kind == "dense")
+    else:  # each dense piece as FX code
+        assert all(isinstance(p, torch.fx.GraphModule) for p in saved.pieces) and len(saved.pieces) == len(dense)
 
 
 def test_identical_layers_are_saved_as_one_piece(tmp_path: Path) -> None:
-    """Identical layers share one compiled piece: the file holds its code once and a slot per call site (a shared
-    module left unslotted would pickle Inductor's compiled object, which fails on CUDA)."""
+    """Identical layers share one compiled piece: the file holds its code once, and every piece of those layers
+    points to it (pickling Inductor's compiled object itself would fail on CUDA)."""
     import transformers as tf
 
     def four_layers() -> torch.nn.Module:
@@ -73,12 +75,12 @@ def test_identical_layers_are_saved_as_one_piece(tmp_path: Path) -> None:
     traced = nanoflow_fx.optimize(four_layers(), config)
     (path,) = _saved(tmp_path)
     saved = torch.load(path, weights_only=False)["step"]
-    slots = [saved.graph.get_submodule(n.target) for n in saved.graph.graph.find_nodes(op="call_module")]
-    slots = [m for m in slots if not isinstance(m, torch.fx.GraphModule)]
-    assert all(type(m).__name__ == "_Slot" for m in slots)
-    assert len(saved.pieces) == len({m.index for m in slots}) < len(slots)  # shared
+    dense = [p.fn for p in saved.program.pieces if p.kind == "dense"]
+    assert len(dense) == 5 and len(saved.pieces) == len(set(dense)) == 3  # first, middle (x3: shared), last
     loaded = nanoflow_fx.optimize(four_layers(), config)
     assert loaded.nanoflow.step_fn.loaded is not None
+    fns = [p.fn for p in loaded.nanoflow.step_fn.program.pieces if p.kind == "dense"]
+    assert len({id(fn) for fn in fns}) == 3  # loaded once per distinct piece
     ids = _prompts()
     assert torch.equal(loaded.generate(ids, max_new_tokens=5, do_sample=False),
                        traced.generate(ids, max_new_tokens=5, do_sample=False))
@@ -141,19 +143,35 @@ def test_a_loaded_step_that_fails_the_check_is_discarded(tmp_path: Path, monkeyp
 
 def test_saving_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nanoflow_fx.optimize(build("llama"), _config(tmp_path, save_step=False))
-    nanoflow_fx.optimize(build("llama"), _config(tmp_path, num_nanobatches=2))  # programs are always traced
     monkeypatch.setenv("NANOFLOW_FX_SAVE_STEP", "0")
     nanoflow_fx.optimize(build("llama"), _config(tmp_path))
     assert _saved(tmp_path) == []
 
 
-def test_explain_traces_a_loaded_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("count", [2, "auto"])
+def test_one_saved_step_serves_every_nano_batch_count(tmp_path: Path, count: object) -> None:
+    """The nano-batch count is a cut chosen per step at run time, not part of the lowering: a step saved by a
+    whole-step configuration is loaded by a nano-batched one (and "auto"), which cuts it and generates like HF."""
+    nanoflow_fx.optimize(build("llama"), _config(tmp_path))
+    model = nanoflow_fx.optimize(build("llama"), _config(tmp_path, num_nanobatches=count))
+    step_fn = model.nanoflow.step_fn
+    assert step_fn.loaded is not None and step_fn.graphs == [] and len(_saved(tmp_path)) == 1
+    ids = _prompts()
+    want = reference("llama").generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want)
+    assert step_fn.graphs == []
+    if count == 2:  # the prefill step was cut into 2 nano-batches by the loaded program
+        schedule = step_fn.loaded.graph.last_schedule
+        assert schedule is not None and schedule.split("nb").num_nanobatches == 2
+
+
+def test_explain_shows_a_loaded_step_without_tracing_it(tmp_path: Path) -> None:
     nanoflow_fx.optimize(build("llama"), _config(tmp_path))
     model = nanoflow_fx.optimize(build("llama"), _config(tmp_path))
     assert model.nanoflow.step_fn.graphs == []
-    text = str(nanoflow_fx.explain(model))
-    assert "op groups" in text and model.nanoflow.step_fn.graphs
-    assert model.nanoflow.step_fn.loaded is not None  # generation keeps running the loaded step
+    e = nanoflow_fx.explain(model)
+    assert e.source.startswith("loaded from the saved step") and "L1.attn" in str(e)
+    assert model.nanoflow.step_fn.graphs == [] and model.nanoflow.step_fn.loaded is not None
 
 
 def test_the_step_is_traced_while_the_attention_backend_prepares(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,8 @@ import torch
 
 from nanoflow_fx.runtime.streams import stream_actions
 from nanoflow_fx.schedule import Schedule
-from nanoflow_fx.schedule.builders import nanoflow_pingpong, sequential, split_4_2
+from tests.schedules import nanoflow_pingpong, sequential, split_4_2
+from tests.steps import program_runners
 
 
 def _check_plan(schedule: Schedule) -> None:
@@ -48,12 +49,11 @@ def test_stream_plan_of_a_captured_model_schedule() -> None:
 
     for family in ("llama", "gemma2"):
         model = optimized(family, DEFAULT_CONFIG)
-        from nanoflow_fx.runtime.nanobatch import NanobatchRunner
+        from nanoflow_fx.runtime.program_runner import program_schedule
 
-        gm = model.nanoflow.step_fn.graphs[0]
-        runner = NanobatchRunner(gm, 2)
-        _check_plan(runner.scheduled(16).schedule)
-        _check_plan(runner.scheduled(7).schedule)
+        program = model.nanoflow.step_fn.program
+        _check_plan(program_schedule(program, (0, 8, 16)))
+        _check_plan(program_schedule(program, (0, 3, 7), attention=(0, 1, 5, 7)))
 
 
 @pytest.mark.cuda
@@ -79,8 +79,7 @@ def test_multi_stream_generation_equals_one_stream(family: str, partition: str, 
         assert model.nanoflow.runner.cuda_graphs is not None, model.nanoflow.runner.cuda_graphs_off_reason
     got = model.generate(ids, **kwargs)
     assert torch.equal(got, want)
-    runners = [gm.meta["nanoflow_program_runner"] for gm in model.nanoflow.step_fn.graphs
-               if "nanoflow_program_runner" in gm.meta]
+    runners = program_runners(model)
     assert any(r.last_schedule is not None and r.last_schedule.units == ("compute", "memory") for r in runners)
 
 
@@ -228,7 +227,7 @@ def two_nanobatch_probe():  # type: ignore[no-untyped-def]
     from tests.conftest import DEFAULT_CONFIG, optimized
 
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
-    program = model.nanoflow.step_fn.graphs[0].meta["nanoflow_program_runner"]
+    program = program_runners(model)[0]
     args = _probe_args(model, program)
     names = program.program.placeholders
     call = next(p.call for p in program.program.pieces if p.kind == "attention")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule
 
 from nanoflow_fx.capture.backend import make_backend
+from nanoflow_fx.capture.lowering import Capture, Lowering
 from nanoflow_fx.ops import paged_attention
 from nanoflow_fx.ops.backend import AttentionConfig
 from nanoflow_fx.runtime import Chunk, PagedKVCache, Request, build_step
@@ -23,15 +23,15 @@ def toy_step(x: torch.Tensor, w: torch.Tensor, kv_cache: torch.Tensor, qo: torch
     return y.cumsum(0)  # mixes tokens: its group stays whole
 
 
-def capture_toy() -> GraphModule:
-    """The toy step captured by the nanoflow backend (symbolic token count), and nothing run yet."""
-    graphs: list[GraphModule] = []
-    compiled = torch.compile(toy_step, backend=make_backend(on_graph=graphs.append), fullgraph=True)
+def capture_toy() -> Capture:
+    """The toy step captured and lowered by the nanoflow backend (symbolic token count), nothing run yet."""
+    captures: list[Capture] = []
+    compiled = torch.compile(toy_step, backend=make_backend(Lowering(), on_capture=captures.append), fullgraph=True)
     args = toy_inputs([3, 2])[0]
     for i in (0, 3, 4, 5, 6, 7):
         torch._dynamo.mark_dynamic(args[i], 0)
     compiled(*args)
-    return graphs[0]
+    return captures[0]
 
 
 def toy_inputs(lengths: list[int], page_size: int = 2) -> tuple[list[torch.Tensor], PagedKVCache]:

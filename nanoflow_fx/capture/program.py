@@ -1,18 +1,17 @@
 """`StepProgram`: the captured step lowered to pieces (dense code between attention calls) and attention calls.
 
-The lowering of configurations that may cut steps into nano-batches (`num_nanobatches` other than 1; with one
-nano-batch the step runs as `capture.piecewise` lowers it, the same pieces as one split GraphModule). The ATen
-graph is cut at every `nanoflow::paged_attention` call; each run of nodes between two calls becomes a dense
-piece (a GraphModule, Inductor-compiled when asked: it fuses norms, RoPE, activations and residual adds
-around the GEMMs), each call an attention piece. Every value that crosses pieces is named by its node in the
-captured graph and carries its token dimension, so a runner can execute a piece on any token slice of the
-step (`runtime.program_runner`): dense pieces are token-parallel (checked by the `annotate` pass), so a piece
-run on rows [a, b) of its inputs gives rows [a, b) of its outputs, and its compiled code, traced with a
-symbolic token count, serves every slice. Pieces that mix tokens (the logits selection before the LM head, a
-sorting MoE dispatch) are marked whole: a runner joins the nano-batches before them.
+What every configuration runs (`capture.lowering`). The ATen graph is cut at every `nanoflow::paged_attention`
+call; each run of nodes between two calls becomes a dense piece (a GraphModule, Inductor-compiled when asked: it
+fuses norms, RoPE, activations and residual adds around the GEMMs, `capture.inductor`), each call an attention
+piece. Every value that crosses pieces is named by its node in the captured graph and carries its token
+dimension, so a runner can execute a piece on any token slice of the step (`runtime.program_runner`): dense
+pieces are token-parallel (checked by the `annotate` pass), so a piece run on rows [a, b) of its inputs gives
+rows [a, b) of its outputs, and its code, traced with a symbolic token count, serves every slice. Pieces that
+mix tokens (the logits selection before the LM head, a sorting MoE dispatch) are marked whole: a runner joins
+the nano-batches before them. A whole step runs the pieces in order.
 
 Identical layers give identical pieces: each distinct dense piece (same code once nodes are named by position,
-same input metadata) is compiled once, as `capture.piecewise` does for the unsplit step.
+same input metadata) is compiled once.
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ import sympy
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from nanoflow_fx.capture.piecewise import PieceCompiler
+from nanoflow_fx.capture.inductor import PieceCompiler
 from nanoflow_fx.passes.annotate import annotate, token_symbol
-from nanoflow_fx.passes.info import ATTENTION_OP, info, symbol_of, token_dims
+from nanoflow_fx.passes.info import ATTENTION_OP, META_KEY, info, symbol_of, token_dims
 
 __all__ = ["AttentionCall", "Piece", "StepProgram", "lower_program"]
 
@@ -91,10 +90,12 @@ class StepProgram:
 
 
 def lower_program(gm: GraphModule, example_inputs: Sequence[Any], inductor: bool) -> StepProgram:
-    """Cut `gm` (the captured ATen graph) into pieces; with `inductor`, compile each distinct dense piece.
+    """Cut `gm` (the captured ATen graph, annotated: `passes.annotate`, run here if it was not) into pieces; with
+    `inductor`, compile each distinct dense piece.
 
     `example_inputs` are AOT's fake (symbolic) inputs; it must run where AOT calls its forward compiler."""
-    annotate(gm)
+    if not all(META_KEY in n.meta for n in gm.graph.nodes if n.op == "call_function"):
+        annotate(gm)
     token = token_symbol(gm)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     placeholders = tuple(n.name for n in gm.graph.find_nodes(op="placeholder"))

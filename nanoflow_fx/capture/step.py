@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from nanoflow_fx.capture import replicate
 from nanoflow_fx.capture.hf_attention import METADATA_KWARG
+from nanoflow_fx.capture.lowering import Capture
 from nanoflow_fx.capture.replicate import LayerStack
 from nanoflow_fx.capture.store import LoadedStep, StepStore, saved_step
 from nanoflow_fx.ops import AttentionMetadata
@@ -30,7 +31,8 @@ class StepFunction:
     The ids and positions are given as [T] and unsqueezed inside the graph.
 
     Returns the logits of the rows `logits_indices` selects: [len(logits_indices), vocab].
-    Every ATen graph captured (one per distinct shape specialisation Dynamo makes) lands in `graphs`.
+    Every graph captured (one per distinct shape specialisation Dynamo makes) lands in `captures`
+    (`capture.lowering.Capture`: the ATen graph, its program, the passes that ran).
 
     With a `store` (`capture.store`), the first call loads the step saved there by an earlier process, if any,
     and runs it without Dynamo (`loaded`); otherwise the first capture is saved there once lowered.
@@ -38,7 +40,7 @@ class StepFunction:
 
     def __init__(self, model: PreTrainedModel, make_backend: Callable[..., Any], store: StepStore | None = None,
                  stack: LayerStack | None = None) -> None:
-        """`make_backend(on_graph, on_lowered, skip_run, expand=None)` returns the torch.compile backend to capture
+        """`make_backend(on_capture, on_lowered, skip_run, expand=None)` returns the torch.compile backend to capture
         with. With a `stack`, the first capture traces its first layers only and replicates them
         (`capture.replicate`): `replicated` runs it; a call it does not serve goes through Dynamo."""
         # Weakly: the model holds its runtime (`model.nanoflow`), which holds this step; a strong reference back
@@ -48,7 +50,7 @@ class StepFunction:
         self.make_backend = make_backend
         self.stack = stack
         self.replicated: LoadedStep | None = None  # the step traced with `stack` truncated, then replicated
-        self.graphs: list[torch.fx.GraphModule] = []
+        self.captures: list[Capture] = []
         self.compile_seconds = 0.0  # wall time of the calls that captured (and compiled) a new graph
         self.compile_breakdown: dict[str, float] = {}  # of which Dynamo, our FX passes, AOT, lowering (seconds)
         self.store = store
@@ -73,8 +75,22 @@ class StepFunction:
             raise ReferenceError("the model of this nanoflow step was deleted")
         return model
 
+    @property
+    def graphs(self) -> list[torch.fx.GraphModule]:
+        """The ATen graph of each capture."""
+        return [c.graph for c in self.captures]
+
+    @property
+    def program(self) -> Any:
+        """The lowered program (`capture.program.StepProgram`) of what runs: the loaded or replicated step, else
+        the last capture (None before the first)."""
+        direct = self.direct
+        if direct is not None:
+            return direct.graph.program
+        return self.captures[-1].program if self.captures else None
+
     def _weak_sinks(self) -> tuple[Callable[..., None], Callable[..., None], Callable[[], bool]]:
-        """(on_graph, on_lowered, skip_run) for a compile backend, reaching this object through a weak reference.
+        """(on_capture, on_lowered, skip_run) for a compile backend, reaching this object through a weak reference.
 
         Dynamo keeps what a backend returned (and what that closes over) in caches that the garbage collector
         cannot see into (a code object's extra state, the module globals it installs compiled functions in); a
@@ -82,10 +98,10 @@ class StepFunction:
         would keep them alive for the life of the process."""
         me = weakref.ref(self)
 
-        def on_graph(gm: torch.fx.GraphModule) -> None:
+        def on_capture(capture: Capture) -> None:
             step = me()
             if step is not None:
-                step.graphs.append(gm)
+                step.captures.append(capture)
 
         def on_lowered(*args: Any) -> None:
             step = me()
@@ -96,7 +112,7 @@ class StepFunction:
             step = me()
             return step is not None and step._trace_only
 
-        return on_graph, on_lowered, skip_run
+        return on_capture, on_lowered, skip_run
 
     @torch.no_grad()
     def __call__(
@@ -126,7 +142,7 @@ class StepFunction:
             torch._dynamo.mark_dynamic(cache, 0)
         # Without duck sizing, sizes that happen to be equal in one step (say 8 tokens and 8 pages) are not
         # unified into one symbol, which would force a recompile the first step they differ.
-        seen, start = len(self.graphs), time.perf_counter()
+        seen, start = len(self.captures), time.perf_counter()
         self._call = dict(model=self.model, input_ids=input_ids, position_ids=position_ids,
                           logits_indices=logits_indices, metadata=metadata)
         try:
@@ -134,10 +150,10 @@ class StepFunction:
                 out = compiled(self.model, input_ids, position_ids, logits_indices, metadata)
         finally:
             self._call = None
-        if len(self.graphs) != seen:
+        if len(self.captures) != seen:
             end = time.perf_counter()
             self.compile_seconds += end - start
-            marks = self.graphs[-1].meta.get("nanoflow_compile_times", {})
+            marks = self.captures[-1].times
             previous = start
             for stage in ("dynamo", "fx_passes", "aot", "replicate", "lower"):
                 if stage in marks:
@@ -157,7 +173,7 @@ class StepFunction:
         # What the backend's callbacks need, dropped after this trace: Dynamo keeps the callbacks for the life of
         # the process (see `_weak_sinks`), and the stack holds the model's layers.
         state: dict[str, Any] = {"stack": stack, "lowered": []}
-        on_graph, save, _ = self._weak_sinks()
+        on_capture, save, _ = self._weak_sinks()
         me = weakref.ref(self)
 
         def expand(aten_gm: torch.fx.GraphModule, sources: list[str | None]) -> tuple[list[str], list[Any], list[Any]]:
@@ -171,23 +187,23 @@ class StepFunction:
             added, templates, values = replicate.expand(stack, aten_gm, sources, read)
             return added, values, [p.meta.get("val") for p in templates]
 
-        def on_lowered(sources: list[str | None], example_inputs: Any, run: Any, aten_gm: torch.fx.GraphModule) -> None:
+        def on_lowered(sources: list[str | None], example_inputs: Any, run: Any, capture: Capture) -> None:
             state["lowered"].append((sources, run))
             with state["stack"].whole():  # its inputs are read off the whole model
-                save(sources, example_inputs, run, aten_gm)
+                save(sources, example_inputs, run, capture)
 
         # Its own code object: the truncated model's compiled entry lives and dies with this function, never in the
         # cache `self._compiled` consults.
         fn = types.FunctionType(_packed_forward.__code__.replace(), _packed_forward.__globals__, "nanoflow_layers")
-        backend = self.make_backend(on_graph, on_lowered, lambda: True, expand)
+        backend = self.make_backend(on_capture, on_lowered, lambda: True, expand)
         compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False,
                                  options={"guard_filter_fn": _drop_registry_guards})
-        seen = len(self.graphs)
+        seen = len(self.captures)
         try:
             with stack.truncated():
                 self._dynamo(compiled, input_ids, position_ids, logits_indices, metadata)
         except Exception as e:  # noqa: BLE001 - replication is an optimisation: trace every layer instead
-            del self.graphs[seen:]
+            del self.captures[seen:]
             reason = e.__cause__ if isinstance(e.__cause__, replicate.NotReplicable) else e
             log.info("nanoflow_fx: layers not replicated (%s: %s); tracing all %d", type(reason).__name__, reason,
                      stack.num_layers)
@@ -195,19 +211,19 @@ class StepFunction:
         finally:
             lowered = state.pop("lowered")
             state.clear()
-        if not lowered or len(self.graphs) != seen + 1:
-            del self.graphs[seen:]
+        if not lowered or len(self.captures) != seen + 1:
+            del self.captures[seen:]
             return
         sources, run = lowered[-1]
         self.replicated = LoadedStep(run, sources, metadata.backend, len(metadata.kv_caches))
-        self.graphs[-1].meta["nanoflow_replicated"] = (stack.traced, stack.num_layers, stack.period)
+        self.captures[-1].replicated = (stack.traced, stack.num_layers, stack.period)
 
     def trace(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_indices: torch.Tensor,
               metadata: AttentionMetadata) -> None:
         """Capture and lower the step for these inputs (or load it) without running it: nothing is read from or
         written to the KV cache, and the attention backend needs no plan. `optimize()` traces while FlashInfer
         builds its kernels."""
-        if self.graphs or self._loaded_for(metadata) is not None:
+        if self.captures or self._loaded_for(metadata) is not None:
             return
         if self.stack is not None:
             self._trace_replicated(input_ids, position_ids, logits_indices, metadata)
@@ -237,7 +253,7 @@ class StepFunction:
         """Forget the loaded (or replicated) step and delete its file: the next call traces every layer (and saves
         the step) afresh."""
         if self.replicated is not None:
-            self.graphs.clear()
+            self.captures.clear()
         self.loaded = self.replicated = None
         self.stack = None
         if self.store is not None:
@@ -258,18 +274,16 @@ class StepFunction:
             self.compile_seconds += seconds
             self.compile_breakdown["load_s"] = seconds
 
-    def _save(self, sources: list[str | None], example_inputs: Any, lowered: Any,
-              aten_gm: torch.fx.GraphModule) -> None:
+    def _save(self, sources: list[str | None], example_inputs: Any, lowered: Any, capture: Capture) -> None:
         """The backend's `on_lowered`: save the first step this function captures, if its inputs are read off the
         call by Dynamo's expressions exactly as Dynamo passed them (`capture.store`)."""
         call, store = self._call, self.store
-        if store is None or call is None or self.graphs[0] is not aten_gm:  # only the first graph is saved
+        if store is None or call is None or self.captures[0] is not capture:  # only the first graph is saved
             return
         step = saved_step(sources, lowered, call["metadata"])
         if step is None:
-            log.info("nanoflow_fx: this step cannot be saved (%s); it is traced in every process",
-                     "a nano-batched program" if not isinstance(lowered, torch.fx.GraphModule) else
-                     "an input Dynamo gave no source, or a piece Inductor compiled with opaque constants")
+            log.info("nanoflow_fx: this step cannot be saved (an input Dynamo gave no source, or a piece Inductor "
+                     "compiled with opaque constants); it is traced in every process")
             return
         try:
             read = LoadedStep.reader(step.sources)(call)

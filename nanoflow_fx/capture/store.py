@@ -7,25 +7,25 @@ captured and lowered, `StepStore` saves what runs:
 - how each of the lowered graph's inputs is read off a step call (`sources`: Dynamo's own expressions, such as
   `L['model']._modules['lm_head']._parameters['weight']` or `L['input_ids'].size()[0]`, checked against the
   values Dynamo passed when saving),
-- the lowered graph itself as code (the ATen graph, or its split into attention calls and pieces),
-- each distinct Inductor-compiled piece as Inductor's generated module (`piecewise.SavedPiece`), whose kernels
-  come back from Triton's (or the C++ compiler's) on-disk cache.
+- the lowered program (`capture.program.StepProgram`: its pieces, attention calls, value names, token dimensions
+  and symbolic sizes), each dense piece as FX code or, Inductor-compiled, as Inductor's generated module
+  (`inductor.SavedPiece`, one per distinct piece), whose kernels come back from Triton's (or the C++ compiler's)
+  on-disk cache.
 
 The file is keyed (`step_key`) by everything the captured graph depends on: nanoflow_fx's source, the versions of
 torch, transformers, triton and Python, the device, the model class, its config, every parameter's and buffer's
 name, shape, stride, dtype and storage layout (the fused linears' views), the `NanoFlowConfig` fields the graph
-depends on (page size, Inductor, fused linears, nano-batch count; not the budgets: the step's sizes are symbolic)
-and the attention backend. A loaded step serves only calls with the attention backend and layer count it was captured
+depends on (the page size and the lowering's key, `capture.lowering.Lowering.key`; not the budgets, since the
+step's sizes are symbolic, nor the nano-batch count: a cut is chosen per step at run time) and the attention
+backend. A loaded step serves only calls with the attention backend and layer count it was captured
 with (the rest go through Dynamo), and `optimize()` checks it against the eager model like a fresh capture: a
 mismatch discards the file and traces again. Like Inductor's cache, the directory runs code when loaded: keep it
 private to the user.
-
-Nano-batched configurations (`num_nanobatches` other than 1) are not persisted: their program keeps symbolic
-per-value metadata that only a trace produces.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,28 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.fx import Graph, GraphModule
+from torch.fx import GraphModule
 
-from nanoflow_fx.capture.piecewise import CompiledPiece, SavedPiece, _Compiled
+from nanoflow_fx.capture.inductor import CompiledPiece, SavedPiece
 from nanoflow_fx.ops.metadata import AttentionMetadata
 
 __all__ = ["LoadedStep", "SavedStep", "StepStore", "saved_step", "source_name", "step_key"]
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 1
+_FORMAT = 2
 _PACKAGE = Path(__file__).resolve().parents[1]
-
-
-class _Slot(torch.nn.Module):
-    """Where a compiled piece goes back in a saved split graph (`SavedStep.pieces[index]`)."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self.index = index
-
-    def forward(self, *args: Any) -> Any:
-        raise RuntimeError("a saved step's compiled piece was not loaded")
 
 
 @dataclass
@@ -67,8 +56,8 @@ class SavedStep:
     """What `StepStore` writes: see the module docstring."""
 
     sources: tuple[str, ...]
-    graph: GraphModule  # the lowered graph; compiled pieces replaced by `_Slot`s
-    pieces: tuple[SavedPiece, ...]
+    program: Any  # the `StepProgram`, each dense piece's `fn` an index into `pieces`
+    pieces: tuple[SavedPiece | GraphModule, ...]  # Inductor's module, or the piece's FX code
     backend: str  # AttentionMetadata.backend of the capture
     num_caches: int
 
@@ -84,34 +73,39 @@ def source_name(node: torch.fx.Node) -> str | None:
 
 
 def saved_step(sources: Sequence[str | None], lowered: Any, metadata: AttentionMetadata) -> SavedStep | None:
-    """`lowered` (the ATen GraphModule, or the split GraphModule `piecewise.compile_pieces` returns) as a
-    `SavedStep`, or None when it cannot be saved (an input without a source, an unsaveable piece, a program)."""
-    if any(s is None for s in sources) or not isinstance(lowered, GraphModule):
+    """`lowered` (the `ProgramRunner` the lowering made) as a `SavedStep`, or None when it cannot be saved (an
+    input without a source, a piece Inductor compiled with opaque constants)."""
+    if any(s is None for s in sources):
         return None
-    graph = Graph()
-    graph.output(graph.graph_copy(lowered.graph, {}))
-    saved = GraphModule(lowered, graph)  # the same submodules and attributes, a graph without node metadata
-    pieces: list[SavedPiece] = []
-    slots: dict[int, int] = {}  # compiled piece (shared by identical layers) -> its index in `pieces`
-    # By call site, not `named_children()`: identical layers share one compiled module, listed there only once.
-    for name in dict.fromkeys(n.target for n in saved.graph.find_nodes(op="call_module")):
-        module = saved.get_submodule(name)
-        if not isinstance(module, _Compiled):
-            continue
-        if id(module.fn) not in slots:
-            piece = module.fn.saved() if isinstance(module.fn, CompiledPiece) else None
-            if piece is None:
-                return None
-            slots[id(module.fn)] = len(pieces)
-            pieces.append(piece)
-        setattr(saved, name, _Slot(slots[id(module.fn)]))
-    return SavedStep(tuple(s for s in sources if s is not None), saved, tuple(pieces), metadata.backend,
+    program = lowered.program
+    pieces: list[SavedPiece | GraphModule] = []
+    index: dict[int, int] = {}  # a piece's fn (shared by identical layers when compiled) -> its index in `pieces`
+    saved_pieces = []
+    for piece in program.pieces:
+        if piece.fn is not None:
+            if id(piece.fn) not in index:
+                if isinstance(piece.fn, CompiledPiece):
+                    saved = piece.fn.saved()
+                    if saved is None:
+                        return None
+                elif isinstance(piece.fn, GraphModule):
+                    saved = piece.fn
+                else:
+                    return None
+                index[id(piece.fn)] = len(pieces)
+                pieces.append(saved)
+            piece = dataclasses.replace(piece, fn=index[id(piece.fn)])
+        saved_pieces.append(piece)
+    saved_program = dataclasses.replace(program, pieces=tuple(saved_pieces))
+    saved_program.__dict__.pop("schedule_key", None)  # (a cached property: recomputed when loaded)
+    return SavedStep(tuple(s for s in sources if s is not None), saved_program, tuple(pieces), metadata.backend,
                      len(metadata.kv_caches))
 
 
 class LoadedStep:
     """A lowered step that runs without Dynamo: called like the step function, it reads the graph's inputs off
-    the call with Dynamo's source expressions and runs the lowered graph (no guards: `accepts` is the check).
+    the call with Dynamo's source expressions and runs the lowered program (`graph`, a `ProgramRunner`; no guards:
+    `accepts` is the check).
     Built from a `SavedStep` (`from_saved`) or from a trace (`capture.replicate`)."""
 
     def __init__(self, graph: Any, sources: Sequence[str | None], backend: str, num_caches: int) -> None:
@@ -123,13 +117,13 @@ class LoadedStep:
 
     @classmethod
     def from_saved(cls, saved: SavedStep) -> LoadedStep:
-        compiled = [_Compiled(piece.load()) for piece in saved.pieces]
-        graph = saved.graph
-        for name in dict.fromkeys(n.target for n in graph.graph.find_nodes(op="call_module")):
-            module = graph.get_submodule(name)
-            if isinstance(module, _Slot):
-                setattr(graph, name, compiled[module.index])
-        return cls(graph, saved.sources, saved.backend, saved.num_caches)
+        from nanoflow_fx.runtime.program_runner import ProgramRunner
+
+        fns = [piece.load() if isinstance(piece, SavedPiece) else piece for piece in saved.pieces]
+        pieces = tuple(dataclasses.replace(p, fn=fns[p.fn]) if p.fn is not None else p
+                       for p in saved.program.pieces)
+        return cls(ProgramRunner(dataclasses.replace(saved.program, pieces=pieces)), saved.sources, saved.backend,
+                   saved.num_caches)
 
     @staticmethod
     def reader(sources: Sequence[str]) -> Any:

@@ -134,7 +134,7 @@ def _cost_table(model: PreTrainedModel, runtime: NanoFlowRuntime, cost_dir: str)
     if table is not None:
         log.info("nanoflow_fx: cost table %s loaded (%d nano-batch shapes measured)", key, len(table.pieces))
         return table
-    program = runtime.channel.program  # type: ignore[union-attr]
+    program = runtime.step_fn.program
     return CostTable(key, program.schedule_key, props.multi_processor_count)
 
 

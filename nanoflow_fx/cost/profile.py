@@ -75,23 +75,18 @@ class StepHarness:
         """ms per step under `policy` (the median over `rounds` of `reps` back-to-back steps). `host_ms`: the host's
         time to issue one step (median; time its planners waited for the GPU excluded)."""
         runner = self.runtime.runner
-        saved = runner.split_policy
-        runner.split_policy = policy
-        try:
-            for _ in range(3):
-                runner.run(self.chunks)
-            torch.cuda.synchronize()
-            times, host = [], []
-            for _ in range(rounds):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(reps):
-                    host.append(issue_ms(runner, lambda: runner.run(self.chunks)))
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / reps)
-        finally:
-            runner.split_policy = saved
+        for _ in range(3):
+            runner.run(self.chunks, split=policy)
+        torch.cuda.synchronize()
+        times, host = [], []
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                host.append(issue_ms(runner, lambda: runner.run(self.chunks, split=policy)))
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / reps)
         self.host_ms = statistics.median(host)
         return statistics.median(times)
 
@@ -99,13 +94,7 @@ class StepHarness:
         """ms per step under `policy` with the host's issue cost removed: the step captured once in a CUDA graph
         (`StepRunner.capture_step`) and replayed back to back (median over `rounds` of `reps`). The runtime issues
         mixed steps eagerly: `time` is what it gets; this is what the same GPU work takes."""
-        runner = self.runtime.runner
-        saved = runner.split_policy
-        runner.split_policy = policy
-        try:
-            captured = runner.capture_step(self.chunks, pool)
-        finally:
-            runner.split_policy = saved
+        captured = self.runtime.runner.capture_step(self.chunks, pool, split=policy)
         stream = torch.cuda.current_stream()
         return statistics.median(time_on(captured.replay, stream, reps) for _ in range(rounds))
 

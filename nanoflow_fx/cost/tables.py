@@ -34,6 +34,7 @@ makespan and the host's issue time, times the calibration. Pure given the table:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -270,20 +271,14 @@ def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3
     events between pieces time the GPU's work alone."""
     from nanoflow_fx.runtime.program_runner import PieceTimer
 
-    channel = runtime.channel
-    if channel is None:
-        raise ValueError("piece times need a nano-batched configuration (the step lowered to a program)")
     samples: dict[str, list[float]] = {}
     host = []
     with _requests(runtime, vocab_size, shape, None) as step:
         step()
         for _ in range(reps):
-            channel.timer = PieceTimer(runtime.device.type == "cuda")
-            try:
-                host.append(_issue_behind_sleep(runtime, step))
-                times = channel.timer.piece_ms()
-            finally:
-                channel.timer = None
+            timer = PieceTimer(runtime.device.type == "cuda")
+            host.append(_issue_behind_sleep(runtime, functools.partial(step, timer)))
+            times = timer.piece_ms()
             for name, ms in times.items():
                 samples.setdefault(name, []).append(ms)
     return {name: statistics.median(v) for name, v in samples.items()}, min(host)
@@ -300,19 +295,17 @@ def measure_split_host(runtime: Any, vocab_size: int, shape: StepShape, reps: in
 
 
 @contextmanager
-def _requests(runtime: Any, vocab_size: int, shape: StepShape, policy: Any) -> Iterator[Callable[[], Any]]:
-    """`shape`'s requests on `runtime`'s cache (`cost.profile.StepHarness`) with the runner's split policy set to
-    `policy`; yields what runs one eager step of them. The pages and the policy are given back after."""
+def _requests(runtime: Any, vocab_size: int, shape: StepShape, policy: Any) -> Iterator[Callable[..., Any]]:
+    """`shape`'s requests on `runtime`'s cache (`cost.profile.StepHarness`); yields what runs one eager step of
+    them cut by `policy` (a split policy; None: whole), given an optional piece timer. The pages are given back
+    after."""
     from nanoflow_fx.cost.profile import StepHarness
 
     runner = runtime.runner
     harness = StepHarness(runtime, shape, vocab_size)
-    saved = runner.split_policy
-    runner.split_policy = policy
     try:
-        yield lambda: runner.run_eager(harness.chunks)
+        yield lambda timer=None: runner.run_eager(harness.chunks, split=policy, timer=timer)
     finally:
-        runner.split_policy = saved
         harness.release()
 
 
@@ -336,7 +329,7 @@ def measure_carveout(runtime: Any, vocab_size: int, shape: StepShape, shares: Se
     `pieces` (the same without it)."""
     from nanoflow_fx.runtime.program_runner import sm_carveout
 
-    program = runtime.channel.program
+    program = runtime.step_fn.program
     dense = {p.name for p in program.pieces if p.kind == "dense"}
     base = sum(ms for name, ms in pieces.items() if name in dense)
     factors = {}

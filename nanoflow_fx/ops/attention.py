@@ -35,8 +35,8 @@ def paged_attention(
 
     `sliding_window` <= 0 means no window; `softcap` <= 0 means no logit soft-capping. `backend` names the
     kernel (`nanoflow_fx.ops.backend`): "torch" (the reference, any device), "triton" (CUDA, or Triton's
-    interpreter on the CPU) or "flashinfer" (CUDA; runs the plan made on the host for this step); a step runner
-    may have another backend stand in for it on this thread (`ops.backend.substituting`).
+    interpreter on the CPU) or "flashinfer" (CUDA; runs the plan made on the host for this step, which the step
+    context carries); the step context may name another backend standing in for it (`nanoflow_fx.context`).
     """
     write_kv(kv_cache, k, v, slot_mapping)
     return resolve(backend).run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,

@@ -4,30 +4,30 @@ A backend says whether it can run here (and why not), whether its steps can be c
 makes the host-side planner a step needs (FlashInfer plans each step's work split on the host), readies its
 kernels in the background (`prepare`: FlashInfer's JIT build) and runs the kernel for `nanoflow::paged_attention`.
 The captured graph names its backend by `AttentionBackend.name` (a constant of the graph); `resolve(name)` finds
-the object that runs it: `get(name)`, or, inside `substituting(name, other)` on this thread, the backend standing
-in for it while its own kernels are still being built (`AttentionBackend.interim`). A new backend is one new
+the object that runs it: `get(name)`, or the step context's substitute (`nanoflow_fx.context`), the backend
+standing in for it while its own kernels are still being built (`AttentionBackend.interim`). A new backend is one new
 module plus a line in `_MODULES`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from nanoflow_fx.context import current
 from nanoflow_fx.errors import NanoFlowError
 
 __all__ = ["AttentionBackend", "AttentionConfig", "DecodeKernel", "Planner", "Preparation", "BACKEND_NAMES", "choose",
-           "get", "register", "resolve", "stand_in", "substituting"]
+           "get", "register", "resolve", "stand_in"]
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,10 @@ class DecodeKernel:
 class Planner(Protocol):
     """Host-side work a backend needs before each step (or each replay of a captured step)."""
 
-    def plan(self, host: Any, kv_indices: torch.Tensor) -> None:
+    def plan(self, host: Any, kv_indices: torch.Tensor) -> Mapping[AttentionConfig, Any]:
         """Plan a whole step for the captured op: `host`, the step's `AttentionMetadata` in (pinned) host memory;
-        `kv_indices`, its page list on the device. Must not wait for the GPU."""
+        `kv_indices`, its page list on the device. Must not wait for the GPU. Returns the plans the step context
+        carries to the captured op (`nanoflow_fx.context.StepContext.plans`)."""
 
     def plan_tables(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
                     kv_indices: torch.Tensor) -> Any:
@@ -193,26 +194,11 @@ def get(name: str) -> AttentionBackend:
     return _REGISTRY[name]
 
 
-_substitutes = threading.local()  # this thread's {backend name: the backend running its steps instead}
-
-
 def resolve(name: str) -> AttentionBackend:
-    """The backend that runs `nanoflow::paged_attention(backend=name)` on this thread now: `get(name)`, unless a
-    `substituting(name, ...)` block of this thread puts another in its place."""
-    substitute = getattr(_substitutes, "map", {}).get(name)
+    """The backend that runs `nanoflow::paged_attention(backend=name)` in this thread's step now: the step context's
+    substitute (an interim kernel standing in for the step's backend), else `get(name)`."""
+    substitute = current().substitute
     return substitute if substitute is not None else get(name)
-
-
-@contextlib.contextmanager
-def substituting(name: str, backend: AttentionBackend) -> Iterator[None]:
-    """Run the captured op's `name` calls on `backend` within the block, on this thread only (a step runner's
-    interim steps: `AttentionBackend.interim`). The captured graph is unchanged: it names `name`."""
-    previous = getattr(_substitutes, "map", {})
-    _substitutes.map = {**previous, name: backend}
-    try:
-        yield
-    finally:
-        _substitutes.map = previous
 
 
 def _installed(package: str) -> bool:

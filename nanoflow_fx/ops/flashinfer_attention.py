@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from nanoflow_fx.context import current
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, DecodeKernel, Preparation, register
 from nanoflow_fx.ops.metadata import AttentionMetadata
 
@@ -50,16 +51,6 @@ class _Plans:
     decode: Any
     prefill: Any
     num_decode: int = 0
-
-
-# The planned wrappers of each configuration for the step this thread is running or capturing (set by `plan`).
-# Per thread: two optimized models may step at once from two threads (each engine holds only its own lock), and
-# one model's plans must never reach the other's step. Nano-batched steps pass their plans explicitly instead.
-_active = threading.local()
-
-
-def _active_plans() -> dict[AttentionConfig, _Plans]:
-    return getattr(_active, "plans", {})
 
 
 _float_workspaces: dict[torch.device, torch.Tensor] = {}
@@ -113,7 +104,7 @@ class FlashInferBackend(AttentionBackend):
             softcap: float) -> torch.Tensor:
         config = AttentionConfig(q.shape[1], kv_cache.shape[3], q.shape[2], float(scaling), int(sliding_window),
                                  float(softcap))
-        plans = _active_plans().get(config)
+        plans = (current().plans or {}).get(config)
         if plans is None:
             raise RuntimeError(f"no FlashInfer plan is active for {config}: the step runner plans every step before "
                                "it runs (the 'flashinfer' backend runs only inside nanoflow_fx's runtime)")
@@ -216,16 +207,16 @@ class FlashInferPlanner:
                 _workspace(device), "NHD", backend="fa2")
             self.plans[config] = _Plans(_decode_wrapper(config, device, decode_batch, max_pages), prefill)
 
-    def plan(self, host: AttentionMetadata, kv_indices: torch.Tensor) -> None:
-        """Plan every configuration for this step and make the plans the active ones (those the captured op
-        runs).
+    def plan(self, host: AttentionMetadata, kv_indices: torch.Tensor) -> dict[AttentionConfig, _Plans]:
+        """Plan every configuration for this step; returns the plans, by configuration, that the captured op runs
+        when the step context carries them (`nanoflow_fx.context.StepContext.plans`).
 
         `host` holds the step's metadata in pinned host memory (FlashInfer's planner reads it there; nothing
         waits for the GPU); `kv_indices` is the page list already on the device (copied device to device).
         """
         qo, kv_ptr, _, last, _ = host.tensors()
         self.plan_tables(qo, kv_ptr, last, kv_indices)
-        _active.plans = self.plans
+        return self.plans
 
     def plan_tables(self, qo: torch.Tensor, kv_ptr: torch.Tensor, last: torch.Tensor,
                     kv_indices: torch.Tensor) -> FlashInferPlanner:

@@ -1,4 +1,4 @@
-"""The record every pass reads and writes under `node.meta["nanoflow"]`, and op classification helpers."""
+"""The record `annotate` writes under `node.meta["nanoflow"]`, and op classification helpers."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ COLLECTIVE_NAMESPACES = {"_c10d_functional", "c10d_functional", "c10d"}
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """What `annotate` learned of one node (and `group_ops` of its group).
+    """What `annotate` learned of one node.
 
     token_dim: the output's token dimension (None for outputs without one, and for SymInt values).
     token_dependent: the node's value depends on the step's tokens (else it is shared: weights, constants).
@@ -40,8 +40,6 @@ class NodeInfo:
     token_dependent: bool = False
     token_parallel: bool = False
     why_not_parallel: str = ""
-    group: str | None = None
-    nanobatch: int | None = None  # set by split_nanobatches on the nodes of each nano-op
 
 
 def info(node: Node) -> NodeInfo:

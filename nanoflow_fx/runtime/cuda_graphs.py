@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoflow_fx.capture.step import StepFunction
+from nanoflow_fx.context import StepContext, step_context
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
 from nanoflow_fx.runtime.batch import Chunk, HostStaging, StepInputs, StepShape, build_step, feed_pending
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
@@ -133,12 +134,14 @@ class CudaGraphRunner:
         inputs = host.to(cache.device)
         planner = self.backend.make_planner(self.attention_configs, cache.page_size, cache.dtype, cache.device,
                                             decode_batch=shape.requests, max_pages=shape.pages)
-        if planner is not None:
-            planner.plan(host.metadata, inputs.metadata.kv_indices)
+        # The captured launches read the bucket planner's buffers, which each replay re-plans (`run`).
+        context = StepContext(plans=planner.plan(host.metadata, inputs.metadata.kv_indices)
+                              if planner is not None else None)
 
         def step() -> torch.Tensor:
             input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
-            return self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
+            with step_context(context):
+                return self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

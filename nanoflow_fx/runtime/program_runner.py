@@ -42,14 +42,15 @@ from typing import Any
 import torch
 
 from nanoflow_fx.capture.program import StepProgram
+from nanoflow_fx.context import current
 from nanoflow_fx.ops.backend import AttentionConfig, DecodeKernel, get
 from nanoflow_fx.ops.kv_write import write_kv
 from nanoflow_fx.passes.info import ATTENTION_OP
 from nanoflow_fx.runtime.streams import StreamAction, stream_actions
 from nanoflow_fx.schedule import NanoOp, OpGroup, Schedule, Split, validate
 
-__all__ = ["Cut", "NanobatchStep", "PieceTimer", "ProgramRunner", "StepChannel", "Units", "make_units",
-           "program_schedule", "schedule_of", "sm_carveout"]
+__all__ = ["Cut", "NanobatchStep", "PieceTimer", "ProgramRunner", "Units", "make_units", "program_schedule",
+           "schedule_of", "sm_carveout"]
 
 WHOLE = "whole"
 SPLIT = "nb"
@@ -101,26 +102,6 @@ class NanobatchStep:
     def whole(self) -> bool:
         """Neither the dense pieces nor the attention calls are cut."""
         return self.num_nanobatches == 1 and (self.attention_boundaries is None or len(self.attention_boundaries) == 2)
-
-
-class StepChannel:
-    """How a step's record reaches the runner inside the captured call: Dynamo and AOT pass tensors only, so the
-    step runner hands the immutable record over for the duration of one call (`carrying`), and the runner
-    reads it once at the start of that call. The runner names its program here (`program`: what the cost model
-    builds its Schedules from), and times its pieces on a whole step while `timer` is set (`cost.tables`)."""
-
-    def __init__(self) -> None:
-        self.record: NanobatchStep | None = None
-        self.program: StepProgram | None = None
-        self.timer: PieceTimer | None = None
-
-    @contextmanager
-    def carrying(self, record: NanobatchStep | None):  # type: ignore[no-untyped-def]
-        self.record = record
-        try:
-            yield
-        finally:
-            self.record = None
 
 
 def make_units(mode: str, memory_sms: int) -> Units | None:
@@ -264,24 +245,23 @@ class PieceTimer:
 class ProgramRunner:
     """The lowered step AOT calls with the captured graph's flat inputs (see the module docstring)."""
 
-    def __init__(self, program: StepProgram, channel: StepChannel | None = None) -> None:
-        self.program, self.channel = program, channel or StepChannel()
-        self.channel.program = program
+    def __init__(self, program: StepProgram) -> None:
+        self.program = program
         self._pieces = {p.name: p for p in program.pieces}
         self._streams: dict[str, Any] = {}
         self._sizes: dict[tuple[Any, ...], int] = {}  # symbolic sizes evaluated per nano-batch (`_Values.part`)
         self.last_schedule: Schedule | None = None
 
     def __call__(self, *args: Any) -> Any:
-        record = self.channel.record
+        context = current()
+        record = context.nanobatches
         if record is None or record.whole:
-            return self.run_whole(args)
+            return self.run_whole(args, context.timer)
         return self.run_nanobatched(args, record)
 
     # -- whole -------------------------------------------------------------------------------------------------
-    def run_whole(self, args: Sequence[Any]) -> Any:
+    def run_whole(self, args: Sequence[Any], timer: PieceTimer | None = None) -> Any:
         env: dict[str, Any] = dict(zip(self.program.placeholders, args))
-        timer = self.channel.timer
         if timer is not None:
             timer.mark(None)
         for piece in self.program.pieces:

@@ -138,6 +138,8 @@ class _Planner:
 
     def admit(self, waiting: Sequence[Request]) -> None:
         limits = self.limits
+        if not waiting:  # (the decode-only steady state: no pass over the running requests)
+            return
         reserved = 0
         if limits.reserve_ratio > 0:
             reserved = sum(max(limits.expected_pages(r) - len(r.pages) - self.grants.get(r, 0), 0)

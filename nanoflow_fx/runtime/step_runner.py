@@ -7,13 +7,15 @@ tokens are read (`batch.feed_pending`), so the host never waits for the GPU betw
 
 While the attention backend's kernels are still being built (FlashInfer's JIT build on a fresh machine), the
 runner can run its steps on an interim backend (`run_interim`): the same captured step, its attention calls
-computed by the stand-in's kernel (`ops.backend.substituting`), eagerly. It switches at the first step after the
-build is done.
+computed by the stand-in's kernel (the step context's substitute: `nanoflow_fx.context`), eagerly. It switches at
+the first step after the build is done.
+
+Each step's context (`nanoflow_fx.context.StepContext`: its attention plans, the interim kernel, its cut into
+nano-batches, a piece timer) is set by the runner around the step's call; the lowered step reads it there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,13 +25,14 @@ import torch
 
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.config import NanoFlowConfig
+from nanoflow_fx.context import StepContext, step_context
 from nanoflow_fx.errors import KVCacheExhaustedError
-from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner, substituting
+from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
 from nanoflow_fx.ops.split_metadata import split_attention_metadata
 from nanoflow_fx.runtime.batch import Chunk, HostStaging, build_step, feed_pending, to_device
 from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
-from nanoflow_fx.runtime.program_runner import Cut, NanobatchStep, StepChannel
+from nanoflow_fx.runtime.program_runner import Cut, NanobatchStep, PieceTimer
 from nanoflow_fx.runtime.requests import Request
 from nanoflow_fx.runtime.sampling import SamplingParams
 from nanoflow_fx.schedule import Split
@@ -43,6 +46,9 @@ _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, e
 
 SplitPolicy = Callable[[int, int], "Cut | None"]
 """(step tokens, leading decode requests) -> how to cut the step (`Cut`), or None: run it whole."""
+
+RUNNER_POLICY: Any = "runner"
+"""The `split` argument that means: cut the step as the runner's own `split_policy` says."""
 
 Switch = Callable[["StepRunner"], bool]
 """Run once the interim ends: readies the runner for its own backend (checks it, captures CUDA graphs); returns
@@ -74,15 +80,14 @@ class StepRunner:
         config: NanoFlowConfig,
         backend: AttentionBackend,
         attention_configs: Sequence[AttentionConfig],
-        channel: StepChannel | None = None,
         split_policy: SplitPolicy | None = None,
     ) -> None:
         """`attention_configs`: the model's distinct attention layer configurations (what a planner plans).
-        `channel` is shared with the captured step's `ProgramRunner` (nano-batched configurations): a step that
-        `split_policy` cuts gets its per-nano-batch record through it."""
+        `split_policy` cuts eager steps into nano-batches (None: every step whole); the cut reaches the captured
+        step's `ProgramRunner` in the step context."""
         self.step_fn, self.kv_cache, self.config, self.backend = step_fn, kv_cache, config, backend
         self.attention_configs = tuple(attention_configs)
-        self.channel, self.split_policy = channel, split_policy
+        self.split_policy = split_policy
         self._nanobatch_planners: list[Planner | None] = []
         self.planner: Planner | None = backend.make_planner(self.attention_configs, kv_cache.page_size,
                                                             kv_cache.dtype, kv_cache.device)
@@ -187,10 +192,12 @@ class StepRunner:
             return blocker
         return ""
 
-    def run(self, chunks: Sequence[Chunk], all_logits: bool = False) -> torch.Tensor:
+    def run(self, chunks: Sequence[Chunk], all_logits: bool = False, split: Any = RUNNER_POLICY) -> torch.Tensor:
         """Run one step; returns logits of completing chunks in order ([N, vocab]), or of every token.
 
-        The requests' pages must cover their chunks. The caller advances the requests (`num_cached`)."""
+        The requests' pages must cover their chunks. The caller advances the requests (`num_cached`). `split`: the
+        split policy of an eager step (default: the runner's own; None: whole); a decode step that a CUDA graph
+        serves replays it whole."""
         if self.interim is not None:
             self.end_interim()
         shape = None
@@ -202,23 +209,28 @@ class StepRunner:
             self.stats["graph_steps"] += 1
             return self.cuda_graphs.run(chunks, shape, all_logits)  # type: ignore[union-attr]
         self.stats["eager_steps"] += 1
-        return self._run_eager(chunks, all_logits)
+        return self._run_eager(chunks, all_logits, split=split)
 
-    def run_eager(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        """One step of `chunks` run eagerly (never from a CUDA graph), cut as the split policy says."""
-        return self._run_eager(chunks, False)
+    def run_eager(self, chunks: Sequence[Chunk], split: Any = RUNNER_POLICY,
+                  timer: PieceTimer | None = None) -> torch.Tensor:
+        """One step of `chunks` run eagerly (never from a CUDA graph), cut as `split` says (default: the runner's
+        split policy); a `timer` marks each piece of a whole step."""
+        return self._run_eager(chunks, False, split=split, timer=timer)
 
-    def _run_eager(self, chunks: Sequence[Chunk], all_logits: bool, trace_only: bool = False) -> torch.Tensor:
-        prepared = self._prepare_eager(chunks, all_logits, trace_only)
+    def _run_eager(self, chunks: Sequence[Chunk], all_logits: bool, trace_only: bool = False,
+                   split: Any = RUNNER_POLICY, timer: PieceTimer | None = None) -> torch.Tensor:
+        prepared = self._prepare_eager(chunks, all_logits, trace_only, split, timer)
         if prepared is None:
             return torch.empty(0, dtype=torch.long, device=self.device)
         call, num_logits = prepared
         return call()[:num_logits]
 
-    def _prepare_eager(self, chunks: Sequence[Chunk], all_logits: bool,
-                       trace_only: bool = False) -> tuple[Callable[[], torch.Tensor], int] | None:
+    def _prepare_eager(self, chunks: Sequence[Chunk], all_logits: bool, trace_only: bool = False,
+                       split: Any = RUNNER_POLICY, timer: PieceTimer | None = None,
+                       ) -> tuple[Callable[[], torch.Tensor], int] | None:
         """Everything of an eager step up to the step function's call (inputs on the device, attention planned,
-        the nano-batch record made), and that call (its logits rows: the first `num_logits`)."""
+        the nano-batch record made: the step's context), and that call (its logits rows: the first
+        `num_logits`)."""
         cache = self.kv_cache
         on_cuda = self.device.type == "cuda"  # built in pinned host memory, then copied without blocking
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page,
@@ -228,34 +240,31 @@ class StepRunner:
         if trace_only:
             self.step_fn.trace(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
             return None
-        interim, channel, record = self.interim, self.channel, None
-        if interim is not None:  # the stand-in's kernel reads the device metadata: nothing to plan
+        interim, record, plans = self.interim, None, None
+        if interim is not None:  # the stand-in's kernel reads the device metadata: nothing to plan, no cut
             self.stats["interim_steps"] += 1
         else:
-            record = self._nanobatch_record(chunks, host.metadata.tensors()[:4], inputs.input_ids.shape[0])
+            policy = self.split_policy if split is RUNNER_POLICY else split
+            record = self._nanobatch_record(chunks, host.metadata.tensors()[:4], inputs.input_ids.shape[0], policy)
             if record is None and self.planner is not None:
-                self.planner.plan(host.metadata, inputs.metadata.kv_indices)
+                plans = self.planner.plan(host.metadata, inputs.metadata.kv_indices)
+        context = StepContext(plans=plans, substitute=interim, nanobatches=record, timer=timer)
         input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
 
         def call() -> torch.Tensor:
-            kernels: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-            if interim is not None:
-                kernels = substituting(self.backend.name, interim)
-            elif channel is not None:
-                kernels = channel.carrying(record)
-            with kernels:
+            with step_context(context):
                 return self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices,  # type: ignore[no-any-return]
                                     inputs.metadata)
 
         return call, inputs.num_logits
 
-    def capture_step(self, chunks: Sequence[Chunk], pool: Any = None) -> CapturedStep:
+    def capture_step(self, chunks: Sequence[Chunk], pool: Any = None, split: Any = RUNNER_POLICY) -> CapturedStep:
         """One eager step of `chunks` (split as the split policy says) captured in a CUDA graph: each replay
         recomputes that very step (same inputs, plans and nano-batch record), so the replays time its GPU work
         without the host's cost of issuing it (`cost.profile.StepHarness.time_graph`). The runtime does not
         replay mixed steps from such graphs: what they measure is what issuing split steps costs the host.
         Replay it before this runner's next step: that step plans again into the planners' buffers it reads."""
-        prepared = self._prepare_eager(chunks, all_logits=False)
+        prepared = self._prepare_eager(chunks, all_logits=False, split=split)
         assert prepared is not None
         call, num_logits = prepared
         stream = torch.cuda.Stream()
@@ -268,18 +277,18 @@ class StepRunner:
             logits = call()
         return CapturedStep(graph, logits[:num_logits], call)
 
-    def _nanobatch_record(self, chunks: Sequence[Chunk], host: tuple[torch.Tensor, ...],
-                          num_tokens: int) -> NanobatchStep | None:
-        """The step's nano-batches, if the split policy cuts it: boundaries, each nano-batch's metadata on the
-        device, and each one's attention plan (its own planner, planned here on the host)."""
-        if self.channel is None or self.split_policy is None:
+    def _nanobatch_record(self, chunks: Sequence[Chunk], host: tuple[torch.Tensor, ...], num_tokens: int,
+                          policy: SplitPolicy | None) -> NanobatchStep | None:
+        """The step's nano-batches, if `policy` cuts it: boundaries, each nano-batch's metadata on the device, and
+        each one's attention plan (its own planner, planned here on the host)."""
+        if policy is None:
             return None
         num_decode = 0
         for chunk in chunks:
             if chunk.num_tokens != 1:
                 break
             num_decode += 1
-        cut = self.split_policy(num_tokens, num_decode)
+        cut = policy(num_tokens, num_decode)
         if cut is None or (len(cut.boundaries) <= 2 and (cut.attention is None or len(cut.attention) <= 2)):
             return None
         boundaries = Split(cut.boundaries).boundaries  # (checks: from 0, strictly rising)

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nanoflow_fx.runtime.schedule_executor import stream_order
-from nanoflow_fx.schedule import Schedule
+from nanoflow_fx.schedule import Schedule, ScheduleError, op_label
 
-__all__ = ["StreamAction", "stream_actions"]
+__all__ = ["StreamAction", "stream_actions", "stream_order"]
 
 Key = tuple[str, int]
 
@@ -42,3 +41,23 @@ def stream_actions(schedule: Schedule) -> list[StreamAction]:
     cross = {op.key: tuple(w for w in op.waits if ops[w].unit != op.unit) for op in schedule.ops}
     waited_for = {w for waits in cross.values() for w in waits}
     return [StreamAction(key, ops[key].unit, cross[key], key in waited_for) for key in stream_order(schedule)]
+
+
+def stream_order(schedule: Schedule) -> list[tuple[str, int]]:
+    """The nano-ops in the order in-order units with waits run them (round-robin over ready unit heads)."""
+    queues = {unit: [op for op in schedule.ops if op.unit == unit] for unit in schedule.units}
+    done: set[tuple[str, int]] = set()
+    order = []
+    while any(queues.values()):
+        progressed = False
+        for unit in schedule.units:
+            queue = queues[unit]
+            if queue and all(w in done for w in queue[0].waits):
+                op = queue.pop(0)
+                done.add(op.key)
+                order.append(op.key)
+                progressed = True
+        if not progressed:
+            heads = [op_label(q[0].key) for q in queues.values() if q]
+            raise ScheduleError(f"schedule deadlocks: every unit waits ({', '.join(heads)})")
+    return order

@@ -1,20 +1,14 @@
 """The Schedule IR: nano-ops (token slices of op groups) placed on execution units, in program order.
 
-Plain data with no FX and no CUDA, shared by the cost model, the CPU executor and the GPU runtime:
+Plain data with no FX and no CUDA, shared by the cost model and the runtime (`runtime.program_runner` builds a
+lowered program's Schedule for each cut):
 
-    s = split_4_2(num_layers=32, num_tokens=2048)
+    s = schedule_of(program.schedule_key, (0, 512, 1024))
     validate(s)                                   # raises ScheduleError naming the bad op
     text = format_schedule(s)                     # parse_schedule(text) == s
     print(format_timeline(simulate(s, cost_us=lambda op: 1.0)))
 """
 
-from nanoflow_fx.schedule.builders import (
-    LAYER_GROUPS,
-    add_needed_waits,
-    nanoflow_pingpong,
-    sequential,
-    split_4_2,
-)
 from nanoflow_fx.schedule.ir import (
     OP_CLASSES,
     NanoOp,
@@ -29,7 +23,6 @@ from nanoflow_fx.schedule.timeline import Slot, Timeline, format_timeline, simul
 from nanoflow_fx.schedule.validate import validate
 
 __all__ = [
-    "LAYER_GROUPS",
     "OP_CLASSES",
     "NanoOp",
     "OpGroup",
@@ -38,14 +31,10 @@ __all__ = [
     "Slot",
     "Split",
     "Timeline",
-    "add_needed_waits",
     "format_schedule",
     "format_timeline",
-    "nanoflow_pingpong",
     "op_label",
     "parse_schedule",
-    "sequential",
     "simulate",
-    "split_4_2",
     "validate",
 ]

@@ -1,16 +1,15 @@
-"""Piecewise Inductor: the captured step's ops between attention calls, compiled (fused) by Inductor.
+"""Inductor for the dense pieces of the lowered step (`capture.program`): the captured step's ops between attention
+calls, compiled (fused) by Inductor.
 
-HF's modules run RMSNorm, RoPE, SiLU-and-multiply and residual adds as many small kernels (about 3 ms of a
-batch-64 Llama-3-8B decode step on an H100: benchmarks/RESULTS.md). Inductor fuses them, but its
-functionalisation must not see the KV-cache write (it would copy the cache every step). So the ATen graph is
-cut at every `nanoflow::paged_attention` call (`torch.fx.passes.split_module`, as vLLM and SGLang cut theirs):
-each attention call stays as captured, mutating the cache in place, and each piece between them, which is
-purely functional, is compiled by Inductor for the graph's symbolic shapes (one compile serves every step size).
+HF's modules run RMSNorm, RoPE, SiLU-and-multiply and residual adds as many small kernels. Inductor fuses them,
+but its functionalisation must not see the KV-cache write (it would copy the cache every step), so the ATen
+graph is cut at every `nanoflow::paged_attention` call (as vLLM and SGLang cut theirs): each attention call stays
+as captured, mutating the cache in place, and each piece between them, purely functional, is compiled by
+Inductor for the graph's symbolic shapes (one compile serves every step size).
 
 Identical layers give identical pieces: each distinct piece (same code once nodes are named by position, same
 input shapes, strides and dtypes) is compiled once and its compiled code reused, so an 8B model's 33 pieces cost
-3 compiles, independent of Inductor's on-disk cache. The captured graph's `meta["nanoflow_inductor_compiles"]`
-counts them.
+3 compiles, independent of Inductor's on-disk cache.
 """
 
 from __future__ import annotations
@@ -21,20 +20,8 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule
-from torch.fx.passes.split_module import split_module
 
-from nanoflow_fx.passes.info import ATTENTION_OP
-
-__all__ = ["CompiledPiece", "PieceCompiler", "SavedPiece", "compile_pieces", "inductor_compile"]
-
-
-class _Compiled(torch.nn.Module):
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args: Any) -> Any:
-        return self.fn(*args)
+__all__ = ["CompiledPiece", "PieceCompiler", "SavedPiece", "inductor_compile"]
 
 
 class CompiledPiece:
@@ -93,10 +80,6 @@ class SavedPiece:
 
 
 _ALIGNMENT = 16  # bytes; Inductor's alignment assumption for tensor inputs
-
-
-def _is_attention(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is ATTENTION_OP
 
 
 def _canonical_names(piece: GraphModule) -> None:
@@ -169,40 +152,3 @@ class PieceCompiler:
             with self.fake_mode:
                 self.by_key[key] = inductor_compile(piece, inputs)
         return self.by_key[key]
-
-
-def compile_pieces(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule:
-    """`gm` (an ATen graph decomposed with Inductor's table) with every attention-free piece Inductor-compiled.
-
-    Must run where AOT autograd calls its forward compiler: `example_inputs` are its fake (symbolic) inputs.
-    """
-    part, partition = 0, {}
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
-        if _is_attention(node):  # its own piece, left as captured
-            part += 1
-            partition[node] = part
-            part += 1
-        else:
-            partition[node] = part
-    split = split_module(gm, None, lambda node: partition[node], keep_original_order=True)
-
-    compiler = PieceCompiler(example_inputs)
-    compiled: dict[str, torch.nn.Module] = {}
-    modules: dict[int, torch.nn.Module] = {}  # one module per compiled code, shared by identical pieces
-    # Each piece's inputs are nodes of the captured graph, whose fake values AOT recorded (split_module names a
-    # piece's placeholders after them): no need to run the split graph on fake tensors again.
-    values = {node.name: node.meta.get("val") for node in gm.graph.nodes}
-    for node in split.graph.find_nodes(op="call_module"):
-        piece = getattr(split, node.target)
-        if any(_is_attention(n) for n in piece.graph.nodes):
-            continue
-        fn = compiler.compile(piece, [values[p.name] for p in piece.graph.find_nodes(op="placeholder")])
-        compiled[node.target] = modules.setdefault(id(fn), _Compiled(fn))
-    for target, module in compiled.items():
-        setattr(split, target, module)
-    gm.meta["nanoflow_inductor_pieces"] = len(compiled)  # explain() and tests read it on the captured graph
-    gm.meta["nanoflow_inductor_compiles"] = compiler.compiles
-    gm.meta["nanoflow_lowered"] = split  # what runs: attention submodules and compiled pieces
-    return split

@@ -1,4 +1,5 @@
-"""Canonical schedules over an abstract decoder: four op groups per layer, and `add_needed_waits`.
+"""Hand-built schedules over an abstract decoder (test fixtures of the Schedule IR): four op groups per layer,
+and `add_needed_waits`. The runtime builds its schedules from the lowered program (`program_runner.schedule_of`).
 
 Layer i has groups L{i}.qkv (gemm) <- L{i-1}.ffn, L{i}.attn (attention) <- L{i}.qkv,
 L{i}.o (gemm) <- L{i}.attn, L{i}.ffn (gemm) <- L{i}.o (L0.qkv has no deps).
