@@ -1,6 +1,6 @@
 """The CUDA-graph decode buckets, measured: decode step time at each bucket size and between them.
 
-    python benchmarks/bench_buckets.py --out buckets.json [--context 512]
+    python3 -m benchmarks.bench_buckets --out buckets.json [--context 512]
 
 Decode steps of B one-token requests replay the graph of the smallest bucket >= B (`decode_buckets`: 2, 4, ...,
 64, then every 64 up to max_batch_size), padded with one-token dummy requests. A Llama-3-8B-shaped model (random
@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from pathlib import Path
 
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import nanoflow_fx  # noqa: E402
-from examples.generate import build_model  # noqa: E402
-from nanoflow_fx.cost.profile import StepHarness  # noqa: E402
-from nanoflow_fx.cost.search import StepShape  # noqa: E402
-from nanoflow_fx.explain import profile_harness  # noqa: E402
+import nanoflow_fx
+from benchmarks.common import build_model
+from nanoflow_fx.cost.profile import StepHarness
+from nanoflow_fx.cost.search import StepShape
+from nanoflow_fx.explain import profile_harness
 
 
 def main() -> None:

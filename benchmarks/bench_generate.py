@@ -1,6 +1,6 @@
 """generate() throughput on a Llama-3-8B-shaped model (random bf16 weights), HF vs nanoflow_fx, in ONE run.
 
-    python benchmarks/bench_generate.py --batch-sizes 1 64 256 --prompt-len 512 --new-tokens 512
+    python3 -m benchmarks.bench_generate --batch-sizes 1 64 256 --prompt-len 512 --new-tokens 512
 
 Per case: tokens/s of generate() (prompt + new tokens, new tokens counted), the mean decode step time
 ((t(N new) - t(1 new)) / (N - 1)), the memory floor of that step ((weights + live KV at the mean decode
@@ -15,7 +15,6 @@ import argparse
 import datetime
 import gc
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,8 @@ from typing import Any
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import nanoflow_fx  # noqa: E402
-from examples.generate import build_model  # noqa: E402
+import nanoflow_fx
+from benchmarks.common import build_model
 
 
 def copy_bandwidth() -> float:

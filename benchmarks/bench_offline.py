@@ -1,6 +1,6 @@
 """Offline serving throughput on a Llama-3-8B-shaped model (random bf16 weights), every row in ONE process.
 
-    python benchmarks/bench_offline.py --workloads 1024x512 512x512 chat --requests 256 --hf-requests 64
+    python3 -m benchmarks.bench_offline --workloads 1024x512 512x512 chat --requests 256 --hf-requests 64
 
 Workloads (greedy, EOS off: every request generates exactly its output length):
   - "PxN": constant P prompt tokens and N new tokens (1024x512 is NanoFlow's offline workload);
@@ -24,7 +24,6 @@ import datetime
 import gc
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,8 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 from transformers import GenerationConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import nanoflow_fx  # noqa: E402
-from examples.generate import build_model  # noqa: E402
+import nanoflow_fx
+from benchmarks.common import build_model
 
 SPEC_PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16, SXM (vendor datasheets)
 

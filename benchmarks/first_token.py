@@ -1,7 +1,7 @@
 """Time from `optimize()` to the first generated token on a Llama-3-8B-shaped model (random bf16 weights), in a
 fresh process with the on-disk caches as they are, then again in a second fresh process (caches now warm).
 
-    python benchmarks/first_token.py [--config '{"max_num_tokens": 2048}'] [--out first_token.json]
+    python3 -m benchmarks.first_token [--config '{"max_num_tokens": 2048}'] [--out first_token.json]
 
 Each run prints `optimize()`'s breakdown (`model.nanoflow.timings`) and the first generate call (1 prompt of 128
 tokens, 1 new token). Then, whether or not the first steps ran on the interim kernel
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]  # the child processes run `-m benchmarks.first_token` from here
 
 
 def one_run(config: str) -> dict:
@@ -28,7 +28,7 @@ def one_run(config: str) -> dict:
     import torch
 
     import nanoflow_fx
-    from examples.generate import build_model
+    from benchmarks.common import build_model
 
     imported = time.perf_counter()
     torch.manual_seed(0)
@@ -72,8 +72,8 @@ def main() -> None:
         return
     runs = []
     for label in ("first process (caches as found)", "second process (caches warm)"):
-        proc = subprocess.run([sys.executable, __file__, "--child", "--config", args.config], capture_output=True,
-                              text=True)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.first_token", "--child", "--config", args.config],
+                              capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             print(proc.stdout[-3000:], proc.stderr[-6000:])
             raise SystemExit(f"{label}: failed")

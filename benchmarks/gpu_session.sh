@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU-machine session: GPU tests, profiles and benchmarks, all results under $OUT.
+# One GPU-machine session: GPU tests, profiles and benchmarks, all results under $OUT. Benchmarks run as modules
+# (python3 -m benchmarks.x, python3 -m benchmarks.research.x: they import benchmarks.common).
 # Run from the repo root on the device machine. Carry .whl (wheels it lacks: FlashInfer, hypothesis, ...) and,
 # if you have it, .ficache/ficache.tgz (FlashInfer's JIT-built kernels from an earlier session: saves minutes).
 #   STEPS="bench256 profile256 bench1_64 tests" bash benchmarks/gpu_session.sh
@@ -27,7 +28,7 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on failure 
   echo "=== $name: $*"
   timeout --signal=INT --kill-after=30 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 30
 }
-B=benchmarks/bench_generate.py
+B="-m benchmarks.bench_generate"
 NF_CONFIG=${NF_CONFIG:-'{}'}  # NanoFlowConfig fields (JSON) for bench_offline
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-4}")  # tiny-model tests: compile-bound
 for step in ${STEPS:-tests example}; do
@@ -39,11 +40,11 @@ for step in ${STEPS:-tests example}; do
     fused) run fused 480 python3 $B --batch-sizes 64 256 --cases --backends flashinfer --inductor off on --out "$OUT/fused.json" ;;
     nanobatch) run nanobatch 420 python3 $B --batch-sizes 64 256 --cases --backends triton --nanobatches 1 2 --partitions streams soft hard --out "$OUT/nanobatch.json" ;;
     bench256) run bench256 420 python3 $B --batch-sizes 256 --backends triton flashinfer --out "$OUT/bench256.json" ;;
-    profile64) run profile64 150 python3 benchmarks/profile_decode.py --batch-size 64 --context 1024 --out "$OUT/profile64.json" ;;
-    profile256) run profile256 150 python3 benchmarks/profile_decode.py --batch-size 256 --context 1024 --out "$OUT/profile256.json" ;;
-    profile64x) run profile64x 200 python3 benchmarks/profile_decode.py --batch-size 64 --context 1024 --backends flashinfer --inductor on --fuse-linears on off --kernels --out "$OUT/profile64x.json" ;;
-    profile256x) run profile256x 200 python3 benchmarks/profile_decode.py --batch-size 256 --context 1024 --backends flashinfer --inductor on off --out "$OUT/profile256x.json" ;;
-    profile_fused) run profile_fused ${PROFILE_S:-240} python3 benchmarks/profile_decode.py --batch-size ${PROFILE_B:-64} --context 1024 --backends flashinfer --inductor off on --kernels --out "$OUT/profile_fused.json" ;;
+    profile64) run profile64 150 python3 -m benchmarks.profile_decode --batch-size 64 --context 1024 --out "$OUT/profile64.json" ;;
+    profile256) run profile256 150 python3 -m benchmarks.profile_decode --batch-size 256 --context 1024 --out "$OUT/profile256.json" ;;
+    profile64x) run profile64x 200 python3 -m benchmarks.profile_decode --batch-size 64 --context 1024 --backends flashinfer --inductor on --fuse-linears on off --kernels --out "$OUT/profile64x.json" ;;
+    profile256x) run profile256x 200 python3 -m benchmarks.profile_decode --batch-size 256 --context 1024 --backends flashinfer --inductor on off --out "$OUT/profile256x.json" ;;
+    profile_fused) run profile_fused ${PROFILE_S:-240} python3 -m benchmarks.profile_decode --batch-size ${PROFILE_B:-64} --context 1024 --backends flashinfer --inductor off on --kernels --out "$OUT/profile_fused.json" ;;
     bench64) run bench64 ${BENCH_S:-420} python3 $B --batch-sizes 64 --backends flashinfer triton --inductor on --nanobatches 1 2 --out "$OUT/bench64.json" ;;
     bench256x) run bench256x ${BENCH_S:-420} python3 $B --batch-sizes 256 --backends flashinfer triton --inductor on --nanobatches 1 2 --out "$OUT/bench256x.json" ;;
     tests_streams) run pytest_streams ${TESTS_S:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST tests/test_streams.py tests/test_gpu_runtime.py tests/test_triton_attention.py ;;
@@ -52,17 +53,18 @@ for step in ${STEPS:-tests example}; do
       run ttft64 ${BENCH_S:-200} python3 $B --batch-sizes 64 --cases --backends flashinfer --inductor on --out "$OUT/ttft64.json"
       unset FLASHINFER_JIT_VERBOSE ;;
     savecache) tar czf - -C ~/.cache flashinfer | split -b 15m - "$OUT/ficache.tgz.part" && ls -la "$OUT" ;;
-    profile_engine) run profile_engine ${PROFILE_S:-240} python3 benchmarks/profile_engine.py --config "$NF_CONFIG" --out "$OUT/profile_engine.txt" ;;
+    profile_engine) run profile_engine ${PROFILE_S:-240} python3 -m benchmarks.profile_engine --config "$NF_CONFIG" --out "$OUT/profile_engine.txt" ;;
     selected) run selected ${SELECTED_S:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE $XDIST -k "$TESTS_K" ;;
     smoke) run smoke ${SMOKE_S:-240} python3 -m pytest -m cuda -q -x -p no:cacheprovider -rfE tests/test_gpu_backends.py -k "flashinfer and (llama or gemma2)" ;;
-    offline) run ${OFFLINE_NAME:-offline} ${OFFLINE_S:-540} python3 benchmarks/bench_offline.py --workloads ${WORKLOADS:-1024x512 512x512 chat} --requests ${REQUESTS:-256} --hf-requests ${HF_REQUESTS:-0} --hf-workloads ${HF_WORKLOADS:-1024x512} --config "$NF_CONFIG" ${OFFLINE_ARGS:-} --out "$OUT/${OFFLINE_NAME:-offline}.json" ;;
-    overlap) run overlap ${OVERLAP_S:-420} python3 benchmarks/bench_overlap.py --reps ${REPS:-8} ${OVERLAP_ARGS:-} --out "$OUT/overlap.json" --trace "$OUT/balanced_trace.json" ;;
+    offline) run ${OFFLINE_NAME:-offline} ${OFFLINE_S:-540} python3 -m benchmarks.bench_offline --workloads ${WORKLOADS:-1024x512 512x512 chat} --requests ${REQUESTS:-256} --hf-requests ${HF_REQUESTS:-0} --hf-workloads ${HF_WORKLOADS:-1024x512} --config "$NF_CONFIG" ${OFFLINE_ARGS:-} --out "$OUT/${OFFLINE_NAME:-offline}.json" ;;
+    overlap) run overlap ${OVERLAP_S:-420} python3 -m benchmarks.research.bench_overlap --reps ${REPS:-8} ${OVERLAP_ARGS:-} --out "$OUT/overlap.json" --trace "$OUT/balanced_trace.json" ;;
     tests_overlap) run pytest_overlap ${TESTS_S:-240} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=10 $XDIST tests/test_gpu_overlap.py tests/test_streams.py ;;
-    buckets) run buckets ${BUCKETS_S:-240} python3 benchmarks/bench_buckets.py --out "$OUT/buckets.json" ;;
-    attn_sms) run attn_sms ${ATTN_S:-300} python3 benchmarks/bench_attention_sms.py ${ATTN_ARGS:-} --out "$OUT/attention_sms.json" ;;
-    auto) run auto ${AUTO_S:-400} python3 benchmarks/bench_auto.py --config "$NF_CONFIG" --out "$OUT/auto.json" ;;
-    corun) run corun ${CORUN_S:-150} python3 benchmarks/probe_corun.py ${CORUN_ARGS:-} --out "$OUT/corun.json" ;;
-    ttft) run ttft ${TTFT_S:-200} python3 benchmarks/first_token.py --out "$OUT/ttft.json" ;;
-    *) run "$(basename "$step" .py)" 300 python3 "$step" ;;
+    buckets) run buckets ${BUCKETS_S:-240} python3 -m benchmarks.bench_buckets --out "$OUT/buckets.json" ;;
+    attn_sms) run attn_sms ${ATTN_S:-300} python3 -m benchmarks.research.bench_attention_sms ${ATTN_ARGS:-} --out "$OUT/attention_sms.json" ;;
+    auto) run auto ${AUTO_S:-400} python3 -m benchmarks.research.bench_auto --config "$NF_CONFIG" --out "$OUT/auto.json" ;;
+    corun) run corun ${CORUN_S:-150} python3 -m benchmarks.research.probe_corun ${CORUN_ARGS:-} --out "$OUT/corun.json" ;;
+    ttft) run ttft ${TTFT_S:-200} python3 -m benchmarks.first_token --out "$OUT/ttft.json" ;;
+    *.py) module=${step%.py}; run "$(basename "$step" .py)" 300 python3 -m "${module//\//.}" ;;  # a script path
+    *) run "$step" 300 python3 -m "$step" ;;  # a module name, e.g. benchmarks.research.probe_gemm_cuts
   esac
 done

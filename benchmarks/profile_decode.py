@@ -1,7 +1,7 @@
 """Where a decode step's time goes, Llama-3-8B shape, bf16: GPU time of the step alone, each host phase, the
 whole loop, and (with --kernels) the CUDA kernel table from torch.profiler.
 
-    python benchmarks/profile_decode.py --batch-size 64 --context 512 [--backends auto] [--inductor off on]
+    python3 -m benchmarks.profile_decode --batch-size 64 --context 512 [--backends auto] [--inductor off on]
         [--kernels] [--out profile.json]
 
 Each (backend, inductor) variant is optimized and profiled in turn on the same model, in one process.
@@ -12,19 +12,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import nanoflow_fx  # noqa: E402
-from examples.generate import build_model  # noqa: E402
-from nanoflow_fx.runtime import Chunk, Request, schedule  # noqa: E402
-from nanoflow_fx.runtime.batch import build_step  # noqa: E402
-from nanoflow_fx.runtime.sampling import SamplingParams  # noqa: E402
+import nanoflow_fx
+from benchmarks.common import build_model
+from nanoflow_fx.runtime import Chunk, Request, schedule
+from nanoflow_fx.runtime.batch import build_step
+from nanoflow_fx.runtime.sampling import SamplingParams
 
 GREEDY = SamplingParams(False, 1.0, 0, 1.0, (), 0)
 

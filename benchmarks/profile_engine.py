@@ -1,7 +1,7 @@
 """Where the engine's host time goes in a mixed steady state (Llama-3-8B shape, bf16): cProfile over engine
 steps with a table of 1024/512 requests in flight (decodes plus prefill chunks every step).
 
-    python benchmarks/profile_engine.py [--config '{"max_num_tokens": 1024}'] [--warmup 60] [--steps 20]
+    python3 -m benchmarks.profile_engine [--config '{"max_num_tokens": 1024}'] [--warmup 60] [--steps 20]
 """
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ import cProfile
 import io
 import json
 import pstats
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import nanoflow_fx  # noqa: E402
-from examples.generate import build_model  # noqa: E402
-from nanoflow_fx.runtime.sampling import SamplingParams  # noqa: E402
+import nanoflow_fx
+from benchmarks.common import build_model
+from nanoflow_fx.runtime.sampling import SamplingParams
 
 
 def main() -> None:

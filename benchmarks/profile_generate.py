@@ -4,7 +4,7 @@ step and the GPU's kernel time per decode step, the engine's host time per step,
 Target: a decode step through generate() within 10% of its graph replay (`decode_step_over_replay`: the second
 half's steps, all pure decodes, against the replay at the final context, the slowest of them).
 
-    python benchmarks/profile_generate.py [--batch-sizes 64 256] [--out $OUT/profile_generate.json]
+    python3 -m benchmarks.profile_generate [--batch-sizes 64 256] [--out $OUT/profile_generate.json]
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import io
 import json
 import os
 import pstats
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import nanoflow_fx  # noqa: E402
-from examples.generate import build_model  # noqa: E402
+import nanoflow_fx
+from benchmarks.common import build_model
 
 
 def timed(model: Any, ids: torch.Tensor, new: int) -> float:

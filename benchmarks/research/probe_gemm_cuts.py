@@ -1,6 +1,6 @@
 """What cutting a step into nano-batches costs its GEMMs, and whether cut points on tile multiples cost less.
 
-    python benchmarks/probe_gemm_cuts.py [--tokens 1056 2048] [--out gemm_cuts.json]
+    python3 -m benchmarks.research.probe_gemm_cuts [--tokens 1056 2048] [--out gemm_cuts.json]
 
 One Llama-3-8B layer's GEMMs (fused Q/K/V 4096 -> 6144, O 4096 -> 4096, gate/up 4096 -> 28672, down 14336 -> 4096;
 cuBLAS, bf16) over a step of T tokens, whole and cut into nano-batches: at a quarter and a half of T as the

@@ -1,6 +1,6 @@
 """Why the cost table's host issue time of a dense step exceeds the host time the overlap bench measures.
 
-    python benchmarks/probe_host_issue.py [--out host_issue.json]
+    python3 -m benchmarks.research.probe_host_issue [--out host_issue.json]
 
 Llama-3-8B shape (random bf16), the step lowered to a program (`num_nanobatches=2`), the mixed shape the search
 tunes at a 1024-token budget (256 decodes at 1024 + 768 prefill tokens), unsplit. The host's time to issue one
@@ -19,20 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import nanoflow_fx  # noqa: E402
-from examples.generate import build_model  # noqa: E402
-from nanoflow_fx.cost.profile import StepHarness, issue_ms  # noqa: E402
-from nanoflow_fx.cost.search import StepShape  # noqa: E402
-from nanoflow_fx.cost.tables import measure_shape  # noqa: E402
-from nanoflow_fx.runtime.program_runner import PieceTimer  # noqa: E402
+import nanoflow_fx
+from benchmarks.common import build_model
+from nanoflow_fx.cost.profile import StepHarness, issue_ms
+from nanoflow_fx.cost.search import StepShape
+from nanoflow_fx.cost.tables import measure_shape
+from nanoflow_fx.runtime.program_runner import PieceTimer
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Overlap on dense steps: every cut of a step (nano-batches x execution units) against the unsplit step, one process.
 
-    python benchmarks/bench_overlap.py --out overlap.json [--trace trace.json] [--quick]
+    python3 -m benchmarks.research.bench_overlap --out overlap.json [--trace trace.json] [--quick]
 
 A Llama-3-8B-shaped model (random bf16 weights) is optimized with the program lowering (num_nanobatches=2:
 Inductor pieces, FlashInfer planned per nano-batch). Steps (D decodes at context L + one prefill chunk of P):
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,9 @@ from typing import Any
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import nanoflow_fx  # noqa: E402
-from examples.generate import build_model  # noqa: E402
-from nanoflow_fx.cost.profile import (  # noqa: E402
+import nanoflow_fx
+from benchmarks.common import SHAPES, build_model
+from nanoflow_fx.cost.profile import (
     TRITON_DECODE_VARIANTS,
     StepHarness,
     best_decode_kernels,
@@ -50,7 +48,7 @@ from nanoflow_fx.cost.profile import (  # noqa: E402
     decode_rows,
     time_on,
 )
-from nanoflow_fx.cost.search import (  # noqa: E402
+from nanoflow_fx.cost.search import (
     UNSPLIT,
     Candidate,
     StepShape,
@@ -59,9 +57,9 @@ from nanoflow_fx.cost.search import (  # noqa: E402
     pick,
     policy_for,
 )
-from nanoflow_fx.explain import profile_harness  # noqa: E402
-from nanoflow_fx.ops.backend import DecodeKernel  # noqa: E402
-from nanoflow_fx.runtime.program_runner import make_units  # noqa: E402
+from nanoflow_fx.explain import profile_harness
+from nanoflow_fx.ops.backend import DecodeKernel
+from nanoflow_fx.runtime.program_runner import make_units
 
 UNEVEN = (((0.5,), (0.25, 0.5, 0.75)),)  # (dense fractions, attention fractions): NanoFlow's 8B-style 2 / 4 cut
 STEPS = {
@@ -143,7 +141,7 @@ def main() -> None:
                         help="replay only the candidates with these labels (and the unsplit step)")
     parser.add_argument("--profile-top", type=int, default=4,
                         help="profile one graph replay of the unsplit step and of the N fastest cuts by graph time")
-    parser.add_argument("--model", default="llama3-8b")
+    parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="also time every candidate replayed as a CUDA graph (its GPU work, no host issue cost)")
     parser.add_argument("--uneven", action=argparse.BooleanOptionalAction, default=True,

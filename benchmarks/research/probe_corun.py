@@ -1,7 +1,7 @@
 """Do the balanced step's two kernel kinds slow each other down when they co-run, and does a GEMM sized to its
 partition help?
 
-    python benchmarks/probe_corun.py [--out corun.json]
+    python3 -m benchmarks.research.probe_corun [--out corun.json]
 
 One layer's worth of the Llama-3-8B balanced step's work, repeated: its gate/up GEMM (x [1056, 4096] times
 weight [28672, 4096]^T, bf16) and decode attention over 288 requests at context 1280 (nanoflow's Triton kernel,
@@ -32,7 +32,6 @@ import datetime
 import json
 import math
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -41,12 +40,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_attention_sms import make_batch, triton_fn  # noqa: E402
-from nanoflow_fx.ops.triton_gemm import persistent_linear  # noqa: E402
-from nanoflow_fx.runtime.green_context import split_sms  # noqa: E402
-from nanoflow_fx.runtime.program_runner import sm_carveout  # noqa: E402
+from benchmarks.research.bench_attention_sms import make_batch, triton_fn
+from nanoflow_fx.ops.triton_gemm import persistent_linear
+from nanoflow_fx.runtime.green_context import split_sms
+from nanoflow_fx.runtime.program_runner import sm_carveout
 
 GEMMS, ATTENTION, COPIES = 60, 40, 20  # calls per run: each alone takes tens of ms
 

@@ -1,7 +1,7 @@
 """Decode attention bandwidth per SM partition: nanoflow_fx's Triton kernel (launch variants) against FlashInfer's
 decode kernel, on Llama-3-8B's attention shape (32 query / 8 KV heads of 128, bf16, pages of 16, pages shuffled).
 
-    python benchmarks/bench_attention_sms.py [--out attention_sms.json]
+    python3 -m benchmarks.research.bench_attention_sms [--out attention_sms.json]
 
 Phase 1: every Triton launch variant (block_n x num_warps x num_stages x P@V precision) on the whole GPU, for the
 engine's balanced step's decodes (288 requests at context 1280); each variant's output is compared with the
@@ -17,18 +17,15 @@ import argparse
 import datetime
 import itertools
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nanoflow_fx.cost.profile import time_on  # noqa: E402
-from nanoflow_fx.ops.triton_attention import launch_config, paged_attention_triton  # noqa: E402
-from nanoflow_fx.runtime.green_context import split_sms  # noqa: E402
+from nanoflow_fx.cost.profile import time_on
+from nanoflow_fx.ops.triton_attention import launch_config, paged_attention_triton
+from nanoflow_fx.runtime.green_context import split_sms
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 SCALE = HEAD_DIM**-0.5

@@ -1,7 +1,7 @@
 """`num_nanobatches="auto"` on a Llama-3-8B-shaped model (random bf16 weights): how long its schedule search takes,
 what it predicted and measured, and the same again with its cost table kept on disk.
 
-    python benchmarks/bench_auto.py [--config '{"max_num_tokens": 2048}'] [--runs 2] [--out auto.json]
+    python3 -m benchmarks.research.bench_auto [--config '{"max_num_tokens": 2048}'] [--runs 2] [--out auto.json]
 
 Run 1 optimizes with an empty cache directory (the cost table is measured: every piece of the step on each
 nano-batch shape the candidates cut, the GEMMs' carve-out per SM share, the decode rows per share and kernel);
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +23,8 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import nanoflow_fx  # noqa: E402
-from examples.generate import build_model  # noqa: E402
+import nanoflow_fx
+from benchmarks.common import build_model
 
 
 def report(runtime) -> dict:  # type: ignore[no-untyped-def]
