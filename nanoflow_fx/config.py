@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["NanoFlowConfig", "ATTENTION_BACKENDS"]
+from nanoflow_fx.errors import NanoFlowError
+
+__all__ = ["NanoFlowConfig", "ATTENTION_BACKENDS", "as_config", "cache_root", "resolve"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")  # see nanoflow_fx.ops.backend
 SM_PARTITIONS = ("off", "streams", "soft", "carveout", "hard", "hard-triton")
@@ -173,3 +176,53 @@ class NanoFlowConfig:
 def _require_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"NanoFlowConfig.{name} must be a positive int, got {value!r}")
+
+
+CPU_MAX_NUM_TOKENS = 512  # the step budget on the CPU ("auto")
+
+
+def as_config(config: NanoFlowConfig | dict[str, Any] | None) -> NanoFlowConfig:
+    """`config` as a `NanoFlowConfig` (None: the defaults; a dict: its fields)."""
+    if config is None:
+        return NanoFlowConfig()
+    if isinstance(config, dict):
+        return NanoFlowConfig.from_dict(config)
+    if not isinstance(config, NanoFlowConfig):
+        raise TypeError(f"optimize() takes a NanoFlowConfig or a dict of its fields, got {type(config).__name__}")
+    return config
+
+
+def cache_root(config: NanoFlowConfig) -> str:
+    """Where nanoflow_fx keeps what it saves (`cache_dir`, else `$XDG_CACHE_HOME/nanoflow_fx` or ~/.cache)."""
+    return config.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                            "nanoflow_fx")
+
+
+def resolve(config: NanoFlowConfig, model: Any, device: Any, dtype: Any) -> NanoFlowConfig:
+    """`config` with every "auto"/None that depends on the model and device made concrete (not `num_pages`:
+    that is sized after the probe, from the memory left). `max_num_tokens="auto"` on CUDA measures the device
+    once per device type (`cost.device`, kept under `cache_root`)."""
+    import torch
+
+    from nanoflow_fx.cost.device import measure_ceilings, token_budget
+
+    if dtype == torch.float64 and config.attention_backend in ("triton", "flashinfer"):
+        raise NanoFlowError(f"attention_backend={config.attention_backend!r} does not take float64 models; "
+                            "use 'torch' (or 'auto'), or run the model in float32")
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if config.max_seq_len is not None and positions is not None and config.max_seq_len > positions:
+        raise NanoFlowError(
+            f"NanoFlowConfig.max_seq_len={config.max_seq_len} exceeds {type(model).__name__}'s "
+            f"max_position_embeddings={positions}: a longer request would read positions the model does not have; "
+            f"set max_seq_len <= {positions} (or None), or raise the model's config.max_position_embeddings if "
+            "its position encoding extends further (e.g. scaled RoPE)")
+    max_seq_len = config.max_seq_len or positions
+    on_cuda = device.type == "cuda"
+    budget = config.max_num_tokens
+    if budget == "auto":
+        element = torch.empty((), dtype=dtype).element_size()
+        budget = (token_budget(measure_ceilings(device, cache_root(config)), element) if on_cuda
+                  else CPU_MAX_NUM_TOKENS)
+    inductor = config.inductor if config.inductor != "auto" else on_cuda
+    return dataclasses.replace(config, max_seq_len=int(max_seq_len or 2048), max_num_tokens=budget,
+                               inductor=inductor)

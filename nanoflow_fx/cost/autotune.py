@@ -32,7 +32,7 @@ from nanoflow_fx.ops.backend import DecodeKernel
 from nanoflow_fx.runtime.program_runner import make_units
 
 if TYPE_CHECKING:
-    from nanoflow_fx.optimize import NanoFlowRuntime
+    from nanoflow_fx.model_runtime import NanoFlowRuntime
 
 __all__ = ["AUTO_DECODE_VARIANT", "search_schedules", "search_shapes"]
 

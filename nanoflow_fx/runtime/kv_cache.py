@@ -1,15 +1,21 @@
-"""Paged KV cache: per-layer page tensors and the allocator that hands pages to requests."""
+"""Paged KV cache: per-layer page tensors, the allocator that hands pages to requests, and the cache's sizing."""
 
 from __future__ import annotations
 
+import gc
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from nanoflow_fx.errors import KVCacheExhaustedError
 from nanoflow_fx.ops.backend import AttentionConfig
 
-__all__ = ["PageAllocator", "PagedKVCache", "page_bytes"]
+__all__ = ["PageAllocator", "PagedKVCache", "default_pages", "page_bytes", "pages_from_memory", "profile_pages",
+           "profile_requests"]
+
+log = logging.getLogger(__name__)
 
 
 class PageAllocator:
@@ -57,7 +63,7 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.page_size = page_size
+        self.page_size, self.layers = page_size, tuple(layers)
         self.allocator = PageAllocator(num_pages)
         self.scratch_page = num_pages
         self.caches = tuple(
@@ -85,3 +91,70 @@ class PagedKVCache:
         idx = torch.tensor(list(pages), dtype=torch.long, device=self.caches[layer].device)
         kv = self.caches[layer][idx].transpose(0, 1).flatten(1, 2)[:, :num_tokens]
         return kv[0], kv[1]
+
+
+# -- sizing -----------------------------------------------------------------------------------------------------
+CPU_SEQ_CAP = 4096  # CPU default cache: max_batch_size sequences of at most this many tokens
+
+
+def default_pages(cfg: Any) -> int:
+    """The cache's pages when not sized from GPU memory: `num_pages`, or every sequence at its longest (capped)."""
+    if cfg.num_pages is not None:
+        return cfg.num_pages
+    return cfg.max_batch_size * -(-min(cfg.max_seq_len, CPU_SEQ_CAP) // cfg.page_size)  # type: ignore[type-var]
+
+
+def profile_requests(cfg: Any) -> list[int]:
+    """Prompt lengths of the step whose memory `pages_from_memory` measures: `max_num_tokens` tokens over as
+    many requests as may run (every one completing, so the logits and sampling buffers are the largest)."""
+    budget, count = int(cfg.max_num_tokens), min(cfg.max_batch_size, int(cfg.max_num_tokens))
+    return [budget // count + (1 if i < budget % count else 0) for i in range(count)]
+
+
+def profile_pages(cfg: Any, probe_tokens: int) -> int:
+    """Pages of the small cache the memory profile and the probe (`probe_tokens` tokens) run on, before the real
+    cache is sized."""
+    return sum(-(-n // cfg.page_size) for n in profile_requests(cfg)) + -(-probe_tokens // cfg.page_size) + 2
+
+
+@torch.no_grad()
+def pages_from_memory(runner: Any, cfg: Any, vocab_size: int) -> int:
+    """KV pages that fit in `kv_cache_memory_fraction` of the GPU once weights and the largest step's
+    activations are counted: the step is run once on `runner` (a full `max_num_tokens` step of `cfg`, a resolved
+    `NanoFlowConfig`) and its peak measured."""
+    cache = runner.kv_cache
+    device = cache.device
+    # Memory of dropped objects still in reference cycles (a dropped optimized model is not: it frees its runtime
+    # at once; other objects of the caller may be) is reclaimed first, so the cache is sized from what is free;
+    # and the allocator's cached free blocks go back to the driver: a previous model's cache, freed into blocks of
+    # its own sizes, left the new cache's large allocations without room (models optimized one after another).
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in profile_requests(cfg)]
+    logits = runner.run_prompts(prompts)
+    logits.float().argmax(-1)  # sampling's buffers
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
+    budget = cfg.kv_cache_memory_fraction * total - others - peak + cache.num_bytes
+    per_page = page_bytes(cache.layers, cfg.page_size, cache.dtype)
+    pages = int(budget // per_page)
+    need = -(-cfg.max_seq_len // cfg.page_size)  # type: ignore[operator]
+    if pages < need:
+        raise KVCacheExhaustedError(
+            f"after the weights ({_gib(peak)} at the peak of a {cfg.max_num_tokens}-token step) only "
+            f"{_gib(max(budget, 0))} of kv_cache_memory_fraction={cfg.kv_cache_memory_fraction} x {_gib(total)} "
+            f"is left for the KV cache: {max(pages, 0)} pages, fewer than one sequence of max_seq_len="
+            f"{cfg.max_seq_len} needs ({need}); raise kv_cache_memory_fraction, lower max_num_tokens or "
+            "max_seq_len, or free GPU memory")
+    log.info("nanoflow_fx: KV cache sized from GPU memory: %d pages (%s; step peak %s, other %s of %s)", pages,
+             _gib(pages * per_page), _gib(peak), _gib(others), _gib(total))
+    return pages
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB"

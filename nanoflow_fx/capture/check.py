@@ -1,0 +1,71 @@
+"""The check of a captured step against the eager model: a probe of two packed prompts, every logit compared.
+
+`optimize()` runs it on the step it traced, replicated or loaded (a replicated or loaded step that fails is
+discarded and every layer traced again); the switch from the interim attention kernel runs it again on the
+backend's own kernel, against the same eager logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from nanoflow_fx.errors import CaptureMismatchError
+from nanoflow_fx.runtime.step_runner import StepRunner
+
+__all__ = ["PROBE_LENGTHS", "check_against_eager", "check_probe", "probe_prompts"]
+
+PROBE_LENGTHS = (5, 3)  # two requests of different lengths: packing, per-request causality and paging
+# How far the captured step's probe logits may be from the eager model's. fp32/fp64: max |diff| relative to
+# the largest logit (they differ only by reduction order: ~1e-6 seen in fp32). Half precision: every layer
+# rounds (bf16 keeps 8 significant bits), so a max over ~10^6 logits of a large model is a tail statistic
+# (an 8B random-weight model reached 5.2% of the largest logit with a correct step); the check is instead each
+# token row's RMS difference relative to that row's RMS logit. Rounding gives ~1% there; a real fault (a
+# wrong mask, position, window or cache slot) changes a whole row's distribution, far above 2^-4.
+# fp64 models get fp32's bound: HF's eager attention takes its softmax in fp32 whatever the model's dtype.
+PROBE_MAX_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
+PROBE_ROW_RMS_TOLERANCE = 2**-4
+
+
+def probe_prompts(model: PreTrainedModel, max_batch_size: int) -> list[list[int]]:
+    """The probe: two prompts of different lengths (packing, per-request causality and paging), seeded; one prompt
+    only if the batch holds one."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in PROBE_LENGTHS[:max_batch_size]]
+
+
+@torch.no_grad()
+def check_against_eager(model: PreTrainedModel, runner: StepRunner,
+                        max_batch_size: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Run the captured step on a probe (two packed prompts) and compare every logit with the eager model;
+    returns the probe and the eager logits (a later check of another attention kernel reuses them)."""
+    prompts = probe_prompts(model, max_batch_size)
+    want = torch.cat([model(torch.tensor([p], device=model.device), use_cache=False).logits[0] for p in prompts])
+    want = want.float()
+    check_probe(model, runner, prompts, want)
+    return prompts, want
+
+
+@torch.no_grad()
+def check_probe(model: PreTrainedModel, runner: StepRunner, prompts: list[list[int]], want: torch.Tensor) -> None:
+    """Raise `CaptureMismatchError` unless the runner's step gives the eager logits `want` on `prompts`."""
+    got = runner.run_prompts(prompts, all_logits=True).float()
+    dtype = runner.kv_cache.dtype
+    scale = max(1.0, want.abs().max().item())
+    diff = (got - want).abs().max().item()
+    if dtype in PROBE_MAX_TOLERANCE:
+        ok = diff <= PROBE_MAX_TOLERANCE[dtype] * scale
+        measure = f"max |logit diff| {diff:.3g} (logit scale {scale:.3g})"
+    else:
+        row_rms = ((got - want).pow(2).mean(-1).sqrt() / want.pow(2).mean(-1).sqrt().clamp(min=1e-6)).max().item()
+        ok = row_rms <= PROBE_ROW_RMS_TOLERANCE
+        measure = (f"relative RMS logit diff of a token row {row_rms:.3g} > {PROBE_ROW_RMS_TOLERANCE:.3g} "
+                   f"(max |logit diff| {diff:.3g}, logit scale {scale:.3g})")
+    if not ok:
+        kernel = runner.interim.name if runner.interim is not None else runner.backend.name
+        raise CaptureMismatchError(
+            f"{type(model).__name__} ({model.config.model_type}): the captured nanoflow step ({kernel} attention) "
+            f"differs from the eager model on the probe by {measure}, dtype {dtype}; "
+            "this model uses something nanoflow_fx does not reproduce; please report it with the model name"
+        )
