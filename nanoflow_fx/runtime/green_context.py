@@ -1,7 +1,7 @@
 """Disjoint SM partitions through CUDA green contexts, by the CUDA driver API (ctypes on libcuda, no package).
 
 torch's `GreenContext.create` splits the whole device on every call and keeps the first group, so two of its
-contexts land on the same SMs (seen on an H100, torch 2.11). Here one split gives two disjoint partitions:
+contexts land on the same SMs. Here one split gives two disjoint partitions:
 `cuDevSmResourceSplitByCount` takes `sms` SMs into one group and leaves the rest as its remainder; each becomes a
 green context (`cuDevResourceGenerateDesc`, `cuGreenCtxCreate`) with a stream (`cuGreenCtxStreamCreate`) that torch uses
 as an `ExternalStream`. The driver hands out SMs in multiples of 8 (minimum 8): asking for 20 gives 24.

@@ -7,9 +7,9 @@ implied by the stream's order and need no event.
 
 `runtime.program_runner.ProgramRunner` issues a nano-batched step by that plan: a fork (every unit stream waits
 for the current stream), each nano-op on its unit's stream after waiting for the events of its cross-unit
-dependencies, then a join (the current stream waits for every unit stream). Only ordinary stream events are used
-(measured on an H100: green-context streams capture in a CUDA graph with fork/join; their context-wide events do
-not). Every intermediate value stays referenced until the join, so no allocator block is reused across streams
+dependencies, then a join (the current stream waits for every unit stream). Only ordinary stream events are used:
+green-context streams can be captured in a CUDA graph with fork/join, but their context-wide events cannot.
+Every intermediate value stays referenced until the join, so no allocator block is reused across streams
 while another stream may still read it.
 """
 
