@@ -95,10 +95,11 @@ class HostStaging:
     """Reused host buffers a step's integer inputs are packed into, one after another, for one copy to the device.
 
     A pinned tensor made per input per step (`torch.tensor(values, pin_memory=True)`, 9 per step) costs the host
-    far more than writing into memory pinned once (benchmarks/RESULTS.md), enough to make small-batch decode
-    steps wait on the host. Here each step writes its values (through numpy) into one buffer of a ring of
-    `depth`; a buffer is written again only once the device has run the copies queued from it (an event recorded
-    when the next step is packed, by which time every copy from it has been queued). Pinned when CUDA is there.
+    far more than writing into memory pinned once, enough to make small-batch decode steps wait on the host
+    (benchmarks/RESULTS.md, "where generate()'s decode step goes"). Here each step writes its values (through
+    numpy) into one buffer of a ring of `depth`; a buffer is written again only once the device has run the copies
+    queued from it (an event recorded when the next step is packed, by which time every copy from it has been
+    queued). Pinned when CUDA is there.
     """
 
     def __init__(self, depth: int = 4, pin: bool | None = None) -> None:

@@ -112,9 +112,9 @@ class CudaGraphRunner:
     def _measure_buckets(self, replays: int = 3) -> None:
         """Time each bucket's graph (its capture inputs: one-token padding requests, so mostly the GEMMs and the
         elementwise work) and route a bucket's steps to a larger bucket's graph where that replays >5% faster.
-        cuBLAS does not always get faster with fewer rows: on an H100 an 8B model's 448-request decode step took
-        27.6 ms in the 448 graph (GEMMs 14.2 ms) against 23.8 ms for 449 requests in the 512 graph (GEMMs 9.9 ms;
-        benchmarks/bench_buckets.py)."""
+        cuBLAS does not always get faster with fewer rows: its kernel choice for some row counts is slower than for
+        a larger bucket's, so a step can run faster padded into the larger graph (benchmarks/RESULTS.md, "CUDA-graph
+        buckets"; measured by benchmarks/bench_buckets.py)."""
         for bucket in self.buckets:
             graph = self.graphs[self._shape(bucket)].graph
             graph.replay()

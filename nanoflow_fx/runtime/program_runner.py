@@ -21,12 +21,12 @@ nano-batched step and restores them before returning: no other step, and no othe
 them. Under CUDA-graph capture the value at capture time is baked into each GEMM node; nano-batched steps
 are not captured (dense steps of hundreds of tokens hide their launch cost behind the GPU's work).
 
-What the partitions cost, measured on an H100 and an H200 (README, "Why no cut pays"): a GEMM confined to the
-other units' SMs (carve-out, or the persistent Triton GEMM of "hard-triton") keeps about its share of the SMs'
-work; the decode attention on 48 SMs keeps 0.67-0.86 of its whole-GPU rate. But co-running units share one
-power budget, which the GEMMs alone already fill: the clock drops and each unit slows by about as much, so the
-units together do 0.78-1.10x the work of running one after the other (best: attention on 48-64 SMs beside
-cuBLAS on the whole GPU, "soft"), before the 1.4-8% that cutting a step costs its GEMMs.
+What the partitions cost (docs/findings.md): a GEMM confined to the other units' SMs (carve-out, or the
+persistent Triton GEMM of "hard-triton") keeps about its share of the SMs' work, and the decode attention on a
+partition keeps more than its share of its whole-GPU rate. But co-running units share one power budget, which
+the GEMMs alone already fill: the clock drops and each unit slows by about as much, so the units together do at
+most a little more work than run one after the other (the most with the attention on a partition beside cuBLAS on
+the whole GPU, "soft"; disjoint partitions do less), and cutting a step costs its GEMMs most of that gain.
 """
 
 from __future__ import annotations
@@ -112,10 +112,10 @@ def make_units(mode: str, memory_sms: int) -> Units | None:
     "hard-triton": as "hard", its GEMMs on the persistent Triton GEMM with one program per SM of that partition.
 
     Why "hard": a green context confines only its own kernels; in "soft" and "carveout" the compute unit's kernels
-    may still be placed on SMs of the memory unit's partition whenever those are free. Profiled on an H100 (8B
-    balanced step, one CUDA-graph replay, soft 48 SMs), the units co-ran 32 of the step's 40 ms, but GEMMs took
-    1.7x and attention 1.9x their unsplit time, so the step was no faster. The carve-out sizes cuBLAS's grid to
-    the compute partition (cuBLAS counts the device's SMs, not the green context's)."""
+    may still be placed on SMs of the memory unit's partition whenever those are free. In "soft" the units do
+    co-run for most of a step, but each kernel slows by about as much as they overlap, so the step is no faster
+    (docs/findings.md). The carve-out sizes cuBLAS's grid to the compute partition (cuBLAS counts the device's
+    SMs, not the green context's)."""
     if mode == "off":
         return None
     if mode == "streams":
