@@ -74,8 +74,8 @@ def _paged_attention_kernel(
         # P @ V. PV_PRECISION "ieee": fp32 FMAs; "tf32" (the default for half models): tensor cores with P in
         # fp32 (V exact, a bf16 value is a tf32 one; P rounded to 10 bits), as close to fp32 attention as the
         # reference; "half": P rounded to V's half type, as FlashAttention and FlashInfer do, so V feeds the MMA as
-        # loaded (the tf32 path moves an fp32 copy of each V tile through shared memory: on SM partitions, where
-        # the kernel is bound per SM, "half" pulls 1.5x its bandwidth; benchmarks/RESULTS.md).
+        # loaded (the tf32 path moves an fp32 copy of each V tile through shared memory, which limits the kernel
+        # on SM partitions, where it is bound per SM; "half" pulls more bandwidth there: benchmarks/RESULTS.md).
         if PV_PRECISION == "half":
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         else:
@@ -128,14 +128,17 @@ def paged_attention_triton(
 def launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
     """The kernel's tile and launch parameters for this head size and dtype.
 
-    P @ V on tensor cores (tf32) for half-precision models: with fp32 FMAs it was the kernel's bottleneck. Measured
-    (`benchmarks/bench_attention_sms.py`, H100, Llama-3-8B heads, 288 decodes at 1280, bf16): 1.34 TB/s with "ieee",
-    2.98 with "tf32" (FlashInfer's decode kernel: 2.97); outputs within 2e-3 of each other, the bf16 output's own
-    rounding. fp32 models keep "ieee" (the reference's precision). 64-token blocks, 4 warps: the fastest of 32/64/128
-    and 4/8 (2-4 stages equal within 1%; 5-8 stages, which keep more K/V tiles in flight, no faster on partitions
-    either). "half" (P rounded to the half type) is a launch option, not the default: the memory unit's decode
-    rows may use it (`cost.profile.TRITON_DECODE_VARIANTS`). `kv_eviction` ("" or "evict_first"): the cache
-    policy of the K/V loads, for the memory unit's kernel running beside GEMMs (`benchmarks/probe_corun.py`)."""
+    P @ V on tensor cores (tf32) for half-precision models: with fp32 FMAs it was the kernel's bottleneck; on
+    tensor cores the kernel reads the cache about as fast as FlashInfer's decode kernel on the whole GPU, and its
+    outputs differ from fp32 FMAs' by no more than the half-precision output's own rounding. fp32 models keep
+    "ieee" (the reference's precision). 64-token blocks (32 for heads wider than 128), 4 warps: the fastest block
+    size and warp count probed (pipeline stages matter little; more stages, which keep more K/V tiles in flight,
+    are no faster on partitions either). Evidence for these choices: benchmarks/RESULTS.md, measured by
+    `python3 -m benchmarks.research.bench_attention_sms`. "half" (P rounded to the half type) is a launch option,
+    not the default: the memory unit's decode rows may use it (`cost.profile.TRITON_DECODE_VARIANTS`).
+    `kv_eviction` ("" or "evict_first"): the cache policy of the K/V loads, for the memory unit's kernel running
+    beside GEMMs; off by default (`python3 -m benchmarks.research.probe_corun` found no gain from it:
+    benchmarks/RESULTS.md)."""
     return dict(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3,
                 pv_precision="ieee" if dtype == torch.float32 else "tf32", kv_eviction="")
 

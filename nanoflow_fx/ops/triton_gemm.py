@@ -1,9 +1,8 @@
 """A persistent GEMM in Triton whose grid is sized to an SM partition: `persistent_linear(x, weight, num_sms)`.
 
 cuBLAS sizes its grids for the whole device, so on a green-context partition of fewer SMs its GEMMs run a
-second, partial wave (measured on an H100: a layer's GEMMs at 1024 tokens took 0.59 ms on 132 SMs, 0.95 ms on
-116). Here `num_sms` programs each loop over the output tiles (`tile = pid, pid + num_sms, ...`, grouped by
-`GROUP_M` rows of tiles so that neighbouring programs share their weight tiles in L2), so the kernel fills
+second, partial wave. Here `num_sms` programs each loop over the output tiles (`tile = pid, pid + num_sms, ...`,
+grouped by `GROUP_M` rows of tiles so that neighbouring programs share their weight tiles in L2), so the kernel fills
 exactly the partition it is given, and its time scales with the partition's SM count. It computes
 `x @ weight.T` (torch.nn.functional.linear's layout, no bias), accumulating in fp32.
 
@@ -65,12 +64,11 @@ def _persistent_linear_kernel(
 
 
 def launch_config(dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    """Tiles and launch parameters. On CUDA for half types: 128 x 256 x 64 tiles, 8 warps, 4 stages, the
-    configuration of a persistent Triton GEMM probed on an H100 earlier (741 TFLOP/s on Llama-3-8B's layer GEMMs
-    at 1024 tokens on the whole GPU, cuBLAS ~825; on 108 SMs within 2% of linear scaling). This kernel on the
-    8B gate/up GEMM at 1056 rows (`benchmarks/probe_corun.py`, 2026-11-27): 567 TFLOP/s on a whole H100 against
-    cuBLAS's 695, 581-609 on an H200 against 715-735; on 84 of 132 SMs as fast as cuBLAS carved out to them.
-    Elsewhere (fp32, the interpreter) small tiles."""
+    """Tiles and launch parameters. On CUDA for half types: 128 x 256 x 64 tiles, 8 warps, 4 stages, a
+    configuration chosen by probing a persistent Triton GEMM on an 8B model's layer GEMMs. With it the kernel is
+    slower than cuBLAS on the whole GPU, and on a partition about as fast as cuBLAS carved out to the same SMs
+    (benchmarks/RESULTS.md; measured by `python3 -m benchmarks.research.probe_corun`). Elsewhere (fp32, the
+    interpreter) small tiles."""
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return dict(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=4)
     return dict(block_m=32, block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=2)
