@@ -7,8 +7,8 @@ them the active plans that `nanoflow::paged_attention(backend="flashinfer")` run
 
 Eager steps split their rows by kind: the step's leading one-token requests (decode tokens: the scheduler puts
 them first) run on FlashInfer's decode kernel, the rest (prefill chunks, which attend causally to their cached
-prefix) on its prefill kernel. One prefill kernel over all rows reads decode rows' KV far below bandwidth
-(1.6 TB/s measured on an H100 for a mixed 2048-token step, against 2.8 TB/s for the decode kernel).
+prefix) on its prefill kernel. One prefill kernel over all rows of a mixed step reads the decode rows' KV far
+below the bandwidth the decode kernel reaches.
 CUDA graphs are captured for pure decode steps only, with decode wrappers of fixed batch and buffers
 (`use_cuda_graph`): FlashInfer sizes a captured launch by the plan it was captured with, and a decode bucket's
 plans all have the same shape (bucket-many one-token requests), so the graph stays valid when it is re-planned
@@ -266,8 +266,8 @@ def _load_built_modules() -> None:
     FlashInfer (0.3.x) runs ninja before it loads each JIT module, in one working directory shared by all its
     modules and processes, and locks per module only. Processes that build different modules at once (test
     workers, several servers) leave ninja's shared dependency log unreadable ("premature end of file"), after which
-    ninja finds every module out of date and rebuilds it in every process: ~25 s per module family on an H100
-    host (seen with `ninja -d explain`; the first step's planning then takes that long, however warm the caches).
+    ninja finds every module out of date and rebuilds it in every process (seen with `ninja -d explain`; the first
+    step's planning then waits for that build, however warm the caches: benchmarks/RESULTS.md).
     So a module whose library is newer than its sources, its build file and the installed flashinfer package is
     loaded as built; any other (first build, a changed source, a reinstalled FlashInfer) builds through ninja as
     FlashInfer does. NANOFLOW_FX_FLASHINFER_NINJA=1 restores FlashInfer's own behaviour."""

@@ -1,9 +1,9 @@
 """Writing a step's new keys/values into the paged KV cache: one fused Triton kernel on CUDA.
 
 The reference (`reference.write_kv_`) indexes the 5-D cache with page and offset tensors: per layer two integer
-kernels and two `index_put_` kernels that compute every element's address (measured on an H100: ~24 µs per call
-for 528 tokens of an 8B model, 45 GB/s; about 3 ms of a 1056-token step's 41 ms). The kernel here runs one program
-per token, reads its slot once and copies its K and V rows (all KV heads) with the cast to the cache's dtype.
+kernels and two `index_put_` kernels that compute every element's address, far below the memory bandwidth such a
+copy could use. The kernel here runs one program per token, reads its slot once and copies its K and V rows (all KV
+heads) with the cast to the cache's dtype (what it saves a dense step: benchmarks/RESULTS.md, "fused KV write").
 """
 
 from __future__ import annotations
