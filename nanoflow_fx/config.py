@@ -48,18 +48,18 @@ class NanoFlowConfig:
     longer prefills are chunked). "auto": on CUDA, the smallest power of two (>= 256) at which a step's GEMMs take
     at least five times as long as reading the weights, from the device's measured matmul rate and copy
     bandwidth (`nanoflow_fx.cost.device`; measured once per device type and saved in `cache_dir`, so every later
-    process uses the same figures), so steps run compute-bound: 2048 on an H100 (measured 4% faster than 1024 on
-    the engine's 1024/512 workload, 2% on a chat mix); elsewhere 512."""
+    process uses the same figures), so steps run compute-bound (the rule's evidence: benchmarks/RESULTS.md,
+    "Defaults re-measured"); elsewhere 512."""
 
     num_nanobatches: int | Literal["auto"] = 1
     """Nano-batches an eager step is cut into (even sizes, on the units `sm_partition` names); decode steps replayed
     as CUDA graphs run whole. "auto": on CUDA, `optimize()` measures candidate cuts of two dense step shapes and
     keeps, per shape, the fastest, unless no cut beats the whole step by more than 1% (`nanoflow_fx.cost.autotune`;
-    13-21 s for an 8B model with an empty cache, 1.1-1.4 s with its cost table kept on disk); on the CPU every step
-    runs whole. Any value but 1 runs the step as a program of pieces that can be cut per step
-    (`nanoflow_fx.capture.program`). Measured on an H100 and an H200 (README): no cut of the engine's dense steps
-    beats the whole step, so 1 is the default: "auto" would add its search to `optimize()` and give up what makes
-    the first token quick (the saved step, the interim attention kernel) for no faster step there."""
+    its cost table is kept on disk, so a later process searches much faster); on the CPU every step runs whole.
+    Any value but 1 runs the step as a program of pieces that can be cut per step (`nanoflow_fx.capture.program`).
+    1 is the default because no cut of the engine's dense steps has been found to beat the whole step
+    (docs/findings.md): "auto" would add its search to `optimize()` and give up what makes the first token quick
+    (the saved step, the interim attention kernel) for no faster step."""
 
     attention_backend: str = "auto"
     """Paged attention kernel: "torch" (reference, CPU and GPU), "triton" (GPU), "flashinfer" (GPU, fp16/bf16;
@@ -67,8 +67,8 @@ class NanoFlowConfig:
     Triton imports, else torch."""
 
     interim_attention: bool = True
-    """While the attention backend's kernels are still being built when the step is ready (FlashInfer's JIT build,
-    ~25 s, on a fresh machine), run the first steps on Triton's kernel (the same captured step; checked against the
+    """While the attention backend's kernels are still being built when the step is ready (FlashInfer's JIT build
+    on a fresh machine), run the first steps on Triton's kernel (the same captured step; checked against the
     eager model like any step) instead of waiting, and switch to the backend at the first step after its build (its
     check and the CUDA-graph capture run then). `optimize()` then returns sooner, and the first tokens come from
     slower eager steps. False: `optimize()` waits for the build. Steps cut into nano-batches always wait."""
@@ -80,7 +80,7 @@ class NanoFlowConfig:
     cuBLASLt GEMMs leave those SMs free), or "hard" (the compute unit on a green context of the remaining SMs,
     its GEMMs sized to them by the same carve-out: the two units never share an SM), or "hard-triton" (as "hard",
     its GEMMs on a persistent Triton GEMM with one program per SM of its partition; slower than cuBLAS on a
-    step's GEMMs: README).
+    step's GEMMs: benchmarks/RESULTS.md).
     Ignored with num_nanobatches="auto" (the search picks units per step shape)."""
 
     memory_sms: int = 32
@@ -89,9 +89,9 @@ class NanoFlowConfig:
     inductor: bool | Literal["auto"] = "auto"
     """Compile the step's ops between attention calls with Inductor (fuses HF's elementwise work: norms, RoPE,
     activations, residual adds); attention calls stay as captured (nano-batches run the same pieces on their token
-    slices). "auto": on for CUDA
-    models (the fastest path measured: an 8B model's batch-64 decode step took 10.6 ms instead of 13.1 on an
-    H100, benchmarks/RESULTS.md), off on the CPU, where compiling costs more than it saves for small models."""
+    slices). "auto": on for CUDA models (the fused elementwise work makes the decode step faster than HF's many
+    small kernels: benchmarks/RESULTS.md), off on the CPU, where compiling costs more than it saves for small
+    models."""
 
     fuse_linears: bool = True
     """Merge linear layers that read the same input into one GEMM (Q/K/V projections, gate/up): `optimize()`
@@ -123,10 +123,10 @@ class NanoFlowConfig:
 
     save_step: bool = True
     """Save the captured and lowered step in `cache_dir` and, in a later process, load it instead of tracing the
-    model again (Dynamo and AOTAutograd: ~20 s for an 8B model). The file is keyed by the model class, its config
-    and parameter layout, this config, nanoflow_fx's source and the torch/transformers/triton versions; a loaded step
-    is still checked against the eager model (`check_capture`). Nano-batched configurations are always traced. The
-    environment variable NANOFLOW_FX_SAVE_STEP=0 turns it off for a whole process (the test suite does)."""
+    model again (Dynamo and AOTAutograd). The file is keyed by the model class, its config and parameter layout,
+    this config, nanoflow_fx's source and the torch/transformers/triton versions; a loaded step is still checked
+    against the eager model (`check_capture`). Nano-batched configurations are always traced. The environment
+    variable NANOFLOW_FX_SAVE_STEP=0 turns it off for a whole process (the test suite does)."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "page_size"):
