@@ -1,9 +1,9 @@
 """Fusion of linear layers that read the same input into one GEMM (Q/K/V, gate/up), for any model.
 
-A decode step reads every weight once, so each GEMM runs near the memory bound, and small ones less so: on an
-H100 a batch-64 Llama-3-8B step ran its 4096x1024 K and V projections at ~1.3 TB/s against ~2.6 TB/s for the
-big MLP GEMMs (benchmarks/RESULTS.md). Serving systems load such weights pre-concatenated (vLLM's
-QKVParallelLinear, MergedColumnParallelLinear). Here it takes two steps:
+A decode step reads every weight once, so each GEMM runs near the memory bound, and small ones (such as the K
+and V projections) further below it than big ones; one GEMM over a group's concatenated weights reads them as one
+big weight (the decode step's gain: benchmarks/RESULTS.md). Serving systems load such weights pre-concatenated
+(vLLM's QKVParallelLinear, MergedColumnParallelLinear). Here it takes two steps:
 
 1. `relayout_parallel_linears(model)`, before capture: one eager forward with hooks finds the `nn.Linear`s
    called on the same input tensor; each group's weights (and biases) move into one buffer, every parameter's

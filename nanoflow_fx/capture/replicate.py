@@ -1,8 +1,8 @@
 """Layer replication: trace the first periods of a model's repeated decoder layers and copy them for the others.
 
-Dynamo and AOTAutograd spend their time per traced op: an 8B Llama's 32 layers cost them ~20 s on an H100 host,
-on every fresh machine (benchmarks/RESULTS.md), although every layer runs the same code on its own weights and KV
-cache. When the layers repeat with a period p (Llama: every layer alike, p = 1; Gemma-2's sliding/global
+Dynamo and AOTAutograd spend their time per traced op, so tracing every layer of a deep model dominates a fresh
+capture (benchmarks/RESULTS.md, first-token sections), although every layer runs the same code on its own weights
+and KV cache. When the layers repeat with a period p (Llama: every layer alike, p = 1; Gemma-2's sliding/global
 alternation: p = 2), nanoflow_fx traces the model with its layer list cut to the first T layers (T >= 3p, T = N
 modulo p: the first period reads the prologue where later ones read their predecessor, so two more periods are
 each checked against the one before) and extends the traced ATen graph to all N layers:

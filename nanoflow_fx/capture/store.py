@@ -1,8 +1,8 @@
 """Persisted steps: a captured and lowered step kept on disk, so that a later process skips Dynamo and AOT.
 
-Tracing an 8B model's forward costs Dynamo ~8 s and AOTAutograd ~13 s on every process start (H100 host,
-benchmarks/RESULTS.md); Inductor's own cache only saves the compile of the pieces after them. So once a step is
-captured and lowered, `StepStore` saves what runs:
+Dynamo and AOTAutograd trace a model's forward again in every process, a large part of its time to the first
+token (benchmarks/RESULTS.md, first-token sections); Inductor's own cache only saves the compile of the pieces
+after them. So once a step is captured and lowered, `StepStore` saves what runs:
 
 - how each of the lowered graph's inputs is read off a step call (`sources`: Dynamo's own expressions, such as
   `L['model']._modules['lm_head']._parameters['weight']` or `L['input_ids'].size()[0]`, checked against the
