@@ -80,7 +80,7 @@ class FlashInferBackend(AttentionBackend):
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                 device: torch.device) -> Preparation:
-        """FlashInfer builds (JIT: ~25 s for the attention module on a fresh machine) and loads its modules when a
+        """FlashInfer builds (JIT, slow on a fresh machine, where nothing is built yet) and loads its modules when a
         wrapper is first planned. Plan a one-decode, one-prefill table in a thread (the build runs in ninja
         subprocesses, so the GIL is free for Dynamo's trace meanwhile). A failure here is only logged (by
         `Preparation.wait`): the step's own planning then raises it where it belongs."""
