@@ -30,8 +30,7 @@ from nanoflow_fx.capture.support import check_supported, discover_layers
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.cost.autotune import search_schedules
 from nanoflow_fx.cost.device import measure_ceilings, token_budget
-from nanoflow_fx.cost.profile import DecodeTiming
-from nanoflow_fx.cost.tables import CostTable
+from nanoflow_fx.cost.model import CostTable, DecodeTiming
 from nanoflow_fx.errors import CaptureMismatchError, KVCacheExhaustedError, NanoFlowError
 from nanoflow_fx.ops import backend as attention_backends
 from nanoflow_fx.runtime.continuous import ContinuousBatchingManager, generate_batch
