@@ -134,7 +134,7 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
     rounding. fp32 models keep "ieee" (the reference's precision). 64-token blocks, 4 warps: the fastest of 32/64/128
     and 4/8 (2-4 stages equal within 1%; 5-8 stages, which keep more K/V tiles in flight, no faster on partitions
     either). "half" (P rounded to the half type) is a launch option, not the default: the memory unit's decode
-    rows may use it (`cost.profile.TRITON_DECODE_VARIANTS`). `kv_eviction` ("" or "evict_first"): the cache
+    rows may use it (`cost.measure.TRITON_DECODE_VARIANTS`). `kv_eviction` ("" or "evict_first"): the cache
     policy of the K/V loads, for the memory unit's kernel running beside GEMMs (`benchmarks/probe_corun.py`)."""
     return dict(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3,
                 pv_precision="ieee" if dtype == torch.float32 else "tf32", kv_eviction="")
