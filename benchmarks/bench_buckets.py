@@ -4,7 +4,7 @@
 
 Decode steps of B one-token requests replay the graph of the smallest bucket >= B (`decode_buckets`: 2, 4, ...,
 64, then every 64 up to max_batch_size), padded with one-token dummy requests. A Llama-3-8B-shaped model (random
-bf16 weights, default config) times, per B, steps issued back to back (`cost.profile.StepHarness`, CUDA events):
+bf16 weights, default config) times, per B, steps issued back to back (`cost.measure.StepHarness`, CUDA events):
 the step ms in the smallest bucket that holds it, ms per request, one step's kernel time by class
 (torch.profiler), and the step ms in the bucket the runner routes it to (the default). B off a
 bucket (33, 65, 129, ...) costs what its bucket costs; the step-time rise from one bucket to the next bounds what
@@ -23,8 +23,8 @@ import transformers
 
 import nanoflow_fx
 from benchmarks.common import build_model
-from nanoflow_fx.cost.profile import StepHarness
-from nanoflow_fx.cost.search import StepShape
+from nanoflow_fx.cost.measure import StepHarness
+from nanoflow_fx.cost.model import StepShape
 from nanoflow_fx.explain import profile_harness
 
 

@@ -63,7 +63,7 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, num_decodes: 
     cut and scheduled. `timelines` (a directory; CUDA models optimized with num_nanobatches="auto"): also run one
     real step of each tuned shape cut as the search chose, profiled (`compare_step`): its predicted against
     measured busy time per unit in `Explanation.units`, and its timeline there as `<shape>.png` and
-    `<shape>.json` (`cost.tables.shape_key`; the JSON a Chrome trace that Perfetto opens)."""
+    `<shape>.json` (`cost.model.shape_key`; the JSON a Chrome trace that Perfetto opens)."""
     from nanoflow_fx.runtime.program_runner import program_schedule
 
     runtime = getattr(model, "nanoflow", None)
@@ -108,7 +108,7 @@ def _profiled_units(model: PreTrainedModel, runtime: Any, directory: str) -> tup
     """`compare_step` for each shape the search tuned, its trace and PNG written to `directory`."""
     import os
 
-    from nanoflow_fx.cost.tables import shape_key
+    from nanoflow_fx.cost.model import shape_key
 
     if not runtime.tunings:
         raise ValueError("explain(model, timelines=...) needs a CUDA model optimized with num_nanobatches='auto' "
@@ -229,11 +229,11 @@ def draw_timeline(profile: StepProfile, path: str, title: str = "") -> None:
 
 def profile_step(model: PreTrainedModel, shape: Any, chrome_trace: str | None = None, png: str | None = None,
                  policy: Any = "model") -> StepProfile:
-    """Run one dense step of `shape` (a `cost.search.StepShape`) on an optimized CUDA model, as its runtime cuts it
+    """Run one dense step of `shape` (a `cost.model.StepShape`) on an optimized CUDA model, as its runtime cuts it
     (or under `policy`, a split policy; None: whole), profiled with torch.profiler. Writes the Chrome trace
     (Perfetto opens it) and a PNG timeline when given paths."""
 
-    from nanoflow_fx.cost.profile import StepHarness
+    from nanoflow_fx.cost.measure import StepHarness
 
     runtime = getattr(model, "nanoflow", None)
     if runtime is None or runtime.device.type != "cuda":
@@ -250,7 +250,7 @@ def profile_step(model: PreTrainedModel, shape: Any, chrome_trace: str | None = 
 
 def profile_harness(harness: Any, policy: Any = "model", chrome_trace: str | None = None,
                     graph: bool = False) -> StepProfile:
-    """Profile one step of a `cost.profile.StepHarness` (its runtime's split policy, or `policy`), after one
+    """Profile one step of a `cost.measure.StepHarness` (its runtime's split policy, or `policy`), after one
     unprofiled run; writes the Chrome trace to `chrome_trace` when given. `graph`: the step captured in a CUDA
     graph (`StepRunner.capture_step`) and one replay profiled: the GPU's work without the host's issue gaps (the
     trace may then show the graph's kernels on the stream that replayed it; `StepProfile.concurrent_ms` does not
@@ -321,11 +321,12 @@ class UnitComparison:
 
 def compare_step(model: PreTrainedModel, shape: Any, chrome_trace: str | None = None,
                  png: str | None = None) -> UnitComparison:
-    """Predicted against measured busy time per unit for one dense step of `shape` (a `cost.search.StepShape`), cut
+    """Predicted against measured busy time per unit for one dense step of `shape` (a `cost.model.StepShape`), cut
     as the runtime's search cut its nearest tuned shape (`num_nanobatches="auto"` on CUDA): the cost table's
     prediction (its missing nano-batch shapes measured first), then the real step profiled (`profile_step`, with
     the Chrome trace and PNG timeline when given paths)."""
-    from nanoflow_fx.cost.search import UNSPLIT, policy_for, predict_candidates
+    from nanoflow_fx.cost.measure import predict_candidates
+    from nanoflow_fx.cost.model import UNSPLIT, policy_for
     from nanoflow_fx.runtime.program_runner import make_units
 
     runtime = getattr(model, "nanoflow", None)

@@ -24,8 +24,7 @@ from nanoflow_fx.capture.store import StepStore, step_key
 from nanoflow_fx.capture.support import discover_layers
 from nanoflow_fx.config import NanoFlowConfig, cache_root, resolve
 from nanoflow_fx.cost.autotune import search_schedules
-from nanoflow_fx.cost.profile import DecodeTiming
-from nanoflow_fx.cost.tables import CostTable
+from nanoflow_fx.cost.model import CostTable, DecodeTiming
 from nanoflow_fx.errors import CaptureMismatchError
 from nanoflow_fx.hf_methods import model_follower
 from nanoflow_fx.ops import backend as attention_backends
@@ -68,9 +67,9 @@ class NanoFlowRuntime:
         self.lowering = lowering_for(self.config)  # the passes every step is lowered through
         self.split_policy = even_split(self.config, self.device) if self.config.nanobatched else None
         self.search_pending = False  # num_nanobatches="auto": the search waits for the backend's kernels
-        self.tunings: list[Any] = []  # num_nanobatches="auto": what the schedule search measured (cost.search)
+        self.tunings: list[Any] = []  # num_nanobatches="auto": what the schedule search measured (cost.measure)
         self.decode_timings: list[DecodeTiming] = []  # and the memory unit's decode kernels per SM share
-        self.cost_table: CostTable | None = None  # and the times it predicted the candidates from (cost.tables)
+        self.cost_table: CostTable | None = None  # and the times it predicted the candidates from (cost.model)
         lowering = self.lowering  # (not `self`: the step would hold its runtime in a cycle)
         self.step_fn = StepFunction(
             model, lambda on_capture, on_lowered, skip_run, expand=None: make_backend(

@@ -10,8 +10,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoflow_fx.cost.search import UNSPLIT, Candidate, StepShape, candidates, pick, replay_order, search_shape
-from nanoflow_fx.cost.tables import CostTable, Prediction, load_table, save_table, shape_key, subshapes
+from nanoflow_fx.cost.model import (
+    UNSPLIT,
+    Candidate,
+    CostTable,
+    Prediction,
+    StepShape,
+    candidates,
+    load_table,
+    pick,
+    replay_order,
+    save_table,
+    search_shape,
+    shape_key,
+    subshapes,
+)
 from nanoflow_fx.ops.backend import DecodeKernel
 
 # A two-layer program as `StepProgram.schedule_key` spells it: dense pieces between attention calls, the last
@@ -55,7 +68,7 @@ def test_an_uneven_cut_is_priced_per_split_and_replayed_as_one() -> None:
     """Dense pieces in 2 nano-batches, attention calls in 4 (NanoFlow's uneven split), on two streams:
     compute: P0#0 [0,1] P0#1 [1,2] P1#0 [3,4] P1#1 [5,6] P2 [9,9.5]
     memory:  L0.attn#0..3 [1,2] [2,3] [3,4] [4,5]  L1.attn#0..3 [5,6] [6,7] [7,8] [8,9]"""
-    from nanoflow_fx.cost.search import policy_for
+    from nanoflow_fx.cost.model import policy_for
     from nanoflow_fx.runtime.program_runner import Units
 
     t = table()
@@ -221,7 +234,7 @@ def test_the_predicted_search_is_never_slower_than_unsplit_and_is_deterministic(
 def test_pieces_measured_on_a_real_step_cover_the_program_and_price_its_cuts() -> None:
     """On the CPU (the step runs synchronously; the host's clock times each piece): every piece of the program
     is timed on a whole step of the shape and of each nano-batch, and the one-stream cut is priced as the sum."""
-    from nanoflow_fx.cost.tables import measure_shape, measure_split_host
+    from nanoflow_fx.cost.measure import measure_shape, measure_split_host
     from tests.conftest import DEFAULT_CONFIG, optimized
 
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
@@ -250,18 +263,18 @@ def test_pieces_measured_on_a_real_step_cover_the_program_and_price_its_cuts() -
 def test_a_shape_whose_pieces_cannot_be_timed_leaves_its_candidates_unpriced(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     """A failed measurement does not fail optimize(): the candidates needing it are not priced (so not replayed);
     the unsplit step still is."""
-    from nanoflow_fx.cost import profile, search, tables
+    from nanoflow_fx.cost import measure as measuring
 
     def measure(runtime, vocab_size, shape, reps=3):  # type: ignore[no-untyped-def]
         if shape != PREFILL8:
             raise RuntimeError("no room")
         return dict(WHOLE), 2.0
 
-    monkeypatch.setattr(tables, "measure_shape", measure)
-    monkeypatch.setattr(profile.StepHarness, "fits", staticmethod(lambda runtime, shape: True))
+    monkeypatch.setattr(measuring, "measure_shape", measure)
+    monkeypatch.setattr(measuring.StepHarness, "fits", staticmethod(lambda runtime, shape: True))
     t = CostTable("k", KINDS, 132)
     space = [UNSPLIT, Candidate((0.5,)), Candidate((0.5,), False, "streams")]
     with caplog.at_level("WARNING"):
-        found = search.predict_candidates(None, 100, t, PREFILL8, space)
+        found = measuring.predict_candidates(None, 100, t, PREFILL8, space)
     assert list(found) == [UNSPLIT] and found[UNSPLIT].gpu_ms == pytest.approx(11.3)
     assert "timing the pieces of StepShape(decodes=0, context=0, prefill=4" in caplog.text

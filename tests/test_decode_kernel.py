@@ -10,8 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from nanoflow_fx.cost.profile import DecodeTiming, best_decode_kernels
-from nanoflow_fx.cost.search import Candidate, candidates, policy_for
+from nanoflow_fx.cost.model import Candidate, DecodeTiming, best_decode_kernels, candidates, policy_for
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, DecodeKernel, get, register
 from nanoflow_fx.runtime.program_runner import Units
 
@@ -121,7 +120,7 @@ def test_auto_keeps_the_backends_decode_kernel_where_partitions_cannot_be_timed(
     """`num_nanobatches="auto"`'s decode-kernel timings on a device without SM partitions (here: the timing raises,
     as `green_context.split_sms` does where the driver cannot split): a warning, no timings, no decode kernel."""
     from nanoflow_fx.cost import autotune as opt
-    from nanoflow_fx.cost.search import StepShape
+    from nanoflow_fx.cost.model import StepShape
     from tests.conftest import DEFAULT_CONFIG, optimized
 
     runtime = optimized("llama", DEFAULT_CONFIG).nanoflow

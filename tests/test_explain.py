@@ -113,7 +113,7 @@ def test_explain_with_timelines_needs_an_auto_tuned_model(tmp_path) -> None:  # 
 
 
 def test_compare_step_needs_an_auto_tuned_model() -> None:
-    from nanoflow_fx.cost.search import StepShape
+    from nanoflow_fx.cost.model import StepShape
     from nanoflow_fx.explain import compare_step
 
     with pytest.raises(ValueError, match="num_nanobatches='auto'"):

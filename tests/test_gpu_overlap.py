@@ -131,7 +131,7 @@ def test_profile_step_writes_a_chrome_trace_and_a_timeline(tmp_path) -> None:  #
     trace (Perfetto's format), the PNG is written."""
     import json
 
-    from nanoflow_fx.cost.search import StepShape
+    from nanoflow_fx.cost.model import StepShape
     from nanoflow_fx.explain import profile_step
 
     if not _flashinfer_available():
@@ -150,8 +150,8 @@ def test_a_captured_split_step_replays_the_eager_one(mode: str) -> None:
     """`StepRunner.capture_step` (what the search's graph timings replay): a split step on FlashInfer + Inductor
     (decode rows on the Triton kernel on the memory unit) captured in a CUDA graph writes, at each replay, the
     logits the same step computes eagerly."""
-    from nanoflow_fx.cost.profile import StepHarness
-    from nanoflow_fx.cost.search import StepShape
+    from nanoflow_fx.cost.measure import StepHarness
+    from nanoflow_fx.cost.model import StepShape
 
     if not _flashinfer_available():
         pytest.skip("flashinfer is not installed")
@@ -181,7 +181,7 @@ def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape(tmp_p
     the unsplit step unless a cut beat it by more than 1%, and explain() lists both. A fresh cache directory: the
     cost table is measured here (a table kept from an earlier run would cut the replays short)."""
     from nanoflow_fx.cost.autotune import AUTO_DECODE_VARIANT
-    from nanoflow_fx.cost.search import UNSPLIT
+    from nanoflow_fx.cost.model import UNSPLIT
     from nanoflow_fx.explain import explain
 
     if not _flashinfer_available():
@@ -216,7 +216,7 @@ def test_auto_measures_the_memory_units_decode_kernels_and_picks_per_shape(tmp_p
     assert compared.predicted_busy["compute"] > 0 and compared.measured_busy["compute"] > 0
     assert compared.measured_ms > 0 and "step" in str(compared)
     # explain() with timelines: the same per tuned shape, each profiled step's Chrome trace and PNG written
-    from nanoflow_fx.cost.tables import shape_key
+    from nanoflow_fx.cost.model import shape_key
 
     explained = explain(model, timelines=str(tmp_path / "timelines"))
     assert [u.shape for u in explained.units] == [t.shape for t in runtime.tunings]

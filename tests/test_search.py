@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoflow_fx.cost.search import UNSPLIT, Candidate, StepShape, TunedPolicy, candidates, pick
+from nanoflow_fx.cost.model import UNSPLIT, Candidate, StepShape, TunedPolicy, candidates, pick
 from nanoflow_fx.runtime.program_runner import Units
 from tests.steps import program_runners
 from tests.test_cost_tables import KINDS

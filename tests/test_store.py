@@ -177,8 +177,8 @@ def test_explain_shows_a_loaded_step_without_tracing_it(tmp_path: Path) -> None:
 def test_the_step_is_traced_while_the_attention_backend_prepares(monkeypatch: pytest.MonkeyPatch) -> None:
     """optimize() traces the step without running it while the backend readies its kernels (FlashInfer's JIT
     build), then waits for them before the first real step; the probe reuses the trace."""
-    from nanoflow_fx.ops import backend as attention_backends
     from nanoflow_fx.model_runtime import NanoFlowRuntime
+    from nanoflow_fx.ops import backend as attention_backends
 
     runtimes: list[NanoFlowRuntime] = []
     seen: list[tuple[int, int]] = []

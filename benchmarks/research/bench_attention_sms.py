@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from nanoflow_fx.cost.profile import time_on
+from nanoflow_fx.cost.measure import time_on
 from nanoflow_fx.ops.triton_attention import launch_config, paged_attention_triton
 from nanoflow_fx.runtime.green_context import split_sms
 

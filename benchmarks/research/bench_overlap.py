@@ -7,9 +7,9 @@ Inductor pieces, FlashInfer planned per nano-batch). Steps (D decodes at context
   balanced 288 @ 1280 + 768 (the 1024/512 workload's steady state), 2048-token 128 @ 1024 + 1920,
   decode-only 64 and 256 @ 1024, prefill-only 2048.
 First the memory unit's decode kernels: the balanced step's decode rows on each SM share with the step backend's
-own kernel and the Triton variants of `cost.profile.TRITON_DECODE_VARIANTS`; the fastest per share joins the
+own kernel and the Triton variants of `cost.measure.TRITON_DECODE_VARIANTS`; the fastest per share joins the
 partitioned candidates (`--no-decode-kernels`: skipped). For each step every candidate of
-`nanoflow_fx.cost.search.candidates` is timed (CUDA events over steps issued back to back, as the engine issues
+`nanoflow_fx.cost.model.candidates` is timed (CUDA events over steps issued back to back, as the engine issues
 them, so host work hides behind the previous step where it can), and, with `--graphs` (default), also captured in
 a CUDA graph and replayed (`StepHarness.time_graph`: the same GPU work without the host's cost of issuing it):
 unsplit (the captured step as one nano-batch), two nano-batches on one stream (the price of splitting), on
@@ -40,19 +40,13 @@ import transformers
 
 import nanoflow_fx
 from benchmarks.common import SHAPES, build_model
-from nanoflow_fx.cost.profile import (
-    TRITON_DECODE_VARIANTS,
-    StepHarness,
-    best_decode_kernels,
-    decode_kernel_timings,
-    decode_rows,
-    time_on,
-)
-from nanoflow_fx.cost.search import (
+from nanoflow_fx.cost.measure import TRITON_DECODE_VARIANTS, StepHarness, decode_kernel_timings, decode_rows, time_on
+from nanoflow_fx.cost.model import (
     UNSPLIT,
     Candidate,
     StepShape,
     TunedPolicy,
+    best_decode_kernels,
     candidates,
     pick,
     policy_for,

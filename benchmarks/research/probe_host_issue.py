@@ -4,10 +4,10 @@
 
 Llama-3-8B shape (random bf16), the step lowered to a program (`num_nanobatches=2`), the mixed shape the search
 tunes at a 1024-token budget (256 decodes at 1024 + 768 prefill tokens), unsplit. The host's time to issue one
-step (`cost.profile.issue_ms`: planners' waits excluded), measured four ways:
+step (`cost.measure.issue_ms`: planners' waits excluded), measured four ways:
   back-to-back   steps issued back to back (`StepHarness.time`'s host_ms);
   idle GPU       after a synchronize, the GPU idle;
-  sleep          behind a sleep kernel (~50 ms), as `cost.tables.measure_shape` does, without its piece events;
+  sleep          behind a sleep kernel (~50 ms), as `cost.measure.measure_shape` does, without its piece events;
   sleep+timer    as `measure_shape` does (sleep kernel and piece events);
 and `measure_shape`'s own figure. Then one step issued behind the sleep kernel under
 `torch.cuda.set_sync_debug_mode("warn")`: every synchronizing call it makes is listed, and the number of kernel
@@ -27,9 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import nanoflow_fx
 from benchmarks.common import build_model
-from nanoflow_fx.cost.profile import StepHarness, issue_ms
-from nanoflow_fx.cost.search import StepShape
-from nanoflow_fx.cost.tables import measure_shape
+from nanoflow_fx.cost.measure import StepHarness, issue_ms, measure_shape
+from nanoflow_fx.cost.model import StepShape
 from nanoflow_fx.runtime.program_runner import PieceTimer
 
 

@@ -1,9 +1,9 @@
 """`num_nanobatches="auto"`: the schedule search run inside `optimize()` on CUDA.
 
 It glues the cost model to a built runtime: which dense step shapes are tuned (`search_shapes`), the cost table
-kept on disk for this model, lowering, device and library versions (`cost.tables`), the memory unit's decode
-kernels and the GEMMs' carve-out measured on the device (`cost.profile`, `cost.tables`), then the predicted
-search with its replays (`cost.search.tune`), whose picks become the step runner's split policy.
+kept on disk for this model, lowering, device and library versions (`cost.model`), the memory unit's decode
+kernels and the GEMMs' carve-out measured on the device (`cost.measure`), then the predicted search with its
+replays (`cost.measure.tune`), whose picks become the step runner's split policy (`cost.model.TunedPolicy`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ import torch
 from transformers import PreTrainedModel
 
 from nanoflow_fx.config import NanoFlowConfig
-from nanoflow_fx.cost.profile import DecodeTiming, StepHarness, best_decode_kernels, decode_kernel_timings
-from nanoflow_fx.cost.search import UNSPLIT, StepShape, TunedPolicy, candidates, tune
-from nanoflow_fx.cost.tables import (
+from nanoflow_fx.cost.measure import StepHarness, decode_kernel_timings, measure_carveout, measure_shape, tune
+from nanoflow_fx.cost.model import (
+    UNSPLIT,
     CostTable,
+    DecodeTiming,
+    StepShape,
+    TunedPolicy,
+    best_decode_kernels,
+    candidates,
     decode_key,
     load_table,
-    measure_carveout,
-    measure_shape,
     save_table,
     shape_key,
     table_key,
@@ -57,10 +60,10 @@ def search_shapes(config: NanoFlowConfig, free_pages: int) -> list[StepShape]:
 
 
 def search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime, cost_dir: str) -> None:
-    """`num_nanobatches="auto"` on CUDA: the cost table (kept on disk, `cost.tables`) gets the memory unit's decode
-    kernels per SM share (the backend's own and the Triton kernel's variant `AUTO_DECODE_VARIANT`, on the mixed
-    shape's decode rows) and the GEMMs' carve-out factors; then every candidate cut of the tuned shapes is
-    predicted, the few `cost.search.replay_order` names are replayed, and the fastest per shape is kept (the
+    """`num_nanobatches="auto"` on CUDA: the cost table (kept on disk, `cost.model.load_table`) gets the memory
+    unit's decode kernels per SM share (the backend's own and the Triton kernel's variant `AUTO_DECODE_VARIANT`, on
+    the mixed shape's decode rows) and the GEMMs' carve-out factors; then every candidate cut of the tuned shapes is
+    predicted, the few `cost.model.replay_order` names are replayed, and the fastest per shape is kept (the
     unsplit step unless a cut beats it by more than 1%)."""
     shares = (16, 32, 48, 64)
     vocab_size = model.config.get_text_config().vocab_size
@@ -128,8 +131,9 @@ def _cost_table(model: PreTrainedModel, runtime: NanoFlowRuntime, cost_dir: str)
                      "sms": props.multi_processor_count, "torch": torch.__version__,
                      "transformers": transformers.__version__, "triton": triton.__version__,
                      "flashinfer": flashinfer, "nanoflow_fx": nanoflow_version,
-                     "lowering": [runtime.attention_backend.name, cfg.inductor, cfg.fuse_linears, cfg.page_size,
-                                  cfg.replicate_layers]})
+                     # what the pieces' times depend on of the configuration: the lowering (its passes and
+                     # Inductor: one key, the saved step's too), the attention backend and the page size
+                     "lowering": [runtime.lowering.key, runtime.attention_backend.name, cfg.page_size]})
     table = load_table(cost_dir, key)
     if table is not None:
         log.info("nanoflow_fx: cost table %s loaded (%d nano-batch shapes measured)", key, len(table.pieces))

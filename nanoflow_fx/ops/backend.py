@@ -49,7 +49,7 @@ class AttentionConfig:
 class DecodeKernel:
     """A kernel that attends a nano-batch's decode rows (its leading one-token requests) in place of the step
     backend's own decode kernel, with launch options: what the memory unit runs on its SM partition, chosen for
-    the bandwidth it pulls there (`cost.profile.best_decode_kernels`). `backend` plans nothing on the host."""
+    the bandwidth it pulls there (`cost.model.best_decode_kernels`). `backend` plans nothing on the host."""
 
     backend: str
     launch: tuple[tuple[str, Any], ...] = ()

@@ -135,7 +135,7 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
     size and warp count probed (pipeline stages matter little; more stages, which keep more K/V tiles in flight,
     are no faster on partitions either). Evidence for these choices: benchmarks/RESULTS.md, measured by
     `python3 -m benchmarks.research.bench_attention_sms`. "half" (P rounded to the half type) is a launch option,
-    not the default: the memory unit's decode rows may use it (`cost.profile.TRITON_DECODE_VARIANTS`).
+    not the default: the memory unit's decode rows may use it (`cost.measure.TRITON_DECODE_VARIANTS`).
     `kv_eviction` ("" or "evict_first"): the cache policy of the K/V loads, for the memory unit's kernel running
     beside GEMMs; off by default (`python3 -m benchmarks.research.probe_corun` found no gain from it:
     benchmarks/RESULTS.md)."""

@@ -261,7 +261,7 @@ class StepRunner:
     def capture_step(self, chunks: Sequence[Chunk], pool: Any = None, split: Any = RUNNER_POLICY) -> CapturedStep:
         """One eager step of `chunks` (split as the split policy says) captured in a CUDA graph: each replay
         recomputes that very step (same inputs, plans and nano-batch record), so the replays time its GPU work
-        without the host's cost of issuing it (`cost.profile.StepHarness.time_graph`). The runtime does not
+        without the host's cost of issuing it (`cost.measure.StepHarness.time_graph`). The runtime does not
         replay mixed steps from such graphs: what they measure is what issuing split steps costs the host.
         Replay it before this runner's next step: that step plans again into the planners' buffers it reads."""
         prepared = self._prepare_eager(chunks, all_logits=False, split=split)
