@@ -102,8 +102,9 @@ def run_nanoflow(model: Any, ids: torch.Tensor, count: int, backend: str, partit
                  args: argparse.Namespace, inductor: bool = False) -> dict:
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=ids.shape[0], max_seq_len=args.prompt_len + args.new_tokens,
                                         num_nanobatches=count, max_num_tokens=args.max_num_tokens,
-                                        attention_backend=backend, sm_partition=partition,
-                                        memory_sms=args.memory_sms, inductor=inductor,
+                                        attention_backend=backend, inductor=inductor,
+                                        experimental=nanoflow_fx.ExperimentalConfig(
+                                            sm_partition=partition, memory_sms=args.memory_sms),
                                         num_pages=ids.shape[0] * -(-(args.prompt_len + args.new_tokens) // 16),
                                         fuse_linears=args.fuse_linears == "on")
     torch.cuda.synchronize()

@@ -14,7 +14,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-from nanoflow_fx.config import NanoFlowConfig
+from nanoflow_fx.config import ExperimentalConfig, NanoFlowConfig
 from nanoflow_fx.errors import (
     CaptureMismatchError,
     InvalidInputError,
@@ -35,6 +35,7 @@ __all__ = [
     "InvalidInputError",
     "KVCacheExhaustedError",
     "Explanation",
+    "ExperimentalConfig",
     "NanoFlowConfig",
     "NanoFlowError",
     "RequestTooLongError",

@@ -9,10 +9,36 @@ from typing import Any, Literal
 
 from nanoflow_fx.errors import NanoFlowError
 
-__all__ = ["NanoFlowConfig", "ATTENTION_BACKENDS", "as_config", "cache_root", "resolve"]
+__all__ = ["NanoFlowConfig", "ExperimentalConfig", "ATTENTION_BACKENDS", "as_config", "cache_root", "resolve"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")  # see nanoflow_fx.ops.backend
 SM_PARTITIONS = ("off", "streams", "soft", "carveout", "hard", "hard-triton")
+
+
+@dataclass(frozen=True)
+class ExperimentalConfig:
+    """Research knobs of nano-batched CUDA steps (NanoFlow's execution units on SM partitions), apart from what a
+    user of the library sets: no setting has been found to make the engine's steps faster on one GPU
+    (docs/findings.md). `NanoFlowConfig(experimental=ExperimentalConfig(sm_partition="soft"))`, or in a dict,
+    `{"experimental": {"sm_partition": "soft"}}`."""
+
+    sm_partition: str = "off"
+    """The execution units of nano-batched CUDA steps: "off" (one stream, in the Schedule's order), "streams"
+    (a stream per unit, events for cross-unit waits), "soft" (the memory unit's attention confined to
+    `memory_sms` SMs by a green context, the compute unit free), "carveout" (as "soft", and the compute unit's
+    cuBLASLt GEMMs leave those SMs free), or "hard" (the compute unit on a green context of the remaining SMs,
+    its GEMMs sized to them by the same carve-out: the two units never share an SM), or "hard-triton" (as "hard",
+    its GEMMs on a persistent Triton GEMM with one program per SM of its partition; slower than cuBLAS on a
+    step's GEMMs: benchmarks/RESULTS.md).
+    Ignored with num_nanobatches="auto" (the search picks units per step shape)."""
+
+    memory_sms: int = 32
+    """SMs of the memory-bound unit's partition ("soft"/"carveout"/"hard"); rounded up to a multiple of 8."""
+
+    def __post_init__(self) -> None:
+        _require_positive_int("memory_sms", self.memory_sms)
+        if self.sm_partition not in SM_PARTITIONS:
+            raise ValueError(f"ExperimentalConfig.sm_partition={self.sm_partition!r} is not one of {SM_PARTITIONS}")
 
 
 @dataclass(frozen=True)
@@ -52,14 +78,15 @@ class NanoFlowConfig:
     "Defaults re-measured"); elsewhere 512."""
 
     num_nanobatches: int | Literal["auto"] = 1
-    """Nano-batches an eager step is cut into (even sizes, on the units `sm_partition` names); decode steps replayed
-    as CUDA graphs run whole. "auto": on CUDA, `optimize()` measures candidate cuts of two dense step shapes and
-    keeps, per shape, the fastest, unless no cut beats the whole step by more than 1% (`nanoflow_fx.cost.autotune`;
-    its cost table is kept on disk, so a later process searches much faster); on the CPU every step runs whole.
-    Any value but 1 runs the step as a program of pieces that can be cut per step (`nanoflow_fx.capture.program`).
-    1 is the default because no cut of the engine's dense steps has been found to beat the whole step
-    (docs/findings.md): "auto" would add its search to `optimize()` and give up what makes the first token quick
-    (the saved step, the interim attention kernel) for no faster step."""
+    """Nano-batches an eager step is cut into (even sizes, on the units `experimental.sm_partition` names); decode
+    steps replayed as CUDA graphs run whole. "auto": on CUDA, `optimize()` measures candidate cuts of two dense step
+    shapes and keeps, per shape, the fastest, unless no cut beats the whole step by more than 1%
+    (`nanoflow_fx.cost.autotune`; its cost table is kept on disk, so a later process searches much faster); on the
+    CPU every step runs whole.
+    Every configuration runs the step as the same program of pieces, cut per step (`nanoflow_fx.capture.program`),
+    so the saved step and the interim attention kernel serve every value. 1 is the default because no cut of the
+    engine's dense steps has been found to beat the whole step (docs/findings.md): "auto" would add its search to
+    `optimize()` for no faster step."""
 
     attention_backend: str = "auto"
     """Paged attention kernel: "torch" (reference, CPU and GPU), "triton" (GPU), "flashinfer" (GPU, fp16/bf16;
@@ -71,20 +98,8 @@ class NanoFlowConfig:
     on a fresh machine), run the first steps on Triton's kernel (the same captured step; checked against the
     eager model like any step) instead of waiting, and switch to the backend at the first step after its build (its
     check and the CUDA-graph capture run then). `optimize()` then returns sooner, and the first tokens come from
-    slower eager steps. False: `optimize()` waits for the build. Steps cut into nano-batches always wait."""
-
-    sm_partition: str = "off"
-    """The execution units of nano-batched CUDA steps: "off" (one stream, in the Schedule's order), "streams"
-    (a stream per unit, events for cross-unit waits), "soft" (the memory unit's attention confined to
-    `memory_sms` SMs by a green context, the compute unit free), "carveout" (as "soft", and the compute unit's
-    cuBLASLt GEMMs leave those SMs free), or "hard" (the compute unit on a green context of the remaining SMs,
-    its GEMMs sized to them by the same carve-out: the two units never share an SM), or "hard-triton" (as "hard",
-    its GEMMs on a persistent Triton GEMM with one program per SM of its partition; slower than cuBLAS on a
-    step's GEMMs: benchmarks/RESULTS.md).
-    Ignored with num_nanobatches="auto" (the search picks units per step shape)."""
-
-    memory_sms: int = 32
-    """SMs of the memory-bound unit's partition ("soft"/"carveout"/"hard"); rounded up to a multiple of 8."""
+    slower eager steps. False: `optimize()` waits for the build. Until the switch, steps run whole (a cut plans each
+    nano-batch on the backend), and `num_nanobatches="auto"` searches at the switch."""
 
     inductor: bool | Literal["auto"] = "auto"
     """Compile the step's ops between attention calls with Inductor (fuses HF's elementwise work: norms, RoPE,
@@ -125,8 +140,11 @@ class NanoFlowConfig:
     """Save the captured and lowered step in `cache_dir` and, in a later process, load it instead of tracing the
     model again (Dynamo and AOTAutograd). The file is keyed by the model class, its config and parameter layout,
     this config, nanoflow_fx's source and the torch/transformers/triton versions; a loaded step is still checked
-    against the eager model (`check_capture`). Nano-batched configurations are always traced. The environment
+    against the eager model (`check_capture`). One saved step serves every `num_nanobatches`. The environment
     variable NANOFLOW_FX_SAVE_STEP=0 turns it off for a whole process (the test suite does)."""
+
+    experimental: ExperimentalConfig = dataclasses.field(default_factory=lambda: ExperimentalConfig())
+    """Research knobs (`ExperimentalConfig`): the execution units of nano-batched steps."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "page_size"):
@@ -140,9 +158,8 @@ class NanoFlowConfig:
         fraction = self.kv_cache_memory_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"NanoFlowConfig.kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
-        _require_positive_int("memory_sms", self.memory_sms)
-        if self.sm_partition not in SM_PARTITIONS:
-            raise ValueError(f"NanoFlowConfig.sm_partition={self.sm_partition!r} is not one of {SM_PARTITIONS}")
+        if not isinstance(self.experimental, ExperimentalConfig):
+            raise ValueError(f"NanoFlowConfig.experimental must be an ExperimentalConfig, got {self.experimental!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"NanoFlowConfig.attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
@@ -167,9 +184,20 @@ class NanoFlowConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> NanoFlowConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        moved = sorted(set(values) & {f.name for f in dataclasses.fields(ExperimentalConfig)})
+        if moved:
+            raise ValueError(f"NanoFlowConfig's {moved} moved to its experimental sub-config: pass "
+                             f"{{'experimental': {{{', '.join(repr(k) + ': ...' for k in moved)}}}}}")
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"NanoFlowConfig has no field(s) {unknown}; known fields: {sorted(known)}")
+        values = dict(values)
+        experimental = values.get("experimental")
+        if isinstance(experimental, dict):
+            extra = sorted(set(experimental) - {f.name for f in dataclasses.fields(ExperimentalConfig)})
+            if extra:
+                raise ValueError(f"ExperimentalConfig has no field(s) {extra}")
+            values["experimental"] = ExperimentalConfig(**experimental)
         return cls(**values)
 
 

@@ -90,7 +90,7 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, num_decodes: 
         how, schedule = "run whole (one nano-batch)", program_schedule(program, (0, tokens), one_unit=True)
     else:
         units = "one stream, in the schedule's order" if cut.units is None else (
-            f"units {cfg.sm_partition if not runtime.tunings else 'as the search chose'}")
+            f"units {cfg.experimental.sm_partition if not runtime.tunings else 'as the search chose'}")
         attention = f", attention at {list(cut.attention)}" if cut.attention is not None else ""
         how = f"cut at {list(cut.boundaries)}{attention}; {units}"
         schedule = program_schedule(program, cut.boundaries, cut.units is None, cut.attention)

@@ -116,9 +116,10 @@ class NanoFlowRuntime:
 
 def even_split(config: NanoFlowConfig, device: torch.device) -> Callable[[int, int], Cut]:
     """The split policy of a fixed nano-batch count: every eager step cut into `num_nanobatches` nano-batches of
-    equal size (fewer when it has fewer tokens), on the units `sm_partition` names."""
+    equal size (fewer when it has fewer tokens), on the units `experimental.sm_partition` names."""
     n = int(config.num_nanobatches)
-    units = make_units(config.sm_partition, config.memory_sms) if device.type == "cuda" else None
+    units = (make_units(config.experimental.sm_partition, config.experimental.memory_sms) if device.type == "cuda"
+             else None)
     return lambda tokens, decodes: Cut(Split.even(tokens, min(n, tokens)).boundaries, units)
 
 

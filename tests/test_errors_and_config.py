@@ -102,8 +102,6 @@ def test_capture_mismatch_is_caught_at_optimize() -> None:
         ("num_pages", 0, "num_pages"),
         ("num_nanobatches", "two", "num_nanobatches"),
         ("attention_backend", "cudnn", "attention_backend"),
-        ("sm_partition", "half", "sm_partition"),
-        ("memory_sms", 0, "memory_sms"),
         ("max_num_tokens", True, "max_num_tokens"),
         ("check_capture", "yes", "check_capture"),
     ],
@@ -111,6 +109,32 @@ def test_capture_mismatch_is_caught_at_optimize() -> None:
 def test_invalid_config_values(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         nanoflow_fx.NanoFlowConfig(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("field", "value"), [("sm_partition", "half"), ("memory_sms", 0)])
+def test_invalid_experimental_values(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        nanoflow_fx.ExperimentalConfig(**{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=field):
+        nanoflow_fx.NanoFlowConfig.from_dict({"experimental": {field: value}})
+
+
+def test_research_knobs_live_in_the_experimental_sub_config() -> None:
+    """sm_partition and memory_sms are research knobs: a NanoFlowConfig of them is refused, naming where they
+    moved; the sub-config round-trips through dicts."""
+    for field in ("sm_partition", "memory_sms"):
+        with pytest.raises(ValueError, match=f"moved to its experimental sub-config.*{field}"):
+            nanoflow_fx.NanoFlowConfig.from_dict({field: "soft" if field == "sm_partition" else 48})
+        with pytest.raises(TypeError, match=field):
+            nanoflow_fx.NanoFlowConfig(**{field: "soft"})  # type: ignore[arg-type]
+    config = nanoflow_fx.NanoFlowConfig(experimental=nanoflow_fx.ExperimentalConfig(sm_partition="soft", memory_sms=48))
+    assert config.to_dict()["experimental"] == {"sm_partition": "soft", "memory_sms": 48}
+    assert nanoflow_fx.NanoFlowConfig.from_dict(config.to_dict()) == config
+    assert nanoflow_fx.NanoFlowConfig().experimental == nanoflow_fx.ExperimentalConfig(sm_partition="off")
+    with pytest.raises(ValueError, match="ExperimentalConfig has no field"):
+        nanoflow_fx.NanoFlowConfig.from_dict({"experimental": {"sms": 1}})
+    with pytest.raises(ValueError, match="must be an ExperimentalConfig"):
+        nanoflow_fx.NanoFlowConfig(experimental={"sm_partition": "soft"})  # type: ignore[arg-type]
 
 
 def test_config_rejects_unknown_fields_and_is_frozen() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nanoflow_fx.config import ExperimentalConfig
 from nanoflow_fx.runtime.streams import stream_actions
 from nanoflow_fx.schedule import Schedule
 from tests.schedules import nanoflow_pingpong, sequential, split_4_2
@@ -70,7 +71,7 @@ def test_multi_stream_generation_equals_one_stream(family: str, partition: str, 
     from tests.test_generate_parity import _left_padded_batch
 
     one = dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2, cuda_graphs=False)
-    multi = dataclasses.replace(one, sm_partition=partition, cuda_graphs=graphs)
+    multi = dataclasses.replace(one, experimental=ExperimentalConfig(sm_partition=partition), cuda_graphs=graphs)
     ids, mask = (t.cuda() for t in _left_padded_batch([3, 12, 7, 9]))
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
     want = optimized(family, one, device="cuda").generate(ids, **kwargs)

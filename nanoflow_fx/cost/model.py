@@ -93,7 +93,7 @@ class StepShape:
 class Candidate:
     """A cut: `fractions` of the step's tokens where nano-batches end (() = unsplit); with `at_decodes` the first
     boundary is the end of the decode rows instead (one nano-batch of decodes, one of prefill); `units` is an
-    `NanoFlowConfig.sm_partition` mode and `memory_sms` its partition size; `decode` the kernel the memory unit
+    `ExperimentalConfig.sm_partition` mode and `memory_sms` its partition size; `decode` the kernel the memory unit
     attends decode rows with (None: the step backend's own); `attention`: fractions where the attention calls'
     nano-batches end, when they are cut apart from the dense pieces (NanoFlow's uneven splits; () = the same)."""
 

@@ -105,7 +105,7 @@ class NanobatchStep:
 
 
 def make_units(mode: str, memory_sms: int) -> Units | None:
-    """The execution units `NanoFlowConfig.sm_partition=mode` names (None for "off": one stream): "streams":
+    """The execution units `ExperimentalConfig.sm_partition=mode` names (None for "off": one stream): "streams":
     plain streams; "soft": the memory unit on a green-context partition of `memory_sms` SMs, the compute unit
     free; "carveout": as "soft", and the compute unit's cuBLASLt GEMMs leave those SMs free; "hard": the compute
     unit on the green-context partition of the remaining SMs, its GEMMs sized to them by the same carve-out;

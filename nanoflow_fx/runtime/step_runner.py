@@ -159,8 +159,8 @@ class StepRunner:
     def enable_cuda_graphs(self) -> bool:
         """Capture decode-bucket CUDA graphs now, if this runner can replay them; returns whether it did.
 
-        They need a CUDA model and a backend without host syncs; nano-batched steps also need `sm_partition`
-        set (the multi-stream path whose split metadata are static graph inputs). A model whose step syncs with
+        They need a CUDA model and a backend without host syncs; decode steps replay whole in every configuration
+        (a cut applies to eager steps only). A model whose step syncs with
         the host (e.g. HF's fp32 grouped-MoE fallback calls .tolist()) fails to capture: it is logged. Whenever
         graphs stay off, the reason is in `cuda_graphs_off_reason` and every step runs the captured step
         directly (still correct).
