@@ -238,7 +238,8 @@ class PieceTimer:
         times: dict[str, float] = {}
         for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
             ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
-            times[name] = times.get(name, 0.0) + ms  # type: ignore[index]
+            assert name is not None  # (only the first mark, the start, has none)
+            times[name] = times.get(name, 0.0) + ms
         return times
 
 
