@@ -36,7 +36,7 @@ _local = threading.local()
 
 def current() -> StepContext:
     """The context of the step this thread is running (or capturing); `EMPTY` outside a step."""
-    return getattr(_local, "context", EMPTY)  # type: ignore[no-any-return]
+    return getattr(_local, "context", EMPTY)
 
 
 @contextmanager

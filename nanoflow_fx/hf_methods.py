@@ -49,7 +49,8 @@ class ModelMethod:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ModelMethod:
         """Bound to the copy of the model (as a deep-copied bound method is)."""
-        return ModelMethod(self.__func__, copy.deepcopy(self._model(), memo))
+        # (None, for a deleted model, fails as before: weakref.ref(None) raises TypeError)
+        return ModelMethod(self.__func__, copy.deepcopy(self._model(), memo))  # type: ignore[arg-type]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model = self._model()
@@ -134,7 +135,8 @@ def _generate(
     plan = plan_generation(self, inputs, generation_config, kwargs)
     if isinstance(plan, str):
         log.info("nanoflow_fx: running transformers' generate() because %s", plan)
-        return type(self).generate(self, inputs, generation_config, **kwargs)  # type: ignore[no-any-return]
+        # (PreTrainedModel declares no generate: the model's class mixes in GenerationMixin)
+        return type(self).generate(self, inputs, generation_config, **kwargs)  # type: ignore[attr-defined]
     return run_generation(runtime.engine, plan)
 
 
@@ -158,10 +160,11 @@ def _init_continuous_batching(self: PreTrainedModel, generation_config: Generati
 
 def install(model: PreTrainedModel, runtime: Any) -> None:
     """Attach `runtime` to `model` as `model.nanoflow` and put the methods above in place of HF's."""
-    model.nanoflow = runtime  # type: ignore[assignment]
-    model.generate = ModelMethod(_generate, model)  # type: ignore[method-assign]
-    model.generate_batch = ModelMethod(_generate_batch, model)  # type: ignore[method-assign]
-    model.init_continuous_batching = ModelMethod(_init_continuous_batching, model)  # type: ignore[method-assign]
+    # (instance attributes over methods: mypy sees nn.Module's __getattr__ type, or the method, for these names)
+    model.nanoflow = runtime
+    model.generate = ModelMethod(_generate, model)  # type: ignore[assignment]
+    model.generate_batch = ModelMethod(_generate_batch, model)  # type: ignore[assignment]
+    model.init_continuous_batching = ModelMethod(_init_continuous_batching, model)  # type: ignore[assignment]
     model.set_attn_implementation = ModelMethod(_set_attn_implementation, model)  # type: ignore[method-assign]
 
 

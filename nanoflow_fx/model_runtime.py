@@ -31,7 +31,7 @@ from nanoflow_fx.ops import backend as attention_backends
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 from nanoflow_fx.runtime.program_runner import Cut, make_units
-from nanoflow_fx.runtime.step_runner import StepRunner
+from nanoflow_fx.runtime.step_runner import SplitPolicy, StepRunner
 from nanoflow_fx.schedule import Split
 
 __all__ = ["NanoFlowRuntime", "even_split", "start_interim", "step_store"]
@@ -65,7 +65,8 @@ class NanoFlowRuntime:
         self.layout = relayout()
         self.follow_model = model_follower(model, self.dtype, self.device, self.layout)
         self.lowering = lowering_for(self.config)  # the passes every step is lowered through
-        self.split_policy = even_split(self.config, self.device) if self.config.nanobatched else None
+        self.split_policy: SplitPolicy | None = (
+            even_split(self.config, self.device) if self.config.nanobatched else None)
         self.search_pending = False  # num_nanobatches="auto": the search waits for the backend's kernels
         self.tunings: list[Any] = []  # num_nanobatches="auto": what the schedule search measured (cost.measure)
         self.decode_timings: list[DecodeTiming] = []  # and the memory unit's decode kernels per SM share

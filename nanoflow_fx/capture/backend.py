@@ -74,7 +74,7 @@ def make_backend(
             inputs, graph_sources = list(example_inputs), list(sources)
             if expand is not None:
                 added, values, fakes = expand(aten_gm, graph_sources)
-                graph_sources, inputs, aten_inputs = graph_sources + added, inputs + values, [*aten_inputs, *fakes]
+                graph_sources, inputs, aten_inputs = [*graph_sources, *added], inputs + values, [*aten_inputs, *fakes]
                 times["replicate"] = time.perf_counter()
             aten_gm.graph.eliminate_dead_code()
             aten_gm.recompile()
@@ -101,8 +101,10 @@ def make_backend(
             from torch._inductor.decomposition import select_decomp_table
 
             decompositions = select_decomp_table()
+        # (AOTDispatchCompiler names its parameters gm, example_inputs; AOT calls the compiler positionally)
         return aot_module_simplified(
-            gm, list(example_inputs), fw_compiler=compile_aten, decompositions=decompositions,
+            gm, list(example_inputs), fw_compiler=compile_aten,  # type: ignore[arg-type]
+            decompositions=decompositions,
             disable_functionalization=True, keep_inference_input_mutations=True,
         )
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.fx import GraphModule, Node
@@ -83,7 +83,7 @@ def relayout_parallel_linears(model: torch.nn.Module, probe: dict[str, Any]) -> 
             keep.append(args[0])
             group = calls.setdefault(id(args[0]), [])
             if module not in group:
-                group.append(module)
+                group.append(cast(torch.nn.Linear, module))  # (hooked on linears only)
 
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     hooks = [m.register_forward_pre_hook(record) for m in linears]
@@ -136,7 +136,7 @@ def _linear_args(node: Node) -> tuple[Node, Node, Node | None] | None:
         args.append(None)
     if len(args) != 3 or not all(isinstance(a, Node) or (i == 2 and a is None) for i, a in enumerate(args)):
         return None
-    return args[0], args[1], args[2]
+    return cast(Node, args[0]), cast(Node, args[1]), cast("Node | None", args[2])
 
 
 def _parameter(node: Node | None, values: dict[Node, Any]) -> torch.nn.Parameter | None:

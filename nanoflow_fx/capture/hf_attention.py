@@ -17,7 +17,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AttentionInterface
@@ -58,6 +58,7 @@ class PlainAttention:
 
 
 PLAIN = PlainAttention()
+_Fn = Callable[..., Any]
 
 
 @dataclass
@@ -77,7 +78,8 @@ def register() -> None:
 def _nanoflow_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
     """The plain forward's mask (its implementation's); eager's while compiled (the packed step: unused)."""
     plain = "eager" if torch.compiler.is_compiling() else PLAIN.get(config)
-    mask = eager_mask if plain == "eager" else AttentionMaskInterface._global_mapping[plain]
+    # (transformers' registries infer as dicts of `function`, which mypy cannot call)
+    mask = eager_mask if plain == "eager" else cast(_Fn, AttentionMaskInterface._global_mapping[plain])
     return mask(*args, config=config, **kwargs)
 
 
@@ -96,8 +98,8 @@ def nanoflow_attention(
     meta = kwargs.pop(METADATA_KWARG, None)
     if meta is None:
         plain = "eager" if torch.compiler.is_compiling() else PLAIN.get(getattr(module, "config", None))
-        fallback = _eager_fallback(module) if plain == "eager" else AttentionInterface._global_mapping[plain]
-        return fallback(  # type: ignore[no-any-return]
+        fallback = _eager_fallback(module) if plain == "eager" else cast(_Fn, AttentionInterface._global_mapping[plain])
+        return fallback(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
             sliding_window=sliding_window, softcap=softcap, **kwargs,
         )
@@ -156,4 +158,4 @@ def _eager_fallback(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor
         raise UnsupportedModelError(
             f"{type(module).__name__}: its modeling file has no eager_attention_forward to serve plain forwards"
         )
-    return fn  # type: ignore[no-any-return]
+    return fn

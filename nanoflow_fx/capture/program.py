@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import sympy
 import torch
@@ -166,9 +166,10 @@ def _crosses_without_token_dim(node: Node, token_dim: dict[str, int | None]) -> 
 
 def _attention_call(node: Node) -> AttentionCall:
     args = list(node.args) + [node.kwargs.get("backend", "torch")] * (13 - len(node.args))
-    q, k, v, cache, qo, kvp, idx, last, slots = (a.name for a in args[:9])  # type: ignore[union-attr]
-    return AttentionCall(q, k, v, cache, (qo, kvp, idx, last), slots, float(args[9]), int(args[10]),
-                         float(args[11]), str(args[12]))
+    q, k, v, cache, qo, kvp, idx, last, slots = (cast(Node, a).name for a in args[:9])
+    scaling, sliding_window, softcap = cast("tuple[float, int, float]", tuple(args[9:12]))  # the op's constants
+    return AttentionCall(q, k, v, cache, (qo, kvp, idx, last), slots, float(scaling), int(sliding_window),
+                         float(softcap), str(args[12]))
 
 
 def _piece_module(gm: GraphModule, part: list[Node], inputs: Sequence[Node], outputs: Sequence[Node]) -> GraphModule:

@@ -267,22 +267,23 @@ def expand(stack: LayerStack, gm: GraphModule, sources: Sequence[str | None],
     module_pattern = _module_pattern(stack.path)
     nodes = [x for x in graph.nodes if x.op not in ("placeholder", "output")]
     layer_of = {x: _stack_layer(x, module_pattern) for x in nodes}
-    inside = [i for i, x in enumerate(nodes) if (layer_of[x] if layer_of[x] is not None else _PROLOGUE) >= 0]
+    layers_of_nodes = (layer_of[x] for x in nodes)
+    inside = [i for i, layer in enumerate(layers_of_nodes) if (layer if layer is not None else _PROLOGUE) >= 0]
     if not inside:
         raise NotReplicable("no node was traced inside the decoder layers")
     last = inside[-1]
     for i, x in enumerate(nodes):
-        flow = max((region[a] for a in x.all_input_nodes), default=_PROLOGUE)
+        flow, layer = max((region[a] for a in x.all_input_nodes), default=_PROLOGUE), layer_of[x]
         if i > last:
             region[x] = _EPILOGUE
         elif flow == _PROLOGUE and isinstance(x.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool)):
             # A size computed from the step's sizes alone (say tokens x experts per token): traced once, in the
             # first layer that needs it, and reused by the others.
             region[x] = _PROLOGUE
-        elif layer_of[x] is not None and layer_of[x] >= 0:
-            if flow > layer_of[x]:
-                raise NotReplicable(f"{x.name}, in layer {layer_of[x]}, reads layer {flow}")
-            region[x] = layer_of[x]
+        elif layer is not None and layer >= 0:
+            if flow > layer:
+                raise NotReplicable(f"{x.name}, in layer {layer}, reads layer {flow}")
+            region[x] = layer
         else:
             region[x] = flow  # our passes' nodes, or model code between layers: where their inputs are
     layers: list[list[Node]] = [[] for _ in range(traced)]

@@ -129,7 +129,7 @@ class StepFunction:
             direct = self._loaded_for(metadata)
         if direct is not None:
             return direct(self.model, *args)
-        return self._dynamo(self._compiled, *args)  # type: ignore[no-any-return]
+        return self._dynamo(self._compiled, *args)
 
     def _dynamo(self, compiled: Callable[..., Any], input_ids: torch.Tensor, position_ids: torch.Tensor,
                 logits_indices: torch.Tensor, metadata: AttentionMetadata) -> Any:
@@ -146,7 +146,8 @@ class StepFunction:
         self._call = dict(model=self.model, input_ids=input_ids, position_ids=position_ids,
                           logits_indices=logits_indices, metadata=metadata)
         try:
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
+            # (`patch` is installed on the config module at import: torch's install_config_module)
+            with torch.fx.experimental._config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
                 out = compiled(self.model, input_ids, position_ids, logits_indices, metadata)
         finally:
             self._call = None
@@ -332,4 +333,4 @@ def _packed_forward(
         logits_to_keep=logits_indices,
         **{METADATA_KWARG: metadata},
     )
-    return out.logits[0]  # type: ignore[no-any-return]
+    return out.logits[0]

@@ -35,13 +35,16 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.fx import GraphModule
 
 from nanoflow_fx.capture.inductor import CompiledPiece, SavedPiece
 from nanoflow_fx.ops.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["LoadedStep", "SavedStep", "StepStore", "saved_step", "source_name", "step_key"]
 
@@ -85,7 +88,7 @@ def saved_step(sources: Sequence[str | None], lowered: Any, metadata: AttentionM
         if piece.fn is not None:
             if id(piece.fn) not in index:
                 if isinstance(piece.fn, CompiledPiece):
-                    saved = piece.fn.saved()
+                    saved: SavedPiece | GraphModule | None = piece.fn.saved()
                     if saved is None:
                         return None
                 elif isinstance(piece.fn, GraphModule):
@@ -138,7 +141,7 @@ class LoadedStep:
                  logits_indices: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         inputs = self.read_inputs(dict(model=model, input_ids=input_ids, position_ids=position_ids,
                                        logits_indices=logits_indices, metadata=metadata))
-        return self.graph(*inputs)[0]  # type: ignore[no-any-return]
+        return self.graph(*inputs)[0]
 
 
 class StepStore:
@@ -179,7 +182,7 @@ class StepStore:
         self.path.unlink(missing_ok=True)
 
 
-def step_key(model: torch.nn.Module, config: dict[str, Any], backend: str) -> str:
+def step_key(model: PreTrainedModel, config: dict[str, Any], backend: str) -> str:
     """What a captured step depends on (see the module docstring), hashed; `config`: the `NanoFlowConfig` fields
     the graph depends on."""
     import transformers

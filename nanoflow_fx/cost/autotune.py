@@ -48,7 +48,7 @@ def search_shapes(config: NanoFlowConfig, free_pages: int) -> list[StepShape]:
     the steady state of a long-prompt workload) and as one prefill chunk. A chunk is one request's, so it is at
     most `max_seq_len` tokens (the step is then smaller than the budget). Other steps are cut like the nearest of
     them; decode-only steps run whole."""
-    budget, page = int(config.max_num_tokens), config.page_size  # type: ignore[arg-type]
+    budget, page = int(config.max_num_tokens), config.page_size
     longest = int(config.max_seq_len)  # type: ignore[arg-type]
     context = min(1024, longest)
     room = int(0.8 * free_pages) - -(-min(budget, longest) // page)
@@ -73,8 +73,9 @@ def search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime, cost_dir:
     timings = _time_decode_kernels(runtime, vocab_size, mixed, (0, *shares)) if mixed is not None else []
     runtime.decode_timings = [t for t in timings if t.sms]
     if timings:
+        assert mixed is not None  # (timings are measured on the mixed shape only)
         table.decode = {decode_key(t.sms, t.kernel): t.ms for t in timings}
-        table.decode_ref = (mixed.decodes, mixed.context)  # type: ignore[union-attr]
+        table.decode_ref = (mixed.decodes, mixed.context)
     decode = best_decode_kernels(runtime.decode_timings)
     space = candidates(shares=shares, fractions=(0.25, 0.5, 0.75), modes=("streams", "soft", "carveout"),
                        decode=decode, cuts=((1 / 3, 2 / 3), (0.25, 0.5, 0.75)))

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def _measure(device: torch.device) -> DeviceCeilings:
     return DeviceCeilings(torch.cuda.get_device_name(device), flops, bandwidth)
 
 
-def _seconds(fn, repeats: int = 7, warm_s: float = 0.2) -> float:  # type: ignore[no-untyped-def]
+def _seconds(fn: Callable[[], object], repeats: int = 7, warm_s: float = 0.2) -> float:
     """The fastest of `repeats` timed calls, after calling `fn` for `warm_s` seconds. A ceiling is what the
     device reaches, and anything else only slows a call down, so the fastest call is kept, not the median. The
     warm-up is long because an idle GPU raises its clocks only once it is busy: on one fresh H100 (2026-11-27) the

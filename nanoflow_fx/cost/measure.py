@@ -272,8 +272,10 @@ def decode_kernel_timings(runtime: Any, vocab_size: int, shape: StepShape, share
         for sms in shares:
             stream = streams(sms) if sms else torch.cuda.current_stream()
             for kernel in (None, *kernels):
-                ms = time_on(lambda k=kernel: backend.run_planned(plan, rows.config, rows.q, rows.layer, metadata, k),
-                             stream, reps)
+                def attend(k: DecodeKernel | None = kernel) -> torch.Tensor:
+                    return backend.run_planned(plan, rows.config, rows.q, rows.layer, metadata, k)
+
+                ms = time_on(attend, stream, reps)
                 timings.append(DecodeTiming(sms, kernel, ms, rows.kv_bytes / ms / 1e9))
         return timings
 
@@ -327,9 +329,11 @@ def tune(runtime: Any, vocab_size: int, shapes: Sequence[StepShape], space: Sequ
         runnable = [c for c in space if c.unsplit or c.cuts(shape.tokens, shape.decodes)]
         predictions = predict_candidates(runtime, vocab_size, table, shape, runnable) if table is not None else None
         harness = StepHarness(runtime, shape, vocab_size)
+        def replay(c: Candidate, h: StepHarness = harness) -> float:
+            return h.time(policy_for(c, make_units), reps, rounds)
+
         try:
-            measured = search_shape(runnable, lambda c, h=harness: h.time(policy_for(c, make_units), reps, rounds),
-                                    table, predictions, top, shape)
+            measured = search_shape(runnable, replay, table, predictions, top, shape)
         finally:
             harness.release()
         found.append(Tuning(shape, tuple(measured.items()), pick(measured), time.perf_counter() - start,

@@ -212,6 +212,7 @@ def search_shape(space: Sequence[Candidate], replay: Callable[[Candidate], float
     order = list(space)
     calibrate = table is not None and predictions is not None and shape is not None
     if calibrate:
+        assert predictions is not None
         order = replay_order({c: p.ms for c, p in predictions.items()}, top, table.calibrated(shape))
     measured: dict[Candidate, float] = {}
     for candidate in order:
@@ -221,6 +222,7 @@ def search_shape(space: Sequence[Candidate], replay: Callable[[Candidate], float
             if candidate.unsplit:
                 raise
     if calibrate:
+        assert predictions is not None
         table.calibrate(shape, {c: (ms, predictions[c]) for c, ms in measured.items() if c in predictions})
     return measured
 
@@ -393,9 +395,10 @@ class CostTable:
                         continue
                     ms = self.pieces[shape_key(part)].get(name, 0.0)
                     if name in attention and partitioned:
-                        ms = self._attention_on(part, ms, candidate.memory_sms, candidate.decode)
-                        if ms is None:
+                        on_partition = self._attention_on(part, ms, candidate.memory_sms, candidate.decode)
+                        if on_partition is None:
                             return None
+                        ms = on_partition
                     elif name not in attention:
                         ms *= carve
                     costs[(name, i)] = ms

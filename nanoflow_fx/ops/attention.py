@@ -44,7 +44,7 @@ def paged_attention(
 
 
 @paged_attention.register_fake
-def _(q, k, v, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, slot_mapping, scaling, sliding_window, softcap, backend="torch"):  # type: ignore[no-untyped-def]  # noqa: E501
+def _(q, k, v, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, slot_mapping, scaling, sliding_window, softcap, backend="torch"):  # noqa: E501
     # Tie every per-token input to the query's token count, so a captured graph has one token-count symbol
     # (the split pass finds the token dimension of `slot_mapping`, k and v by it).
     torch._check(k.shape[0] == q.shape[0])

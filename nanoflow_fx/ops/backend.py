@@ -59,8 +59,9 @@ class DecodeKernel:
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Sequence[torch.Tensor],
             config: AttentionConfig) -> torch.Tensor:
-        return get(self.backend).run(q, kv_cache, *metadata, config.scaling, config.sliding_window, config.softcap,
-                                     **dict(self.launch))
+        qo_indptr, kv_indptr, kv_indices, kv_last_page_len = metadata
+        return get(self.backend).run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, config.scaling,
+                                     config.sliding_window, config.softcap, **dict(self.launch))
 
 
 class Planner(Protocol):
@@ -100,7 +101,9 @@ class AttentionBackend:
         assumes, runs them all on it: one launch)."""
         if decode is not None:
             return decode.run(q, kv_cache, metadata, config)
-        return self.run(q, kv_cache, *metadata, config.scaling, config.sliding_window, config.softcap)
+        qo_indptr, kv_indptr, kv_indices, kv_last_page_len = metadata
+        return self.run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, config.scaling,
+                        config.sliding_window, config.softcap)
 
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                      device: torch.device, decode_batch: int | None = None, max_pages: int = 0) -> Planner | None:

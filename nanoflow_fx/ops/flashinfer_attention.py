@@ -90,7 +90,7 @@ class FlashInferBackend(AttentionBackend):
             _lower_priority()
             with torch.cuda.device(device):
                 planner = FlashInferPlanner(configs, page_size, dtype, device)
-                host = dict(dtype=torch.int32, device="cpu")
+                host: dict[str, Any] = dict(dtype=torch.int32, device="cpu")
                 qo = torch.tensor([0, 1, 3], **host).pin_memory()
                 kv_ptr = torch.tensor([0, 1, 2], **host).pin_memory()
                 last = torch.tensor([1, 2], **host).pin_memory()
@@ -99,7 +99,8 @@ class FlashInferBackend(AttentionBackend):
 
         return Preparation(build, "flashinfer")
 
-    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+    def run(  # type: ignore[override]  # FlashInfer's planned kernels take no launch options
+            self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
             kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
             softcap: float) -> torch.Tensor:
         config = AttentionConfig(q.shape[1], kv_cache.shape[3], q.shape[2], float(scaling), int(sliding_window),
@@ -125,8 +126,8 @@ def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Seque
     def attend_decode(rows_q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if decode is None:  # (the planned wrapper, called as before this helper: `out` only when given)
             if out is None:
-                return plans.decode.run(rows_q, kv_cache)  # type: ignore[no-any-return]
-            return plans.decode.run(rows_q, kv_cache, out=out)  # type: ignore[no-any-return]
+                return plans.decode.run(rows_q, kv_cache)
+            return plans.decode.run(rows_q, kv_cache, out=out)
         assert metadata is not None and config is not None
         qo, kv_ptr, kv_indices, last = metadata
         rows = (qo[: num_decode + 1], kv_ptr[: num_decode + 1], kv_indices, last[:num_decode])
@@ -136,7 +137,7 @@ def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Seque
     if plans.prefill is None or num_decode == q.shape[0]:
         return attend_decode(q)
     if num_decode == 0:
-        return plans.prefill.run(q, kv_cache)  # type: ignore[no-any-return]
+        return plans.prefill.run(q, kv_cache)
     out = q.new_empty(q.shape[0], q.shape[1], kv_cache.shape[-1])
     attend_decode(q[:num_decode], out[:num_decode])
     plans.prefill.run(q[num_decode:], kv_cache, out=out[num_decode:])
@@ -169,7 +170,7 @@ def _decode_wrapper(config: AttentionConfig, device: torch.device, decode_batch:
     tensor_cores = config.num_qo_heads // config.num_kv_heads >= 4
     if decode_batch is None:
         return flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(device), "NHD", use_tensor_cores=tensor_cores)
-    int32 = dict(dtype=torch.int32, device=device)
+    int32: dict[str, Any] = dict(dtype=torch.int32, device=device)
     return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         _workspace(device), "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
         paged_kv_indptr_buffer=torch.zeros(decode_batch + 1, **int32),
@@ -282,7 +283,7 @@ def _load_built_modules() -> None:
         return
     spec_class = getattr(core, "JitSpec", None)
     build = getattr(spec_class, "build", None)
-    if build is None:
+    if spec_class is None or build is None:  # (spec_class None has no build either)
         return
     installed = Path(flashinfer.__file__).stat().st_mtime
 

@@ -28,7 +28,7 @@ class AttentionMetadata:
     kv_caches: tuple[torch.Tensor, ...]  # per layer [num_pages, 2, page_size, num_kv_heads, head_dim]
     backend: str = "torch"  # the attention kernel (a constant of the captured graph)
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The per-step index tensors, in field order (the caches excluded)."""
         return (self.qo_indptr, self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.slot_mapping)
 

@@ -17,7 +17,8 @@ unknown ops) mixes tokens, and its region stays unsplit. Unknown means mixing: n
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import sympy
 import torch
@@ -117,7 +118,7 @@ def _token_inputs(node: Node) -> list[torch.Tensor]:
 
 
 def _op_reason(node: Node, token: sympy.Expr, inputs: list[torch.Tensor]) -> str:
-    target, out = node.target, node.meta["val"]
+    target, out = cast(torch._ops.OpOverload, node.target), node.meta["val"]  # (checked by the caller)
     first_out = out[0] if isinstance(out, (tuple, list)) else out
     out_dim = token_dims(first_out, token)[0]
     if target is ATTENTION_OP:
@@ -127,12 +128,13 @@ def _op_reason(node: Node, token: sympy.Expr, inputs: list[torch.Tensor]) -> str
         aligned = all(t.dim() - token_dims(t, token)[0] == rank - out_dim for t in inputs)
         return "" if aligned else "broadcast misaligns the token dimension"
     if target in (aten.mm.default, aten.addmm.default):
-        weights_only = len(inputs) == 1 and token_dims(node.args[-2].meta["val"], token) == [0]
+        weights_only = len(inputs) == 1 and token_dims(cast(Node, node.args[-2]).meta["val"], token) == [0]
         return "" if weights_only else "GEMM whose token operand is not the row operand"
     if target is aten.bmm.default:
         return "" if all(token_dims(t, token) == [0] for t in inputs) else "bmm across tokens"
     if target is aten.embedding.default:
-        return "" if node.args[0].meta["val"] is not inputs[0] and len(inputs) == 1 else "embedding of token weights"
+        weights = cast(Node, node.args[0]).meta["val"]
+        return "" if weights is not inputs[0] and len(inputs) == 1 else "embedding of token weights"
     if target in _VIEWS:
         source = inputs[0]
         in_dim = token_dims(source, token)[0]
@@ -146,23 +148,29 @@ def _op_reason(node: Node, token: sympy.Expr, inputs: list[torch.Tensor]) -> str
 
 
 def _dim_reason(node: Node, token: sympy.Expr, source: torch.Tensor) -> str:
-    target, rank = node.target, source.dim()
+    target, rank = cast(torch._ops.OpOverload, node.target), source.dim()
     in_dim = token_dims(source, token)[0]
     if target is aten.native_layer_norm.default:
-        return "" if in_dim < rank - len(node.args[1]) else "layer norm over the token dimension"
+        return "" if in_dim < rank - len(cast(Sequence[int], node.args[1])) else "layer norm over the token dimension"
+    dims: list[int]
     if target in _REDUCTIONS:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = list(range(rank)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
+        dim = cast("int | Sequence[int] | None", node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+        dims = list(range(rank)) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
     else:
         index = _DIM_ARG[target]
         default = -1 if target in (aten.topk.default, aten.sort.default) else 0
-        dims = [node.args[index] if len(node.args) > index else node.kwargs.get("dim", default)]
+        dims = [cast(int, node.args[index] if len(node.args) > index else node.kwargs.get("dim", default))]
     reduced = {d % rank for d in dims}
     return "" if in_dim not in reduced else f"{target} along the token dimension"
 
 
 def _prod(sizes: Any) -> sympy.Expr:
-    return sympy.expand(math.prod((symbol_of(s) if symbol_of(s) is not None else int(s)) for s in sizes))
+    return sympy.expand(math.prod(_size(s) for s in sizes))
+
+
+def _size(size: Any) -> sympy.Expr | int:
+    symbol = symbol_of(size)
+    return symbol if symbol is not None else int(size)
 
 
 def _numel(value: Any) -> sympy.Expr | int:
@@ -174,7 +182,7 @@ def _numel(value: Any) -> sympy.Expr | int:
 def _flops(node: Node) -> sympy.Expr | int:
     if node.op != "call_function" or op_class(node) != "gemm":
         return 0
-    a, b = node.args[-2].meta["val"], node.args[-1].meta["val"]
+    a, b = cast(Node, node.args[-2]).meta["val"], cast(Node, node.args[-1]).meta["val"]
     return sympy.expand(2 * _prod(a.shape) * _prod(b.shape[-1:]))  # 2 * (batch * M * K) * N
 
 

@@ -47,7 +47,8 @@ class StepInputs:
             return t.to(device, non_blocking=True)
 
         meta = self.metadata
-        metadata = AttentionMetadata(*(move(t) for t in meta.tensors()), kv_caches=meta.kv_caches,
+        metadata = AttentionMetadata(move(meta.qo_indptr), move(meta.kv_indptr), move(meta.kv_indices),
+                                     move(meta.kv_last_page_len), move(meta.slot_mapping), kv_caches=meta.kv_caches,
                                      backend=meta.backend)
         return StepInputs(move(self.input_ids), move(self.position_ids), move(self.feed_slots),
                           move(self.logits_indices), self.num_logits, metadata)
@@ -115,8 +116,9 @@ class HostStaging:
             self._events[self._last] = event = torch.cuda.Event()
             event.record()
         slot = self._next
-        if self._events[slot] is not None:
-            self._events[slot].synchronize()  # (the ring is deeper than the host ever runs ahead: no wait)
+        pending = self._events[slot]
+        if pending is not None:
+            pending.synchronize()  # (the ring is deeper than the host ever runs ahead: no wait)
         sizes = [len(values) * dtype.itemsize for values, dtype in fields]
         offsets = [0]
         for size in sizes:
@@ -181,6 +183,7 @@ def build_step(
             logits_rows += range(len(packed.ids) - (chunk.num_tokens if all_logits else 1), len(packed.ids))
     num_pad = max(1, min_tokens - len(packed.ids)) if shape is None else shape.tokens - len(packed.ids)
     if num_pad < 0:
+        assert shape is not None  # (only a bucket's step can be too big: else num_pad >= 1)
         raise ValueError(f"step of {len(packed.ids)} tokens does not fit its bucket of {shape.tokens}")
     for _ in range(num_pad):
         packed.add([0], 0, [scratch_page])
@@ -205,7 +208,7 @@ def build_step(
                       num_logits=num_logits, metadata=metadata)
 
 
-def to_device(values: list[int], dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:
+def to_device(values: Sequence[int], dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:
     """A host list as a tensor on `device`. A copy from pageable memory would make the host wait for the GPU
     (CUDA syncs the stream first), so CUDA-bound values go through pinned memory, asynchronously; the caching
     host allocator keeps the pinned block alive until the copy has run."""

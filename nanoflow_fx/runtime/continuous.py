@@ -22,7 +22,7 @@ import numbers
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ def _token_ids(ids: Any, name: str) -> list[int]:
         if ids.ndim != 1 or not _integer_dtype(ids):
             raise InvalidInputError(f"{name} is a {ids.ndim}-D {ids.dtype} tensor; give each prompt as a 1-D integer "
                                     "tensor or a list of token ids (ints)")
-        return ids.tolist()  # type: ignore[no-any-return]
+        return ids.tolist()
     if isinstance(ids, (str, bytes, dict)) or not isinstance(ids, Iterable):
         raise InvalidInputError(f"{name} is a {type(ids).__name__}; give each prompt as a list of token ids (ints)")
     tokens = list(ids)
@@ -135,7 +135,7 @@ class _Results:
             while True:
                 key = request_id if request_id is not None else next(iter(self.unread), None)
                 if key in self.unread:
-                    return self.unread.pop(key)  # type: ignore[arg-type]
+                    return self.unread.pop(key)
                 left = None if deadline is None else deadline - time.monotonic()
                 if (left is not None and left <= 0) or not may_come():
                     return None
@@ -396,7 +396,8 @@ class ContinuousBatchingManager:
             values[key] = unset if value is None else sampling_value(key, value)
         eos = self._eos if eos_token_id is None else _eos_ids(eos_token_id)
         min_new = max(gen.min_new_tokens or 0, (gen.min_length or 0) - prompt_len, 0)
-        params = SamplingParams(bool(gen.do_sample), values["temperature"], values["top_k"], values["top_p"], eos,
+        top_k = cast(int, values["top_k"])  # (sampling_value's top_k is an int, as _UNSET's)
+        params = SamplingParams(bool(gen.do_sample), values["temperature"], top_k, values["top_p"], eos,
                                 min_new, self._suppress)
         params.check()
         return params
@@ -409,6 +410,7 @@ class ContinuousBatchingManager:
         if max_new_tokens is not None or gen.max_new_tokens is not None or gen.max_length is not None:
             return _max_new_tokens(self.model, gen, prompt_len, default_max_length=False, max_new_tokens=max_new_tokens)
         max_seq_len = self.engine.config.max_seq_len
+        assert max_seq_len is not None  # (resolved by optimize(): `config.resolve`)
         if prompt_len >= max_seq_len:
             raise RequestTooLongError(
                 f"the prompt of {prompt_len} tokens is too long for NanoFlowConfig.max_seq_len={max_seq_len}: with no "
@@ -440,7 +442,9 @@ def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
     manager.start()
     try:
         parents = manager.add_requests(prompts, record_timestamps=record_timestamps)
-        ids = [rid for parent in parents for rid in manager.family(parent)]
+        # (a None parent, a request the manager dropped because its loop had already died, gets no result: its ids
+        # are not answered)
+        ids = [rid for parent in parents for rid in manager.family(parent)]  # type: ignore[arg-type]
         with _Progress(len(ids), progress_bar, engine) as progress:
             while len(results) < len(ids):
                 result = manager.get_result(timeout=0.5)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from nanoflow_fx.context import StepContext, step_context
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
 from nanoflow_fx.runtime.batch import Chunk, HostStaging, StepInputs, StepShape, build_step, feed_pending
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE  # (what CUDAGraph.pool() returns and torch.cuda.graph takes)
 
 __all__ = ["CudaGraphRunner", "decode_buckets", "route_buckets"]
 
@@ -127,7 +131,7 @@ class CudaGraphRunner:
             self.replay_ms[bucket] = start.elapsed_time(end) / replays
         self.route = route_buckets(self.buckets, self.replay_ms)
 
-    def _capture(self, shape: StepShape, pool: object) -> _Graph:
+    def _capture(self, shape: StepShape, pool: _POOL_HANDLE | None) -> _Graph:
         cache = self.kv_cache
         host = build_step([], cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
                           backend=self.backend.name, shape=shape, pin=True)  # only padding: writes scratch only

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -83,7 +84,7 @@ class _Readback:
     def tokens(self) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
-        return self.host.tolist()  # type: ignore[no-any-return]
+        return self.host.tolist()
 
 
 class Engine:
@@ -98,11 +99,13 @@ class Engine:
         self.runner, self.config = runner, config
         self.before_new_requests = before_new_requests
         self.kv_cache = runner.kv_cache
-        self.vocab_size = runner.step_fn.model.get_input_embeddings().weight.shape[0]
+        embedding = runner.step_fn.model.get_input_embeddings()
+        self.vocab_size = cast(torch.Tensor, embedding.weight).shape[0]  # (an embedding's weight: [vocab, hidden])
         allocator = self.kv_cache.allocator
         # Admission keeps 1% of the pages free (as vLLM does) and pages for the tokens running requests are
         # expected to generate: all their max_new_tokens at first, then the share finished requests really
         # generated (an average), so requests that end early at EOS let more in (see `scheduler`).
+        assert config.max_num_tokens != "auto"  # (resolved by optimize(): `config.resolve`)
         self.limits = SchedulerLimits(config.max_num_tokens, runner.num_slots, self.kv_cache.page_size,
                                       watermark_pages=allocator.num_pages // 100,
                                       reserve_ratio=1.0 if reserve_ratio is None else reserve_ratio)
@@ -149,6 +152,7 @@ class Engine:
         if max_new_tokens < 1:
             raise InvalidInputError(f"{name}: max_new_tokens={max_new_tokens} leaves nothing to generate")
         total, cfg = prompt_len + max_new_tokens, self.config
+        assert cfg.max_seq_len is not None  # (resolved by optimize(): `config.resolve`)
         if total > cfg.max_seq_len:
             raise RequestTooLongError(
                 f"{name}: prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {total} exceeds "

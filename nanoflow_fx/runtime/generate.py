@@ -10,7 +10,7 @@ import logging
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import GenerationConfig
@@ -101,7 +101,8 @@ def run_generation(engine: Engine, plan: GenerationPlan) -> torch.Tensor | Gener
     pad = plan.pad_token_id if plan.pad_token_id is not None else 0
     new = torch.tensor([r.output + [pad] * (width - len(r.output)) for r in requests], dtype=torch.int64)
     sequences = torch.cat([plan.input_ids.to(torch.int64), new.to(plan.input_ids.device)], dim=1)
-    return GenerateDecoderOnlyOutput(sequences=sequences) if plan.return_dict else sequences
+    # (transformers annotates `sequences` with the legacy LongTensor class; this is an int64 tensor)
+    return GenerateDecoderOnlyOutput(sequences=cast(torch.LongTensor, sequences)) if plan.return_dict else sequences
 
 
 def _unsupported_options(gen: GenerationConfig, also_handled: Collection[str] = ()) -> str | None:

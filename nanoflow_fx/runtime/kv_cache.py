@@ -101,7 +101,7 @@ def default_pages(cfg: Any) -> int:
     """The cache's pages when not sized from GPU memory: `num_pages`, or every sequence at its longest (capped)."""
     if cfg.num_pages is not None:
         return cfg.num_pages
-    return cfg.max_batch_size * -(-min(cfg.max_seq_len, CPU_SEQ_CAP) // cfg.page_size)  # type: ignore[type-var]
+    return cfg.max_batch_size * -(-min(cfg.max_seq_len, CPU_SEQ_CAP) // cfg.page_size)
 
 
 def profile_requests(cfg: Any) -> list[int]:
@@ -143,7 +143,7 @@ def pages_from_memory(runner: Any, cfg: Any, vocab_size: int) -> int:
     budget = cfg.kv_cache_memory_fraction * total - others - peak + cache.num_bytes
     per_page = page_bytes(cache.layers, cfg.page_size, cache.dtype)
     pages = int(budget // per_page)
-    need = -(-cfg.max_seq_len // cfg.page_size)  # type: ignore[operator]
+    need = -(-cfg.max_seq_len // cfg.page_size)
     if pages < need:
         raise KVCacheExhaustedError(
             f"after the weights ({_gib(peak)} at the peak of a {cfg.max_num_tokens}-token step) only "

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -135,7 +135,7 @@ def make_units(mode: str, memory_sms: int) -> Units | None:
 
 
 @contextmanager
-def sm_carveout(sms: int):  # type: ignore[no-untyped-def]
+def sm_carveout(sms: int) -> Iterator[None]:
     """cuBLASLt matmuls launched inside leave `sms` SMs free (see the module docstring); restored on exit."""
     if sms <= 0:
         yield
@@ -238,7 +238,8 @@ class PieceTimer:
         times: dict[str, float] = {}
         for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
             ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
-            times[name] = times.get(name, 0.0) + ms  # type: ignore[index]
+            assert name is not None  # (only the first mark, the start, has none)
+            times[name] = times.get(name, 0.0) + ms
         return times
 
 

@@ -66,7 +66,7 @@ class SamplingParams:
         key = tuple(young)
         if cache.get(device, ((), None))[0] != key:
             cache[device] = (key, to_device(young, torch.bool, device))
-        return cache[device][1]  # type: ignore[no-any-return]
+        return cache[device][1]
 
     def ids_on(self, field: str, device: torch.device, vocab: int) -> torch.Tensor:
         """`eos_token_ids` or `suppress_tokens` (`field`) as a tensor on `device`, made once per device: the
@@ -86,7 +86,8 @@ def sampling_value(key: str, value: object) -> float | int:
     if isinstance(value, bool) or not isinstance(value, kind):
         raise InvalidInputError(f"{key}={value!r} is not {'an int' if key == 'top_k' else 'a number'}: {key} must "
                                 f"be {_RANGES[key]}")
-    return int(value) if key == "top_k" else float(value)  # type: ignore[arg-type]
+    # (typeshed's numbers.Real, what `value` narrows to, offers int() no overload; top_k's is an Integral)
+    return int(value) if key == "top_k" else float(value)  # type: ignore[call-overload]
 
 
 def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: SamplingParams) -> torch.Tensor:

@@ -253,7 +253,7 @@ class StepRunner:
 
         def call() -> torch.Tensor:
             with step_context(context):
-                return self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices,  # type: ignore[no-any-return]
+                return self.step_fn(input_ids, inputs.position_ids, inputs.logits_indices,
                                     inputs.metadata)
 
         return call, inputs.num_logits
@@ -277,7 +277,8 @@ class StepRunner:
             logits = call()
         return CapturedStep(graph, logits[:num_logits], call)
 
-    def _nanobatch_record(self, chunks: Sequence[Chunk], host: tuple[torch.Tensor, ...], num_tokens: int,
+    def _nanobatch_record(self, chunks: Sequence[Chunk], host: tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor], num_tokens: int,
                           policy: SplitPolicy | None) -> NanobatchStep | None:
         """The step's nano-batches, if `policy` cuts it: boundaries, each nano-batch's metadata on the device, and
         each one's attention plan (its own planner, planned here on the host)."""
@@ -332,4 +333,6 @@ class StepRunner:
             key = tuple(slots)
             if key != self._slots[0]:  # decode steps complete the same requests step after step: copied once
                 self._slots = (key, to_device(list(slots), torch.int64, self.device))
-            self.last_tokens.index_copy_(0, self._slots[1], tokens.to(torch.int64))
+            on_device = self._slots[1]
+            assert on_device is not None  # (set above: `key` is not empty, the initial key is)
+            self.last_tokens.index_copy_(0, on_device, tokens.to(torch.int64))
