@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nanoflow_fx
-from tests.conftest import optimized
+from tests.helpers import BatchMixingLlama, optimized
 from tests.tiny_models import build
 
 SMALL = nanoflow_fx.NanoFlowConfig(max_batch_size=2, max_seq_len=32, page_size=4)
@@ -75,12 +75,6 @@ def test_nothing_to_generate() -> None:
 
 def test_capture_mismatch_is_caught_at_optimize() -> None:
     """A model whose forward does something the packed step cannot reproduce must not be accepted."""
-
-    class BatchMixingLlama(tf.LlamaForCausalLM):  # mixes information across tokens outside attention
-        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            out = super().forward(*args, **kwargs)
-            out.logits = out.logits + out.logits.mean(dim=1, keepdim=True)
-            return out
 
     model = BatchMixingLlama(build("llama").config).eval()
     with pytest.raises(nanoflow_fx.CaptureMismatchError, match=r"max \|logit diff\|"):
