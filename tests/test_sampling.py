@@ -18,7 +18,7 @@ def _params(**overrides: object) -> SamplingParams:
 
 def test_top_k_1_sampling_equals_greedy() -> None:
     ids, mask = left_padded_batch([5, 9, 3])
-    model = optimized("qwen2")
+    model = optimized("llama")
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=1, temperature=0.7)
     assert torch.equal(sampled, greedy)
