@@ -1,8 +1,8 @@
 """A stand-in for `StepRunner` under a real `Engine`, so that the engine's bookkeeping can be tested without a model.
 
 The "echo model" is causal and reads its context only from the paged KV cache, as a real model does: each step's
-tokens are written into their requests' pages (token id as the key, position as the value) at the slots
-`batch.build_step` maps them to, and each completing chunk's next token is a hash of every token its request's
+tokens are written into their requests' pages (the token id as the key) at the slots `batch.build_step` maps
+them to, and each completing chunk's next token is a hash of every token its request's
 pages hold up to that position (`next_token`). So what a request generates alone is known without running the
 engine (`echo_continuation`), and a page shared by two requests, freed while in use, or written at the wrong
 place changes the tokens. PENDING inputs (tokens not yet read back) are fed from the slot table that
@@ -104,16 +104,15 @@ class EchoRunner:
         ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
         meta = inputs.metadata
         slots = meta.slot_mapping
-        pages = cache.caches[0][:, :, :, 0, 0]  # [page, key/value, offset]
-        pages[slots // cache.page_size, 0, slots % cache.page_size] = ids
-        pages[slots // cache.page_size, 1, slots % cache.page_size] = inputs.position_ids
+        keys = cache.caches[0][:, 0, :, 0, 0]  # [page, offset], a view
+        keys[slots // cache.page_size, slots % cache.page_size] = ids
         rows = inputs.logits_indices[: inputs.num_logits].tolist()
         logits = torch.zeros(len(rows), self.vocab)
         for i, row in enumerate(rows):
             request = int(torch.searchsorted(meta.qo_indptr, row, right=True)) - 1
             table = meta.kv_indices[meta.kv_indptr[request] : meta.kv_indptr[request + 1]].tolist()
-            keys, _ = cache.read(0, table, int(inputs.position_ids[row]) + 1)
-            logits[i, next_token(keys.flatten().tolist(), self.vocab)] = 1.0
+            context, _ = cache.read(0, table, int(inputs.position_ids[row]) + 1)
+            logits[i, next_token(context.flatten().tolist(), self.vocab)] = 1.0
         return logits
 
     def record_tokens(self, slots: Sequence[int], tokens: torch.Tensor) -> None:
