@@ -1,4 +1,8 @@
-"""Shared fixtures: optimized tiny models are built once per (family, config) and reused across tests."""
+"""Test session setup: environment variables read at import, and the CUDA tests skipped without a GPU.
+
+The shared helpers (optimized models, references, inputs) are in tests/helpers.py; the ones many test modules
+import from here are re-exported.
+"""
 
 from __future__ import annotations
 
@@ -15,30 +19,9 @@ os.environ["NANOFLOW_FX_SAVE_STEP"] = "0"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import nanoflow_fx  # noqa: E402
-from tests.tiny_models import FAMILIES, build  # noqa: E402
+from tests.helpers import ALL_FAMILIES, DEFAULT_CONFIG, DEVICES, optimized, reference  # noqa: E402
 
-_CACHE: dict[tuple[str, nanoflow_fx.NanoFlowConfig, str], torch.nn.Module] = {}
-
-# num_pages given: on CUDA the default sizes the cache from free GPU memory, which would leave none for the
-# next model the tests build in the same process.
-DEFAULT_CONFIG = nanoflow_fx.NanoFlowConfig(max_batch_size=8, max_seq_len=96, page_size=4, num_pages=192)
-
-
-def optimized(family: str, config: nanoflow_fx.NanoFlowConfig = DEFAULT_CONFIG, device: str = "cpu") -> torch.nn.Module:
-    """An optimized tiny model of `family` (seed 0), shared by every test that asks for the same one.
-
-    Tests must not change it; they may run it (the KV cache pages are released after each call).
-    """
-    key = (family, config, device)
-    if key not in _CACHE:
-        _CACHE[key] = nanoflow_fx.optimize(build(family, device=device), config)
-    return _CACHE[key]
-
-
-def reference(family: str, device: str = "cpu") -> torch.nn.Module:
-    """The same weights (seed 0) as `optimized(family)`, left as HF built it (eager attention)."""
-    return build(family, device=device)
+__all__ = ["ALL_FAMILIES", "DEFAULT_CONFIG", "DEVICES", "optimized", "reference"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -48,8 +31,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-ALL_FAMILIES = sorted(FAMILIES)
-# Tests that take a `device` run on the CPU always and on CUDA under `pytest -m cuda` on a GPU machine.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 
 from nanoflow_fx.runtime import Chunk, PagedKVCache, Request, StepRunner
-from nanoflow_fx.runtime.sampling import SamplingParams
+from tests.helpers import greedy
 
-GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), min_new_tokens=0)
+GREEDY = greedy()
 
 
 def runner_on(model: torch.nn.Module, num_pages: int, page_size: int) -> StepRunner:

@@ -11,14 +11,8 @@ import torch
 
 import nanoflow_fx
 from nanoflow_fx.capture import hf_attention
-from tests.conftest import DEFAULT_CONFIG, optimized, reference
-from tests.test_generate_parity import _left_padded_batch
+from tests.helpers import DEFAULT_CONFIG, BatchMixingLlama, fresh, left_padded_batch, optimized, reference
 from tests.tiny_models import VOCAB, build
-
-
-def _fresh(family: str = "llama", **changes: object) -> torch.nn.Module:
-    """A model of its own (these tests change it), optimized with the default test config."""
-    return nanoflow_fx.optimize(build(family), dataclasses.replace(DEFAULT_CONFIG, **changes))
 
 
 def test_token_ids_outside_the_vocabulary_are_rejected() -> None:
@@ -77,12 +71,6 @@ def test_optimize_takes_a_dict_and_rejects_other_types() -> None:
 
 
 def test_a_failed_optimize_leaves_the_model_as_it_was() -> None:
-    class BatchMixingLlama(type(build("llama"))):  # type: ignore[misc]
-        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            out = super().forward(*args, **kwargs)
-            out.logits = out.logits + out.logits.mean(dim=1, keepdim=True)
-            return out
-
     model = BatchMixingLlama(build("llama").config).eval()
     model.set_attn_implementation("eager")
     ids = torch.randint(3, VOCAB, (1, 6))
@@ -97,8 +85,8 @@ def test_a_failed_optimize_leaves_the_model_as_it_was() -> None:
 
 
 def test_switching_attention_after_optimize_keeps_generate_right() -> None:
-    model, ref = _fresh(), reference("llama")
-    ids, mask = _left_padded_batch([4, 9])
+    model, ref = fresh(), reference("llama")
+    ids, mask = left_padded_batch([4, 9])
     want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     for implementation in ("sdpa", "eager"):
         model.set_attn_implementation(implementation)
@@ -117,10 +105,10 @@ def test_plain_forwards_and_generate_in_threads_at_once_stay_right() -> None:
     (13-23 of ~4,000 gave wrong logits) and a generate() could trace the wrong one. Nothing is flipped per call."""
     import threading
 
-    model, ref = _fresh(), reference("llama")
+    model, ref = fresh(), reference("llama")
     model.set_attn_implementation("sdpa")
     ref.set_attn_implementation("sdpa")
-    ids, mask = _left_padded_batch([4, 9])
+    ids, mask = left_padded_batch([4, 9])
     want_tokens = ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     with torch.no_grad():
         want_logits = ref(ids, attention_mask=mask).logits
@@ -151,7 +139,7 @@ def test_plain_forwards_and_generate_in_threads_at_once_stay_right() -> None:
 
 def test_replaced_parameters_are_laid_out_again() -> None:
     """load_state_dict(assign=True) and .double().float() replace the fused linears' storage."""
-    model, ids = _fresh(), torch.randint(3, VOCAB, (2, 6))
+    model, ids = fresh(), torch.randint(3, VOCAB, (2, 6))
     other = build("llama", seed=1)
     model.load_state_dict(other.state_dict(), assign=True)
     want = other.generate(ids, max_new_tokens=6, do_sample=False)
@@ -174,7 +162,7 @@ def _manager_tokens(manager: object, prompts: list[list[int]], new: int) -> list
 def test_a_running_manager_follows_replaced_parameters() -> None:
     """A manager started before the weights change (load_state_dict(assign=True), p.data = new) answers with the
     new weights, as generate() does; it failed every request ('setStorage ... out of bounds') and its thread died."""
-    model, prompts = _fresh(), [[5, 6, 7, 8], [9, 10, 11]]
+    model, prompts = fresh(), [[5, 6, 7, 8], [9, 10, 11]]
     other = build("llama", seed=1)
     want = [other.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False)[0, len(p):].tolist()
             for p in prompts]
@@ -195,7 +183,7 @@ def test_a_running_manager_follows_replaced_parameters() -> None:
 
 
 def test_a_manager_says_to_optimize_again_after_the_model_moved() -> None:
-    model = _fresh()
+    model = fresh()
     manager = model.init_continuous_batching()
     manager.start()
     try:
@@ -218,7 +206,7 @@ def test_max_seq_len_beyond_the_models_positions_is_refused() -> None:
 
 
 def test_a_deep_copy_says_to_optimize_it_and_the_original_still_works() -> None:
-    model, ids = _fresh(), torch.randint(3, VOCAB, (1, 6))
+    model, ids = fresh(), torch.randint(3, VOCAB, (1, 6))
     want = reference("llama").generate(ids, max_new_tokens=5, do_sample=False)
     clone = copy.deepcopy(model)
     with pytest.raises(nanoflow_fx.NanoFlowError, match="call nanoflow_fx.optimize"):
@@ -229,7 +217,7 @@ def test_a_deep_copy_says_to_optimize_it_and_the_original_still_works() -> None:
 
 
 def test_a_model_moved_after_optimize_says_to_optimize_it_again() -> None:
-    model, ids = _fresh(), torch.randint(3, VOCAB, (1, 6))
+    model, ids = fresh(), torch.randint(3, VOCAB, (1, 6))
     model.to(torch.bfloat16)
     with pytest.raises(nanoflow_fx.NanoFlowError, match=r"moved from torch.float32 .* to torch.bfloat16.*again"):
         model.generate(ids, max_new_tokens=3)

@@ -21,12 +21,11 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import RequestStatus
 
 import nanoflow_fx
-from tests.conftest import optimized, reference
+from tests.helpers import NO_EOS, assert_nothing_held, hf_greedy, optimized, reference
 from tests.tiny_models import VOCAB
 
 PROMPTS = [[5, 9, 14, 3], [7, 8]]
 EOS_FIRST = [56, 28, 52, 74, 57, 11]  # the reference llama's first greedy token after this prompt is its EOS (2)
-NO_EOS = VOCAB + 1  # an id the model never samples
 
 
 def _transformers_batch(inputs: list[list[int]], config: GenerationConfig, **kwargs: Any) -> dict[str, Any]:
@@ -41,9 +40,7 @@ def _tokens(results: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def _hf_greedy(prompt: list[int], max_new: int) -> list[int]:
-    out = reference("llama").generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
-                                      eos_token_id=NO_EOS, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return list(hf_greedy("llama", tuple(prompt), max_new))
 
 
 def _finals(manager: Any, *ids: str, timeout: float = 20.0) -> dict[str, Any]:
@@ -61,10 +58,8 @@ def _finals(manager: Any, *ids: str, timeout: float = 20.0) -> dict[str, Any]:
 
 
 def _no_leak(model: Any) -> None:
-    """Every KV page is free and no request is queued or running."""
-    allocator, engine = model.nanoflow.kv_cache.allocator, model.nanoflow.engine
-    assert allocator.num_free == allocator.num_pages
-    assert not engine.running and not engine.waiting and not engine._inbox
+    """Every KV page and slot is free and no request is queued or running."""
+    assert_nothing_held(model.nanoflow.engine)
 
 
 def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:

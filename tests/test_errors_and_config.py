@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nanoflow_fx
-from tests.conftest import optimized
+from tests.helpers import BatchMixingLlama, optimized
 from tests.tiny_models import build
 
 SMALL = nanoflow_fx.NanoFlowConfig(max_batch_size=2, max_seq_len=32, page_size=4)
@@ -46,15 +46,15 @@ def _ids(batch: int, length: int) -> torch.Tensor:
 
 
 def test_prompt_longer_than_max_seq_len() -> None:
-    model = optimized("llama", SMALL)
-    with pytest.raises(nanoflow_fx.RequestTooLongError, match="max_seq_len=32"):
-        model.generate(_ids(1, 33), max_new_tokens=1)
+    model = optimized("llama")  # max_seq_len 96
+    with pytest.raises(nanoflow_fx.RequestTooLongError, match="max_seq_len=96"):
+        model.generate(_ids(1, 97), max_new_tokens=1)
     with pytest.raises(nanoflow_fx.RequestTooLongError, match="max_new_tokens"):
-        model.generate(_ids(1, 20), max_new_tokens=13)
+        model.generate(_ids(1, 90), max_new_tokens=7)
 
 
 def test_attention_mask_must_match_input_ids() -> None:
-    model = optimized("llama", SMALL)
+    model = optimized("llama")
     ids = _ids(2, 6)
     with pytest.raises(nanoflow_fx.InvalidInputError, match="shape"):
         model.generate(ids, attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=2)
@@ -70,17 +70,11 @@ def test_attention_mask_must_match_input_ids() -> None:
 
 def test_nothing_to_generate() -> None:
     with pytest.raises(nanoflow_fx.InvalidInputError, match="max_new_tokens"):
-        optimized("llama", SMALL).generate(_ids(1, 6), max_length=6)
+        optimized("llama").generate(_ids(1, 6), max_length=6)
 
 
 def test_capture_mismatch_is_caught_at_optimize() -> None:
     """A model whose forward does something the packed step cannot reproduce must not be accepted."""
-
-    class BatchMixingLlama(tf.LlamaForCausalLM):  # mixes information across tokens outside attention
-        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            out = super().forward(*args, **kwargs)
-            out.logits = out.logits + out.logits.mean(dim=1, keepdim=True)
-            return out
 
     model = BatchMixingLlama(build("llama").config).eval()
     with pytest.raises(nanoflow_fx.CaptureMismatchError, match=r"max \|logit diff\|"):

@@ -6,27 +6,16 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from tests.conftest import ALL_FAMILIES, DEVICES, optimized, reference
+from tests.helpers import ALL_FAMILIES, DEVICES, PAD, left_padded_batch, optimized, reference
 from tests.tiny_models import VOCAB
 
-PAD = 0
-
-
-def _left_padded_batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=gen)
-        mask[row, width - n :] = 1
-    return ids, mask
+_left_padded_batch = left_padded_batch  # (other test modules import it from here)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_single_prompt_greedy_matches_hf(family: str, device: str) -> None:
-    ids = _left_padded_batch([11])[0].to(device)
+    ids = left_padded_batch([11])[0].to(device)
     got = optimized(family, device=device).generate(ids, max_new_tokens=16, do_sample=False)
     want = reference(family, device=device).generate(ids, max_new_tokens=16, do_sample=False)
     assert torch.equal(got, want)
@@ -35,7 +24,7 @@ def test_single_prompt_greedy_matches_hf(family: str, device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_left_padded_batch_greedy_matches_hf(family: str, device: str) -> None:
-    ids, mask = (t.to(device) for t in _left_padded_batch([3, 12, 7, 9]))
+    ids, mask = (t.to(device) for t in left_padded_batch([3, 12, 7, 9]))
     got = optimized(family, device=device).generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
     want = reference(family, device=device).generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
     assert got.shape == want.shape == (4, 12 + 16)
@@ -45,7 +34,7 @@ def test_left_padded_batch_greedy_matches_hf(family: str, device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_eos_stops_rows_and_pads_like_hf(family: str, device: str) -> None:
-    ids, mask = (t.to(device) for t in _left_padded_batch([5, 10, 8]))
+    ids, mask = (t.to(device) for t in left_padded_batch([5, 10, 8]))
     ref = reference(family, device=device)
     free_run = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=[VOCAB + 1])
     eos = int(free_run[0, ids.shape[1] + 2])  # row 0 emits this token at its 3rd step, so it stops there
@@ -65,7 +54,7 @@ def test_eos_stops_rows_and_pads_like_hf(family: str, device: str) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_generation_config_max_length_min_new_tokens_and_dict_output(family: str) -> None:
-    ids, mask = _left_padded_batch([4, 6])
+    ids, mask = left_padded_batch([4, 6])
     ref = reference(family)
     free_run = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     eos = int(free_run[1, ids.shape[1]])  # row 1's first token: min_new_tokens must suppress it
@@ -79,7 +68,7 @@ def test_generation_config_max_length_min_new_tokens_and_dict_output(family: str
 
 
 def test_default_max_length_matches_hf() -> None:
-    ids, mask = _left_padded_batch([5])
+    ids, mask = left_padded_batch([5])
     got = optimized("llama").generate(ids, attention_mask=mask, do_sample=False)
     want = reference("llama").generate(ids, attention_mask=mask, do_sample=False)
     assert torch.equal(got, want)
@@ -87,7 +76,7 @@ def test_default_max_length_matches_hf() -> None:
 
 
 def test_unsupported_option_falls_back_to_hf_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
-    ids, mask = _left_padded_batch([6, 4])
+    ids, mask = left_padded_batch([6, 4])
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, repetition_penalty=1.3)
     with caplog.at_level("INFO", logger="nanoflow_fx"):
         got = optimized("llama").generate(ids, **kwargs)
@@ -98,7 +87,7 @@ def test_unsupported_option_falls_back_to_hf_with_one_log_line(caplog: pytest.Lo
 
 
 def test_plain_forward_still_matches_eager() -> None:
-    ids, mask = _left_padded_batch([7, 4])
+    ids, mask = left_padded_batch([7, 4])
     got = optimized("mistral")(ids, attention_mask=mask).logits
     want = reference("mistral")(ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want)

@@ -7,8 +7,7 @@ import math
 import torch
 
 from nanoflow_fx.runtime.sampling import SamplingParams, select_tokens
-from tests.conftest import optimized
-from tests.test_generate_parity import _left_padded_batch
+from tests.helpers import left_padded_batch, optimized
 
 
 def _params(**overrides: object) -> SamplingParams:
@@ -18,15 +17,15 @@ def _params(**overrides: object) -> SamplingParams:
 
 
 def test_top_k_1_sampling_equals_greedy() -> None:
-    ids, mask = _left_padded_batch([5, 9, 3])
-    model = optimized("qwen2")
+    ids, mask = left_padded_batch([5, 9, 3])
+    model = optimized("llama")
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=1, temperature=0.7)
     assert torch.equal(sampled, greedy)
 
 
 def test_fixed_seed_runs_are_identical_and_seeds_differ() -> None:
-    ids, mask = _left_padded_batch([5, 9, 3])
+    ids, mask = left_padded_batch([5, 9, 3])
     model = optimized("llama")
     runs = []
     for seed in (7, 7, 8):

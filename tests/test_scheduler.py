@@ -1,17 +1,19 @@
 """The scheduler is a pure function of the request table and the free pages: its plans keep every rule of
 dense batching (decode tokens first, the token budget, the running limit, FIFO admission, preemption of the
-latest-admitted request only, pages for every chunk), and a simulated engine driven by it finishes every
-request (no starvation, no page leak), however small the cache."""
+latest-admitted request only, pages for every chunk), and the engine driven by it finishes every request (no
+starvation, no page leak), however small the cache."""
 
 from __future__ import annotations
 
-from collections import deque
+import dataclasses
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoflow_fx.runtime import Request, SchedulerLimits, schedule
-from nanoflow_fx.runtime.requests import RUNNING
+from nanoflow_fx.runtime import Engine, Request, SchedulerLimits, schedule
+from nanoflow_fx.runtime.requests import FINISHED, RUNNING
+from tests.echo_runner import EchoRunner
+from tests.helpers import DEFAULT_CONFIG
 from tests.steps import GREEDY
 
 
@@ -85,52 +87,32 @@ def workloads(draw: st.DrawFn) -> tuple[list[tuple[int, int, int]], SchedulerLim
 
 @settings(max_examples=200, deadline=None)
 @given(workloads())
-def test_a_simulated_engine_finishes_every_request_without_leaking_pages(workload: tuple) -> None:  # type: ignore[type-arg]
-    """Drive the scheduler as the engine does (apply the plan, advance chunks, append sampled tokens), with tokens
-    known at once. Every request finishes with all its tokens, in a bounded number of steps, however often it is
-    preempted; pages are conserved throughout."""
+def test_the_engine_finishes_every_request_without_leaking_pages(workload: tuple) -> None:  # type: ignore[type-arg]
+    """The real engine driven by the scheduler, on the echo model (tests/echo_runner.py) with tokens read back at
+    once: every request finishes with all its tokens, in a bounded number of steps, however often it is preempted;
+    pages are conserved throughout."""
     specs, limits, num_pages = workload
+    runner = EchoRunner(num_pages, limits.page_size, limits.max_running)
+    config = dataclasses.replace(DEFAULT_CONFIG, max_num_tokens=limits.max_num_tokens,
+                                 max_batch_size=limits.max_running)
+    engine = Engine(runner, config, reserve_ratio=0.0)  # type: ignore[arg-type]
+    engine.limits = limits  # with its watermark (the engine's own keeps 1% of the pages)
     arrivals = sorted((t, i, p, n) for i, (t, p, n) in enumerate(specs))
-    free_pages = list(range(num_pages))
-    waiting: deque[Request] = deque()
-    running: list[Request] = []
-    done: list[Request] = []
-    preemptions = 0
+    requests: list[Request] = []
     for step in range(2000):
         while arrivals and arrivals[0][0] <= step:
             _, i, p, n = arrivals.pop(0)
-            waiting.append(_request(i, p, n))
-        if not (arrivals or waiting or running):
+            requests.append(engine.add_request([3] * p, GREEDY, n))
+        if not (arrivals or engine.has_work):
             break
-        plan = schedule(running, list(waiting), len(free_pages), limits)
-        for req in plan.preempted:
-            running.remove(req)
-            free_pages += req.pages
-            req.pages, req.num_cached = [], 0
-        for req in sorted(plan.preempted, key=lambda r: r.arrival, reverse=True):
-            waiting.appendleft(req)
-        preemptions += len(plan.preempted)
-        for req in plan.admitted:
-            waiting.remove(req)
-            running.append(req)
-        for req, count in plan.new_pages:
-            req.pages += [free_pages.pop() for _ in range(count)]
-        for chunk in plan.chunks:
-            req = chunk.request
-            req.num_cached += chunk.num_tokens
-            if chunk.completes:
-                req.output.append(7)
-                if len(req.output) == req.max_new_tokens:
-                    running.remove(req)
-                    free_pages += req.pages
-                    req.pages = []
-                    done.append(req)
-        held = sum(len(r.pages) for r in running)
-        assert held + len(free_pages) == num_pages, "pages leaked or double-counted"
-        assert all(limits.pages_for(r.num_cached) <= len(r.pages) for r in running)
-    assert len(done) == len(specs), f"unfinished after 2000 steps ({preemptions} preemptions)"
+        engine.step()
+        held = sum(len(r.pages) for r in engine.running)
+        assert held + engine.kv_cache.allocator.num_free == num_pages, "pages leaked or double-counted"
+        assert all(limits.pages_for(r.num_cached) <= len(r.pages) for r in engine.running)
+    done = [r for r in requests if r.state == FINISHED]
+    assert len(done) == len(specs), f"unfinished after 2000 steps ({engine.stats.preemptions} preemptions)"
     assert all(len(r.output) == r.max_new_tokens for r in done)
-    assert sorted(free_pages) == list(range(num_pages))
+    assert sorted(engine.kv_cache.allocator._free) == list(range(num_pages))
 
 
 def test_a_full_cache_preempts_the_latest_admitted_request() -> None:
