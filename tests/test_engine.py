@@ -4,7 +4,7 @@ Its bookkeeping, on the echo model (tests/echo_runner.py: each next token is a h
 its KV pages hold it, so a request's output alone is known without running the engine): whatever the arrival
 order, lengths, EOS, page size, cache size (preemption), step budget, running limit and readback latency, every
 request gets the tokens it would get alone, admission is FIFO, pages and slots balance after every step and all
-come back, and listeners hear only tokens of the final output, in order, then the end (once: see the xfail test).
+come back, and listeners hear only tokens of the final output, in order, then the end (once).
 
 On real models (fp32, CPU): the captured step under the engine gives each request HF eager `generate()`'s tokens
 of that request alone; errors stay with their request and leak nothing; transformers' `generate_batch` and
@@ -120,9 +120,9 @@ def _assert_served_as_alone(served: Served, expected: Sequence[tuple[int | None,
         assert req.state == FINISHED and req.error is None, f"request {i}: {req.state} {req.error}"
         assert tuple(req.output) == want, f"request {i}"
         heard = served.heard[i]
-        ends = [ended for _, ended in heard].count(True)  # (more than one: see the xfail test below)
+        ends = [ended for _, ended in heard].count(True)
         updates, end = heard[: len(heard) - ends], heard[len(heard) - ends :]
-        assert ends >= 1 and not any(ended for _, ended in updates), f"request {i}: ends, last"
+        assert ends == 1 and not any(ended for _, ended in updates), f"request {i}: one end, last"
         if spec.streaming:  # every token as it is read back, one at a time, the last one with the end
             assert [tokens for tokens, _ in updates + end[:1]] == [list(want[:n]) for n in range(1, len(want) + 1)]
             assert all(tokens == list(want) for tokens, _ in end)
@@ -193,8 +193,6 @@ def test_the_echo_workload_reaches_every_path() -> None:
     assert_nothing_held(engine)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: _resolve_oldest calls a streaming request's listener again "
-                   "after _stop_generating ended it at EOS (the manager then leaves a stale final result)")
 def test_a_stream_that_stops_at_eos_hears_its_end_once() -> None:
     """A streaming request whose EOS is read back ends there, and its listener hears that end once: the manager
     publishes each call, so a second final result would be left for get_result after a handler took the first."""

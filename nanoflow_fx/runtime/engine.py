@@ -322,8 +322,8 @@ class Engine:
         for req in touched:
             if req.done_generating and req.resolved and not req.finished:
                 self._end(req, FINISHED)
-            elif req.streaming and req.listener is not None:
-                req.listener(req)
+            elif req.streaming and req.listener is not None and not req.finished:  # (an EOS above ended it: its
+                req.listener(req)  # listener heard that end once, in `_end`)
 
     def _stop_generating(self, req: Request) -> None:
         """No more tokens for `req`; it ends as soon as its last tokens are read back."""
