@@ -144,7 +144,8 @@ def _cost_table(model: PreTrainedModel, runtime: NanoFlowRuntime, cost_dir: str)
 
 
 # The Triton kernel's launch the memory unit is tried with: 128-token tiles, P rounded to the half type for P @ V
-# (on an H200, 2026-11-27: 1.87 / 2.75 TB/s on 32 / 48 SMs against FlashInfer's decode kernel's 1.76 / 2.56).
+# (the variant that pulled the most bandwidth on 32-48-SM partitions, above FlashInfer's decode kernel there:
+# benchmarks/RESULTS.md).
 AUTO_DECODE_VARIANT = DecodeKernel("triton", (("block_n", 128), ("num_stages", 3), ("num_warps", 4),
                                               ("pv_precision", "half")))
 

@@ -3,12 +3,10 @@
 `token_budget` turns them into the engine's default step size: a step reads every weight once and does
 2 x parameters FLOPs per token, so with T tokens its GEMMs take 2PT / F and its weight reads about
 bytes(P) / B; from there on, the GEMMs take at least five times as long as the reads, and the step is
-compute-bound (NanoFlow's dense batch: 1024 tokens for 8B models on an A100). With b bytes per parameter that is
-T >= 2.5 F b / B: about 1,400 tokens for bf16 on an H100 (825 TFLOP/s, 3 TB/s), so 2048. The factor was four
-until two fresh H100s measured ceilings on either side of 1024 (1024 on one, 2048 on the other); on an H100
-(2026-11-26, 8B shape, 256 requests, same machine) the engine ran 2048-token steps 4% faster than 1024-token
-steps on the 1024/512 workload (21,105 vs 20,313 tok/s) and 2% faster on the chat mix (13,295 vs 13,040): five
-keeps the H100 ~20% clear of the boundary.
+compute-bound (NanoFlow's dense batch). With b bytes per parameter that is T >= 2.5 F b / B, rounded up to a
+power of two. The factor five keeps a device's budget clear of the boundary where run-to-run spread of the
+measured ceilings would move it by a power of two; the engine measurements behind it are in benchmarks/RESULTS.md
+("Defaults re-measured").
 """
 
 from __future__ import annotations
@@ -42,8 +40,8 @@ class DeviceCeilings:
 def measure_ceilings(device: torch.device, directory: str | os.PathLike[str] | None = None) -> DeviceCeilings:
     """The ceilings of a CUDA device: measured once per process (about 0.5 s), and with `directory`, once per
     device type, torch and CUDA version there (`device_ceilings.json`), so that every process on a machine derives
-    the same defaults from them (two measurements on one H100 differed by enough to move the step budget
-    between 1024 and 2048 tokens: see `token_budget`)."""
+    the same defaults from them (two measurements on one device may differ by enough to move the step budget by a
+    power of two: see `token_budget`)."""
     if device.type != "cuda":
         raise ValueError(f"device ceilings are measured on CUDA devices, not {device}")
     if directory is None:
@@ -92,10 +90,8 @@ def _measure(device: torch.device) -> DeviceCeilings:
 def _seconds(fn: Callable[[], object], repeats: int = 7, warm_s: float = 0.2) -> float:
     """The fastest of `repeats` timed calls, after calling `fn` for `warm_s` seconds. A ceiling is what the
     device reaches, and anything else only slows a call down, so the fastest call is kept, not the median. The
-    warm-up is long because an idle GPU raises its clocks only once it is busy: on one fresh H100 (2026-11-27) the
-    step budget came out at the 8192 cap, which needs a copy bandwidth below ~1 TB/s (an H100 copies at ~3), while
-    two other fresh H100s gave 2048. That measurement kept the median of 5 calls after a single warm-up call;
-    what slowed it was not seen."""
+    warm-up is long because an idle GPU raises its clocks only once it is busy: a short warm-up once measured a
+    fraction of a fresh GPU's copy bandwidth and put the step budget at its cap (benchmarks/RESULTS.md)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     began = time.perf_counter()
     while True:  # warm-up: handles, kernels, allocator, clocks

@@ -29,9 +29,8 @@ versions). It holds:
   without it;
 - `decode`: the decode rows' attention per SM share and kernel, for `decode_ref` = (decodes, context);
 - `host_ms`: the host's time to issue each tuned shape's unsplit step, and `host_split_ms` the same step cut in
-  two halves on one stream: what one more nano-batch costs the host (not as much again: on an H200, the 8B
-  balanced step of 1056 tokens took 18.7 ms to issue unsplit and 28.2-29.9 ms cut in two on one stream,
-  RESULTS.md);
+  two halves on one stream: what one more nano-batch costs the host (less than as much again: measured in
+  benchmarks/RESULTS.md);
 - `calibration`: per tuned shape and unit mode, measured / predicted step time over the candidates the search
   replayed (the interference between units, and whatever else the model leaves out, measured rather than
   assumed); a shape not replayed yet takes its mode's median over the shapes that were (one factor per mode
