@@ -62,9 +62,10 @@ def stream_chunks(requests: Sequence[Request], budget: int) -> list[Chunk]:
     return chunks
 
 
-def program_runners(model: torch.nn.Module) -> list:  # type: ignore[type-arg]
-    """The `ProgramRunner`s of an optimized model's step: the loaded or replicated step's, and each captured
-    graph's (Dynamo may specialise a few, e.g. on one request); the first is what runs."""
-    step_fn = model.nanoflow.step_fn
+def program_runners(model_or_step_fn: object) -> list:  # type: ignore[type-arg]
+    """The `ProgramRunner`s of an optimized model's step function (or of the step function itself): the loaded or
+    replicated step's, and each captured graph's (Dynamo may specialise a few, e.g. on one request); the first is
+    what runs."""
+    step_fn = getattr(getattr(model_or_step_fn, "nanoflow", None), "step_fn", model_or_step_fn)
     direct = [step_fn.direct.graph] if step_fn.direct is not None else []
     return list({id(r): r for r in [*direct, *(c.runner for c in step_fn.captures)]}.values())

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from nanoflow_fx.runtime import Chunk, StepRunner
 from nanoflow_fx.runtime.program_runner import Cut
 from tests.conftest import ALL_FAMILIES, DEFAULT_CONFIG, DEVICES, optimized
-from tests.steps import admit, run, runner_on
+from tests.steps import admit, program_runners, run, runner_on
 from tests.test_generate_parity import _left_padded_batch
 from tests.tiny_models import VOCAB
 
@@ -118,11 +118,7 @@ def _recording(policy, cuts: list) -> Callable[[int, int], Cut]:  # type: ignore
 
 
 def _program_runners(runner: StepRunner) -> list:  # type: ignore[type-arg]
-    """The program runners of what runs: the loaded or replicated step's, and each captured graph's (Dynamo may
-    specialise a few, e.g. on one request)."""
-    step_fn = runner.step_fn
-    direct = [step_fn.direct.graph] if step_fn.direct is not None else []
-    found = list({id(r): r for r in [*direct, *(c.runner for c in step_fn.captures)]}.values())
+    found = program_runners(runner.step_fn)
     assert found, "every configuration lowers its captured graphs to programs"
     return found
 
