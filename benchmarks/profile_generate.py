@@ -10,7 +10,9 @@ half's steps, all pure decodes, against the replay at the final context, the slo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import gc
 import io
 import json
 import os
@@ -42,14 +44,81 @@ def step_ms(model: Any, ids: torch.Tensor, new: int) -> dict[str, float]:
     t_one = timed(model, ids, 1)
     t_half = timed(model, ids, new // 2)
     before = (engine.stats.steps, engine.stats.step_s, engine.stats.readback_wait_s, dict(runner.stats))
-    t_all = timed(model, ids, new)
+    with gc_watch() as collections:
+        t_all = timed(model, ids, new)
     steps = engine.stats.steps - before[0]
     return dict(step_ms=(t_all - t_one) / (new - 1) * 1e3, decode_step_ms=(t_all - t_half) / (new - new // 2) * 1e3,
-                steps=steps,
+                steps=steps, gc=collections,
                 host_in_step_ms=(engine.stats.step_s - before[1]) / steps * 1e3,
                 readback_wait_ms=(engine.stats.readback_wait_s - before[2]) / steps * 1e3,
                 graph_steps=runner.stats["graph_steps"] - before[3]["graph_steps"],
                 eager_steps=runner.stats["eager_steps"] - before[3]["eager_steps"])
+
+
+@contextlib.contextmanager
+def gc_watch() -> Any:
+    """Python's garbage collections while the block runs: per generation, how many and their total ms (a full
+    collection walks every object the process holds: with a model and its compiled code loaded, long pauses)."""
+    seen: dict[str, list[float]] = {}
+    started: list[float] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            entry = seen.setdefault(f"gen{info['generation']}", [0, 0.0])
+            entry[0] += 1
+            entry[1] += (time.perf_counter() - started.pop()) * 1e3
+
+    gc.callbacks.append(callback)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def host_phases(model: Any, ids: torch.Tensor, new: int) -> dict[str, float]:
+    """Host ms per step in each phase of generate()'s steps (one more call, its functions wrapped with timers):
+    the scheduler, packing the step, FlashInfer's plan, the graph launch, sampling, reading tokens back."""
+    from nanoflow_fx.runtime import cuda_graphs
+    from nanoflow_fx.runtime import engine as engine_module
+
+    totals: dict[str, float] = {}
+    patches: list[tuple[Any, str, Any]] = []
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
+
+        patches.append((owner, name, original))
+        setattr(owner, name, timed_call)
+
+    engine = model.nanoflow.engine
+    wrap(engine_module, "schedule", "schedule")
+    wrap(cuda_graphs, "build_step", "build_step (graph steps)")
+    wrap(torch.cuda.CUDAGraph, "replay", "graph launch")
+    wrap(engine_module, "sample_rows", "sampling")
+    wrap(engine, "_resolve_oldest", "readback (incl. waiting)")
+    wrap(engine.runner, "run", "runner.run (all)")
+    try:
+        from nanoflow_fx.ops.flashinfer_attention import FlashInferPlanner
+        wrap(FlashInferPlanner, "plan_tables", "flashinfer plan")
+    except ImportError:
+        pass
+    steps = engine.stats.steps
+    try:
+        timed(model, ids, new)
+    finally:
+        for owner, name, original in reversed(patches):
+            setattr(owner, name, original)
+    steps = engine.stats.steps - steps
+    return {label: seconds / steps * 1e3 for label, seconds in totals.items()}
 
 
 def kernel_ms(model: Any, ids: torch.Tensor, new: int) -> float:
@@ -110,10 +179,12 @@ def main() -> None:
         ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
         timed(model, ids, 8)  # warm-up
         runs = [step_ms(model, ids, args.new_tokens) for _ in range(3)]
+        phases = host_phases(model, ids, args.new_tokens)
         replay = replay_ms(model, batch)  # at the context the last run ended with
         # kernel time of a decode step: of generate(N) less generate(1) (the prefill), per added step
         kernels = (kernel_ms(model, ids, 33) - kernel_ms(model, ids, 1)) / 32
         case = dict(batch=batch, runs=runs, graph_replay_ms_at_end=replay, kernel_ms_per_decode_step=kernels,
+                    host_phases_ms_per_step=phases,
                     step_over_replay=[r["step_ms"] / replay for r in runs] if replay else None,
                     decode_step_over_replay=[r["decode_step_ms"] / replay for r in runs] if replay else None,
                     step_over_kernels=[r["step_ms"] / kernels for r in runs],

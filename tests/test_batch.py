@@ -69,3 +69,36 @@ def test_a_staged_step_equals_the_unstaged_one() -> None:
 def _tensors(inputs: object) -> list[object]:
     return [inputs.input_ids, inputs.position_ids, inputs.feed_slots, inputs.logits_indices,  # type: ignore[attr-defined]
             *inputs.metadata.tensors()]  # type: ignore[attr-defined]
+
+
+@given(st.lists(st.tuples(st.integers(1, 30), st.integers(0, 4)), min_size=1, max_size=6), st.integers(0, 3))
+def test_a_replay_page_list_is_the_front_of_the_padded_one(requests: list[tuple[int, int]], extra: int) -> None:
+    """A CUDA-graph replay packs the page list unpadded (`pad_pages=False`) and copies it into the front of the
+    bucket's buffer: it must be the padded list's front, every other field equal, and every entry a request reads
+    (kv_indptr's ranges) must lie inside it, so the buffer's stale tail is never read."""
+    import torch
+
+    from nanoflow_fx.runtime import Chunk
+    from nanoflow_fx.runtime.batch import StepShape, build_step
+
+    page_size, next_page, reqs = 4, 0, []
+    for i, (prompt_len, generated) in enumerate(requests):
+        req = Request(f"r{i}", list(range(prompt_len)), GREEDY, 8, output=[5] * generated)
+        req.num_cached = req.num_tokens - 1 if generated else 0
+        pages = -(-req.num_tokens // page_size)
+        req.pages, next_page = list(range(next_page, next_page + pages)), next_page + pages
+        reqs.append(req)
+    chunks = [Chunk(r, r.num_pending) for r in reqs]
+    tokens = sum(c.num_tokens for c in chunks) + extra
+    shape = StepShape(tokens, tokens, next_page + 1 + tokens, tokens)
+    padded = build_step(chunks, (torch.zeros(1),), page_size, next_page, torch.device("cpu"), shape=shape)
+    replay = build_step(chunks, (torch.zeros(1),), page_size, next_page, torch.device("cpu"), shape=shape,
+                        pad_pages=False)
+    assert padded.metadata.kv_indices.shape[0] == shape.pages
+    short = replay.metadata.kv_indices
+    assert short.shape[0] < shape.pages
+    assert torch.equal(padded.metadata.kv_indices[: short.shape[0]], short)
+    assert int(replay.metadata.kv_indptr[-1]) <= short.shape[0]
+    for a, b in zip(_tensors(padded), _tensors(replay)):
+        if a is not padded.metadata.kv_indices:
+            assert torch.equal(a, b)

@@ -35,10 +35,12 @@ class AttentionMetadata:
 
 def pad_request_table(
     qo_indptr: list[int], kv_indptr: list[int], kv_indices: list[int], kv_last_page_len: list[int],
-    page_size: int, requests: int, pages: int,
+    page_size: int, requests: int, pages: int, pad_pages: bool = True,
 ) -> None:
     """Pad a request table (host lists, in place) to fixed sizes, as a CUDA graph's static inputs need: empty
-    requests (no queries, no pages) up to `requests`, unused page ids up to `pages`."""
+    requests (no queries, no pages) up to `requests`, unused page ids up to `pages` (with `pad_pages`; else the
+    page list keeps its length, at most `pages`: it fills the front of a static buffer whose tail no request
+    reads)."""
     missing = requests - len(kv_last_page_len)
     if missing < 0 or len(kv_indices) > pages:
         raise ValueError(f"a table of {len(kv_last_page_len)} requests / {len(kv_indices)} pages does not fit "
@@ -46,4 +48,5 @@ def pad_request_table(
     qo_indptr += [qo_indptr[-1]] * missing
     kv_indptr += [kv_indptr[-1]] * missing
     kv_last_page_len += [page_size] * missing
-    kv_indices += [0] * (pages - len(kv_indices))
+    if pad_pages:
+        kv_indices += [0] * (pages - len(kv_indices))

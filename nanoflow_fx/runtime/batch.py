@@ -153,6 +153,7 @@ def build_step(
     shape: StepShape | None = None,
     pin: bool = False,
     staging: HostStaging | None = None,
+    pad_pages: bool = True,
 ) -> StepInputs:
     """Pack the chunks' tokens into one step. Requests' pages must already cover their new tokens.
 
@@ -168,6 +169,10 @@ def build_step(
     from pinned host memory without blocking the host; `pin` pins CPU results (the source of a later
     non-blocking copy). With `staging` (the step runner's, on CUDA) the host results are views of its reused
     buffers instead (valid until it has packed `depth` more steps: copy them to the device at once).
+    `pad_pages=False` leaves the page list unpadded (its real length, at most `shape.pages`): a CUDA-graph replay
+    copies it into the front of the graph's page buffer (a bucket's buffer holds every page of the cache, so
+    padding it would pack and copy tens of thousands of unused ids every step); the request table still says
+    which entries each request reads, so the buffer's tail is never read.
     """
     packed = _Packed(page_size)
     logits_rows: list[int] = []
@@ -191,7 +196,7 @@ def build_step(
     logits_rows += [len(packed.ids) - 1] * max(0, (2 if shape is None else shape.logits) - num_logits)
     if shape is not None:
         pad_request_table(packed.qo, packed.kv_ptr, packed.kv_idx, packed.last_len, page_size, shape.requests,
-                          shape.pages)
+                          shape.pages, pad_pages)
     fields = [(packed.qo, torch.int32), (packed.kv_ptr, torch.int32), (packed.kv_idx, torch.int32),
               (packed.last_len, torch.int32), (packed.slots, torch.int64), (packed.ids, torch.int64),
               (packed.positions, torch.int64), (packed.feed, torch.int64), (logits_rows, torch.int64)]

@@ -162,10 +162,11 @@ class CudaGraphRunner:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          all_logits, backend=self.backend.name, shape=shape, pin=True, staging=self.staging)
+                          all_logits, backend=self.backend.name, shape=shape, pin=True, staging=self.staging,
+                          pad_pages=False)
         targets, sources = _step_tensors(entry.inputs), _step_tensors(host)
-        for dst, src in zip(targets, sources):
-            dst.copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
+        for dst, src in zip(targets, sources):  # (the page list fills the front of its buffer: see build_step)
+            dst[: src.shape[0]].copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
         if entry.planner is not None:
             entry.planner.plan(host.metadata, entry.inputs.metadata.kv_indices)
         entry.graph.replay()
