@@ -35,8 +35,17 @@ class ExperimentalConfig:
     memory_sms: int = 32
     """SMs of the memory-bound unit's partition ("soft"/"carveout"/"hard"); rounded up to a multiple of 8."""
 
+    split_decode_graphs: bool = False
+    """Cut the decode steps replayed from CUDA graphs too: each bucket's graph is captured with the cut the step's
+    split policy gives its size (`num_nanobatches`; the search's pick with "auto"), its nano-batches' streams
+    forking from and joining the capture. Off: decode graphs run whole, as a cut reads every weight once more per
+    nano-batch."""
+
     def __post_init__(self) -> None:
         _require_positive_int("memory_sms", self.memory_sms)
+        if not isinstance(self.split_decode_graphs, bool):
+            raise ValueError(f"ExperimentalConfig.split_decode_graphs must be True or False, not "
+                             f"{self.split_decode_graphs!r}")
         if self.sm_partition not in SM_PARTITIONS:
             raise ValueError(f"ExperimentalConfig.sm_partition={self.sm_partition!r} is not one of {SM_PARTITIONS}")
 

@@ -32,6 +32,7 @@ class Explanation:
     num_decodes: int
     cut: str  # how the runtime cuts that step
     schedule_text: str  # the Schedule it runs (`schedule.format_schedule`)
+    graphs: str = ""  # the decode steps' CUDA graphs: their buckets and whether each was captured cut, or why off
     searched: tuple[str, ...] = ()  # num_nanobatches="auto": per tuned step shape, the pick, measured and predicted
     units: tuple[UnitComparison, ...] = ()  # explain(..., timelines=dir): per tuned shape, predicted vs profiled
 
@@ -50,6 +51,7 @@ class Explanation:
             "  " + " ".join(self.pieces),
             f"a step of {self.num_tokens} tokens ({self.num_decodes} decodes): {self.cut}",
             "schedule:", self.schedule_text.rstrip(),
+            *([f"CUDA graphs: {self.graphs}"] if self.graphs else []),
             *(["schedule search (measured on the device; predicted by the cost table):", *self.searched]
               if self.searched else []),
             *(["per unit, predicted against a profiled step (ms):", *map(str, self.units)] if self.units else []),
@@ -64,7 +66,7 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, num_decodes: 
     real step of each tuned shape cut as the search chose, profiled (`compare_step`): its predicted against
     measured busy time per unit in `Explanation.units`, and its timeline there as `<shape>.png` and
     `<shape>.json` (`cost.model.shape_key`; the JSON a Chrome trace that Perfetto opens)."""
-    from nanoflow_fx.runtime.program_runner import program_schedule
+    from nanoflow_fx.runtime.program_runner import cut_bounds, program_schedule
 
     runtime = getattr(model, "nanoflow", None)
     step_fn = getattr(runtime, "step_fn", None)
@@ -86,7 +88,7 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, num_decodes: 
     tokens = int(num_tokens if num_tokens is not None else cfg.max_num_tokens)
     policy = runtime.runner.split_policy
     cut = policy(tokens, num_decodes) if policy is not None else None
-    if cut is None or (len(cut.boundaries) <= 2 and (cut.attention is None or len(cut.attention) <= 2)):
+    if cut is None or cut_bounds(cut, tokens) is None:
         how, schedule = "run whole (one nano-batch)", program_schedule(program, (0, tokens), one_unit=True)
     else:
         units = "one stream, in the schedule's order" if cut.units is None else (
@@ -101,7 +103,20 @@ def explain(model: PreTrainedModel, num_tokens: int | None = None, num_decodes: 
     pieces = tuple(p.name + ("*" if p.whole else "") for p in program.pieces)
     return Explanation(type(model).__name__, f"{runtime.lowering.describe()} (key {runtime.lowering.key})", source,
                        dict(counts), tuple(capture.passes) if capture is not None else (), pieces, program.compiles,
-                       tokens, num_decodes, how, format_schedule(schedule), searched, units_found)
+                       tokens, num_decodes, how, format_schedule(schedule), _graphs(runtime.runner), searched,
+                       units_found)
+
+
+def _graphs(runner: Any) -> str:
+    """The decode buckets' CUDA graphs as captured: whole, or each one's cut; or why there are none."""
+    graphs = runner.cuda_graphs
+    if graphs is None:
+        return f"off ({runner.cuda_graphs_off_reason})"
+    cuts = {shape.tokens: g.nanobatches.record.boundaries if g.nanobatches is not None else None
+            for shape, g in sorted(graphs.graphs.items(), key=lambda item: item[0].tokens)}
+    if not any(cuts.values()):
+        return f"decode buckets {list(cuts)}, each replayed whole"
+    return "decode buckets cut at " + ", ".join(f"{b}: {list(c) if c else 'whole'}" for b, c in cuts.items())
 
 
 def _profiled_units(model: PreTrainedModel, runtime: Any, directory: str) -> tuple[UnitComparison, ...]:

@@ -105,7 +105,8 @@ def test_invalid_config_values(field: str, value: object, match: str) -> None:
         nanoflow_fx.NanoFlowConfig(**{field: value})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("field", "value"), [("sm_partition", "half"), ("memory_sms", 0)])
+@pytest.mark.parametrize(("field", "value"), [("sm_partition", "half"), ("memory_sms", 0),
+                                              ("split_decode_graphs", "yes")])
 def test_invalid_experimental_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         nanoflow_fx.ExperimentalConfig(**{field: value})  # type: ignore[arg-type]
@@ -122,7 +123,8 @@ def test_research_knobs_live_in_the_experimental_sub_config() -> None:
         with pytest.raises(TypeError, match=field):
             nanoflow_fx.NanoFlowConfig(**{field: "soft"})  # type: ignore[arg-type]
     config = nanoflow_fx.NanoFlowConfig(experimental=nanoflow_fx.ExperimentalConfig(sm_partition="soft", memory_sms=48))
-    assert config.to_dict()["experimental"] == {"sm_partition": "soft", "memory_sms": 48}
+    assert config.to_dict()["experimental"] == {"sm_partition": "soft", "memory_sms": 48,
+                                                "split_decode_graphs": False}
     assert nanoflow_fx.NanoFlowConfig.from_dict(config.to_dict()) == config
     assert nanoflow_fx.NanoFlowConfig().experimental == nanoflow_fx.ExperimentalConfig(sm_partition="off")
     with pytest.raises(ValueError, match="ExperimentalConfig has no field"):

@@ -36,6 +36,7 @@ def test_explain_a_nanobatched_model_shows_the_program_and_cut_that_run() -> Non
     text = str(e)
     for part in ("LlamaForCausalLM", "fuse_linears", "annotate", "L1.attn", "a step of 40 tokens", "cut at"):
         assert part in text
+    assert e.graphs.startswith("off (") and f"CUDA graphs: {e.graphs}" in text  # (a CPU model has none)
 
 
 def test_explain_an_unsplit_model_and_a_bare_model() -> None:

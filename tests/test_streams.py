@@ -58,28 +58,41 @@ def test_stream_plan_of_a_captured_model_schedule() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("graphs", [False, True, "split"])
 @pytest.mark.parametrize("partition", ["streams", "soft", "carveout", "hard"])
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
-def test_multi_stream_generation_equals_one_stream(family: str, partition: str, graphs: bool) -> None:
+def test_multi_stream_generation_equals_one_stream(family: str, partition: str, graphs: bool | str) -> None:
     """2 nano-batches on one stream per unit (plain, soft-partitioned, with the GEMMs' SM carve-out, or
-    hard-partitioned), decode steps eager or replayed as CUDA graphs: the tokens of the single-stream run, which
-    equal HF's (fp32 parity tests)."""
+    hard-partitioned), decode steps eager, replayed as whole CUDA graphs, or replayed as graphs captured cut in
+    two ("split": the units fork and join inside each capture): the tokens of the single-stream run, which equal
+    HF's (fp32 parity tests)."""
     import dataclasses
 
+    import nanoflow_fx
     from tests.conftest import DEFAULT_CONFIG, optimized
     from tests.test_generate_parity import _left_padded_batch
 
+    if graphs == "split" and family == "mixtral":
+        pytest.skip("fp32 MoE syncs in HF's grouped-mm fallback: no CUDA graphs to cut")
     one = dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2, cuda_graphs=False)
-    multi = dataclasses.replace(one, experimental=ExperimentalConfig(sm_partition=partition), cuda_graphs=graphs)
+    experimental = ExperimentalConfig(sm_partition=partition, split_decode_graphs=graphs == "split")
+    multi = dataclasses.replace(one, experimental=experimental, cuda_graphs=bool(graphs))
     ids, mask = (t.cuda() for t in _left_padded_batch([3, 12, 7, 9]))
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
     want = optimized(family, one, device="cuda").generate(ids, **kwargs)
     model = optimized(family, multi, device="cuda")
+    runner = model.nanoflow.runner
     if graphs and family != "mixtral":  # fp32 MoE syncs in HF's grouped-mm fallback: capture gives up (logged)
-        assert model.nanoflow.runner.cuda_graphs is not None, model.nanoflow.runner.cuda_graphs_off_reason
+        assert runner.cuda_graphs is not None, runner.cuda_graphs_off_reason
+        cut = {shape.tokens: g.nanobatches is not None for shape, g in runner.cuda_graphs.graphs.items()}
+        assert all(cut.values()) if graphs == "split" else not any(cut.values()), cut
+        shown = nanoflow_fx.explain(model).graphs
+        assert shown.startswith("decode buckets cut at" if graphs == "split" else "decode buckets"), shown
+        before = runner.stats["graph_steps"]
     got = model.generate(ids, **kwargs)
     assert torch.equal(got, want)
+    if graphs and family != "mixtral":
+        assert runner.stats["graph_steps"] > before  # the decode steps did replay the (cut) graphs
     runners = program_runners(model)
     assert any(r.last_schedule is not None and r.last_schedule.units == ("compute", "memory") for r in runners)
 
@@ -131,6 +144,19 @@ def test_padded_split_metadata_is_the_unpadded_split_plus_empty_entries() -> Non
             assert torch.equal(q_qo[: n + 1], p_qo) and torch.equal(q_kvp[: n + 1], p_kvp)
             assert torch.equal(q_last[:n], p_last) and torch.equal(q_kvi[: p_kvi.shape[0]], p_kvi)
             assert bool((q_qo[n:] == p_qo[-1]).all()) and bool((q_kvp[n:] == p_kvp[-1]).all())
+        # A pair per nano-batch (a CUDA graph's nano-batches of their own sizes), and a replay's tables: requests
+        # padded, the page list left at its length (it fills the front of the static buffer)
+        own = [(p[3].shape[0] + data.draw(st.integers(0, 2)), len(kvi) + 1) for p in plain]
+        sized = split_attention_metadata(*metadata, page, boundaries, pad=own)
+        replay = split_attention_metadata(*metadata, page, boundaries, pad=own, pad_pages=False)
+        for (_, _, p_kvi, _), (rows, pages), s_part, r_part in zip(plain, own, sized, replay):
+            assert s_part[3].shape[0] == rows and s_part[2].shape[0] == pages
+            assert torch.equal(s_part[0], r_part[0]) and torch.equal(s_part[1], r_part[1])
+            assert torch.equal(s_part[3], r_part[3]) and torch.equal(r_part[2], p_kvi)
+            assert torch.equal(s_part[2][: p_kvi.shape[0]], r_part[2])
+            assert int(r_part[1][-1]) == r_part[2].shape[0]  # every entry a request reads lies in the front
+        with pytest.raises(ValueError, match="pads for"):
+            split_attention_metadata(*metadata, page, boundaries, pad=own + [(1, 1)])
 
     check()
 

@@ -21,8 +21,10 @@ import torch
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.context import StepContext, step_context
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
+from nanoflow_fx.ops.split_metadata import split_attention_metadata
 from nanoflow_fx.runtime.batch import Chunk, HostStaging, StepInputs, StepShape, build_step, feed_pending
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
+from nanoflow_fx.runtime.program_runner import NanobatchStep, SplitPolicy, cut_bounds
 
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE  # (what CUDAGraph.pool() returns and torch.cuda.graph takes)
@@ -52,11 +54,25 @@ def route_buckets(buckets: Sequence[int], replay_ms: dict[int, float], margin: f
 
 
 @dataclass
+class _Nanobatches:
+    """A bucket's graph captured cut into nano-batches: the attention cut, each nano-batch's static metadata on the
+    device (qo_indptr, kv_indptr, kv_indices, kv_last_page_len) and its own planner (fixed buffers), re-planned
+    before every replay, and each one's table sizes (requests: its rows, every one a one-token request)."""
+
+    attention: tuple[int, ...]
+    metadata: tuple[tuple[torch.Tensor, ...], ...]
+    planners: tuple[Planner | None, ...]
+    sizes: tuple[tuple[int, int], ...]
+    record: NanobatchStep
+
+
+@dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: StepInputs  # static tensors the graph reads
     logits: torch.Tensor  # static output [shape.logits, vocab]
     planner: Planner | None  # the bucket's own planner (backends that plan on the host)
+    nanobatches: _Nanobatches | None = None  # the cut it was captured with (None: whole)
 
 
 class CudaGraphRunner:
@@ -65,14 +81,20 @@ class CudaGraphRunner:
         last_tokens: torch.Tensor,
         attention_configs: Sequence[AttentionConfig] = (),
         staging: HostStaging | None = None,
+        split_policy: SplitPolicy | None = None,
     ) -> None:
         """`last_tokens` is the engine's device-side table of each request's last sampled token; the graphs
         read PENDING input tokens from it (see `feed_pending`). A backend that plans on the host gives each
         bucket its own planner (fixed buffers), re-planned before every replay. Decode steps run whole (one
-        nano-batch) in any configuration: splitting a decode step reads every weight once more per nano-batch."""
+        nano-batch) unless `split_policy` cuts them (`ExperimentalConfig.split_decode_graphs`): then each bucket's
+        graph is captured with the cut the policy gives its size, the nano-batches' streams forking from and
+        joining the capture stream (`ProgramRunner`), each nano-batch's attention on a planner of its own. The cut
+        is part of the graph (`_Graph.nanobatches`), fixed at capture. Splitting a decode step reads every weight
+        once more per nano-batch: on one GPU that is not won back (docs/findings.md)."""
         self.step_fn, self.kv_cache, self.backend, self.last_tokens = step_fn, kv_cache, backend, last_tokens
         self.attention_configs = tuple(attention_configs)
         self.staging = staging  # the step runner's host buffers, where each replay's inputs are packed
+        self.split_policy = split_policy
         self.buckets = decode_buckets(max_batch_size)
         self.graphs: dict[StepShape, _Graph] = {}
         self.capture_seconds = 0.0
@@ -139,8 +161,11 @@ class CudaGraphRunner:
         planner = self.backend.make_planner(self.attention_configs, cache.page_size, cache.dtype, cache.device,
                                             decode_batch=shape.requests, max_pages=shape.pages)
         # The captured launches read the bucket planner's buffers, which each replay re-plans (`run`).
-        context = StepContext(plans=planner.plan(host.metadata, inputs.metadata.kv_indices)
-                              if planner is not None else None)
+        nanobatches = self._nanobatches(shape, host) if self.split_policy is not None else None
+        plans = None
+        if planner is not None and nanobatches is None:
+            plans = planner.plan(host.metadata, inputs.metadata.kv_indices)
+        context = StepContext(plans=plans, nanobatches=nanobatches.record if nanobatches is not None else None)
 
         def step() -> torch.Tensor:
             input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
@@ -156,7 +181,28 @@ class CudaGraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             logits = step()
-        return _Graph(graph, inputs, logits, planner)
+        return _Graph(graph, inputs, logits, planner, nanobatches)
+
+    def _nanobatches(self, shape: StepShape, host: StepInputs) -> _Nanobatches | None:
+        """The static nano-batch record of `shape`'s graph, if the split policy cuts a decode step of its size."""
+        assert self.split_policy is not None
+        cut = self.split_policy(shape.tokens, shape.tokens)  # (every token of a decode bucket is a decode)
+        bounds = cut_bounds(cut, shape.tokens)
+        if bounds is None:
+            return None
+        assert cut is not None
+        boundaries, attention = bounds
+        cache = self.kv_cache
+        sizes = tuple((end - start, shape.pages) for start, end in zip(attention[:-1], attention[1:]))
+        parts = split_attention_metadata(*host.metadata.tensors()[:4], cache.page_size, attention, pad=sizes,
+                                         pin=True)
+        metadata = tuple(tuple(t.to(cache.device, non_blocking=True) for t in part) for part in parts)
+        planners = tuple(self.backend.make_planner(self.attention_configs, cache.page_size, cache.dtype, cache.device,
+                                                   decode_batch=rows, max_pages=pages) for rows, pages in sizes)
+        plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2]) if planner is not None else None
+                      for planner, part, meta in zip(planners, parts, metadata))
+        record = NanobatchStep(boundaries, metadata, plans, cut.units, attention if attention != boundaries else None)
+        return _Nanobatches(attention, metadata, planners, sizes, record)
 
     def run(self, chunks: Sequence[Chunk], shape: StepShape, all_logits: bool) -> torch.Tensor:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
@@ -167,7 +213,16 @@ class CudaGraphRunner:
         targets, sources = _step_tensors(entry.inputs), _step_tensors(host)
         for dst, src in zip(targets, sources):  # (the page list fills the front of its buffer: see build_step)
             dst[: src.shape[0]].copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
-        if entry.planner is not None:
+        split = entry.nanobatches
+        if split is not None:  # each nano-batch's table into its static tensors, then its planner
+            parts = split_attention_metadata(*host.metadata.tensors()[:4], cache.page_size, split.attention,
+                                             pad=split.sizes, pin=True, pad_pages=False)
+            for part, static, planner in zip(parts, split.metadata, split.planners):
+                for dst, src in zip(static, part):
+                    dst[: src.shape[0]].copy_(src, non_blocking=True)
+                if planner is not None:
+                    planner.plan_tables(part[0], part[1], part[3], static[2])
+        elif entry.planner is not None:
             entry.planner.plan(host.metadata, entry.inputs.metadata.kv_indices)
         entry.graph.replay()
         return entry.logits[: host.num_logits]

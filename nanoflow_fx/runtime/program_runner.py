@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -80,6 +80,24 @@ class Cut:
     boundaries: tuple[int, ...]
     units: Units | None = None
     attention: tuple[int, ...] | None = None
+
+
+SplitPolicy = Callable[[int, int], "Cut | None"]
+"""(step tokens, leading decode requests) -> how to cut the step (`Cut`), or None: run it whole."""
+
+
+def cut_bounds(cut: Cut | None, num_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """A cut's (dense boundaries, attention boundaries) for a step of `num_tokens` tokens (padding included),
+    checked (from 0, strictly rising, ending at `num_tokens`); None when it cuts nothing."""
+    if cut is None or (len(cut.boundaries) <= 2 and (cut.attention is None or len(cut.attention) <= 2)):
+        return None
+    boundaries = Split(cut.boundaries).boundaries  # (checks: from 0, strictly rising)
+    attention = Split(cut.attention).boundaries if cut.attention is not None else boundaries
+    for name, bounds in (("", boundaries), ("attention ", attention)):
+        if bounds[-1] != num_tokens:
+            raise ValueError(f"the split policy cut a step of {num_tokens} tokens (padding included) at {name}"
+                             f"boundaries {bounds}: the last boundary must be {num_tokens}")
+    return boundaries, attention
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,9 @@ from nanoflow_fx.ops.split_metadata import split_attention_metadata
 from nanoflow_fx.runtime.batch import Chunk, HostStaging, build_step, feed_pending, to_device
 from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
-from nanoflow_fx.runtime.program_runner import Cut, NanobatchStep, PieceTimer
+from nanoflow_fx.runtime.program_runner import NanobatchStep, PieceTimer, SplitPolicy, cut_bounds
 from nanoflow_fx.runtime.requests import Request
 from nanoflow_fx.runtime.sampling import SamplingParams
-from nanoflow_fx.schedule import Split
 
 __all__ = ["StepRunner"]
 
@@ -43,9 +42,6 @@ log = logging.getLogger(__name__)
 
 _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), min_new_tokens=0)
 
-
-SplitPolicy = Callable[[int, int], "Cut | None"]
-"""(step tokens, leading decode requests) -> how to cut the step (`Cut`), or None: run it whole."""
 
 RUNNER_POLICY: Any = "runner"
 """The `split` argument that means: cut the step as the runner's own `split_policy` says."""
@@ -159,18 +155,19 @@ class StepRunner:
     def enable_cuda_graphs(self) -> bool:
         """Capture decode-bucket CUDA graphs now, if this runner can replay them; returns whether it did.
 
-        They need a CUDA model and a backend without host syncs; decode steps replay whole in every configuration
-        (a cut applies to eager steps only). A model whose step syncs with
-        the host (e.g. HF's fp32 grouped-MoE fallback calls .tolist()) fails to capture: it is logged. Whenever
-        graphs stay off, the reason is in `cuda_graphs_off_reason` and every step runs the captured step
-        directly (still correct).
+        They need a CUDA model and a backend without host syncs; decode steps replay whole unless
+        `ExperimentalConfig.split_decode_graphs` asks for the split policy's cut in them too (fixed at capture).
+        A model whose step syncs with the host (e.g. HF's fp32 grouped-MoE fallback calls .tolist()) fails to
+        capture: it is logged. Whenever graphs stay off, the reason is in `cuda_graphs_off_reason` and every step
+        runs the captured step directly (still correct).
         """
         reason = self._cuda_graphs_blocker()
         if reason:
             self.cuda_graphs_off_reason = reason
             return False
+        split = self.split_policy if self.config.experimental.split_decode_graphs else None
         runner = CudaGraphRunner(self.step_fn, self.kv_cache, self.config.max_batch_size, self.backend,
-                                 self.last_tokens, self.attention_configs, self.staging)
+                                 self.last_tokens, self.attention_configs, self.staging, split)
         try:
             runner.capture_all()
         except RuntimeError as err:
@@ -290,14 +287,11 @@ class StepRunner:
                 break
             num_decode += 1
         cut = policy(num_tokens, num_decode)
-        if cut is None or (len(cut.boundaries) <= 2 and (cut.attention is None or len(cut.attention) <= 2)):
+        bounds = cut_bounds(cut, num_tokens)
+        if bounds is None:
             return None
-        boundaries = Split(cut.boundaries).boundaries  # (checks: from 0, strictly rising)
-        attention = Split(cut.attention).boundaries if cut.attention is not None else boundaries
-        for name, bounds in (("", boundaries), ("attention ", attention)):
-            if bounds[-1] != num_tokens:
-                raise ValueError(f"the split policy cut a step of {num_tokens} tokens (padding included) at {name}"
-                                 f"boundaries {bounds}: the last boundary must be {num_tokens}")
+        assert cut is not None  # (cut_bounds cuts nothing without one)
+        boundaries, attention = bounds
         on_cuda = self.device.type == "cuda"
         # one attention plan and metadata per attention nano-batch (the dense pieces' cut needs none)
         parts = split_attention_metadata(*host, self.kv_cache.page_size, attention, pin=on_cuda)
