@@ -22,6 +22,7 @@ from nanoflow_fx.capture.replicate import find_layer_stack
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.capture.store import StepStore, step_key
 from nanoflow_fx.capture.support import discover_layers
+from nanoflow_fx.capture.tensor_parallel import tensor_parallel_of
 from nanoflow_fx.config import NanoFlowConfig, cache_root, resolve
 from nanoflow_fx.cost.autotune import search_schedules
 from nanoflow_fx.cost.model import CostTable, DecodeTiming
@@ -64,7 +65,8 @@ class NanoFlowRuntime:
         self.config = resolve(config, model, self.device, self.dtype)
         self.layout = relayout()
         self.follow_model = model_follower(model, self.dtype, self.device, self.layout)
-        self.lowering = lowering_for(self.config)  # the passes every step is lowered through
+        self.tensor_parallel = tensor_parallel_of(model)  # this rank's TP group, if the model is sharded
+        self.lowering = lowering_for(self.config, self.tensor_parallel)  # the passes every step is lowered through
         self.split_policy: SplitPolicy | None = (
             even_split(self.config, self.device) if self.config.nanobatched else None)
         self.search_pending = False  # num_nanobatches="auto": the search waits for the backend's kernels

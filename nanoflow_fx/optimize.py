@@ -25,6 +25,7 @@ from nanoflow_fx.capture.check import PROBE_LENGTHS, check_against_eager, probe_
 from nanoflow_fx.capture.fuse_linears import FusedLayout, relayout_parallel_linears
 from nanoflow_fx.capture.lowering import lowering_for
 from nanoflow_fx.capture.support import check_supported
+from nanoflow_fx.capture.tensor_parallel import localize, vocab_size
 from nanoflow_fx.config import NanoFlowConfig, as_config, cache_root
 from nanoflow_fx.cost.autotune import search_schedules
 from nanoflow_fx.errors import CaptureMismatchError
@@ -58,6 +59,7 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
     without a runtime: its own `generate()` and attention, as if never optimized.
     """
     config = as_config(config)
+    localize(model)  # tensor parallelism: DTensor shards -> plain local shards + functional collectives
     check_supported(model)
     _use_cache_dir(config)
     _teardown(model)
@@ -129,8 +131,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         bar.update()
         bar.set_postfix_str("size the KV cache")
         if sized_by_memory:
-            vocab_size = model.get_output_embeddings().weight.shape[0]
-            pages = pages_from_memory(runtime.runner, cfg, vocab_size)
+            pages = pages_from_memory(runtime.runner, cfg, vocab_size(model))
             runtime.use_cache(PagedKVCache(runtime.layers, pages, cfg.page_size, runtime.dtype, runtime.device))
         sized = time.perf_counter()
         bar.update()

@@ -23,10 +23,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
+from nanoflow_fx.capture.tensor_parallel import vocab_size
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import InvalidInputError, KVCacheExhaustedError, RequestTooLongError
 from nanoflow_fx.runtime.batch import to_device
@@ -99,8 +99,7 @@ class Engine:
         self.runner, self.config = runner, config
         self.before_new_requests = before_new_requests
         self.kv_cache = runner.kv_cache
-        embedding = runner.step_fn.model.get_input_embeddings()
-        self.vocab_size = cast(torch.Tensor, embedding.weight).shape[0]  # (an embedding's weight: [vocab, hidden])
+        self.vocab_size = vocab_size(runner.step_fn.model)  # (the whole vocabulary under tensor parallelism)
         allocator = self.kv_cache.allocator
         # Admission keeps 1% of the pages free (as vLLM does) and pages for the tokens running requests are
         # expected to generate: all their max_new_tokens at first, then the share finished requests really

@@ -1,0 +1,145 @@
+"""Tensor parallelism on the CPU: 2 processes on gloo, each loading a tiny checkpoint with transformers' own TP
+(`from_pretrained(..., distributed_config=DistributedConfig(tp_size=2))`, as every torchrun rank does), then
+`nanoflow_fx.optimize(model)`. Greedy outputs must equal one process's HF eager `generate()` in fp32, token for
+token; the captured step must hold the plan's collectives on each rank's local shards.
+
+One world of 2 processes serves the whole module (`tests/tp_workers.py`): its tasks are the functions `_task_*`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import nanoflow_fx
+from tests.helpers import DEFAULT_CONFIG, NO_EOS, PAD, left_padded_batch
+from tests.tiny_models import build
+from tests.tp_workers import STATE, Workers
+
+pytest.importorskip("accelerate", reason="transformers loads a tp_plan only with accelerate installed")
+
+WORLD = 2
+# Families with a TP plan whose heads divide by 2 (tiny configs: 4 query heads, 2 KV heads): dense GQA, sliding
+# window, q/k norms, soft-capping with alternating layers.
+TP_FAMILIES = ["llama", "mistral", "qwen3", "gemma2"]
+CONFIG = dataclasses.asdict(DEFAULT_CONFIG) | {"experimental": None}
+
+
+@pytest.fixture(scope="module")
+def workers() -> Iterator[Workers]:
+    pool = Workers(WORLD)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Each family's seed-0 tiny model, saved as a checkpoint the ranks load (hubs are unreachable)."""
+    root = tmp_path_factory.mktemp("tp_checkpoints")
+    paths = {}
+    for family in [*TP_FAMILIES, "mixtral"]:
+        build(family).save_pretrained(root / family)
+        paths[family] = str(root / family)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------- rank tasks
+def _config(changes: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (CONFIG | changes).items() if k != "experimental"}
+
+
+def _task_load(path: str, key: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Load with transformers' TP plan and optimize; what the rank holds and captured."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 distributed_config=DistributedConfig(tp_size=WORLD))
+    model.set_attn_implementation("eager")
+    nanoflow_fx.optimize(model, _config(changes))
+    STATE[key] = model
+    runtime = model.nanoflow
+    graph = runtime.step_fn.captures[-1].graph if runtime.step_fn.captures else None
+    ops = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"] if graph is not None else []
+    return dict(
+        tp=dataclasses.asdict(runtime.tensor_parallel),
+        passes=[p.name for p in runtime.lowering.passes],
+        lowering_key=runtime.lowering.key,
+        q_rows=model.model.layers[0].self_attn.q_proj.weight.shape[0],
+        embed_rows=model.get_input_embeddings().weight.shape[0],
+        kv_heads=[layer.num_kv_heads for layer in runtime.layers],
+        all_reduces=sum("all_reduce" in op for op in ops),
+        all_gathers=sum("all_gather" in op for op in ops),
+        fused=runtime.fused_linear_groups,
+        replicated=runtime.step_fn.captures[-1].replicated if runtime.step_fn.captures else None,
+    )
+
+
+def _task_generate(key: str, ids: list[list[int]], mask: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    out = STATE[key].generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new_tokens,
+                              do_sample=False, eos_token_id=NO_EOS, pad_token_id=PAD)
+    return out.tolist()
+
+
+def _task_drop(key: str) -> None:
+    STATE.pop(key, None)
+
+
+def _hf_generate(path: str, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.set_attn_implementation("eager")
+    return model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=NO_EOS, pad_token_id=PAD).tolist()
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("nanobatches", [1, 2])
+@pytest.mark.parametrize("family", TP_FAMILIES)
+def test_tp2_greedy_generate_equals_one_process_hf(workers: Workers, checkpoints: dict[str, str], family: str,
+                                                    nanobatches: int) -> None:
+    key = f"{family}/{nanobatches}"
+    info = workers.run(_task_load, checkpoints[family], key, {"num_nanobatches": nanobatches})
+    ids, mask = left_padded_batch([5, 11, 8])
+    try:
+        got = workers.run(_task_generate, key, ids.tolist(), mask.tolist(), 10)
+    finally:
+        workers.run(_task_drop, key)
+    want = _hf_generate(checkpoints[family], ids, mask, 10)
+    assert got[0] == got[1] == want
+    config = build(family).config
+    for rank, rec in enumerate(info):
+        assert rec["tp"]["rank"] == rank and rec["tp"]["world_size"] == WORLD
+        assert rec["passes"][0] == "tensor_parallel"
+        # Local shards: half the query rows and half the vocabulary rows; half the KV heads in each cache layer.
+        assert rec["q_rows"] == config.num_attention_heads * (config.head_dim or 0) // WORLD or \
+            rec["q_rows"] == config.hidden_size // WORLD
+        assert rec["embed_rows"] == config.vocab_size // WORLD
+        assert set(rec["kv_heads"]) == {config.num_key_value_heads // WORLD}
+    # The key differs per rank (the rank is baked into the embedding's vocabulary range).
+    assert info[0]["lowering_key"] != info[1]["lowering_key"]
+
+
+def test_tp2_step_graph_holds_the_plans_collectives(workers: Workers, checkpoints: dict[str, str]) -> None:
+    """Llama, 2 layers traced whole: an all-reduce after each layer's o_proj and down_proj (2 x 2), one for the
+    vocabulary-parallel embedding, and one all-gather of the LM head's sampled rows."""
+    info = workers.run(_task_load, checkpoints["llama"], "llama/whole", {"replicate_layers": False})
+    workers.run(_task_drop, "llama/whole")
+    for rec in info:
+        assert rec["all_reduces"] == 2 * 2 + 1
+        assert rec["all_gathers"] == 1
+        assert rec["fused"] == 2 * 2  # q/k/v and gate/up of each layer, fused on the local shards
+
+
+def test_tp2_plan_that_does_not_divide_is_refused(workers: Workers, tmp_path: Path) -> None:
+    """1 KV head on 2 ranks: colwise k/v shards would cut the head in half; optimize() must refuse, naming it."""
+    path = tmp_path / "one_kv_head"
+    build("llama", num_key_value_heads=1).save_pretrained(path)
+    with pytest.raises(AssertionError, match="num_key_value_heads=1"):
+        workers.run(_task_load, str(path), "odd", {})
