@@ -29,6 +29,7 @@ from nanoflow_fx.cost.model import CostTable, DecodeTiming
 from nanoflow_fx.errors import CaptureMismatchError
 from nanoflow_fx.hf_methods import model_follower
 from nanoflow_fx.ops import backend as attention_backends
+from nanoflow_fx.runtime.control_plane import ControlPlane
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 from nanoflow_fx.runtime.program_runner import Cut, make_units
@@ -62,10 +63,15 @@ class NanoFlowRuntime:
         self.attention_started = time.perf_counter()
         self.probe: tuple[list[list[int]], torch.Tensor] | None = None  # the check's prompts, eager logits
         self.cache_sized = False  # the KV cache is the one it keeps (CUDA graphs are captured on it)
-        self.config = resolve(config, model, self.device, self.dtype)
+        self.tensor_parallel = tp = tensor_parallel_of(model)  # this rank's TP group, if the model is sharded
+        # Under TP, every rank's engine plans the same steps (`runtime.control_plane`): the driver's resolved
+        # config (its measured budget) holds on every rank.
+        self.plane = (ControlPlane(tp.group, tp.rank, tp.world_size, config.check_plans) if tp is not None
+                      else None)
+        self.config = (resolve(config, model, self.device, self.dtype) if self.plane is None
+                       else self.plane.share(lambda: resolve(config, model, self.device, self.dtype)))
         self.layout = relayout()
         self.follow_model = model_follower(model, self.dtype, self.device, self.layout)
-        self.tensor_parallel = tensor_parallel_of(model)  # this rank's TP group, if the model is sharded
         self.lowering = lowering_for(self.config, self.tensor_parallel)  # the passes every step is lowered through
         self.split_policy: SplitPolicy | None = (
             even_split(self.config, self.device) if self.config.nanobatched else None)
@@ -94,7 +100,7 @@ class NanoFlowRuntime:
                                  self.attention_configs, self.split_policy)
         if previous is not None:  # steps on a stand-in kernel until the backend's are built (`_start_interim`)
             self.runner.carry_interim(previous)
-        self.engine = Engine(self.runner, self.config, before_new_requests=self.follow_model)
+        self.engine = Engine(self.runner, self.config, before_new_requests=self.follow_model, plane=self.plane)
 
     def wait_until_ready(self) -> bool:
         """Wait until steps run on the chosen attention backend: its kernels built (FlashInfer's JIT build, on a

@@ -132,6 +132,8 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         bar.set_postfix_str("size the KV cache")
         if sized_by_memory:
             pages = pages_from_memory(runtime.runner, cfg, vocab_size(model))
+            if runtime.plane is not None:  # (every rank's scheduler must see the same cache)
+                pages = runtime.plane.agree_min(pages)
             runtime.use_cache(PagedKVCache(runtime.layers, pages, cfg.page_size, runtime.dtype, runtime.device))
         sized = time.perf_counter()
         bar.update()

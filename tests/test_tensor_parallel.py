@@ -86,6 +86,69 @@ def _task_generate(key: str, ids: list[list[int]], mask: list[list[int]], max_ne
     return out.tolist()
 
 
+def _task_generate_batch(key: str, prompts: list[list[int]], max_new_tokens: int,
+                         reserve: bool = True) -> dict[str, Any]:
+    """Rank 0's prompts run (the others pass none); each rank's results and engine statistics. Without
+    `reserve`, admission keeps no pages for the tokens requests will generate (so a small cache preempts)."""
+    from tests.tp_workers import rank
+
+    model = STATE[key]
+    if not reserve:
+        engine = model.nanoflow.engine
+        engine.limits, engine._adapt_reserve = dataclasses.replace(engine.limits, reserve_ratio=0.0), False
+    results = model.generate_batch(prompts if rank() == 0 else [], max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=NO_EOS)
+    stats = model.nanoflow.engine.stats
+    return dict(results={rid: list(r.generated_tokens) for rid, r in results.items()},
+                preemptions=stats.preemptions, steps=stats.steps)
+
+
+def _task_manager(key: str, prompts: list[list[int]], max_new_tokens: int) -> dict[str, Any]:
+    """Rank 0 adds the requests, cancels the second and reads the others' results; the other ranks follow."""
+    from transformers import GenerationConfig
+
+    from tests.tp_workers import rank
+
+    model = STATE[key]
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, eos_token_id=NO_EOS))
+    manager.start()
+    out: dict[str, Any] = {}
+    if rank() == 0:
+        ids = [manager.add_request(p, max_new_tokens=max_new_tokens) for p in prompts]
+        manager.cancel_request(ids[1])
+        for rid in (ids[0], ids[2]):
+            result = manager.get_result(request_id=rid, timeout=120)
+            out[rid] = list(result.generated_tokens) if result is not None else None
+    else:
+        out["add_request"] = manager.add_request(prompts[0], max_new_tokens=max_new_tokens)
+        out["get_result"] = manager.get_result(timeout=0.1)
+    manager.stop(block=True, timeout=120)
+    engine = model.nanoflow.engine
+    out["held_pages"] = engine.kv_cache.allocator.num_pages - engine.kv_cache.allocator.num_free
+    out["running"] = len(engine.running) + len(engine.waiting)
+    return out
+
+
+def _task_diverge(key: str, prompt: list[int]) -> str:
+    """Rank 1 gets a request behind the control plane's back: the ranks' plans differ; every rank must raise."""
+    from nanoflow_fx.errors import RankDivergenceError
+    from nanoflow_fx.runtime.requests import Request
+    from tests.helpers import greedy
+    from tests.tp_workers import rank
+
+    engine = STATE[key].nanoflow.engine
+    stray = Request("stray", list(prompt), greedy(), 4)
+    if rank() == 1:
+        engine.waiting.append(stray)
+    try:
+        STATE[key].generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)
+    except RankDivergenceError as err:
+        return str(err)
+    finally:
+        engine.cancel_now(stray)
+    return "no error"
+
+
 def _task_drop(key: str) -> None:
     STATE.pop(key, None)
 
@@ -143,3 +206,62 @@ def test_tp2_plan_that_does_not_divide_is_refused(workers: Workers, tmp_path: Pa
     build("llama", num_key_value_heads=1).save_pretrained(path)
     with pytest.raises(AssertionError, match="num_key_value_heads=1"):
         workers.run(_task_load, str(path), "odd", {})
+
+
+def _hf_greedy_alone(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.set_attn_implementation("eager")
+    return [model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=NO_EOS,
+                           pad_token_id=PAD)[0, len(p):].tolist() for p in prompts]
+
+
+def _prompts(lengths: list[int], seed: int = 3) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 90, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_tp2_generate_batch_with_preemption_equals_hf(workers: Workers, checkpoints: dict[str, str],
+                                                      family: str) -> None:
+    """6 requests of 9-14 + 12 tokens (6-7 pages of 4) in a 16-page cache, admitted without reserving pages for
+    their new tokens: some must be preempted, on every rank at the same step; rank 0's prompts only (rank 1 passes
+    none) and every rank returns the same results."""
+    key = f"{family}/small-cache"
+    workers.run(_task_load, checkpoints[family], key, {"num_pages": 16})
+    prompts = _prompts([9, 14, 11, 12, 10, 13])
+    try:
+        got = workers.run(_task_generate_batch, key, prompts, 12, False)
+    finally:
+        workers.run(_task_drop, key)
+    want = _hf_greedy_alone(checkpoints[family], prompts, 12)
+    assert list(got[0]["results"].values()) == want
+    assert got[1]["results"] == got[0]["results"]
+    assert got[0]["preemptions"] == got[1]["preemptions"] > 0
+    assert got[0]["steps"] == got[1]["steps"]
+
+
+def test_tp2_manager_requests_on_rank_0_with_cancel(workers: Workers, checkpoints: dict[str, str]) -> None:
+    workers.run(_task_load, checkpoints["llama"], "llama/manager", {})
+    prompts = _prompts([6, 9, 7], seed=4)
+    try:
+        got = workers.run(_task_manager, "llama/manager", prompts, 8)
+    finally:
+        workers.run(_task_drop, "llama/manager")
+    want = _hf_greedy_alone(checkpoints["llama"], prompts, 8)
+    results = [v for k, v in got[0].items() if k.startswith("req_")]
+    assert results == [want[0], want[2]]  # the cancelled second request gave no result
+    assert got[1]["add_request"] is None and got[1]["get_result"] is None  # (rank 1: requests enter on rank 0)
+    for rank_out in got:
+        assert rank_out["held_pages"] == 0 and rank_out["running"] == 0  # the cancel reached every rank
+
+
+def test_tp2_ranks_fed_different_requests_raise_not_hang(workers: Workers, checkpoints: dict[str, str]) -> None:
+    workers.run(_task_load, checkpoints["llama"], "llama/diverge", {})
+    try:
+        messages = workers.run(_task_diverge, "llama/diverge", _prompts([5])[0], timeout=60)
+    finally:
+        workers.run(_task_drop, "llama/diverge")
+    for message in messages:
+        assert "ranks [1] planned step" in message and "stray" in message

@@ -240,6 +240,7 @@ def _gathered_colwise(own: Callable[..., torch.Tensor], group: Any, world: int,
     from torch.distributed import _functional_collectives as funcol
 
     width = math.ceil(out_features / world)
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # (the newer name, torch 2.13)
 
     def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = own(x)  # [..., local]
@@ -247,7 +248,7 @@ def _gathered_colwise(own: Callable[..., torch.Tensor], group: Any, world: int,
         y = y.reshape(-1, y.shape[-1])
         if y.shape[-1] != width:
             y = F.pad(y, (0, width - y.shape[-1]))
-        gathered = funcol.all_gather_tensor(y.contiguous(), 0, group)  # [N * rows, width]
+        gathered = gather(y.contiguous(), 0, group)  # [N * rows, width]
         y = gathered.view(world, -1, width).permute(1, 0, 2).reshape(-1, world * width)[:, :out_features]
         return y.reshape(*lead, out_features)
 
