@@ -66,8 +66,7 @@ class NanoFlowRuntime:
         self.tensor_parallel = tp = tensor_parallel_of(model)  # this rank's TP group, if the model is sharded
         # Under TP, every rank's engine plans the same steps (`runtime.control_plane`): the driver's resolved
         # config (its measured budget) holds on every rank.
-        self.plane = (ControlPlane(tp.group, tp.rank, tp.world_size, config.check_plans) if tp is not None
-                      else None)
+        self.plane = ControlPlane.of(tp, config.check_plans)
         self.config = (resolve(config, model, self.device, self.dtype) if self.plane is None
                        else self.plane.share(lambda: resolve(config, model, self.device, self.dtype)))
         self.layout = relayout()
@@ -112,6 +111,19 @@ class NanoFlowRuntime:
             self.attention_ready.wait()
         with self.engine.lock:  # (a continuous-batching thread may be stepping)
             return self.runner.end_interim()
+
+    def agree_cuda_graphs(self) -> None:
+        """Under tensor parallelism, every rank replays the same graphs: a step padded to another bucket on one
+        rank would all-reduce a message of another size. Graphs stay on only if every rank captured them, routed
+        as rank 0 routed its buckets (`cuda_graphs.route_buckets` times each rank's replays)."""
+        plane, graphs = self.plane, self.runner.cuda_graphs
+        if plane is None:
+            return
+        if not plane.agree_min(int(graphs is not None)):
+            self.runner.cuda_graphs = None
+            self.runner.cuda_graphs_off_reason = self.runner.cuda_graphs_off_reason or "another TP rank has none"
+        elif graphs is not None:
+            graphs.route = plane.share(lambda: graphs.route)
 
     @property
     def fused_linear_groups(self) -> int:
@@ -180,6 +192,7 @@ def start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float
             return False
         if cfg.cuda_graphs and runtime.cache_sized:  # (else optimize() captures them once the cache is sized)
             runner.enable_cuda_graphs()
+            runtime.agree_cuda_graphs()
         if runtime.search_pending:  # (num_nanobatches="auto": the search times the backend's own kernels)
             runtime.search_pending = False
             search_schedules(model, runtime, os.path.join(cache_root(cfg), "cost"))
@@ -192,7 +205,13 @@ def start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float
                  backend, time.perf_counter() - begin)
         return True
 
-    runtime.runner.run_interim(stand_in, preparation.done, switch)
+    ready = preparation.done
+    plane = runtime.plane
+    if plane is not None:  # every TP rank switches at the same step: when every rank's kernels are built
+        def ready() -> bool:
+            return bool(plane.agree_min(int(preparation.done())))
+
+    runtime.runner.run_interim(stand_in, ready, switch)
     log.info("nanoflow_fx: %s's kernels are still being built: the first steps run on %s's kernel", backend,
              stand_in.name)
     return True

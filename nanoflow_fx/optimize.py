@@ -99,7 +99,9 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     pages = profile_pages(cfg, sum(PROBE_LENGTHS)) if sized_by_memory else default_pages(cfg)
     runtime.use_cache(PagedKVCache(runtime.layers, pages, cfg.page_size, runtime.dtype, runtime.device))
     start = time.perf_counter()
-    search = cfg.num_nanobatches == "auto" and runtime.device.type == "cuda"
+    # (under tensor parallelism each rank would measure its own schedule, and the ranks' cuts must agree: the
+    # search is not run there; steps stay whole)
+    search = cfg.num_nanobatches == "auto" and runtime.device.type == "cuda" and runtime.plane is None
     with tqdm(total=4 + search, desc="nanoflow_fx.optimize", unit="phase", delay=3.0, leave=False,
               disable=None) as bar:
         # The step is traced (or loaded) for the probe's inputs without running it while the attention backend
@@ -141,6 +143,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         runtime.cache_sized = True
         if cfg.cuda_graphs and runtime.runner.interim is None:
             runtime.runner.enable_cuda_graphs()
+            runtime.agree_cuda_graphs()
         elif cfg.cuda_graphs:  # captured at the switch (`_start_interim`)
             runtime.runner.cuda_graphs_off_reason = (f"captured once {runtime.attention_backend.name}'s kernels are "
                                                      "built (until then steps run on the interim kernel)")

@@ -50,7 +50,12 @@ def _serve(rank: int, world: int, port: int, backend: str, tasks: Any, results: 
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # (the ranks share the machine's cores)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    if backend.startswith("fake:"):  # one process playing one rank of a larger world ("fake:8")
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=int(backend.split(":")[1]))
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=world)
     while True:
         task = tasks.get()
         if task is None:
@@ -68,6 +73,8 @@ class Workers:
     """`world` processes in one gloo process group (see the module docstring)."""
 
     def __init__(self, world: int = 2, backend: str = "gloo") -> None:
+        """`backend`: "gloo", "nccl" (CUDA tests), or "fake:N" (one process as rank 0 of a fake world of N:
+        collectives trace and run as no-ops)."""
         ctx = mp.get_context("spawn")
         self.world = world
         self._tasks = [ctx.Queue() for _ in range(world)]

@@ -42,7 +42,7 @@ from torch import nn
 
 from nanoflow_fx.errors import UnsupportedModelError
 
-__all__ = ["TensorParallel", "localize", "tensor_parallel_of", "vocab_size"]
+__all__ = ["TensorParallel", "distribute_by_plan", "localize", "tensor_parallel_of", "vocab_size"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,26 @@ def localize(model: Any) -> TensorParallel | None:
     model.__dict__[_RECORD] = record
     log.info("nanoflow_fx: tensor parallel rank %d of %d: %d modules localized", rank, world, len(styles))
     return record
+
+
+def distribute_by_plan(model: Any, mesh: Any) -> Any:
+    """Shard a model built in code (random weights, or on the meta device) over the 1-D TP `mesh` as transformers'
+    TP plan shards a checkpoint it loads: each planned parameter a DTensor of its style's placement (colwise and
+    the vocabulary: rows; rowwise: columns, its bias replicated), every rank slicing its own shard of its full
+    tensor (no communication: build the same weights on every rank). For benchmarks and tests of shapes no
+    checkpoint exists for; `from_pretrained(..., tp_plan="auto")` is the way to load a real model. Returns it."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    styles = _planned_modules(model, _plan_of(model))
+    _check_styles(model, styles)
+    for name, style in styles:
+        module = model.get_submodule(name)
+        for pname, param in list(module.named_parameters(recurse=False)):
+            rows = style != "rowwise" and style not in _REPLICATED
+            placement = Shard(0) if rows else Shard(1) if style == "rowwise" and pname == "weight" else Replicate()
+            module._parameters[pname] = nn.Parameter(
+                distribute_tensor(param.data, mesh, [placement], src_data_rank=None), requires_grad=False)
+    return model
 
 
 def _is_dtensor(tensor: Any) -> bool:

@@ -63,6 +63,14 @@ class ControlPlane:
         self._live: dict[str, Request] = {}  # requests by id (cancellations name them)
         self._error: str | None = None  # (followers) why the driver's call failed
 
+    @classmethod
+    def of(cls, tp: Any, check_plans: bool) -> ControlPlane | None:
+        """The plane of a `capture.tensor_parallel.TensorParallel` group; None without one, and in a "fake"
+        world (one process tracing one rank: there is no other rank to agree with)."""
+        if tp is None or dist.get_backend(tp.group) == "fake":
+            return None
+        return cls(tp.group, tp.rank, tp.world_size, check_plans)
+
     # ----------------------------------------------------------------------------------------- agreement
     def share(self, make: Callable[[], T]) -> T:
         """The driver's `make()` on every rank (its result broadcast); if it raised, every rank raises it."""
