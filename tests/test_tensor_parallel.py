@@ -189,15 +189,24 @@ def test_tp2_greedy_generate_equals_one_process_hf(workers: Workers, checkpoints
     assert info[0]["lowering_key"] != info[1]["lowering_key"]
 
 
-def test_tp2_step_graph_holds_the_plans_collectives(workers: Workers, checkpoints: dict[str, str]) -> None:
-    """Llama, 2 layers traced whole: an all-reduce after each layer's o_proj and down_proj (2 x 2), one for the
-    vocabulary-parallel embedding, and one all-gather of the LM head's sampled rows."""
-    info = workers.run(_task_load, checkpoints["llama"], "llama/whole", {"replicate_layers": False})
-    workers.run(_task_drop, "llama/whole")
+def test_tp2_step_graph_holds_the_plans_collectives(workers: Workers, tmp_path: Path) -> None:
+    """Llama, 5 layers, 3 traced and replicated to 5: an all-reduce after each layer's o_proj and down_proj
+    (5 x 2), one for the vocabulary-parallel embedding, and one all-gather of the LM head's sampled rows; the fused
+    linears and the replication work on the local shards."""
+    path = tmp_path / "llama5"
+    build("llama", num_hidden_layers=5).save_pretrained(path)
+    info = workers.run(_task_load, str(path), "llama/5", {})
+    ids, mask = left_padded_batch([6, 9])
+    try:
+        got = workers.run(_task_generate, "llama/5", ids.tolist(), mask.tolist(), 6)
+    finally:
+        workers.run(_task_drop, "llama/5")
+    assert got[0] == got[1] == _hf_generate(str(path), ids, mask, 6)
     for rec in info:
-        assert rec["all_reduces"] == 2 * 2 + 1
+        assert rec["replicated"] == (3, 5, 1)  # (layers traced, layers in all, period)
+        assert rec["all_reduces"] == 5 * 2 + 1
         assert rec["all_gathers"] == 1
-        assert rec["fused"] == 2 * 2  # q/k/v and gate/up of each layer, fused on the local shards
+        assert rec["fused"] == 5 * 2  # q/k/v and gate/up of each layer, fused on the local shards
 
 
 def test_tp2_plan_that_does_not_divide_is_refused(workers: Workers, tmp_path: Path) -> None:

@@ -31,8 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import types
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -205,74 +203,76 @@ def _check_heads(model: Any, styles: list[tuple[str, str]], world: int) -> None:
 
 
 def _install(module: nn.Module, style: str, group: Any, world: int) -> None:
-    """Give `module` the local forward of `style` (an instance attribute, over transformers' TP wrapper)."""
+    """Give `module` the local forward of `style`: its class becomes a subclass whose forward runs the shard with
+    its collectives (one class per original class and style, so repeated layers stay alike for the layer
+    replication), its TP parameters an attribute. transformers' own wrapper (an instance `forward`) is dropped."""
     module.__dict__.pop("forward", None)  # transformers' wrapper (DTensor redistributions)
-    own: Callable[..., Any] = type(module).forward.__get__(module)  # (the class's forward, bound)
-    forward: Callable[..., Any] | None = None
-    if style == "rowwise":
-        forward = _rowwise(module, group)
-    elif style == "embedding_rowwise":
-        forward = _vocab_parallel_embedding(module, own, group, world)
-    elif style in ("colwise_gather_output", "colwise_rep"):
-        forward = _gathered_colwise(own, group, world, int(cast(nn.Linear, module).out_features))
-    if forward is not None:
-        forward.__qualname__ = f"nanoflow_tp_{style}"
-        module.forward = types.MethodType(forward, module)
+    forward = _FORWARDS.get(style)
+    if forward is None:  # colwise (the local GEMM is the shard's output), replicated styles
+        return
+    base = type(module)
+    key = (base, style)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(f"{base.__name__}TP_{style}", (base,), {"forward": forward, "__module__": __name__})
+    rows = int(cast(torch.Tensor, module.weight).shape[0])  # (local, after to_local)
+    if style == "embedding_rowwise":  # torch's Shard(0) chunks: the first ranks hold ceil(V / N) rows each
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        full = int(getattr(module, "num_embeddings", rows))
+        start = torch.distributed.get_rank(_resolve_process_group(group)) * math.ceil(full / world)
+        cast(Any, module).num_embeddings = rows  # (the local table)
+    else:
+        full = int(getattr(module, "out_features", rows))
+        start = 0
+    # What the forward reads, as plain values (the layer replication compares layers' attributes by value).
+    attrs = cast(Any, module)
+    attrs.nanoflow_tp_group, attrs.nanoflow_tp_world = str(group), world
+    attrs.nanoflow_tp_start, attrs.nanoflow_tp_rows, attrs.nanoflow_tp_full = start, rows, full
+    module.__class__ = _CLASSES[key]
 
 
-def _rowwise(module: nn.Module, group: Any) -> Callable[..., torch.Tensor]:
+_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _rowwise_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """x_local [..., in/N] @ W_local.T summed over ranks, then the (replicated) bias once."""
     from torch.distributed import _functional_collectives as funcol
 
-    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        y = funcol.all_reduce(F.linear(x, self.weight), "sum", group)
-        return y if self.bias is None else y + self.bias
-
-    return forward
+    y = funcol.all_reduce(F.linear(x, self.weight), "sum", self.nanoflow_tp_group)
+    return y if self.bias is None else y + self.bias
 
 
-def _vocab_parallel_embedding(module: nn.Module, own: Callable[..., torch.Tensor], group: Any,
-                              world: int) -> Callable[..., torch.Tensor]:
-    """Rows [start, start + local rows) of the vocabulary live on this rank (torch's Shard(0) chunks: the first
-    ranks hold ceil(V / N) rows each); other ids look up row 0 and are zeroed before the all-reduce. `own` is the
-    module's forward (a scaled embedding keeps its scale: it is linear)."""
+def _vocab_parallel_embedding_forward(self: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Rows [start, start + rows) of the vocabulary live on this rank; other ids look up row 0 and are zeroed
+    before the all-reduce. The module's own forward runs the lookup (a scaled embedding keeps its scale: linear)."""
     from torch.distributed import _functional_collectives as funcol
-    from torch.distributed.distributed_c10d import _resolve_process_group
 
-    rank = torch.distributed.get_rank(_resolve_process_group(group))
-    rows = int(cast(torch.Tensor, module.weight).shape[0])  # (local, after to_local)
-    full = int(getattr(module, "num_embeddings", rows))
-    start = rank * math.ceil(full / world)
-    cast(Any, module).num_embeddings = rows  # (the local table: padding_idx and F.embedding read the local weight)
-
-    def forward(self: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        outside = (ids < start) | (ids >= start + rows)
-        y = own((ids - start).masked_fill(outside, 0))
-        return funcol.all_reduce(y.masked_fill(outside.unsqueeze(-1), 0), "sum", group)
-
-    return forward
+    start = self.nanoflow_tp_start
+    outside = (ids < start) | (ids >= start + self.nanoflow_tp_rows)
+    y = super(type(self), self).forward((ids - start).masked_fill(outside, 0))
+    return funcol.all_reduce(y.masked_fill(outside.unsqueeze(-1), 0), "sum", self.nanoflow_tp_group)
 
 
-def _gathered_colwise(own: Callable[..., torch.Tensor], group: Any, world: int,
-                      out_features: int) -> Callable[..., torch.Tensor]:
+def _gathered_colwise_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """The local columns of every rank concatenated along the last dim (shards padded to ceil(out / N) for the
     all-gather, the padding dropped after)."""
     from torch.distributed import _functional_collectives as funcol
 
-    width = math.ceil(out_features / world)
+    world, full = self.nanoflow_tp_world, self.nanoflow_tp_full
     gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # (the newer name, torch 2.13)
+    width = math.ceil(full / world)
+    y = super(type(self), self).forward(x)  # [..., local]
+    lead = y.shape[:-1]
+    y = y.reshape(-1, y.shape[-1])
+    if y.shape[-1] != width:
+        y = F.pad(y, (0, width - y.shape[-1]))
+    gathered = gather(y.contiguous(), 0, self.nanoflow_tp_group)  # [N * rows, width]
+    y = gathered.view(world, -1, width).permute(1, 0, 2).reshape(-1, world * width)[:, :full]
+    return y.reshape(*lead, full)
 
-    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = own(x)  # [..., local]
-        lead = y.shape[:-1]
-        y = y.reshape(-1, y.shape[-1])
-        if y.shape[-1] != width:
-            y = F.pad(y, (0, width - y.shape[-1]))
-        gathered = gather(y.contiguous(), 0, group)  # [N * rows, width]
-        y = gathered.view(world, -1, width).permute(1, 0, 2).reshape(-1, world * width)[:, :out_features]
-        return y.reshape(*lead, out_features)
 
-    return forward
+_FORWARDS = {"rowwise": _rowwise_forward, "embedding_rowwise": _vocab_parallel_embedding_forward,
+             "colwise_gather_output": _gathered_colwise_forward, "colwise_rep": _gathered_colwise_forward}
 
 
 def check_collectives(gm: torch.fx.GraphModule, example_inputs: Any) -> int:
