@@ -44,6 +44,10 @@ def _task_trace_rank_of_tp8() -> dict[str, Any]:
         heads={(c.num_qo_heads, c.num_kv_heads, c.head_dim) for c in model.nanoflow.layers},
         kv_cache=tuple(model.nanoflow.kv_cache.caches[0].shape[2:]),
         mm=sum(n.target == torch.ops.aten.mm.default for n in calls),
+        # the all-reduces (and their waits) split along tokens: nano-batches run through them
+        reduce_parallel={n.meta["nanoflow"].token_parallel for n in calls if "all_reduce" in str(
+            (n.args[0].target if "wait_tensor" in str(n.target) else n.target))},
+        gather_parallel={n.meta["nanoflow"].token_parallel for n in calls if "all_gather" in str(n.target)},
     )
 
 
@@ -67,6 +71,8 @@ def test_fake_process_group_traces_one_rank_of_tp8_70b_shape() -> None:
     assert got["kv_cache"][-2:] == (1, 128)  # [page, KV heads, head_dim] per page slot
     # GEMMs: q, k, v, o, gate, up, down per layer (the meta device skips linear fusion), and the LM head
     assert got["mm"] == 2 * 7 + 1
+    assert got["reduce_parallel"] == {True}
+    assert got["gather_parallel"] == {False}  # (it stacks the ranks' rows along dim 0)
 
 
 def _task_world_of_one_on_nccl(family: str) -> dict[str, Any]:
