@@ -46,7 +46,7 @@ def _task_trace_rank_of_tp8() -> dict[str, Any]:
         mm=sum(n.target == torch.ops.aten.mm.default for n in calls),
         # the all-reduces (and their waits) split along tokens: nano-batches run through them
         reduce_parallel={n.meta["nanoflow"].token_parallel for n in calls if "all_reduce" in str(
-            (n.args[0].target if "wait_tensor" in str(n.target) else n.target))},
+            n.args[0].target if "wait_tensor" in str(n.target) else n.target)},
         gather_parallel={n.meta["nanoflow"].token_parallel for n in calls if "all_gather" in str(n.target)},
     )
 
