@@ -274,3 +274,22 @@ def test_tp2_ranks_fed_different_requests_raise_not_hang(workers: Workers, check
         workers.run(_task_drop, "llama/diverge")
     for message in messages:
         assert "ranks [1] planned step" in message and "stray" in message
+
+
+def test_tp2_mixtral_runs_or_is_refused_by_its_plan(workers: Workers, checkpoints: dict[str, str]) -> None:
+    """Mixtral: transformers 5.25's plan shards attention only (experts replicated): it must generate as one
+    process does; 5.17's also shards experts (`packed_colwise`, `moe_tp_experts`), which optimize() refuses by name."""
+    import transformers as tf
+
+    unsupported = {"packed_colwise", "moe_tp_experts"} & set(tf.MixtralConfig.base_model_tp_plan.values())
+    if unsupported:
+        with pytest.raises(AssertionError, match="UnsupportedModelError.*(moe_tp_experts|packed_colwise)"):
+            workers.run(_task_load, checkpoints["mixtral"], "mixtral", {})
+        return
+    workers.run(_task_load, checkpoints["mixtral"], "mixtral", {})
+    ids, mask = left_padded_batch([7, 4])
+    try:
+        got = workers.run(_task_generate, "mixtral", ids.tolist(), mask.tolist(), 8)
+    finally:
+        workers.run(_task_drop, "mixtral")
+    assert got[0] == got[1] == _hf_generate(checkpoints["mixtral"], ids, mask, 8)
