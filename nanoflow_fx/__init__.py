@@ -20,6 +20,7 @@ from nanoflow_fx.errors import (
     InvalidInputError,
     KVCacheExhaustedError,
     NanoFlowError,
+    RankDivergenceError,
     RequestTooLongError,
     UnsupportedModelError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "ExperimentalConfig",
     "NanoFlowConfig",
     "NanoFlowError",
+    "RankDivergenceError",
     "RequestTooLongError",
     "UnsupportedModelError",
     "backend",

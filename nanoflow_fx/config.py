@@ -137,6 +137,11 @@ class NanoFlowConfig:
     check_capture: bool = True
     """Compare the captured step with the eager model on a probe input in `optimize()`."""
 
+    check_plans: bool = True
+    """Under tensor parallelism: check every step's plan (admissions, preemptions, pages, chunks) across the TP
+    ranks before it runs, one small all-gather on the CPU group per step; ranks that diverge raise, naming the
+    difference, instead of hanging in a collective. Off saves that all-gather (`runtime.control_plane`)."""
+
     cache_dir: str | None = None
     """Where compiled work persists across processes: the captured and lowered step goes to `<cache_dir>/steps`
     (see `save_step`), the device's measured ceilings to `device_ceilings.json` (see `max_num_tokens`), Inductor's
@@ -175,8 +180,8 @@ class NanoFlowConfig:
             )
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ValueError(f"NanoFlowConfig.cache_dir must be a path string or None, got {self.cache_dir!r}")
-        for name in ("check_capture", "cuda_graphs", "inductor", "fuse_linears", "save_step", "replicate_layers",
-                     "interim_attention"):
+        for name in ("check_capture", "check_plans", "cuda_graphs", "inductor", "fuse_linears", "save_step",
+                     "replicate_layers", "interim_attention"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "inductor" and value == "auto"):
                 raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {value!r}")

@@ -9,6 +9,7 @@ __all__ = [
     "RequestTooLongError",
     "KVCacheExhaustedError",
     "InvalidInputError",
+    "RankDivergenceError",
 ]
 
 
@@ -34,3 +35,7 @@ class KVCacheExhaustedError(NanoFlowError, RuntimeError):
 
 class InvalidInputError(NanoFlowError, ValueError):
     """Inputs are malformed (e.g. an attention mask that does not match the input ids)."""
+
+
+class RankDivergenceError(NanoFlowError, RuntimeError):
+    """Tensor-parallel ranks disagreed on a step's plan (the message names the ranks and the difference)."""

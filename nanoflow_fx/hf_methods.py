@@ -23,7 +23,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from nanoflow_fx.capture import hf_attention
 from nanoflow_fx.capture.fuse_linears import FusedLayout
 from nanoflow_fx.errors import NanoFlowError
-from nanoflow_fx.runtime.continuous import ContinuousBatchingManager, generate_batch
+from nanoflow_fx.runtime.continuous import ContinuousBatchingManager, generate_batch, to_output
 from nanoflow_fx.runtime.generate import plan_generation, run_generation
 
 __all__ = ["INSTALLED", "ModelMethod", "install", "model_follower", "plain_choice", "runtime_of", "uninstall"]
@@ -132,8 +132,12 @@ def _generate(
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """HF's `generate()` contract on nanoflow's fast path; other options run HF's own generate()."""
     runtime = runtime_of(self)
-    plan = plan_generation(self, inputs, generation_config, kwargs)
-    if isinstance(plan, str):
+    plane = runtime.plane
+    if plane is None:
+        plan = plan_generation(self, inputs, generation_config, kwargs)
+    else:  # tensor parallelism: rank 0's call is what runs, on every rank (`runtime.control_plane`)
+        plan = plane.share(lambda: plan_generation(self, inputs, generation_config, kwargs))
+    if isinstance(plan, str):  # (under TP every rank runs it on its own arguments: they must be rank 0's)
         log.info("nanoflow_fx: running transformers' generate() because %s", plan)
         # (PreTrainedModel declares no generate: the model's class mixes in GenerationMixin)
         return type(self).generate(self, inputs, generation_config, **kwargs)  # type: ignore[attr-defined]
@@ -147,6 +151,9 @@ def _generate_batch(self: PreTrainedModel, inputs: list[list[int]], generation_c
     """transformers' `generate_batch` on nanoflow's engine (`continuous_batching_config`, `persistent_manager`
     and `warmup` are accepted and have nothing to set: the engine is configured by `NanoFlowConfig`)."""
     runtime = runtime_of(self)
+    plane = runtime.plane
+    if plane is not None and not plane.is_driver:  # (tensor parallelism: rank 0's requests run, on every rank)
+        return {r.request_id: to_output(r) for r in plane.follow(runtime.engine)}
     return generate_batch(self, runtime.engine, inputs, generation_config, progress_bar, record_timestamps,
                           **kwargs)
 

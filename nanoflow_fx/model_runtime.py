@@ -22,12 +22,14 @@ from nanoflow_fx.capture.replicate import find_layer_stack
 from nanoflow_fx.capture.step import StepFunction
 from nanoflow_fx.capture.store import StepStore, step_key
 from nanoflow_fx.capture.support import discover_layers
+from nanoflow_fx.capture.tensor_parallel import tensor_parallel_of
 from nanoflow_fx.config import NanoFlowConfig, cache_root, resolve
 from nanoflow_fx.cost.autotune import search_schedules
 from nanoflow_fx.cost.model import CostTable, DecodeTiming
 from nanoflow_fx.errors import CaptureMismatchError
 from nanoflow_fx.hf_methods import model_follower
 from nanoflow_fx.ops import backend as attention_backends
+from nanoflow_fx.runtime.control_plane import ControlPlane
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 from nanoflow_fx.runtime.program_runner import Cut, make_units
@@ -61,10 +63,15 @@ class NanoFlowRuntime:
         self.attention_started = time.perf_counter()
         self.probe: tuple[list[list[int]], torch.Tensor] | None = None  # the check's prompts, eager logits
         self.cache_sized = False  # the KV cache is the one it keeps (CUDA graphs are captured on it)
-        self.config = resolve(config, model, self.device, self.dtype)
+        self.tensor_parallel = tp = tensor_parallel_of(model)  # this rank's TP group, if the model is sharded
+        # Under TP, every rank's engine plans the same steps (`runtime.control_plane`): the driver's resolved
+        # config (its measured budget) holds on every rank.
+        self.plane = ControlPlane.of(tp, config.check_plans)
+        self.config = (resolve(config, model, self.device, self.dtype) if self.plane is None
+                       else self.plane.share(lambda: resolve(config, model, self.device, self.dtype)))
         self.layout = relayout()
         self.follow_model = model_follower(model, self.dtype, self.device, self.layout)
-        self.lowering = lowering_for(self.config)  # the passes every step is lowered through
+        self.lowering = lowering_for(self.config, self.tensor_parallel)  # the passes every step is lowered through
         self.split_policy: SplitPolicy | None = (
             even_split(self.config, self.device) if self.config.nanobatched else None)
         self.search_pending = False  # num_nanobatches="auto": the search waits for the backend's kernels
@@ -92,7 +99,7 @@ class NanoFlowRuntime:
                                  self.attention_configs, self.split_policy)
         if previous is not None:  # steps on a stand-in kernel until the backend's are built (`_start_interim`)
             self.runner.carry_interim(previous)
-        self.engine = Engine(self.runner, self.config, before_new_requests=self.follow_model)
+        self.engine = Engine(self.runner, self.config, before_new_requests=self.follow_model, plane=self.plane)
 
     def wait_until_ready(self) -> bool:
         """Wait until steps run on the chosen attention backend: its kernels built (FlashInfer's JIT build, on a
@@ -104,6 +111,19 @@ class NanoFlowRuntime:
             self.attention_ready.wait()
         with self.engine.lock:  # (a continuous-batching thread may be stepping)
             return self.runner.end_interim()
+
+    def agree_cuda_graphs(self) -> None:
+        """Under tensor parallelism, every rank replays the same graphs: a step padded to another bucket on one
+        rank would all-reduce a message of another size. Graphs stay on only if every rank captured them, routed
+        as rank 0 routed its buckets (`cuda_graphs.route_buckets` times each rank's replays)."""
+        plane, graphs = self.plane, self.runner.cuda_graphs
+        if plane is None:
+            return
+        if not plane.agree_min(int(graphs is not None)):
+            self.runner.cuda_graphs = None
+            self.runner.cuda_graphs_off_reason = self.runner.cuda_graphs_off_reason or "another TP rank has none"
+        elif graphs is not None:
+            graphs.route = plane.share(lambda: graphs.route)
 
     @property
     def fused_linear_groups(self) -> int:
@@ -172,6 +192,7 @@ def start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float
             return False
         if cfg.cuda_graphs and runtime.cache_sized:  # (else optimize() captures them once the cache is sized)
             runner.enable_cuda_graphs()
+            runtime.agree_cuda_graphs()
         if runtime.search_pending:  # (num_nanobatches="auto": the search times the backend's own kernels)
             runtime.search_pending = False
             search_schedules(model, runtime, os.path.join(cache_root(cfg), "cost"))
@@ -184,7 +205,13 @@ def start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float
                  backend, time.perf_counter() - begin)
         return True
 
-    runtime.runner.run_interim(stand_in, preparation.done, switch)
+    ready = preparation.done
+    plane = runtime.plane
+    if plane is not None:  # every TP rank switches at the same step: when every rank's kernels are built
+        def ready() -> bool:
+            return bool(plane.agree_min(int(preparation.done())))
+
+    runtime.runner.run_interim(stand_in, ready, switch)
     log.info("nanoflow_fx: %s's kernels are still being built: the first steps run on %s's kernel", backend,
              stand_in.name)
     return True

@@ -25,6 +25,7 @@ from nanoflow_fx.capture.check import PROBE_LENGTHS, check_against_eager, probe_
 from nanoflow_fx.capture.fuse_linears import FusedLayout, relayout_parallel_linears
 from nanoflow_fx.capture.lowering import lowering_for
 from nanoflow_fx.capture.support import check_supported
+from nanoflow_fx.capture.tensor_parallel import localize, vocab_size
 from nanoflow_fx.config import NanoFlowConfig, as_config, cache_root
 from nanoflow_fx.cost.autotune import search_schedules
 from nanoflow_fx.errors import CaptureMismatchError
@@ -58,6 +59,7 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
     without a runtime: its own `generate()` and attention, as if never optimized.
     """
     config = as_config(config)
+    localize(model)  # tensor parallelism: DTensor shards -> plain local shards + functional collectives
     check_supported(model)
     _use_cache_dir(config)
     _teardown(model)
@@ -97,7 +99,9 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     pages = profile_pages(cfg, sum(PROBE_LENGTHS)) if sized_by_memory else default_pages(cfg)
     runtime.use_cache(PagedKVCache(runtime.layers, pages, cfg.page_size, runtime.dtype, runtime.device))
     start = time.perf_counter()
-    search = cfg.num_nanobatches == "auto" and runtime.device.type == "cuda"
+    # (under tensor parallelism each rank would measure its own schedule, and the ranks' cuts must agree: the
+    # search is not run there; steps stay whole)
+    search = cfg.num_nanobatches == "auto" and runtime.device.type == "cuda" and runtime.plane is None
     with tqdm(total=4 + search, desc="nanoflow_fx.optimize", unit="phase", delay=3.0, leave=False,
               disable=None) as bar:
         # The step is traced (or loaded) for the probe's inputs without running it while the attention backend
@@ -129,8 +133,9 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         bar.update()
         bar.set_postfix_str("size the KV cache")
         if sized_by_memory:
-            vocab_size = model.get_output_embeddings().weight.shape[0]
-            pages = pages_from_memory(runtime.runner, cfg, vocab_size)
+            pages = pages_from_memory(runtime.runner, cfg, vocab_size(model))
+            if runtime.plane is not None:  # (every rank's scheduler must see the same cache)
+                pages = runtime.plane.agree_min(pages)
             runtime.use_cache(PagedKVCache(runtime.layers, pages, cfg.page_size, runtime.dtype, runtime.device))
         sized = time.perf_counter()
         bar.update()
@@ -138,6 +143,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         runtime.cache_sized = True
         if cfg.cuda_graphs and runtime.runner.interim is None:
             runtime.runner.enable_cuda_graphs()
+            runtime.agree_cuda_graphs()
         elif cfg.cuda_graphs:  # captured at the switch (`_start_interim`)
             runtime.runner.cuda_graphs_off_reason = (f"captured once {runtime.attention_backend.name}'s kernels are "
                                                      "built (until then steps run on the interim kernel)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from nanoflow_fx.capture.tensor_parallel import vocab_size
 from nanoflow_fx.errors import CaptureMismatchError
 from nanoflow_fx.runtime.step_runner import StepRunner
 
@@ -31,7 +32,7 @@ def probe_prompts(model: PreTrainedModel, max_batch_size: int) -> list[list[int]
     """The probe: two prompts of different lengths (packing, per-request causality and paging), seeded; one prompt
     only if the batch holds one."""
     gen = torch.Generator().manual_seed(0)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = vocab_size(model)
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in PROBE_LENGTHS[:max_batch_size]]
 
 

@@ -6,11 +6,12 @@ Every configuration lowers the step the same way:
         --> `capture.program.lower_program` (pieces between attention calls; Inductor-compiled with `inductor`)
         --> `runtime.program_runner.ProgramRunner` (whole steps, or cut into nano-batches by a Schedule)
 
-`Lowering` is that list for one `NanoFlowConfig`: its passes (linear fusion today; FP8 linears and tensor-parallel
-collectives join it as passes) and whether Inductor compiles the pieces. Its `key` is what the saved step and the
-cost table are keyed by (with the model, device and versions): a new pass changes the key, so nothing measured or
-saved for another lowering is reused. How a step is cut into nano-batches is not part of the lowering: the cut is
-chosen per step at run time (`StepRunner.split_policy`), so one saved step serves every nano-batch count.
+`Lowering` is that list for one `NanoFlowConfig`: its passes (the check of a tensor-parallel rank's collectives,
+linear fusion; FP8 linears join it as a pass) and whether Inductor compiles the pieces. Its `key` is what the
+saved step and the cost table are keyed by (with the model, device and versions): a new pass changes the key, so
+nothing measured or saved for another lowering is reused. How a step is cut into nano-batches is not part of the
+lowering: the cut is chosen per step at run time (`StepRunner.split_policy`), so one saved step serves every
+nano-batch count.
 
 `Capture` records one captured graph: the ATen graph, the program and its runner, each pass's node counts and
 time, the compile stages' times and the layer replication. The step function keeps one per graph it captured.
@@ -75,11 +76,18 @@ class Lowering:
         return " -> ".join(names)
 
 
-def lowering_for(config: Any) -> Lowering:
-    """The lowering a resolved `NanoFlowConfig` asks for (`inductor` already True or False)."""
+def lowering_for(config: Any, tensor_parallel: Any = None) -> Lowering:
+    """The lowering a resolved `NanoFlowConfig` asks for (`inductor` already True or False); with a
+    `capture.tensor_parallel.TensorParallel` record, the step of that rank (its collectives checked, its rank,
+    world, plan and group in the key)."""
     from nanoflow_fx.capture.fuse_linears import fuse_parallel_linears
 
     passes = []
+    if tensor_parallel is not None:
+        from nanoflow_fx.capture.tensor_parallel import check_collectives
+
+        passes.append(GraphPass("tensor_parallel", "dynamo", check_collectives,
+                                tuple(sorted(tensor_parallel.key.items()))))
     if config.fuse_linears:
         passes.append(GraphPass("fuse_linears", "dynamo", fuse_parallel_linears))
     return Lowering(tuple(passes), inductor=config.inductor is True)

@@ -6,8 +6,9 @@ Ensures: every node has a `NodeInfo` under `meta["nanoflow"]`; `meta["val"]` is 
 
 A node is *token-parallel* when each output token row depends only on the same token rows of its inputs:
 pointwise ops, GEMMs against weights, reductions over non-token dims, views that keep the token dimension,
-embeddings, and attention (which mixes tokens only within a request; the split pass gives each copy its own
-metadata). Anything else that touches tokens (indexing, sorting, reductions over tokens, in-place updates,
+embeddings, attention (which mixes tokens only within a request; the split pass gives each copy its own
+metadata), and tensor parallelism's all-reduces (elementwise across ranks; an all-gather is not: it stacks ranks
+along dim 0). Anything else that touches tokens (indexing, sorting, reductions over tokens, in-place updates,
 unknown ops) mixes tokens, and its region stays unsplit. Unknown means mixing: never a silent wrong split.
 
     before: %mm = aten.mm(%view, %t)                     after: meta["nanoflow"] = NodeInfo(op_class="gemm",
@@ -144,7 +145,17 @@ def _op_reason(node: Node, token: sympy.Expr, inputs: list[torch.Tensor]) -> str
         return ""
     if target in _DIM_ARG or target in _REDUCTIONS or target is aten.native_layer_norm.default:
         return _dim_reason(node, token, inputs[0])
+    if target in _ROW_COLLECTIVES():
+        # An all-reduce acts on each element alone: a row slice of the all-reduce is the all-reduce of the row slice
+        # (every rank cuts its step alike, so the nano-batches' collectives match across ranks).
+        same = len(inputs) == 1 and tuple(inputs[0].shape) == tuple(first_out.shape)
+        return "" if same else "collective that reshapes the token dimension"
     return f"{target} is not known to be token-parallel"
+
+
+def _ROW_COLLECTIVES() -> set[Any]:  # noqa: N802 - a constant, resolved when torch.distributed registered the ops
+    ops = getattr(torch.ops, "_c10d_functional", None)
+    return {ops.all_reduce.default, ops.wait_tensor.default} if ops is not None else set()
 
 
 def _dim_reason(node: Node, token: sympy.Expr, source: torch.Tensor) -> str:

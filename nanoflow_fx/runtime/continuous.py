@@ -174,10 +174,15 @@ class ContinuousBatchingManager:
     `register_result_handler`). Unread results are kept per request (`_Results`): a streamed request's updates
     each extend the one before, and a finished or cancelled request leaves nothing behind once read."""
 
-    def __init__(self, model: Any, engine: Engine, generation_config: GenerationConfig | None = None) -> None:
+    def __init__(self, model: Any, engine: Engine, generation_config: GenerationConfig | None = None,
+                 ends_session: bool = True) -> None:
         """Raises `InvalidInputError` for a GenerationConfig option the engine does not implement. A config
         without `eos_token_id` disables EOS (as transformers' `init_continuous_batching` does, with a warning;
-        the caller's config is left as it is)."""
+        the caller's config is left as it is).
+
+        Under tensor parallelism (`engine.plane`), rank 0's manager takes requests and its thread steps every
+        rank's engine; on the other ranks `start()` follows those steps until rank 0's manager stops (its run is
+        one session, `ends_session`), `add_request` returns None and `get_result` None, as transformers' do."""
         gen = generation_config if generation_config is not None else model.generation_config
         _check_options(gen)
         if gen.eos_token_id is None:
@@ -197,6 +202,9 @@ class ContinuousBatchingManager:
         self._thread: threading.Thread | None = None
         self.fatal_error: BaseException | None = None
         self.warmed_up = True  # CUDA graphs are captured by optimize()
+        self.plane = engine.plane
+        self._ends_session = ends_session
+        self._follower = self.plane is not None and not self.plane.is_driver
 
     # ------------------------------------------------------------------------------------- lifecycle
     def warmup(self) -> None:
@@ -210,7 +218,8 @@ class ContinuousBatchingManager:
             log.warning("nanoflow_fx: the continuous-batching manager is already running")
             return
         self._stop_mode, self.fatal_error, self._looping = 0, None, True
-        self._thread = threading.Thread(target=self._loop, name="nanoflow-engine", daemon=True)
+        target = self._follow if self._follower else self._loop
+        self._thread = threading.Thread(target=target, name="nanoflow-engine", daemon=True)
         self._thread.start()
 
     def stop(self, block: bool = True, timeout: float | None = None, keep_for_next_session: bool = False,
@@ -238,6 +247,7 @@ class ContinuousBatchingManager:
 
     def _loop(self) -> None:
         error: BaseException | str = "the manager was stopped (hard_stop=True) before this request finished"
+        plane = self.plane
         try:
             while self._stop_mode < 2:
                 if self._requests:
@@ -247,6 +257,8 @@ class ContinuousBatchingManager:
                 else:
                     self._wake.wait(0.05)
                     self._wake.clear()
+                    if plane is not None and self._stop_mode < 2:  # (the other ranks wait in the next step's
+                        self.engine.step()  # exchange: an idle step answers them, and takes what was added)
         except BaseException as err:  # noqa: BLE001 (any failure ends every request with its message)
             self.fatal_error = error = err
             log.error("nanoflow_fx: the continuous-batching loop failed: %s", err, exc_info=True)
@@ -254,6 +266,20 @@ class ContinuousBatchingManager:
             with self._lock:
                 left = list(self._requests.values())
             self.engine.fail(left, error)  # nothing more runs: end what is left (a hard stop's requests)
+            if plane is not None and self._ends_session and self.fatal_error is None:
+                plane.end_session(self.engine)  # (a step's failure was every rank's: no rank waits)
+            self._looping = False
+            self._results.wake()
+
+    def _follow(self) -> None:
+        """Tensor parallelism, ranks but 0: step as rank 0's manager steps, until it stops."""
+        assert self.plane is not None
+        try:
+            self.plane.follow(self.engine)
+        except BaseException as err:  # noqa: BLE001
+            self.fatal_error = err
+            log.error("nanoflow_fx: following rank 0's continuous batching failed: %s", err, exc_info=True)
+        finally:
             self._looping = False
             self._results.wake()
 
@@ -271,6 +297,10 @@ class ContinuousBatchingManager:
         transformers' forks do). A request that can never run (too long, larger than the KV cache, ids outside
         the vocabulary, a sampling value out of range) is answered at once with a FAILED result naming the
         problem; the other requests are not affected."""
+        if self._follower:
+            log.warning("nanoflow_fx: add_request on tensor-parallel rank %d is ignored (returns None, as "
+                        "transformers' does): requests enter on TP rank 0", self.plane.rank)  # type: ignore[union-attr]
+            return None
         prompt = _token_ids(input_ids, "input_ids")
         with self._lock:  # a stop's last look at the live requests (`_loop`) comes before or after this whole block
             if self._stop_mode or self.fatal_error is not None:
@@ -338,7 +368,7 @@ class ContinuousBatchingManager:
         come: the manager is not running (as transformers returns None then) or `request_id` is not a live
         request (cancelled, unknown, or its final result was read)."""
         def may_come() -> bool:
-            return self._looping and (request_id is None or request_id in self._requests)
+            return self._looping and not self._follower and (request_id is None or request_id in self._requests)
 
         return self._results.take(request_id, timeout, may_come)
 
@@ -432,10 +462,30 @@ def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
     (`max_new_tokens=`, `do_sample=True`, ...) applied to a copy of the config, as `generate()` takes them
     (transformers 5.25's `generate_batch` reads `max_new_tokens` and ignores every other keyword); a keyword
     that is not a field is refused by name."""
+    plane = engine.plane
+    if plane is None:
+        return _generate_batch(model, engine, inputs, generation_config, progress_bar, record_timestamps, kwargs)
+    failed: list[ContinuousBatchingManager] = []  # (tensor parallelism, rank 0: the session ends for every rank)
+    try:
+        results = _generate_batch(model, engine, inputs, generation_config, progress_bar, record_timestamps, kwargs,
+                                  failed)
+    except BaseException as err:
+        if not failed:
+            plane.end_session(engine, err)
+        raise
+    if not failed:
+        plane.end_session(engine)
+    return results
+
+
+def _generate_batch(model: Any, engine: Engine, inputs: list[list[int]], generation_config: GenerationConfig | None,
+                    progress_bar: bool, record_timestamps: bool, kwargs: dict[str, Any],
+                    failed: list[ContinuousBatchingManager] | None = None) -> dict[str, GenerationOutput]:
+    """`generate_batch`'s run; a manager whose loop failed in a step goes in `failed`."""
     if not inputs:
         return {}
     gen = generation_config if generation_config is not None else model.generation_config
-    manager = ContinuousBatchingManager(model, engine, _with_keywords(gen, kwargs))
+    manager = ContinuousBatchingManager(model, engine, _with_keywords(gen, kwargs), ends_session=False)
     prompts = [_token_ids(ids, f"inputs[{i}]") for i, ids in enumerate(inputs)]
     results: dict[str, GenerationOutput] = {}
     ids: list[str] = []
@@ -457,6 +507,8 @@ def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
     finally:
         manager.cancel_all()  # a no-op unless the caller was interrupted: only this call's requests
         manager.stop(block=True, hard_stop=True)
+        if manager.fatal_error is not None and failed is not None:
+            failed.append(manager)
     return {rid: results[rid] for rid in ids if rid in results}
 
 

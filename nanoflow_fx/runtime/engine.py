@@ -23,13 +23,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
+from nanoflow_fx.capture.tensor_parallel import vocab_size
 from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import InvalidInputError, KVCacheExhaustedError, RequestTooLongError
 from nanoflow_fx.runtime.batch import to_device
+from nanoflow_fx.runtime.control_plane import ControlPlane
 from nanoflow_fx.runtime.requests import FAILED, FINISHED, PENDING, RUNNING, WAITING, Request
 from nanoflow_fx.runtime.sampling import SamplingParams, sample_rows
 from nanoflow_fx.runtime.scheduler import SchedulerLimits, StepPlan, schedule
@@ -91,16 +92,20 @@ class Engine:
     """One optimized model's continuous-batching engine (see the module docstring)."""
 
     def __init__(self, runner: StepRunner, config: NanoFlowConfig, reserve_ratio: float | None = None,
-                 before_new_requests: Callable[[], None] | None = None) -> None:
+                 before_new_requests: Callable[[], None] | None = None, plane: ControlPlane | None = None) -> None:
         """`reserve_ratio`: see `SchedulerLimits`; None adapts it to how much finished requests generated.
         `before_new_requests`: run (in the stepping thread, under the lock) by each step that takes newly added
         requests, before it schedules: the runtime checks there that the model was not moved or changed since
-        `optimize()` (an error then ends the step's callers' requests with it)."""
-        self.runner, self.config = runner, config
+        `optimize()` (an error then ends the step's callers' requests with it). `plane`: under tensor
+        parallelism, what makes each step's plan the same on every rank (`control_plane`): the engine asks it for
+        the plan, defers cancellations to it, and samples from a generator it seeds."""
+        self.runner, self.config, self.plane = runner, config, plane
+        self.generator: torch.Generator | None = None  # sampling's random source (None: torch's global one)
+        if plane is not None:
+            self.generator = torch.Generator(runner.device).manual_seed(plane.seed())
         self.before_new_requests = before_new_requests
         self.kv_cache = runner.kv_cache
-        embedding = runner.step_fn.model.get_input_embeddings()
-        self.vocab_size = cast(torch.Tensor, embedding.weight).shape[0]  # (an embedding's weight: [vocab, hidden])
+        self.vocab_size = vocab_size(runner.step_fn.model)  # (the whole vocabulary under tensor parallelism)
         allocator = self.kv_cache.allocator
         # Admission keeps 1% of the pages free (as vLLM does) and pages for the tokens running requests are
         # expected to generate: all their max_new_tokens at first, then the share finished requests really
@@ -166,7 +171,15 @@ class Engine:
                 "or shorten the request")
 
     def cancel(self, request: Request) -> None:
-        """Drop a request (waiting or running): its pages and slot are freed at once; no result is delivered."""
+        """Drop a request (waiting or running): its pages and slot are freed at once; no result is delivered.
+        Under tensor parallelism, at the next step on every rank (`ControlPlane.cancel`)."""
+        if self.plane is not None:
+            self.plane.cancel(request)
+            return
+        self.cancel_now(request)
+
+    def cancel_now(self, request: Request) -> None:
+        """`cancel`, on this engine now."""
         with self.lock:
             if not request.finished:
                 self._take_inbox()
@@ -179,6 +192,8 @@ class Engine:
         with self.lock:
             self._take_inbox()
             for req in requests:
+                if self.plane is not None:  # (the other ranks drop their copies at the next step)
+                    self.plane.cancel(req)
                 if not req.finished:
                     self._detach(req)
                     req.error = str(error) or type(error).__name__
@@ -203,11 +218,9 @@ class Engine:
                 self.stats.step_s += time.perf_counter() - start
 
     def _step(self) -> None:
-        if self._inbox and self.before_new_requests is not None:
-            self.before_new_requests()
-        self._take_inbox()
-        self._resolve(block=False)
-        plan = schedule(self.running, self.waiting, self.kv_cache.allocator.num_free, self.limits)
+        plan = self._plan() if self.plane is None else self.plane.plan(self)
+        if plan is None:  # (a tensor-parallel follower: the driver ended its session)
+            return
         self._apply(plan)
         if not plan.chunks:
             if self.inflight:  # e.g. the queue's head waits for its last tokens: read them back
@@ -224,6 +237,14 @@ class Engine:
         while len(self.inflight) > MAX_LAG:
             self._resolve_oldest()
         self._maybe_log()
+
+    def _plan(self) -> StepPlan:
+        """The next plan (one process): new requests queued, tokens already on the host read back."""
+        if self._inbox and self.before_new_requests is not None:
+            self.before_new_requests()
+        self._take_inbox()
+        self._resolve(block=False)
+        return schedule(self.running, self.waiting, self.kv_cache.allocator.num_free, self.limits)
 
     def run_until_done(self, requests: Sequence[Request]) -> None:
         """Step until every request in `requests` has finished (others in the table progress too)."""
@@ -270,7 +291,7 @@ class Engine:
             return
         failed: list[tuple[list[int], Exception]] = []
         tokens = sample_rows(logits, [len(r.output) for r in completing], [r.params for r in completing],
-                             lambda rows, err: failed.append((rows, err)))
+                             lambda rows, err: failed.append((rows, err)), self.generator)
         if failed:
             completing, tokens = self._fail_sampling(completing, tokens, failed)
             if not completing:

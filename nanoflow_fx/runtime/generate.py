@@ -18,6 +18,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from nanoflow_fx.errors import InvalidInputError
 from nanoflow_fx.runtime.engine import Engine
+from nanoflow_fx.runtime.requests import Request
 from nanoflow_fx.runtime.sampling import SamplingParams
 
 __all__ = ["GenerationPlan", "plan_generation", "run_generation"]
@@ -86,14 +87,11 @@ def run_generation(engine: Engine, plan: GenerationPlan) -> torch.Tensor | Gener
     Every row becomes a request of the engine, so a batch larger than what fits at once runs through the same
     scheduler (continuous batching), and calls from several threads share the engine's steps.
     """
-    requests = []
-    try:  # a row the engine refuses raises before any step runs: the rows queued before it are cancelled
-        for i, prompt in enumerate(plan.prompts):
-            requests.append(engine.add_request(prompt, plan.sampling, plan.max_new_tokens, name=f"sequence {i}"))
-        engine.run_until_done(requests)
-    finally:
-        for req in requests:
-            engine.cancel(req)  # a no-op for finished requests; frees the others' pages after an error
+    plane = engine.plane
+    if plane is not None and not plane.is_driver:  # (tensor parallelism: rank 0's requests, mirrored)
+        requests = plane.follow(engine)
+    else:
+        requests = _run_requests(engine, plan)
     failed = next((r for r in requests if r.error is not None), None)
     if failed is not None:
         raise RuntimeError(f"nanoflow_fx: generation failed: {failed.error}")
@@ -103,6 +101,29 @@ def run_generation(engine: Engine, plan: GenerationPlan) -> torch.Tensor | Gener
     sequences = torch.cat([plan.input_ids.to(torch.int64), new.to(plan.input_ids.device)], dim=1)
     # (transformers annotates `sequences` with the legacy LongTensor class; this is an int64 tensor)
     return GenerateDecoderOnlyOutput(sequences=cast(torch.LongTensor, sequences)) if plan.return_dict else sequences
+
+
+def _run_requests(engine: Engine, plan: GenerationPlan) -> list[Request]:
+    """Queue the plan's rows and step until they finish (under tensor parallelism, as rank 0: the session then
+    ends for the other ranks, `ControlPlane.end_session`)."""
+    requests: list[Request] = []
+    error: BaseException | None = None
+    stepped = False
+    try:  # a row the engine refuses raises before any step runs: the rows queued before it are cancelled
+        for i, prompt in enumerate(plan.prompts):
+            requests.append(engine.add_request(prompt, plan.sampling, plan.max_new_tokens, name=f"sequence {i}"))
+        stepped = True  # (a step's failure is every rank's: no rank waits for the session's end)
+        engine.run_until_done(requests)
+        stepped = False
+    except BaseException as err:
+        error = err
+        raise
+    finally:
+        for req in requests:
+            engine.cancel(req)  # a no-op for finished requests; frees the others' pages after an error
+        if engine.plane is not None and not stepped:
+            engine.plane.end_session(engine, error)
+    return requests
 
 
 def _unsupported_options(gen: GenerationConfig, also_handled: Collection[str] = ()) -> str | None:

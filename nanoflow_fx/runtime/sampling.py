@@ -90,8 +90,10 @@ def sampling_value(key: str, value: object) -> float | int:
     return int(value) if key == "top_k" else float(value)  # type: ignore[call-overload]
 
 
-def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: SamplingParams) -> torch.Tensor:
-    """Pick one token per row of `logits` [N, vocab]; row i has generated `num_generated[i]` tokens so far."""
+def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: SamplingParams,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row of `logits` [N, vocab]; row i has generated `num_generated[i]` tokens so far.
+    Sampling draws from `generator` (None: torch's global generator)."""
     scores = logits.float()
     vocab = scores.shape[-1]
     if params.eos_token_ids and params.min_new_tokens > 0:
@@ -105,11 +107,12 @@ def select_tokens(logits: torch.Tensor, num_generated: Sequence[int], params: Sa
         return scores.argmax(dim=-1)
     scores = params.warpers(None, scores)  # type: ignore[arg-type]  # HF's warpers ignore input_ids
     probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1).squeeze(1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
 def sample_rows(logits: torch.Tensor, num_generated: Sequence[int], params: Sequence[SamplingParams],
-                on_error: Callable[[list[int], Exception], None] | None = None) -> torch.Tensor:
+                on_error: Callable[[list[int], Exception], None] | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `logits` [N, vocab], row i with its own request's `params[i]` (rows that share
     parameters are selected together: one group in the common case of one parameter set).
 
@@ -118,7 +121,7 @@ def sample_rows(logits: torch.Tensor, num_generated: Sequence[int], params: Sequ
     first = params[0]
     if all(p is first or p == first for p in params):
         try:
-            return select_tokens(logits, num_generated, first)
+            return select_tokens(logits, num_generated, first, generator)
         except Exception as err:
             if on_error is None:
                 raise
@@ -131,7 +134,8 @@ def sample_rows(logits: torch.Tensor, num_generated: Sequence[int], params: Sequ
     for p, rows in groups.items():
         index = to_device(rows, torch.int64, logits.device)
         try:
-            tokens[index] = select_tokens(logits.index_select(0, index), [num_generated[r] for r in rows], p)
+            tokens[index] = select_tokens(logits.index_select(0, index), [num_generated[r] for r in rows], p,
+                                          generator)
         except Exception as err:
             if on_error is None:
                 raise
