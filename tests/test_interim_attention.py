@@ -75,7 +75,7 @@ class GatedBackend(AttentionBackend):
         return torch.zeros_like(out) if self.wrong else out
 
     def run_planned(self, plan: Any, config: Any, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any,
-                    decode: Any = None) -> torch.Tensor:
+                    decode: Any = None, kv_scale: Any = None) -> torch.Tensor:
         if not self._ready() or not isinstance(plan, _Planner):
             raise RuntimeError("the gated backend ran a nano-batch before its kernels were ready or without a plan")
         self.nanobatch_calls += 1

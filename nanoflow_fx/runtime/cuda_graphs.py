@@ -2,7 +2,10 @@
 
 Each bucket's graph is captured over static input tensors padded to a fixed `StepShape` (tokens, requests,
 pages, logits rows): everything baked into its launches (grid sizes, buffer addresses, the attention
-backend) is determined by the bucket, which is the graph's key. Buckets are captured largest first into one
+backend) is determined by the bucket, which is the graph's key, and by the runner's one KV cache (its pages' dtype,
+which picks the kernels, and the addresses of its pages and FP8 scales; the scales' values are read at each replay):
+the runner never changes its cache, and a new cache gets a new step runner and new graphs
+(`NanoFlowRuntime.use_cache`). Buckets are captured largest first into one
 memory pool. Steps larger than the largest bucket (long prefills) run the captured step directly, where
 launch overhead is small next to the work. Capture needs a backend without host syncs ("triton", or
 "flashinfer", whose per-step planning happens on the host before each replay).
@@ -134,10 +137,11 @@ class CudaGraphRunner:
     def _capture(self, shape: StepShape, pool: _POOL_HANDLE | None) -> _Graph:
         cache = self.kv_cache
         host = build_step([], cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          backend=self.backend.name, shape=shape, pin=True)  # only padding: writes scratch only
+                          backend=self.backend.name, shape=shape, pin=True,  # only padding: writes scratch only
+                          kv_scales=cache.scales)
         inputs = host.to(cache.device)
-        planner = self.backend.make_planner(self.attention_configs, cache.page_size, cache.dtype, cache.device,
-                                            decode_batch=shape.requests, max_pages=shape.pages)
+        planner = self.backend.make_planner(self.attention_configs, cache.page_size, cache.model_dtype, cache.device,
+                                            decode_batch=shape.requests, max_pages=shape.pages, kv_dtype=cache.dtype)
         # The captured launches read the bucket planner's buffers, which each replay re-plans (`run`).
         context = StepContext(plans=planner.plan(host.metadata, inputs.metadata.kv_indices)
                               if planner is not None else None)
@@ -162,7 +166,8 @@ class CudaGraphRunner:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          all_logits, backend=self.backend.name, shape=shape, pin=True, staging=self.staging)
+                          all_logits, backend=self.backend.name, shape=shape, pin=True, staging=self.staging,
+                          kv_scales=cache.scales)
         targets, sources = _step_tensors(entry.inputs), _step_tensors(host)
         for dst, src in zip(targets, sources):
             dst.copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
