@@ -94,7 +94,7 @@ class PagedKVCache:
             raise ValueError(f"KV scales are for an FP8 cache; this cache holds {dtype}")
 
     def set_scales(self, kv_scales: Sequence[tuple[float, float]]) -> None:
-        """Set each layer's (k_scale, v_scale) (positive, finite), in place."""
+        """Set each layer's (k_scale, v_scale) (positive, finite; kept as fp32), in place."""
         if not self.scales:
             raise ValueError(f"KV scales are for an FP8 cache; this cache holds {self.dtype}")
         values = [(float(k), float(v)) for k, v in kv_scales]
@@ -103,9 +103,10 @@ class PagedKVCache:
         bad = [i for i, pair in enumerate(values) if not all(0 < x < float("inf") for x in pair)]
         if bad:
             raise ValueError(f"KV scales must be positive and finite; layers {bad} have {[values[i] for i in bad]}")
-        for tensor, pair in zip(self.scales, values):
-            tensor.copy_(torch.tensor(pair, dtype=torch.float32))
-        self.scale_values = values
+        host = [torch.tensor(pair, dtype=torch.float32) for pair in values]
+        for tensor, pair in zip(self.scales, host):
+            tensor.copy_(pair)
+        self.scale_values = [(float(pair[0]), float(pair[1])) for pair in host]  # (fp32: what the kernels read)
 
     @property
     def quantized(self) -> bool:
