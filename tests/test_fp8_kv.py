@@ -239,6 +239,49 @@ def test_k_outliers_fail_the_loose_check_at_scale_one_and_pass_calibrated(backen
     assert errors["1.0"] > 2 * LOOSE_RMS and errors["calibrated"] <= LOOSE_RMS, errors
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (24, 0.0), (0, 20.0)])
+def test_gpu_fp8_attention_is_within_bf16_rounding_of_the_dequantised_cache(backend: str, dim: int, window: int,
+                                                                           softcap: float) -> None:
+    """bf16 queries over an e4m3 cache on the GPU, decode rows and prefill rows in one step (FlashInfer: its decode
+    and prefill wrappers, planned with kv_data_type=e4m3): within a few bf16 roundings (2^-6 of the largest
+    output) of fp32 attention over the dequantised cache, and within the loose bound of the original values."""
+    import importlib.util
+
+    from nanoflow_fx.ops.backend import get
+    from nanoflow_fx.ops.reference import paged_attention_reference
+
+    if backend == "flashinfer" and importlib.util.find_spec("flashinfer") is None:
+        pytest.skip("flashinfer is not installed")
+    gen = torch.Generator().manual_seed(dim)
+    heads_kv, group, page = 2, 4, 16
+    kv_lens, q_lens = [300, 17, 130, 64], [1, 1, 40, 9]  # two decode rows first, then two prefill chunks
+    cache, k, v, (kvp, kvi, last) = _paged_kv(gen, page, heads_kv, dim, kv_lens)
+    qo = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(qo[-1]), heads_kv * group, dim, generator=gen)
+    kv_scale = torch.tensor([k.abs().max() * 2 / 448, v.abs().max() * 2 / 448])
+    stored, dequantised = _to_fp8(cache, kv_scale)
+    scaling = dim**-0.5
+    want = paged_attention_reference(q, dequantised, qo, kvp, kvi, last, scaling, window, softcap)
+    original = paged_attention_reference(q, cache, qo, kvp, kvi, last, scaling, window, softcap)
+    cuda = torch.device("cuda")
+    meta = [t.to(cuda) for t in (qo, kvp, kvi, last)]
+    q16, stored, kv_scale = q.to(cuda, torch.bfloat16), stored.to(cuda), kv_scale.to(cuda)
+    kernel = get(backend)
+    if backend == "triton":
+        got = kernel.run(q16, stored, *meta, scaling, window, softcap, kv_scale)
+    else:
+        config = AttentionConfig(heads_kv * group, heads_kv, dim, scaling, window, softcap)
+        planner = kernel.make_planner([config], page, torch.bfloat16, cuda, kv_dtype=E4M3)
+        plan = planner.plan_tables(qo.pin_memory(), kvp.pin_memory(), last.pin_memory(), meta[2])
+        got = kernel.run_planned(plan, config, q16, stored, meta, None, kv_scale)
+    got = got.float().cpu()
+    assert (got - want).abs().max().item() <= 2**-6 * want.abs().max().item()
+    assert _rms_rel(got, original) <= LOOSE_RMS
+
+
 # -------------------------------------------------------------------------------------------------------- engine
 def _with_checkpoint_scales(model: torch.nn.Module, scales: list[tuple[float, float]]) -> torch.nn.Module:
     """`model` with `k_scale`/`v_scale` buffers on its attention modules, as an FP8 checkpoint's loader leaves them."""
@@ -435,6 +478,37 @@ def test_an_fp8_page_takes_half_the_bytes_of_a_16_bit_one() -> None:
     fp8 = PagedKVCache(small, 10, 4, E4M3, torch.device("cpu"), model_dtype=torch.bfloat16)
     bf16 = PagedKVCache(small, 10, 4, torch.bfloat16, torch.device("cpu"))
     assert fp8.num_bytes * 2 == bf16.num_bytes
+
+
+def test_gpu_memory_sizing_fits_twice_the_pages_of_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pages_from_memory` (the CUDA sizing) on a stand-in device of 8 GiB holding 1 GiB of weights: with FP8 pages
+    the memory left holds twice the pages of bf16 ones (the measured step's own cache counted once either way)."""
+    from nanoflow_fx.runtime.kv_cache import PagedKVCache, page_bytes, pages_from_memory
+
+    total, weights = 8 * 2**30, 2**30
+    config = nanoflow_fx.NanoFlowConfig(max_batch_size=4, max_seq_len=256, max_num_tokens=64,
+                                        kv_cache_memory_fraction=0.5)
+    layers = [AttentionConfig(32, 8, 128, 128**-0.5, 0, 0.0)] * 4
+
+    class ProfileRunner:  # the step the sizing runs (its activations: nothing here)
+        def __init__(self, cache: PagedKVCache) -> None:
+            self.kv_cache = cache
+
+        def run_prompts(self, prompts: Any) -> torch.Tensor:
+            return torch.zeros(len(prompts), 8)
+
+    pages = {}
+    for dtype in (torch.bfloat16, E4M3):
+        cache = PagedKVCache(layers, 20, 16, dtype, torch.device("cpu"), model_dtype=torch.bfloat16)
+        for name, fake in (("empty_cache", lambda: None), ("synchronize", lambda device=None: None),
+                           ("reset_peak_memory_stats", lambda device=None: None),
+                           ("max_memory_allocated", lambda device=None, c=cache: weights + c.num_bytes),
+                           ("memory_reserved", lambda device=None, c=cache: weights + c.num_bytes),
+                           ("mem_get_info", lambda device=None, c=cache: (total - weights - c.num_bytes, total))):
+            monkeypatch.setattr(torch.cuda, name, fake)
+        pages[dtype] = pages_from_memory(ProfileRunner(cache), config, 128)
+        assert pages[dtype] == (total // 2 - weights) // page_bytes(layers, 16, dtype)
+    assert pages[E4M3] == 2 * pages[torch.bfloat16]
 
 
 def test_the_cache_dtype_keys_the_saved_step(monkeypatch: pytest.MonkeyPatch) -> None:
