@@ -96,7 +96,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     cfg = runtime.config
     sized_by_memory = cfg.num_pages is None and runtime.device.type == "cuda"
     pages = profile_pages(cfg, sum(PROBE_LENGTHS)) if sized_by_memory else default_pages(cfg)
-    if cfg.calibrate_kv_scales:  # (before any step writes the cache: the scales are what it stores by)
+    if cfg.calibrate_kv_scales and runtime.device.type != "meta":  # (before any step writes the cache)
         runtime.kv_scales = calibrate(model, probe_prompts(model, cfg.max_batch_size), len(runtime.layers))
     runtime.use_cache(runtime.new_cache(pages))
     start = time.perf_counter()

@@ -69,20 +69,23 @@ def _module_scales(module: torch.nn.Module) -> tuple[float, float] | None:
 
 @torch.no_grad()
 def eager_logits(model: PreTrainedModel, prompts: Sequence[Sequence[int]],
-                 scales: list[tuple[float, float]] | None = None) -> tuple[torch.Tensor, KVProbe]:
+                 scales: list[tuple[float, float]] | None = None,
+                 record: bool = False) -> tuple[torch.Tensor, KVProbe | None]:
     """The eager model's logits over each prompt (alone, concatenated: [sum of lengths, vocab], fp32), attending
-    over K/V fake-quantised with `scales` where given (an FP8 cache's reference), and the probe that recorded each
-    layer's largest |K| and |V|."""
-    probe = KVProbe(scales)
-    logits = [model(torch.tensor([p], device=model.device), use_cache=False, **{METADATA_KWARG: probe}).logits[0]
-              for p in prompts]
+    over K/V fake-quantised with `scales` where given (an FP8 cache's reference), and, with scales or `record`, the
+    probe that recorded each layer's largest |K| and |V| (else None: the plain forward, untouched). The model's
+    attention must be nanoflow's (`optimize()` switched it)."""
+    probe = KVProbe(scales) if scales is not None or record else None
+    extra = {METADATA_KWARG: probe} if probe is not None else {}
+    logits = [model(torch.tensor([p], device=model.device), use_cache=False, **extra).logits[0] for p in prompts]
     return torch.cat(logits).float(), probe
 
 
 def calibrate(model: PreTrainedModel, prompts: Sequence[Sequence[int]], num_layers: int,
               margin: float = kv_quant.KV_SCALE_MARGIN) -> list[tuple[float, float]]:
     """Each layer's (k_scale, v_scale) from an eager forward of `prompts`: margin x amax / 448 (`scale_from_amax`)."""
-    _, probe = eager_logits(model, prompts)
+    _, probe = eager_logits(model, prompts, record=True)
+    assert probe is not None
     scales = [tuple(kv_quant.scale_from_amax(a, margin) for a in probe.amax.get(i, (0.0, 0.0)))
               for i in range(num_layers)]
     log.info("nanoflow_fx: FP8 KV cache scales calibrated on the probe: k %s, v %s",
