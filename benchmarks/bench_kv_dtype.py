@@ -7,14 +7,15 @@ every request's K and V once per layer: 128 KiB per token over 32 layers in bf16
 one step's decode attention, `--layers` kernel calls (CUDA events, `--reps` steps after warm-up), over one layer's
 cache of 32 query / 8 KV heads of 128, pages of 16 shuffled (a cache of ~1.5 GB in bf16, far beyond L2: each call
 reads its bytes from memory as a distinct layer's would). Kernels, as nanoflow_fx runs them:
-  - triton: nanoflow_fx's Triton kernel (default launch; for e4m3 also block_n=128, since a tile holds half the
-    bytes);
+  - triton: nanoflow_fx's Triton kernel, its default launch and two variants: block_n=128 (a tile of e4m3 holds
+    half the bytes) and pv_precision=half (P rounded to bf16 for P @ V, V fed to the MMA as bf16, as FlashInfer does;
+    the default converts V to fp32 for a tf32 MMA);
   - flashinfer: FlashInfer's decode wrapper planned as nanoflow_fx plans it (tensor cores for this GQA shape; an
     e4m3 cache with kv_data_type=e4m3, k_scale folded into q and v_scale into the output on the device);
   - flashinfer-cuda-cores: its CUDA-core decode kernel (use_tensor_cores=False), scales as FlashInfer's own floats.
-Per row: ms per step, TB/s (KV bytes read once), and for e4m3 the ratio to the same kernel over bf16; accuracy of the
-first `--check` requests against fp32 attention (torch reference) over the dequantised cache (max |diff| relative to
-the largest output) and over the bf16 values it was quantised from (relative RMS). JSON (--out).
+Per row: ms per step, TB/s (KV bytes read once), and for e4m3 the ratio to the same kernel and launch over bf16;
+accuracy of the first `--check` requests against fp32 attention (torch reference) over the dequantised cache (max
+|diff| relative to the largest output) and over the bf16 values it was quantised from (relative RMS). JSON (--out).
 
 The engine's offline throughput per KV dtype is bench_offline's, with the cache dtype in its config:
 
@@ -70,10 +71,10 @@ def kernels(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tenso
     scale = b["scales"] if dtype == "e4m3" else None
     meta = (b["qo"], b["kvp"], b["idx"], b["last"])
     triton = get("triton")
-    out: dict[str, Callable[[], torch.Tensor]] = {
-        "triton": lambda: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale)}
-    if dtype == "e4m3":
-        out["triton block_n=128"] = lambda: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, block_n=128)
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, launch in (("triton", {}), ("triton block_n=128", {"block_n": 128}),
+                         ("triton pv=half", {"pv_precision": "half"})):
+        out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
     try:
         import flashinfer
     except ImportError:
@@ -143,10 +144,9 @@ def main() -> None:
                     fn()
 
             ms = time_on(step, stream, args.reps)
-            base = name.split(" ")[0]
             if dtype == "bf16":
                 bf16_ms[name] = ms
-            ratio = ms / bf16_ms[base] if dtype == "e4m3" and base in bf16_ms else None
+            ratio = ms / bf16_ms[name] if dtype == "e4m3" and name in bf16_ms else None
             row = {"kernel": name, "kv_dtype": dtype, "ms": round(ms, 3), "tb_s": round(kv_bytes / ms / 1e9, 3),
                    "time_vs_bf16": round(ratio, 3) if ratio is not None else None, **accurate}
             result["rows"].append(row)
