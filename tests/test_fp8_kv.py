@@ -31,7 +31,7 @@ from nanoflow_fx.runtime import Chunk
 from tests import triton_interpreter  # noqa: F401  (must precede the kernels' import)
 from tests.helpers import DEFAULT_CONFIG, DEVICES, NO_EOS, PAD, left_padded_batch
 from tests.reference import eager_logits_and_kv, fake_quantize_fp8, fp8_kv_attention
-from tests.steps import admit, release, run, runner_on
+from tests.steps import admit, program_runners, release, run, runner_on
 from tests.tiny_models import build
 
 E4M3 = torch.float8_e4m3fn
@@ -332,6 +332,18 @@ def test_engine_over_an_fp8_cache_equals_eager_attention_over_fake_quantised_kv(
     scale = want.abs().max().item()
     assert (logits - want).abs().max().item() <= 1e-4 * scale
     assert (logits - plain).abs().max().item() > 1e-3 * scale  # the cache really rounds
+
+
+def test_nanobatched_steps_over_an_fp8_cache_equal_eager_attention_over_fake_quantised_kv() -> None:
+    """Steps cut into two nano-batches (each writes and attends its own rows with the layer's scales) generate what
+    HF's eager model does over K/V fake-quantised with the same (calibrated) scales."""
+    config = dataclasses.replace(FP8, calibrate_kv_scales=True, num_nanobatches=2)
+    model = nanoflow_fx.optimize(build("llama"), config)
+    ids, mask = left_padded_batch([3, 9, 5])
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=NO_EOS,
+                         pad_token_id=PAD)
+    assert torch.equal(got, _hf_fp8_generate("llama", model.nanoflow.kv_cache.scale_values, ids, mask))
+    assert program_runners(model)[0].last_schedule is not None  # (steps were really cut)
 
 
 @needs_triton
