@@ -9,9 +9,11 @@ from typing import Any, Literal
 
 from nanoflow_fx.errors import NanoFlowError
 
-__all__ = ["NanoFlowConfig", "ExperimentalConfig", "ATTENTION_BACKENDS", "as_config", "cache_root", "resolve"]
+__all__ = ["NanoFlowConfig", "ExperimentalConfig", "ATTENTION_BACKENDS", "KV_CACHE_DTYPES", "as_config", "cache_root",
+           "resolve"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")  # see nanoflow_fx.ops.backend
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # see nanoflow_fx.ops.kv_quant
 SM_PARTITIONS = ("off", "streams", "soft", "carveout", "hard", "hard-triton")
 
 
@@ -102,6 +104,18 @@ class NanoFlowConfig:
     needs `pip install flashinfer-python`), or "auto": flashinfer where it can run, else triton on CUDA when
     Triton imports, else torch."""
 
+    kv_cache_dtype: str = "auto"
+    """What the paged KV cache stores: "auto" (the model's dtype) or "fp8_e4m3" (torch.float8_e4m3fn, one byte an
+    element: about twice the tokens fit, and decode attention reads half the bytes). FP8 pages hold K / k_scale
+    and V / v_scale, clamped to +-448 (e4m3's largest value) and rounded to 3 mantissa bits; every attention backend
+    multiplies them back. The per-layer scales (fp32) are 1.0 unless the model carries `k_scale`/`v_scale` tensors
+    on its attention modules (FP8 checkpoints) or `calibrate_kv_scales` is set. See docs/runtime.md."""
+
+    calibrate_kv_scales: bool = False
+    """With kv_cache_dtype="fp8_e4m3": set each layer's K and V scales from `optimize()`'s probe (the largest |K|
+    and |V| an eager forward of the probe prompts writes, times a margin, over 448) instead of the model's own scales
+    or 1.0. Keys or values beyond 448 x their scale are clamped: a model whose K/V exceed that range needs it."""
+
     interim_attention: bool = True
     """While the attention backend's kernels are still being built when the step is ready (FlashInfer's JIT build
     on a fresh machine), run the first steps on Triton's kernel (the same captured step; checked against the
@@ -178,10 +192,16 @@ class NanoFlowConfig:
             raise ValueError(
                 f"NanoFlowConfig.attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
             )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"NanoFlowConfig.kv_cache_dtype={self.kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES} "
+                             "('auto': the model's dtype)")
+        if self.calibrate_kv_scales is True and self.kv_cache_dtype == "auto":
+            raise ValueError("NanoFlowConfig.calibrate_kv_scales=True calibrates FP8 KV-cache scales: it needs "
+                             "kv_cache_dtype='fp8_e4m3'")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ValueError(f"NanoFlowConfig.cache_dir must be a path string or None, got {self.cache_dir!r}")
         for name in ("check_capture", "check_plans", "cuda_graphs", "inductor", "fuse_linears", "save_step",
-                     "replicate_layers", "interim_attention"):
+                     "replicate_layers", "interim_attention", "calibrate_kv_scales"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "inductor" and value == "auto"):
                 raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {value!r}")

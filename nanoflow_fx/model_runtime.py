@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from nanoflow_fx.capture.backend import make_backend
 from nanoflow_fx.capture.check import check_probe
 from nanoflow_fx.capture.fuse_linears import FusedLayout
+from nanoflow_fx.capture.kv_scales import checkpoint_scales
 from nanoflow_fx.capture.lowering import lowering_for
 from nanoflow_fx.capture.replicate import find_layer_stack
 from nanoflow_fx.capture.step import StepFunction
@@ -29,6 +30,7 @@ from nanoflow_fx.cost.model import CostTable, DecodeTiming
 from nanoflow_fx.errors import CaptureMismatchError
 from nanoflow_fx.hf_methods import model_follower
 from nanoflow_fx.ops import backend as attention_backends
+from nanoflow_fx.ops import kv_quant
 from nanoflow_fx.runtime.control_plane import ControlPlane
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
@@ -51,15 +53,21 @@ class NanoFlowRuntime:
         has started readying its kernels."""
         self.original_attention = original_attention  # restored if optimize() fails or runs again
         self.dtype, self.device = next(model.parameters()).dtype, model.device
+        self.kv_dtype = kv_quant.cache_dtype(config.kv_cache_dtype, self.dtype)  # the KV pages' element type
         self.layers = discover_layers(model)  # layer i's attention configuration
         self.attention_configs = tuple(dict.fromkeys(self.layers))
+        # An FP8 cache's per-layer (k_scale, v_scale): the model's own (a checkpoint's), 1.0 without them; optimize()
+        # calibrates them instead with `calibrate_kv_scales`.
+        self.kv_scales: list[tuple[float, float]] | None = None
+        if kv_quant.is_fp8(self.kv_dtype) and not config.calibrate_kv_scales:
+            self.kv_scales = checkpoint_scales(model, len(self.layers))
         self.attention_backend = attention_backends.choose(config.attention_backend, self.attention_configs,
-                                                           self.dtype, self.device)
+                                                           self.dtype, self.device, self.kv_dtype)
         # The attention backend readies its kernels from here on (FlashInfer: a JIT build of ~26 s on a fresh
         # machine, the longest part of a fresh optimize()), while the weights are laid out and the step traced;
         # `_build` waits for them. So it starts first, as soon as the layers' shapes are known.
         self.attention_ready = self.attention_backend.prepare(self.attention_configs, config.page_size,
-                                                              self.dtype, self.device)
+                                                              self.dtype, self.device, self.kv_dtype)
         self.attention_started = time.perf_counter()
         self.probe: tuple[list[list[int]], torch.Tensor] | None = None  # the check's prompts, eager logits
         self.cache_sized = False  # the KV cache is the one it keeps (CUDA graphs are captured on it)
@@ -90,6 +98,13 @@ class NanoFlowRuntime:
         self.kv_cache: PagedKVCache
         self.runner: StepRunner
         self.engine: Engine
+
+    def new_cache(self, num_pages: int, page_size: int | None = None) -> PagedKVCache:
+        """A KV cache of `num_pages` pages for this model (its page size unless given): the configured element type
+        and, for an FP8 cache, the runtime's scales."""
+        return PagedKVCache(self.layers, num_pages, page_size or self.config.page_size, self.kv_dtype, self.device,
+                            model_dtype=self.dtype, kv_scales=self.kv_scales if kv_quant.is_fp8(self.kv_dtype)
+                            else None)
 
     def use_cache(self, kv_cache: PagedKVCache) -> None:
         """Run on `kv_cache` from now on (a new step runner and engine; the captured step is kept)."""
@@ -149,10 +164,11 @@ def step_store(model: PreTrainedModel, config: NanoFlowConfig, lowering_key: str
     """Where this model's captured step is saved (`NanoFlowConfig.save_step`), or None."""
     if not config.save_step or os.environ.get("NANOFLOW_FX_SAVE_STEP") == "0" or model.device.type == "meta":
         return None
-    # What the captured graph depends on of the config: the cache's page shape and the lowering (its passes).
-    # The step's sizes (tokens, requests, pages) are symbolic, so the budgets (max_num_tokens: measured, "auto")
-    # do not count, and neither does the nano-batch count: a cut is chosen per step at run time.
-    fields = {"page_size": config.page_size, "lowering": lowering_key}
+    # What the captured graph depends on of the config: the cache's page shape and dtype (an FP8 cache's step reads
+    # its scales) and the lowering (its passes). The step's sizes (tokens, requests, pages) are symbolic, so the
+    # budgets (max_num_tokens: measured, "auto") do not count, and neither does the nano-batch count: a cut is
+    # chosen per step at run time.
+    fields = {"page_size": config.page_size, "kv_cache_dtype": config.kv_cache_dtype, "lowering": lowering_key}
     return StepStore(os.path.join(cache_root(config), "steps"), step_key(model, fields, backend_name))
 
 
@@ -164,7 +180,8 @@ def start_interim(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float
     preparation, cfg = runtime.attention_ready, runtime.config
     if preparation is None or preparation.done() or not cfg.interim_attention:
         return False
-    stand_in = runtime.attention_backend.interim_backend(runtime.attention_configs, runtime.dtype, runtime.device)
+    stand_in = runtime.attention_backend.interim_backend(runtime.attention_configs, runtime.dtype, runtime.device,
+                                                         runtime.kv_dtype)
     if stand_in is None:
         return False
     backend = runtime.attention_backend.name

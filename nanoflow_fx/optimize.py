@@ -23,6 +23,7 @@ from nanoflow_fx.capture import hf_attention
 from nanoflow_fx.capture.backend import make_backend
 from nanoflow_fx.capture.check import PROBE_LENGTHS, check_against_eager, probe_prompts
 from nanoflow_fx.capture.fuse_linears import FusedLayout, relayout_parallel_linears
+from nanoflow_fx.capture.kv_scales import calibrate
 from nanoflow_fx.capture.lowering import lowering_for
 from nanoflow_fx.capture.support import check_supported
 from nanoflow_fx.capture.tensor_parallel import localize, vocab_size
@@ -31,7 +32,7 @@ from nanoflow_fx.cost.autotune import search_schedules
 from nanoflow_fx.errors import CaptureMismatchError
 from nanoflow_fx.hf_methods import install, plain_choice, uninstall
 from nanoflow_fx.model_runtime import NanoFlowRuntime, start_interim
-from nanoflow_fx.runtime.kv_cache import PagedKVCache, default_pages, pages_from_memory, profile_pages
+from nanoflow_fx.runtime.kv_cache import default_pages, pages_from_memory, profile_pages
 
 __all__ = ["optimize", "backend", "NanoFlowRuntime"]
 
@@ -97,7 +98,9 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
     cfg = runtime.config
     sized_by_memory = cfg.num_pages is None and runtime.device.type == "cuda"
     pages = profile_pages(cfg, sum(PROBE_LENGTHS)) if sized_by_memory else default_pages(cfg)
-    runtime.use_cache(PagedKVCache(runtime.layers, pages, cfg.page_size, runtime.dtype, runtime.device))
+    if cfg.calibrate_kv_scales and runtime.device.type != "meta":  # (before any step writes the cache)
+        runtime.kv_scales = calibrate(model, probe_prompts(model, cfg.max_batch_size), len(runtime.layers))
+    runtime.use_cache(runtime.new_cache(pages))
     start = time.perf_counter()
     # (under tensor parallelism each rank would measure its own schedule, and the ranks' cuts must agree: the
     # search is not run there; steps stay whole)
@@ -136,7 +139,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
             pages = pages_from_memory(runtime.runner, cfg, vocab_size(model))
             if runtime.plane is not None:  # (every rank's scheduler must see the same cache)
                 pages = runtime.plane.agree_min(pages)
-            runtime.use_cache(PagedKVCache(runtime.layers, pages, cfg.page_size, runtime.dtype, runtime.device))
+            runtime.use_cache(runtime.new_cache(pages))
         sized = time.perf_counter()
         bar.update()
         bar.set_postfix_str("capture CUDA graphs")
@@ -171,9 +174,10 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
                    schedule_search_s=time.perf_counter() - searched if search else 0.0,
                    **{f"compile_{k}": v for k, v in runtime.step_fn.compile_breakdown.items()})
     runtime.timings = {**timings, **runtime.timings}  # (a switch from the interim kernel during optimize(): its own)
-    log.info("nanoflow_fx: optimized %s (%d attention layers, %s attention, KV cache %d pages = %.1f MiB, "
+    log.info("nanoflow_fx: optimized %s (%d attention layers, %s attention, KV cache %d pages of %s = %.1f MiB, "
              "step budget %d tokens, capture %.1f s: %s)", type(model).__name__, len(runtime.layers),
-             runtime.attention_backend.name, runtime.kv_cache.allocator.num_pages, runtime.kv_cache.num_bytes / 2**20,
+             runtime.attention_backend.name, runtime.kv_cache.allocator.num_pages,
+             str(runtime.kv_cache.dtype).removeprefix("torch."), runtime.kv_cache.num_bytes / 2**20,
              cfg.max_num_tokens, runtime.capture_seconds, ", ".join(f"{k} {v:.1f}" for k, v in runtime.timings.items()))
 
 

@@ -1,8 +1,11 @@
-"""Reference K/V: an attention function that runs the model's own eager attention and records key/value."""
+"""Reference K/V: an attention function that runs the model's own eager attention and records key/value; and one
+that attends over K/V fake-quantised as an FP8 (e4m3) KV cache stores them."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,3 +37,42 @@ def eager_logits_and_kv(model: PreTrainedModel, tokens: list[int]) -> tuple[torc
         return logits, dict(_RECORDED)
     finally:
         model.set_attn_implementation(previous)
+
+
+# ------------------------------------------------------------------------------------------------ FP8 KV cache
+E4M3_MAX = 448.0
+_FP8_SCALES: dict[int, tuple[float, float]] = {}
+
+
+def fake_quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """What an e4m3 KV cache with this scale gives back of `x`, spelled out independently of nanoflow_fx: x / scale
+    clamped to +-448, rounded to e4m3 (torch's cast: nearest even), times scale (fp32 arithmetic, x's dtype)."""
+    stored = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return (stored.to(torch.float32) * scale).to(x.dtype)
+
+
+def _fp8_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
+    k_scale, v_scale = _FP8_SCALES[module.layer_idx]
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, fake_quantize_fp8(key, k_scale), fake_quantize_fp8(value, v_scale), attention_mask,
+                 **kwargs)
+
+
+AttentionInterface.register("nanoflow_test_fp8", _fp8_attention)
+AttentionMaskInterface.register("nanoflow_test_fp8", eager_mask)
+
+
+@contextmanager
+def fp8_kv_attention(model: PreTrainedModel, scales: list[tuple[float, float]]) -> Iterator[PreTrainedModel]:
+    """Within the block, `model`'s eager forward (and HF's `generate()`) attends over its K/V fake-quantised as an
+    e4m3 cache with per-layer `scales` (k_scale, v_scale) stores them: the reference of a step over an FP8 cache."""
+    previous = model.config._attn_implementation
+    _FP8_SCALES.clear()
+    _FP8_SCALES.update(enumerate(scales))
+    model.set_attn_implementation("nanoflow_test_fp8")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+        _FP8_SCALES.clear()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nanoflow_fx.runtime import Chunk, PagedKVCache, Request, StepRunner
+from nanoflow_fx.runtime import Chunk, Request, StepRunner
 from tests.helpers import greedy
 
 GREEDY = greedy()
@@ -15,7 +15,7 @@ GREEDY = greedy()
 def runner_on(model: torch.nn.Module, num_pages: int, page_size: int) -> StepRunner:
     """A step runner of `model`'s captured step over a cache of its own (`num_pages` pages of `page_size`)."""
     runtime = model.nanoflow
-    cache = PagedKVCache(runtime.layers, num_pages, page_size, runtime.dtype, runtime.device)
+    cache = runtime.new_cache(num_pages, page_size)
     return StepRunner(runtime.step_fn, cache, runtime.config, runtime.attention_backend, runtime.attention_configs,
                       runtime.split_policy)
 

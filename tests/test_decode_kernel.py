@@ -24,10 +24,10 @@ class Spy(AttentionBackend):
         self.calls: list[tuple[int, dict]] = []
 
     def run(self, q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling, sliding_window,
-            softcap, **launch):  # type: ignore[no-untyped-def]
+            softcap, kv_scale=None, **launch):  # type: ignore[no-untyped-def]
         self.calls.append((q.shape[0], launch))
         return get("torch").run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
-                                sliding_window, softcap)
+                                sliding_window, softcap, kv_scale)
 
 
 SPY = register(Spy())
@@ -81,7 +81,7 @@ def test_flashinfer_gives_a_decode_kernel_the_decode_rows_only(num_decode: int, 
     seen = []
 
     class Kernel(DecodeKernel):
-        def run(self, q, kv_cache, metadata, config):  # type: ignore[no-untyped-def]
+        def run(self, q, kv_cache, metadata, config, kv_scale=None):  # type: ignore[no-untyped-def]
             seen.append((q.shape[0], [m.tolist() for m in metadata]))
             return torch.full_like(q, 3.0)
 
@@ -130,8 +130,8 @@ def test_auto_keeps_the_backends_decode_kernel_where_partitions_cannot_be_timed(
     def no_partitions(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("cuDevSmResourceSplitByCount failed")
 
-    monkeypatch.setattr(type(runtime.kv_cache), "dtype", property(lambda self: torch.bfloat16))  # (read, not used)
-    monkeypatch.setattr(opt.attention_backends, "stand_in", lambda name, configs, dtype, device: get(name))
+    monkeypatch.setattr(runtime.kv_cache, "model_dtype", torch.bfloat16)  # (read, not used)
+    monkeypatch.setattr(opt.attention_backends, "stand_in", lambda name, configs, dtype, device, kv_dtype: get(name))
     monkeypatch.setattr(opt, "decode_kernel_timings", no_partitions)
     with caplog.at_level("WARNING"):
         assert opt._time_decode_kernels(runtime, 256, mixed, (32,)) == []

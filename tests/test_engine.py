@@ -25,7 +25,7 @@ from transformers import GenerationConfig
 from transformers.generation.continuous_batching import RequestStatus
 
 import nanoflow_fx
-from nanoflow_fx.runtime import Chunk, Engine, PagedKVCache, Request, StepRunner
+from nanoflow_fx.runtime import Chunk, Engine, Request, StepRunner
 from nanoflow_fx.runtime.requests import FINISHED, PENDING
 from tests.echo_runner import ChunkRecord, EchoRunner, echo_continuation, late_readbacks, next_token
 from tests.helpers import (
@@ -224,7 +224,7 @@ def _engine(family: str, num_pages: int, page_size: int, budget: int, max_runnin
     """An engine over the shared optimized model's captured step, with a cache and limits of its own."""
     runtime = optimized(family).nanoflow
     config = dataclasses.replace(runtime.config, max_num_tokens=budget, max_batch_size=max_running)
-    cache = PagedKVCache(runtime.layers, num_pages, page_size, runtime.dtype, runtime.device)
+    cache = runtime.new_cache(num_pages, page_size)
     runner = StepRunner(runtime.step_fn, cache, config, runtime.attention_backend, runtime.attention_configs)
     return Engine(runner, config, reserve_ratio)
 

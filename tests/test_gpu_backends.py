@@ -45,12 +45,14 @@ def _flashinfer_available() -> bool:
     return importlib.util.find_spec("flashinfer") is not None
 
 
-def _model(family: str, backend: str, graphs: bool, inductor: bool = False) -> torch.nn.Module:
+def _model(family: str, backend: str, graphs: bool, inductor: bool = False,
+           kv_cache_dtype: str = "auto") -> torch.nn.Module:
     torch.manual_seed(0)
     model = CONFIGS[family]().to(device="cuda", dtype=torch.bfloat16).eval()
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256,
                                         num_pages=256, attention_backend=backend, cuda_graphs=graphs,
-                                        inductor=inductor, interim_attention=False)  # these test the backend
+                                        inductor=inductor, interim_attention=False,  # these test the backend
+                                        kv_cache_dtype=kv_cache_dtype)
     return nanoflow_fx.optimize(model, config)
 
 
@@ -105,6 +107,33 @@ def test_backend_matches_reference_in_every_bucket(family: str, backend: str) ->
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_fp8_kv_cache_backend_matches_reference_in_every_bucket(family: str, backend: str) -> None:
+    """Over an FP8 (e4m3) cache: the backend (CUDA graphs on, every decode bucket hit) against the torch reference
+    (graphs off), both reading the same e4m3 values (the same fused write) with the same non-trivial scales, set
+    after the graphs were captured (a replay reads the scales' current values): within the bf16 tolerance above."""
+    if backend == "flashinfer" and not _flashinfer_available():
+        pytest.skip("flashinfer is not installed")
+    ref = _model(family, "torch", graphs=False, kv_cache_dtype="fp8_e4m3")
+    fast = _model(family, backend, graphs=True, kv_cache_dtype="fp8_e4m3")
+    assert fast.nanoflow.kv_cache.dtype == torch.float8_e4m3fn and fast.nanoflow.attention_backend.name == backend
+    assert fast.nanoflow.runner.cuda_graphs is not None, fast.nanoflow.runner.cuda_graphs_off_reason
+    layers = len(fast.nanoflow.layers)
+    scales = [(0.01 * (1 + i), 0.02 / (1 + i)) for i in range(layers)]  # (a value clamped is clamped in both)
+    for model in (ref, fast):
+        model.nanoflow.kv_cache.set_scales(scales)
+    graph_steps = fast.nanoflow.runner.stats["graph_steps"]
+    for batch in BATCH_SIZES:
+        want, fed = _run_stream(ref, batch, None)
+        got, _ = _run_stream(fast, batch, fed)
+        for step, (w, g) in enumerate(zip(want, got)):
+            if w.numel():
+                diff, scale = (w - g).abs().max().item(), w.abs().max().item()
+                assert diff <= TOLERANCE * scale, f"batch {batch} step {step}: max |diff| {diff:.4g}, scale {scale:.4g}"
+    assert fast.nanoflow.runner.stats["graph_steps"] > graph_steps  # decode steps replayed graphs
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
 def test_inductor_pieces_match_reference_in_every_bucket(family: str, backend: str) -> None:
     """inductor=True (fused pieces between the attention calls), replayed in CUDA graphs, against the reference."""
     if backend == "flashinfer" and not _flashinfer_available():
@@ -150,17 +179,20 @@ def test_generate_with_flashinfer_is_greedy_consistent() -> None:
     assert first.shape == (5, 60) and torch.equal(first, second)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
-def test_decode_steps_never_wait_for_the_gpu(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_steps_never_wait_for_the_gpu(backend: str, kv_cache_dtype: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's per-step work in steady decode (schedule, build + copy inputs, plan, replay, sample, store
     tokens, start the readback) makes no synchronising CUDA call: torch's sync debug mode turns any into an error.
-    (Reading tokens back, MAX_LAG steps later, is deliberate: the window is kept free of it.)"""
+    (Reading tokens back, MAX_LAG steps later, is deliberate: the window is kept free of it.) An FP8 cache's scales
+    stay on the device."""
     if backend == "flashinfer" and not _flashinfer_available():
         pytest.skip("flashinfer is not installed")
     from nanoflow_fx.runtime import engine as engine_module
     from nanoflow_fx.runtime.sampling import SamplingParams
 
-    model = _model("llama", backend, graphs=True)
+    model = _model("llama", backend, graphs=True, kv_cache_dtype=kv_cache_dtype)
     engine, runner = model.nanoflow.engine, model.nanoflow.runner
     params = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(2,),
                             min_new_tokens=8)

@@ -75,7 +75,7 @@ class GatedBackend(AttentionBackend):
         return torch.zeros_like(out) if self.wrong else out
 
     def run_planned(self, plan: Any, config: Any, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any,
-                    decode: Any = None) -> torch.Tensor:
+                    decode: Any = None, kv_scale: Any = None) -> torch.Tensor:
         if not self._ready() or not isinstance(plan, _Planner):
             raise RuntimeError("the gated backend ran a nano-batch before its kernels were ready or without a plan")
         self.nanobatch_calls += 1
@@ -356,3 +356,24 @@ def test_a_dropped_model_on_the_interim_kernel_is_freed_at_once(gated: GatedBack
             assert kv() is None and weights() is None, f"switched={switched}"
         finally:
             gc.enable()
+
+
+def test_an_fp8_cache_runs_on_the_interim_kernel_and_then_on_the_backend(gated: GatedBackend) -> None:
+    """An FP8 KV cache with calibrated scales: the interim kernel's steps and the backend's after the switch (whose
+    check compares against the eager model over fake-quantised K/V) both generate what HF's eager model does
+    attending over K/V fake-quantised with the same scales."""
+    from tests.reference import fp8_kv_attention
+
+    config = dataclasses.replace(DEFAULT_CONFIG, kv_cache_dtype="fp8_e4m3", calibrate_kv_scales=True)
+    model = nanoflow_fx.optimize(build("llama"), config)
+    runtime = model.nanoflow
+    assert runtime.runner.interim is attention_backends.get("torch")
+    assert runtime.kv_cache.dtype == torch.float8_e4m3fn and runtime.kv_cache.scale_values != [(1.0, 1.0)] * 2
+    ids = _ids()
+    with fp8_kv_attention(build("llama"), runtime.kv_cache.scale_values) as fake_quantised:
+        want = _generate(fake_quantised, ids, 5)
+    assert torch.equal(_generate(model, ids, 5), want) and gated.calls == 0
+    gated.gate.set()
+    runtime.attention_ready.wait()
+    assert torch.equal(_generate(model, ids, 5), want)
+    assert runtime.runner.interim is None and gated.calls == 6 * NUM_LAYERS  # the switch's check and 5 steps

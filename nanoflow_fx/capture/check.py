@@ -2,17 +2,25 @@
 
 `optimize()` runs it on the step it traced, replicated or loaded (a replicated or loaded step that fails is
 discarded and every layer traced again); the switch from the interim attention kernel runs it again on the
-backend's own kernel, against the same eager logits.
+backend's own kernel, against the same eager logits. Over an FP8 KV cache the eager model attends over K/V
+fake-quantised the same way (`capture.kv_scales.eager_logits`), so the check still isolates the capture (fp32:
+to rounding) from the cache's quantisation, whose cost it does not measure; keys or values the probe finds
+beyond the FP8 range at their scales (clamped) are logged as a warning.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import PreTrainedModel
 
+from nanoflow_fx.capture.kv_scales import clamped_layers, eager_logits
 from nanoflow_fx.capture.tensor_parallel import vocab_size
 from nanoflow_fx.errors import CaptureMismatchError
 from nanoflow_fx.runtime.step_runner import StepRunner
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PROBE_LENGTHS", "check_against_eager", "check_probe", "probe_prompts"]
 
@@ -39,12 +47,21 @@ def probe_prompts(model: PreTrainedModel, max_batch_size: int) -> list[list[int]
 @torch.no_grad()
 def check_against_eager(model: PreTrainedModel, runner: StepRunner,
                         max_batch_size: int) -> tuple[list[list[int]], torch.Tensor]:
-    """Run the captured step on a probe (two packed prompts) and compare every logit with the eager model;
-    returns the probe and the eager logits (a later check of another attention kernel reuses them)."""
+    """Run the captured step on a probe (two packed prompts) and compare every logit with the eager model (over
+    fake-quantised K/V where the cache is FP8); returns the probe and the eager logits (a later check of another
+    attention kernel reuses them)."""
     prompts = probe_prompts(model, max_batch_size)
-    want = torch.cat([model(torch.tensor([p], device=model.device), use_cache=False).logits[0] for p in prompts])
-    want = want.float()
+    cache = runner.kv_cache
+    scales = cache.scale_values if cache.quantized else None
+    want, recorded = eager_logits(model, prompts, scales)
     check_probe(model, runner, prompts, want)
+    if scales is not None and recorded is not None:
+        over = clamped_layers(recorded, scales)
+        if over:
+            log.warning("nanoflow_fx: the probe's keys/values exceed the FP8 KV cache's range (448 x scale) in "
+                        "%d of %d layers (up to %.3g x), clamped there: layers %s; calibrate_kv_scales=True sets "
+                        "scales that hold them", len(over), len(scales), max(max(r) for r in over.values()),
+                        sorted(over))
     return prompts, want
 
 
@@ -52,7 +69,7 @@ def check_against_eager(model: PreTrainedModel, runner: StepRunner,
 def check_probe(model: PreTrainedModel, runner: StepRunner, prompts: list[list[int]], want: torch.Tensor) -> None:
     """Raise `CaptureMismatchError` unless the runner's step gives the eager logits `want` on `prompts`."""
     got = runner.run_prompts(prompts, all_logits=True).float()
-    dtype = runner.kv_cache.dtype
+    dtype = runner.kv_cache.model_dtype
     scale = max(1.0, want.abs().max().item())
     diff = (got - want).abs().max().item()
     if dtype in PROBE_MAX_TOLERANCE:

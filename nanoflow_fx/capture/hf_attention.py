@@ -24,10 +24,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from nanoflow_fx.errors import UnsupportedModelError
-from nanoflow_fx.ops import AttentionMetadata, paged_attention
+from nanoflow_fx.ops import AttentionMetadata, kv_quant, paged_attention
 from nanoflow_fx.ops.backend import AttentionConfig
 
-__all__ = ["ATTN_IMPLEMENTATION", "PLAIN", "PLAIN_ATTENTION", "PlainAttention", "ShapeProbe", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "PLAIN", "PLAIN_ATTENTION", "KVProbe", "PlainAttention", "ShapeProbe", "register"]
 
 ATTN_IMPLEMENTATION = "nanoflow"
 METADATA_KWARG = "nanoflow_metadata"
@@ -69,6 +69,26 @@ class ShapeProbe:
     layers: dict[int, AttentionConfig] = field(default_factory=dict)
 
 
+@dataclass
+class KVProbe:
+    """Passed instead of `AttentionMetadata` in an eager forward: the forward runs the plain attention (as without
+    metadata) and records each layer's largest |K| and |V| (`amax`, by layer index: what the step would write to
+    the KV cache). With `scales` (per layer (k_scale, v_scale)), it attends over K and V fake-quantised as an FP8
+    cache stores them (`ops.kv_quant.fake_quantize`): the eager reference of a step over an FP8 cache."""
+
+    scales: list[tuple[float, float]] | None = None
+    amax: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def observe(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_max, v_max = (float(x.detach().abs().amax()) if x.numel() else 0.0 for x in (key, value))
+        seen = self.amax.get(layer_idx, (0.0, 0.0))
+        self.amax[layer_idx] = (max(seen[0], k_max), max(seen[1], v_max))
+        if self.scales is None:
+            return key, value
+        k_scale, v_scale = self.scales[layer_idx]
+        return kv_quant.fake_quantize(key, k_scale), kv_quant.fake_quantize(value, v_scale)
+
+
 def register() -> None:
     """Register the attention and mask functions under `ATTN_IMPLEMENTATION` (idempotent)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, nanoflow_attention)
@@ -96,6 +116,9 @@ def nanoflow_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     meta = kwargs.pop(METADATA_KWARG, None)
+    if isinstance(meta, KVProbe):
+        key, value = meta.observe(_layer_index(module), key, value)
+        meta = None
     if meta is None:
         plain = "eager" if torch.compiler.is_compiling() else PLAIN.get(getattr(module, "config", None))
         fallback = _eager_fallback(module) if plain == "eager" else cast(_Fn, AttentionInterface._global_mapping[plain])
@@ -114,6 +137,7 @@ def nanoflow_attention(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),  # [T, heads, D]
         meta.kv_caches[layer_idx], *meta.tensors(),
         scale, spec.sliding_window, spec.softcap, meta.backend,
+        meta.kv_scales[layer_idx] if meta.kv_scales else None,
     )
     return out.unsqueeze(0), None  # [1, T, H, D], as HF's attention functions return
 
@@ -129,9 +153,7 @@ def _layer_spec(
     scaling: float,
 ) -> tuple[int, AttentionConfig]:
     name = type(module).__name__
-    layer_idx = getattr(module, "layer_idx", None)
-    if not isinstance(layer_idx, int):
-        raise UnsupportedModelError(f"{name} has no integer `layer_idx`; nanoflow_fx needs it to find its KV cache")
+    layer_idx = _layer_index(module)
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
         raise UnsupportedModelError(f"{name} uses non-causal attention; nanoflow_fx supports causal decoders only")
     for sink_kwarg in ("s_aux", "sinks"):
@@ -149,6 +171,14 @@ def _layer_spec(
         sliding_window=int(sliding_window) if sliding_window else 0,
         softcap=float(softcap) if softcap else 0.0,
     )
+
+
+def _layer_index(module: torch.nn.Module) -> int:
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int):
+        raise UnsupportedModelError(f"{type(module).__name__} has no integer `layer_idx`; nanoflow_fx needs it to find "
+                                    "its KV cache")
+    return layer_idx
 
 
 def _eager_fallback(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:

@@ -47,6 +47,11 @@ class AttentionCall:
     sliding_window: int
     softcap: float
     backend: str
+    kv_scale: str | None = None  # an FP8 cache's scales (`nanoflow_fx.ops.kv_quant`)
+
+    def scale_of(self, env: Any) -> Any:
+        """The value of `kv_scale` in `env` (None without one)."""
+        return env[self.kv_scale] if self.kv_scale is not None else None
 
 
 @dataclass(frozen=True)
@@ -165,11 +170,16 @@ def _crosses_without_token_dim(node: Node, token_dim: dict[str, int | None]) -> 
 
 
 def _attention_call(node: Node) -> AttentionCall:
-    args = list(node.args) + [node.kwargs.get("backend", "torch")] * (13 - len(node.args))
+    args = list(node.args)  # (the op's arguments with defaults may come as keywords or not at all)
+    if len(args) < 13:
+        args.append(node.kwargs.get("backend", "torch"))
+    if len(args) < 14:
+        args.append(node.kwargs.get("kv_scale"))
     q, k, v, cache, qo, kvp, idx, last, slots = (cast(Node, a).name for a in args[:9])
     scaling, sliding_window, softcap = cast("tuple[float, int, float]", tuple(args[9:12]))  # the op's constants
+    scale = args[13]
     return AttentionCall(q, k, v, cache, (qo, kvp, idx, last), slots, float(scaling), int(sliding_window),
-                         float(softcap), str(args[12]))
+                         float(softcap), str(args[12]), cast(Node, scale).name if scale is not None else None)
 
 
 def _piece_module(gm: GraphModule, part: list[Node], inputs: Sequence[Node], outputs: Sequence[Node]) -> GraphModule:

@@ -11,7 +11,7 @@ each checked against the one before) and extends the traced ATen graph to all N 
    in), or, for nodes without one (the fused-linear views our passes add), by the latest layer among its inputs.
    Nodes before the first layer's are the prologue (embedding, rotary tables), nodes after the last one's the
    epilogue (final norm, LM head). Graph inputs belong to layer j when their Dynamo source reads under
-   `layers[j]` or `metadata.kv_caches[j]`.
+   `layers[j]`, `metadata.kv_caches[j]` or `metadata.kv_scales[j]`.
 2. The traced layers are checked against each other: layer a + p must be layer a's graph node for node (same ops,
    same constants), reading layer a + p's own inputs where layer a reads its own, the same prologue values, and
    the values of earlier layers at the same distance. Otherwise nothing is replicated.
@@ -215,7 +215,8 @@ def _owner_pattern(path: str) -> re.Pattern[str]:
     return re.compile(rf"^{re.escape(_MODEL)}{parts}(?P<index>\._modules\['(?P<a>\d+)'\]|\[(?P<b>\d+)\])(?=[.\[]|$)")
 
 
-_CACHE = re.compile(rf"^{re.escape(_METADATA)}\.kv_caches(?P<index>\[(?P<b>\d+)\])(?=[.\[]|$)")
+# a layer's KV cache, or its FP8 scales
+_CACHE = re.compile(rf"^{re.escape(_METADATA)}\.kv_(?:caches|scales)(?P<index>\[(?P<b>\d+)\])(?=[.\[]|$)")
 
 
 def _source_owner(source: str, pattern: re.Pattern[str]) -> tuple[int, Callable[[int], str]] | None:

@@ -17,7 +17,7 @@ from nanoflow_fx.capture import replicate
 from nanoflow_fx.capture.hf_attention import METADATA_KWARG
 from nanoflow_fx.capture.lowering import Capture
 from nanoflow_fx.capture.replicate import LayerStack
-from nanoflow_fx.capture.store import LoadedStep, StepStore, saved_step
+from nanoflow_fx.capture.store import LoadedStep, StepStore, cache_dtype_of, saved_step
 from nanoflow_fx.ops import AttentionMetadata
 
 __all__ = ["StepFunction"]
@@ -216,7 +216,7 @@ class StepFunction:
             del self.captures[seen:]
             return
         sources, run = lowered[-1]
-        self.replicated = LoadedStep(run, sources, metadata.backend, len(metadata.kv_caches))
+        self.replicated = LoadedStep(run, sources, metadata.backend, len(metadata.kv_caches), cache_dtype_of(metadata))
         self.captures[-1].replicated = (stack.traced, stack.num_layers, stack.period)
 
     def trace(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_indices: torch.Tensor,

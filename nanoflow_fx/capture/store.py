@@ -15,10 +15,11 @@ after them. So once a step is captured and lowered, `StepStore` saves what runs:
 The file is keyed (`step_key`) by everything the captured graph depends on: nanoflow_fx's source, the versions of
 torch, transformers, triton and Python, the device, the model class, its config, every parameter's and buffer's
 name, shape, stride, dtype and storage layout (the fused linears' views), the `NanoFlowConfig` fields the graph
-depends on (the page size and the lowering's key, `capture.lowering.Lowering.key`; not the budgets, since the
-step's sizes are symbolic, nor the nano-batch count: a cut is chosen per step at run time) and the attention
-backend. A loaded step serves only calls with the attention backend and layer count it was captured
-with (the rest go through Dynamo), and `optimize()` checks it against the eager model like a fresh capture: a
+depends on (the page size, the KV cache's dtype and the lowering's key, `capture.lowering.Lowering.key`; not the
+budgets, since the step's sizes are symbolic, nor the nano-batch count: a cut is chosen per step at run time) and
+the attention backend. A loaded step serves only calls with the attention backend, layer count and KV-cache dtype
+it was captured with (the rest go through Dynamo; an FP8 cache's step reads each layer's scales, which another
+cache has not), and `optimize()` checks it against the eager model like a fresh capture: a
 mismatch discards the file and traces again. Like Inductor's cache, the directory runs code when loaded: keep it
 private to the user.
 """
@@ -46,11 +47,11 @@ from nanoflow_fx.ops.metadata import AttentionMetadata
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["LoadedStep", "SavedStep", "StepStore", "saved_step", "source_name", "step_key"]
+__all__ = ["LoadedStep", "SavedStep", "StepStore", "cache_dtype_of", "saved_step", "source_name", "step_key"]
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 2
+_FORMAT = 3
 _PACKAGE = Path(__file__).resolve().parents[1]
 
 
@@ -63,6 +64,7 @@ class SavedStep:
     pieces: tuple[SavedPiece | GraphModule, ...]  # Inductor's module, or the piece's FX code
     backend: str  # AttentionMetadata.backend of the capture
     num_caches: int
+    kv_dtype: str  # the KV cache's dtype (`cache_dtype_of`)
 
 
 def source_name(node: torch.fx.Node) -> str | None:
@@ -102,7 +104,12 @@ def saved_step(sources: Sequence[str | None], lowered: Any, metadata: AttentionM
     saved_program = dataclasses.replace(program, pieces=tuple(saved_pieces))
     saved_program.__dict__.pop("schedule_key", None)  # (a cached property: recomputed when loaded)
     return SavedStep(tuple(s for s in sources if s is not None), saved_program, tuple(pieces), metadata.backend,
-                     len(metadata.kv_caches))
+                     len(metadata.kv_caches), cache_dtype_of(metadata))
+
+
+def cache_dtype_of(metadata: AttentionMetadata) -> str:
+    """The KV cache's dtype as a step records it ("" without layers)."""
+    return str(metadata.kv_caches[0].dtype) if metadata.kv_caches else ""
 
 
 class LoadedStep:
@@ -111,11 +118,12 @@ class LoadedStep:
     `accepts` is the check).
     Built from a `SavedStep` (`from_saved`) or from a trace (`capture.replicate`)."""
 
-    def __init__(self, graph: Any, sources: Sequence[str | None], backend: str, num_caches: int) -> None:
+    def __init__(self, graph: Any, sources: Sequence[str | None], backend: str, num_caches: int,
+                 kv_dtype: str) -> None:
         if any(s is None for s in sources):
             raise ValueError("every input of a step run without Dynamo needs a source")
         self.graph = graph
-        self.backend, self.num_caches = backend, num_caches
+        self.backend, self.num_caches, self.kv_dtype = backend, num_caches, kv_dtype
         self.read_inputs = self.reader([s for s in sources if s is not None])
 
     @classmethod
@@ -126,7 +134,7 @@ class LoadedStep:
         pieces = tuple(dataclasses.replace(p, fn=fns[p.fn]) if p.fn is not None else p
                        for p in saved.program.pieces)
         return cls(ProgramRunner(dataclasses.replace(saved.program, pieces=pieces)), saved.sources, saved.backend,
-                   saved.num_caches)
+                   saved.num_caches, saved.kv_dtype)
 
     @staticmethod
     def reader(sources: Sequence[str]) -> Any:
@@ -135,7 +143,8 @@ class LoadedStep:
             compile(f"lambda L: ({', '.join(sources)},)", "<nanoflow_fx step inputs>", "eval"))
 
     def accepts(self, metadata: AttentionMetadata) -> bool:
-        return metadata.backend == self.backend and len(metadata.kv_caches) == self.num_caches
+        return (metadata.backend == self.backend and len(metadata.kv_caches) == self.num_caches
+                and cache_dtype_of(metadata) == self.kv_dtype)
 
     def __call__(self, model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  logits_indices: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:

@@ -134,7 +134,8 @@ def _cost_table(model: PreTrainedModel, runtime: NanoFlowRuntime, cost_dir: str)
                      "flashinfer": flashinfer, "nanoflow_fx": nanoflow_version,
                      # what the pieces' times depend on of the configuration: the lowering (its passes and
                      # Inductor: one key, the saved step's too), the attention backend and the page size
-                     "lowering": [runtime.lowering.key, runtime.attention_backend.name, cfg.page_size]})
+                     "lowering": [runtime.lowering.key, runtime.attention_backend.name, cfg.page_size],
+                     "kv_cache": str(runtime.kv_cache.dtype)})
     table = load_table(cost_dir, key)
     if table is not None:
         log.info("nanoflow_fx: cost table %s loaded (%d nano-batch shapes measured)", key, len(table.pieces))
@@ -155,10 +156,11 @@ def _time_decode_kernels(runtime: NanoFlowRuntime, vocab_size: int, mixed: StepS
     """The decode kernels' timings over the decode rows of `mixed` on the SM shares (none when the model is not in
     a half type (the variant rounds P to it), when the Triton kernel cannot stand in here, or when the decode rows
     do not fit the cache: the backend's own kernel then)."""
-    dtype, device = runtime.kv_cache.dtype, runtime.kv_cache.device
+    cache = runtime.kv_cache
+    dtype, device = cache.model_dtype, cache.device
     if (dtype not in (torch.float16, torch.bfloat16)
             or attention_backends.stand_in(AUTO_DECODE_VARIANT.backend, runtime.attention_configs, dtype,
-                                           device) is None):
+                                           device, cache.dtype) is None):
         return []
     decodes = StepShape(mixed.decodes, mixed.context, 0)
     if not StepHarness.fits(runtime, decodes):

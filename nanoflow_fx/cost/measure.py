@@ -233,6 +233,7 @@ class DecodeRows:
     layer: torch.Tensor
     config: Any
     kv_bytes: int
+    kv_scale: torch.Tensor | None = None  # the layer's FP8 scales (None: not an FP8 cache)
 
 
 @contextmanager
@@ -242,14 +243,15 @@ def decode_rows(runtime: Any, vocab_size: int, shape: StepShape) -> Iterator[Dec
     try:
         cache = runtime.kv_cache
         step = build_step(harness.chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          backend=runtime.attention_backend.name)
+                          backend=runtime.attention_backend.name, kv_scales=cache.scales)
         host = tuple(t.pin_memory() for t in step.metadata.tensors()[:4])
         metadata = tuple(t.to(cache.device) for t in host)
         config = runtime.attention_configs[0]
-        q = torch.randn(metadata[0].shape[0] - 1, config.num_qo_heads, config.head_dim, dtype=cache.dtype,
+        q = torch.randn(metadata[0].shape[0] - 1, config.num_qo_heads, config.head_dim, dtype=cache.model_dtype,
                         device=cache.device)
         kv_bytes = shape.decodes * shape.context * config.num_kv_heads * config.head_dim * 2 * cache.dtype.itemsize
-        yield DecodeRows(host, metadata, q, cache.caches[0], config, kv_bytes)
+        yield DecodeRows(host, metadata, q, cache.caches[0], config, kv_bytes,
+                         cache.scales[0] if cache.quantized else None)
     finally:
         harness.release()
 
@@ -266,14 +268,15 @@ def decode_kernel_timings(runtime: Any, vocab_size: int, shape: StepShape, share
     backend, cache = runtime.attention_backend, runtime.kv_cache
     with decode_rows(runtime, vocab_size, shape) as rows:
         host, metadata = rows.host, rows.metadata
-        planner = backend.make_planner(runtime.attention_configs, cache.page_size, cache.dtype, cache.device)
+        planner = backend.make_planner(runtime.attention_configs, cache.page_size, cache.model_dtype, cache.device,
+                                       kv_dtype=cache.dtype)
         plan = planner.plan_tables(host[0], host[1], host[3], metadata[2]) if planner is not None else None
         timings = []
         for sms in shares:
             stream = streams(sms) if sms else torch.cuda.current_stream()
             for kernel in (None, *kernels):
                 def attend(k: DecodeKernel | None = kernel) -> torch.Tensor:
-                    return backend.run_planned(plan, rows.config, rows.q, rows.layer, metadata, k)
+                    return backend.run_planned(plan, rows.config, rows.q, rows.layer, metadata, k, rows.kv_scale)
 
                 ms = time_on(attend, stream, reps)
                 timings.append(DecodeTiming(sms, kernel, ms, rows.kv_bytes / ms / 1e9))

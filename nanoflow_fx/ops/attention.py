@@ -30,6 +30,7 @@ def paged_attention(
     sliding_window: int,
     softcap: float,
     backend: str = "torch",
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write k/v ([T, Hkv, D]) to their slots, then attend q ([T, H, D]) causally per request -> [T, H, D].
 
@@ -37,14 +38,17 @@ def paged_attention(
     kernel (`nanoflow_fx.ops.backend`): "torch" (the reference, any device), "triton" (CUDA, or Triton's
     interpreter on the CPU) or "flashinfer" (CUDA; runs the plan made on the host for this step, which the step
     context carries); the step context may name another backend standing in for it (`nanoflow_fx.context`).
+    `kv_scale` ([2] fp32: k_scale, v_scale) comes with an FP8 cache (`nanoflow_fx.ops.kv_quant`): k/v are stored
+    divided by it, and read multiplied by it. A graph input, not a constant: calibration may set it after capture,
+    and replicated layers stay alike.
     """
-    write_kv(kv_cache, k, v, slot_mapping)
+    write_kv(kv_cache, k, v, slot_mapping, kv_scale)
     return resolve(backend).run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
-                            sliding_window, softcap)
+                                sliding_window, softcap, kv_scale)
 
 
 @paged_attention.register_fake
-def _(q, k, v, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, slot_mapping, scaling, sliding_window, softcap, backend="torch"):  # noqa: E501
+def _(q, k, v, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, slot_mapping, scaling, sliding_window, softcap, backend="torch", kv_scale=None):  # noqa: E501
     # Tie every per-token input to the query's token count, so a captured graph has one token-count symbol
     # (the split pass finds the token dimension of `slot_mapping`, k and v by it).
     torch._check(k.shape[0] == q.shape[0])

@@ -58,10 +58,10 @@ class DecodeKernel:
         return self.backend + "".join(f" {k}={v}" for k, v in self.launch)
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Sequence[torch.Tensor],
-            config: AttentionConfig) -> torch.Tensor:
+            config: AttentionConfig, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
         qo_indptr, kv_indptr, kv_indices, kv_last_page_len = metadata
         return get(self.backend).run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, config.scaling,
-                                     config.sliding_window, config.softcap, **dict(self.launch))
+                                     config.sliding_window, config.softcap, kv_scale, **dict(self.launch))
 
 
 class Planner(Protocol):
@@ -79,14 +79,20 @@ class Planner(Protocol):
 
 
 class AttentionBackend:
-    """The protocol every backend implements (defaults: runs anywhere, capturable, needs no planner)."""
+    """The protocol every backend implements (defaults: runs anywhere, capturable, needs no planner).
+
+    The KV cache a kernel reads holds the model's dtype or FP8 (e4m3, `nanoflow_fx.ops.kv_quant`): an FP8 cache comes
+    with the layer's scales (`kv_scale`, a [2] fp32 tensor on the device: k_scale, v_scale), which every kernel reads
+    on the device (so CUDA-graph replays see their current values). A backend that cannot read an FP8 cache says so
+    in `unsupported_reason`."""
 
     name = ""
     plans_on_host = False  # needs `make_planner`'s planner before every step
 
     def unsupported_reason(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
-                           device: torch.device) -> str:
-        """Why this backend cannot run these layers here ("" if it can)."""
+                           device: torch.device, kv_dtype: torch.dtype | None = None) -> str:
+        """Why this backend cannot run these layers here ("" if it can): `dtype` is the model's (the query's),
+        `kv_dtype` the KV cache's (None: the model's)."""
         return ""
 
     def graph_blocker(self) -> str:
@@ -94,25 +100,28 @@ class AttentionBackend:
         return ""
 
     def run_planned(self, plan: Any, config: AttentionConfig, q: torch.Tensor, kv_cache: torch.Tensor,
-                    metadata: Sequence[torch.Tensor], decode: DecodeKernel | None = None) -> torch.Tensor:
+                    metadata: Sequence[torch.Tensor], decode: DecodeKernel | None = None,
+                    kv_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Attend one nano-batch: `plan` is what this backend's planner made for exactly that nano-batch (None
         for backends that plan nothing), `metadata` its (qo_indptr, kv_indptr, kv_indices, kv_last_page_len).
         `decode`: the kernel for its decode rows (a backend whose one kernel attends every row, as this default
         assumes, runs them all on it: one launch)."""
         if decode is not None:
-            return decode.run(q, kv_cache, metadata, config)
+            return decode.run(q, kv_cache, metadata, config, kv_scale)
         qo_indptr, kv_indptr, kv_indices, kv_last_page_len = metadata
         return self.run(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, config.scaling,
-                        config.sliding_window, config.softcap)
+                        config.sliding_window, config.softcap, kv_scale)
 
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
-                     device: torch.device, decode_batch: int | None = None, max_pages: int = 0) -> Planner | None:
+                     device: torch.device, decode_batch: int | None = None, max_pages: int = 0,
+                     kv_dtype: torch.dtype | None = None) -> Planner | None:
         """The planner of eager steps, or (with `decode_batch`) of one CUDA-graph bucket of `decode_batch`
-        one-token requests over at most `max_pages` page ids. None: nothing to plan."""
+        one-token requests over at most `max_pages` page ids; `dtype` is the query's, `kv_dtype` the cache's (None:
+        the same). None: nothing to plan."""
         return None
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
-                device: torch.device) -> Preparation | None:
+                device: torch.device, kv_dtype: torch.dtype | None = None) -> Preparation | None:
         """Start getting this backend's kernels ready (build, load) in the background while the step is traced;
         returns the `Preparation` under way, or None if there is nothing to get ready."""
         return None
@@ -122,22 +131,23 @@ class AttentionBackend:
     interim = ""
 
     def interim_backend(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
-                        device: torch.device) -> AttentionBackend | None:
+                        device: torch.device, kv_dtype: torch.dtype | None = None) -> AttentionBackend | None:
         """The backend named by `interim`, if it can stand in here (`stand_in`)."""
-        return stand_in(self.interim, configs, dtype, device) if self.interim else None
+        return stand_in(self.interim, configs, dtype, device, kv_dtype) if self.interim else None
 
     # The kernel `run` calls: a function of `run`'s arguments (backends that plan on the host override `run`).
     kernel: Callable[..., torch.Tensor] | None = None
 
     def run(self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
             kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
-            softcap: float, **launch: Any) -> torch.Tensor:
+            softcap: float, kv_scale: torch.Tensor | None = None, **launch: Any) -> torch.Tensor:
         """Attention of q [T, H, D] over the paged cache (its K/V for this step already written) -> [T, H, D].
-        `launch`: the kernel's launch options (`DecodeKernel.launch`), where it has any."""
+        `kv_scale`: an FP8 cache's scales (see the class docstring). `launch`: the kernel's launch options
+        (`DecodeKernel.launch`), where it has any."""
         if self.kernel is None:
             raise NotImplementedError(f"attention backend {self.name!r} has no kernel")
         return self.kernel(q, kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, scaling,
-                           sliding_window, softcap, **launch)
+                           sliding_window, softcap, kv_scale, **launch)
 
 
 class Preparation:
@@ -208,37 +218,47 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def _triton_runs(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the Triton kernel can be chosen without asking for it: CUDA, Triton installed, at most fp32."""
-    return device.type == "cuda" and _installed("triton") and dtype != torch.float64
+def _triton_runs(dtype: torch.dtype, device: torch.device, kv_dtype: torch.dtype | None = None,
+                 configs: Sequence[AttentionConfig] = ()) -> bool:
+    """Whether the Triton kernel can be chosen without asking for it: CUDA, Triton installed, and it can run these
+    layers over this cache (at most fp32; an FP8 cache on a GPU whose Triton reads e4m3)."""
+    return (device.type == "cuda" and _installed("triton")
+            and not get("triton").unsupported_reason(configs, dtype, device, kv_dtype))
 
 
-def stand_in(name: str, configs: Sequence[AttentionConfig], dtype: torch.dtype,
-             device: torch.device) -> AttentionBackend | None:
+def stand_in(name: str, configs: Sequence[AttentionConfig], dtype: torch.dtype, device: torch.device,
+             kv_dtype: torch.dtype | None = None) -> AttentionBackend | None:
     """The backend `name`, if it can run these layers here without planning on the host, as what computes another
     backend's attention from the device metadata alone must (an interim backend, a memory unit's `DecodeKernel`);
     None if it cannot."""
-    if name == "triton" and not _triton_runs(dtype, device):
+    if name == "triton" and not _triton_runs(dtype, device, kv_dtype, configs):
         return None
     backend = get(name)
-    if backend.plans_on_host or backend.unsupported_reason(configs, dtype, device):
+    if backend.plans_on_host or backend.unsupported_reason(configs, dtype, device, kv_dtype):
         return None
     return backend
 
 
-def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtype,
-           device: torch.device) -> AttentionBackend:
-    """The backend `NanoFlowConfig.attention_backend=requested` means for these layers on `device`.
+def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtype, device: torch.device,
+           kv_dtype: torch.dtype | None = None) -> AttentionBackend:
+    """The backend `NanoFlowConfig.attention_backend=requested` means for these layers on `device`, over a KV
+    cache of `kv_dtype` (None: the model's `dtype`).
 
     "auto": FlashInfer where it can run (installed, CUDA, fp16/bf16, its head dims), else
-    Triton on CUDA, else the torch reference. An explicit choice that cannot run raises `NanoFlowError` with
-    the reason and the alternatives.
+    Triton on CUDA where it can run, else the torch reference (logged with the reasons when an FP8 cache is what
+    rules them out). An explicit choice that cannot run raises `NanoFlowError` with the reason and the alternatives.
     """
-    flashinfer_blocker = _flashinfer_blocker(configs, dtype, device)
+    flashinfer_blocker = _flashinfer_blocker(configs, dtype, device, kv_dtype)
     if requested == "auto":
         if not flashinfer_blocker:
             return get("flashinfer")
-        return get("triton" if _triton_runs(dtype, device) else "torch")
+        if _triton_runs(dtype, device, kv_dtype, configs):
+            return get("triton")
+        if device.type == "cuda" and kv_dtype is not None and kv_dtype != dtype:
+            log.warning("nanoflow_fx: attention on the torch reference kernel (slow, no CUDA graphs): flashinfer: "
+                        "%s; triton: %s", flashinfer_blocker,
+                        get("triton").unsupported_reason(configs, dtype, device, kv_dtype) or "not installed")
+        return get("torch")
     if requested == "flashinfer" and flashinfer_blocker:
         raise NanoFlowError(f"attention_backend='flashinfer' cannot run here: {flashinfer_blocker}; "
                             "use 'triton' (GPU), 'torch' or 'auto'")
@@ -249,13 +269,14 @@ def choose(requested: str, configs: Sequence[AttentionConfig], dtype: torch.dtyp
             raise NanoFlowError(f"attention_backend='triton' runs on CUDA (the model is on {device}); "
                                 "use 'torch', or set TRITON_INTERPRET=1 to interpret the kernel on the CPU")
     backend = get(requested)
-    reason = backend.unsupported_reason(configs, dtype, device)
+    reason = backend.unsupported_reason(configs, dtype, device, kv_dtype)
     if reason:
         raise NanoFlowError(f"attention_backend={requested!r} cannot run here: {reason}; use 'auto' or 'torch'")
     return backend
 
 
-def _flashinfer_blocker(configs: Sequence[AttentionConfig], dtype: torch.dtype, device: torch.device) -> str:
+def _flashinfer_blocker(configs: Sequence[AttentionConfig], dtype: torch.dtype, device: torch.device,
+                        kv_dtype: torch.dtype | None = None) -> str:
     if not _installed("flashinfer"):
         return "flashinfer is not installed (pip install flashinfer-python)"
-    return get("flashinfer").unsupported_reason(configs, dtype, device)
+    return get("flashinfer").unsupported_reason(configs, dtype, device, kv_dtype)

@@ -14,6 +14,11 @@ CUDA graphs are captured for pure decode steps only, with decode wrappers of fix
 plans all have the same shape (bucket-many one-token requests), so the graph stays valid when it is re-planned
 (outside the graph) before each replay. Our cache layout [pages, 2, page_size, kv_heads, head_dim] is
 FlashInfer's NHD layout.
+
+An FP8 (e4m3) cache is planned with `kv_data_type=torch.float8_e4m3fn`. FlashInfer takes the layer's scales as host
+floats at run (k_scale multiplied into its softmax scale, then `out *= v_scale`); nanoflow_fx keeps them on the
+device (no host sync, and a CUDA graph's replays read their current values), so it applies them the same way with
+device tensors: q * k_scale before the kernel (in fp32, rounded to the query's dtype once), out * v_scale after.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 
 from nanoflow_fx.context import current
+from nanoflow_fx.ops import kv_quant
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, DecodeKernel, Preparation, register
 from nanoflow_fx.ops.metadata import AttentionMetadata
 
@@ -62,11 +68,13 @@ class FlashInferBackend(AttentionBackend):
     interim = "triton"  # computes the same steps from the device metadata while FlashInfer's JIT build runs
 
     def unsupported_reason(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
-                           device: torch.device) -> str:
+                           device: torch.device, kv_dtype: torch.dtype | None = None) -> str:
         if device.type != "cuda":
             return f"FlashInfer runs on CUDA (the model is on {device})"
         if dtype not in (torch.float16, torch.bfloat16):
             return f"FlashInfer kernels take fp16/bf16 (the model is {dtype})"
+        if kv_dtype is not None and kv_dtype != dtype and not kv_quant.is_fp8(kv_dtype):
+            return f"FlashInfer reads a KV cache of the model's dtype or e4m3 (this cache is {kv_dtype})"
         for config in configs:
             if config.head_dim not in _HEAD_DIMS:
                 return f"FlashInfer's kernels take head_dim in {_HEAD_DIMS} (the model has {config.head_dim})"
@@ -75,11 +83,12 @@ class FlashInferBackend(AttentionBackend):
         return ""
 
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
-                     device: torch.device, decode_batch: int | None = None, max_pages: int = 0) -> FlashInferPlanner:
-        return FlashInferPlanner(configs, page_size, dtype, device, decode_batch, max_pages)
+                     device: torch.device, decode_batch: int | None = None, max_pages: int = 0,
+                     kv_dtype: torch.dtype | None = None) -> FlashInferPlanner:
+        return FlashInferPlanner(configs, page_size, dtype, device, decode_batch, max_pages, kv_dtype)
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
-                device: torch.device) -> Preparation:
+                device: torch.device, kv_dtype: torch.dtype | None = None) -> Preparation:
         """FlashInfer builds (JIT, slow on a fresh machine, where nothing is built yet) and loads its modules when a
         wrapper is first planned. Plan a one-decode, one-prefill table in a thread (the build runs in ninja
         subprocesses, so the GIL is free for Dynamo's trace meanwhile). A failure here is only logged (by
@@ -89,7 +98,7 @@ class FlashInferBackend(AttentionBackend):
         def build() -> None:
             _lower_priority()
             with torch.cuda.device(device):
-                planner = FlashInferPlanner(configs, page_size, dtype, device)
+                planner = FlashInferPlanner(configs, page_size, dtype, device, kv_dtype=kv_dtype)
                 host: dict[str, Any] = dict(dtype=torch.int32, device="cpu")
                 qo = torch.tensor([0, 1, 3], **host).pin_memory()
                 kv_ptr = torch.tensor([0, 1, 2], **host).pin_memory()
@@ -102,46 +111,62 @@ class FlashInferBackend(AttentionBackend):
     def run(  # type: ignore[override]  # FlashInfer's planned kernels take no launch options
             self, q: torch.Tensor, kv_cache: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
             kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scaling: float, sliding_window: int,
-            softcap: float) -> torch.Tensor:
+            softcap: float, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
         config = AttentionConfig(q.shape[1], kv_cache.shape[3], q.shape[2], float(scaling), int(sliding_window),
                                  float(softcap))
         plans = (current().plans or {}).get(config)
         if plans is None:
             raise RuntimeError(f"no FlashInfer plan is active for {config}: the step runner plans every step before "
                                "it runs (the 'flashinfer' backend runs only inside nanoflow_fx's runtime)")
-        return _run(plans, q, kv_cache)
+        return _run(plans, q, kv_cache, kv_scale=kv_scale)
 
     def run_planned(self, plan: Any, config: AttentionConfig, q: torch.Tensor, kv_cache: torch.Tensor,
-                    metadata: Sequence[torch.Tensor], decode: DecodeKernel | None = None) -> torch.Tensor:
-        return _run(plan.plans[config], q, kv_cache, metadata if decode is not None else None, decode, config)
+                    metadata: Sequence[torch.Tensor], decode: DecodeKernel | None = None,
+                    kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+        return _run(plan.plans[config], q, kv_cache, metadata if decode is not None else None, decode, config,
+                    kv_scale)
 
 
 def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Sequence[torch.Tensor] | None = None,
-         decode: DecodeKernel | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+         decode: DecodeKernel | None = None, config: AttentionConfig | None = None,
+         kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Run one configuration's planned wrappers: leading one-token rows on the decode kernel (or on `decode`, given
     the nano-batch's `metadata`: its tables cut to those rows are views), the rest on the prefill kernel (one
-    output, written in two slices)."""
+    output, written in two slices). `kv_scale`: an FP8 cache's scales (`_wrapper_run`; `decode` takes them)."""
     num_decode = plans.num_decode
 
     def attend_decode(rows_q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if decode is None:  # (the planned wrapper, called as before this helper: `out` only when given)
-            if out is None:
-                return plans.decode.run(rows_q, kv_cache)
-            return plans.decode.run(rows_q, kv_cache, out=out)
+        if decode is None:
+            return _wrapper_run(plans.decode, rows_q, kv_cache, kv_scale, out)
         assert metadata is not None and config is not None
         qo, kv_ptr, kv_indices, last = metadata
         rows = (qo[: num_decode + 1], kv_ptr[: num_decode + 1], kv_indices, last[:num_decode])
-        result = decode.run(rows_q, kv_cache, rows, config)
+        result = decode.run(rows_q, kv_cache, rows, config, kv_scale)
         return result if out is None else out.copy_(result)
 
     if plans.prefill is None or num_decode == q.shape[0]:
         return attend_decode(q)
     if num_decode == 0:
-        return plans.prefill.run(q, kv_cache)
+        return _wrapper_run(plans.prefill, q, kv_cache, kv_scale)
     out = q.new_empty(q.shape[0], q.shape[1], kv_cache.shape[-1])
     attend_decode(q[:num_decode], out[:num_decode])
-    plans.prefill.run(q[num_decode:], kv_cache, out=out[num_decode:])
+    _wrapper_run(plans.prefill, q[num_decode:], kv_cache, kv_scale, out[num_decode:])
     return out
+
+
+def _wrapper_run(wrapper: Any, q: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """A planned FlashInfer wrapper's run (`out` only when given, as FlashInfer's own callers pass it); over an FP8
+    cache, with k_scale folded into q and v_scale into the output, each in fp32 (see the module docstring)."""
+    fp8 = kv_scale is not None and kv_quant.is_fp8(kv_cache.dtype)
+    if fp8:
+        assert kv_scale is not None  # (for mypy)
+        q = (q.float() * kv_scale[0]).to(q.dtype)
+    result = wrapper.run(q, kv_cache) if out is None else wrapper.run(q, kv_cache, out=out)
+    if fp8:
+        assert kv_scale is not None
+        result.copy_(result.float() * kv_scale[1])
+    return result
 
 
 def _lower_priority() -> None:
@@ -192,14 +217,17 @@ class FlashInferPlanner:
         device: torch.device,
         decode_batch: int | None = None,
         max_pages: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         """With `decode_batch` (and `max_pages`, the bucket's page-list length) the planner serves a captured
         decode graph: every step it plans has exactly `decode_batch` requests of one query token each, so the
-        launch FlashInfer captured (its grid is sized by the batch) stays valid when re-planned."""
+        launch FlashInfer captured (its grid is sized by the batch) stays valid when re-planned. `dtype` is the
+        query's, `kv_dtype` the cache's (None: the same; FlashInfer builds its kernels per pair)."""
         import flashinfer
 
         _load_built_modules()
         self.page_size, self.dtype, self.graph = page_size, dtype, decode_batch is not None
+        self.kv_dtype = kv_dtype if kv_dtype is not None else dtype
         self._planned: torch.cuda.Event | None = None  # when the last plan's host-to-device copies have run
         self.wait_s = 0.0  # host time spent waiting for that
         self.plans: dict[AttentionConfig, _Plans] = {}
@@ -246,7 +274,7 @@ class FlashInferPlanner:
             common = dict(
                 window_left=config.sliding_window - 1 if config.sliding_window > 0 else -1,
                 logits_soft_cap=config.softcap if config.softcap > 0 else None, sm_scale=config.scaling,
-                q_data_type=self.dtype, kv_data_type=self.dtype, non_blocking=True,
+                q_data_type=self.dtype, kv_data_type=self.kv_dtype, non_blocking=True,
             )
             heads = (config.num_qo_heads, config.num_kv_heads, config.head_dim, self.page_size)
             plans.num_decode = num_decode

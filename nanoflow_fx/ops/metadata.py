@@ -27,6 +27,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     kv_caches: tuple[torch.Tensor, ...]  # per layer [num_pages, 2, page_size, num_kv_heads, head_dim]
     backend: str = "torch"  # the attention kernel (a constant of the captured graph)
+    kv_scales: tuple[torch.Tensor, ...] = ()  # per layer [2] fp32 (k_scale, v_scale) of an FP8 cache; () otherwise
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The per-step index tensors, in field order (the caches excluded)."""

@@ -4,6 +4,11 @@ Needs no host-side planning and no host/device sync, so it runs inside CUDA grap
 request by counting `qo_indptr` entries <= its token (requests padded with empty entries are skipped), loads
 the query heads that share its KV head (GQA: K/V are read once per group), and walks its request's pages in
 blocks of BLOCK_N tokens from the window start to its own position. Runs under TRITON_INTERPRET=1 on the CPU.
+
+An FP8 (e4m3) cache is read as stored, one byte an element, and each tile is converted in registers right before
+its dot: K to the query's dtype (bf16/fp16: exact, e4m3 is a subset) for the same 16-bit Q @ K^T as a half cache,
+V to what the P @ V dot takes (as for a half cache). The layer's scales never touch a tile: k_scale joins the
+softmax scale, v_scale multiplies the output once. Compute capability 8.9 or newer (Triton's e4m3 type).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoflow_fx.ops import kv_quant
 from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, register
 
 __all__ = ["paged_attention_triton", "TritonBackend"]
@@ -22,13 +28,14 @@ __all__ = ["paged_attention_triton", "TritonBackend"]
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, cache_ptr, out_ptr, qo_ptr, kvp_ptr, kvi_ptr, last_ptr,
+    q_ptr, cache_ptr, out_ptr, qo_ptr, kvp_ptr, kvi_ptr, last_ptr, scale_ptr,
     num_requests, stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_ckv, stride_cs, stride_ch,
     scaling, softcap, sliding_window,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr, KV_EVICTION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -49,6 +56,9 @@ def _paged_attention_kernel(
     d_ok = d[None, :] < HEAD_DIM
     q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=(g[:, None] < GROUP) & d_ok,
                 other=0.0)
+    qk_scale = scaling
+    if KV_FP8:  # (Q @ (K8 * k_scale)^T * scaling = (Q @ K8^T) * (scaling * k_scale))
+        qk_scale = scaling * tl.load(scale_ptr)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
@@ -63,7 +73,9 @@ def _paged_attention_kernel(
         k = tl.load(cache_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0, eviction_policy=KV_EVICTION)
         v = tl.load(cache_ptr + stride_ckv + base[:, None] + d[None, :], mask=kv_mask, other=0.0,
                     eviction_policy=KV_EVICTION)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling  # [GROUP_PAD, BLOCK_N]
+        if KV_FP8:
+            k = k.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
         if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh through exp (no libdevice needed)
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -77,11 +89,15 @@ def _paged_attention_kernel(
         # loaded (the tf32 path moves an fp32 copy of each V tile through shared memory, which limits the kernel
         # on SM partitions, where it is bound per SM; "half" pulls more bandwidth there: benchmarks/RESULTS.md).
         if PV_PRECISION == "half":
+            if KV_FP8:
+                v = v.to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         else:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PV_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
+    if KV_FP8:
+        out = out * tl.load(scale_ptr + 1)
     tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(g[:, None] < GROUP) & d_ok)
 
@@ -96,6 +112,7 @@ def paged_attention_triton(
     scaling: float,
     sliding_window: int,
     softcap: float,
+    kv_scale: torch.Tensor | None = None,  # [2] fp32 (k_scale, v_scale) of an FP8 cache; None: 1.0
     **launch: Any,
 ) -> torch.Tensor:  # [T, H, D]
     """`launch` overrides `launch_config`'s choices (block_n, num_warps, num_stages, pv_precision, kv_eviction:
@@ -108,10 +125,16 @@ def paged_attention_triton(
     group = num_heads // num_kv_heads
     num_requests = kv_last_page_len.shape[0]
     config = {**launch_config(head_dim, q.dtype), **launch}
-    if config["pv_precision"] == "half" and kv_cache.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"pv_precision='half' rounds P to the cache's half type; this cache is {kv_cache.dtype}")
+    fp8 = kv_quant.is_fp8(kv_cache.dtype)
+    half = q.dtype if fp8 else kv_cache.dtype  # what P is rounded to with pv_precision="half"
+    if config["pv_precision"] == "half" and half not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"pv_precision='half' rounds P to the cache's half type; this cache is {kv_cache.dtype}"
+                         + (f" for a {q.dtype} query" if fp8 else ""))
+    if fp8 and kv_scale is None:
+        kv_scale = torch.ones(2, dtype=torch.float32, device=q.device)
     _paged_attention_kernel[(num_tokens, num_kv_heads)](
         q, kv_cache, out, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+        kv_scale if fp8 else kv_last_page_len,  # (unread unless the cache is FP8)
         num_requests, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         scaling, softcap if softcap > 0 else 1.0, sliding_window,
@@ -119,7 +142,7 @@ def paged_attention_triton(
         D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=config["block_n"],
         R_PAD=max(16, triton.next_power_of_2(num_requests)), HAS_SOFTCAP=softcap > 0, HAS_WINDOW=sliding_window > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PV_PRECISION=config["pv_precision"],
-        KV_EVICTION=config["kv_eviction"],
+        KV_EVICTION=config["kv_eviction"], KV_FP8=fp8,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
@@ -150,8 +173,14 @@ class TritonBackend(AttentionBackend):
     kernel = staticmethod(paged_attention_triton)
 
     def unsupported_reason(self, configs: Sequence[AttentionConfig], dtype: torch.dtype,
-                           device: torch.device) -> str:
-        return "the Triton kernel computes in fp32 at most (the model is float64)" if dtype == torch.float64 else ""
+                           device: torch.device, kv_dtype: torch.dtype | None = None) -> str:
+        if dtype == torch.float64:
+            return "the Triton kernel computes in fp32 at most (the model is float64)"
+        if (kv_dtype is not None and kv_quant.is_fp8(kv_dtype) and device.type == "cuda"
+                and torch.cuda.get_device_capability(device) < (8, 9)):
+            return (f"Triton reads e4m3 (the FP8 KV cache) on compute capability 8.9 or newer (this GPU is "
+                    f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})")
+        return ""
 
 
 register(TritonBackend())

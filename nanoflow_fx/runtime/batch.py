@@ -49,7 +49,7 @@ class StepInputs:
         meta = self.metadata
         metadata = AttentionMetadata(move(meta.qo_indptr), move(meta.kv_indptr), move(meta.kv_indices),
                                      move(meta.kv_last_page_len), move(meta.slot_mapping), kv_caches=meta.kv_caches,
-                                     backend=meta.backend)
+                                     backend=meta.backend, kv_scales=meta.kv_scales)
         return StepInputs(move(self.input_ids), move(self.position_ids), move(self.feed_slots),
                           move(self.logits_indices), self.num_logits, metadata)
 
@@ -154,8 +154,10 @@ def build_step(
     pin: bool = False,
     staging: HostStaging | None = None,
     pad_pages: bool = True,
+    kv_scales: tuple[torch.Tensor, ...] = (),
 ) -> StepInputs:
-    """Pack the chunks' tokens into one step. Requests' pages must already cover their new tokens.
+    """Pack the chunks' tokens into one step. Requests' pages must already cover their new tokens. `kv_caches` and
+    `kv_scales` (an FP8 cache's: `PagedKVCache.scales`) go into the step's metadata as they are.
 
     Logits are kept for the last token of each completing chunk (or every token with `all_logits`).
     Padding tokens close every step: each is a one-token request at position 0 (valid for any position
@@ -208,7 +210,8 @@ def build_step(
         tensors = staging.pack(fields)
     qo, kv_ptr, kv_idx, last_len, slots, ids, positions, feed, logits_index = tensors
     metadata = AttentionMetadata(qo_indptr=qo, kv_indptr=kv_ptr, kv_indices=kv_idx, kv_last_page_len=last_len,
-                                 slot_mapping=slots, kv_caches=kv_caches, backend=backend)
+                                 slot_mapping=slots, kv_caches=kv_caches, backend=backend,
+                                 kv_scales=kv_scales)
     return StepInputs(input_ids=ids, position_ids=positions, feed_slots=feed, logits_indices=logits_index,
                       num_logits=num_logits, metadata=metadata)
 

@@ -2,7 +2,10 @@
 
 Each bucket's graph is captured over static input tensors padded to a fixed `StepShape` (tokens, requests,
 pages, logits rows): everything baked into its launches (grid sizes, buffer addresses, the attention
-backend) is determined by the bucket, which is the graph's key. Buckets are captured largest first into one
+backend) is determined by the bucket, which is the graph's key, and by the runner's one KV cache (its pages' dtype,
+which picks the kernels, and the addresses of its pages and FP8 scales; the scales' values are read at each replay):
+the runner never changes its cache, and a new cache gets a new step runner and new graphs
+(`NanoFlowRuntime.use_cache`). Buckets are captured largest first into one
 memory pool. Steps larger than the largest bucket (long prefills) run the captured step directly, where
 launch overhead is small next to the work. Capture needs a backend without host syncs ("triton", or
 "flashinfer", whose per-step planning happens on the host before each replay).
@@ -156,10 +159,11 @@ class CudaGraphRunner:
     def _capture(self, shape: StepShape, pool: _POOL_HANDLE | None) -> _Graph:
         cache = self.kv_cache
         host = build_step([], cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
-                          backend=self.backend.name, shape=shape, pin=True)  # only padding: writes scratch only
+                          backend=self.backend.name, shape=shape, pin=True,  # only padding: writes scratch only
+                          kv_scales=cache.scales)
         inputs = host.to(cache.device)
-        planner = self.backend.make_planner(self.attention_configs, cache.page_size, cache.dtype, cache.device,
-                                            decode_batch=shape.requests, max_pages=shape.pages)
+        planner = self.backend.make_planner(self.attention_configs, cache.page_size, cache.model_dtype, cache.device,
+                                            decode_batch=shape.requests, max_pages=shape.pages, kv_dtype=cache.dtype)
         # The captured launches read the bucket planner's buffers, which each replay re-plans (`run`).
         nanobatches = self._nanobatches(shape, host) if self.split_policy is not None else None
         plans = None
@@ -197,8 +201,9 @@ class CudaGraphRunner:
         parts = split_attention_metadata(*host.metadata.tensors()[:4], cache.page_size, attention, pad=sizes,
                                          pin=True)
         metadata = tuple(tuple(t.to(cache.device, non_blocking=True) for t in part) for part in parts)
-        planners = tuple(self.backend.make_planner(self.attention_configs, cache.page_size, cache.dtype, cache.device,
-                                                   decode_batch=rows, max_pages=pages) for rows, pages in sizes)
+        planners = tuple(self.backend.make_planner(self.attention_configs, cache.page_size, cache.model_dtype,
+                                                   cache.device, decode_batch=rows, max_pages=pages,
+                                                   kv_dtype=cache.dtype) for rows, pages in sizes)
         plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2]) if planner is not None else None
                       for planner, part, meta in zip(planners, parts, metadata))
         record = NanobatchStep(boundaries, metadata, plans, cut.units, attention if attention != boundaries else None)
@@ -209,7 +214,7 @@ class CudaGraphRunner:
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
                           all_logits, backend=self.backend.name, shape=shape, pin=True, staging=self.staging,
-                          pad_pages=False)
+                          pad_pages=False, kv_scales=cache.scales)
         targets, sources = _step_tensors(entry.inputs), _step_tensors(host)
         for dst, src in zip(targets, sources):  # (the page list fills the front of its buffer: see build_step)
             dst[: src.shape[0]].copy_(src, non_blocking=True)  # from pinned memory: the host does not wait

@@ -1,4 +1,8 @@
-"""Paged KV cache: per-layer page tensors, the allocator that hands pages to requests, and the cache's sizing."""
+"""Paged KV cache: per-layer page tensors, the allocator that hands pages to requests, and the cache's sizing.
+
+The pages hold the model's dtype, or FP8 (e4m3, `nanoflow_fx.ops.kv_quant`) with each layer's K and V scales beside
+them: one byte an element, so the same memory holds twice the tokens of a 16-bit cache.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from typing import Any
 import torch
 
 from nanoflow_fx.errors import KVCacheExhaustedError
+from nanoflow_fx.ops import kv_quant
 from nanoflow_fx.ops.backend import AttentionConfig
+from nanoflow_fx.ops.reference import read_pages
 
 __all__ = ["PageAllocator", "PagedKVCache", "default_pages", "page_bytes", "pages_from_memory", "profile_pages",
            "profile_requests"]
@@ -43,7 +49,8 @@ class PageAllocator:
 
 
 def page_bytes(layers: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype) -> int:
-    """Bytes one page takes across all layers (keys and values)."""
+    """Bytes one page takes across all layers (keys and values), `dtype` the pages' element type (an FP8 page
+    takes half a 16-bit one's bytes)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return sum(2 * page_size * spec.num_kv_heads * spec.head_dim * itemsize for spec in layers)
 
@@ -52,7 +59,10 @@ class PagedKVCache:
     """One [num_pages + 1, 2, page_size, num_kv_heads, head_dim] tensor per layer (FlashInfer's NHD layout).
 
     `layers[i]` is layer i's attention configuration. Pages 0..num_pages-1 belong to the allocator; the last
-    one, `scratch_page`, takes the padding tokens' writes.
+    one, `scratch_page`, takes the padding tokens' writes. `dtype` is the pages' element type; `model_dtype` the
+    dtype the model computes K/V (and queries) in (None: `dtype`). An FP8 cache (`dtype` torch.float8_e4m3fn) has
+    `scales`: per layer a [2] fp32 tensor (k_scale, v_scale) on the device, 1.0 unless `kv_scales` gives them
+    (`set_scales` changes them in place: captured CUDA graphs read the new values).
     """
 
     def __init__(
@@ -62,14 +72,46 @@ class PagedKVCache:
         page_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        model_dtype: torch.dtype | None = None,
+        kv_scales: Sequence[tuple[float, float]] | None = None,
     ) -> None:
         self.page_size, self.layers = page_size, tuple(layers)
+        self.model_dtype = model_dtype if model_dtype is not None else dtype
         self.allocator = PageAllocator(num_pages)
         self.scratch_page = num_pages
         self.caches = tuple(
             torch.zeros(num_pages + 1, 2, page_size, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
             for spec in layers
         )
+        self.scales: tuple[torch.Tensor, ...] = ()
+        self.scale_values: list[tuple[float, float]] = []  # `scales` on the host
+        if kv_quant.is_fp8(dtype):
+            self.scales = tuple(torch.ones(2, dtype=torch.float32, device=device) for _ in layers)
+            self.scale_values = [(1.0, 1.0)] * len(self.layers)
+            if kv_scales is not None:
+                self.set_scales(kv_scales)
+        elif kv_scales is not None:
+            raise ValueError(f"KV scales are for an FP8 cache; this cache holds {dtype}")
+
+    def set_scales(self, kv_scales: Sequence[tuple[float, float]]) -> None:
+        """Set each layer's (k_scale, v_scale) (positive, finite; kept as fp32), in place."""
+        if not self.scales:
+            raise ValueError(f"KV scales are for an FP8 cache; this cache holds {self.dtype}")
+        values = [(float(k), float(v)) for k, v in kv_scales]
+        if len(values) != len(self.layers):
+            raise ValueError(f"{len(values)} KV scale pairs for {len(self.layers)} attention layers")
+        bad = [i for i, pair in enumerate(values) if not all(0 < x < float("inf") for x in pair)]
+        if bad:
+            raise ValueError(f"KV scales must be positive and finite; layers {bad} have {[values[i] for i in bad]}")
+        host = [torch.tensor(pair, dtype=torch.float32) for pair in values]
+        for tensor, pair in zip(self.scales, host):
+            tensor.copy_(pair)
+        self.scale_values = [(float(pair[0]), float(pair[1])) for pair in host]  # (fp32: what the kernels read)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the pages hold FP8 values (read back as value * scale)."""
+        return bool(self.scales)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -87,10 +129,12 @@ class PagedKVCache:
         return -(-num_tokens // self.page_size)
 
     def read(self, layer: int, pages: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [num_tokens, Hkv, D] of a request whose KV lives in `pages`."""
+        """Keys and values [num_tokens, Hkv, D] of a request whose KV lives in `pages` (an FP8 cache's dequantised,
+        in `model_dtype`)."""
         idx = torch.tensor(list(pages), dtype=torch.long, device=self.caches[layer].device)
-        kv = self.caches[layer][idx].transpose(0, 1).flatten(1, 2)[:, :num_tokens]
-        return kv[0], kv[1]
+        scale = self.scales[layer] if self.quantized else None
+        return read_pages(self.caches[layer], idx, num_tokens, scale, self.model_dtype if scale is not None
+                          else self.dtype)
 
 
 # -- sizing -----------------------------------------------------------------------------------------------------

@@ -292,7 +292,8 @@ class ProgramRunner:
                 assert call is not None
                 env[piece.outputs[0]] = ATTENTION_OP(
                     env[call.q], env[call.k], env[call.v], env[call.cache], *(env[m] for m in call.metadata),
-                    env[call.slot_mapping], call.scaling, call.sliding_window, call.softcap, call.backend)
+                    env[call.slot_mapping], call.scaling, call.sliding_window, call.softcap, call.backend,
+                    call.scale_of(env))
             if timer is not None:
                 timer.mark(piece.name)
         return _map_names(self.program.output, env)
@@ -367,12 +368,13 @@ class ProgramRunner:
         split = state.attention_split
         q, k, v = (state.part(n, i, split) for n in (call.q, call.k, call.v))
         cache = state.joined(call.cache)
-        write_kv(cache, k, v, state.part(call.slot_mapping, i, split))
+        kv_scale = state.joined(call.kv_scale) if call.kv_scale is not None else None
+        write_kv(cache, k, v, state.part(call.slot_mapping, i, split), kv_scale)
         config = AttentionConfig(q.shape[1], cache.shape[3], q.shape[2], call.scaling, call.sliding_window,
                                  call.softcap)
         decode = record.units.decode if record.units is not None else None  # (attention is the memory unit's)
         state.put(piece.outputs[0], i, get(call.backend).run_planned(
-            record.plans[i], config, q, cache, record.metadata[i], decode), split)
+            record.plans[i], config, q, cache, record.metadata[i], decode, kv_scale), split)
 
 
 class _Values:

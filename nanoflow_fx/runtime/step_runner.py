@@ -86,7 +86,8 @@ class StepRunner:
         self.split_policy = split_policy
         self._nanobatch_planners: list[Planner | None] = []
         self.planner: Planner | None = backend.make_planner(self.attention_configs, kv_cache.page_size,
-                                                            kv_cache.dtype, kv_cache.device)
+                                                            kv_cache.model_dtype, kv_cache.device,
+                                                            kv_dtype=kv_cache.dtype)
         # Reused host buffers for each step's inputs (CUDA: they are copied to the device; see HostStaging).
         self.staging = HostStaging() if kv_cache.device.type == "cuda" else None
         self.cuda_graphs: CudaGraphRunner | None = None  # set by enable_cuda_graphs()
@@ -232,7 +233,7 @@ class StepRunner:
         on_cuda = self.device.type == "cuda"  # built in pinned host memory, then copied without blocking
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page,
                           torch.device("cpu") if on_cuda else self.device, all_logits, min_tokens=2,
-                          backend=self.backend.name, pin=on_cuda, staging=self.staging)
+                          backend=self.backend.name, pin=on_cuda, staging=self.staging, kv_scales=cache.scales)
         inputs = host.to(self.device) if on_cuda else host
         if trace_only:
             self.step_fn.trace(inputs.input_ids, inputs.position_ids, inputs.logits_indices, inputs.metadata)
@@ -298,7 +299,8 @@ class StepRunner:
         metadata = tuple(tuple(t.to(self.device, non_blocking=True) for t in part) for part in parts)
         while len(self._nanobatch_planners) < len(parts):
             self._nanobatch_planners.append(self.backend.make_planner(
-                self.attention_configs, self.kv_cache.page_size, self.kv_cache.dtype, self.device))
+                self.attention_configs, self.kv_cache.page_size, self.kv_cache.model_dtype, self.device,
+                kv_dtype=self.kv_cache.dtype))
         plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2]) if planner is not None else None
                       for planner, part, meta in zip(self._nanobatch_planners, parts, metadata))
         return NanobatchStep(boundaries, metadata, plans, cut.units, attention if attention != boundaries else None)

@@ -1,0 +1,161 @@
+"""Decode attention over a bf16 and an e4m3 (FP8) KV cache, on every GPU backend, Llama-3-8B's attention shape.
+
+    python3 -m benchmarks.bench_kv_dtype --out kv_dtype.json [--requests 288 --context 1280 --layers 32]
+
+The engine's steady 1024/512 step attends 288 decodes at context ~1280 (docs: FACTS.md); its decode attention reads
+every request's K and V once per layer: 128 KiB per token over 32 layers in bf16, half that in e4m3. Each row times
+one step's decode attention, `--layers` kernel calls (CUDA events, `--reps` steps after warm-up), over one layer's
+cache of 32 query / 8 KV heads of 128, pages of 16 shuffled (a cache of ~1.5 GB in bf16, far beyond L2: each call
+reads its bytes from memory as a distinct layer's would). Kernels, as nanoflow_fx runs them:
+  - triton: nanoflow_fx's Triton kernel, its default launch and two variants: block_n=128 (a tile of e4m3 holds
+    half the bytes) and pv_precision=half (P rounded to bf16 for P @ V, V fed to the MMA as bf16, as FlashInfer does;
+    the default converts V to fp32 for a tf32 MMA);
+  - flashinfer: FlashInfer's decode wrapper planned as nanoflow_fx plans it (tensor cores for this GQA shape; an
+    e4m3 cache with kv_data_type=e4m3, k_scale folded into q and v_scale into the output on the device);
+  - flashinfer-cuda-cores: its CUDA-core decode kernel (use_tensor_cores=False), scales as FlashInfer's own floats.
+Per row: ms per step, TB/s (KV bytes read once), and for e4m3 the ratio to the same kernel and launch over bf16;
+accuracy of the first `--check` requests against fp32 attention (torch reference) over the dequantised cache (max
+|diff| relative to the largest output) and over the bf16 values it was quantised from (relative RMS). JSON (--out).
+
+The engine's offline throughput per KV dtype is bench_offline's, with the cache dtype in its config:
+
+    python3 -m benchmarks.bench_offline --workloads 1024x512 --requests 256 --out offline_fp8kv.json \\
+        --config '{"kv_cache_dtype": "fp8_e4m3"}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoflow_fx.cost.measure import time_on
+from nanoflow_fx.ops import kv_quant
+from nanoflow_fx.ops.backend import AttentionConfig, get
+from nanoflow_fx.ops.reference import paged_attention_reference
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+SCALE = HEAD_DIM**-0.5
+CONFIG = AttentionConfig(HEADS, KV_HEADS, HEAD_DIM, SCALE, 0, 0.0)
+
+
+def make_batch(requests: int, context: int, seed: int = 0) -> dict[str, Any]:
+    """Decode rows of `requests` at `context` over one layer's paged cache: the bf16 cache and its e4m3 copy
+    (scales from the values' range, as calibration sets them), the tables on the device and in pinned memory."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    per = -(-context // PAGE)
+    pages = requests * per
+    cache = torch.randn(pages + 1, 2, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    scales = torch.tensor([kv_quant.scale_from_amax(cache[:, i].abs().max().item()) for i in (0, 1)],
+                          device="cuda")
+    fp8 = torch.stack([kv_quant.quantize(cache[:, i], scales[i]) for i in (0, 1)], dim=1)
+    i32: dict[str, Any] = dict(dtype=torch.int32)
+    host = dict(qo=torch.arange(requests + 1, **i32), kvp=torch.arange(requests + 1, **i32) * per,
+                last=torch.full((requests,), context - (per - 1) * PAGE, **i32))
+    return dict(
+        q=torch.randn(requests, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen),
+        caches={"bf16": cache, "e4m3": fp8}, scales=scales,
+        host={k: v.pin_memory() for k, v in host.items()}, **{k: v.cuda() for k, v in host.items()},
+        idx=torch.randperm(pages, device="cuda", generator=gen).to(torch.int32),
+        tokens=requests * context)
+
+
+def kernels(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> one decode attention call over `b`'s `dtype` cache, as nanoflow_fx runs it."""
+    cache = b["caches"][dtype]
+    scale = b["scales"] if dtype == "e4m3" else None
+    meta = (b["qo"], b["kvp"], b["idx"], b["last"])
+    triton = get("triton")
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, launch in (("triton", {}), ("triton block_n=128", {"block_n": 128}),
+                         ("triton pv=half", {"pv_precision": "half"})):
+        out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
+    try:
+        import flashinfer
+    except ImportError:
+        return out
+    backend = get("flashinfer")
+    planner = backend.make_planner([CONFIG], PAGE, torch.bfloat16, cache.device, kv_dtype=cache.dtype)
+    plan = planner.plan_tables(b["host"]["qo"], b["host"]["kvp"], b["host"]["last"], b["idx"])
+    out["flashinfer"] = lambda: backend.run_planned(plan, CONFIG, b["q"], cache, meta, None, scale)
+    from nanoflow_fx.ops.flashinfer_attention import _workspace
+
+    cuda_cores = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(cache.device), "NHD",
+                                                               use_tensor_cores=False)
+    cuda_cores.plan(b["kvp"], b["idx"], b["last"], HEADS, KV_HEADS, HEAD_DIM, PAGE, q_data_type=torch.bfloat16,
+                    kv_data_type=cache.dtype, sm_scale=SCALE)
+    floats = {"k_scale": b["scales"][0].item(), "v_scale": b["scales"][1].item()} if dtype == "e4m3" else {}
+    out["flashinfer-cuda-cores"] = lambda: cuda_cores.run(b["q"], cache, **floats)
+    return out
+
+
+def accuracy(b: dict[str, Any], dtype: str, got: torch.Tensor, rows: int) -> dict[str, float]:
+    """The first `rows` requests' outputs against fp32 attention over the cache as stored (dequantised) and over
+    the bf16 values (what an e4m3 cache was made from)."""
+    meta = (b["qo"][: rows + 1], b["kvp"][: rows + 1], b["idx"], b["last"][:rows])
+    q = b["q"][:rows].float()
+    scale = b["scales"] if dtype == "e4m3" else None
+    stored = paged_attention_reference(q, b["caches"][dtype], *meta, SCALE, 0, 0.0, scale)
+    original = paged_attention_reference(q, b["caches"]["bf16"], *meta, SCALE, 0, 0.0)
+    got = got[:rows].float()
+    return {"max_rel_diff_vs_stored": ((got - stored).abs().max() / stored.abs().max()).item(),
+            "rms_rel_vs_bf16_values": ((got - original).pow(2).mean().sqrt() / original.pow(2).mean().sqrt()).item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="kv_dtype.json")
+    parser.add_argument("--requests", type=int, default=288)
+    parser.add_argument("--context", type=int, default=1280)
+    parser.add_argument("--layers", type=int, default=32, help="kernel calls per step (one per layer)")
+    parser.add_argument("--reps", type=int, default=10, help="steps timed per row")
+    parser.add_argument("--check", type=int, default=16, help="requests checked against the fp32 reference")
+    args = parser.parse_args()
+    import transformers
+    import triton
+
+    try:
+        from importlib.metadata import version
+
+        flashinfer_version: str | None = version("flashinfer-python")
+    except Exception:  # noqa: BLE001 - not installed
+        flashinfer_version = None
+    result: dict[str, Any] = {
+        "date": str(datetime.date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": triton.__version__, "transformers": transformers.__version__, "flashinfer": flashinfer_version,
+        "requests": args.requests, "context": args.context, "layers": args.layers, "page_size": PAGE, "rows": []}
+    b = make_batch(args.requests, args.context)
+    stream = torch.cuda.current_stream()
+    print(f"## decode attention, {args.requests} decodes @ {args.context}, {args.layers} layers "
+          f"({torch.cuda.get_device_name()})", flush=True)
+    bf16_ms: dict[str, float] = {}
+    for dtype in ("bf16", "e4m3"):
+        kv_bytes = b["tokens"] * 2 * KV_HEADS * HEAD_DIM * b["caches"][dtype].element_size() * args.layers
+        for name, fn in kernels(b, dtype).items():
+            accurate = accuracy(b, dtype, fn(), args.check)
+
+            def step(fn: Callable[[], torch.Tensor] = fn) -> None:
+                for _ in range(args.layers):
+                    fn()
+
+            ms = time_on(step, stream, args.reps)
+            if dtype == "bf16":
+                bf16_ms[name] = ms
+            ratio = ms / bf16_ms[name] if dtype == "e4m3" and name in bf16_ms else None
+            row = {"kernel": name, "kv_dtype": dtype, "ms": round(ms, 3), "tb_s": round(kv_bytes / ms / 1e9, 3),
+                   "time_vs_bf16": round(ratio, 3) if ratio is not None else None, **accurate}
+            result["rows"].append(row)
+            print(f"  {dtype:5s} {name:24s} {ms:8.3f} ms {row['tb_s']:6.3f} TB/s"
+                  + (f"  {ratio:.3f}x the bf16 time" if ratio is not None else "")
+                  + f"  (max rel diff vs stored {accurate['max_rel_diff_vs_stored']:.2e}, rms rel vs bf16 values "
+                    f"{accurate['rms_rel_vs_bf16_values']:.2e})", flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
