@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from nanoflow_fx.capture import hf_attention
 from nanoflow_fx.capture.backend import make_backend
 from nanoflow_fx.capture.check import PROBE_LENGTHS, check_against_eager, probe_prompts
+from nanoflow_fx.capture.fp8_weights import Fp8Weights, quantize_linears
 from nanoflow_fx.capture.fuse_linears import FusedLayout, relayout_parallel_linears
 from nanoflow_fx.capture.lowering import lowering_for
 from nanoflow_fx.capture.support import check_supported
@@ -63,6 +64,7 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
     _teardown(model)
     original_attention = model.config._attn_implementation
     layouts: list[FusedLayout] = []
+    fp8: list[Fp8Weights] = []
 
     def relayout() -> FusedLayout:
         layouts.append(FusedLayout(()) if not config.fuse_linears or model.device.type == "meta" else  # meta: no
@@ -76,20 +78,27 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
         hf_attention.PLAIN.set(model.config, plain_choice(model, original_attention))
         model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
         _use_static_experts(model)
+        # FP8 linears (`linear_dtype`; another library's FP8 linears are converted in any case) before any forward
+        # (another library's may not run here) and before the fused groups are laid out (with their scales)
+        fp8.append(quantize_linears(model, quantize=config.linear_dtype == "fp8_e4m3"))
         runtime = NanoFlowRuntime(model, config, original_attention, relayout)
-        _build(model, runtime, begin)
+        _build(model, runtime, begin, fp8[0])
     except BaseException:
         for layout in layouts:
             layout.undo()
+        for weights in fp8:
+            weights.undo()
         model.set_attn_implementation(original_attention)
         raise
+    fp8[0].commit()  # (the full-precision weights the quantised linears replaced are freed)
     install(model, runtime)
     return model
 
 
-def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> None:
+def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float, fp8: Fp8Weights) -> None:
     """Capture and check the step, size the KV cache, capture CUDA graphs; records `runtime.timings`. A progress
-    bar over these phases appears when they take more than a few seconds."""
+    bar over these phases appears when they take more than a few seconds. `fp8`: the linears quantised to FP8,
+    whose full-precision weights leave the GPU before the KV cache is sized from its free memory."""
     from tqdm.auto import tqdm
 
     cfg = runtime.config
@@ -128,6 +137,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         probed = time.perf_counter()
         bar.update()
         bar.set_postfix_str("size the KV cache")
+        fp8.park()
         if sized_by_memory:
             vocab_size = model.get_output_embeddings().weight.shape[0]
             pages = pages_from_memory(runtime.runner, cfg, vocab_size)
