@@ -21,6 +21,7 @@ import nanoflow_fx
 from nanoflow_fx.capture.fp8_weights import Fp8Linear
 from nanoflow_fx.ops.fp8 import FP8_MAX, quantize_rows, scaled_linear
 from tests.helpers import DEFAULT_CONFIG, DEVICES, BatchMixingLlama, reference
+from tests.steps import program_runners
 from tests.tiny_models import VOCAB, build
 
 FP8 = dataclasses.replace(DEFAULT_CONFIG, linear_dtype="fp8_e4m3")
@@ -175,6 +176,47 @@ def test_the_engine_equals_a_fake_quantised_reference(family: str) -> None:
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), want_ids)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_on_cuda_with_cuda_graphs_the_engine_equals_the_fake_quantised_reference(family: str) -> None:
+    """fp32 on the GPU (Inductor's pieces, `torch._scaled_mm` on the FP8 tensor cores, decode steps replayed as CUDA
+    graphs): the fake-quantised reference's logits to float rounding, and its greedy tokens."""
+    config = dataclasses.replace(FP8, attention_backend="triton", cuda_graphs=True)
+    model = nanoflow_fx.optimize(build(family, device="cuda"), config)
+    assert model.nanoflow.runner.cuda_graphs is not None
+    ref = _fake_quant_reference(reference(family, device="cuda"), _fp8_modules(model))
+    prompts = _prompts()
+    got = model.nanoflow.runner.run_prompts(prompts, all_logits=True)
+    want = torch.cat([ref(torch.tensor([p], device="cuda")).logits[0] for p in prompts])
+    assert _close(got, want) <= 1e-4
+    ids = torch.tensor([p[:5] for p in prompts], device="cuda")
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
+                       ref.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.cuda
+def test_the_full_precision_weights_leave_the_gpu() -> None:
+    """What FP8 frees is free: after optimize() the GPU holds the FP8 weights (and their scales), not the bf16
+    ones, so the KV cache sized from free memory gets it."""
+    def build_bf16() -> torch.nn.Module:
+        return build("llama", dtype=torch.bfloat16, device="cuda", hidden_size=1024, intermediate_size=4096,
+                     num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=4)
+
+    config = dataclasses.replace(FP8, cuda_graphs=False)
+    sizes = {}
+    for linear_dtype in ("auto", "fp8_e4m3"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        model = build_bf16()
+        quantised = sum(m.weight.numel() for n, m in model.named_modules() if n in _expected_fp8(model))
+        model = nanoflow_fx.optimize(model, dataclasses.replace(config, linear_dtype=linear_dtype))
+        torch.cuda.synchronize()
+        sizes[linear_dtype] = torch.cuda.memory_allocated() - before - model.nanoflow.kv_cache.num_bytes
+        del model
+    # 2 bytes per quantised weight in bf16, 1 in FP8 (+ 4 bytes per output channel of scale: small here)
+    assert sizes["auto"] - sizes["fp8_e4m3"] >= 0.9 * quantised
+
+
 def test_replicated_and_saved_fp8_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Layer replication copies the lowered FP8 layers (each reading its own FP8 weights and scales), and a second
     process loads the saved step: both compute the fake-quantised reference."""
@@ -192,6 +234,21 @@ def test_replicated_and_saved_fp8_steps(tmp_path: Path, monkeypatch: pytest.Monk
     want = torch.cat([ref(torch.tensor([p])).logits[0] for p in prompts])
     for model in (first, second):
         assert _close(model.nanoflow.runner.run_prompts(prompts, all_logits=True), want) <= 1e-4
+
+
+def test_nanobatched_fp8_steps_equal_the_unsplit_step() -> None:
+    """The activations' quantisation is per token, so a step cut into nano-batches quantises each row as the whole
+    step does (the pass keeps the pieces token-parallel: `annotate` knows `_scaled_mm`)."""
+    whole = nanoflow_fx.optimize(build("llama"), FP8)
+    split = nanoflow_fx.optimize(build("llama"), dataclasses.replace(FP8, num_nanobatches=2))
+    prompts = _prompts()
+    want = whole.nanoflow.runner.run_prompts(prompts, all_logits=True)
+    got = split.nanoflow.runner.run_prompts(prompts, all_logits=True)
+    assert _close(got, want) <= 1e-4
+    schedules = [p.last_schedule for p in program_runners(split) if p.last_schedule]
+    assert schedules and len(schedules[0].split("nb").boundaries) == 3  # it ran in two nano-batches
+    pieces = split.nanoflow.step_fn.program.pieces
+    assert [p.name for p in pieces if p.whole] == [pieces[-1].name]  # only the LM head's piece mixes tokens
 
 
 def _kernels(piece_fn: object) -> tuple[int, int]:
