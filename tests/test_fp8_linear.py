@@ -7,6 +7,7 @@ model is in tests/test_fp8_accuracy.py."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import re
 from collections import Counter
 from pathlib import Path
@@ -213,6 +214,7 @@ def test_the_full_precision_weights_leave_the_gpu() -> None:
         torch.cuda.synchronize()
         sizes[linear_dtype] = torch.cuda.memory_allocated() - before - model.nanoflow.kv_cache.num_bytes
         del model
+        gc.collect()  # (the first model gone before the second is measured)
     # 2 bytes per quantised weight in bf16, 1 in FP8 (+ 4 bytes per output channel of scale: small here)
     assert sizes["auto"] - sizes["fp8_e4m3"] >= 0.9 * quantised
 
@@ -285,6 +287,19 @@ def test_a_failed_optimize_restores_the_full_precision_weights() -> None:
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.cuda
+def test_a_failure_after_the_weights_left_the_gpu_brings_them_back() -> None:
+    """The KV cache cannot be sized (a memory fraction too small): the full-precision weights, moved to the host
+    before the sizing, come back to the GPU bit for bit."""
+    model = build("llama", dtype=torch.bfloat16, device="cuda")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(nanoflow_fx.KVCacheExhaustedError):
+        nanoflow_fx.optimize(model, dataclasses.replace(FP8, num_pages=None, kv_cache_memory_fraction=1e-6))
+    assert not _fp8_modules(model)
+    after = model.state_dict()
+    assert all(after[k].device.type == "cuda" and torch.equal(after[k], before[k]) for k in before)
 
 
 # -- FP8 models from other libraries -----------------------------------------------------------------------------

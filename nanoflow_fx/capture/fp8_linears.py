@@ -17,7 +17,12 @@ The quantisation's ops come straight after the op that produced `x` (the RMSNorm
 SiLU-and-multiply before the down projection), so Inductor fuses them into that op's kernel: the quantised
 activations are written instead of the model-dtype ones, with no pass over memory of their own. (The input of the
 output projection is the attention op's output: its quantisation is a kernel of its own, at the start of the next
-piece.) `use_fast_accum`: `torch._scaled_mm`'s fast accumulation (the FP8 tensor cores' own accumulator, no
+piece.) Why on Dynamo's graph, not AOT's: the new ops are then traced to ATen by AOT like the model's own (their fake
+values and shapes, Inductor's decompositions), and layer replication, which runs on the ATen graph, copies the
+lowered layers as it copies any other (each copy reading its own FP8 weights and scales through its own inputs).
+An "aten" pass would have to build the ATen ops' metadata itself, and run once per layer after replication.
+
+`use_fast_accum`: `torch._scaled_mm`'s fast accumulation (the FP8 tensor cores' own accumulator, no
 periodic promotion to fp32: faster, less accurate over long sums; ignored on the CPU).
 """
 

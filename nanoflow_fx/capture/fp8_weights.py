@@ -51,8 +51,8 @@ class Fp8Linear(torch.nn.Linear):
 
 @dataclass
 class _Changed:
-    """One module `quantize_linears` changed, and what restores it: its class, parameter and buffer objects, and
-    each parameter's data (a quantised weight's full-precision data while not committed)."""
+    """One module `quantize_linears` changed, and what restores it: its class, its parameter and buffer objects,
+    and the data of the parameters whose data it replaced (a quantised weight's full-precision data)."""
 
     module: torch.nn.Module
     cls: type
@@ -61,9 +61,9 @@ class _Changed:
     data: dict[str, torch.Tensor]
 
     @classmethod
-    def of(cls, m: torch.nn.Module) -> _Changed:
+    def of(cls, m: torch.nn.Module, replaced: tuple[str, ...] = ()) -> _Changed:
         return cls(m, type(m), dict(m._parameters), dict(m._buffers),
-                   {k: p.data for k, p in m._parameters.items() if p is not None})
+                   {k: p.data for k, p in m._parameters.items() if k in replaced and p is not None})
 
 
 class Fp8Weights:
@@ -80,8 +80,7 @@ class Fp8Weights:
     @torch.no_grad()
     def park(self) -> None:
         for c in self.changed:
-            c.data = {k: d.to("cpu") if d.device.type == "cuda" and d.dtype not in _FLOAT8 else d
-                      for k, d in c.data.items()}
+            c.data = {k: d.to("cpu") for k, d in c.data.items()}
 
     def commit(self) -> None:
         self.changed = []
@@ -187,7 +186,7 @@ def _qualifies(m: torch.nn.Linear) -> bool:
 
 
 def _quantize(m: torch.nn.Linear) -> _Changed:
-    record = _Changed.of(m)
+    record = _Changed.of(m, replaced=("weight",))
     q, scale = quantize_rows(m.weight.data)
     m.weight.data = q
     m.weight.requires_grad_(False)
