@@ -14,6 +14,7 @@ __all__ = ["NanoFlowConfig", "ExperimentalConfig", "ATTENTION_BACKENDS", "KV_CAC
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")  # see nanoflow_fx.ops.backend
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # see nanoflow_fx.ops.kv_quant
+LINEAR_DTYPES = ("auto", "fp8_e4m3")  # see NanoFlowConfig.linear_dtype
 SM_PARTITIONS = ("off", "streams", "soft", "carveout", "hard", "hard-triton")
 
 
@@ -136,6 +137,16 @@ class NanoFlowConfig:
     moves their weights into one buffer, each parameter becoming a view of it (no extra memory; the eager model
     computes as before), and the captured step runs one GEMM per group. See `nanoflow_fx.capture.fuse_linears`."""
 
+    linear_dtype: str = "auto"
+    """The arithmetic of the decoder layers' linear layers (attention and MLP projections, fused ones included):
+    "auto" computes them in the dtype their weights have (the model's; FP8 where the model came quantised to FP8:
+    torchao's float8 tensors, transformers' FBGEMM FP8 linears), or "fp8_e4m3": `optimize()` stores each such
+    weight as float8 e4m3 with one fp32 scale per output channel (its bf16/fp16/fp32 copy freed, so the KV cache
+    gets that memory), quantises activations per token on the fly (fused by Inductor into the op before the
+    linear) and multiplies with `torch._scaled_mm`. Embeddings, the LM head, norms, MoE routers and experts stay
+    in the model's dtype. Costs accuracy (docs/capture.md, "FP8 linears"); needs a GPU with FP8 tensor cores
+    (compute capability 8.9+) or the CPU. See `nanoflow_fx.capture.fp8_linears`."""
+
     replicate_layers: bool = True
     """Trace only the first layers of the model's repeated decoder layers (three periods: 3 layers of a Llama, 6-7 of a
     Gemma-2, whose sliding/global layers alternate) and copy their graph for the others, each copy reading its own
@@ -198,6 +209,9 @@ class NanoFlowConfig:
         if self.calibrate_kv_scales is True and self.kv_cache_dtype == "auto":
             raise ValueError("NanoFlowConfig.calibrate_kv_scales=True calibrates FP8 KV-cache scales: it needs "
                              "kv_cache_dtype='fp8_e4m3'")
+        if self.linear_dtype not in LINEAR_DTYPES:
+            raise ValueError(f"NanoFlowConfig.linear_dtype={self.linear_dtype!r} is not one of {LINEAR_DTYPES} "
+                             "(\"auto\": the weights' own dtype; \"fp8_e4m3\": FP8 weights and activations)")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ValueError(f"NanoFlowConfig.cache_dir must be a path string or None, got {self.cache_dir!r}")
         for name in ("check_capture", "check_plans", "cuda_graphs", "inductor", "fuse_linears", "save_step",
@@ -287,4 +301,12 @@ def resolve(config: NanoFlowConfig, model: Any, device: Any, dtype: Any) -> Nano
                   else CPU_MAX_NUM_TOKENS)
     inductor = config.inductor if config.inductor != "auto" else on_cuda
     return dataclasses.replace(config, max_seq_len=int(max_seq_len or 2048), max_num_tokens=budget,
-                               inductor=inductor)
+                               inductor=inductor, linear_dtype=_linear_dtype(config, model))
+
+
+def _linear_dtype(config: NanoFlowConfig, model: Any) -> str:
+    """`linear_dtype` resolved: "fp8_e4m3" when asked for or when the model's linears are FP8 (another library's, or
+    quantised by `optimize()`), else "auto" (the model's dtype)."""
+    from nanoflow_fx.capture.fp8_weights import has_fp8_linears
+
+    return "fp8_e4m3" if config.linear_dtype == "fp8_e4m3" or has_fp8_linears(model) else config.linear_dtype

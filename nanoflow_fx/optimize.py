@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from nanoflow_fx.capture import hf_attention
 from nanoflow_fx.capture.backend import make_backend
 from nanoflow_fx.capture.check import PROBE_LENGTHS, check_against_eager, probe_prompts
+from nanoflow_fx.capture.fp8_weights import Fp8Weights, quantize_linears
 from nanoflow_fx.capture.fuse_linears import FusedLayout, relayout_parallel_linears
 from nanoflow_fx.capture.kv_scales import calibrate
 from nanoflow_fx.capture.lowering import lowering_for
@@ -29,7 +30,7 @@ from nanoflow_fx.capture.support import check_supported
 from nanoflow_fx.capture.tensor_parallel import localize, vocab_size
 from nanoflow_fx.config import NanoFlowConfig, as_config, cache_root
 from nanoflow_fx.cost.autotune import search_schedules
-from nanoflow_fx.errors import CaptureMismatchError
+from nanoflow_fx.errors import CaptureMismatchError, UnsupportedModelError
 from nanoflow_fx.hf_methods import install, plain_choice, uninstall
 from nanoflow_fx.model_runtime import NanoFlowRuntime, start_interim
 from nanoflow_fx.runtime.kv_cache import default_pages, pages_from_memory, profile_pages
@@ -60,12 +61,18 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
     without a runtime: its own `generate()` and attention, as if never optimized.
     """
     config = as_config(config)
-    localize(model)  # tensor parallelism: DTensor shards -> plain local shards + functional collectives
+    tensor_parallel = localize(model)  # tensor parallelism: DTensor shards -> plain local shards + collectives
+    if tensor_parallel is not None and config.linear_dtype != "auto":
+        raise UnsupportedModelError(
+            f"NanoFlowConfig.linear_dtype={config.linear_dtype!r} with tensor parallelism (rank {tensor_parallel.rank} "
+            f"of {tensor_parallel.world_size}) is not supported yet: the FP8 linears would replace the sharded "
+            "linears' collectives; use linear_dtype='auto' under TP (an FP8 KV cache works)")
     check_supported(model)
     _use_cache_dir(config)
     _teardown(model)
     original_attention = model.config._attn_implementation
     layouts: list[FusedLayout] = []
+    fp8: list[Fp8Weights] = []
 
     def relayout() -> FusedLayout:
         layouts.append(FusedLayout(()) if not config.fuse_linears or model.device.type == "meta" else  # meta: no
@@ -79,20 +86,27 @@ def optimize(model: PreTrainedModel, config: NanoFlowConfig | dict[str, Any] | N
         hf_attention.PLAIN.set(model.config, plain_choice(model, original_attention))
         model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
         _use_static_experts(model)
+        # FP8 linears (`linear_dtype`; another library's FP8 linears are converted in any case) before any forward
+        # (another library's may not run here) and before the fused groups are laid out (with their scales)
+        fp8.append(quantize_linears(model, quantize=config.linear_dtype == "fp8_e4m3"))
         runtime = NanoFlowRuntime(model, config, original_attention, relayout)
-        _build(model, runtime, begin)
+        _build(model, runtime, begin, fp8[0])
     except BaseException:
         for layout in layouts:
             layout.undo()
+        for weights in fp8:
+            weights.undo()
         model.set_attn_implementation(original_attention)
         raise
+    fp8[0].commit()  # (the full-precision weights the quantised linears replaced are freed)
     install(model, runtime)
     return model
 
 
-def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> None:
+def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float, fp8: Fp8Weights) -> None:
     """Capture and check the step, size the KV cache, capture CUDA graphs; records `runtime.timings`. A progress
-    bar over these phases appears when they take more than a few seconds."""
+    bar over these phases appears when they take more than a few seconds. `fp8`: the linears quantised to FP8,
+    whose full-precision weights leave the GPU before the KV cache is sized from its free memory."""
     from tqdm.auto import tqdm
 
     cfg = runtime.config
@@ -135,6 +149,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float) -> No
         probed = time.perf_counter()
         bar.update()
         bar.set_postfix_str("size the KV cache")
+        fp8.park()
         if sized_by_memory:
             pages = pages_from_memory(runtime.runner, cfg, vocab_size(model))
             if runtime.plane is not None:  # (every rank's scheduler must see the same cache)

@@ -28,6 +28,11 @@ def _task_trace_rank_of_tp8() -> dict[str, Any]:
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**SHAPE)).to(torch.bfloat16).eval()
     distribute_by_plan(model, init_device_mesh("cpu", (TP,)))
+    try:  # FP8 linears would replace the sharded linears (and their collectives): refused, the model untouched
+        nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(linear_dtype="fp8_e4m3", check_capture=False))
+        fp8_refused = ""
+    except nanoflow_fx.UnsupportedModelError as err:
+        fp8_refused = str(err)
     nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(max_batch_size=2, max_seq_len=64, check_capture=False,
                                                            replicate_layers=False))
     model.nanoflow.runner.run_prompts([[1] * 40, [2] * 20])
@@ -35,6 +40,7 @@ def _task_trace_rank_of_tp8() -> dict[str, Any]:
     calls = [n for n in graph.graph.nodes if n.op == "call_function"]
     layer = model.model.layers[0]
     return dict(
+        fp8_refused=fp8_refused,
         all_reduces=sum("all_reduce" in str(n.target) for n in calls),
         all_gathers=sum("all_gather" in str(n.target) for n in calls),
         waits=sum("wait_tensor" in str(n.target) for n in calls),
@@ -59,6 +65,7 @@ def test_fake_process_group_traces_one_rank_of_tp8_70b_shape() -> None:
         workers.close()
     # 2 layers x (o_proj + down_proj) all-reduces, plus the vocabulary-parallel embedding's; one all-gather of
     # the LM head's sampled rows; each collective waited on once.
+    assert "linear_dtype='fp8_e4m3' with tensor parallelism (rank 0 of 8) is not supported" in got["fp8_refused"]
     assert got["all_reduces"] == 2 * 2 + 1
     assert got["all_gathers"] == 1
     assert got["waits"] == got["all_reduces"] + got["all_gathers"]

@@ -16,6 +16,10 @@ big weight (the decode step's gain: benchmarks/RESULTS.md). Serving systems load
 
    The fused weight is a view spanning the group's parameters (no new graph input, no copy). Each output is a
    column slice of the fused GEMM's output: the same dot products, so fp32 results equal the unfused graph's.
+
+FP8 linears (`capture.fp8_weights.Fp8Linear`, `nanoflow::fp8_linear(x, W, S, b)` in the graph) fuse alike: their
+FP8 weights, per-output-channel scales and biases are laid out back to back, and the group becomes one
+`fp8_linear` of the spanning views (per-row scales make the fused linear's rows exactly the members' rows).
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from typing import Any, cast
 
 import torch
 from torch.fx import GraphModule, Node
+
+from nanoflow_fx.capture.fp8_linears import FP8_LINEAR_TARGETS
+from nanoflow_fx.capture.fp8_weights import Fp8Linear
+from nanoflow_fx.ops.fp8 import fp8_linear
 
 __all__ = ["FusedLayout", "relayout_parallel_linears", "fuse_parallel_linears"]
 
@@ -63,8 +71,13 @@ class FusedLayout:
 
 
 def _group_params(members: Sequence[torch.nn.Linear]) -> list[list[torch.Tensor]]:
-    weights = [m.weight for m in members]
-    return [weights, [m.bias for m in members]] if members[0].bias is not None else [weights]
+    """The group's tensors that the fused linear reads as one: weights, biases, FP8 weight scales."""
+    params = [[m.weight for m in members]]
+    if members[0].bias is not None:
+        params.append([m.bias for m in members])
+    if isinstance(members[0], Fp8Linear):
+        params.append([cast(Fp8Linear, m).weight_scale for m in members])
+    return params
 
 
 @torch.no_grad()
@@ -85,7 +98,7 @@ def relayout_parallel_linears(model: torch.nn.Module, probe: dict[str, Any]) -> 
             if module not in group:
                 group.append(cast(torch.nn.Linear, module))  # (hooked on linears only)
 
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    linears = [m for m in model.modules() if type(m) in (torch.nn.Linear, Fp8Linear)]
     hooks = [m.register_forward_pre_hook(record) for m in linears]
     try:
         model(**probe)
@@ -105,7 +118,7 @@ def relayout_parallel_linears(model: torch.nn.Module, probe: dict[str, Any]) -> 
 
 def _fusable(m: torch.nn.Linear, first: torch.nn.Linear) -> bool:
     w, w0 = m.weight, first.weight
-    return (type(w) is torch.nn.Parameter and w.dtype == w0.dtype and w.device == w0.device
+    return (type(w) is torch.nn.Parameter and type(m) is type(first) and w.dtype == w0.dtype and w.device == w0.device
             and w.shape[1] == w0.shape[1] and (m.bias is None) == (first.bias is None)
             and (m.bias is None or type(m.bias) is torch.nn.Parameter))
 
@@ -127,21 +140,24 @@ def _adjacent(params: Sequence[torch.Tensor]) -> bool:
                and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(params, params[1:]))
 
 
-def _linear_args(node: Node) -> tuple[Node, Node, Node | None] | None:
-    if node.op != "call_function" or node.target is not _LINEAR:
+def _linear_args(node: Node) -> tuple[Node, tuple[Node | None, ...]] | None:
+    """(input, (weight, bias)) of a `linear` call, (input, (weight, scale, bias)) of an `fp8_linear` one."""
+    if node.op != "call_function" or (node.target is not _LINEAR and node.target not in FP8_LINEAR_TARGETS):
         return None
-    names = ("input", "weight", "bias")
+    names = ("input", "weight", "bias") if node.target is _LINEAR else ("x", "weight", "weight_scale", "bias")
     args = list(node.args) + [node.kwargs[n] for n in names[len(node.args):] if n in node.kwargs]
-    if len(args) == 2:
+    if len(args) == len(names) - 1:
         args.append(None)
-    if len(args) != 3 or not all(isinstance(a, Node) or (i == 2 and a is None) for i, a in enumerate(args)):
+    if len(args) != len(names) or not all(isinstance(a, Node) or (i == len(names) - 1 and a is None)
+                                          for i, a in enumerate(args)):
         return None
-    return cast(Node, args[0]), cast(Node, args[1]), cast("Node | None", args[2])
+    return cast(Node, args[0]), tuple(cast("Node | None", a) for a in args[1:])
 
 
-def _parameter(node: Node | None, values: dict[Node, Any]) -> torch.nn.Parameter | None:
+def _parameter(node: Node | None, values: dict[Node, Any], buffer: bool = False) -> torch.Tensor | None:
+    """The parameter (or, with `buffer`, the plain tensor: an FP8 weight's scales) a graph input holds."""
     value = values.get(node) if node is not None and node.op == "placeholder" else None
-    return value if type(value) is torch.nn.Parameter else None
+    return value if type(value) is torch.nn.Parameter or (buffer and type(value) is torch.Tensor) else None
 
 
 def _spanning(graph: torch.fx.Graph, first: Node, params: Sequence[torch.Tensor]) -> Node:
@@ -157,27 +173,30 @@ def fuse_parallel_linears(gm: GraphModule, example_inputs: Sequence[Any]) -> int
     made adjacent (see the module doc); returns how many groups."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs))
-    groups: dict[tuple[Node, bool], list[tuple[Node, Node, Node | None]]] = {}
+    groups: dict[tuple[Node, Any, tuple[bool, ...]], list[tuple[Node, tuple[Node | None, ...]]]] = {}
     for node in gm.graph.nodes:
         args = _linear_args(node)
-        if args is not None and _parameter(args[1], values) is not None:
-            if args[2] is None or _parameter(args[2], values) is not None:
-                groups.setdefault((args[0], args[2] is not None), []).append((node, args[1], args[2]))
+        if args is not None and all(p is None or _parameter(p, values, buffer=True) is not None for p in args[1]) and (
+                _parameter(args[1][0], values) is not None):
+            x, params = args
+            kind = _LINEAR if node.target is _LINEAR else fp8_linear._opoverload
+            groups.setdefault((x, kind, tuple(p is not None for p in params)), []).append((node, params))
     graph, fused = gm.graph, 0
-    for (x, has_bias), members in groups.items():
-        weights = [values[w] for _, w, _ in members]
-        biases = [values[b] for _, _, b in members] if has_bias else []
-        if len(members) < 2 or not _adjacent(weights) or (has_bias and not _adjacent(biases)):
+    for (x, kind, present), members in groups.items():
+        # per parameter position (weight, [scale,] bias): the members' tensors, None where absent
+        tensors = [[values[m[1][i]] for m in members] if here else None for i, here in enumerate(present)]
+        if len(members) < 2 or not all(t is None or _adjacent(t) for t in tensors):
             continue
         first = members[0][0]
         with graph.inserting_before(first):
-            weight = _spanning(graph, members[0][1], weights)
-            bias = _spanning(graph, members[0][2], biases) if has_bias else None  # type: ignore[arg-type]
-            out = graph.call_function(_LINEAR, (x, weight, bias))
-            parts = graph.call_function(torch.split, (out, [w.shape[0] for w in weights]), {"dim": -1})
-            for i, (node, _, _) in enumerate(members):
+            spans = [_spanning(graph, cast(Node, members[0][1][i]), t) if t is not None else None
+                     for i, t in enumerate(tensors)]
+            out = graph.call_function(kind, (x, *spans))
+            sizes = [w.shape[0] for w in cast(list, tensors[0])]
+            parts = graph.call_function(torch.split, (out, sizes), {"dim": -1})
+            for i, (node, _) in enumerate(members):
                 node.replace_all_uses_with(graph.call_function(operator.getitem, (parts, i)))
-        for node, _, _ in members:
+        for node, _ in members:
             graph.erase_node(node)
         fused += 1
     if fused:

@@ -7,11 +7,10 @@ Every configuration lowers the step the same way:
         --> `runtime.program_runner.ProgramRunner` (whole steps, or cut into nano-batches by a Schedule)
 
 `Lowering` is that list for one `NanoFlowConfig`: its passes (the check of a tensor-parallel rank's collectives,
-linear fusion; FP8 linears join it as a pass) and whether Inductor compiles the pieces. Its `key` is what the
-saved step and the cost table are keyed by (with the model, device and versions): a new pass changes the key, so
-nothing measured or saved for another lowering is reused. How a step is cut into nano-batches is not part of the
-lowering: the cut is chosen per step at run time (`StepRunner.split_policy`), so one saved step serves every
-nano-batch count.
+linear fusion, then FP8 linears) and whether Inductor compiles the pieces. Its `key` is what the saved step and the
+cost table are keyed by (with the model, device and versions): a new pass changes the key, so nothing measured or
+saved for another lowering is reused. How a step is cut into nano-batches is not part of the lowering: the cut is
+chosen per step at run time (`StepRunner.split_policy`), so one saved step serves every nano-batch count.
 
 `Capture` records one captured graph: the ATen graph, the program and its runner, each pass's node counts and
 time, the compile stages' times and the layer replication. The step function keeps one per graph it captured.
@@ -76,10 +75,18 @@ class Lowering:
         return " -> ".join(names)
 
 
+FP8_FAST_ACCUM = True
+"""`torch._scaled_mm`'s fast accumulation in the FP8 linears (what vLLM's and torch's row-wise FP8 GEMMs use for
+w8a8 serving); its cost in accuracy is measured by `benchmarks/bench_fp8_linear.py`."""
+
+
 def lowering_for(config: Any, tensor_parallel: Any = None) -> Lowering:
-    """The lowering a resolved `NanoFlowConfig` asks for (`inductor` already True or False); with a
-    `capture.tensor_parallel.TensorParallel` record, the step of that rank (its collectives checked, its rank,
-    world, plan and group in the key)."""
+    """The lowering a resolved `NanoFlowConfig` asks for (`inductor` already True or False; `linear_dtype`
+    "fp8_e4m3" where the model's linears are FP8); with a `capture.tensor_parallel.TensorParallel` record, the step
+    of that rank (its collectives checked, its rank, world, plan and group in the key)."""
+    from functools import partial
+
+    from nanoflow_fx.capture.fp8_linears import lower_fp8_linears
     from nanoflow_fx.capture.fuse_linears import fuse_parallel_linears
 
     passes = []
@@ -90,6 +97,9 @@ def lowering_for(config: Any, tensor_parallel: Any = None) -> Lowering:
                                 tuple(sorted(tensor_parallel.key.items()))))
     if config.fuse_linears:
         passes.append(GraphPass("fuse_linears", "dynamo", fuse_parallel_linears))
+    if config.linear_dtype == "fp8_e4m3":  # after the fusion: one quantisation and one FP8 GEMM per fused group
+        passes.append(GraphPass("fp8_linears", "dynamo", partial(lower_fp8_linears, use_fast_accum=FP8_FAST_ACCUM),
+                                params=(("use_fast_accum", FP8_FAST_ACCUM), ("activations", "per_token"))))
     return Lowering(tuple(passes), inductor=config.inductor is True)
 
 

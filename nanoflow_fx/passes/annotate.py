@@ -133,6 +133,10 @@ def _op_reason(node: Node, token: sympy.Expr, inputs: list[torch.Tensor]) -> str
         return "" if weights_only else "GEMM whose token operand is not the row operand"
     if target is aten.bmm.default:
         return "" if all(token_dims(t, token) == [0] for t in inputs) else "bmm across tokens"
+    if target is aten._scaled_mm.default:  # (x_q [T, K], w [K, N], scale_a [T, 1], scale_b [1, N], ...)
+        rows = [cast(Node, node.args[i]).meta["val"] for i in (0, 2)]
+        token_rows = len(inputs) == 2 and all(token_dims(t, token) == [0] for t in rows)
+        return "" if token_rows else "scaled GEMM whose token operands are not its rows and their scales"
     if target is aten.embedding.default:
         weights = cast(Node, node.args[0]).meta["val"]
         return "" if weights is not inputs[0] and len(inputs) == 1 else "embedding of token weights"
@@ -193,7 +197,8 @@ def _numel(value: Any) -> sympy.Expr | int:
 def _flops(node: Node) -> sympy.Expr | int:
     if node.op != "call_function" or op_class(node) != "gemm":
         return 0
-    a, b = cast(Node, node.args[-2]).meta["val"], cast(Node, node.args[-1]).meta["val"]
+    operands = node.args[:2] if node.target is aten._scaled_mm.default else node.args[-2:]
+    a, b = cast(Node, operands[0]).meta["val"], cast(Node, operands[1]).meta["val"]
     return sympy.expand(2 * _prod(a.shape) * _prod(b.shape[-1:]))  # 2 * (batch * M * K) * N
 
 

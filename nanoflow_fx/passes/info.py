@@ -18,7 +18,8 @@ META_KEY = "nanoflow"
 ATTENTION_OP = paged_attention._opoverload  # the op the capture emits
 aten = torch.ops.aten
 
-GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.matmul.default}
+GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.matmul.default,
+            aten._scaled_mm.default}
 if hasattr(aten, "_grouped_mm"):
     GEMM_OPS.add(aten._grouped_mm.default)
 COLLECTIVE_NAMESPACES = {"_c10d_functional", "c10d_functional", "c10d"}
