@@ -40,8 +40,10 @@ _FLOAT8 = {d for d in vars(torch).values() if isinstance(d, torch.dtype) and "fl
 
 
 class Fp8Linear(torch.nn.Linear):
-    """`nn.Linear` with a float8_e4m3fn `weight` [out, in] and fp32 `weight_scale` [out, 1] (weight ~= weight *
-    weight_scale, row by row); `bias` (or None) in the model's dtype. Computes `nanoflow::fp8_linear`."""
+    """`nn.Linear` with a float8_e4m3fn `weight` [out, in] and an fp32 `weight_scale` [out, 1] (the full-precision
+    weight ~= weight * weight_scale, row by row); `bias` (or None) in the model's dtype. Computes
+    `nanoflow::fp8_linear`. `quantize_linears` makes one by changing a linear's class in place: the module object,
+    its hooks and its place in the model stay."""
 
     weight_scale: torch.Tensor
 
