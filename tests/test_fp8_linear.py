@@ -314,10 +314,11 @@ def _swap_linears(model: torch.nn.Module, make: object) -> set[str]:
     return names
 
 
-def _dequantised_reference(family: str, quantised: torch.nn.Module, names: set[str]) -> torch.nn.Module:
-    """The plain model with `quantised`'s FP8 weights dequantised (its `weight_data`, `scale_of` per module) and
-    inputs fake-quantised per token."""
-    ref = reference(family)
+def _dequantised_reference(family: str, quantised: torch.nn.Module, names: set[str],
+                           device: str = "cpu") -> torch.nn.Module:
+    """The plain model with `quantised`'s FP8 weights (optimized: `Fp8Linear`s) dequantised and inputs
+    fake-quantised per token."""
+    ref = reference(family, device=device)
     for name in names:
         m, q = ref.get_submodule(name), quantised.get_submodule(name)
         m.weight.data = q.weight.float() * q.weight_scale  # (Fp8Linear: after optimize)
@@ -359,6 +360,28 @@ def test_block_wise_fp8_is_refused_naming_the_limitation() -> None:
     with pytest.raises(nanoflow_fx.UnsupportedModelError, match="block-wise FP8 scales.*one scale per output"):
         nanoflow_fx.optimize(model, DEFAULT_CONFIG)
     assert not _fp8_modules(model)  # left as it was
+
+
+@pytest.mark.cuda
+def test_a_model_transformers_quantised_to_fp8_on_loading_is_served(tmp_path: Path) -> None:
+    """transformers' FineGrainedFP8Config quantises a checkpoint as it loads (on a GPU): its 128x128 blocks cover
+    each of the tiny model's weights whole, one scale each, which FP8 linears take."""
+    import transformers as tf
+
+    build("llama").save_pretrained(tmp_path)
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=tf.FineGrainedFP8Config(),
+                                                        device_map="cuda")
+    except (ImportError, RuntimeError, ValueError) as e:  # transformers' own requirements for loading this way
+        pytest.skip(f"transformers cannot quantise to FP8 while loading here: {e}")
+    model.set_attn_implementation("eager")
+    nanoflow_fx.optimize(model.eval(), DEFAULT_CONFIG)
+    names = _expected_fp8(reference("llama"))
+    assert model.nanoflow.config.linear_dtype == "fp8_e4m3" and _fp8_modules(model) == names
+    ref = _dequantised_reference("llama", model, names, device="cuda")
+    prompts = _prompts()
+    want = torch.cat([ref(torch.tensor([p], device="cuda")).logits[0] for p in prompts])
+    assert _close(model.nanoflow.runner.run_prompts(prompts, all_logits=True), want) <= 1e-4
 
 
 def _torchao_model(weight_only: bool) -> tuple[torch.nn.Module, set[str]]:

@@ -235,8 +235,10 @@ def _foreign_fp8(m: torch.nn.Linear, quantize: bool) -> tuple[torch.Tensor, torc
     if cls == "FbgemmFp8Linear":  # transformers' FbgemmFp8Config: per-channel weights, per-token activations
         return weight.data, cast(torch.Tensor, m.weight_scale).data, ""
     if cls == "FP8Linear" and hasattr(m, "weight_scale_inv"):  # transformers' FineGrainedFP8Config
-        scale = cast(torch.Tensor, m.weight_scale_inv).data
-        if getattr(m, "block_size", None) is not None:
+        scale, block = cast(torch.Tensor, m.weight_scale_inv).data, getattr(m, "block_size", None)
+        # (a block as large as the weight is one scale; blocks of one row spanning it, one scale per row)
+        per_row = block is not None and block[0] == 1 and scale.dim() == 2 and scale.shape[1] == 1
+        if block is not None and scale.numel() != 1 and not per_row:
             return weight.data, scale, (
                 f"block-wise FP8 scales (weight_block_size={m.block_size}) of transformers' FineGrainedFP8Config; "
                 "nanoflow_fx's FP8 linears take one scale per output channel: load the model unquantised and pass "
