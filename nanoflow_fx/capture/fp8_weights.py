@@ -10,10 +10,11 @@ node per linear for the `fp8_linears` pass to lower to `torch._scaled_mm`.
 - FP8 linears another library made are converted where their tensors allow it, without copying the FP8 data:
   torchao's `Float8Tensor` weights (per-row or per-tensor scales; `quantize_(model,
   Float8DynamicActivationFloat8WeightConfig(...))`), transformers' `FbgemmFp8Linear` (per-channel) and its
-  `FP8Linear` with per-tensor scales. Activations are then always quantised per token, dynamically (at least as
-  fine as those libraries' per-tensor or static activation scales; a weight-only FP8 model gains activation
-  quantisation, so it is taken only when asked for with `quantize`). Block-wise scales (transformers'
-  FineGrainedFP8 with `weight_block_size`, torchao's per-group) are refused with `UnsupportedModelError`.
+  FineGrainedFP8 `FP8Linear` where one scale covers the whole weight or whole rows. Activations are then always
+  quantised per token, dynamically (at least as fine as those libraries' per-tensor or static activation scales; a
+  weight-only FP8 model gains activation quantisation, so it is taken only when asked for with `quantize`).
+  Block-wise scales (transformers' FineGrainedFP8 blocks smaller than the weight, torchao's per-group) are refused
+  with `UnsupportedModelError`.
 - With `quantize`, every other linear that qualifies (`nn.Linear` in the model's dtype with both sizes multiples
   of 16, not the LM head, not a MoE router, weight not shared) is quantised; its original weight is kept by the
   returned `Fp8Weights` until `commit()`, so `undo()` restores the model exactly if `optimize()` fails. `park()`
