@@ -20,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 
 import nanoflow_fx
 from nanoflow_fx.capture.fp8_weights import Fp8Linear
-from nanoflow_fx.ops.fp8 import FP8_MAX, quantize_rows, scaled_linear
+from nanoflow_fx.ops.fp8 import FP8_MAX, fp8_gemm_error, quantize_rows, scaled_linear
 from tests.helpers import DEFAULT_CONFIG, DEVICES, BatchMixingLlama, reference
 from tests.steps import program_runners
 from tests.tiny_models import VOCAB, build
@@ -182,6 +182,8 @@ def test_the_engine_equals_a_fake_quantised_reference(family: str) -> None:
 def test_on_cuda_with_cuda_graphs_the_engine_equals_the_fake_quantised_reference(family: str) -> None:
     """fp32 on the GPU (Inductor's pieces, `torch._scaled_mm` on the FP8 tensor cores, decode steps replayed as CUDA
     graphs): the fake-quantised reference's logits to float rounding, and its greedy tokens."""
+    if fp8_gemm_error(torch.device("cuda"), torch.float32):  # (row-wise fp32 output needs cuBLAS 12.9+ on Hopper)
+        pytest.skip(fp8_gemm_error(torch.device("cuda"), torch.float32))
     config = dataclasses.replace(FP8, attention_backend="triton", cuda_graphs=True)
     model = nanoflow_fx.optimize(build(family, device="cuda"), config)
     assert model.nanoflow.runner.cuda_graphs is not None
