@@ -370,6 +370,8 @@ def test_a_model_transformers_quantised_to_fp8_on_loading_is_served(tmp_path: Pa
     each of the tiny model's weights whole, one scale each, which FP8 linears take."""
     import transformers as tf
 
+    if fp8_gemm_error(torch.device("cuda"), torch.float32):
+        pytest.skip(fp8_gemm_error(torch.device("cuda"), torch.float32))
     build("llama").save_pretrained(tmp_path)
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=tf.FineGrainedFP8Config(),
