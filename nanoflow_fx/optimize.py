@@ -45,7 +45,9 @@ def backend(config: NanoFlowConfig | dict[str, Any] | None = None) -> Callable[.
 
     Captures `fn` to one ATen graph (the attention op's KV-cache writes kept in place) and lowers it through the
     passes `config` asks for (`capture.lowering`) to a program of pieces between attention calls, run whole.
-    `config.inductor` "auto" means off here (no device is known)."""
+    `config.inductor` "auto" means off here (no device is known). With `linear_dtype="fp8_e4m3"` the FP8 linears
+    `fn` calls (`nanoflow::fp8_linear`, as `optimize()`'s `Fp8Linear` modules do) become FP8 GEMMs; plain linears
+    are not quantised here."""
     return make_backend(lowering_for(as_config(config)))
 
 

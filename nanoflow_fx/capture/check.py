@@ -32,11 +32,15 @@ PROBE_LENGTHS = (5, 3)  # two requests of different lengths: packing, per-reques
 # token row's RMS difference relative to that row's RMS logit. Rounding gives ~1% there; a real fault (a
 # wrong mask, position, window or cache slot) changes a whole row's distribution, far above 2^-4.
 # fp64 models get fp32's bound: HF's eager attention takes its softmax in fp32 whatever the model's dtype.
-# FP8 linears (`linear_dtype`), whatever the model's dtype, get the row RMS check: the eager model quantises the
-# same activations, but quantisation is discontinuous: a last-bit difference of an activation (reduction order)
-# can move it to the neighbouring e4m3 value, 2^-4 of it away, and that difference travels on.
+# FP8 linears (`linear_dtype`), whatever the model's dtype, get the row RMS check with a bound of their own: the
+# eager model quantises the same activations, but quantisation is discontinuous: a last-bit difference of an
+# activation (rounding, reduction order) can move it to the neighbouring e4m3 value, up to 2^-3 of it away, which
+# moves the next linear's inputs by far more than a last bit, and so on: two correct FP8 computations of a model
+# that differ in rounding anywhere differ by FP8's own noise (random Llamas of 4 to 32 layers: 6-9% row RMS, about
+# half of what FP8 changes against full precision). 2^-2 still catches a fault that changes a row's distribution.
 PROBE_MAX_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
 PROBE_ROW_RMS_TOLERANCE = 2**-4
+PROBE_FP8_ROW_RMS_TOLERANCE = 2**-2
 
 
 def probe_prompts(model: PreTrainedModel, max_batch_size: int) -> list[list[int]]:
@@ -80,8 +84,9 @@ def check_probe(model: PreTrainedModel, runner: StepRunner, prompts: list[list[i
         measure = f"max |logit diff| {diff:.3g} (logit scale {scale:.3g})"
     else:
         row_rms = ((got - want).pow(2).mean(-1).sqrt() / want.pow(2).mean(-1).sqrt().clamp(min=1e-6)).max().item()
-        ok = row_rms <= PROBE_ROW_RMS_TOLERANCE
-        measure = (f"relative RMS logit diff of a token row {row_rms:.3g} > {PROBE_ROW_RMS_TOLERANCE:.3g} "
+        bound = PROBE_FP8_ROW_RMS_TOLERANCE if fp8 else PROBE_ROW_RMS_TOLERANCE
+        ok = row_rms <= bound
+        measure = (f"relative RMS logit diff of a token row {row_rms:.3g} > {bound:.3g} "
                    f"(max |logit diff| {diff:.3g}, logit scale {scale:.3g})")
     if not ok:
         kernel = runner.interim.name if runner.interim is not None else runner.backend.name

@@ -10,10 +10,11 @@ node per linear for the `fp8_linears` pass to lower to `torch._scaled_mm`.
 - FP8 linears another library made are converted where their tensors allow it, without copying the FP8 data:
   torchao's `Float8Tensor` weights (per-row or per-tensor scales; `quantize_(model,
   Float8DynamicActivationFloat8WeightConfig(...))`), transformers' `FbgemmFp8Linear` (per-channel) and its
-  `FP8Linear` with per-tensor scales. Activations are then always quantised per token, dynamically (at least as
-  fine as those libraries' per-tensor or static activation scales; a weight-only FP8 model gains activation
-  quantisation, so it is taken only when asked for with `quantize`). Block-wise scales (transformers'
-  FineGrainedFP8 with `weight_block_size`, torchao's per-group) are refused with `UnsupportedModelError`.
+  FineGrainedFP8 `FP8Linear` where one scale covers the whole weight or whole rows. Activations are then always
+  quantised per token, dynamically (at least as fine as those libraries' per-tensor or static activation scales; a
+  weight-only FP8 model gains activation quantisation, so it is taken only when asked for with `quantize`).
+  Block-wise scales (transformers' FineGrainedFP8 blocks smaller than the weight, torchao's per-group) are refused
+  with `UnsupportedModelError`.
 - With `quantize`, every other linear that qualifies (`nn.Linear` in the model's dtype with both sizes multiples
   of 16, not the LM head, not a MoE router, weight not shared) is quantised; its original weight is kept by the
   returned `Fp8Weights` until `commit()`, so `undo()` restores the model exactly if `optimize()` fails. `park()`
@@ -40,8 +41,10 @@ _FLOAT8 = {d for d in vars(torch).values() if isinstance(d, torch.dtype) and "fl
 
 
 class Fp8Linear(torch.nn.Linear):
-    """`nn.Linear` with a float8_e4m3fn `weight` [out, in] and fp32 `weight_scale` [out, 1] (weight ~= weight *
-    weight_scale, row by row); `bias` (or None) in the model's dtype. Computes `nanoflow::fp8_linear`."""
+    """`nn.Linear` with a float8_e4m3fn `weight` [out, in] and an fp32 `weight_scale` [out, 1] (the full-precision
+    weight ~= weight * weight_scale, row by row); `bias` (or None) in the model's dtype. Computes
+    `nanoflow::fp8_linear`. `quantize_linears` makes one by changing a linear's class in place: the module object,
+    its hooks and its place in the model stay."""
 
     weight_scale: torch.Tensor
 
@@ -233,8 +236,10 @@ def _foreign_fp8(m: torch.nn.Linear, quantize: bool) -> tuple[torch.Tensor, torc
     if cls == "FbgemmFp8Linear":  # transformers' FbgemmFp8Config: per-channel weights, per-token activations
         return weight.data, cast(torch.Tensor, m.weight_scale).data, ""
     if cls == "FP8Linear" and hasattr(m, "weight_scale_inv"):  # transformers' FineGrainedFP8Config
-        scale = cast(torch.Tensor, m.weight_scale_inv).data
-        if getattr(m, "block_size", None) is not None:
+        scale, block = cast(torch.Tensor, m.weight_scale_inv).data, getattr(m, "block_size", None)
+        # (a block as large as the weight is one scale; blocks of one row spanning it, one scale per row)
+        per_row = block is not None and block[0] == 1 and scale.dim() == 2 and scale.shape[1] == 1
+        if block is not None and scale.numel() != 1 and not per_row:
             return weight.data, scale, (
                 f"block-wise FP8 scales (weight_block_size={m.block_size}) of transformers' FineGrainedFP8Config; "
                 "nanoflow_fx's FP8 linears take one scale per output channel: load the model unquantised and pass "
