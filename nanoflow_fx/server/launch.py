@@ -31,7 +31,8 @@ def load(name_or_path: str, dtype: str = "auto", device: str | None = None,
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype], device_map=device).eval()
+    # (.to(device), not device_map=device: that needs the accelerate package)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype]).to(device).eval()
     return nanoflow_fx.optimize(model, config), tokenizer
 
 
