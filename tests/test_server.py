@@ -4,6 +4,8 @@ of its prompt alone), stop strings, per-request sampling, cancellation on discon
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import socket
 import threading
@@ -39,9 +41,9 @@ class Served:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kw)
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
-    model = nanoflow_fx.optimize(build("llama"), CONFIG)  # the weights of tests.helpers.reference("llama")
+@contextlib.contextmanager
+def _running(model: Any) -> Iterator[Served]:
+    """`model` served as "tiny" on a free localhost port by uvicorn, on a thread of this process."""
     tokenizer = word_tokenizer()
     app = make_app(model, tokenizer, "tiny")
     sock = socket.socket()
@@ -53,9 +55,17 @@ def served() -> Iterator[Served]:
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield Served(model, tokenizer, app.state.generations, f"http://127.0.0.1:{sock.getsockname()[1]}")
-    server.should_exit = True
-    thread.join(30)
+    try:
+        yield Served(model, tokenizer, app.state.generations, f"http://127.0.0.1:{sock.getsockname()[1]}")
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    with _running(nanoflow_fx.optimize(build("llama"), CONFIG)) as served:  # tests.helpers.reference's weights
+        yield served
 
 
 def _text(served: Served, prompt: list[int], tokens: list[int] | tuple[int, ...]) -> str:
@@ -157,25 +167,29 @@ def test_chat_replies_follow_the_chat_template(served: Served, stream: bool) -> 
 def test_concurrent_clients_each_get_generate_of_their_own_prompt(served: Served) -> None:
     # 10 requests at once on an engine that runs 4 at a time: queued, batched together, some streamed, some chat.
     client = served.client()
-
-    def one(i: int) -> tuple[str, str]:
+    requests: list[tuple[bool, Any, int, str]] = []  # chat?, prompt or messages, max_tokens, the reply wanted
+    for i in range(10):  # (the references first, in this thread: building a reference model seeds torch's RNG)
         if i % 3 == 2:
             messages = [{"role": "user", "content": _prompt(served, i, 3 + i)[0]}]
-            ids = _chat_ids(served, messages)
-            reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6 + i,
-                                                   temperature=0, stream=i % 2 == 0)
-            text = _stream_text(reply, chat=True)[0] if i % 2 == 0 else reply.choices[0].message.content
+            prompt, ids = messages, _chat_ids(served, messages)
         else:
             prompt, ids = _prompt(served, i, 2 + i)
-            reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=6 + i, temperature=0,
-                                              stream=i % 2 == 0)
-            text = _stream_text(reply, chat=False)[0] if i % 2 == 0 else reply.choices[0].text
-        return text, _text(served, ids, hf_greedy("llama", tuple(ids), 6 + i, EOS))
+        requests.append((i % 3 == 2, prompt, 6 + i, _text(served, ids, hf_greedy("llama", tuple(ids), 6 + i, EOS))))
+
+    def one(i: int) -> str:
+        chat, prompt, max_tokens, _ = requests[i]
+        stream = i % 2 == 0
+        if chat:
+            reply = client.chat.completions.create(model="tiny", messages=prompt, max_tokens=max_tokens,
+                                                   temperature=0, stream=stream)
+            return _stream_text(reply, chat=True)[0] if stream else reply.choices[0].message.content
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                          stream=stream)
+        return _stream_text(reply, chat=False)[0] if stream else reply.choices[0].text
 
     with ThreadPoolExecutor(10) as pool:
-        results = list(pool.map(one, range(10)))
-    for i, (got, want) in enumerate(results):
-        assert got == want, f"request {i}"
+        replies = list(pool.map(one, range(10)))
+    assert replies == [want for *_, want in requests]
     _idle(served)
 
 
@@ -306,3 +320,34 @@ def test_the_openai_client_raises_its_own_errors(served: Served) -> None:
         client.completions.create(model="tiny", prompt=_LONG, stream=True)
     with pytest.raises(openai.NotFoundError):
         client.with_options(base_url=f"{served.url}/v2").completions.create(model="tiny", prompt="w1")
+
+
+# --------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
+def test_concurrent_streams_on_cuda_equal_generate() -> None:
+    # On the GPU path (Triton attention, CUDA-graph decode steps): 8 concurrent streamed replies, each equal to the
+    # optimized model's own greedy generate() of its prompt alone.
+    import torch
+
+    config = dataclasses.replace(CONFIG, attention_backend="triton", cuda_graphs=True)
+    model = nanoflow_fx.optimize(build("llama", device="cuda"), config)
+    assert model.nanoflow.runner.cuda_graphs is not None
+    tokenizer = word_tokenizer()
+    prompts = [" ".join(f"w{(7 * i + 3 * j) % 80}" for j in range(3 + 2 * i)) for i in range(8)]
+    want = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt)["input_ids"]
+        out = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=10 + i, do_sample=False,
+                             eos_token_id=EOS, pad_token_id=0)
+        want.append(tokenizer.decode(ids + out[0, len(ids):].tolist(), skip_special_tokens=True)[len(prompt):])
+    with _running(model) as served:
+        client = served.client()
+
+        def one(i: int) -> str:
+            stream = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=10 + i, temperature=0,
+                                               stream=True)
+            return _stream_text(stream, chat=False)[0]
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(one, range(8))) == want
+        _idle(served)
