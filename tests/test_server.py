@@ -312,6 +312,41 @@ def test_a_bad_request_gets_an_openai_error_and_the_server_runs_on(served: Serve
     _idle(served)
 
 
+def test_a_wrong_method_gets_an_openai_error(served: Served) -> None:
+    response = httpx.get(f"{served.url}/v1/completions", timeout=30)
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_request_that_fails_in_the_server_fails_alone(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failure while a reply is made (here: decoding any window with the word w77 raises) fails that request
+    # alone, streamed (an error event) or not (a 500); the request beside it gets its reply; the engine is freed.
+    decode = served.generations.decode
+    poison = served.tokenizer.convert_tokens_to_ids("w77")
+
+    def failing(ids: list[int]) -> str:
+        if poison in ids:
+            raise RuntimeError("decoding failed")
+        return decode(ids)
+
+    monkeypatch.setattr(served.generations, "decode", failing)
+    text, ids = _prompt(served, 5, 4)
+    want = _text(served, ids, hf_greedy("llama", tuple(ids), 8, EOS))
+    failed = served.generations.stats.failed
+    client = served.client()
+    with ThreadPoolExecutor(3) as pool:
+        good = pool.submit(lambda: client.completions.create(model="tiny", prompt=text, max_tokens=8, temperature=0))
+        whole = pool.submit(lambda: client.completions.create(model="tiny", prompt="w1 w77", max_tokens=8))
+        streamed = pool.submit(lambda: list(client.completions.create(model="tiny", prompt="w77 w2", max_tokens=8,
+                                                                      stream=True)))
+        assert good.result().choices[0].text == want
+        with pytest.raises(openai.InternalServerError, match="decoding failed"):
+            whole.result()
+        with pytest.raises(openai.APIError, match="decoding failed"):
+            streamed.result()
+    assert served.generations.stats.failed == failed + 2
+    _idle(served)
+
+
 def test_the_openai_client_raises_its_own_errors(served: Served) -> None:
     client = served.client()
     with pytest.raises(openai.NotFoundError, match="does not exist"):

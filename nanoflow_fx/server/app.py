@@ -173,6 +173,10 @@ async def _events(pieces: AsyncIterator[Piece], out: _Format, include_usage: boo
                 yield _sse(out.usage_chunk(piece))
     except APIError as err:
         yield _sse(err.body())
+    except Exception as err:  # noqa: BLE001 (the server's own failure: this reply ends with it, the server runs on)
+        log.error("nanoflow_fx server: a streamed reply failed", exc_info=err)
+        yield _sse(APIError(500, f"the server failed on this request: {type(err).__name__}: {err}",
+                            type="server_error").body())
     finally:
         await pieces.aclose()  # type: ignore[attr-defined]  # (an async generator)
     yield "data: [DONE]\n\n"

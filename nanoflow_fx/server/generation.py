@@ -25,6 +25,8 @@ __all__ = ["Generations", "Piece", "ServerStats"]
 
 log = logging.getLogger(__name__)
 
+_GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (as vLLM's)
+
 
 @dataclass
 class Piece:
@@ -38,8 +40,8 @@ class Piece:
 
 @dataclass
 class ServerStats:
-    """Requests since the server started: still running, finished, ended early by a client leaving (or the
-    server's own error), failed in the engine."""
+    """Requests since the server started: still running, finished (at EOS, a stop string or max_tokens), ended
+    early by their client (a disconnect), failed (in the engine or in the server)."""
 
     running: int = 0
     finished: int = 0
@@ -106,7 +108,7 @@ class Generations:
                            f"{len(prompt)} tokens, which leaves none to generate. Shorten the prompt.",
                            param=prompt_param, code="context_length_exceeded")
         temperature = self.default_temperature if sampling.temperature is None else sampling.temperature
-        greedy = temperature == 0.0
+        greedy = temperature < _GREEDY_BELOW  # (dividing logits by less overflows them: NaN probabilities)
         if sampling.seed is not None and not greedy:
             raise APIError(400, "seed is not supported for sampled requests: the engine draws every request's "
                            "samples from one random stream, so a seed could not make a reply reproducible; leave "
@@ -147,7 +149,7 @@ class Generations:
                 if piece.finish_reason is not None:
                     outcome = "finished"
                 yield piece
-        except APIError:
+        except Exception:
             outcome = "failed"
             raise
         finally:
