@@ -32,7 +32,9 @@ def load(name_or_path: str, dtype: str = "auto", device: str | None = None,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     # (.to(device), not device_map=device: that needs the accelerate package)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype]).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+    torch.nn.Module.to(model, device)  # (in place; transformers' typed `to` wrapper confuses mypy)
+    model.eval()
     return nanoflow_fx.optimize(model, config), tokenizer
 
 
