@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 import nanoflow_fx
+import nanoflow_fx.server
 from nanoflow_fx.server import make_app
 from tests.helpers import assert_nothing_held, hf_greedy
 from tests.tiny_models import VOCAB, build, word_tokenizer
@@ -108,6 +109,12 @@ def _stream_text(stream: Any, chat: bool) -> tuple[str, list[str | None], Any]:
             pieces.append((choice.delta.content or "") if chat else choice.text)
             reasons.append(choice.finish_reason)
     return "".join(pieces), reasons, usage
+
+
+def test_the_public_entry_points() -> None:
+    assert nanoflow_fx.serve is nanoflow_fx.server.serve  # (loaded on first use: the `serve` extra)
+    with pytest.raises(TypeError, match="optimize"):
+        make_app(build("llama"), word_tokenizer())
 
 
 def test_models_lists_the_served_model(served: Served) -> None:
@@ -355,6 +362,25 @@ def test_the_openai_client_raises_its_own_errors(served: Served) -> None:
         client.completions.create(model="tiny", prompt=_LONG, stream=True)
     with pytest.raises(openai.NotFoundError):
         client.with_options(base_url=f"{served.url}/v2").completions.create(model="tiny", prompt="w1")
+
+
+def test_an_engine_that_died_is_reported_not_hung_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A step that raises ends the engine's loop: the request in it fails (500), later ones are refused (503), and
+    # /health says so; no client waits forever.
+    model = nanoflow_fx.optimize(build("llama"), CONFIG)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the device fell off the bus")
+
+    monkeypatch.setattr(model.nanoflow.engine.runner, "run", broken)
+    with _running(model) as served:
+        client = served.client(timeout=60)
+        with pytest.raises(openai.InternalServerError, match="fell off the bus"):
+            client.completions.create(model="tiny", prompt="w1 w2", max_tokens=4, temperature=0)
+        with pytest.raises(openai.APIStatusError, match="engine failed") as info:
+            client.completions.create(model="tiny", prompt="w1 w2", max_tokens=4, temperature=0)
+        assert info.value.status_code == 503 and info.value.body["code"] == "engine_dead"
+        assert httpx.get(f"{served.url}/health", timeout=30).status_code == 503
 
 
 # --------------------------------------------------------------------------------------------------- GPU

@@ -138,6 +138,9 @@ class Generations:
         added = manager.add_request(plan.prompt, request_id=request_id, max_new_tokens=plan.max_new_tokens,
                                     streaming=True, eos_token_id=plan.eos_token_id, **plan.sampling)
         if added is None:
+            if manager.fatal_error is not None:
+                raise APIError(503, f"the engine failed and takes no requests: {manager.fatal_error}",
+                               type="server_error", code="engine_dead")
             raise APIError(503, "the server is shutting down and takes no new requests", type="server_error",
                            code="server_shutting_down")
         manager.register_result_handler(request_id, results.put_nowait)
