@@ -164,8 +164,9 @@ async def _events(pieces: AsyncIterator[Piece], out: _Format, include_usage: boo
     """The server-sent events of a streamed reply, ending with `[DONE]`; an error after the stream started is an
     event with OpenAI's error object (the status, 200, was already sent)."""
     try:
-        if out.first_chunk:
-            yield _sse(out.chunk(None, first=True))
+        opening = out.opening()
+        if opening is not None:
+            yield _sse(opening)
         async for piece in pieces:
             if piece.text or piece.finish_reason is not None:
                 yield _sse(out.chunk(piece))
@@ -208,27 +209,30 @@ class _EventStream(StreamingResponse):
 
 # ------------------------------------------------------------------------------------------------- replies
 class _Format:
-    """One reply's OpenAI objects (a completion, or a chat completion)."""
+    """One reply's OpenAI objects: a completion, or a chat completion (subclasses)."""
 
-    prefix = ""
-    first_chunk = False
+    prefix = ""  # of the reply's id
+    chunk_object = ""  # a streamed chunk's `object`
 
     def __init__(self, reply_id: str, model: str, prompt_tokens: int) -> None:
         self.id, self.model, self.prompt_tokens, self.created = reply_id, model, prompt_tokens, int(time.time())
+
+    def head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def usage(self, piece: Piece) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": piece.num_tokens,
                 "total_tokens": self.prompt_tokens + piece.num_tokens}
 
-    def head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
     def usage_chunk(self, piece: Piece) -> dict[str, Any]:
+        """The last chunk of a stream with `include_usage`: no choices, the usage."""
         return {**self.head(self.chunk_object), "choices": [], "usage": self.usage(piece)}
 
-    chunk_object = ""
+    def opening(self) -> dict[str, Any] | None:
+        """The chunk a stream starts with, if any."""
+        return None
 
-    def chunk(self, piece: Piece | None, first: bool = False) -> dict[str, Any]:
+    def chunk(self, piece: Piece) -> dict[str, Any]:
         raise NotImplementedError
 
     def whole(self, text: str, last: Piece) -> dict[str, Any]:
@@ -238,8 +242,7 @@ class _Format:
 class _CompletionFormat(_Format):
     prefix, chunk_object = "cmpl", "text_completion"
 
-    def chunk(self, piece: Piece | None, first: bool = False) -> dict[str, Any]:
-        assert piece is not None
+    def chunk(self, piece: Piece) -> dict[str, Any]:
         choice = {"index": 0, "text": piece.text, "logprobs": None, "finish_reason": piece.finish_reason}
         return {**self.head("text_completion"), "choices": [choice]}
 
@@ -249,16 +252,16 @@ class _CompletionFormat(_Format):
 
 
 class _ChatFormat(_Format):
-    prefix, chunk_object, first_chunk = "chatcmpl", "chat.completion.chunk", True
+    prefix, chunk_object = "chatcmpl", "chat.completion.chunk"
 
-    def chunk(self, piece: Piece | None, first: bool = False) -> dict[str, Any]:
-        if first or piece is None:
-            choice: dict[str, Any] = {"index": 0, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}
-        else:
-            choice = {"index": 0, "delta": {"content": piece.text} if piece.text else {}, "logprobs": None,
-                      "finish_reason": piece.finish_reason}
-        return {**self.head("chat.completion.chunk"), "choices": [choice]}
+    def opening(self) -> dict[str, Any]:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return {**self.head(self.chunk_object), "choices": [choice]}
+
+    def chunk(self, piece: Piece) -> dict[str, Any]:
+        choice = {"index": 0, "delta": {"content": piece.text} if piece.text else {}, "logprobs": None,
+                  "finish_reason": piece.finish_reason}
+        return {**self.head(self.chunk_object), "choices": [choice]}
 
     def whole(self, text: str, last: Piece) -> dict[str, Any]:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
