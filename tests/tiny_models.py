@@ -85,5 +85,5 @@ def word_tokenizer(vocab_size: int = VOCAB) -> tf.PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL_TOKENS + words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return tf.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                      unk_token="<unk>", additional_special_tokens=SPECIAL_TOKENS[4:],
+                                      unk_token="<unk>", extra_special_tokens=SPECIAL_TOKENS[4:],
                                       chat_template=CHAT_TEMPLATE)
