@@ -2,12 +2,13 @@
 weights), against offline `generate_batch` on the same requests, in ONE process (the clients in others).
 
     python3 -m benchmarks.bench_serve --out bench_serve.json
-    python3 -m benchmarks.bench_serve --clients 1 16 256 --prompt 512 --new 256 --requests-per-client 2
+    python3 -m benchmarks.bench_serve --clients 1 16 256 --prompt 512 --new 256 --min-requests 8
 
-Needs the server's packages (`pip install -e ".[serve]"`) and httpx. Per concurrency level C: C clients, each
-sending `--requests-per-client` streamed /v1/completions requests one after another (prompt as token ids, greedy,
-`ignore_eos`: every request generates exactly `--new` tokens), from `--client-procs` processes of their own (so the
-clients' parsing does not share the server's interpreter). The server is `nanoflow_fx.server.make_app` under
+Needs the server's packages (`pip install -e ".[serve]"`) and httpx. Per concurrency level C: max(C,
+`--min-requests`) streamed /v1/completions requests (prompt as token ids, greedy, `ignore_eos`: every request
+generates exactly `--new` tokens) from C clients, each sending its share one after another (so at 256 clients all
+256 requests run at once, as in `generate_batch`), from `--client-procs` processes of their own (so the clients'
+parsing does not share the server's interpreter). The server is `nanoflow_fx.server.make_app` under
 uvicorn on a thread of this process, with a word-level tokenizer of the model's vocabulary (built in code: its
 detokenization is what a real tokenizer's costs, roughly). Then the same requests through `model.generate_batch`.
 
@@ -83,9 +84,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def level(model: Any, url: str, clients: int, args: argparse.Namespace, vocab: int) -> dict:
     gen = torch.Generator().manual_seed(clients)
-    per_client = [[torch.randint(8, vocab, (args.prompt,), generator=gen).tolist()
-                   for _ in range(args.requests_per_client)] for _ in range(clients)]
-    prompts = [p for ps in per_client for p in ps]
+    prompts = [torch.randint(8, vocab, (args.prompt,), generator=gen).tolist()
+               for _ in range(max(clients, args.min_requests))]
+    per_client = [prompts[i::clients] for i in range(clients)]  # each client sends its share one after another
     procs = args.client_procs or max(1, min(16, clients // 32))
     seconds, records = run_clients(url, "llama3-8b", per_client, args.new, procs)
     errors = [r["error"] for r in records if r["error"]]
@@ -109,7 +110,8 @@ def level(model: Any, url: str, clients: int, args: argparse.Namespace, vocab: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 256])
-    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=8,
+                        help="requests per level: one per client, at least this many (1 client: one after another)")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per request")
     parser.add_argument("--new", type=int, default=256, help="generated tokens per request")
     parser.add_argument("--client-procs", type=int, default=0, help="client processes (0: one per 32 clients)")
