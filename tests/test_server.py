@@ -19,10 +19,14 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nanoflow_fx
 import nanoflow_fx.server
 from nanoflow_fx.server import make_app
+from nanoflow_fx.server.app import _ChatFormat, _CompletionFormat
+from nanoflow_fx.server.generation import Piece
 from tests.helpers import assert_nothing_held, hf_greedy
 from tests.tiny_models import VOCAB, build, word_tokenizer
 
@@ -115,6 +119,14 @@ def test_the_public_entry_points() -> None:
     assert nanoflow_fx.serve is nanoflow_fx.server.serve  # (loaded on first use: the `serve` extra)
     with pytest.raises(TypeError, match="optimize"):
         make_app(build("llama"), word_tokenizer())
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(min_size=1), model=st.sampled_from(["tiny", "a\x00b"]))
+def test_a_text_event_is_the_chunk_it_stands_for(text: str, model: str) -> None:
+    for fmt in (_CompletionFormat, _ChatFormat):
+        out = fmt("id", model, 3)
+        assert json.loads(out.text_event(text)[len("data: "):]) == out.chunk(Piece(text, 0))
 
 
 def test_models_lists_the_served_model(served: Served) -> None:

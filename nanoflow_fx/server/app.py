@@ -168,8 +168,10 @@ async def _events(pieces: AsyncIterator[Piece], out: _Format, include_usage: boo
         if opening is not None:
             yield _sse(opening)
         async for piece in pieces:
-            if piece.text or piece.finish_reason is not None:
+            if piece.finish_reason is not None:
                 yield _sse(out.chunk(piece))
+            elif piece.text:
+                yield out.text_event(piece.text)
             if piece.finish_reason is not None and include_usage:
                 yield _sse(out.usage_chunk(piece))
     except APIError as err:
@@ -208,6 +210,7 @@ class _EventStream(StreamingResponse):
 
 
 # ------------------------------------------------------------------------------------------------- replies
+_HOLE = "\x00"  # where a text event's text goes (JSON escapes it: "\u0000" appears nowhere else)
 class _Format:
     """One reply's OpenAI objects: a completion, or a chat completion (subclasses)."""
 
@@ -216,6 +219,15 @@ class _Format:
 
     def __init__(self, reply_id: str, model: str, prompt_tokens: int) -> None:
         self.id, self.model, self.prompt_tokens, self.created = reply_id, model, prompt_tokens, int(time.time())
+        # A stream sends an event per token, alike but for the text: built once, as any other, then filled in.
+        event, hole = _sse(self.chunk(Piece(_HOLE, 0))), json.dumps(_HOLE)
+        self._text_event = event.split(hole) if event.count(hole) == 1 else None  # (None: a name with the hole)
+
+    def text_event(self, text: str) -> str:
+        """The event of a chunk with (non-empty) `text` and no finish reason: `_sse(self.chunk(...))`, faster."""
+        if self._text_event is None:
+            return _sse(self.chunk(Piece(text, 0)))
+        return json.dumps(text, ensure_ascii=False).join(self._text_event)
 
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
