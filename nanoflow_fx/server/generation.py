@@ -103,6 +103,9 @@ class Generations:
     def prepare(self, prompt: list[int], sampling: Sampling, prompt_param: str) -> _Plan:
         """The request as the engine runs it; `APIError` (400) if it cannot: too long a prompt (for
         `prompt_param`), token ids outside the vocabulary, a seed for a sampled request."""
+        if self.fatal_error is not None:
+            raise APIError(503, f"the engine failed and takes no requests: {self.fatal_error}", type="server_error",
+                           code="engine_dead")
         if len(prompt) >= self.max_len:
             raise APIError(400, f"This model's maximum context length is {self.max_len} tokens; the prompt has "
                            f"{len(prompt)} tokens, which leaves none to generate. Shorten the prompt.",
@@ -182,7 +185,10 @@ class Generations:
 
     @staticmethod
     def _finish_reason(text: TextStream, tokens: Sequence[int], plan: _Plan) -> str:
-        return "length" if not text.stopped and len(tokens) >= plan.max_new_tokens else "stop"
+        """"stop" at a stop string or an EOS (even as the last token allowed), else "length"."""
+        eos = {plan.eos_token_id} if isinstance(plan.eos_token_id, int) else set(plan.eos_token_id)
+        ended = text.stopped or (tokens and tokens[-1] in eos) or len(tokens) < plan.max_new_tokens
+        return "stop" if ended else "length"
 
     @staticmethod
     def _cancel(manager: Any, request_id: str) -> None:
