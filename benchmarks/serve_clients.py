@@ -50,7 +50,7 @@ def _client_process(url: str, model: str, work: list[list[list[int]]], new: int,
     async def main() -> list[dict]:
         records: list[dict] = []
         limits = httpx.Limits(max_connections=len(work) + 8, max_keepalive_connections=len(work) + 8)
-        async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits, trust_env=False) as http:
             late = time.time() - start_at
             if late > 0.5:
                 raise RuntimeError(f"a client process started {late:.1f} s late: raise the start delay")
