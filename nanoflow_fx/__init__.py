@@ -4,7 +4,8 @@
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=64)
 
 `import nanoflow_fx` stays light: the config and the errors load at once; `optimize`, `backend`, `explain` and
-`Explanation` (which import torch's compiler stack and transformers) load on first use.
+`Explanation` (which import torch's compiler stack and transformers) load on first use, and `serve` (the
+OpenAI-compatible server, `nanoflow_fx.server`: FastAPI and uvicorn, the `serve` extra) too.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from nanoflow_fx.errors import (
 if TYPE_CHECKING:
     from nanoflow_fx.explain import Explanation, explain
     from nanoflow_fx.optimize import backend, optimize
+    from nanoflow_fx.server import serve
 
 __version__ = "0.1.0"
 
@@ -45,10 +47,11 @@ __all__ = [
     "backend",
     "explain",
     "optimize",
+    "serve",
 ]
 
 _LAZY = {"optimize": "nanoflow_fx.optimize", "backend": "nanoflow_fx.optimize",
-         "explain": "nanoflow_fx.explain", "Explanation": "nanoflow_fx.explain"}
+         "explain": "nanoflow_fx.explain", "Explanation": "nanoflow_fx.explain", "serve": "nanoflow_fx.server"}
 
 
 def __getattr__(name: str) -> Any:

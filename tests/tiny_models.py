@@ -67,3 +67,23 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, device
     model = FAMILIES[family](**config)
     model.set_attn_implementation("eager")
     return model.to(dtype=dtype, device=device).eval()
+
+
+# The chat template of `word_tokenizer`: each message as `<|role|> words <|end|>`, then `<|assistant|>` to reply.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def word_tokenizer(vocab_size: int = VOCAB) -> tf.PreTrainedTokenizerFast:
+    """A word-level tokenizer of `vocab_size` ids built in code (no download): the special tokens above (pad 0,
+    bos 1, eos 2, as the tiny models' config), then the words "w0", "w1", ... split on whitespace, decoded joined
+    by spaces; with `CHAT_TEMPLATE`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL_TOKENS + words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                      unk_token="<unk>", extra_special_tokens=SPECIAL_TOKENS[4:],
+                                      chat_template=CHAT_TEMPLATE)
