@@ -37,8 +37,8 @@ PROBE_LENGTHS = (5, 3)  # two requests of different lengths: packing, per-reques
 # can move it to the neighbouring e4m3 value, 2^-4 of it away, and that difference travels on.
 # An FP8 KV cache: the eager model fake-quantises the same K/V, but where its K/V differ from the step's by a last
 # bit (reduction order, bf16 rounding), a value next to a rounding boundary of e4m3 lands on the neighbouring value
-# (2^-4 of it away) in one and not the other, and deep random-weight models carry such differences on (the 32-layer
-# random 8B model: 0.0945 where bf16 alone gives ~0.01). No such flip moves the logits further than quantising K/V
+# (2^-4 of it away) in one and not the other, and deep random-weight models carry such differences on (well past
+# 2^-4 on a random 8B model: benchmarks/RESULTS.md). No such flip moves the logits further than quantising K/V
 # at all does, so the tolerance grows by that: the distance, in the check's own measure, between the eager model's
 # logits over plain and over fake-quantised K/V. A capture fault still moves whole rows, far beyond both.
 PROBE_MAX_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}

@@ -162,9 +162,8 @@ def launch_config(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | Non
     `kv_eviction` ("" or "evict_first"): the cache policy of the K/V loads, for the memory unit's kernel running
     beside GEMMs; off by default (`python3 -m benchmarks.research.probe_corun` found no gain from it:
     benchmarks/RESULTS.md). An e4m3 cache gets blocks of twice the tokens (128; 64 for heads wider than 128), so a
-    tile holds as many bytes as a half cache's: 64-token e4m3 tiles left the kernel at 0.93x the bf16 time, 128-token
-    ones at 0.75x (`python3 -m benchmarks.bench_kv_dtype`, benchmarks/RESULTS.md; the wider heads' choice is by
-    analogy, unmeasured)."""
+    tile holds as many bytes as a half cache's: faster than half-size tiles over e4m3 (`python3 -m
+    benchmarks.bench_kv_dtype`, benchmarks/RESULTS.md; the wider heads' choice is by analogy)."""
     tokens = 64 if head_dim <= 128 else 32
     if kv_dtype is not None and kv_quant.is_fp8(kv_dtype):
         tokens *= 2
