@@ -7,9 +7,10 @@ every request's K and V once per layer: 128 KiB per token over 32 layers in bf16
 one step's decode attention, `--layers` kernel calls (CUDA events, `--reps` steps after warm-up), over one layer's
 cache of 32 query / 8 KV heads of 128, pages of 16 shuffled (a cache of ~1.5 GB in bf16, far beyond L2: each call
 reads its bytes from memory as a distinct layer's would). Kernels, as nanoflow_fx runs them:
-  - triton: nanoflow_fx's Triton kernel, its default launch and two variants: block_n=128 (a tile of e4m3 holds
-    half the bytes) and pv_precision=half (P rounded to bf16 for P @ V, V fed to the MMA as bf16, as FlashInfer does;
-    the default converts V to fp32 for a tf32 MMA);
+  - triton: nanoflow_fx's Triton kernel, its default launch (64-token blocks for bf16, 128 for e4m3) and variants:
+    block_n=64 and block_n=128 on both caches, and pv_precision=half (P rounded to bf16 for P @ V, V fed to the MMA
+    as bf16, as FlashInfer does; the default converts V to fp32 for a tf32 MMA); with --sweep, every launch of
+    block_n x num_warps x num_stages over the e4m3 cache too (the fastest first);
   - flashinfer: FlashInfer's decode wrapper planned as nanoflow_fx plans it (tensor cores for this GQA shape; an
     e4m3 cache with kv_data_type=e4m3, k_scale folded into q and v_scale into the output on the device);
   - flashinfer-cuda-cores: its CUDA-core decode kernel (use_tensor_cores=False), scales as FlashInfer's own floats.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -72,8 +74,8 @@ def kernels(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tenso
     meta = (b["qo"], b["kvp"], b["idx"], b["last"])
     triton = get("triton")
     out: dict[str, Callable[[], torch.Tensor]] = {}
-    for name, launch in (("triton", {}), ("triton block_n=128", {"block_n": 128}),
-                         ("triton pv=half", {"pv_precision": "half"})):
+    for name, launch in (("triton", {}), ("triton block_n=64", {"block_n": 64}),
+                         ("triton block_n=128", {"block_n": 128}), ("triton pv=half", {"pv_precision": "half"})):
         out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
     try:
         import flashinfer
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="kernel calls per step (one per layer)")
     parser.add_argument("--reps", type=int, default=10, help="steps timed per row")
     parser.add_argument("--check", type=int, default=16, help="requests checked against the fp32 reference")
+    parser.add_argument("--sweep", action="store_true", help="also every Triton launch over the e4m3 cache")
     args = parser.parse_args()
     import transformers
     import triton
@@ -154,7 +157,33 @@ def main() -> None:
                   + (f"  {ratio:.3f}x the bf16 time" if ratio is not None else "")
                   + f"  (max rel diff vs stored {accurate['max_rel_diff_vs_stored']:.2e}, rms rel vs bf16 values "
                     f"{accurate['rms_rel_vs_bf16_values']:.2e})", flush=True)
+    if args.sweep:
+        result["sweep"] = sweep(b, args.layers, args.reps, bf16_ms.get("triton"))
     Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def sweep(b: dict[str, Any], layers: int, reps: int, bf16_ms: float | None) -> list[dict[str, Any]]:
+    """Every Triton launch (block_n x num_warps x num_stages) over the e4m3 cache, fastest first."""
+    triton = get("triton")
+    meta = (b["qo"], b["kvp"], b["idx"], b["last"])
+    rows = []
+    print("## Triton launches over the e4m3 cache", flush=True)
+    for block_n, warps, stages in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4, 5)):
+        launch = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+
+        def step(launch: dict[str, int] = launch) -> None:
+            for _ in range(layers):
+                triton.run(b["q"], b["caches"]["e4m3"], *meta, SCALE, 0, 0.0, b["scales"], **launch)
+
+        try:
+            ms = time_on(step, torch.cuda.current_stream(), reps)
+        except Exception as e:  # noqa: BLE001 - a launch that does not compile (shared memory) is reported
+            print(f"  {launch}: failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            continue
+        rows.append({**launch, "ms": round(ms, 3), "time_vs_bf16": round(ms / bf16_ms, 3) if bf16_ms else None})
+        print(f"  {launch}: {ms:.3f} ms" + (f" ({ms / bf16_ms:.3f}x the bf16 default)" if bf16_ms else ""),
+              flush=True)
+    return sorted(rows, key=lambda r: r["ms"])
 
 
 if __name__ == "__main__":

@@ -114,8 +114,9 @@ class NanoFlowConfig:
 
     calibrate_kv_scales: bool = False
     """With kv_cache_dtype="fp8_e4m3": set each layer's K and V scales from `optimize()`'s probe (the largest |K|
-    and |V| an eager forward of the probe prompts writes, times a margin, over 448) instead of the model's own scales
-    or 1.0. Keys or values beyond 448 x their scale are clamped: a model whose K/V exceed that range needs it."""
+    and |V| an eager forward of the probe prompts writes, times a margin, over 448, rounded up to a power of two)
+    instead of the model's own scales or 1.0. Keys or values beyond 448 x their scale are clamped: a model whose
+    K/V exceed that range needs it."""
 
     interim_attention: bool = True
     """While the attention backend's kernels are still being built when the step is ready (FlashInfer's JIT build

@@ -69,7 +69,8 @@ class NanoFlowRuntime:
         self.attention_ready = self.attention_backend.prepare(self.attention_configs, config.page_size,
                                                               self.dtype, self.device, self.kv_dtype)
         self.attention_started = time.perf_counter()
-        self.probe: tuple[list[list[int]], torch.Tensor] | None = None  # the check's prompts, eager logits
+        # the check's prompts, eager logits (and over plain K/V, for an FP8 cache): `check_probe`'s arguments
+        self.probe: tuple[list[list[int]], torch.Tensor, torch.Tensor | None] | None = None
         self.cache_sized = False  # the KV cache is the one it keeps (CUDA graphs are captured on it)
         self.tensor_parallel = tp = tensor_parallel_of(model)  # this rank's TP group, if the model is sharded
         # Under TP, every rank's engine plans the same steps (`runtime.control_plane`): the driver's resolved

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import pytest
@@ -301,13 +302,14 @@ def _hf_fp8_generate(family: str, scales: list[tuple[float, float]], ids: torch.
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_engine_over_an_fp8_cache_equals_eager_attention_over_fake_quantised_kv(family: str) -> None:
-    """A llama of 4 layers with calibrated scales (its checkpoint scales ignored; three layers traced, the fourth
-    replicated, reading its own scales), a gemma2 (soft-capping, sliding windows) with its checkpoint's scales: greedy
-    generate() of a left-padded batch token for token as HF's eager model attending over K/V fake-quantised with the
-    same scales; the probe's logits to fp32 rounding of it, and measurably off the unquantised model's."""
+    """A llama of 4 layers with its checkpoint's scales, different in every layer (three layers traced, the fourth
+    replicated: it must read its own), a gemma2 (soft-capping, sliding windows) with calibrated scales (its checkpoint's
+    ignored): greedy generate() of a left-padded batch token for token as HF's eager model attending over K/V
+    fake-quantised with the same scales; the probe's logits to fp32 rounding of it, and measurably off the unquantised
+    model's."""
     build_kw = {"num_hidden_layers": 4} if family == "llama" else {}
     checkpoint = [(0.01 * (i + 1), 0.02 / (i + 1)) for i in range(build(family, **build_kw).config.num_hidden_layers)]
-    config = dataclasses.replace(FP8, calibrate_kv_scales=family == "llama")
+    config = dataclasses.replace(FP8, calibrate_kv_scales=family == "gemma2")
     model = nanoflow_fx.optimize(_with_checkpoint_scales(build(family, **build_kw), checkpoint), config)
     cache = model.nanoflow.kv_cache
     assert cache.dtype == E4M3 and cache.model_dtype == torch.float32 and cache.num_bytes == sum(
@@ -315,9 +317,10 @@ def test_engine_over_an_fp8_cache_equals_eager_attention_over_fake_quantised_kv(
     scales = cache.scale_values
     if family == "llama":
         assert model.nanoflow.step_fn.replicated is not None  # (a wrong layer's scale would fail its check)
-        assert all(s != c for s, c in zip(scales, checkpoint)) and len(set(scales)) == len(scales)
-    else:
         assert scales == [(pytest.approx(k), pytest.approx(v)) for k, v in checkpoint]
+    else:  # calibrated: powers of two, not the checkpoint's
+        assert all(s != c for s, c in zip(scales, checkpoint))
+        assert all(math.log2(x).is_integer() for pair in scales for x in pair)
     ids, mask = left_padded_batch([3, 9, 5])
     got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=NO_EOS,
                          pad_token_id=PAD)
@@ -416,6 +419,65 @@ def test_the_references_fake_quantisation_is_what_the_cache_stores() -> None:
     (want_k, want_v), (k_scale, v_scale) = want_kv[0], runner.kv_cache.scale_values[0]
     assert torch.equal(k, fake_quantize_fp8(want_k, k_scale)) and torch.equal(v, fake_quantize_fp8(want_v, v_scale))
     assert not torch.equal(k, want_k)  # (it rounds)
+
+
+def test_the_check_allows_an_fp8_cache_its_own_effect_and_no_more() -> None:
+    """`optimize()`'s check over an FP8 cache: the step may differ from the eager model over fake-quantised K/V by
+    the tolerance plus as much as the quantisation moves the eager model's logits (a rounding that lands on the
+    neighbouring e4m3 value in one of the two moves no further), in the check's own measure; a fault beyond that
+    is refused, naming the allowance."""
+    from types import SimpleNamespace
+
+    from nanoflow_fx.capture.check import check_probe
+
+    gen = torch.Generator().manual_seed(0)
+    want = torch.randn(8, 96, generator=gen)
+    rms = want.pow(2).mean(-1, keepdim=True).sqrt()
+
+    def off_by(fraction: float) -> torch.Tensor:  # every row exactly `fraction` of its RMS away (relative RMS)
+        noise = torch.randn(8, 96, generator=gen)
+        return want + fraction * rms * noise / noise.pow(2).mean(-1, keepdim=True).sqrt()
+
+    unquantised = off_by(0.05)  # the cache's own effect on the eager logits: 0.05 relative RMS per row
+
+    def check(got: torch.Tensor, dtype: torch.dtype, with_cache_effect: bool) -> None:
+        runner = SimpleNamespace(run_prompts=lambda prompts, all_logits: got, interim=None,
+                                 kv_cache=SimpleNamespace(model_dtype=dtype), backend=SimpleNamespace(name="stub"),
+                                 config=SimpleNamespace(linear_dtype="auto"))
+        check_probe(build("llama"), runner, [[1]], want, unquantised if with_cache_effect else None)  # type: ignore[arg-type]
+
+    rounding = off_by(0.09)  # bf16: beyond 2^-4 alone, within 2^-4 + 0.05
+    check(rounding, torch.bfloat16, True)
+    with pytest.raises(nanoflow_fx.CaptureMismatchError, match="0.0625 \\+ 0.05, the FP8 KV cache's own effect"):
+        check(off_by(0.2), torch.bfloat16, True)
+    with pytest.raises(nanoflow_fx.CaptureMismatchError):
+        check(rounding, torch.bfloat16, False)
+    slack = (unquantised - want).abs().max().item()  # fp32: max |diff| <= 1e-4 x scale + the cache's own max
+    check(want + 0.9 * (unquantised - want), torch.float32, True)
+    with pytest.raises(nanoflow_fx.CaptureMismatchError, match="FP8 KV cache's own effect"):
+        check(want + 2 * slack, torch.float32, True)
+
+
+def test_an_fp8_cache_does_not_hide_a_step_that_differs_from_the_model() -> None:
+    """A model whose forward mixes tokens outside attention (the packed step cannot reproduce it) is still refused
+    over an FP8 cache, in fp32 and bf16: the allowance for the cache's rounding is far below a capture fault."""
+    from tests.helpers import BatchMixingLlama
+
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = BatchMixingLlama(build("llama").config).to(dtype).eval()
+        with pytest.raises(nanoflow_fx.CaptureMismatchError, match="FP8 KV cache's own effect"):
+            nanoflow_fx.optimize(model, FP8)
+
+
+@settings(max_examples=50, deadline=None)
+@given(amax=st.floats(1e-30, 1e30))
+def test_calibrated_scales_are_powers_of_two_that_hold_twice_the_range(amax: float) -> None:
+    from nanoflow_fx.ops.kv_quant import scale_from_amax
+
+    scale = scale_from_amax(amax)
+    assert math.log2(scale).is_integer()
+    assert 2 * amax <= 448 * scale < 4 * amax * (1 + 1e-12)
 
 
 # ---------------------------------------------------------------------------------------- scales from the model

@@ -3,9 +3,9 @@
 `optimize()` runs it on the step it traced, replicated or loaded (a replicated or loaded step that fails is
 discarded and every layer traced again); the switch from the interim attention kernel runs it again on the
 backend's own kernel, against the same eager logits. Over an FP8 KV cache the eager model attends over K/V
-fake-quantised the same way (`capture.kv_scales.eager_logits`), so the check still isolates the capture (fp32:
-to rounding) from the cache's quantisation, whose cost it does not measure; keys or values the probe finds
-beyond the FP8 range at their scales (clamped) are logged as a warning.
+fake-quantised the same way (`capture.kv_scales.eager_logits`), so the check isolates the capture from the cache's
+quantisation, whose cost it does not measure; keys or values the probe finds beyond the FP8 range at their scales
+(clamped) are logged as a warning.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ PROBE_LENGTHS = (5, 3)  # two requests of different lengths: packing, per-reques
 # moves the next linear's inputs by far more than a last bit, and so on: two correct FP8 computations of a model
 # that differ in rounding anywhere differ by FP8's own noise (random Llamas of 4 to 32 layers: 6-9% row RMS, about
 # half of what FP8 changes against full precision). 2^-2 still catches a fault that changes a row's distribution.
+# An FP8 KV cache: the eager model fake-quantises the same K/V, but where its K/V differ from the step's by a last
+# bit (reduction order, bf16 rounding), a value next to a rounding boundary of e4m3 lands on the neighbouring value
+# (2^-4 of it away) in one and not the other, and deep random-weight models carry such differences on (well past
+# 2^-4 on a random 8B model: benchmarks/RESULTS.md). No such flip moves the logits further than quantising K/V
+# at all does, so the tolerance grows by that: the distance, in the check's own measure, between the eager model's
+# logits over plain and over fake-quantised K/V. A capture fault still moves whole rows, far beyond both.
 PROBE_MAX_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
 PROBE_ROW_RMS_TOLERANCE = 2**-4
 PROBE_FP8_ROW_RMS_TOLERANCE = 2**-2
@@ -53,15 +59,17 @@ def probe_prompts(model: PreTrainedModel, max_batch_size: int) -> list[list[int]
 
 @torch.no_grad()
 def check_against_eager(model: PreTrainedModel, runner: StepRunner,
-                        max_batch_size: int) -> tuple[list[list[int]], torch.Tensor]:
+                        max_batch_size: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor | None]:
     """Run the captured step on a probe (two packed prompts) and compare every logit with the eager model (over
-    fake-quantised K/V where the cache is FP8); returns the probe and the eager logits (a later check of another
-    attention kernel reuses them)."""
+    fake-quantised K/V where the cache is FP8); returns the probe, the eager logits and, for an FP8 cache, the
+    eager logits over plain K/V (a later check of another attention kernel reuses them: `check_probe`'s
+    arguments)."""
     prompts = probe_prompts(model, max_batch_size)
     cache = runner.kv_cache
     scales = cache.scale_values if cache.quantized else None
     want, recorded = eager_logits(model, prompts, scales)
-    check_probe(model, runner, prompts, want)
+    unquantised = eager_logits(model, prompts)[0] if scales is not None else None
+    check_probe(model, runner, prompts, want, unquantised)
     if scales is not None and recorded is not None:
         over = clamped_layers(recorded, scales)
         if over:
@@ -69,25 +77,31 @@ def check_against_eager(model: PreTrainedModel, runner: StepRunner,
                         "%d of %d layers (up to %.3g x), clamped there: layers %s; calibrate_kv_scales=True sets "
                         "scales that hold them", len(over), len(scales), max(max(r) for r in over.values()),
                         sorted(over))
-    return prompts, want
+    return prompts, want, unquantised
 
 
 @torch.no_grad()
-def check_probe(model: PreTrainedModel, runner: StepRunner, prompts: list[list[int]], want: torch.Tensor) -> None:
-    """Raise `CaptureMismatchError` unless the runner's step gives the eager logits `want` on `prompts`."""
+def check_probe(model: PreTrainedModel, runner: StepRunner, prompts: list[list[int]], want: torch.Tensor,
+                unquantised: torch.Tensor | None = None) -> None:
+    """Raise `CaptureMismatchError` unless the runner's step gives the eager logits `want` on `prompts`; with
+    `unquantised` (the eager logits over plain K/V, `want` being over the FP8 cache's fake-quantised K/V), within
+    the tolerance plus the quantisation's own distance (see PROBE_MAX_TOLERANCE's comment)."""
     got = runner.run_prompts(prompts, all_logits=True).float()
     dtype, fp8 = runner.kv_cache.model_dtype, runner.config.linear_dtype == "fp8_e4m3"
     scale = max(1.0, want.abs().max().item())
     diff = (got - want).abs().max().item()
     if dtype in PROBE_MAX_TOLERANCE and not fp8:
-        ok = diff <= PROBE_MAX_TOLERANCE[dtype] * scale
-        measure = f"max |logit diff| {diff:.3g} (logit scale {scale:.3g})"
+        slack = (unquantised - want).abs().max().item() if unquantised is not None else 0.0
+        ok = diff <= PROBE_MAX_TOLERANCE[dtype] * scale + slack
+        measure = (f"max |logit diff| {diff:.3g} > {PROBE_MAX_TOLERANCE[dtype]:.3g} x logit scale {scale:.3g}"
+                   f"{_allowed(slack)}")
     else:
-        row_rms = ((got - want).pow(2).mean(-1).sqrt() / want.pow(2).mean(-1).sqrt().clamp(min=1e-6)).max().item()
+        row_rms = _row_rms(got, want)
+        slack = _row_rms(unquantised, want) if unquantised is not None else 0.0
         bound = PROBE_FP8_ROW_RMS_TOLERANCE if fp8 else PROBE_ROW_RMS_TOLERANCE
-        ok = row_rms <= bound
-        measure = (f"relative RMS logit diff of a token row {row_rms:.3g} > {bound:.3g} "
-                   f"(max |logit diff| {diff:.3g}, logit scale {scale:.3g})")
+        ok = row_rms <= bound + slack
+        measure = (f"relative RMS logit diff of a token row {row_rms:.3g} > {bound:.3g}"
+                   f"{_allowed(slack)} (max |logit diff| {diff:.3g}, logit scale {scale:.3g})")
     if not ok:
         kernel = runner.interim.name if runner.interim is not None else runner.backend.name
         arithmetic = f"{dtype} with FP8 linears" if fp8 else str(dtype)
@@ -96,3 +110,12 @@ def check_probe(model: PreTrainedModel, runner: StepRunner, prompts: list[list[i
             f"differs from the eager model on the probe by {measure}, dtype {arithmetic}; "
             "this model uses something nanoflow_fx does not reproduce; please report it with the model name"
         )
+
+
+def _row_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest token row's RMS difference relative to that row's RMS logit."""
+    return ((got - want).pow(2).mean(-1).sqrt() / want.pow(2).mean(-1).sqrt().clamp(min=1e-6)).max().item()
+
+
+def _allowed(slack: float) -> str:
+    return f" + {slack:.3g}, the FP8 KV cache's own effect on the eager model" if slack else ""

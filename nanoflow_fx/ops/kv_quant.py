@@ -11,6 +11,8 @@ use these rules, so they agree to the bit where their arithmetic does.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["E4M3_MAX", "FP8_KV_DTYPE", "KV_SCALE_MARGIN", "cache_dtype", "dequantize", "fake_quantize", "is_fp8",
@@ -18,9 +20,9 @@ __all__ = ["E4M3_MAX", "FP8_KV_DTYPE", "KV_SCALE_MARGIN", "cache_dtype", "dequan
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-# Calibration headroom: a scale of margin x amax / 448 keeps values up to `margin` times the probe's largest one
-# unclamped, at the price of nothing but the smallest values (e4m3's relative precision is the same over its normal
-# range, 2^-6 .. 448). vLLM's calibration keeps a similar headroom (amax / 200 for keys).
+# Calibration headroom: a scale of (at least) margin x amax / 448 keeps values up to `margin` times the probe's
+# largest one unclamped, at the price of nothing but the smallest values (e4m3's relative precision is the same over
+# its normal range, 2^-6 .. 448). vLLM's calibration keeps a similar headroom (amax / 200 for keys).
 KV_SCALE_MARGIN = 2.0
 
 
@@ -54,8 +56,10 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
 
 
 def scale_from_amax(amax: float, margin: float = KV_SCALE_MARGIN) -> float:
-    """The scale that stores values up to `margin` x `amax` without clamping (1.0 for an all-zero or non-finite
-    tensor, where no scale is better than another)."""
+    """The scale that stores values up to `margin` x `amax` without clamping, rounded up to a power of two (1.0 for
+    an all-zero or non-finite tensor, where no scale is better than another). A power of two divides and multiplies
+    exactly in every float format: the stored value times the scale is exact in bf16 too, and so is a query
+    multiplied by it (FlashInfer's k_scale); the headroom it adds (up to 2x) costs only the smallest values' bits."""
     if not amax > 0 or amax == float("inf"):
         return 1.0
-    return float(amax) * margin / E4M3_MAX
+    return float(2.0 ** math.ceil(math.log2(float(amax) * margin / E4M3_MAX)))

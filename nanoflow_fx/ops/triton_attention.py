@@ -124,7 +124,7 @@ def paged_attention_triton(
     out = torch.empty(num_tokens, num_heads, kv_cache.shape[-1], dtype=q.dtype, device=q.device)
     group = num_heads // num_kv_heads
     num_requests = kv_last_page_len.shape[0]
-    config = {**launch_config(head_dim, q.dtype), **launch}
+    config = {**launch_config(head_dim, q.dtype, kv_cache.dtype), **launch}
     fp8 = kv_quant.is_fp8(kv_cache.dtype)
     half = q.dtype if fp8 else kv_cache.dtype  # what P is rounded to with pv_precision="half"
     if config["pv_precision"] == "half" and half not in (torch.float16, torch.bfloat16):
@@ -148,8 +148,8 @@ def paged_attention_triton(
     return out
 
 
-def launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
-    """The kernel's tile and launch parameters for this head size and dtype.
+def launch_config(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The kernel's tile and launch parameters for this head size, query dtype and KV-cache dtype (None: the same).
 
     P @ V on tensor cores (tf32) for half-precision models: with fp32 FMAs it was the kernel's bottleneck; on
     tensor cores the kernel reads the cache about as fast as FlashInfer's decode kernel on the whole GPU, and its
@@ -161,8 +161,13 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
     not the default: the memory unit's decode rows may use it (`cost.measure.TRITON_DECODE_VARIANTS`).
     `kv_eviction` ("" or "evict_first"): the cache policy of the K/V loads, for the memory unit's kernel running
     beside GEMMs; off by default (`python3 -m benchmarks.research.probe_corun` found no gain from it:
-    benchmarks/RESULTS.md)."""
-    return dict(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3,
+    benchmarks/RESULTS.md). An e4m3 cache gets blocks of twice the tokens (128; 64 for heads wider than 128), so a
+    tile holds as many bytes as a half cache's: faster than half-size tiles over e4m3 (`python3 -m
+    benchmarks.bench_kv_dtype`, benchmarks/RESULTS.md; the wider heads' choice is by analogy)."""
+    tokens = 64 if head_dim <= 128 else 32
+    if kv_dtype is not None and kv_quant.is_fp8(kv_dtype):
+        tokens *= 2
+    return dict(block_n=tokens, num_warps=4, num_stages=3,
                 pv_precision="ieee" if dtype == torch.float32 else "tf32", kv_eviction="")
 
 
