@@ -14,7 +14,8 @@ Rows, in order:
      dtype, CUDA events; rank 0's times) and bus bandwidth (nccl-tests' definition);
   2. transformers' own TP `generate_batch` (`--hf-requests` of the workload's requests; 0 skips it): the model
      loaded with `from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))` from `--checkpoint`, or
-     from a random checkpoint rank 0 writes first (`--scratch`; not for the 70B shape: pass a checkpoint);
+     from a random checkpoint rank 0 writes first and removes after loading (`--scratch`; not for the 70B shape:
+     pass a checkpoint); its weights are not row 3-4's (random either way; EOS is off, so the work is the same);
   3. nanoflow_fx's TP step (a dense prefill step of each `--step-tokens`, timed by `cost.measure.StepHarness`
      back to back): unsplit, cut into 2 nano-batches on one stream, and on two streams (CUDA); beside it the
      step's all-reduces as the measured table prices them (`cost.model.collective_ms`);
@@ -200,11 +201,12 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
     result["all_reduce"] = all_reduce_rows(device, dtype, args.sizes)
     table = {r["bytes"]: r["ms"] for r in result["all_reduce"]}
     write()
-    checkpoint, written = args.checkpoint, None
     if args.hf_requests:
-        if checkpoint is None:
-            checkpoint = written = random_checkpoint(shape, dtype, args.scratch)
-        hf = load_checkpoint(checkpoint, dtype)
+        written = None if args.checkpoint else random_checkpoint(shape, dtype, args.scratch)
+        hf = load_checkpoint(args.checkpoint or str(written), dtype)
+        dist.barrier()
+        if written is not None and rank == 0:
+            shutil.rmtree(written, ignore_errors=True)  # (every rank has loaded it)
         if device.type == "cuda":
             hf.to(device)
         hf.set_attn_implementation("sdpa")
@@ -222,11 +224,10 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         write()
-    model = load_checkpoint(checkpoint, dtype) if checkpoint else random_shard(shape, args.device, dtype)
-    dist.barrier()
-    if written is not None and rank == 0:
-        shutil.rmtree(written, ignore_errors=True)  # (every rank has loaded it)
-    if checkpoint and device.type == "cuda":
+    # (random weights: each rank builds its shard, a TP model even in a world of one, which transformers' loading
+    # at tp_size=1 would leave unsharded)
+    model = load_checkpoint(args.checkpoint, dtype) if args.checkpoint else random_shard(shape, args.device, dtype)
+    if args.checkpoint and device.type == "cuda":
         model.to(device)
     start = time.perf_counter()
     nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig.from_dict(json.loads(args.config)))
