@@ -111,6 +111,10 @@ def step_rows(model: Any, tokens: list[int], device: torch.device, all_reduce: d
     rows = []
     for count in tokens:
         shape = StepShape(0, 0, count)
+        if count > int(runtime.config.max_num_tokens):
+            say(f"[step] {count} tokens exceed the step budget max_num_tokens={runtime.config.max_num_tokens} "
+                f"(raise it with --config '{{\"max_num_tokens\": {count}}}'): skipped")
+            continue
         if not StepHarness.fits(runtime, shape):
             say(f"[step] {count} tokens do not fit the runtime (max_num_tokens, KV pages, max_seq_len): skipped")
             continue
