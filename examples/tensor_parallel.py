@@ -71,8 +71,8 @@ def random_shard(shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module
     for name, param in model.named_parameters():
         with torch.no_grad():
             param.fill_(1.0) if "norm" in name else param.normal_(0.0, 0.02)
-    rotary = type(model.model.rotary_emb)(config=config, device=device)  # (its buffers are not parameters)
-    model.model.rotary_emb = rotary
+    with torch.device(device):  # (its buffers are not parameters; transformers 5.25 takes no `device=`)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model
 
 

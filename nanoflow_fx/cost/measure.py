@@ -7,7 +7,8 @@ them (the host prepares step i+1 while the GPU runs step i), CUDA events around 
 
 On it, what fills a `cost.model.CostTable`: `measure_shape` (each piece of the step program on a whole step of one
 shape, and the host's time to issue it), `measure_split_host` (the host's time to issue the step cut in two),
-`measure_carveout` (the GEMMs under cuBLASLt's SM carve-out) and `decode_kernel_timings` (the decode rows'
+`measure_carveout` (the GEMMs under cuBLASLt's SM carve-out), `measure_all_reduce` (an all-reduce over the TP
+group per message size) and `decode_kernel_timings` (the decode rows'
 attention per SM share and kernel). `predict_candidates` measures what a table lacks for a shape, then prices
 every candidate; `tune` replays the candidates `cost.model.search_shape` names and picks per shape. `issue_ms`
 (the host's issue time) and `time_on` (CUDA events on a stream) are the clocks they share.
@@ -46,8 +47,9 @@ from nanoflow_fx.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TRITON_DECODE_VARIANTS", "DecodeRows", "StepHarness", "decode_kernel_timings", "decode_rows", "issue_ms",
-           "measure_carveout", "measure_shape", "measure_split_host", "predict_candidates", "time_on", "tune"]
+__all__ = ["ALL_REDUCE_SIZES", "TRITON_DECODE_VARIANTS", "DecodeRows", "StepHarness", "decode_kernel_timings",
+           "decode_rows", "issue_ms", "measure_all_reduce", "measure_carveout", "measure_shape", "measure_split_host",
+           "predict_candidates", "time_on", "tune"]
 
 
 _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), min_new_tokens=0)
@@ -209,6 +211,48 @@ def measure_carveout(runtime: Any, vocab_size: int, shape: StepShape, shares: Se
             times, _ = measure_shape(runtime, vocab_size, shape, reps)
         factors[k] = sum(ms for name, ms in times.items() if name in dense) / base if base > 0 else 1.0
     return factors
+
+
+# The message sizes an all-reduce is timed at: 16 KiB (a decode step's hidden rows) to 32 MiB (a 2048-token
+# prefill step of a 8192-wide model in bf16), by powers of two.
+ALL_REDUCE_SIZES: tuple[int, ...] = tuple(16 * 1024 << i for i in range(12))
+
+
+def measure_all_reduce(group: Any, device: torch.device, dtype: torch.dtype, sizes: Sequence[int] = ALL_REDUCE_SIZES,
+                       reps: int = 20) -> dict[int, float]:
+    """ms of one all-reduce (sum) over `group` per message size in bytes (`sizes`: multiples of `dtype`'s size),
+    on `device`'s tensors: `reps` back to back after 3 warm-ups, CUDA events on CUDA, the host's clock elsewhere
+    (gloo's all-reduce is synchronous). Every rank of `group` must call it with the same arguments (the
+    collectives meet); the ranks' times differ by their wait for the slowest, so each returns its own. What
+    `cost.model.CostTable.all_reduce` holds."""
+    import torch.distributed as dist
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bad = [s for s in sizes if s <= 0 or s % itemsize]
+    if bad:
+        raise ValueError(f"message sizes {bad} are not positive multiples of {dtype}'s {itemsize} bytes")
+    cuda = device.type == "cuda"
+    times = {}
+    for size in sizes:
+        message = torch.ones(size // itemsize, dtype=dtype, device=device)
+        for _ in range(3):
+            dist.all_reduce(message, group=group)
+        dist.barrier(group=group)
+        if cuda:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                dist.all_reduce(message, group=group)
+            end.record()
+            end.synchronize()
+            times[size] = start.elapsed_time(end) / reps
+        else:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                dist.all_reduce(message, group=group)
+            times[size] = (time.perf_counter() - t0) * 1e3 / reps
+    return times
 
 
 # -- decode kernels on SM partitions ----------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ versions). It holds:
 - `host_ms`: the host's time to issue each tuned shape's unsplit step, and `host_split_ms` the same step cut in
   two halves on one stream: what one more nano-batch costs the host (less than as much again: measured in
   benchmarks/RESULTS.md);
+- `all_reduce`: under tensor parallelism, an all-reduce's time over the TP group per message size
+  (`cost.measure.measure_all_reduce`); `collective_ms` interpolates it for any message, so a TP step's
+  collectives are priced (`CostTable.all_reduce_ms`, `all_reduce_bytes`);
 - `calibration`: per tuned shape and unit mode, measured / predicted step time over the candidates the search
   replayed (the interference between units, and whatever else the model leaves out, measured rather than
   assumed); a shape not replayed yet takes its mode's median over the shapes that were (one factor per mode
@@ -64,8 +67,9 @@ from nanoflow_fx.runtime.program_runner import Cut, Units, schedule_of
 from nanoflow_fx.schedule import NanoOp, simulate
 
 __all__ = ["UNSPLIT", "Candidate", "CostTable", "DecodeTiming", "Prediction", "StepShape", "TunedPolicy", "Tuning",
-           "best_decode_kernels", "candidates", "decode_key", "load_table", "mode_of", "pick", "policy_for",
-           "replay_order", "save_table", "search_shape", "shape_key", "subshapes", "table_key"]
+           "all_reduce_bytes", "best_decode_kernels", "bus_bandwidth_gbps", "candidates", "collective_ms", "decode_key",
+           "load_table", "mode_of", "pick", "policy_for", "replay_order", "save_table", "search_shape", "shape_key",
+           "subshapes", "table_key"]
 
 
 # -- step shapes and candidates ---------------------------------------------------------------------------------------
@@ -355,6 +359,7 @@ class CostTable:
     host_ms: dict[str, float] = field(default_factory=dict)  # shape_key -> ms
     host_split_ms: dict[str, float] = field(default_factory=dict)  # shape_key -> ms, cut in two on one stream
     calibration: dict[str, float] = field(default_factory=dict)  # "mode|shape_key" -> measured / predicted
+    all_reduce: dict[int, float] = field(default_factory=dict)  # message bytes -> ms (tensor parallelism)
 
     # -- prediction ---------------------------------------------------------------------------------------------
     def missing(self, shape: StepShape, candidate: Candidate) -> list[StepShape]:
@@ -432,6 +437,11 @@ class CostTable:
         prefill = max(0.0, whole_ms - on_gpu * scale)
         return on_share * scale + prefill * self.sms / sms
 
+    def all_reduce_ms(self, nbytes: int, count: int = 1) -> float:
+        """`count` all-reduces of `nbytes` each over the TP group, from the measured `all_reduce` times
+        (`collective_ms`); ValueError if none were measured."""
+        return count * collective_ms(self.all_reduce, nbytes)
+
     # -- calibration --------------------------------------------------------------------------------------------
     def calibrate(self, shape: StepShape, replayed: Mapping[Candidate, tuple[float, Prediction]]) -> None:
         """Per unit mode, measured / predicted on `shape` (median over the candidates of that mode in `replayed`:
@@ -461,7 +471,8 @@ class CostTable:
         return {"format": FORMAT, "key": self.key, "kinds": [list(k[:3]) + [list(k[3])] for k in self.kinds],
                 "sms": self.sms, "pieces": self.pieces, "carveout": {str(k): v for k, v in self.carveout.items()},
                 "decode": self.decode, "decode_ref": list(self.decode_ref), "host_ms": self.host_ms,
-                "host_split_ms": self.host_split_ms, "calibration": self.calibration}
+                "host_split_ms": self.host_split_ms, "calibration": self.calibration,
+                "all_reduce": {str(k): v for k, v in self.all_reduce.items()}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CostTable:
@@ -475,11 +486,49 @@ class CostTable:
                    (int(data["decode_ref"][0]), int(data["decode_ref"][1])),
                    {k: float(v) for k, v in data["host_ms"].items()},
                    {k: float(v) for k, v in data.get("host_split_ms", {}).items()},  # (absent in older tables)
-                   {k: float(v) for k, v in data["calibration"].items()})
+                   {k: float(v) for k, v in data["calibration"].items()},
+                   {int(k): float(v) for k, v in data.get("all_reduce", {}).items()})  # (absent in older tables)
 
 
 def _cost_us(costs: Mapping[tuple[str, int], float], op: NanoOp) -> float:
     return costs.get((op.group, op.nanobatch), 0.0) * 1e3
+
+
+# -- collectives (tensor parallelism) ----------------------------------------------------------------------------------
+def collective_ms(times: Mapping[int, float], nbytes: int) -> float:
+    """A collective's ms on a message of `nbytes`, from `times` measured per message size (bytes -> ms;
+    `cost.measure.measure_all_reduce`): linear between the two measured sizes around it (a collective's time is
+    a latency plus bytes over a bandwidth, piecewise); below the smallest size its time (the latency floor); above
+    the largest, the last two sizes' slope extended (bandwidth-bound). One size measured: its time, scaled by
+    bytes above it."""
+    if nbytes < 0:
+        raise ValueError(f"message size {nbytes} bytes is negative")
+    if not times:
+        raise ValueError("no collective timings: measure them first (cost.measure.measure_all_reduce)")
+    if any(size <= 0 or ms < 0 for size, ms in times.items()):
+        raise ValueError(f"collective timings need positive sizes and non-negative times, got {dict(times)}")
+    sizes = sorted(times)
+    if nbytes <= sizes[0]:
+        return times[sizes[0]]
+    if len(sizes) == 1:
+        return times[sizes[0]] * nbytes / sizes[0]
+    pairs = list(zip(sizes, sizes[1:]))
+    lo, hi = next(((a, b) for a, b in pairs if nbytes <= b), pairs[-1])
+    return times[lo] + (times[hi] - times[lo]) * (nbytes - lo) / (hi - lo)
+
+
+def bus_bandwidth_gbps(nbytes: int, ms: float, world_size: int) -> float:
+    """An all-reduce's bus bandwidth in GB/s (nccl-tests' definition: the algorithm bandwidth, bytes / time, times
+    2 (n - 1) / n, what each link carries in a ring), comparable across world sizes."""
+    if ms <= 0 or world_size < 1:
+        raise ValueError(f"bus bandwidth needs a positive time and world size, got {ms} ms on {world_size} ranks")
+    return nbytes / (ms * 1e-3) * 2 * (world_size - 1) / world_size / 1e9
+
+
+def all_reduce_bytes(tokens: int, hidden_size: int, itemsize: int) -> int:
+    """The message of one of a TP step's all-reduces (after o_proj, after down_proj, the vocabulary-parallel
+    embedding): the step's token rows of the hidden state."""
+    return tokens * hidden_size * itemsize
 
 
 # -- disk -------------------------------------------------------------------------------------------------------------
