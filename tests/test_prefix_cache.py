@@ -17,12 +17,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import GenerationConfig
 
 from nanoflow_fx.errors import KVCacheExhaustedError
 from nanoflow_fx.runtime import Engine, Request, SchedulerLimits, schedule
 from nanoflow_fx.runtime.kv_cache import PageAllocator
 from tests.echo_runner import EchoRunner, echo_continuation, late_readbacks
-from tests.helpers import DEFAULT_CONFIG, assert_nothing_held, hf_greedy
+from tests.helpers import DEFAULT_CONFIG, assert_nothing_held, hf_greedy, optimized
 from tests.steps import GREEDY
 from tests.test_engine import Spec, _assert_served_as_alone, _engine, _expected, _serve
 from tests.tiny_models import VOCAB
@@ -258,3 +259,37 @@ def test_a_real_model_with_prefix_caching_equals_hf_per_request() -> None:
     assert_nothing_held(engine)
     engine.kv_cache.allocator.check([])
 
+
+
+def test_generate_generate_batch_and_the_manager_use_prefix_caching() -> None:
+    """`optimize(..., NanoFlowConfig(prefix_caching=True))`: generate(), generate_batch and the manager all hit the
+    pages earlier calls left cached, and every output equals HF's."""
+    model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, prefix_caching=True))
+    engine = model.nanoflow.engine
+    gen = torch.Generator().manual_seed(13)
+    system = torch.randint(3, VOCAB, (9,), generator=gen).tolist()
+    prompts = [system + torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 6, 2)]
+    eos = model.generation_config.eos_token_id
+
+    out = model.generate(torch.tensor([prompts[0]]), max_new_tokens=5, do_sample=False)
+    assert tuple(out[0, len(prompts[0]):].tolist()) == hf_greedy("llama", tuple(prompts[0]), 5, eos)
+    hits = engine.stats.prefix_hit_tokens
+
+    results = model.generate_batch(prompts[1:], max_new_tokens=5)  # the system prompt's 2 pages, cached above
+    for prompt, result in zip(prompts[1:], results.values()):
+        assert tuple(result.generated_tokens) == hf_greedy("llama", tuple(prompt), 5, eos)
+    assert engine.stats.prefix_hit_tokens >= hits + 2 * 8
+    hits = engine.stats.prefix_hit_tokens
+
+    manager = model.init_continuous_batching(GenerationConfig(max_new_tokens=5, eos_token_id=VOCAB + 1))
+    manager.start()
+    try:
+        rid = manager.add_request(prompts[2])
+        result = manager.get_result(rid, timeout=60)
+    finally:
+        manager.stop(block=True)
+    assert result is not None and tuple(result.generated_tokens) == hf_greedy("llama", tuple(prompts[2]), 5)
+    assert engine.stats.prefix_hit_tokens >= hits + 8
+    allocator = model.nanoflow.kv_cache.allocator
+    assert allocator.num_free == allocator.num_pages
+    allocator.check([])
