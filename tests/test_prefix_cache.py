@@ -23,7 +23,7 @@ from nanoflow_fx.errors import KVCacheExhaustedError
 from nanoflow_fx.runtime import Engine, Request, SchedulerLimits, schedule
 from nanoflow_fx.runtime.kv_cache import PageAllocator
 from tests.echo_runner import EchoRunner, echo_continuation, late_readbacks
-from tests.helpers import DEFAULT_CONFIG, assert_nothing_held, hf_greedy, optimized
+from tests.helpers import DEFAULT_CONFIG, NO_EOS, PAD, assert_nothing_held, hf_greedy, optimized, reference
 from tests.steps import GREEDY
 from tests.test_engine import Spec, _assert_served_as_alone, _engine, _expected, _serve
 from tests.tiny_models import VOCAB
@@ -290,6 +290,35 @@ def test_generate_generate_batch_and_the_manager_use_prefix_caching() -> None:
         manager.stop(block=True)
     assert result is not None and tuple(result.generated_tokens) == hf_greedy("llama", tuple(prompts[2]), 5)
     assert engine.stats.prefix_hit_tokens >= hits + 8
+    allocator = model.nanoflow.kv_cache.allocator
+    assert allocator.num_free == allocator.num_pages
+    allocator.check([])
+
+
+@pytest.mark.cuda
+def test_prefix_caching_on_cuda_with_graphs_equals_hf() -> None:
+    """On CUDA (Triton attention, CUDA graphs, fp32): requests sharing a system prompt, run after one that cached
+    it, skip its pages, and each one's tokens equal HF eager generate() of it alone on the same device."""
+    config = dataclasses.replace(DEFAULT_CONFIG, attention_backend="triton", cuda_graphs=True, prefix_caching=True)
+    model = optimized("llama", config, device="cuda")
+    engine = model.nanoflow.engine
+    gen = torch.Generator().manual_seed(17)
+    system = torch.randint(3, VOCAB, (13,), generator=gen).tolist()
+    prompts = [system + torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (2, 5, 1, 7)]
+    eos = model.generation_config.eos_token_id
+    want = {}
+    for i, prompt in enumerate(prompts):
+        out = reference("llama", device="cuda").generate(torch.tensor([prompt], device="cuda"), max_new_tokens=10,
+                                                         do_sample=False, eos_token_id=NO_EOS if eos is None else eos,
+                                                         pad_token_id=PAD)
+        new = out[0, len(prompt):].tolist()
+        want[i] = new[: new.index(eos) + 1] if eos is not None and eos in new else new
+    model.generate_batch(prompts[:1], max_new_tokens=10)
+    hits = engine.stats.prefix_hit_tokens
+    results = model.generate_batch(prompts, max_new_tokens=10)
+    for i, result in enumerate(results.values()):
+        assert list(result.generated_tokens) == want[i], f"request {i}"
+    assert engine.stats.prefix_hit_tokens >= hits + 4 * 12  # each request shares the system prompt's 3 pages
     allocator = model.nanoflow.kv_cache.allocator
     assert allocator.num_free == allocator.num_pages
     allocator.check([])
