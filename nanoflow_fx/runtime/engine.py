@@ -424,9 +424,10 @@ class Engine:
         self._last_log = now
         alloc = self.kv_cache.allocator
         log.info("nanoflow_fx engine: %d running, %d waiting, %d finished, %d preemptions, KV cache %.0f%% used, "
-                 "mean running batch %.1f over %d steps", len(self.running), len(self.waiting), self.stats.finished,
+                 "mean running batch %.1f over %d steps%s", len(self.running), len(self.waiting), self.stats.finished,
                  self.stats.preemptions, 100 * (1 - alloc.num_free / max(alloc.num_pages, 1)),
-                 self.stats.mean_running, self.stats.steps)
+                 self.stats.mean_running, self.stats.steps,
+                 f", prefix cache hit rate {100 * self.stats.prefix_hit_rate:.0f}%" if self.prefix is not None else "")
 
 
 class _PrefixCache:
