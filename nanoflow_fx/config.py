@@ -168,6 +168,11 @@ class NanoFlowConfig:
     ranks before it runs, one small all-gather on the CPU group per step; ranks that diverge raise, naming the
     difference, instead of hanging in a collective. Off saves that all-gather (`runtime.control_plane`)."""
 
+    prefix_caching: bool = False
+    """Share the KV pages of identical prompt prefixes between requests (and keep finished requests' pages cached
+    for later ones): a request whose first full pages match cached ones skips computing them
+    (`runtime.kv_cache.PageAllocator`). Off by default until measured on a GPU. Outputs are the same either way."""
+
     cache_dir: str | None = None
     """Where compiled work persists across processes: the captured and lowered step goes to `<cache_dir>/steps`
     (see `save_step`), the device's measured ceilings to `device_ceilings.json` (see `max_num_tokens`), Inductor's
@@ -216,7 +221,7 @@ class NanoFlowConfig:
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ValueError(f"NanoFlowConfig.cache_dir must be a path string or None, got {self.cache_dir!r}")
         for name in ("check_capture", "check_plans", "cuda_graphs", "inductor", "fuse_linears", "save_step",
-                     "replicate_layers", "interim_attention", "calibrate_kv_scales"):
+                     "replicate_layers", "interim_attention", "calibrate_kv_scales", "prefix_caching"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "inductor" and value == "auto"):
                 raise ValueError(f"NanoFlowConfig.{name} must be a bool, got {value!r}")

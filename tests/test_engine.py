@@ -76,11 +76,20 @@ def _expected(specs: Sequence[Spec], alone: Any) -> list[tuple[int | None, tuple
 
 
 def _assert_table_balances(engine: Engine) -> None:
-    """Running requests hold distinct pages and slots, waiting ones none, and the rest are free."""
+    """Running requests hold distinct pages and slots, waiting ones none, and the rest are free. With prefix
+    caching, pages are shared only if full, registered and computed (below every holder's `num_cached`: nobody
+    writes them), and the reference counts equal the holders."""
     allocator, num_slots = engine.kv_cache.allocator, engine.runner.num_slots
     held = [page for r in engine.running for page in r.pages]
-    # (the allocator's free list itself: a page freed twice shows there)
-    assert sorted(held + allocator._free) == list(range(allocator.num_pages)), "pages leaked or shared"
+    allocator.check([r.pages for r in engine.running])
+    if engine.prefix is None:  # (the allocator's free list itself: a page freed twice shows there)
+        assert sorted(held + allocator._free) == list(range(allocator.num_pages)), "pages leaked or shared"
+    else:
+        shared = {page for page in held if allocator.refs(page) > 1}
+        assert shared <= set(allocator._hash_of), "a shared page is not a registered (full) page"
+        for r in engine.running:
+            assert all(r.num_cached >= (i + 1) * engine.kv_cache.page_size
+                       for i, page in enumerate(r.pages) if page in shared), "a shared page is still written"
     assert sorted([r.slot for r in engine.running] + engine.free_slots) == list(range(num_slots)), "slots"
     assert len(engine.running) <= num_slots
     assert all(not r.pages and r.slot == -1 for r in engine.waiting)

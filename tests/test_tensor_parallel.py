@@ -100,7 +100,7 @@ def _task_generate_batch(key: str, prompts: list[list[int]], max_new_tokens: int
                                    eos_token_id=NO_EOS)
     stats = model.nanoflow.engine.stats
     return dict(results={rid: list(r.generated_tokens) for rid, r in results.items()},
-                preemptions=stats.preemptions, steps=stats.steps)
+                preemptions=stats.preemptions, steps=stats.steps, prefix_hit_tokens=stats.prefix_hit_tokens)
 
 
 def _task_manager(key: str, prompts: list[list[int]], max_new_tokens: int) -> dict[str, Any]:
@@ -249,6 +249,28 @@ def test_tp2_generate_batch_with_preemption_equals_hf(workers: Workers, checkpoi
     assert got[1]["results"] == got[0]["results"]
     assert got[0]["preemptions"] == got[1]["preemptions"] > 0
     assert got[0]["steps"] == got[1]["steps"]
+
+
+def test_tp2_prefix_caching_with_preemption_equals_hf(workers: Workers, checkpoints: dict[str, str]) -> None:
+    """Prefix caching under TP: 6 requests sharing a 9-token prefix on a 16-page cache without reservation (shared
+    pages, preemption, recomputation hitting cached pages); every rank makes the same plans (`check_plans` on:
+    the plans' shared pages included) and the results equal HF's."""
+    key = "llama/prefix"
+    workers.run(_task_load, checkpoints["llama"], key, {"num_pages": 16, "prefix_caching": True})
+    system = _prompts([9], seed=6)[0]
+    prompts = [system + tail for tail in _prompts([2, 5, 3, 4, 1, 3], seed=7)]
+    try:
+        got = workers.run(_task_generate_batch, key, prompts, 12, False)
+        again = workers.run(_task_generate_batch, key, prompts[:2], 4, False)
+    finally:
+        workers.run(_task_drop, key)
+    want = _hf_greedy_alone(checkpoints["llama"], prompts, 12)
+    assert list(got[0]["results"].values()) == want
+    assert got[1]["results"] == got[0]["results"]
+    assert got[0]["preemptions"] == got[1]["preemptions"] > 0
+    assert got[0]["prefix_hit_tokens"] == got[1]["prefix_hit_tokens"] > 0
+    assert [r[:4] for r in want[:2]] == list(again[0]["results"].values())
+    assert again[0]["prefix_hit_tokens"] == again[1]["prefix_hit_tokens"] > got[0]["prefix_hit_tokens"]
 
 
 def test_tp2_manager_requests_on_rank_0_with_cancel(workers: Workers, checkpoints: dict[str, str]) -> None:

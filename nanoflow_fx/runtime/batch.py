@@ -19,17 +19,20 @@ __all__ = ["Chunk", "HostStaging", "StepInputs", "StepShape", "build_step", "fee
 class Chunk:
     """`num_tokens` consecutive uncached tokens of `request`, from position `start`, run in one step.
 
-    `start` and `completes` are fixed when the chunk is made, before the step advances the request.
+    `start` and `completes` are fixed when the chunk is made, before the step advances the request: `start` is
+    the request's `num_cached` unless given (a newly admitted request whose first pages the prefix cache holds
+    starts past them: the engine sets `num_cached` to that start before the step runs).
     """
 
     request: Request
     num_tokens: int
-    start: int = field(init=False)
+    start: int = -1
     completes: bool = field(init=False)  # reaches the last known token, so its logits give the next token
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "start", self.request.num_cached)
-        object.__setattr__(self, "completes", self.num_tokens == self.request.num_pending)
+        if self.start < 0:
+            object.__setattr__(self, "start", self.request.num_cached)
+        object.__setattr__(self, "completes", self.start + self.num_tokens == self.request.num_tokens)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ the same steps. So every decision a rank makes must be the same on every rank:
   step the driver's new requests and cancellations are broadcast over a CPU (gloo) group and every rank queues
   them in the same order, with the driver's ids and arrival numbers (`plan`).
 - The scheduler is a pure function of the request table and the free pages, so identical tables give identical
-  plans (admission, page allocation, preemption); the KV cache is sized to the minimum over ranks (`agree_min`).
+  plans (admission, page allocation, preemption, prefix-cache hits); the KV cache is sized to the minimum over
+  ranks (`agree_min`). The prefix cache's table too is a pure function of the requests' tokens and the plans
+  (pages are registered once computed and their tokens read back, at the fixed lag below).
 - Tokens are read back at a fixed lag (never "when ready", which depends on each rank's timing), so EOS ends a
   request at the same step everywhere; the logits are all-gathered (identical on every rank) and sampling draws
   from a generator seeded by the driver (`seed`).
@@ -114,7 +116,8 @@ class ControlPlane:
         if end:
             self.ended = True
             return None
-        plan = schedule(engine.running, engine.waiting, engine.kv_cache.allocator.num_free, engine.limits)
+        plan = schedule(engine.running, engine.waiting, engine.kv_cache.allocator.num_free, engine.limits,
+                        engine.prefix)
         self.steps += 1
         if self.check_plans:
             self._check(plan, engine)
@@ -220,6 +223,7 @@ def _describe(plan: StepPlan, engine: Any) -> dict[str, Any]:
         "admitted": [r.request_id for r in plan.admitted],
         "preempted": [r.request_id for r in plan.preempted],
         "new_pages": [(r.request_id, n) for r, n in plan.new_pages],
+        "hits": [(r.request_id, pages) for r, pages in plan.hits],
         "free_pages": engine.kv_cache.allocator.num_free,
         "waiting": len(engine.waiting),
     }

@@ -9,6 +9,11 @@ sampled tokens stay on the device (the next step reads them there, see `requests
 `MAX_LAG` steps later, where EOS is detected. A request that reaches `max_new_tokens` frees its pages at once;
 one that sampled EOS frees them when the EOS is read back (the steps it ran ahead meanwhile are cut).
 
+With `NanoFlowConfig.prefix_caching`, each request's full pages are registered in the prefix cache once their
+K/V are computed and their tokens known on the host (`kv_cache.PageAllocator`); an admitted request shares the
+longest cached chain of its first pages and computes only the rest. Released pages stay cached (a preempted
+request's recomputation, a conversation's next round and requests sharing a system prompt hit them).
+
 `generate()`, `generate_batch()` and the streaming manager are thin layers over one engine per optimized
 model: calls from several threads become requests of the same engine (its lock serialises the steps).
 """
@@ -31,6 +36,7 @@ from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import InvalidInputError, KVCacheExhaustedError, RequestTooLongError
 from nanoflow_fx.runtime.batch import to_device
 from nanoflow_fx.runtime.control_plane import ControlPlane
+from nanoflow_fx.runtime.kv_cache import PageAllocator
 from nanoflow_fx.runtime.requests import FAILED, FINISHED, PENDING, RUNNING, WAITING, Request
 from nanoflow_fx.runtime.sampling import SamplingParams, sample_rows
 from nanoflow_fx.runtime.scheduler import SchedulerLimits, StepPlan, schedule
@@ -60,10 +66,17 @@ class EngineStats:
     kv_pages_used_sum: int = 0  # sum over steps of pages held
     step_s: float = 0.0  # host time inside step()
     readback_wait_s: float = 0.0  # of which blocked on the device, waiting for tokens MAX_LAG steps old
+    prefix_lookup_tokens: int = 0  # (prefix caching) tokens of admitted requests (recomputations included)
+    prefix_hit_tokens: int = 0  # of which found in the prefix cache: prefill tokens skipped
 
     @property
     def mean_running(self) -> float:
         return self.running_sum / max(self.steps, 1)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of admitted requests' tokens the prefix cache held (0 without prefix caching)."""
+        return self.prefix_hit_tokens / max(self.prefix_lookup_tokens, 1)
 
 
 class _Readback:
@@ -127,6 +140,10 @@ class Engine:
         self._admissions = itertools.count()
         self._ids = itertools.count()
         self._last_log = time.perf_counter()
+        self.prefix: _PrefixCache | None = None
+        if config.prefix_caching:
+            allocator.key = _cache_key(runner)
+            self.prefix = _PrefixCache(allocator, self.kv_cache.page_size)
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int,
@@ -244,7 +261,7 @@ class Engine:
             self.before_new_requests()
         self._take_inbox()
         self._resolve(block=False)
-        return schedule(self.running, self.waiting, self.kv_cache.allocator.num_free, self.limits)
+        return schedule(self.running, self.waiting, self.kv_cache.allocator.num_free, self.limits, self.prefix)
 
     def run_until_done(self, requests: Sequence[Request]) -> None:
         """Step until every request in `requests` has finished (others in the table progress too)."""
@@ -255,7 +272,7 @@ class Engine:
         for req in sorted(plan.preempted, key=lambda r: r.arrival, reverse=True):
             self.running.remove(req)
             self._release(req)
-            req.num_cached, req.state, req.admitted = 0, WAITING, -1
+            req.num_cached, req.state, req.admitted, req.num_registered = 0, WAITING, -1, 0
             req.num_preemptions += 1
             self.waiting.appendleft(req)  # the front: preempted requests go first, oldest first
         self.stats.preemptions += len(plan.preempted)
@@ -270,16 +287,34 @@ class Engine:
             if req.first_scheduled_time < 0:
                 req.first_scheduled_time = now
             self.running.append(req)
+        if self.prefix is not None:
+            self._share(plan)
         for req, count in plan.new_pages:
             req.pages += self.kv_cache.allocator.allocate(count)
+
+    def _share(self, plan: StepPlan) -> None:
+        """Give the admitted requests the cached pages they share (before any page is allocated: allocation may
+        evict unreferenced cached pages, never those the plan shares)."""
+        page_size, stats = self.kv_cache.page_size, self.stats
+        for req, hits in plan.hits:
+            self.kv_cache.allocator.acquire(hits)
+            req.pages = list(hits)
+            req.num_cached = req.num_registered = len(hits)
+            req.num_cached *= page_size
+            stats.prefix_hit_tokens += req.num_cached
+        stats.prefix_lookup_tokens += sum(r.num_tokens for r in plan.admitted)
 
     def _run(self, plan: StepPlan) -> None:
         logits = self.runner.run(plan.chunks)
         completing = []
+        prefix, page_size = self.prefix, self.kv_cache.page_size
         for chunk in plan.chunks:
-            chunk.request.num_cached += chunk.num_tokens
+            req = chunk.request
+            req.num_cached += chunk.num_tokens
+            if prefix is not None and req.num_cached >= (req.num_registered + 1) * page_size:
+                prefix.register(req)
             if chunk.completes:
-                completing.append(chunk.request)
+                completing.append(req)
         stats = self.stats
         stats.steps += 1
         decode = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.start >= len(c.request.prompt))
@@ -363,6 +398,8 @@ class Engine:
         self._release(req)
 
     def _release(self, req: Request) -> None:
+        if self.prefix is not None:
+            self.prefix.register(req)  # its computed full pages stay cached for later requests
         self.kv_cache.allocator.free(req.pages)
         req.pages = []
         if req.slot >= 0:
@@ -387,6 +424,52 @@ class Engine:
         self._last_log = now
         alloc = self.kv_cache.allocator
         log.info("nanoflow_fx engine: %d running, %d waiting, %d finished, %d preemptions, KV cache %.0f%% used, "
-                 "mean running batch %.1f over %d steps", len(self.running), len(self.waiting), self.stats.finished,
+                 "mean running batch %.1f over %d steps%s", len(self.running), len(self.waiting), self.stats.finished,
                  self.stats.preemptions, 100 * (1 - alloc.num_free / max(alloc.num_pages, 1)),
-                 self.stats.mean_running, self.stats.steps)
+                 self.stats.mean_running, self.stats.steps,
+                 f", prefix cache hit rate {100 * self.stats.prefix_hit_rate:.0f}%" if self.prefix is not None else "")
+
+
+class _PrefixCache:
+    """The engine's side of prefix caching: request token hashes (memoised on the request), what the scheduler
+    reads (`scheduler.PrefixView`) and registration of computed pages."""
+
+    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+        self.allocator, self.page_size = allocator, page_size
+        self.refs = allocator.refs
+
+    def hashes(self, req: Request, count: int) -> list[bytes]:
+        """The chained hashes of `req`'s first `count` full pages (their tokens known on the host)."""
+        hashes, size = req.page_hashes, self.page_size
+        while len(hashes) < count:
+            i = len(hashes)
+            hashes.append(self.allocator.page_hash(hashes[-1] if hashes else None,
+                                                   req.token_slice(i * size, (i + 1) * size)))
+        return hashes[:count]
+
+    def match(self, req: Request) -> list[int]:
+        return self.allocator.match(self.hashes(req, (req.num_tokens - 1) // self.page_size))
+
+    def register(self, req: Request) -> None:
+        """Register `req`'s full pages whose K/V are computed and whose tokens are known (none PENDING)."""
+        known = req.num_tokens
+        output = req.output
+        while known > len(req.prompt) and output[known - len(req.prompt) - 1] == PENDING:
+            known -= 1
+        count = min(req.num_cached, known) // self.page_size
+        count = min(count, len(req.pages))
+        if count <= req.num_registered:
+            return
+        for page, page_hash in zip(req.pages[req.num_registered:count],
+                                   self.hashes(req, count)[req.num_registered:]):
+            self.allocator.register(page, page_hash)
+        req.num_registered = count
+
+
+def _cache_key(runner: StepRunner) -> bytes:
+    """What the prefix cache's hashes start from: the model and cache configuration (pages of another model or
+    cache layout never match)."""
+    cache = runner.kv_cache
+    model = runner.step_fn.model
+    return repr((type(model).__name__, getattr(getattr(model, "config", None), "_name_or_path", None),
+                 cache.page_size, str(cache.dtype), [(s.num_kv_heads, s.head_dim) for s in cache.layers])).encode()

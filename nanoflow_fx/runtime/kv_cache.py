@@ -7,7 +7,10 @@ them: one byte an element, so the same memory holds twice the tokens of a 16-bit
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
+import struct
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,27 +28,122 @@ log = logging.getLogger(__name__)
 
 
 class PageAllocator:
-    """Free list of page ids 0..num_pages-1. Allocation is all-or-nothing."""
+    """Pages 0..num_pages-1 with a reference count each, and the prefix cache over them.
 
-    def __init__(self, num_pages: int) -> None:
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+    Allocation is all-or-nothing. Without prefix caching a page has one holder and `free` returns it to the free
+    list. With prefix caching (the engine's choice: it registers pages), a full page whose K/V are computed and
+    whose tokens are known is `register`ed under a chained hash (`page_hash`: its parent page's hash, its tokens
+    and the allocator's `key`, so equal hashes mean equal contexts); `match` finds a token sequence's longest
+    chain of registered pages, and `acquire` shares them (reference counted: shared pages are full, so nobody
+    writes them). A registered page whose last holder frees it stays cached on an LRU
+    list and still counts as free: `allocate` takes never-cached pages first, then evicts the least recently
+    freed cached page (a request's pages are freed tail first, so a chain is evicted from its end). The table is
+    a pure function of the calls made, so ranks that make the same calls (tensor parallelism) keep equal tables.
+    """
+
+    def __init__(self, num_pages: int, key: bytes = b"") -> None:
+        self.num_pages, self.key = num_pages, key
+        self._free = list(range(num_pages - 1, -1, -1))  # never-cached pages; pop() hands out low ids first
+        self._refs = [0] * num_pages
+        self._lru: OrderedDict[int, None] = OrderedDict()  # cached pages no request holds, least recent first
+        self._page_of: dict[bytes, int] = {}  # registered hash -> page
+        self._hash_of: dict[int, bytes] = {}  # page -> its registered hash
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages `allocate` can hand out: never-cached ones plus unreferenced cached ones."""
+        return len(self._free) + len(self._lru)
+
+    @property
+    def num_cached(self) -> int:
+        """Registered pages (held or on the LRU list)."""
+        return len(self._hash_of)
+
+    def refs(self, page: int) -> int:
+        return self._refs[page]
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
+        free = self._free
+        if count > len(free) + len(self._lru):
             raise KVCacheExhaustedError(
-                f"the KV cache needs {count} pages but only {len(self._free)} of {self.num_pages} are free "
-                f"({count - len(self._free)} more than it has); raise NanoFlowConfig.num_pages (or "
+                f"the KV cache needs {count} pages but only {self.num_free} of {self.num_pages} are free "
+                f"({count - self.num_free} more than it has); raise NanoFlowConfig.num_pages (or "
                 "kv_cache_memory_fraction), or use fewer or shorter requests"
             )
-        return [self._free.pop() for _ in range(count)]
+        if count <= len(free):
+            pages = [free.pop() for _ in range(count)]
+        else:
+            pages = [free.pop() for _ in range(len(free))]
+            while len(pages) < count:
+                page, _ = self._lru.popitem(last=False)  # evict the least recently freed cached page
+                del self._page_of[self._hash_of.pop(page)]
+                pages.append(page)
+        refs = self._refs
+        for page in pages:
+            refs[page] = 1
+        return pages
 
     def free(self, pages: Sequence[int]) -> None:
-        self._free.extend(reversed(pages))
+        """Drop one reference to each page; unreferenced ones become free (registered ones stay cached)."""
+        refs, free = self._refs, self._free
+        for page in reversed(pages):  # tail first: a chain's last page is evicted before its parents
+            refs[page] -= 1
+            if refs[page] == 0:
+                if page in self._hash_of:
+                    self._lru[page] = None
+                else:
+                    free.append(page)
+            elif refs[page] < 0:
+                raise RuntimeError(f"nanoflow_fx: KV page {page} freed more often than allocated")
+
+    def page_hash(self, parent: bytes | None, tokens: Sequence[int]) -> bytes:
+        """The chained hash of a full page holding `tokens`, after the page whose hash is `parent` (None: the
+        first page)."""
+        digest = hashlib.blake2b(self.key if parent is None else parent, digest_size=16)
+        digest.update(struct.pack(f"<{len(tokens)}q", *tokens))
+        return digest.digest()
+
+    def match(self, hashes: Sequence[bytes]) -> list[int]:
+        """The registered pages of the longest prefix of the chain `hashes` (a sequence's full pages' hashes)."""
+        pages = []
+        for h in hashes:
+            page = self._page_of.get(h)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def acquire(self, pages: Sequence[int]) -> None:
+        """Take a reference to each of `pages` (registered ones, from `match`)."""
+        refs = self._refs
+        for page in pages:
+            if refs[page] == 0:
+                del self._lru[page]
+            refs[page] += 1
+
+    def register(self, page: int, page_hash: bytes) -> None:
+        """Cache `page` (held, full, its K/V computed) under `page_hash`; a hash already cached keeps its page."""
+        if page_hash not in self._page_of and page not in self._hash_of:
+            self._page_of[page_hash] = page
+            self._hash_of[page] = page_hash
+
+    def check(self, held: Sequence[Sequence[int]]) -> None:
+        """Raise unless the reference counts equal the pages `held` (each holder's list) and every page is held,
+        free or cached-unreferenced exactly once (a test helper; linear in the cache)."""
+        counts = [0] * self.num_pages
+        for pages in held:
+            for page in pages:
+                counts[page] += 1
+        if counts != self._refs:
+            bad = [p for p in range(self.num_pages) if counts[p] != self._refs[p]]
+            raise AssertionError(f"KV page reference counts differ from the holders' pages at pages {bad[:10]}")
+        unheld = sorted(self._free + list(self._lru))
+        if unheld != [p for p in range(self.num_pages) if not counts[p]]:
+            raise AssertionError("KV pages free or cached-unreferenced are not exactly the unheld pages")
+        if any(p not in self._hash_of for p in self._lru) or len(set(self._free)) != len(self._free):
+            raise AssertionError("the LRU list holds an unregistered page, or the free list a page twice")
+        if any(self._page_of[h] != p for p, h in self._hash_of.items()) or len(self._page_of) != len(self._hash_of):
+            raise AssertionError("the prefix cache's hash -> page and page -> hash tables disagree")
 
 
 def page_bytes(layers: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype) -> int:

@@ -38,6 +38,8 @@ class Request:
     output: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
+    page_hashes: list[bytes] = field(default_factory=list, repr=False)  # (prefix caching) of its first full pages
+    num_registered: int = 0  # (prefix caching) leading pages of `pages` registered in the prefix cache
     slot: int = -1  # entry of the step runner's device-side last-token table while running
     state: str = WAITING
     admitted: int = -1  # admission order while running (preemption takes the latest)

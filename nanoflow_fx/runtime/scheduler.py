@@ -15,7 +15,14 @@ for what the running requests are expected to generate (`reserve_ratio` x their 
 as SGLang estimates it; the engine lowers the ratio as requests end early at EOS) plus a small watermark, so
 that admitted requests rarely have to be preempted (each preemption recomputes a whole prefill).
 
-    schedule(running, waiting, free_pages, limits) -> StepPlan(chunks, admitted, preempted, new_pages)
+Prefix caching (`prefix`, a `PrefixView`): an admitted request whose first full pages are cached (at most
+its tokens - 1, so at least one is computed) shares them and its chunk starts past them; admission counts a
+shared page only if no request holds it yet (a cached, unreferenced page is counted among the free pages,
+and taking it uses one), so pages shared with running requests cost nothing. A preempted request frees only
+the pages no other request holds.
+
+    schedule(running, waiting, free_pages, limits, prefix) -> StepPlan(chunks, admitted, preempted, new_pages,
+                                                                       hits)
 
 `schedule` reads requests and changes nothing; the engine applies the plan (frees and grants pages, assigns
 slots) and runs its chunks.
@@ -25,11 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from nanoflow_fx.runtime.batch import Chunk
 from nanoflow_fx.runtime.requests import Request
 
-__all__ = ["SchedulerLimits", "StepPlan", "schedule", "RESERVE_CAP"]
+__all__ = ["PrefixView", "SchedulerLimits", "StepPlan", "schedule", "RESERVE_CAP"]
 
 RESERVE_CAP = 4096  # new tokens per request that admission reserves pages for, at most
 
@@ -57,6 +65,18 @@ class SchedulerLimits:
         return self.pages_for(req.num_tokens + int(self.reserve_ratio * remaining))
 
 
+class PrefixView(Protocol):
+    """What the scheduler reads of the prefix cache (reading changes nothing)."""
+
+    def match(self, req: Request) -> Sequence[int]:
+        """The cached pages `req` may share: its longest chain of cached full pages, at most its tokens - 1."""
+        ...
+
+    def refs(self, page: int) -> int:
+        """How many requests hold `page`."""
+        ...
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """The next step: its chunks (decode tokens first), and the table changes to apply before running it."""
@@ -65,6 +85,7 @@ class StepPlan:
     admitted: tuple[Request, ...]  # waiting -> running, in admission order
     preempted: tuple[Request, ...]  # running -> front of the waiting queue (pages freed)
     new_pages: tuple[tuple[Request, int], ...]  # pages each request must gain before the step runs
+    hits: tuple[tuple[Request, tuple[int, ...]], ...] = ()  # cached pages admitted requests share (then new ones)
 
     @property
     def num_tokens(self) -> int:
@@ -72,9 +93,10 @@ class StepPlan:
 
 
 def schedule(running: Sequence[Request], waiting: Sequence[Request], free_pages: int,
-             limits: SchedulerLimits) -> StepPlan:
-    """Plan the next step. `running` in admission order, `waiting` in queue order (front first)."""
-    plan = _Planner(list(running), free_pages, limits)
+             limits: SchedulerLimits, prefix: PrefixView | None = None) -> StepPlan:
+    """Plan the next step. `running` in admission order, `waiting` in queue order (front first); `prefix`: the
+    prefix cache, if on."""
+    plan = _Planner(list(running), free_pages, limits, prefix)
     plan.decodes()
     plan.prefills()
     if not plan.preempted:
@@ -82,20 +104,23 @@ def schedule(running: Sequence[Request], waiting: Sequence[Request], free_pages:
     # One-token chunks lead the step: the attention backend runs them on its decode kernel (batch.build_step).
     chunks = sorted(plan.chunks, key=lambda c: c.num_tokens > 1)
     return StepPlan(tuple(chunks), tuple(plan.admitted), tuple(plan.preempted),
-                    tuple((r, n) for r, n in plan.grants.items() if n > 0))
+                    tuple((r, n) for r, n in plan.grants.items() if n > 0), tuple(plan.hits))
 
 
 class _Planner:
     """The mutable working state of one `schedule` call (never the requests themselves)."""
 
-    def __init__(self, running: list[Request], free_pages: int, limits: SchedulerLimits) -> None:
-        self.running, self.free, self.limits = running, free_pages, limits
+    def __init__(self, running: list[Request], free_pages: int, limits: SchedulerLimits,
+                 prefix: PrefixView | None) -> None:
+        self.running, self.free, self.limits, self.prefix = running, free_pages, limits, prefix
         self.budget = limits.max_num_tokens
         self.chunks: list[Chunk] = []
         self.admitted: list[Request] = []
         self.preempted: list[Request] = []
         self.gone: set[Request] = set()  # the preempted, for O(1) membership on the per-step path
         self.grants: dict[Request, int] = {}
+        self.hits: list[tuple[Request, tuple[int, ...]]] = []
+        self.taken: dict[int, int] = {}  # (prefix caching) references this plan adds (+) or drops (-) per page
 
     def _missing_pages(self, req: Request, num_tokens: int) -> int:
         held = len(req.pages) + self.grants.get(req, 0)
@@ -123,12 +148,28 @@ class _Planner:
             self.running.pop()
             self.preempted.append(victim)
             self.gone.add(victim)
-            self.free += len(victim.pages) + self.grants.pop(victim, 0)
+            self.free += self._freed(victim.pages) + self.grants.pop(victim, 0)
             if victim is req:
                 return False
         self.grants[req] = self.grants.get(req, 0) + need
         self.free -= need
         return True
+
+    def _freed(self, pages: Sequence[int]) -> int:
+        """Pages that dropping one reference to each of `pages` frees (shared ones stay held)."""
+        if self.prefix is None:
+            return len(pages)
+        freed = 0
+        for page in pages:
+            refs = self.prefix.refs(page) + self.taken.get(page, 0)
+            self.taken[page] = self.taken.get(page, 0) - 1
+            freed += refs == 1
+        return freed
+
+    def _shared_cost(self, hits: Sequence[int]) -> int:
+        """Free pages that sharing `hits` uses: those no request holds (cached, unreferenced) or takes yet."""
+        assert self.prefix is not None
+        return sum(1 for page in hits if self.prefix.refs(page) + self.taken.get(page, 0) == 0)
 
     def prefills(self) -> None:
         for req in self.running:
@@ -153,14 +194,21 @@ class _Planner:
             if not req.resolved:  # a preempted request waits until its last sampled tokens are read back
                 return
             pages = limits.pages_for(req.num_tokens)
+            hits = tuple(self.prefix.match(req)) if self.prefix is not None else ()
+            cost = pages - len(hits) + (self._shared_cost(hits) if hits else 0)  # (shared pages counted once)
             growth = max(limits.expected_pages(req) - pages, 0) if limits.reserve_ratio > 0 else 0
             keep = limits.watermark_pages + reserved + growth
-            if pages + keep > self.free and (self.running or self.admitted or pages > self.free):
+            if cost + keep > self.free and (self.running or self.admitted or cost > self.free):
                 return
             reserved += growth
-            self.grants[req] = pages
-            self.free -= pages
+            self.grants[req] = pages - len(hits)
+            self.free -= cost
             self.admitted.append(req)
-            n = min(req.num_tokens, self.budget)
-            self.chunks.append(Chunk(req, n))  # a waiting request caches nothing: the chunk starts at 0
+            start = len(hits) * limits.page_size  # a waiting request caches nothing but what it shares
+            if hits:
+                self.hits.append((req, hits))
+                for page in hits:
+                    self.taken[page] = self.taken.get(page, 0) + 1
+            n = min(req.num_tokens - start, self.budget)
+            self.chunks.append(Chunk(req, n, start))
             self.budget -= n
