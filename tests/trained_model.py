@@ -7,9 +7,9 @@ are peaked as a real model's are; then the perplexity and next-token agreement o
 text, against the plain model's, measure what an arithmetic costs.
 
 `trained_llama()` trains it (seeded; 300 steps, about 180 CPU-seconds: some 1.5 minutes on two idle cores) or loads
-it from the cache
-(`$XDG_CACHE_HOME/nanoflow_fx/tests`, else ~/.cache/...), keyed by the recipe; a file lock makes concurrent test
-workers train it once. `heldout_windows()` is the evaluation text; `evaluate()` the teacher-forced comparison.
+it from the cache (`$XDG_CACHE_HOME/nanoflow_fx/tests`, else ~/.cache/...), keyed by the recipe; a file lock makes
+concurrent test workers train it once. `heldout_windows()` is the evaluation text; `evaluate()` the teacher-forced
+comparison.
 """
 
 from __future__ import annotations
