@@ -135,3 +135,17 @@ def test_torchao_weight_only_fp8_needs_asking_for_activation_quantisation() -> N
     assert not fp8_modules(model)
     nanoflow_fx.optimize(model, FP8)
     assert fp8_modules(model) == names
+
+
+@pytest.mark.cuda
+def test_a_model_torchao_quantised_on_the_gpu_is_served() -> None:
+    """torchao's own `quantize_` (it runs on FP8 GPUs only): the model optimizes (its step checked against the
+    eager model), every quantised linear served as an FP8 linear, and generates."""
+    torchao = pytest.importorskip("torchao.quantization")
+    model = build("llama", dtype=torch.bfloat16, device="cuda")
+    names = expected_fp8(model)
+    torchao.quantize_(model.model, torchao.Float8DynamicActivationFloat8WeightConfig(granularity=torchao.PerRow()))
+    nanoflow_fx.optimize(model, DEFAULT_CONFIG)
+    assert model.nanoflow.config.linear_dtype == "fp8_e4m3" and fp8_modules(model) == names
+    ids = torch.tensor(random_prompts()[:1], device="cuda")
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)

@@ -6,9 +6,10 @@ process, on text that ships with Python (its standard library's sources), byte b
 are peaked as a real model's are; then the perplexity and next-token agreement of an optimized model on held-out
 text, against the plain model's, measure what an arithmetic costs.
 
-`trained_llama()` trains it (seeded; about a minute on two CPU cores) or loads it from the cache
-(`$XDG_CACHE_HOME/nanoflow_fx/tests`, else ~/.cache/...), keyed by the recipe; a file lock makes concurrent test
-workers train it once. `heldout_windows()` is the evaluation text; `evaluate()` the teacher-forced comparison.
+`trained_llama()` trains it (seeded; 300 steps, about 180 CPU-seconds: some 1.5 minutes on two idle cores) or loads
+it from the cache (`$XDG_CACHE_HOME/nanoflow_fx/tests`, else ~/.cache/...), keyed by the recipe; a file lock makes
+concurrent test workers train it once. `heldout_windows()` is the evaluation text; `evaluate()` the teacher-forced
+comparison.
 """
 
 from __future__ import annotations
