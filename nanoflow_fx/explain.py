@@ -112,7 +112,7 @@ def _graphs(runner: Any) -> str:
     graphs = runner.cuda_graphs
     if graphs is None:
         return f"off ({runner.cuda_graphs_off_reason})"
-    cuts = {shape.tokens: g.nanobatches.record.boundaries if g.nanobatches is not None else None
+    cuts = {shape.tokens: g.nanobatches.boundaries if g.nanobatches is not None else None
             for shape, g in sorted(graphs.graphs.items(), key=lambda item: item[0].tokens)}
     if not any(cuts.values()):
         return f"decode buckets {list(cuts)}, each replayed whole"

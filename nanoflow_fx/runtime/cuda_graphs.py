@@ -57,25 +57,14 @@ def route_buckets(buckets: Sequence[int], replay_ms: dict[int, float], margin: f
 
 
 @dataclass
-class _Nanobatches:
-    """A bucket's graph captured cut into nano-batches: the attention cut, each nano-batch's static metadata on the
-    device (qo_indptr, kv_indptr, kv_indices, kv_last_page_len) and its own planner (fixed buffers), re-planned
-    before every replay, and each one's table sizes (requests: its rows, every one a one-token request)."""
-
-    attention: tuple[int, ...]
-    metadata: tuple[tuple[torch.Tensor, ...], ...]
-    planners: tuple[Planner | None, ...]
-    sizes: tuple[tuple[int, int], ...]
-    record: NanobatchStep
-
-
-@dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: StepInputs  # static tensors the graph reads
     logits: torch.Tensor  # static output [shape.logits, vocab]
     planner: Planner | None  # the bucket's own planner (backends that plan on the host)
-    nanobatches: _Nanobatches | None = None  # the cut it was captured with (None: whole)
+    # The cut it was captured with (None: whole): each nano-batch's static metadata and its own planner (`plans`: a
+    # planner with fixed buffers, re-planned before every replay, or None for backends that plan nothing).
+    nanobatches: NanobatchStep | None = None
 
 
 class CudaGraphRunner:
@@ -162,14 +151,16 @@ class CudaGraphRunner:
                           backend=self.backend.name, shape=shape, pin=True,  # only padding: writes scratch only
                           kv_scales=cache.scales)
         inputs = host.to(cache.device)
-        planner = self.backend.make_planner(self.attention_configs, cache.page_size, cache.model_dtype, cache.device,
-                                            decode_batch=shape.requests, max_pages=shape.pages, kv_dtype=cache.dtype)
-        # The captured launches read the bucket planner's buffers, which each replay re-plans (`run`).
+        # The captured launches read the bucket's planners' buffers, which each replay re-plans (`run`): one planner
+        # for a whole step, or one per nano-batch (in the record) for a cut one.
         nanobatches = self._nanobatches(shape, host) if self.split_policy is not None else None
-        plans = None
-        if planner is not None and nanobatches is None:
-            plans = planner.plan(host.metadata, inputs.metadata.kv_indices)
-        context = StepContext(plans=plans, nanobatches=nanobatches.record if nanobatches is not None else None)
+        planner, plans = None, None
+        if nanobatches is None:
+            planner = self.backend.make_planner(self.attention_configs, cache.page_size, cache.model_dtype,
+                                                cache.device, decode_batch=shape.requests, max_pages=shape.pages,
+                                                kv_dtype=cache.dtype)
+            plans = planner.plan(host.metadata, inputs.metadata.kv_indices) if planner is not None else None
+        context = StepContext(plans=plans, nanobatches=nanobatches)
 
         def step() -> torch.Tensor:
             input_ids = feed_pending(inputs.input_ids, inputs.feed_slots, self.last_tokens)
@@ -187,7 +178,7 @@ class CudaGraphRunner:
             logits = step()
         return _Graph(graph, inputs, logits, planner, nanobatches)
 
-    def _nanobatches(self, shape: StepShape, host: StepInputs) -> _Nanobatches | None:
+    def _nanobatches(self, shape: StepShape, host: StepInputs) -> NanobatchStep | None:
         """The static nano-batch record of `shape`'s graph, if the split policy cuts a decode step of its size."""
         assert self.split_policy is not None
         cut = self.split_policy(shape.tokens, shape.tokens)  # (every token of a decode bucket is a decode)
@@ -197,7 +188,7 @@ class CudaGraphRunner:
         assert cut is not None
         boundaries, attention = bounds
         cache = self.kv_cache
-        sizes = tuple((end - start, shape.pages) for start, end in zip(attention[:-1], attention[1:]))
+        sizes = _nanobatch_sizes(attention, shape)
         parts = split_attention_metadata(*host.metadata.tensors()[:4], cache.page_size, attention, pad=sizes,
                                          pin=True)
         metadata = tuple(tuple(t.to(cache.device, non_blocking=True) for t in part) for part in parts)
@@ -206,8 +197,7 @@ class CudaGraphRunner:
                                                    kv_dtype=cache.dtype) for rows, pages in sizes)
         plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2]) if planner is not None else None
                       for planner, part, meta in zip(planners, parts, metadata))
-        record = NanobatchStep(boundaries, metadata, plans, cut.units, attention if attention != boundaries else None)
-        return _Nanobatches(attention, metadata, planners, sizes, record)
+        return NanobatchStep(boundaries, metadata, plans, cut.units, attention if attention != boundaries else None)
 
     def run(self, chunks: Sequence[Chunk], shape: StepShape, all_logits: bool) -> torch.Tensor:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
@@ -220,9 +210,10 @@ class CudaGraphRunner:
             dst[: src.shape[0]].copy_(src, non_blocking=True)  # from pinned memory: the host does not wait
         split = entry.nanobatches
         if split is not None:  # each nano-batch's table into its static tensors, then its planner
-            parts = split_attention_metadata(*host.metadata.tensors()[:4], cache.page_size, split.attention,
-                                             pad=split.sizes, pin=True, pad_pages=False)
-            for part, static, planner in zip(parts, split.metadata, split.planners):
+            attention = split.attention_boundaries or split.boundaries
+            parts = split_attention_metadata(*host.metadata.tensors()[:4], cache.page_size, attention,
+                                             pad=_nanobatch_sizes(attention, shape), pin=True, pad_pages=False)
+            for part, static, planner in zip(parts, split.metadata, split.plans):
                 for dst, src in zip(static, part):
                     dst[: src.shape[0]].copy_(src, non_blocking=True)
                 if planner is not None:
@@ -231,6 +222,12 @@ class CudaGraphRunner:
             entry.planner.plan(host.metadata, entry.inputs.metadata.kv_indices)
         entry.graph.replay()
         return entry.logits[: host.num_logits]
+
+
+def _nanobatch_sizes(attention: tuple[int, ...], shape: StepShape) -> tuple[tuple[int, int], ...]:
+    """Each attention nano-batch's table sizes in a decode bucket's graph: its rows (each a one-token request) and
+    room for every page."""
+    return tuple((end - start, shape.pages) for start, end in zip(attention[:-1], attention[1:]))
 
 
 def _step_tensors(inputs: StepInputs) -> tuple[torch.Tensor, ...]:

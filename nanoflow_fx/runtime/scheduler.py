@@ -127,16 +127,13 @@ class _Planner:
         return max(0, self.limits.pages_for(req.num_cached + num_tokens) - held)
 
     def decodes(self) -> None:
-        page_size, gone, chunks = self.limits.page_size, self.gone, self.chunks
         for req in list(self.running):  # oldest first; preemption removes from the end
             if self.budget == 0:
                 return
-            cached = req.num_cached
-            if len(req.prompt) + len(req.output) - cached != 1 or req in gone:  # (num_pending, inlined: hot path)
+            if req.num_pending != 1 or req in self.gone:
                 continue
-            # The common case needs no page: its token fits the pages it holds (nothing granted yet this step).
-            if cached < len(req.pages) * page_size or self._make_room(req):
-                chunks.append(Chunk(req, 1))
+            if self._make_room(req):
+                self.chunks.append(Chunk(req, 1))
                 self.budget -= 1
 
     def _make_room(self, req: Request) -> bool:

@@ -109,8 +109,9 @@ class StepRunner:
     def planner_wait_s(self) -> float:
         """Host time its planners spent waiting for the device (FlashInfer re-plans only after its previous
         plan's copies ran)."""
-        planners = [self.planner, *self._nanobatch_planners] + (
-            [g.planner for g in self.cuda_graphs.graphs.values()] if self.cuda_graphs else [])
+        graphs = self.cuda_graphs.graphs.values() if self.cuda_graphs else ()
+        planners = [self.planner, *self._nanobatch_planners, *(g.planner for g in graphs),
+                    *(p for g in graphs if g.nanobatches is not None for p in g.nanobatches.plans)]
         return sum(getattr(p, "wait_s", 0.0) for p in planners if p is not None)
 
     @property
