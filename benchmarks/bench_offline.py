@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import GenerationConfig
 
 import nanoflow_fx
-from benchmarks.common import build_model
+from benchmarks.common import build_model, print_markdown_table
 
 SPEC_PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16, SXM (vendor datasheets)
 
@@ -251,15 +251,15 @@ def print_table(meta: dict, rows: list[dict]) -> None:
     print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, transformers {meta['transformers']}; "
           f"layer GEMMs {meta['gemm_tflops']:.0f} TFLOP/s; optimum {meta['optimum_tok_s']['measured']:,.0f} tok/s "
           f"(measured rate), {meta['optimum_tok_s']['spec']:,.0f} (spec peak)")
-    print("| workload | case | requests | total tok/s | output tok/s | % optimum (measured / spec) | mean running "
-          "| KV use | preemptions |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['workload']} | {r['case']} | {r['requests']} | {r['total_tok_s']:,.0f} | "
-              f"{r['output_tok_s']:,.0f} | {r['pct_optimum_measured']:.0f}% / {r['pct_optimum_spec']:.0f}% | "
-              f"{r.get('mean_running', float('nan')):.0f} | {r.get('kv_use_pct', float('nan')):.0f}% | "
-              f"{r.get('preemptions', '-')} |", flush=True)
-
+    print_markdown_table([
+        ("workload", lambda r: f"{r['workload']}"), ("case", lambda r: f"{r['case']}"),
+        ("requests", lambda r: f"{r['requests']}"), ("total tok/s", lambda r: f"{r['total_tok_s']:,.0f}"),
+        ("output tok/s", lambda r: f"{r['output_tok_s']:,.0f}"),
+        ("% optimum (measured / spec)", lambda r: f"{r['pct_optimum_measured']:.0f}% / {r['pct_optimum_spec']:.0f}%"),
+        ("mean running", lambda r: f"{r.get('mean_running', float('nan')):.0f}"),
+        ("KV use", lambda r: f"{r.get('kv_use_pct', float('nan')):.0f}%"),
+        ("preemptions", lambda r: f"{r.get('preemptions', '-')}"),
+    ], rows)
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,7 @@ import transformers
 from transformers import GenerationConfig
 
 import nanoflow_fx
-from benchmarks.common import build_model
+from benchmarks.common import build_model, print_markdown_table
 from benchmarks.serve_clients import run_clients
 
 GREEDY_NO_EOS = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)  # -1: no EOS (transformers' own)
@@ -149,15 +149,16 @@ def main() -> None:
 def print_table(meta: dict, rows: list[dict]) -> None:
     print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, transformers {meta['transformers']}, "
           f"{meta['shape']}, attention {meta['attention']}")
-    print("| clients | requests | prompt / new | server total tok/s | generate_batch total tok/s | server / offline "
-          "| TTFT p50 / p99 ms | ITL p50 / p99 ms | TPOT p50 ms | errors |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['prompt']} / {r['new']} | {r['total_tok_s']:,.0f} | "
-              f"{r['offline_total_tok_s']:,.0f} | {100 * r['server_over_offline']:.0f}% | "
-              f"{r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} | {r['itl_ms_p50']:.1f} / {r['itl_ms_p99']:.1f} | "
-              f"{r['tpot_ms_p50']:.1f} | {r['errors']} |", flush=True)
-
+    print_markdown_table([
+        ("clients", lambda r: f"{r['clients']}"), ("requests", lambda r: f"{r['requests']}"),
+        ("prompt / new", lambda r: f"{r['prompt']} / {r['new']}"),
+        ("server total tok/s", lambda r: f"{r['total_tok_s']:,.0f}"),
+        ("generate_batch total tok/s", lambda r: f"{r['offline_total_tok_s']:,.0f}"),
+        ("server / offline", lambda r: f"{100 * r['server_over_offline']:.0f}%"),
+        ("TTFT p50 / p99 ms", lambda r: f"{r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f}"),
+        ("ITL p50 / p99 ms", lambda r: f"{r['itl_ms_p50']:.1f} / {r['itl_ms_p99']:.1f}"),
+        ("TPOT p50 ms", lambda r: f"{r['tpot_ms_p50']:.1f}"), ("errors", lambda r: f"{r['errors']}"),
+    ], rows)
 
 if __name__ == "__main__":
     main()

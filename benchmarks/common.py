@@ -1,4 +1,5 @@
-"""Code the benchmarks share: the model shapes they run, built from a config (random weights, no download).
+"""Code the benchmarks share: the model shapes they run, built from a config (random weights, no download), and
+the Markdown tables they print.
 
 Benchmarks import it as `benchmarks.common`, so they run as modules from the repo root:
 
@@ -10,10 +11,13 @@ Benchmarks import it as `benchmarks.common`, so they run as modules from the rep
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-__all__ = ["SHAPES", "build_model"]
+__all__ = ["SHAPES", "build_model", "print_markdown_table"]
 
 # Llama shapes by name: "llama3-8b" is Llama-3-8B's (8.03 B parameters), "tiny" a small one for smoke runs.
 SHAPES: dict[str, dict[str, int | float]] = {
@@ -36,3 +40,13 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM
             return LlamaForCausalLM(config).eval()
         finally:
             torch.set_default_dtype(previous)
+
+
+def print_markdown_table(columns: Sequence[tuple[str, Callable[[dict[str, Any]], str]]],
+                         rows: Sequence[dict[str, Any]]) -> None:
+    """Print `rows` as a Markdown table: one (header, cell of a row) pair per column."""
+    print("| " + " | ".join(header for header, _ in columns) + " |")
+    print("|" + " --- |" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(cell(row) for _, cell in columns) + " |", flush=True)
+

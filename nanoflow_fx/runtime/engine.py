@@ -299,8 +299,8 @@ class Engine:
         for req, hits in plan.hits:
             self.kv_cache.allocator.acquire(hits)
             req.pages = list(hits)
-            req.num_cached = req.num_registered = len(hits)
-            req.num_cached *= page_size
+            req.num_registered = len(hits)
+            req.num_cached = len(hits) * page_size
             stats.prefix_hit_tokens += req.num_cached
         stats.prefix_lookup_tokens += sum(r.num_tokens for r in plan.admitted)
 
