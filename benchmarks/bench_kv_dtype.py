@@ -3,10 +3,10 @@
     python3 -m benchmarks.bench_kv_dtype --out kv_dtype.json [--requests 288 --context 1280 --layers 32]
 
 The engine's steady 1024/512 step attends ~288 decodes at context ~1280 (benchmarks/RESULTS.md); its decode
-attention reads every request's K and V once per layer: 128 KiB per token over 32 layers in bf16, half that in
-e4m3. Each row times one step's decode attention, `--layers` kernel calls (CUDA events, `--reps` steps after warm-up), over one layer's
-cache of 32 query / 8 KV heads of 128, pages of 16 shuffled (a cache of ~1.5 GB in bf16, far beyond L2: each call
-reads its bytes from memory as a distinct layer's would). Kernels, as nanoflow_fx runs them:
+attention reads every request's K and V once per layer: 128 KiB per token over 32 layers in bf16, half that in e4m3.
+Each row times one step's decode attention, `--layers` kernel calls (CUDA events, `--reps` steps after warm-up),
+over one layer's cache of 32 query / 8 KV heads of 128, pages of 16 shuffled (a cache of ~1.5 GB in bf16, far beyond
+L2: each call reads its bytes from memory as a distinct layer's would). Kernels, as nanoflow_fx runs them:
   - triton: nanoflow_fx's Triton kernel, its default launch (64-token blocks for bf16, 128 for e4m3) and variants:
     block_n=64 and block_n=128 on both caches, and pv_precision=half (P rounded to bf16 for P @ V, V fed to the MMA
     as bf16, as FlashInfer does; the default converts V to fp32 for a tf32 MMA); with --sweep, every launch of
