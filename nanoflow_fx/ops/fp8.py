@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from nanoflow_fx.ops.kv_quant import E4M3_MAX as FP8_MAX
+from nanoflow_fx.ops.kv_quant import FP8_KV_DTYPE as FP8_DTYPE
+
 __all__ = ["FP8_DTYPE", "FP8_MAX", "fp8_gemm_error", "fp8_linear", "quantize_rows", "scaled_linear"]
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+# (e4m3 and its largest finite value, 448, as the FP8 KV cache stores them: one definition for both)
 _MIN_SCALE = float(torch.finfo(torch.float32).tiny)
 
 

@@ -19,7 +19,7 @@ __all__ = ["E4M3_MAX", "FP8_KV_DTYPE", "KV_SCALE_MARGIN", "cache_dtype", "dequan
            "quantize", "scale_from_amax"]
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+E4M3_MAX = float(torch.finfo(FP8_KV_DTYPE).max)  # 448.0
 # Calibration headroom: a scale of (at least) margin x amax / 448 keeps values up to `margin` times the probe's
 # largest one unclamped, at the price of nothing but the smallest values (e4m3's relative precision is the same over
 # its normal range, 2^-6 .. 448). vLLM's calibration keeps a similar headroom (amax / 200 for keys).
