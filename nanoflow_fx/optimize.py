@@ -138,7 +138,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float, fp8: 
         bar.set_postfix_str("check the step")
         if cfg.check_capture:
             try:
-                runtime.probe = check_against_eager(model, runtime.runner, cfg.max_batch_size)
+                runtime.probe = check_against_eager(model, runtime.runner, cfg.max_batch_size, fp8)
             except CaptureMismatchError as e:
                 step_fn = runtime.step_fn
                 if step_fn.direct is None:
@@ -147,7 +147,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float, fp8: 
                             f"loaded from {step_fn.store.path if step_fn.store else '?'}" if step_fn.loaded
                             else "replicated from its first layers", e)
                 step_fn.discard_loaded()
-                runtime.probe = check_against_eager(model, runtime.runner, cfg.max_batch_size)
+                runtime.probe = check_against_eager(model, runtime.runner, cfg.max_batch_size, fp8)
         probed = time.perf_counter()
         bar.update()
         bar.set_postfix_str("size the KV cache")

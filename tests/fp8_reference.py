@@ -12,17 +12,23 @@ from tests.helpers import DEFAULT_CONFIG
 from tests.tiny_models import VOCAB
 
 __all__ = ["FP8", "TINY", "close", "expected_fp8", "fake_quant", "fake_quantised_reference", "fp8_modules",
-           "random_prompts"]
+           "random_prompts", "scaled_mm_reference"]
 
 FP8 = dataclasses.replace(DEFAULT_CONFIG, linear_dtype="fp8_e4m3")
 TINY = torch.finfo(torch.float32).tiny
 
 
-def fake_quant(t: torch.Tensor) -> torch.Tensor:
-    """`t` rounded to e4m3 with one scale per row (amax / 448) and back, in fp32: the arithmetic FP8 linears
-    promise, written here apart from the library."""
+def quant(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` [..., K] as e4m3 with one fp32 scale per row (amax / 448): the quantisation FP8 linears promise, written
+    here apart from the library."""
     s = (t.abs().amax(-1, keepdim=True).float() / 448).clamp(min=TINY)
-    return (t.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+    return (t.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
+
+
+def fake_quant(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to e4m3 with one scale per row and back, in fp32 (`quant`)."""
+    q, s = quant(t)
+    return q.float() * s
 
 
 def fake_quantised_reference(model: torch.nn.Module, names: set[str]) -> torch.nn.Module:
@@ -32,6 +38,25 @@ def fake_quantised_reference(model: torch.nn.Module, names: set[str]) -> torch.n
         if name in names:
             m.weight.data = fake_quant(m.weight.data).to(m.weight.dtype)
             m.register_forward_pre_hook(lambda _, args: (fake_quant(args[0]).to(args[0].dtype), *args[1:]))
+    return model
+
+
+def scaled_mm_reference(model: torch.nn.Module, names: set[str], use_fast_accum: bool) -> torch.nn.Module:
+    """`model` (a plain HF model) with the linears `names` computed as FP8 linears compute them on a GPU: weights
+    and inputs quantised by `quant`, multiplied by the FP8 tensor cores (`torch._scaled_mm`, row-wise scales, the
+    model's dtype out), the bias added after."""
+    for name, m in model.named_modules():
+        if name in names:
+            wq, ws = quant(m.weight.data)
+
+            def forward(x: torch.Tensor, wq: torch.Tensor = wq, ws: torch.Tensor = ws,
+                        bias: torch.Tensor | None = m.bias) -> torch.Tensor:
+                xq, xs = quant(x.reshape(-1, x.shape[-1]))
+                out = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=x.dtype,
+                                       use_fast_accum=use_fast_accum)
+                return (out if bias is None else out + bias).reshape(*x.shape[:-1], -1)
+
+            m.forward = forward
     return model
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import nanoflow_fx
+from nanoflow_fx.capture.fp8_weights import quantize_linears
 from nanoflow_fx.ops.fp8 import fp8_gemm_error, quantize_rows
 from tests.fp8_reference import FP8, close, expected_fp8, fake_quant, fp8_modules, random_prompts
 from tests.helpers import DEFAULT_CONFIG, reference
@@ -58,6 +59,32 @@ def test_transformers_fbgemm_fp8_linears_are_served() -> None:
     prompts = random_prompts()
     want = torch.cat([ref(torch.tensor([p])).logits[0] for p in prompts])
     assert close(model.nanoflow.runner.run_prompts(prompts, all_logits=True), want) <= 1e-4
+
+
+def test_full_precision_runs_converted_fp8_linears_on_their_dequantised_weights() -> None:
+    """Another library's FP8 linears have no full precision: for the capture check's allowance (FP8's own effect on
+    the eager model) `Fp8Weights.full_precision()` runs them on their dequantised weights, activations unquantised."""
+    fbgemm = pytest.importorskip("transformers.integrations.fbgemm_fp8")
+
+    def make(lin: torch.nn.Linear) -> torch.nn.Module:
+        m = fbgemm.FbgemmFp8Linear(lin.in_features, lin.out_features, lin.bias is not None)
+        m.weight.data, m.weight_scale.data = quantize_rows(lin.weight.data)
+        return m
+
+    model = build("llama")
+    names = _swap_linears(model, make)
+    weights = quantize_linears(model, quantize=False)
+    assert weights.converted == len(names)
+    ref = reference("llama")
+    for name in names:
+        q = model.get_submodule(name)
+        ref.get_submodule(name).weight.data = q.weight.float() * q.weight_scale
+    ids = torch.tensor([random_prompts()[0]])
+    fp8 = model(ids).logits
+    with weights.full_precision():
+        got = model(ids).logits
+    assert close(got, ref(ids).logits) <= 1e-6 and close(got, fp8) > 1e-3
+    assert torch.equal(model(ids).logits, fp8)
 
 
 def test_block_wise_fp8_is_refused_naming_the_limitation() -> None:

@@ -448,13 +448,13 @@ def test_the_check_allows_an_fp8_cache_its_own_effect_and_no_more() -> None:
 
     rounding = off_by(0.09)  # bf16: beyond 2^-4 alone, within 2^-4 + 0.05
     check(rounding, torch.bfloat16, True)
-    with pytest.raises(nanoflow_fx.CaptureMismatchError, match="0.0625 \\+ 0.05, the FP8 KV cache's own effect"):
+    with pytest.raises(nanoflow_fx.CaptureMismatchError, match="0.0625 \\+ 0.05, FP8's own effect"):
         check(off_by(0.2), torch.bfloat16, True)
     with pytest.raises(nanoflow_fx.CaptureMismatchError):
         check(rounding, torch.bfloat16, False)
     slack = (unquantised - want).abs().max().item()  # fp32: max |diff| <= 1e-4 x scale + the cache's own max
     check(want + 0.9 * (unquantised - want), torch.float32, True)
-    with pytest.raises(nanoflow_fx.CaptureMismatchError, match="FP8 KV cache's own effect"):
+    with pytest.raises(nanoflow_fx.CaptureMismatchError, match="FP8's own effect"):
         check(want + 2 * slack, torch.float32, True)
 
 
@@ -466,7 +466,7 @@ def test_an_fp8_cache_does_not_hide_a_step_that_differs_from_the_model() -> None
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = BatchMixingLlama(build("llama").config).to(dtype).eval()
-        with pytest.raises(nanoflow_fx.CaptureMismatchError, match="FP8 KV cache's own effect"):
+        with pytest.raises(nanoflow_fx.CaptureMismatchError, match="FP8's own effect"):
             nanoflow_fx.optimize(model, FP8)
 
 

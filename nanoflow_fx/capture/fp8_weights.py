@@ -24,6 +24,8 @@ node per linear for the `fp8_linears` pass to lower to `torch._scaled_mm`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -50,6 +52,15 @@ class Fp8Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+class _Dequantised(Fp8Linear):
+    """An `Fp8Linear` computing in full precision: its dequantised weight, activations as they come
+    (`Fp8Weights.full_precision`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight.float() * self.weight_scale).to(x.dtype)
+        return torch.nn.functional.linear(x, weight, self.bias)
 
 
 @dataclass
@@ -87,6 +98,29 @@ class Fp8Weights:
 
     def commit(self) -> None:
         self.changed = []
+
+    @contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """Within it no linear computes in FP8: those it quantised as they did before (their own class, their
+        full-precision weights, wherever `park()` left them), those converted from another library's FP8 (which
+        have no full precision) on their dequantised weights with activations unquantised. After it, all is as
+        before."""
+        swapped = []
+        for c in self.changed:
+            m = c.module
+            weight = cast(torch.nn.Parameter, m.weight)
+            swapped.append((m, m.__class__, weight, weight.data))
+            if "weight" in c.data:
+                m.__class__ = c.cls
+                weight.data = c.data["weight"].to(weight.device)
+            else:
+                m.__class__ = _Dequantised
+        try:
+            yield
+        finally:
+            for m, cls, weight, q in swapped:
+                m.__class__ = cls
+                weight.data = q
 
     @torch.no_grad()
     def undo(self) -> None:
