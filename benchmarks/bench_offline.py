@@ -1,4 +1,5 @@
-"""Offline serving throughput on a Llama-3-8B-shaped model (random bf16 weights), every row in ONE process.
+"""Offline serving throughput on a Llama-3-8B-shaped model (random bf16 weights; `--shape llama3-70b --fp8-build`:
+the 70B shape with its linears made in FP8), every row in ONE process.
 
     python3 -m benchmarks.bench_offline --workloads 1024x512 512x512 chat --requests 256 --hf-requests 64
 
@@ -36,7 +37,7 @@ from transformers import GenerationConfig
 import nanoflow_fx
 from benchmarks.common import build_model, print_markdown_table
 
-SPEC_PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16, SXM (vendor datasheets)
+SPEC_PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16, SXM (vendor datasheets; dense FP8: twice)
 
 
 def workload(name: str, count: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -52,23 +53,32 @@ def workload(name: str, count: int, vocab: int, seed: int = 0) -> list[tuple[lis
             for p, n in zip(prompt_lens, output_lens)]
 
 
-def gemm_rate(model: Any, tokens: int = 2048) -> float:
-    """FLOP/s of one decoder layer's GEMMs (fused Q/K/V, O, gate/up, down) at `tokens` rows, bf16."""
+def gemm_rate(model: Any, tokens: int = 2048, fp8: bool = False) -> float:
+    """FLOP/s of one decoder layer's GEMMs (fused Q/K/V, O, gate/up, down) at `tokens` rows: bf16, or with `fp8`
+    e4m3 operands quantised beforehand (row-wise scales, fast accumulation, bf16 out: FP8 linears' GEMM)."""
+    from nanoflow_fx.ops.fp8 import quantize_rows, scaled_linear
+
     c = model.config
     head = c.hidden_size // c.num_attention_heads
     shapes = [(c.hidden_size, (c.num_attention_heads + 2 * c.num_key_value_heads) * head),
               (c.num_attention_heads * head, c.hidden_size), (c.hidden_size, 2 * c.intermediate_size),
               (c.intermediate_size, c.hidden_size)]
     pairs = [(torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16),
-              torch.randn(k, n, device="cuda", dtype=torch.bfloat16)) for k, n in shapes]
+              torch.randn(n, k, device="cuda", dtype=torch.bfloat16)) for k, n in shapes]
+    if fp8:
+        quantised = [(quantize_rows(a), quantize_rows(w)) for a, w in pairs]
+        gemms = [lambda a=a, w=w: scaled_linear(*a, *w, None, torch.bfloat16, use_fast_accum=True)
+                 for a, w in quantised]
+    else:
+        gemms = [lambda a=a, w=w: a @ w.t() for a, w in pairs]
     flops = sum(2 * tokens * k * n for k, n in shapes)
-    for a, b in pairs:
-        a @ b
+    for gemm in gemms:
+        gemm()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(20):
-        for a, b in pairs:
-            a @ b
+        for gemm in gemms:
+            gemm()
     torch.cuda.synchronize()
     return flops * 20 / (time.perf_counter() - start)
 
@@ -185,18 +195,24 @@ def main() -> None:
     parser.add_argument("--static-batch", type=int, default=128)
     parser.add_argument("--config", default="{}", help="NanoFlowConfig fields as JSON (defaults otherwise)")
     parser.add_argument("--no-static", action="store_true")
+    parser.add_argument("--shape", default="llama3-8b", help="benchmarks.common.SHAPES")
+    parser.add_argument("--layers", type=int, default=None, help="the shape's first N layers (all by default)")
+    parser.add_argument("--fp8-build", action="store_true",
+                        help="make the linears FP8 directly (no full-precision model ever: a 70B shape fits an H200)")
     parser.add_argument("--out", default="bench_offline.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = build_model("llama3-8b", "cuda", torch.bfloat16)
+    model = build_model(args.shape, "cuda", torch.bfloat16, fp8_linears=args.fp8_build, num_layers=args.layers)
     params = sum(p.numel() for p in model.parameters())
-    rate = gemm_rate(model)
+    fp8 = args.fp8_build or json.loads(args.config).get("linear_dtype") == "fp8_e4m3"
+    rate = gemm_rate(model, fp8=fp8)  # (the optimum: the rate of the GEMMs the step runs)
     device = torch.cuda.get_device_name()
-    spec = next((v for k, v in SPEC_PEAK_FLOPS.items() if k in device), float("nan"))
+    spec = next((v for k, v in SPEC_PEAK_FLOPS.items() if k in device), float("nan")) * (2 if fp8 else 1)
     optimum = dict(measured=rate / (2 * params), spec=spec / (2 * params))
     meta = dict(device=device, date=str(datetime.date.today()), torch=torch.__version__,
-                transformers=transformers.__version__, params=params, gemm_tflops=rate / 1e12,
+                transformers=transformers.__version__, shape=args.shape, layers=model.config.num_hidden_layers,
+                params=params, gemm_tflops=rate / 1e12, gemm_dtype="fp8_e4m3" if fp8 else "bfloat16",
                 optimum_tok_s=optimum, args=vars(args))
     print(f"[meta] {meta}", flush=True)
     rows: list[dict] = []
@@ -249,7 +265,8 @@ def _copy(stats: Any) -> Any:
 
 def print_table(meta: dict, rows: list[dict]) -> None:
     print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, transformers {meta['transformers']}; "
-          f"layer GEMMs {meta['gemm_tflops']:.0f} TFLOP/s; optimum {meta['optimum_tok_s']['measured']:,.0f} tok/s "
+          f"{meta['shape']} x {meta['layers']} layers; layer GEMMs ({meta['gemm_dtype']}) {meta['gemm_tflops']:.0f} "
+          "TFLOP/s; optimum {meta['optimum_tok_s']['measured']:,.0f} tok/s "
           f"(measured rate), {meta['optimum_tok_s']['spec']:,.0f} (spec peak)")
     print_markdown_table([
         ("workload", lambda r: f"{r['workload']}"), ("case", lambda r: f"{r['case']}"),

@@ -26,13 +26,23 @@ SHAPES: dict[str, dict[str, int | float]] = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                       rope_theta=500000.0),
+    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0),
 }
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    """A `LlamaForCausalLM` of `SHAPES[shape]` with random weights, made directly on `device` in `dtype`, in eval
-    mode (token ids: bos 1, eos 2, pad 0)."""
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+def build_model(shape: str, device: str, dtype: torch.dtype, fp8_linears: bool = False,
+                num_layers: int | None = None) -> LlamaForCausalLM:
+    """A `LlamaForCausalLM` of `SHAPES[shape]` (`num_layers` of its layers, all by default) with random weights,
+    made directly on `device` in `dtype`, in eval mode (token ids: bos 1, eos 2, pad 0). With `fp8_linears` its
+    linears but the LM head are made as nanoflow_fx's FP8 linears (e4m3, a scale per output channel), one at a time,
+    so the full-precision model never exists: a 70B shape fits one H200 so (as `optimize()` with
+    `linear_dtype="fp8_e4m3"` would quantise them)."""
+    config = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": num_layers} if num_layers else {})},
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if fp8_linears:
+        return _build_fp8(config, device, dtype)
     with torch.device(device):
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -40,6 +50,40 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM
             return LlamaForCausalLM(config).eval()
         finally:
             torch.set_default_dtype(previous)
+
+
+@torch.no_grad()
+def _build_fp8(config: LlamaConfig, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from nanoflow_fx.capture.fp8_weights import Fp8Linear
+    from nanoflow_fx.ops.fp8 import quantize_rows
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    std = config.initializer_range
+    head = model.get_output_embeddings()
+    for m in model.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            if not p.is_meta:
+                continue
+            if type(m) is torch.nn.Linear and m is not head and name == "weight":
+                q, scale = quantize_rows(torch.empty(p.shape, device=device, dtype=dtype).normal_(0, std))
+                m.weight = torch.nn.Parameter(q, requires_grad=False)
+                m.register_buffer("weight_scale", scale)
+                m.__class__ = Fp8Linear
+                continue
+            data = torch.empty(p.shape, device=device, dtype=dtype)
+            data = data.fill_(1.0) if "norm" in type(m).__name__.lower() else data.normal_(0, std)
+            setattr(m, name, torch.nn.Parameter(data, requires_grad=False))
+    with torch.device(device):  # (its inv_freq buffer computed on the device)
+        model.model.rotary_emb = LlamaRotaryEmbedding(config)
+    return model
 
 
 def print_markdown_table(columns: Sequence[tuple[str, Callable[[dict[str, Any]], str]]],

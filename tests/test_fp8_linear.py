@@ -279,7 +279,7 @@ def test_activation_quantisation_fuses_into_the_op_before(device: str) -> None:
 def test_full_precision_lifts_fp8_and_puts_it_back() -> None:
     """The capture check allows FP8's own effect on the eager model, which needs the eager model without FP8: within
     `Fp8Weights.full_precision()` the quantised linears compute on their original weights (the plain model's logits,
-    bit for bit); after it, FP8 again."""
+    bit for bit), linears an earlier optimize() quantised on their dequantised weights; after it, FP8 again."""
     model = build("llama")
     ids = torch.tensor([random_prompts()[0]])
     plain, names = model(ids).logits, expected_fp8(model)
@@ -289,6 +289,17 @@ def test_full_precision_lifts_fp8_and_puts_it_back() -> None:
     with weights.full_precision():
         assert not fp8_modules(model) and torch.equal(model(ids).logits, plain)
     assert fp8_modules(model) == names and torch.equal(model(ids).logits, fp8)
+    # a second optimize() finds FP8 linears with no full precision left: they run on their dequantised weights
+    weights.commit()
+    again = quantize_linears(model, quantize=True)
+    assert again.quantized == again.converted == 0
+    dequantised = reference("llama")
+    for name in names:
+        q = model.get_submodule(name)
+        dequantised.get_submodule(name).weight.data = q.weight.float() * q.weight_scale
+    with again.full_precision():
+        assert close(model(ids).logits, dequantised(ids).logits) <= 1e-6
+    assert torch.equal(model(ids).logits, fp8)
 
 
 # -- a failed optimize() -----------------------------------------------------------------------------------------

@@ -81,8 +81,9 @@ class _Changed:
 
 
 class Fp8Weights:
-    """What `quantize_linears` changed: `undo()` restores it, `park()` moves the full-precision weights it keeps
-    for that to the CPU, `commit()` drops them (then it cannot be undone)."""
+    """What `quantize_linears` changed (and the `Fp8Linear`s it found, unchanged): `undo()` restores it, `park()`
+    moves the full-precision weights it keeps for that to the CPU, `commit()` drops them (then it cannot be
+    undone)."""
 
     def __init__(self, changed: list[_Changed], quantized: int, converted: int) -> None:
         self.changed, self.quantized, self.converted = changed, quantized, converted
@@ -102,9 +103,9 @@ class Fp8Weights:
     @contextmanager
     def full_precision(self) -> Iterator[None]:
         """Within it no linear computes in FP8: those it quantised as they did before (their own class, their
-        full-precision weights, wherever `park()` left them), those converted from another library's FP8 (which
-        have no full precision) on their dequantised weights with activations unquantised. After it, all is as
-        before."""
+        full-precision weights, wherever `park()` left them), the others (converted from another library's FP8, or
+        quantised by an earlier `optimize()`: no full precision left) on their dequantised weights with activations
+        unquantised. After it, all is as before."""
         swapped = []
         for c in self.changed:
             m = c.module
@@ -167,6 +168,8 @@ def quantize_linears(model: torch.nn.Module, quantize: bool) -> Fp8Weights:
                 raise UnsupportedModelError(
                     f"{name}: an FP8 linear whose weight was cast to {m.weight.dtype} after nanoflow_fx quantised it "
                     "(model.to(dtype)?); its scales no longer match: reload the model")
+            else:  # (already an Fp8Linear: an earlier optimize()'s; recorded, unchanged, for `full_precision`)
+                changed.append(_Changed.of(m))
         elif quantize and id(m) not in excluded and _qualifies(m):
             changed.append(_quantize(m))
             quantized += 1
