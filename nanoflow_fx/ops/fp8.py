@@ -26,6 +26,7 @@ __all__ = ["FP8_DTYPE", "FP8_MAX", "fp8_gemm_error", "fp8_linear", "quantize_row
 
 # (e4m3 and its largest finite value, 448, as the FP8 KV cache stores them: one definition for both)
 _MIN_SCALE = float(torch.finfo(torch.float32).tiny)
+_PAD_ROWS = 15
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +42,18 @@ def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
                   bias: torch.Tensor | None, out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:
     """`x_q` [T, K] e4m3 (scales [T, 1]) times `weight` [N, K] e4m3 (scales [N, 1]) transposed -> [T, N]
     `out_dtype`, plus `bias`. K and N must be multiples of 16 (`torch._scaled_mm`)."""
-    out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=out_dtype,
-                           use_fast_accum=use_fast_accum)
+    if out_dtype == torch.float32 and x_q.is_cuda:
+        # Row-wise scales with fp32 out run on cuBLASLt, which refuses a single row (CUBLAS_STATUS_NOT_SUPPORTED at
+        # M=1 on an H100, torch 2.11): zero rows of scale 1 make M >= 16 whatever it was, so no shape is guarded.
+        # (fp32 models only: their pieces then mix tokens for `passes.annotate`, so they are not nano-batched.)
+        rows = x_q.shape[0]
+        x_q = torch.cat([x_q, x_q.new_zeros(_PAD_ROWS, x_q.shape[1])])
+        x_scale = torch.cat([x_scale, x_scale.new_ones(_PAD_ROWS, 1)])
+        out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=out_dtype,
+                               use_fast_accum=use_fast_accum)[:rows]
+    else:
+        out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=out_dtype,
+                               use_fast_accum=use_fast_accum)
     return out if bias is None else out + bias
 
 
@@ -52,7 +63,7 @@ def fp8_gemm_error(device: torch.device, dtype: torch.dtype) -> str:
         name = torch.cuda.get_device_name(device)
         return f"FP8 GEMMs need a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper), not {name}"
     try:
-        q, scale = quantize_rows(torch.ones(16, 16, device=device))
+        q, scale = quantize_rows(torch.ones(1, 16, device=device))
         scaled_linear(q, scale, q, scale, None, dtype, use_fast_accum=False)
     except (RuntimeError, NotImplementedError, ValueError) as e:
         return f"this torch build has no FP8 GEMM (torch._scaled_mm) for {dtype} on {device.type} ({e})"
