@@ -168,10 +168,11 @@ class NanoFlowConfig:
     ranks before it runs, one small all-gather on the CPU group per step; ranks that diverge raise, naming the
     difference, instead of hanging in a collective. Off saves that all-gather (`runtime.control_plane`)."""
 
-    prefix_caching: bool = False
+    prefix_caching: bool = True
     """Share the KV pages of identical prompt prefixes between requests (and keep finished requests' pages cached
     for later ones): a request whose first full pages match cached ones skips computing them
-    (`runtime.kv_cache.PageAllocator`). Off by default until measured on a GPU. Outputs are the same either way."""
+    (`runtime.kv_cache.PageAllocator`). On by default: measured to cost nothing where nothing is shared
+    (`benchmarks/bench_prefix.py`). Outputs are the same either way."""
 
     cache_dir: str | None = None
     """Where compiled work persists across processes: the captured and lowered step goes to `<cache_dir>/steps`

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -85,16 +86,19 @@ def workloads(draw: st.DrawFn) -> tuple[list[tuple[int, int, int]], SchedulerLim
     return requests, limits, largest + draw(st.integers(0, 12))
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
 @settings(max_examples=200, deadline=None)
-@given(workloads())
-def test_the_engine_finishes_every_request_without_leaking_pages(workload: tuple) -> None:  # type: ignore[type-arg]
+@given(workload=workloads())
+def test_the_engine_finishes_every_request_without_leaking_pages(workload: tuple,  # type: ignore[type-arg]
+                                                                  prefix_caching: bool) -> None:
     """The real engine driven by the scheduler, on the echo model (tests/echo_runner.py) with tokens read back at
     once: every request finishes with all its tokens, in a bounded number of steps, however often it is preempted;
-    pages are conserved throughout."""
+    pages are conserved throughout (with prefix caching, whose equal prompts share pages: every page held by as
+    many requests as its count says, or free, or cached and unheld)."""
     specs, limits, num_pages = workload
     runner = EchoRunner(num_pages, limits.page_size, limits.max_running)
     config = dataclasses.replace(DEFAULT_CONFIG, max_num_tokens=limits.max_num_tokens,
-                                 max_batch_size=limits.max_running)
+                                 max_batch_size=limits.max_running, prefix_caching=prefix_caching)
     engine = Engine(runner, config, reserve_ratio=0.0)  # type: ignore[arg-type]
     engine.limits = limits  # with its watermark (the engine's own keeps 1% of the pages)
     arrivals = sorted((t, i, p, n) for i, (t, p, n) in enumerate(specs))
@@ -106,13 +110,19 @@ def test_the_engine_finishes_every_request_without_leaking_pages(workload: tuple
         if not (arrivals or engine.has_work):
             break
         engine.step()
-        held = sum(len(r.pages) for r in engine.running)
-        assert held + engine.kv_cache.allocator.num_free == num_pages, "pages leaked or double-counted"
+        allocator = engine.kv_cache.allocator
+        allocator.check([r.pages for r in engine.running])
+        if not prefix_caching:
+            held = sum(len(r.pages) for r in engine.running)
+            assert held + allocator.num_free == num_pages, "pages leaked or double-counted"
         assert all(limits.pages_for(r.num_cached) <= len(r.pages) for r in engine.running)
     done = [r for r in requests if r.state == FINISHED]
     assert len(done) == len(specs), f"unfinished after 2000 steps ({engine.stats.preemptions} preemptions)"
     assert all(len(r.output) == r.max_new_tokens for r in done)
-    assert sorted(engine.kv_cache.allocator._free) == list(range(num_pages))
+    allocator.check([])
+    assert allocator.num_free == num_pages
+    if not prefix_caching:
+        assert sorted(allocator._free) == list(range(num_pages))
 
 
 def test_a_full_cache_preempts_the_latest_admitted_request() -> None:
