@@ -8,9 +8,11 @@ Workloads (greedy, EOS off: every request generates exactly its output length), 
   - shared: `--requests` prompts of one 768-token system prompt + 256 unique tokens, 256 new each;
   - rounds: `--conversations` chats of `--rounds` rounds, one `generate_batch` per round; round 1's prompt is 256
     random tokens, each later round's is the previous prompt + its reply + 128 new user tokens; 128 new per round.
-Per row: seconds, total (prompt + generated) tokens/s, prefill tokens found in the cache (the engine's hit rate)
-and, for rounds, the share of the reusable history (the previous rounds' prompts and replies, whole pages) found.
-Each setting runs a warm-up first. Ratios (caching on / off) per workload, measured in this run; JSON (--out).
+Settings: caching off, on, and (with --offload-gib G) on with G GiB of host memory for evicted pages. Per row:
+seconds, total (prompt + generated) tokens/s, prefill tokens found in the cache (the engine's hit rate; of which
+copied back from host memory) and, for rounds, the share of the reusable history (the previous rounds' prompts and
+replies, whole pages) found. Each setting runs a warm-up first. Speed-ups over caching off per workload, measured in
+this run; JSON (--out).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def run(model: Any, name: str, args: argparse.Namespace, gen: torch.Generator) -
         return torch.randint(3, vocab, (n,), generator=gen).tolist()
 
     stats = model.nanoflow.engine.stats
-    hit0, look0 = stats.prefix_hit_tokens, stats.prefix_lookup_tokens
+    hit0, look0, host0 = stats.prefix_hit_tokens, stats.prefix_lookup_tokens, stats.prefix_host_hit_tokens
     seconds = processed = reusable = 0.0
     if name in ("none", "shared"):
         system = tokens(768)
@@ -76,7 +78,10 @@ def run(model: Any, name: str, args: argparse.Namespace, gen: torch.Generator) -
             if r + 1 < args.rounds:  # the next round's reusable history: this round's prompt and reply, whole pages
                 reusable += sum((len(p) - 128) // page * page for p in prompts)
     hits, lookups = stats.prefix_hit_tokens - hit0, stats.prefix_lookup_tokens - look0
-    row = dict(workload=name, prefix_caching=model.nanoflow.config.prefix_caching, seconds=seconds,
+    host = model.nanoflow.engine.host_pages
+    row = dict(workload=name, prefix_caching=model.nanoflow.config.prefix_caching,
+               offload_gib=model.nanoflow.config.prefix_offload_gib, host_pages_used=host.num_used if host else 0,
+               host_hit_tokens=stats.prefix_host_hit_tokens - host0, seconds=seconds,
                total_tok_s=processed / seconds, prefill_hit_tokens=hits, prefill_lookup_tokens=lookups,
                hit_rate=hits / max(lookups, 1), **({"reusable_hit_rate": hits / reusable} if reusable else {}))
     print(f"[measured] {row}", flush=True)
@@ -93,20 +98,27 @@ def main() -> None:
     parser.add_argument("--shape", default="llama3-8b", help="benchmarks.common.SHAPES (tiny: a smoke run)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu: a smoke run of the benchmark itself)")
     parser.add_argument("--config", default="{}", help="NanoFlowConfig fields as JSON (defaults otherwise)")
+    parser.add_argument("--offload-gib", type=float, default=0.0,
+                        help="a third setting: caching on with this much host memory for evicted pages")
     parser.add_argument("--out", default="bench_prefix.json")
     args = parser.parse_args()
     model = build_model(args.shape, args.device, torch.bfloat16 if args.device == "cuda" else torch.float32)
     rows = []
-    for caching in (False, True):
-        nanoflow_fx.optimize(model, {**json.loads(args.config), "prefix_caching": caching})
+    settings = [(False, 0.0), (True, 0.0)] + ([(True, args.offload_gib)] if args.offload_gib > 0 else [])
+    for caching, offload in settings:
+        nanoflow_fx.optimize(model, {**json.loads(args.config), "prefix_caching": caching,
+                                     "prefix_offload_gib": offload})
         batch(model, [[5] * 64] * 8, 8)  # warm-up (graphs, allocator)
         for name in args.workloads:
             rows.append(run(model, name, args, torch.Generator().manual_seed(args.workloads.index(name))))
     ratios = {}
     for name in args.workloads:
-        off, on = (next(r for r in rows if r["workload"] == name and r["prefix_caching"] is c) for c in (False, True))
-        ratios[name] = off["seconds"] / on["seconds"]
+        off, *on = (r for r in rows if r["workload"] == name)
+        for r in on:
+            ratios[f"{name}, offload {r['offload_gib']:g} GiB" if r["offload_gib"] else name] = (
+                off["seconds"] / r["seconds"])
     print_markdown_table([("workload", lambda r: r["workload"]), ("caching", lambda r: str(r["prefix_caching"])),
+                          ("offload GiB", lambda r: f"{r['offload_gib']:g}"),
                           ("s", lambda r: f"{r['seconds']:.2f}"), ("total tok/s", lambda r: f"{r['total_tok_s']:,.0f}"),
                           ("prefill hit rate", lambda r: f"{100 * r['hit_rate']:.1f}%"),
                           ("of reusable history", lambda r: f"{100 * r['reusable_hit_rate']:.1f}%"

@@ -174,6 +174,12 @@ class NanoFlowConfig:
     (`runtime.kv_cache.PageAllocator`). On by default: measured to cost nothing where nothing is shared
     (`benchmarks/bench_prefix.py`). Outputs are the same either way."""
 
+    prefix_offload_gib: float = 0.0
+    """With `prefix_caching`: host memory (GiB; pinned on a GPU) for cached pages evicted from the KV cache. An
+    evicted page's K/V are copied there (the least recently evicted dropped when it is full), and a later request
+    whose chain continues there gets them copied back instead of computed (NanoFlow's multi-round KV reuse). 0: off
+    (`runtime.kv_cache.HostPages`)."""
+
     cache_dir: str | None = None
     """Where compiled work persists across processes: the captured and lowered step goes to `<cache_dir>/steps`
     (see `save_step`), the device's measured ceilings to `device_ceilings.json` (see `max_num_tokens`), Inductor's
@@ -204,6 +210,12 @@ class NanoFlowConfig:
         fraction = self.kv_cache_memory_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"NanoFlowConfig.kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
+        offload = self.prefix_offload_gib
+        if isinstance(offload, bool) or not isinstance(offload, (int, float)) or not 0 <= offload < float("inf"):
+            raise ValueError(f"NanoFlowConfig.prefix_offload_gib must be a finite number >= 0, got {offload!r}")
+        if offload > 0 and not self.prefix_caching:
+            raise ValueError("NanoFlowConfig.prefix_offload_gib keeps evicted prefix-cache pages: it needs "
+                             "prefix_caching=True")
         if not isinstance(self.experimental, ExperimentalConfig):
             raise ValueError(f"NanoFlowConfig.experimental must be an ExperimentalConfig, got {self.experimental!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -98,11 +98,20 @@ def test_capture_mismatch_is_caught_at_optimize() -> None:
         ("attention_backend", "cudnn", "attention_backend"),
         ("max_num_tokens", True, "max_num_tokens"),
         ("check_capture", "yes", "check_capture"),
+        ("prefix_offload_gib", -1.0, "prefix_offload_gib must be a finite number >= 0"),
+        ("prefix_offload_gib", float("inf"), "prefix_offload_gib"),
     ],
 )
 def test_invalid_config_values(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         nanoflow_fx.NanoFlowConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_host_offload_needs_prefix_caching() -> None:
+    with pytest.raises(ValueError, match="prefix_offload_gib keeps evicted prefix-cache pages: it needs "
+                                         "prefix_caching=True"):
+        nanoflow_fx.NanoFlowConfig(prefix_caching=False, prefix_offload_gib=1.0)
+    assert nanoflow_fx.NanoFlowConfig(prefix_offload_gib=1.0).prefix_offload_gib == 1.0
 
 
 @pytest.mark.parametrize(("field", "value"), [("sm_partition", "half"), ("memory_sms", 0),

@@ -21,7 +21,7 @@ from transformers import GenerationConfig
 
 from nanoflow_fx.errors import KVCacheExhaustedError
 from nanoflow_fx.runtime import Engine, Request, SchedulerLimits, schedule
-from nanoflow_fx.runtime.kv_cache import PageAllocator
+from nanoflow_fx.runtime.kv_cache import HostPages, PageAllocator, page_bytes
 from tests.echo_runner import EchoRunner, echo_continuation, late_readbacks
 from tests.helpers import DEFAULT_CONFIG, NO_EOS, PAD, assert_nothing_held, hf_greedy, optimized, reference
 from tests.steps import GREEDY
@@ -91,6 +91,9 @@ class _View:
     def refs(self, page: int) -> int:
         return self._refs.get(page, 0)
 
+    def host_match(self, req: Request, after: int) -> int:
+        return 0
+
 
 def test_admission_counts_a_shared_page_once() -> None:
     """Two waiting requests of 3 pages share 2 cached pages: one held by a running request (free to share), one
@@ -129,11 +132,15 @@ def test_preempting_a_request_frees_only_its_unshared_pages() -> None:
 
 # ------------------------------------------------------------------------------------------ the engine
 def _caching_engine(num_pages: int, page_size: int, budget: int, max_running: int,
-                    reserve_ratio: float | None = None) -> Engine:
+                    reserve_ratio: float | None = None, host_pages: int = 0) -> Engine:
     runner = EchoRunner(num_pages, page_size, max_running)
+    cache = runner.kv_cache
+    offload = host_pages * page_bytes(cache.layers, page_size, cache.dtype) / 2**30  # GiB that hold `host_pages`
     config = dataclasses.replace(DEFAULT_CONFIG, max_num_tokens=budget, max_batch_size=max_running,
-                                 prefix_caching=True)
-    return Engine(runner, config, reserve_ratio)  # type: ignore[arg-type]
+                                 prefix_caching=True, prefix_offload_gib=offload)
+    engine = Engine(runner, config, reserve_ratio)  # type: ignore[arg-type]
+    assert (engine.host_pages.num_pages if engine.host_pages else 0) == host_pages
+    return engine
 
 
 def _run(engine: Engine, specs: list[Spec], polls: list[int] | None = None) -> None:
@@ -197,6 +204,39 @@ def test_eviction_reuses_cached_pages_and_changes_no_token() -> None:
     assert engine.stats.prefix_hit_tokens == 12  # the last prompt's 3 pages (prompt + output); the first's evicted
 
 
+def test_evicted_pages_come_back_from_host_memory() -> None:
+    """As above, with host memory for every evicted page: the first prompt's pages, evicted from the cache, were
+    copied to the host, and its repeat gets them copied back instead of computing them (the echo model's tokens
+    would change if a page came back wrong or to the wrong place)."""
+    prompts = [tuple(range(10 * i + 3, 10 * i + 13)) for i in range(5)]
+    specs = [Spec(p, 4, arrive=8 * i) for i, p in enumerate(prompts)]
+    last_round = prompts[4] + echo_continuation(prompts[4], 2) + (91,)
+    specs += [Spec(prompts[0] + (90,), 4, arrive=60), Spec(last_round, 4, arrive=60)]
+    engine = _caching_engine(num_pages=8, page_size=4, budget=16, max_running=1, host_pages=16)
+    _run(engine, specs)
+    host = engine.host_pages
+    assert host is not None and host.saved > 0 and host.num_used == host.saved
+    assert engine.stats.prefix_host_hit_tokens == 8 == 4 * host.loaded  # the first prompt's 2 full pages
+    assert engine.stats.prefix_hit_tokens == 12 + 8
+
+
+def test_host_pages_keep_the_least_recently_used_and_never_drop_what_a_plan_loads() -> None:
+    device = [torch.arange(6 * 2, dtype=torch.float32).reshape(6, 2)]  # 6 "pages" of one layer
+    host = HostPages(device, 2)
+    host.save(0, b"a")
+    host.save(1, b"b")
+    host.save(0, b"a")  # already kept: it becomes the most recent
+    host.save(2, b"c")  # full: "b", the least recent, goes
+    assert host.count([b"a", b"c"]) == 2 and host.count([b"b", b"a"]) == 0 and host.num_used == 2
+    host.hold([b"a", b"c"])
+    host.save(3, b"d")  # everything kept is held: the evicted page is not kept
+    assert host.count([b"d"]) == 0 and host.saved == 3
+    host.load([b"c", b"a"], [5, 4])
+    assert torch.equal(device[0][5], torch.tensor([4.0, 5.0])) and torch.equal(device[0][4], torch.tensor([0.0, 1.0]))
+    host.save(3, b"d")  # no longer held: "c" (least recently loaded) goes
+    assert host.count([b"c"]) == 0 and host.count([b"a"]) == host.count([b"d"]) == 1
+
+
 def test_a_preempted_request_recomputes_from_its_cached_pages() -> None:
     """Reserving nothing on a tiny cache, requests are preempted; their recomputation hits their own pages."""
     gen = torch.Generator().manual_seed(3)
@@ -226,17 +266,29 @@ def shared_workloads(draw: st.DrawFn) -> dict[str, Any]:
     return dict(page_size=page_size, specs=specs, budget=draw(st.integers(2, 48)),
                 max_running=draw(st.integers(1, 6)), reserve_ratio=draw(st.sampled_from([None, 0.0, 0.5])),
                 num_pages=largest + draw(st.integers(0, 2 * largest)),
-                polls=draw(st.lists(st.integers(0, 3), min_size=1, max_size=6)))
+                polls=draw(st.lists(st.integers(0, 3), min_size=1, max_size=6)),
+                host_pages=draw(st.sampled_from([0, 0, 1, 3, 12])))
+
+
+@st.composite
+def offloading_workloads(draw: st.DrawFn) -> dict[str, Any]:
+    """Shared workloads one request at a time, arriving apart, on a cache that holds little more than the largest,
+    with host memory for a few pages: cached pages are evicted to the host and later requests find them there."""
+    work = draw(shared_workloads())
+    specs = [dataclasses.replace(s, arrive=12 * i) for i, s in enumerate(work["specs"])]
+    largest = max(-(-(len(s.prompt) + s.max_new) // work["page_size"]) for s in specs)
+    return dict(work, specs=specs, max_running=1, num_pages=largest + draw(st.integers(0, 2)),
+                host_pages=draw(st.integers(1, 2 * largest)))
 
 
 @settings(max_examples=200, deadline=None)
-@given(work=shared_workloads())
+@given(work=shared_workloads() | offloading_workloads())
 def test_every_request_gets_what_it_would_alone_with_prefix_caching(work: dict[str, Any]) -> None:
     """Random streams of requests sharing prefixes: the echo model's tokens of each request alone (what the engine
     gives without caching: test_engine), shared pages full, computed and never written, reference counts equal to
-    the holders after every step, every page back at the end."""
+    the holders after every step, every page back at the end; with host memory for evicted pages (none, some) too."""
     engine = _caching_engine(work["num_pages"], work["page_size"], work["budget"], work["max_running"],
-                             work["reserve_ratio"])
+                             work["reserve_ratio"], work["host_pages"])
     _run(engine, work["specs"], work["polls"])
 
 

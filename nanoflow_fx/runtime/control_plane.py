@@ -224,6 +224,7 @@ def _describe(plan: StepPlan, engine: Any) -> dict[str, Any]:
         "preempted": [r.request_id for r in plan.preempted],
         "new_pages": [(r.request_id, n) for r, n in plan.new_pages],
         "hits": [(r.request_id, pages) for r, pages in plan.hits],
+        "loads": [(r.request_id, n) for r, n in plan.loads],
         "free_pages": engine.kv_cache.allocator.num_free,
         "waiting": len(engine.waiting),
     }

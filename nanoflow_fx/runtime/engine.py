@@ -36,7 +36,7 @@ from nanoflow_fx.config import NanoFlowConfig
 from nanoflow_fx.errors import InvalidInputError, KVCacheExhaustedError, RequestTooLongError
 from nanoflow_fx.runtime.batch import to_device
 from nanoflow_fx.runtime.control_plane import ControlPlane
-from nanoflow_fx.runtime.kv_cache import PageAllocator
+from nanoflow_fx.runtime.kv_cache import HostPages, PageAllocator, page_bytes
 from nanoflow_fx.runtime.requests import FAILED, FINISHED, PENDING, RUNNING, WAITING, Request
 from nanoflow_fx.runtime.sampling import SamplingParams, sample_rows
 from nanoflow_fx.runtime.scheduler import SchedulerLimits, StepPlan, schedule
@@ -68,6 +68,7 @@ class EngineStats:
     readback_wait_s: float = 0.0  # of which blocked on the device, waiting for tokens MAX_LAG steps old
     prefix_lookup_tokens: int = 0  # (prefix caching) tokens of admitted requests (recomputations included)
     prefix_hit_tokens: int = 0  # of which found in the prefix cache: prefill tokens skipped
+    prefix_host_hit_tokens: int = 0  # of which copied back from host memory (`prefix_offload_gib`)
 
     @property
     def mean_running(self) -> float:
@@ -141,9 +142,15 @@ class Engine:
         self._ids = itertools.count()
         self._last_log = time.perf_counter()
         self.prefix: _PrefixCache | None = None
+        self.host_pages: HostPages | None = None
         if config.prefix_caching:
             allocator.key = _cache_key(runner)
-            self.prefix = _PrefixCache(allocator, self.kv_cache.page_size)
+            count = int(config.prefix_offload_gib * 2**30) // page_bytes(self.kv_cache.layers,
+                                                                         self.kv_cache.page_size, self.kv_cache.dtype)
+            if count > 0:
+                self.host_pages = HostPages(self.kv_cache.caches, count)
+                allocator.on_evict = self.host_pages.save
+            self.prefix = _PrefixCache(allocator, self.kv_cache.page_size, self.host_pages)
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int,
@@ -291,6 +298,8 @@ class Engine:
             self._share(plan)
         for req, count in plan.new_pages:
             req.pages += self.kv_cache.allocator.allocate(count)
+        if plan.loads:
+            self._load(plan)
 
     def _share(self, plan: StepPlan) -> None:
         """Give the admitted requests the cached pages they share (before any page is allocated: allocation may
@@ -303,6 +312,27 @@ class Engine:
             req.num_cached = len(hits) * page_size
             stats.prefix_hit_tokens += req.num_cached
         stats.prefix_lookup_tokens += sum(r.num_tokens for r in plan.admitted)
+        if plan.loads:  # (held before this step's allocations evict pages to host memory)
+            assert self.prefix is not None and self.host_pages is not None
+            for req, count in plan.loads:
+                first = len(req.pages)
+                self.host_pages.hold(self.prefix.hashes(req, first + count)[first:])
+
+    def _load(self, plan: StepPlan) -> None:
+        """Copy the pages the plan found in host memory into the requests' first new pages, and cache them."""
+        assert self.prefix is not None and self.host_pages is not None
+        page_size, stats = self.kv_cache.page_size, self.stats
+        for req, count in plan.loads:
+            first = req.num_registered
+            pages = req.pages[first:first + count]
+            hashes = self.prefix.hashes(req, first + count)[first:]
+            self.host_pages.load(hashes, pages)
+            for page, page_hash in zip(pages, hashes):
+                self.kv_cache.allocator.register(page, page_hash)
+            req.num_registered = first + count
+            req.num_cached = req.num_registered * page_size
+            stats.prefix_hit_tokens += count * page_size
+            stats.prefix_host_hit_tokens += count * page_size
 
     def _run(self, plan: StepPlan) -> None:
         logits = self.runner.run(plan.chunks)
@@ -422,20 +452,21 @@ class Engine:
         if now - self._last_log < _LOG_EVERY_S or not log.isEnabledFor(logging.INFO):
             return
         self._last_log = now
-        alloc = self.kv_cache.allocator
+        alloc, host = self.kv_cache.allocator, self.host_pages
         log.info("nanoflow_fx engine: %d running, %d waiting, %d finished, %d preemptions, KV cache %.0f%% used, "
-                 "mean running batch %.1f over %d steps%s", len(self.running), len(self.waiting), self.stats.finished,
-                 self.stats.preemptions, 100 * (1 - alloc.num_free / max(alloc.num_pages, 1)),
+                 "mean running batch %.1f over %d steps%s%s", len(self.running), len(self.waiting),
+                 self.stats.finished, self.stats.preemptions, 100 * (1 - alloc.num_free / max(alloc.num_pages, 1)),
                  self.stats.mean_running, self.stats.steps,
-                 f", prefix cache hit rate {100 * self.stats.prefix_hit_rate:.0f}%" if self.prefix is not None else "")
+                 f", prefix cache hit rate {100 * self.stats.prefix_hit_rate:.0f}%" if self.prefix is not None else "",
+                 f", host pages {host.num_used} of {host.num_pages}" if host is not None else "")
 
 
 class _PrefixCache:
     """The engine's side of prefix caching: request token hashes (memoised on the request), what the scheduler
     reads (`scheduler.PrefixView`) and registration of computed pages."""
 
-    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
-        self.allocator, self.page_size = allocator, page_size
+    def __init__(self, allocator: PageAllocator, page_size: int, host: HostPages | None = None) -> None:
+        self.allocator, self.page_size, self.host = allocator, page_size, host
         self.refs = allocator.refs
 
     def hashes(self, req: Request, count: int) -> list[bytes]:
@@ -449,6 +480,13 @@ class _PrefixCache:
 
     def match(self, req: Request) -> list[int]:
         return self.allocator.match(self.hashes(req, (req.num_tokens - 1) // self.page_size))
+
+    def host_match(self, req: Request, after: int) -> int:
+        """How many of `req`'s full pages after its first `after` (cached ones) host memory holds, in a chain (at
+        most its tokens - 1 in all, as `match`)."""
+        if self.host is None:
+            return 0
+        return self.host.count(self.hashes(req, (req.num_tokens - 1) // self.page_size)[after:])
 
     def register(self, req: Request) -> None:
         """Register `req`'s full pages whose K/V are computed and whose tokens are known (none PENDING)."""

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,8 +21,8 @@ from nanoflow_fx.ops import kv_quant
 from nanoflow_fx.ops.backend import AttentionConfig
 from nanoflow_fx.ops.reference import read_pages
 
-__all__ = ["PageAllocator", "PagedKVCache", "default_pages", "page_bytes", "pages_from_memory", "profile_pages",
-           "profile_requests"]
+__all__ = ["HostPages", "PageAllocator", "PagedKVCache", "default_pages", "page_bytes", "pages_from_memory",
+           "profile_pages", "profile_requests"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class PageAllocator:
         self._lru: OrderedDict[int, None] = OrderedDict()  # cached pages no request holds, least recent first
         self._page_of: dict[bytes, int] = {}  # registered hash -> page
         self._hash_of: dict[int, bytes] = {}  # page -> its registered hash
+        self.on_evict: Callable[[int, bytes], None] | None = None  # told (page, hash) before a cached page is reused
 
     @property
     def num_free(self) -> int:
@@ -76,7 +77,10 @@ class PageAllocator:
             pages = [free.pop() for _ in range(len(free))]
             while len(pages) < count:
                 page, _ = self._lru.popitem(last=False)  # evict the least recently freed cached page
-                del self._page_of[self._hash_of.pop(page)]
+                page_hash = self._hash_of.pop(page)
+                del self._page_of[page_hash]
+                if self.on_evict is not None:
+                    self.on_evict(page, page_hash)
                 pages.append(page)
         refs = self._refs
         for page in pages:
@@ -144,6 +148,71 @@ class PageAllocator:
             raise AssertionError("the LRU list holds an unregistered page, or the free list a page twice")
         if any(self._page_of[h] != p for p, h in self._hash_of.items()) or len(self._page_of) != len(self._hash_of):
             raise AssertionError("the prefix cache's hash -> page and page -> hash tables disagree")
+
+
+class HostPages:
+    """The prefix cache's second tier: the K/V of cached pages evicted from the device, kept in host memory (pinned
+    when the cache is on a GPU) under their chained hashes, `num_pages` of them; when full, the least recently used
+    is dropped. Copies run on the current stream, in the order the engine issues them: a page's K/V leave before the
+    step that overwrites it runs, and come back before the step that reads them.
+
+    The engine `save`s each page the allocator evicts (`PageAllocator.on_evict`), `count`s how far a request's chain
+    continues here after its cached pages, `hold`s the entries a plan will load (so that the saves the same step's
+    allocations make cannot drop them), then `load`s them into the request's new pages. Like the allocator, it is a
+    pure function of the calls made (tensor-parallel ranks keep equal tables)."""
+
+    def __init__(self, caches: Sequence[torch.Tensor], num_pages: int) -> None:
+        pin = caches[0].device.type == "cuda"
+        self.caches, self.num_pages = tuple(caches), num_pages
+        self.data = tuple(torch.empty((num_pages, *c.shape[1:]), dtype=c.dtype, pin_memory=pin) for c in caches)
+        self._free = list(range(num_pages - 1, -1, -1))
+        self._slot_of: OrderedDict[bytes, int] = OrderedDict()  # hash -> slot, least recently used first
+        self._held: set[bytes] = set()
+        self.saved = self.loaded = 0  # pages copied out, pages copied back
+
+    @property
+    def num_used(self) -> int:
+        return len(self._slot_of)
+
+    def save(self, page: int, page_hash: bytes) -> None:
+        """Keep device page `page`'s K/V under `page_hash` (before the page is reused)."""
+        if page_hash in self._slot_of:  # (its K/V are here already: a page is only cached once computed)
+            self._slot_of.move_to_end(page_hash)
+            return
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = next((h for h in self._slot_of if h not in self._held), None)
+            if victim is None:  # every entry is about to be loaded: the evicted page is not kept
+                return
+            slot = self._slot_of.pop(victim)
+        self._slot_of[page_hash] = slot
+        for host, device in zip(self.data, self.caches):
+            host[slot].copy_(device[page], non_blocking=True)
+        self.saved += 1
+
+    def count(self, hashes: Sequence[bytes]) -> int:
+        """How many of `hashes` (a chain, in order) are here before the first that is not."""
+        count = 0
+        for page_hash in hashes:
+            if page_hash not in self._slot_of:
+                break
+            count += 1
+        return count
+
+    def hold(self, hashes: Sequence[bytes]) -> None:
+        """Keep `hashes`' entries until they are loaded (`save` drops others first)."""
+        self._held.update(hashes)
+
+    def load(self, hashes: Sequence[bytes], pages: Sequence[int]) -> None:
+        """Copy the K/V kept under `hashes` into device `pages` (one each), and release their hold."""
+        for page_hash, page in zip(hashes, pages, strict=True):
+            slot = self._slot_of[page_hash]
+            self._slot_of.move_to_end(page_hash)
+            for host, device in zip(self.data, self.caches):
+                device[page].copy_(host[slot], non_blocking=True)
+            self._held.discard(page_hash)
+        self.loaded += len(pages)
 
 
 def page_bytes(layers: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype) -> int:

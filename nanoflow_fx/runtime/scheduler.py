@@ -76,6 +76,10 @@ class PrefixView(Protocol):
         """How many requests hold `page`."""
         ...
 
+    def host_match(self, req: Request, after: int) -> int:
+        """How many of `req`'s full pages after its first `after` host memory holds (`prefix_offload_gib`)."""
+        ...
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -86,6 +90,7 @@ class StepPlan:
     preempted: tuple[Request, ...]  # running -> front of the waiting queue (pages freed)
     new_pages: tuple[tuple[Request, int], ...]  # pages each request must gain before the step runs
     hits: tuple[tuple[Request, tuple[int, ...]], ...] = ()  # cached pages admitted requests share (then new ones)
+    loads: tuple[tuple[Request, int], ...] = ()  # of an admitted request's new pages, how many come from host memory
 
     @property
     def num_tokens(self) -> int:
@@ -104,7 +109,7 @@ def schedule(running: Sequence[Request], waiting: Sequence[Request], free_pages:
     # One-token chunks lead the step: the attention backend runs them on its decode kernel (batch.build_step).
     chunks = sorted(plan.chunks, key=lambda c: c.num_tokens > 1)
     return StepPlan(tuple(chunks), tuple(plan.admitted), tuple(plan.preempted),
-                    tuple((r, n) for r, n in plan.grants.items() if n > 0), tuple(plan.hits))
+                    tuple((r, n) for r, n in plan.grants.items() if n > 0), tuple(plan.hits), tuple(plan.loads))
 
 
 class _Planner:
@@ -120,6 +125,7 @@ class _Planner:
         self.gone: set[Request] = set()  # the preempted, for O(1) membership on the per-step path
         self.grants: dict[Request, int] = {}
         self.hits: list[tuple[Request, tuple[int, ...]]] = []
+        self.loads: list[tuple[Request, int]] = []
         self.taken: dict[int, int] = {}  # (prefix caching) references this plan adds (+) or drops (-) per page
 
     def _missing_pages(self, req: Request, num_tokens: int) -> int:
@@ -201,11 +207,16 @@ class _Planner:
             self.grants[req] = pages - len(hits)
             self.free -= cost
             self.admitted.append(req)
-            start = len(hits) * limits.page_size  # a waiting request caches nothing but what it shares
+            # a waiting request caches nothing but what it shares, and what host memory gives back to its first
+            # new pages (copied in before the step runs)
+            loads = self.prefix.host_match(req, len(hits)) if self.prefix is not None else 0
+            start = (len(hits) + loads) * limits.page_size
             if hits:
                 self.hits.append((req, hits))
                 for page in hits:
                     self.taken[page] = self.taken.get(page, 0) + 1
+            if loads:
+                self.loads.append((req, loads))
             n = min(req.num_tokens - start, self.budget)
             self.chunks.append(Chunk(req, n, start))
             self.budget -= n
