@@ -64,6 +64,19 @@ for step in ${STEPS:-tests example}; do
     auto) run auto ${AUTO_S:-400} python3 -m benchmarks.research.bench_auto --config "$NF_CONFIG" --out "$OUT/auto.json" ;;
     corun) run corun ${CORUN_S:-150} python3 -m benchmarks.research.probe_corun ${CORUN_ARGS:-} --out "$OUT/corun.json" ;;
     ttft) run ttft ${TTFT_S:-200} python3 -m benchmarks.first_token --out "$OUT/ttft.json" ;;
+    prefix) run bench_prefix ${PREFIX_S:-300} python3 -m benchmarks.bench_prefix ${PREFIX_ARGS:-} --out "$OUT/bench_prefix.json" ;;
+    fp8_noise) run fp8_noise ${NOISE_S:-260} python3 -m benchmarks.research.probe_fp8_noise --out "$OUT/fp8_noise.json" ;;
+    fp8_engine) # bf16, FP8 KV, FP8 KV + FP8 linears: the engine on 1024/512, one process each, same machine
+      for pair in 'bf16|{}' 'fp8_kv|{"kv_cache_dtype": "fp8_e4m3"}' \
+                  'fp8_both|{"kv_cache_dtype": "fp8_e4m3", "linear_dtype": "fp8_e4m3"}'; do
+        run "offline_${pair%%|*}" ${OFFLINE_S:-130} python3 -m benchmarks.bench_offline --workloads 1024x512 \
+          --requests ${REQUESTS:-256} --no-static --config "${pair#*|}" --out "$OUT/offline_${pair%%|*}.json"
+      done ;;
+    seventy) # the 70B shape, FP8 linears made directly, FP8 KV: whole on an H200, its first 60 layers on an H100
+      LAYERS=$(python3 -c "import torch; print('' if torch.cuda.get_device_properties(0).total_memory > 100e9 else '--layers 60')")
+      [ -n "${CFG70:-}" ] || CFG70='{"kv_cache_dtype": "fp8_e4m3", "linear_dtype": "fp8_e4m3"}'
+      run offline_70b ${S70:-400} python3 -m benchmarks.bench_offline --shape llama3-70b --fp8-build $LAYERS \
+        --workloads 1024x512 --requests ${REQUESTS:-256} --no-static --config "$CFG70" --out "$OUT/offline_70b.json" ;;
     *.py) module=${step%.py}; run "$(basename "$step" .py)" 300 python3 -m "${module//\//.}" ;;  # a script path
     *) run "$step" 300 python3 -m "$step" ;;  # a module name, e.g. benchmarks.research.probe_gemm_cuts
   esac

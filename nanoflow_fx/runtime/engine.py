@@ -315,7 +315,7 @@ class Engine:
         if plan.loads:  # (held before this step's allocations evict pages to host memory)
             assert self.prefix is not None and self.host_pages is not None
             for req, count in plan.loads:
-                first = len(req.pages)
+                first = req.num_registered  # (its shared pages)
                 self.host_pages.hold(self.prefix.hashes(req, first + count)[first:])
 
     def _load(self, plan: StepPlan) -> None:

@@ -162,9 +162,8 @@ class HostPages:
     pure function of the calls made (tensor-parallel ranks keep equal tables)."""
 
     def __init__(self, caches: Sequence[torch.Tensor], num_pages: int) -> None:
-        pin = caches[0].device.type == "cuda"
         self.caches, self.num_pages = tuple(caches), num_pages
-        self.data = tuple(torch.empty((num_pages, *c.shape[1:]), dtype=c.dtype, pin_memory=pin) for c in caches)
+        self.data: tuple[torch.Tensor, ...] = ()  # per layer [num_pages, ...a page's shape], made at the first save
         self._free = list(range(num_pages - 1, -1, -1))
         self._slot_of: OrderedDict[bytes, int] = OrderedDict()  # hash -> slot, least recently used first
         self._held: set[bytes] = set()
@@ -179,6 +178,10 @@ class HostPages:
         if page_hash in self._slot_of:  # (its K/V are here already: a page is only cached once computed)
             self._slot_of.move_to_end(page_hash)
             return
+        if not self.data:  # (pinning takes a while: only an engine that evicts pays it)
+            pin = self.caches[0].device.type == "cuda"
+            self.data = tuple(torch.empty((self.num_pages, *c.shape[1:]), dtype=c.dtype, pin_memory=pin)
+                              for c in self.caches)
         if self._free:
             slot = self._free.pop()
         else:
