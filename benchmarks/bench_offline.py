@@ -266,7 +266,7 @@ def _copy(stats: Any) -> Any:
 def print_table(meta: dict, rows: list[dict]) -> None:
     print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, transformers {meta['transformers']}; "
           f"{meta['shape']} x {meta['layers']} layers; layer GEMMs ({meta['gemm_dtype']}) {meta['gemm_tflops']:.0f} "
-          "TFLOP/s; optimum {meta['optimum_tok_s']['measured']:,.0f} tok/s "
+          f"TFLOP/s; optimum {meta['optimum_tok_s']['measured']:,.0f} tok/s "
           f"(measured rate), {meta['optimum_tok_s']['spec']:,.0f} (spec peak)")
     print_markdown_table([
         ("workload", lambda r: f"{r['workload']}"), ("case", lambda r: f"{r['case']}"),
@@ -277,6 +277,7 @@ def print_table(meta: dict, rows: list[dict]) -> None:
         ("KV use", lambda r: f"{r.get('kv_use_pct', float('nan')):.0f}%"),
         ("preemptions", lambda r: f"{r.get('preemptions', '-')}"),
     ], rows)
+
 
 if __name__ == "__main__":
     main()
