@@ -324,13 +324,9 @@ class Engine:
         page_size, stats = self.kv_cache.page_size, self.stats
         for req, count in plan.loads:
             first = req.num_registered
-            pages = req.pages[first:first + count]
-            hashes = self.prefix.hashes(req, first + count)[first:]
-            self.host_pages.load(hashes, pages)
-            for page, page_hash in zip(pages, hashes):
-                self.kv_cache.allocator.register(page, page_hash)
-            req.num_registered = first + count
-            req.num_cached = req.num_registered * page_size
+            self.host_pages.load(self.prefix.hashes(req, first + count)[first:], req.pages[first:first + count])
+            req.num_cached = (first + count) * page_size
+            self.prefix.register(req)  # (its K/V are in place and its prompt known: cached again)
             stats.prefix_hit_tokens += count * page_size
             stats.prefix_host_hit_tokens += count * page_size
 
