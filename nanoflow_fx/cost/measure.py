@@ -312,8 +312,7 @@ def decode_kernel_timings(runtime: Any, vocab_size: int, shape: StepShape, share
     backend, cache = runtime.attention_backend, runtime.kv_cache
     with decode_rows(runtime, vocab_size, shape) as rows:
         host, metadata = rows.host, rows.metadata
-        planner = backend.make_planner(runtime.attention_configs, cache.page_size, cache.model_dtype, cache.device,
-                                       kv_dtype=cache.dtype)
+        planner = cache.make_planner(backend, runtime.attention_configs)
         plan = planner.plan_tables(host[0], host[1], host[3], metadata[2]) if planner is not None else None
         timings = []
         for sms in shares:

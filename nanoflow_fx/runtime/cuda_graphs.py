@@ -27,7 +27,7 @@ from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
 from nanoflow_fx.ops.split_metadata import split_attention_metadata
 from nanoflow_fx.runtime.batch import Chunk, HostStaging, StepInputs, StepShape, build_step, feed_pending
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
-from nanoflow_fx.runtime.program_runner import NanobatchStep, SplitPolicy, cut_bounds
+from nanoflow_fx.runtime.program_runner import NanobatchStep, SplitPolicy, cut_bounds, planned_nanobatches
 
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE  # (what CUDAGraph.pool() returns and torch.cuda.graph takes)
@@ -156,9 +156,7 @@ class CudaGraphRunner:
         nanobatches = self._nanobatches(shape, host) if self.split_policy is not None else None
         planner, plans = None, None
         if nanobatches is None:
-            planner = self.backend.make_planner(self.attention_configs, cache.page_size, cache.model_dtype,
-                                                cache.device, decode_batch=shape.requests, max_pages=shape.pages,
-                                                kv_dtype=cache.dtype)
+            planner = cache.make_planner(self.backend, self.attention_configs, shape.requests, shape.pages)
             plans = planner.plan(host.metadata, inputs.metadata.kv_indices) if planner is not None else None
         context = StepContext(plans=plans, nanobatches=nanobatches)
 
@@ -191,13 +189,8 @@ class CudaGraphRunner:
         sizes = _nanobatch_sizes(attention, shape)
         parts = split_attention_metadata(*host.metadata.tensors()[:4], cache.page_size, attention, pad=sizes,
                                          pin=True)
-        metadata = tuple(tuple(t.to(cache.device, non_blocking=True) for t in part) for part in parts)
-        planners = tuple(self.backend.make_planner(self.attention_configs, cache.page_size, cache.model_dtype,
-                                                   cache.device, decode_batch=rows, max_pages=pages,
-                                                   kv_dtype=cache.dtype) for rows, pages in sizes)
-        plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2]) if planner is not None else None
-                      for planner, part, meta in zip(planners, parts, metadata))
-        return NanobatchStep(boundaries, metadata, plans, cut.units, attention if attention != boundaries else None)
+        planners = [cache.make_planner(self.backend, self.attention_configs, rows, pages) for rows, pages in sizes]
+        return planned_nanobatches(parts, planners, cache.device, cut.units, boundaries, attention)
 
     def run(self, chunks: Sequence[Chunk], shape: StepShape, all_logits: bool) -> torch.Tensor:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""

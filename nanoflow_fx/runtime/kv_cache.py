@@ -18,7 +18,7 @@ import torch
 
 from nanoflow_fx.errors import KVCacheExhaustedError
 from nanoflow_fx.ops import kv_quant
-from nanoflow_fx.ops.backend import AttentionConfig
+from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, Planner
 from nanoflow_fx.ops.reference import read_pages
 
 __all__ = ["HostPages", "PageAllocator", "PagedKVCache", "default_pages", "page_bytes", "pages_from_memory",
@@ -294,6 +294,13 @@ class PagedKVCache:
     @property
     def num_bytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.caches)
+
+    def make_planner(self, backend: AttentionBackend, configs: Sequence[AttentionConfig],
+                     decode_batch: int | None = None, max_pages: int = 0) -> Planner | None:
+        """`backend`'s planner for steps over this cache (queries in `model_dtype`, pages of `dtype`); with
+        `decode_batch`, a CUDA-graph bucket's (`AttentionBackend.make_planner`)."""
+        return backend.make_planner(configs, self.page_size, self.model_dtype, self.device, decode_batch, max_pages,
+                                    kv_dtype=self.dtype)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)

@@ -49,8 +49,8 @@ from nanoflow_fx.passes.info import ATTENTION_OP
 from nanoflow_fx.runtime.streams import StreamAction, stream_actions
 from nanoflow_fx.schedule import NanoOp, OpGroup, Schedule, Split, validate
 
-__all__ = ["Cut", "NanobatchStep", "PieceTimer", "ProgramRunner", "Units", "make_units", "program_schedule",
-           "schedule_of", "sm_carveout"]
+__all__ = ["Cut", "NanobatchStep", "PieceTimer", "ProgramRunner", "Units", "make_units", "planned_nanobatches",
+           "program_schedule", "schedule_of", "sm_carveout"]
 
 WHOLE = "whole"
 SPLIT = "nb"
@@ -120,6 +120,18 @@ class NanobatchStep:
     def whole(self) -> bool:
         """Neither the dense pieces nor the attention calls are cut."""
         return self.num_nanobatches == 1 and (self.attention_boundaries is None or len(self.attention_boundaries) == 2)
+
+
+def planned_nanobatches(parts: Sequence[Sequence[torch.Tensor]], planners: Sequence[Any], device: torch.device,
+                        units: Units | None, boundaries: tuple[int, ...],
+                        attention: tuple[int, ...]) -> NanobatchStep:
+    """The `NanobatchStep` of a cut at `boundaries` (its attention calls at `attention`) whose attention nano-batches
+    have the host tables `parts` (qo_indptr, kv_indptr, kv_indices, kv_last_page_len each; `split_attention_metadata`):
+    each table copied to `device` and planned by its own planner (None: a backend that plans nothing)."""
+    metadata = tuple(tuple(t.to(device, non_blocking=True) for t in part) for part in parts)
+    plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2]) if planner is not None else None
+                  for planner, part, meta in zip(planners, parts, metadata))
+    return NanobatchStep(boundaries, metadata, plans, units, attention if attention != boundaries else None)
 
 
 def make_units(mode: str, memory_sms: int) -> Units | None:

@@ -32,7 +32,7 @@ from nanoflow_fx.ops.split_metadata import split_attention_metadata
 from nanoflow_fx.runtime.batch import Chunk, HostStaging, build_step, feed_pending, to_device
 from nanoflow_fx.runtime.cuda_graphs import CudaGraphRunner
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
-from nanoflow_fx.runtime.program_runner import NanobatchStep, PieceTimer, SplitPolicy, cut_bounds
+from nanoflow_fx.runtime.program_runner import NanobatchStep, PieceTimer, SplitPolicy, cut_bounds, planned_nanobatches
 from nanoflow_fx.runtime.requests import Request
 from nanoflow_fx.runtime.sampling import SamplingParams
 
@@ -85,9 +85,7 @@ class StepRunner:
         self.attention_configs = tuple(attention_configs)
         self.split_policy = split_policy
         self._nanobatch_planners: list[Planner | None] = []
-        self.planner: Planner | None = backend.make_planner(self.attention_configs, kv_cache.page_size,
-                                                            kv_cache.model_dtype, kv_cache.device,
-                                                            kv_dtype=kv_cache.dtype)
+        self.planner: Planner | None = kv_cache.make_planner(backend, self.attention_configs)
         # Reused host buffers for each step's inputs (CUDA: they are copied to the device; see HostStaging).
         self.staging = HostStaging() if kv_cache.device.type == "cuda" else None
         self.cuda_graphs: CudaGraphRunner | None = None  # set by enable_cuda_graphs()
@@ -294,17 +292,11 @@ class StepRunner:
             return None
         assert cut is not None  # (cut_bounds cuts nothing without one)
         boundaries, attention = bounds
-        on_cuda = self.device.type == "cuda"
         # one attention plan and metadata per attention nano-batch (the dense pieces' cut needs none)
-        parts = split_attention_metadata(*host, self.kv_cache.page_size, attention, pin=on_cuda)
-        metadata = tuple(tuple(t.to(self.device, non_blocking=True) for t in part) for part in parts)
+        parts = split_attention_metadata(*host, self.kv_cache.page_size, attention, pin=self.device.type == "cuda")
         while len(self._nanobatch_planners) < len(parts):
-            self._nanobatch_planners.append(self.backend.make_planner(
-                self.attention_configs, self.kv_cache.page_size, self.kv_cache.model_dtype, self.device,
-                kv_dtype=self.kv_cache.dtype))
-        plans = tuple(planner.plan_tables(part[0], part[1], part[3], meta[2]) if planner is not None else None
-                      for planner, part, meta in zip(self._nanobatch_planners, parts, metadata))
-        return NanobatchStep(boundaries, metadata, plans, cut.units, attention if attention != boundaries else None)
+            self._nanobatch_planners.append(self.kv_cache.make_planner(self.backend, self.attention_configs))
+        return planned_nanobatches(parts, self._nanobatch_planners, self.device, cut.units, boundaries, attention)
 
     def run_prompts(self, prompts: Sequence[Sequence[int]], all_logits: bool = False,
                     trace_only: bool = False) -> torch.Tensor:
