@@ -21,7 +21,7 @@ from transformers import GenerationConfig
 
 from nanoflow_fx.errors import KVCacheExhaustedError
 from nanoflow_fx.runtime import Engine, Request, SchedulerLimits, schedule
-from nanoflow_fx.runtime.kv_cache import HostPages, PageAllocator, page_bytes
+from nanoflow_fx.runtime.kv_cache import HostPages, PageAllocator, _runs, page_bytes
 from tests.echo_runner import EchoRunner, echo_continuation, late_readbacks
 from tests.helpers import DEFAULT_CONFIG, NO_EOS, PAD, assert_nothing_held, hf_greedy, optimized, reference
 from tests.steps import GREEDY
@@ -92,7 +92,7 @@ class _View:
         return self._refs.get(page, 0)
 
     def host_match(self, req: Request, after: int) -> int:
-        return 0
+        return self.host.get(req.request_id, 0) if hasattr(self, "host") else 0
 
 
 def test_admission_counts_a_shared_page_once() -> None:
@@ -110,6 +110,22 @@ def test_admission_counts_a_shared_page_once() -> None:
         ("run", 8, 1, True), ("a", 8, 4, True), ("b", 8, 3, True)]
     plan = schedule([running], [a, b], 2, limits, view)  # b's new page does not fit
     assert plan.admitted == (a,)
+
+
+def test_a_request_whose_pages_come_from_host_memory_runs_from_the_next_step() -> None:
+    """Request a shares 1 cached page and host memory holds its next 2: the plan admits it, grants its pages and
+    loads 2 of them, but gives it no chunk (the copies run under this step); b, behind it, is admitted and runs.
+    Next step, a (its pages in place) is a prefill under way: its chunk starts after the loaded pages."""
+    limits = SchedulerLimits(max_num_tokens=64, max_running=4, page_size=4)
+    a, b = Request("a", [3] * 14, GREEDY, 1), Request("b", [3] * 6, GREEDY, 1)
+    view = _View({"a": [0]}, {0: 1})
+    view.host = {"a": 2}  # type: ignore[attr-defined]
+    plan = schedule([], [a, b], 8, limits, view)
+    assert plan.admitted == (a, b) and plan.loads == ((a, 2),) and dict(plan.new_pages) == {a: 3, b: 2}
+    assert [(c.request.request_id, c.start, c.num_tokens) for c in plan.chunks] == [("b", 0, 6)]
+    a.pages, a.num_cached, a.state = [0, 5, 6, 7], 12, "running"  # (the engine: shared, granted, loaded)
+    plan = schedule([a], [], 4, limits, view)
+    assert [(c.request.request_id, c.start, c.num_tokens, c.completes) for c in plan.chunks] == [("a", 12, 2, True)]
 
 
 def test_preempting_a_request_frees_only_its_unshared_pages() -> None:
@@ -231,10 +247,32 @@ def test_host_pages_keep_the_least_recently_used_and_never_drop_what_a_plan_load
     host.hold([b"a", b"c"])
     host.save(3, b"d")  # everything kept is held: the evicted page is not kept
     assert host.count([b"d"]) == 0 and host.saved == 3
+    host.flush()  # (the engine's order: a step's saves go out, then its loads come in)
     host.load([b"c", b"a"], [5, 4])
     assert torch.equal(device[0][5], torch.tensor([4.0, 5.0])) and torch.equal(device[0][4], torch.tensor([0.0, 1.0]))
     host.save(3, b"d")  # no longer held: "c" (least recently loaded) goes
     assert host.count([b"c"]) == 0 and host.count([b"a"]) == host.count([b"d"]) == 1
+
+
+def test_host_pages_copy_runs_of_consecutive_pages_and_slots_as_one() -> None:
+    """Saves are copied at `flush`, and consecutive pages into consecutive slots go as one copy per layer; every
+    page lands where it belongs either way."""
+    device = [torch.arange(8 * 2, dtype=torch.float32).reshape(8, 2), -torch.arange(8 * 2.0).reshape(8, 2)]
+    host = HostPages(device, 4)
+    for page, name in ((2, b"a"), (3, b"b"), (4, b"c"), (0, b"d")):
+        host.save(page, name)
+    assert host.data[0].shape == (4, 2) and host.saved == 4
+    host.data[0].zero_(), host.data[1].zero_()
+    assert _runs([(2, 0), (3, 1), (4, 2), (0, 3)]) == [(2, 0, 3), (0, 3, 1)]
+    assert _runs([(4, 0), (5, 2), (6, 3), (6, 1)]) == [(4, 0, 1), (5, 2, 2), (6, 1, 1)]
+    host.flush()
+    expected = [d[[2, 3, 4, 0]] for d in device]
+    assert all(torch.equal(h, e) for h, e in zip(host.data, expected))
+    for d in device:
+        d.zero_()
+    host.load([b"a", b"b", b"c", b"d"], [4, 5, 6, 1])
+    assert all(torch.equal(d[[4, 5, 6, 1]], e) for d, e in zip(device, expected))
+    assert host.loaded == 4
 
 
 def test_a_preempted_request_recomputes_from_its_cached_pages() -> None:
@@ -371,6 +409,33 @@ def test_prefix_caching_on_cuda_with_graphs_equals_hf() -> None:
     for i, result in enumerate(results.values()):
         assert list(result.generated_tokens) == want[i], f"request {i}"
     assert engine.stats.prefix_hit_tokens >= hits + 4 * 12  # each request shares the system prompt's 3 pages
+    allocator = model.nanoflow.kv_cache.allocator
+    assert allocator.num_free == allocator.num_pages
+    allocator.check([])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_pages_offloaded_to_host_memory_come_back_token_exact(device: str) -> None:
+    """A 24-page cache (fp32; on CUDA with Triton attention and CUDA graphs, the copies on the copy stream): a
+    prompt's pages are evicted by three others and copied to host memory; its follow-up gets them copied back
+    under a step and computes only what follows; every request's tokens equal HF eager generate() of it alone."""
+    graphs = device == "cuda"
+    config = dataclasses.replace(DEFAULT_CONFIG, num_pages=24, prefix_caching=True, prefix_offload_gib=0.01,
+                                 cuda_graphs=graphs, **({"attention_backend": "triton"} if graphs else {}))
+    model = optimized("llama", config, device=device)
+    engine = model.nanoflow.engine
+    gen = torch.Generator().manual_seed(23)
+    first = torch.randint(3, VOCAB, (30,), generator=gen).tolist()
+    others = [torch.randint(3, VOCAB, (30,), generator=gen).tolist() for _ in range(3)]
+    follow_up = first + torch.randint(3, VOCAB, (5,), generator=gen).tolist()
+    host_hits = engine.stats.prefix_host_hit_tokens
+    for prompt in [first, *others, follow_up]:
+        result = next(iter(model.generate_batch([prompt], max_new_tokens=8).values()))
+        ref = reference("llama", device=device).generate(torch.tensor([prompt], device=device), max_new_tokens=8,
+                                                         do_sample=False, eos_token_id=NO_EOS, pad_token_id=PAD)
+        assert list(result.generated_tokens) == ref[0, len(prompt):].tolist()
+    assert engine.stats.prefix_host_hit_tokens - host_hits == 7 * 4  # the first prompt's 7 full pages
+    assert engine.host_pages is not None and engine.host_pages.loaded >= 7
     allocator = model.nanoflow.kv_cache.allocator
     assert allocator.num_free == allocator.num_pages
     allocator.check([])

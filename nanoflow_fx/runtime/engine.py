@@ -247,6 +247,8 @@ class Engine:
             return
         self._apply(plan)
         if not plan.chunks:
+            if plan.loads:  # (the loading requests' chunks run next step)
+                return
             if self.inflight:  # e.g. the queue's head waits for its last tokens: read them back
                 self._resolve_oldest()
             elif self.waiting:
@@ -276,6 +278,8 @@ class Engine:
             self.step()
 
     def _apply(self, plan: StepPlan) -> None:
+        if self.host_pages is not None:
+            self.host_pages.wait_loads()  # (the pages the last step's plan loaded: this step reads them)
         for req in sorted(plan.preempted, key=lambda r: r.arrival, reverse=True):
             self.running.remove(req)
             self._release(req)
@@ -298,6 +302,8 @@ class Engine:
             self._share(plan)
         for req, count in plan.new_pages:
             req.pages += self.kv_cache.allocator.allocate(count)
+        if self.host_pages is not None:
+            self.host_pages.flush()  # (the evicted pages go out before this step overwrites them)
         if plan.loads:
             self._load(plan)
 

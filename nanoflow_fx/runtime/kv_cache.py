@@ -153,13 +153,21 @@ class PageAllocator:
 class HostPages:
     """The prefix cache's second tier: the K/V of cached pages evicted from the device, kept in host memory (pinned
     when the cache is on a GPU) under their chained hashes, `num_pages` of them; when full, the least recently used
-    is dropped. Copies run on the current stream, in the order the engine issues them: a page's K/V leave before the
-    step that overwrites it runs, and come back before the step that reads them.
+    is dropped.
 
     The engine `save`s each page the allocator evicts (`PageAllocator.on_evict`), `count`s how far a request's chain
     continues here after its cached pages, `hold`s the entries a plan will load (so that the saves the same step's
     allocations make cannot drop them), then `load`s them into the request's new pages. Like the allocator, it is a
-    pure function of the calls made (tensor-parallel ranks keep equal tables)."""
+    pure function of the calls made (tensor-parallel ranks keep equal tables).
+
+    On a GPU the copies run on a copy stream of their own (the copy engines, which the step's kernels do not use),
+    ordered against the step stream by events, once per step: `flush` (after the step's allocations) makes the copy
+    stream wait for the steps already queued (which may still read or write the pages), copies the evicted pages
+    out, and makes the step stream wait for them (the next step overwrites those pages); the loads then go on the
+    copy stream, under the next step, and `wait_loads` (before the step after it is queued) makes the step stream
+    wait for them. The scheduler runs a request whose pages are loading one step later (`StepPlan.loads`), so the
+    copy back hides under a whole step. Runs of consecutive slots and pages go as one copy per layer.
+    """
 
     def __init__(self, caches: Sequence[torch.Tensor], num_pages: int) -> None:
         self.caches, self.num_pages = tuple(caches), num_pages
@@ -167,6 +175,10 @@ class HostPages:
         self._free = list(range(num_pages - 1, -1, -1))
         self._slot_of: OrderedDict[bytes, int] = OrderedDict()  # hash -> slot, least recently used first
         self._held: set[bytes] = set()
+        self._saves: list[tuple[int, int]] = []  # (page, slot) evicted this step, not yet copied out
+        device = self.caches[0].device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._loaded: Any = None  # (a GPU) the event after the last loads, until the step stream waits for it
         self.saved = self.loaded = 0  # pages copied out, pages copied back
 
     @property
@@ -174,12 +186,13 @@ class HostPages:
         return len(self._slot_of)
 
     def save(self, page: int, page_hash: bytes) -> None:
-        """Keep device page `page`'s K/V under `page_hash` (before the page is reused)."""
+        """Keep device page `page`'s K/V under `page_hash` (copied out at the next `flush`, before the page is
+        written again)."""
         if page_hash in self._slot_of:  # (its K/V are here already: a page is only cached once computed)
             self._slot_of.move_to_end(page_hash)
             return
         if not self.data:  # (pinning takes a while: only an engine that evicts pays it)
-            pin = self.caches[0].device.type == "cuda"
+            pin = self.stream is not None
             self.data = tuple(torch.empty((self.num_pages, *c.shape[1:]), dtype=c.dtype, pin_memory=pin)
                               for c in self.caches)
         if self._free:
@@ -190,8 +203,7 @@ class HostPages:
                 return
             slot = self._slot_of.pop(victim)
         self._slot_of[page_hash] = slot
-        for host, device in zip(self.data, self.caches):
-            host[slot].copy_(device[page], non_blocking=True)
+        self._saves.append((page, slot))
         self.saved += 1
 
     def count(self, hashes: Sequence[bytes]) -> int:
@@ -207,15 +219,62 @@ class HostPages:
         """Keep `hashes`' entries until they are loaded (`save` drops others first)."""
         self._held.update(hashes)
 
+    def flush(self) -> None:
+        """Copy out the pages saved since the last flush; the step stream waits for them (its next step may
+        overwrite them). On a GPU the copy stream first waits for the steps already queued."""
+        if self.stream is None:
+            self._copy(self._saves, out=True)
+        elif self._saves:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+            with torch.cuda.stream(self.stream):
+                self._copy(self._saves, out=True)
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        self._saves = []
+
     def load(self, hashes: Sequence[bytes], pages: Sequence[int]) -> None:
-        """Copy the K/V kept under `hashes` into device `pages` (one each), and release their hold."""
+        """Copy the K/V kept under `hashes` into device `pages` (one each), and release their hold. Call `flush`
+        first (the step's saves go out before any load into a page they came from). On a GPU the copies run under
+        the step queued next; `wait_loads` ends them."""
+        pairs = []
         for page_hash, page in zip(hashes, pages, strict=True):
-            slot = self._slot_of[page_hash]
+            pairs.append((page, self._slot_of[page_hash]))
             self._slot_of.move_to_end(page_hash)
-            for host, device in zip(self.data, self.caches):
-                device[page].copy_(host[slot], non_blocking=True)
             self._held.discard(page_hash)
+        if self.stream is None:
+            self._copy(pairs, out=False)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+            with torch.cuda.stream(self.stream):
+                self._copy(pairs, out=False)
+                self._loaded = torch.cuda.Event()
+                self._loaded.record(self.stream)
         self.loaded += len(pages)
+
+    def wait_loads(self) -> None:
+        """The step stream waits for the loads issued so far (before it runs a step that reads them)."""
+        if self._loaded is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(self._loaded)  # type: ignore[union-attr]
+            self._loaded = None
+
+    def _copy(self, pairs: Sequence[tuple[int, int]], out: bool) -> None:
+        """Copy (device page, host slot) pairs out to the host (`out`) or back in, a run at a time."""
+        for page, slot, n in _runs(pairs):
+            for host, device in zip(self.data, self.caches):
+                if out:
+                    host[slot:slot + n].copy_(device[page:page + n], non_blocking=True)
+                else:
+                    device[page:page + n].copy_(host[slot:slot + n], non_blocking=True)
+
+
+def _runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(page, slot) pairs as runs (first page, first slot, length) of consecutive pages into consecutive slots."""
+    runs: list[tuple[int, int, int]] = []
+    for page, slot in pairs:
+        if runs and (page, slot) == (runs[-1][0] + runs[-1][2], runs[-1][1] + runs[-1][2]):
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((page, slot, 1))
+    return runs
 
 
 def page_bytes(layers: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype) -> int:

@@ -19,7 +19,9 @@ Prefix caching (`prefix`, a `PrefixView`): an admitted request whose first full 
 its tokens - 1, so at least one is computed) shares them and its chunk starts past them; admission counts a
 shared page only if no request holds it yet (a cached, unreferenced page is counted among the free pages,
 and taking it uses one), so pages shared with running requests cost nothing. A preempted request frees only
-the pages no other request holds.
+the pages no other request holds. Where its chain goes on in host memory (`prefix_offload_gib`), the pages
+after are copied back into its first new pages while this step runs, and its chunk runs from the next step
+(as a prefill under way).
 
     schedule(running, waiting, free_pages, limits, prefix) -> StepPlan(chunks, admitted, preempted, new_pages,
                                                                        hits)
@@ -90,7 +92,8 @@ class StepPlan:
     preempted: tuple[Request, ...]  # running -> front of the waiting queue (pages freed)
     new_pages: tuple[tuple[Request, int], ...]  # pages each request must gain before the step runs
     hits: tuple[tuple[Request, tuple[int, ...]], ...] = ()  # cached pages admitted requests share (then new ones)
-    loads: tuple[tuple[Request, int], ...] = ()  # of an admitted request's new pages, how many come from host memory
+    # of an admitted request's new pages, how many come from host memory (its chunk runs from the next step)
+    loads: tuple[tuple[Request, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -208,7 +211,7 @@ class _Planner:
             self.free -= cost
             self.admitted.append(req)
             # a waiting request caches nothing but what it shares, and what host memory gives back to its first
-            # new pages (copied in before the step runs)
+            # new pages: those are copied in under this step, and the request's chunk runs from the next one
             loads = self.prefix.host_match(req, len(hits)) if self.prefix is not None else 0
             start = (len(hits) + loads) * limits.page_size
             if hits:
@@ -217,6 +220,7 @@ class _Planner:
                     self.taken[page] = self.taken.get(page, 0) + 1
             if loads:
                 self.loads.append((req, loads))
+                continue
             n = min(req.num_tokens - start, self.budget)
             self.chunks.append(Chunk(req, n, start))
             self.budget -= n
