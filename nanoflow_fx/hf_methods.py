@@ -149,13 +149,24 @@ def _generate_batch(self: PreTrainedModel, inputs: list[list[int]], generation_c
                     progress_bar: bool = False, persistent_manager: bool = False, warmup: bool = True,
                     **kwargs: Any) -> dict[str, Any]:
     """transformers' `generate_batch` on nanoflow's engine (`continuous_batching_config`, `persistent_manager`
-    and `warmup` are accepted and have nothing to set: the engine is configured by `NanoFlowConfig`)."""
+    and `warmup` are accepted and have nothing to set: the engine is configured by `NanoFlowConfig`). Under
+    data parallelism (`runtime.replicas`) the replicas share the prompts out and every rank returns every result."""
     runtime = runtime_of(self)
-    plane = runtime.plane
-    if plane is not None and not plane.is_driver:  # (tensor parallelism: rank 0's requests run, on every rank)
-        return {r.request_id: to_output(r) for r in plane.follow(runtime.engine)}
-    return generate_batch(self, runtime.engine, inputs, generation_config, progress_bar, record_timestamps,
-                          **kwargs)
+    engine, plane = runtime.engine, runtime.plane
+
+    def run(prompts: list[list[int]], request_ids: list[str] | None = None) -> dict[str, Any]:
+        return generate_batch(self, engine, prompts, generation_config, progress_bar, record_timestamps,
+                              request_ids, **kwargs)
+
+    def follow() -> dict[str, Any]:  # (tensor parallelism: TP rank 0's requests run, on every rank)
+        assert plane is not None
+        return {r.request_id: to_output(r) for r in plane.follow(engine)}
+
+    if runtime.replicas is not None:  # (data parallelism: each replica runs its share; every rank gets all)
+        return runtime.replicas.generate_batch(inputs, run, follow)
+    if plane is not None and not plane.is_driver:
+        return follow()
+    return run(inputs)
 
 
 def _init_continuous_batching(self: PreTrainedModel, generation_config: GenerationConfig | None = None,

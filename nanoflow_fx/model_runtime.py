@@ -35,6 +35,7 @@ from nanoflow_fx.runtime.control_plane import ControlPlane
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
 from nanoflow_fx.runtime.program_runner import Cut, make_units
+from nanoflow_fx.runtime.replicas import Replicas
 from nanoflow_fx.runtime.step_runner import SplitPolicy, StepRunner
 from nanoflow_fx.schedule import Split
 
@@ -76,6 +77,8 @@ class NanoFlowRuntime:
         # Under TP, every rank's engine plans the same steps (`runtime.control_plane`): the driver's resolved
         # config (its measured budget) holds on every rank.
         self.plane = ControlPlane.of(tp, config.check_plans)
+        # and where the world holds several TP groups, each is a data-parallel replica (`runtime.replicas`)
+        self.replicas = Replicas.of(tp.group) if self.plane is not None and tp is not None else None
         self.config = (resolve(config, model, self.device, self.dtype) if self.plane is None
                        else self.plane.share(lambda: resolve(config, model, self.device, self.dtype)))
         self.layout = relayout()

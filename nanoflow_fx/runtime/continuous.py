@@ -21,7 +21,7 @@ import logging
 import numbers
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -451,7 +451,8 @@ class ContinuousBatchingManager:
 
 def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
                    generation_config: GenerationConfig | None = None, progress_bar: bool = False,
-                   record_timestamps: bool = False, **kwargs: Any) -> dict[str, GenerationOutput]:
+                   record_timestamps: bool = False, request_ids: Sequence[str] | None = None,
+                   **kwargs: Any) -> dict[str, GenerationOutput]:
     """transformers' `generate_batch`: every prompt as a request of a manager of its own, whose thread steps the
     engine while the caller waits for the results, as transformers' does. So an interrupt (Ctrl-C) or an error
     in the caller lands outside any step and cancels only this call's requests; other callers' requests run on.
@@ -461,14 +462,15 @@ def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
     Every entry of `inputs` is checked (`_token_ids`) before any is queued. Keywords are GenerationConfig fields
     (`max_new_tokens=`, `do_sample=True`, ...) applied to a copy of the config, as `generate()` takes them
     (transformers 5.25's `generate_batch` reads `max_new_tokens` and ignores every other keyword); a keyword
-    that is not a field is refused by name."""
+    that is not a field is refused by name. `request_ids`: the prompts' ids (default `req_0`, `req_1`, ...)."""
     plane = engine.plane
     if plane is None:
-        return _generate_batch(model, engine, inputs, generation_config, progress_bar, record_timestamps, kwargs)
+        return _generate_batch(model, engine, inputs, generation_config, progress_bar, record_timestamps, kwargs,
+                               request_ids=request_ids)
     failed: list[ContinuousBatchingManager] = []  # (tensor parallelism, rank 0: the session ends for every rank)
     try:
         results = _generate_batch(model, engine, inputs, generation_config, progress_bar, record_timestamps, kwargs,
-                                  failed)
+                                  failed, request_ids)
     except BaseException as err:
         if not failed:
             plane.end_session(engine, err)
@@ -480,7 +482,8 @@ def generate_batch(model: Any, engine: Engine, inputs: list[list[int]],
 
 def _generate_batch(model: Any, engine: Engine, inputs: list[list[int]], generation_config: GenerationConfig | None,
                     progress_bar: bool, record_timestamps: bool, kwargs: dict[str, Any],
-                    failed: list[ContinuousBatchingManager] | None = None) -> dict[str, GenerationOutput]:
+                    failed: list[ContinuousBatchingManager] | None = None,
+                    request_ids: Sequence[str] | None = None) -> dict[str, GenerationOutput]:
     """`generate_batch`'s run; a manager whose loop failed in a step goes in `failed`."""
     if not inputs:
         return {}
@@ -491,7 +494,11 @@ def _generate_batch(model: Any, engine: Engine, inputs: list[list[int]], generat
     ids: list[str] = []
     manager.start()
     try:
-        parents = manager.add_requests(prompts, record_timestamps=record_timestamps)
+        if request_ids is None:
+            parents = manager.add_requests(prompts, record_timestamps=record_timestamps)
+        else:
+            parents = [manager.add_request(p, rid, record_timestamps=record_timestamps)
+                       for p, rid in zip(prompts, request_ids, strict=True)]
         # (a None parent, a request the manager dropped because its loop had already died, gets no result: its ids
         # are not answered)
         ids = [rid for parent in parents for rid in manager.family(parent)]  # type: ignore[arg-type]
