@@ -3,12 +3,16 @@
     torchrun --nproc-per-node 2 examples/tensor_parallel.py                            # tiny Llama, CPU, gloo
     torchrun --nproc-per-node 2 examples/tensor_parallel.py --checkpoint PATH          # a real checkpoint
     torchrun --nproc-per-node 8 examples/tensor_parallel.py --device cuda --model llama3-70b  # random bf16, NCCL
+    torchrun --nproc-per-node 4 examples/tensor_parallel.py --tp 2          # 2 data-parallel replicas of TP 2
 
 On the CPU, rank 0 saves a tiny random Llama (no downloads) and every rank loads it with transformers' own TP
 (`from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))`). With `--device cuda` and no checkpoint,
 each rank builds its shard of the 8B or 70B shape on the meta device and fills it with random bf16 weights.
-Requests enter on rank 0 (the others pass the same call with no inputs of their own); every rank returns the
-same tokens. Output is printed by rank 0.
+With `--tp T` below the world size, the world is a (world / T, T) device mesh: each TP group a data-parallel
+replica with its own engine, the model sharded over the mesh's "tp" dimension (`distribute_by_plan`: transformers'
+own TP loading shards over the whole world); `generate_batch` shares the prompts out over the replicas. Every rank
+makes the same calls with the same prompts (under TP alone rank 0's run and the others' are not read); every rank
+returns every result. Output is printed by rank 0.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,10 +44,14 @@ SHAPES = {
 }
 
 
-def load_checkpoint(path: str, dtype: torch.dtype) -> torch.nn.Module:
-    """transformers' own TP loading: this rank's shard of every planned weight."""
-    tp = DistributedConfig(tp_size=dist.get_world_size())
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, distributed_config=tp).eval()
+def load_checkpoint(path: str, dtype: torch.dtype, mesh: Any) -> torch.nn.Module:
+    """This rank's shard of every planned weight: transformers' own TP loading over the whole world, or (several
+    replicas) the whole checkpoint sharded over the mesh's "tp" dimension."""
+    if mesh is None:
+        tp = DistributedConfig(tp_size=dist.get_world_size())
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, distributed_config=tp).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return distribute_by_plan(model, mesh["tp"])
 
 
 def tiny_checkpoint() -> str:
@@ -56,7 +65,7 @@ def tiny_checkpoint() -> str:
     return str(path[0])
 
 
-def random_shard(shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+def random_shard(shape: str, device: str, dtype: torch.dtype, mesh: Any) -> torch.nn.Module:
     """This rank's shard of `shape` with random weights, never holding the whole model: built on the meta
     device, sharded as transformers' plan shards a checkpoint, then materialized."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -64,7 +73,7 @@ def random_shard(shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module
     config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dtype).eval()
-    distribute_by_plan(model, init_device_mesh(device, (dist.get_world_size(),)))
+    distribute_by_plan(model, mesh["tp"] if mesh is not None else init_device_mesh(device, (dist.get_world_size(),)))
     localize(model)  # (plain local shards: `optimize()` would do it too)
     model.to_empty(device=device)
     torch.manual_seed(0)  # (the same draws on every rank: replicated weights agree)
@@ -84,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--tp", type=int, default=None, help="TP group size (default: the world; less: replicas)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
                         format="%(message)s")
@@ -92,11 +102,19 @@ def main() -> None:
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, dtype = dist.get_rank(), torch.float32 if args.device == "cpu" else torch.bfloat16
     shape = args.model or ("tiny" if args.device == "cpu" else "llama3-8b")
+    world, tp_size = dist.get_world_size(), args.tp or dist.get_world_size()
+    if world % tp_size:
+        raise SystemExit(f"--tp {tp_size} does not divide the world of {world} ranks")
+    mesh = None
+    if tp_size < world:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(args.device, (world // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
 
     if args.checkpoint or args.device == "cpu":
-        model = load_checkpoint(args.checkpoint or tiny_checkpoint(), dtype)
+        model = load_checkpoint(args.checkpoint or tiny_checkpoint(), dtype, mesh)
     else:
-        model = random_shard(shape, args.device, dtype)
+        model = random_shard(shape, args.device, dtype, mesh)
     start = time.perf_counter()
     nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig(max_batch_size=max(args.batch_size, 2),
                                                            max_seq_len=args.prompt_len + args.max_new_tokens))
@@ -106,14 +124,14 @@ def main() -> None:
     prompts = torch.randint(3, model.config.vocab_size, (args.batch_size, args.prompt_len))
     out = model.generate(prompts.to(args.device), max_new_tokens=args.max_new_tokens, do_sample=False)
     start = time.perf_counter()
-    results = model.generate_batch(prompts.tolist() if rank == 0 else [], max_new_tokens=args.max_new_tokens,
-                                   do_sample=False)
+    results = model.generate_batch(prompts.tolist(), max_new_tokens=args.max_new_tokens, do_sample=False)
     batch_s = time.perf_counter() - start
     if rank == 0:
-        tp = model.nanoflow.tensor_parallel
-        print(f"rank 0 of {tp.world_size}: {shape if not args.checkpoint else args.checkpoint} on {args.device}, "
-              f"optimize() {optimize_s:.1f} s, {len(model.nanoflow.layers)} attention layers of "
-              f"{model.nanoflow.layers[0].num_kv_heads} KV heads on this rank")
+        tp, replicas = model.nanoflow.tensor_parallel, model.nanoflow.replicas
+        print(f"rank 0 of TP {tp.world_size} x {replicas.count if replicas else 1} replicas: "
+              f"{shape if not args.checkpoint else args.checkpoint} on {args.device}, optimize() {optimize_s:.1f} s, "
+              f"{len(model.nanoflow.layers)} attention layers of {model.nanoflow.layers[0].num_kv_heads} KV heads on "
+              "this rank")
         print(f"generate(): sequence 0 new tokens {out[0, args.prompt_len:].tolist()}")
         tokens = sum(len(r.generated_tokens) for r in results.values())
         print(f"generate_batch(): {len(results)} requests, {tokens} tokens in {batch_s:.2f} s")
