@@ -44,7 +44,7 @@ SHAPES = {
 }
 
 
-def load_checkpoint(path: str, dtype: torch.dtype, mesh: Any) -> torch.nn.Module:
+def load_checkpoint(path: str, dtype: torch.dtype, mesh: Any = None) -> torch.nn.Module:
     """This rank's shard of every planned weight: transformers' own TP loading over the whole world, or (several
     replicas) the whole checkpoint sharded over the mesh's "tp" dimension."""
     if mesh is None:
@@ -65,7 +65,7 @@ def tiny_checkpoint() -> str:
     return str(path[0])
 
 
-def random_shard(shape: str, device: str, dtype: torch.dtype, mesh: Any) -> torch.nn.Module:
+def random_shard(shape: str, device: str, dtype: torch.dtype, mesh: Any = None) -> torch.nn.Module:
     """This rank's shard of `shape` with random weights, never holding the whole model: built on the meta
     device, sharded as transformers' plan shards a checkpoint, then materialized."""
     from torch.distributed.device_mesh import init_device_mesh

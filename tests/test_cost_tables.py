@@ -278,3 +278,41 @@ def test_a_shape_whose_pieces_cannot_be_timed_leaves_its_candidates_unpriced(mon
         found = measuring.predict_candidates(None, 100, t, PREFILL8, space)
     assert list(found) == [UNSPLIT] and found[UNSPLIT].gpu_ms == pytest.approx(11.3)
     assert "timing the pieces of StepShape(decodes=0, context=0, prefill=4" in caplog.text
+
+
+# A tensor-parallel layer as `StepProgram.schedule_key` spells it: the row-wise projection's all-reduce is a
+# collective piece of its own between two dense pieces.
+TP_KINDS = (("P0", "dense", False, ()), ("C0", "collective", False, ("P0",)), ("P1", "dense", False, ("P0", "C0")),
+            ("C1", "collective", False, ("P1",)), ("P2", "dense", True, ("P1", "C1")))
+
+
+def test_all_reduces_go_on_a_network_unit_under_the_other_nanobatchs_gemms() -> None:
+    """Two nano-batches on execution units: each all-reduce on the "network" unit waits for its own nano-batch's
+    producer only, so the compute unit runs the other nano-batch's dense piece meanwhile (NanoFlow's ping-pong):
+    compute: P0#0 [0,1] P0#1 [1,2] P1#0 [3,4] P1#1 [5,6] P2 [9,9.5]
+    network: C0#0 [1,3] C0#1 [3,5] C1#0 [5,7] C1#1 [7,9]"""
+    from nanoflow_fx.runtime.program_runner import schedule_of
+    from nanoflow_fx.runtime.streams import stream_order
+
+    schedule = schedule_of(TP_KINDS, (0, 4, 8))
+    assert schedule.units == ("compute", "memory", "network")
+    ops = {op.key: op for op in schedule.ops}
+    assert ops[("C0", 1)].unit == "network" and ops[("C0", 1)].waits == (("P0", 1),)
+    assert ops[("P1", 0)].waits == (("C0", 0),)  # (P0#0 is on its own unit: program order keeps it)
+    order = stream_order(schedule)
+    assert order.index(("C0", 0)) < order.index(("P0", 1))  # issued before the next nano-batch's GEMMs
+    assert {op.unit for op in schedule_of(TP_KINDS, (0, 4, 8), one_unit=True).ops} == {"compute"}
+    assert {g.name: g.op_class for g in schedule.groups}["C1"] == "collective"
+
+    t = CostTable("k", TP_KINDS, 132)
+    half = {"P0": 1.0, "C0": 2.0, "P1": 1.0, "C1": 2.0, "P2": 0.25}
+    t.pieces = {"0x0+8": {"P0": 1.8, "C0": 3.6, "P1": 1.8, "C1": 3.6, "P2": 0.5}, "0x0+4": dict(half),
+                "0x0+4@4": dict(half)}
+    t.host_ms = {"0x0+8": 0.5}
+    unsplit = t.predict(PREFILL8, UNSPLIT)
+    split = t.predict(PREFILL8, Candidate((0.5,), False, "streams"))
+    assert unsplit is not None and unsplit.gpu_ms == pytest.approx(11.3)
+    assert split is not None and split.gpu_ms == pytest.approx(9.5)
+    assert dict(split.busy) == {"compute": pytest.approx(4.5), "memory": 0.0, "network": pytest.approx(8.0)}
+    one_stream = t.predict(PREFILL8, Candidate((0.5,)))
+    assert one_stream is not None and one_stream.gpu_ms == pytest.approx(12.5)  # (cut, no overlap: slower)

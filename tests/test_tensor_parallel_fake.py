@@ -54,6 +54,8 @@ def _task_trace_rank_of_tp8() -> dict[str, Any]:
         reduce_parallel={n.meta["nanoflow"].token_parallel for n in calls if "all_reduce" in str(
             n.args[0].target if "wait_tensor" in str(n.target) else n.target)},
         gather_parallel={n.meta["nanoflow"].token_parallel for n in calls if "all_gather" in str(n.target)},
+        # the lowered program: each all-reduce a collective piece of its own (the network unit's)
+        pieces=[(p.kind, p.whole) for p in model.nanoflow.step_fn.program.pieces],
     )
 
 
@@ -80,11 +82,17 @@ def test_fake_process_group_traces_one_rank_of_tp8_70b_shape() -> None:
     assert got["mm"] == 2 * 7 + 1
     assert got["reduce_parallel"] == {True}
     assert got["gather_parallel"] == {False}  # (it stacks the ranks' rows along dim 0)
+    collective = [whole for kind, whole in got["pieces"] if kind == "collective"]
+    assert collective == [False] * got["all_reduces"]  # (split along tokens like the dense pieces around them)
+    assert [kind for kind, _ in got["pieces"]][:4] == ["dense", "collective", "dense", "attention"]
 
 
-def _task_world_of_one_on_nccl(family: str) -> dict[str, Any]:
+def _task_world_of_one_on_nccl(family: str, network_unit: bool = False) -> dict[str, Any]:
     """A tiny model sharded over a world of 1 on NCCL (every collective a real NCCL call), optimized with CUDA
-    graphs; greedy generate() against HF's eager generate() of the same weights."""
+    graphs; greedy generate() against HF's eager generate() of the same weights. With `network_unit`, prefill
+    steps are cut in 2 nano-batches on execution units: the all-reduces run on the network unit's stream."""
+    import dataclasses
+
     from torch.distributed.device_mesh import init_device_mesh
 
     import nanoflow_fx
@@ -93,15 +101,25 @@ def _task_world_of_one_on_nccl(family: str) -> dict[str, Any]:
     from tests.tiny_models import build
 
     model = distribute_by_plan(build(family, device="cuda"), init_device_mesh("cuda", (1,)))
-    nanoflow_fx.optimize(model, DEFAULT_CONFIG)
+    config = DEFAULT_CONFIG
+    if network_unit:
+        config = dataclasses.replace(config, num_nanobatches=2,
+                                     experimental=nanoflow_fx.ExperimentalConfig(sm_partition="streams"))
+    nanoflow_fx.optimize(model, config)
     ids, mask = (t.cuda() for t in left_padded_batch([5, 11, 8, 3]))
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
     got = model.generate(ids, **kwargs)
     want = build(family, device="cuda").generate(ids, **kwargs)
     runner = model.nanoflow.runner
+    from tests.steps import program_runners
+
+    schedules = [r.last_schedule for r in program_runners(model) if r.last_schedule is not None]
+    schedule = schedules[0] if schedules else None
     return dict(equal=bool(torch.equal(got, want)), graphs=runner.cuda_graphs is not None,
                 graph_steps=runner.stats["graph_steps"], tp=model.nanoflow.tensor_parallel is not None,
-                plane=model.nanoflow.plane is not None)
+                plane=model.nanoflow.plane is not None,
+                units=schedule.units if schedule is not None else None,
+                network_ops=sum(op.unit == "network" for op in schedule.ops) if schedule is not None else 0)
 
 
 @pytest.mark.cuda
@@ -114,4 +132,16 @@ def test_world_of_one_on_nccl_equals_no_tp(family: str) -> None:
         workers.close()
     assert got["tp"] and got["plane"]  # the TP path: localized, one control plane
     assert got["graphs"] and got["graph_steps"] > 0  # decode steps replayed NCCL collectives from CUDA graphs
+    assert got["equal"]
+
+
+@pytest.mark.cuda
+def test_world_of_one_on_nccl_runs_all_reduces_on_the_network_unit() -> None:
+    """Prefill steps cut in 2 on plain streams: the all-reduces on a stream of their own, tokens unchanged."""
+    workers = Workers(1, backend="nccl")
+    try:
+        [got] = workers.run(_task_world_of_one_on_nccl, "llama", True, timeout=600)
+    finally:
+        workers.close()
+    assert got["units"] == ("compute", "memory", "network") and got["network_ops"] > 0
     assert got["equal"]

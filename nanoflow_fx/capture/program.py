@@ -12,6 +12,10 @@ the nano-batches before them. A whole step runs the pieces in order.
 
 Identical layers give identical pieces: each distinct dense piece (same code once nodes are named by position,
 same input metadata) is compiled once.
+
+Under tensor parallelism each all-reduce (with its wait) is a piece of its own, "collective": a row slice of an
+all-reduce is the all-reduce of the row slice (`passes.annotate`), so nano-batches run through it, and schedules
+with execution units put it on a "network" unit (NanoFlow's: one nano-batch's all-reduce under another's GEMMs).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from nanoflow_fx.passes.annotate import annotate, token_symbol
 from nanoflow_fx.passes.info import ATTENTION_OP, META_KEY, info, symbol_of, token_dims
 
 __all__ = ["AttentionCall", "Piece", "StepProgram", "lower_program"]
+
+_ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+_WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,12 @@ class AttentionCall:
 @dataclass(frozen=True)
 class Piece:
     """One instruction of the program. `inputs`/`outputs` name values (captured graph nodes); `dims` give each
-    value's token dimension (None: not per token, passed whole). A dense piece runs `fn(*inputs) -> outputs`;
-    an attention piece's `call` says what it reads. `whole`: the piece mixes tokens and must see all of them."""
+    value's token dimension (None: not per token, passed whole). A dense or collective piece runs
+    `fn(*inputs) -> outputs`; an attention piece's `call` says what it reads. `whole`: the piece mixes tokens and
+    must see all of them."""
 
     name: str
-    kind: str  # "dense" | "attention"
+    kind: str  # "dense" | "attention" | "collective"
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     whole: bool
@@ -105,12 +113,19 @@ def lower_program(gm: GraphModule, example_inputs: Sequence[Any], inductor: bool
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     placeholders = tuple(n.name for n in gm.graph.find_nodes(op="placeholder"))
     parts: list[list[Node]] = [[]]
+    reducing: Node | None = None  # an all-reduce whose wait is still to come: its piece is open
     for node in nodes:
         if node.op == "call_function" and node.target is ATTENTION_OP:
             parts.append([node])
             parts.append([])
+        elif node.op == "call_function" and node.target is _ALL_REDUCE and reducing is None:
+            parts.append([node])
+            reducing = node
         else:
             parts[-1].append(node)
+            if reducing is not None and node.target is _WAIT and node.args[0] is reducing:
+                parts.append([])
+                reducing = None
     parts = [p for p in parts if p]
     output_node = next(iter(gm.graph.find_nodes(op="output")))
     piece_of = {n: i for i, part in enumerate(parts) for n in part}
@@ -132,7 +147,7 @@ def lower_program(gm: GraphModule, example_inputs: Sequence[Any], inductor: bool
 
     compiler = PieceCompiler(example_inputs) if inductor else None
     pieces: list[Piece] = []
-    layer = 0
+    layer = collectives = 0
     for i, part in enumerate(parts):
         inside = set(part)
         inputs = tuple(dict.fromkeys(a for n in part for a in n.all_input_nodes if a not in inside))
@@ -146,9 +161,14 @@ def lower_program(gm: GraphModule, example_inputs: Sequence[Any], inductor: bool
             continue
         module = _piece_module(gm, part, inputs, outputs)
         fn: Callable[..., Any] = module
+        if part[0].target is _ALL_REDUCE:  # (run as traced: nothing to fuse around one collective)
+            pieces.append(Piece(f"C{collectives}", "collective", tuple(a.name for a in inputs),
+                                tuple(o.name for o in outputs), whole, fn=fn))
+            collectives += 1
+            continue
         if compiler is not None:
             fn = compiler.compile(module, [a.meta.get("val") for a in inputs])
-        pieces.append(Piece(f"P{len(pieces) - layer}", "dense", tuple(a.name for a in inputs),
+        pieces.append(Piece(f"P{len(pieces) - layer - collectives}", "dense", tuple(a.name for a in inputs),
                             tuple(o.name for o in outputs), whole, fn=fn))
     output = torch.fx.map_arg(output_node.args[0], lambda n: n.name)
     return StepProgram(placeholders, tuple(pieces), output, token_dim, symbolic, token,

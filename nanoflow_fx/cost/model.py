@@ -390,6 +390,7 @@ class CostTable:
             if carve is None:
                 return None
             attention = {name for name, kind, _, _ in self.kinds if kind == "attention"}
+            dense = {name for name, kind, _, _ in self.kinds if kind == "dense"}  # (the GEMMs a carve-out slows)
             whole_pieces = {name for name, _, is_whole, _ in self.kinds if is_whole}
             costs: dict[tuple[str, int], float] = {}
             for name, _, _, _ in self.kinds:
@@ -403,7 +404,7 @@ class CostTable:
                         if on_partition is None:
                             return None
                         ms = on_partition
-                    elif name not in attention:
+                    elif name in dense:
                         ms *= carve
                     costs[(name, i)] = ms
             bounds = candidate.boundaries(shape.tokens, shape.decodes) or (0, shape.tokens)

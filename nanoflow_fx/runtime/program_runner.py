@@ -7,7 +7,10 @@ captured `nanoflow::paged_attention` op, planned by the step runner: the unsplit
 With a record, the step's tokens are cut at `record.boundaries` and the program runs by a Schedule
 (`program_schedule`): dense pieces on the "compute" unit, attention on the "memory" unit, each nano-batch's
 attention under the other nano-batch's dense work (NanoFlow's ping-pong), cross-unit waits as CUDA events
-(`runtime.streams.stream_actions`). Each attention copy reads its own metadata and backend plan from the record:
+(`runtime.streams.stream_actions`). Under tensor parallelism the all-reduces (collective pieces) go on a "network"
+unit of their own, a stream that NCCL's kernels use while the compute unit runs the next nano-batch's GEMMs
+(NanoFlow's network overlap); every rank issues them in the same order. Each attention copy reads its own metadata
+and backend plan from the record:
 nothing global. Dense pieces run on token slices (views; token-parallel, so slice in = slice out); a piece
 marked whole sees the joined nano-batches. KV writes go to the same cache through each nano-batch's slice of
 the slot mapping; a request cut by a boundary has its later part read KV the earlier part wrote, so the copies
@@ -212,6 +215,10 @@ def _planned(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], boundari
     return schedule, tuple(stream_actions(schedule))
 
 
+_UNIT_OF = {"dense": "compute", "attention": "memory", "collective": "network"}  # a piece kind's execution unit
+_CLASS_OF = {"dense": "gemm", "attention": "attention", "collective": "collective"}  # and its op class
+
+
 def _build_schedule(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], boundaries: tuple[int, ...],
                     one_unit: bool, attention: tuple[int, ...] | None = None) -> Schedule:
     """Dense pieces split at `boundaries` ("nb"), attention calls at `attention` ("attn") when given, whole pieces
@@ -224,10 +231,10 @@ def _build_schedule(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], b
         splits[ATTENTION_SPLIT] = Split(attention)
     split_of = {name: WHOLE if whole else (ATTENTION_SPLIT if attention is not None and kind == "attention" else SPLIT)
                 for name, kind, whole, _ in kinds}
-    unit_of = {name: "compute" if one_unit or kind == "dense" else "memory" for name, kind, _, _ in kinds}
+    unit_of = {name: "compute" if one_unit else _UNIT_OF[kind] for name, kind, _, _ in kinds}
     groups, ops = [], []
     for name, kind, _, deps in kinds:
-        groups.append(OpGroup(name, "attention" if kind == "attention" else "gemm", split_of[name], deps))
+        groups.append(OpGroup(name, _CLASS_OF[kind], split_of[name], deps))
     for name, _, _, deps in kinds:
         own = splits[split_of[name]].boundaries
         for i in range(len(own) - 1):
@@ -239,7 +246,8 @@ def _build_schedule(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], b
                 waits |= {(dep, j) for j in range(len(theirs) - 1)
                           if theirs[j] < own[i + 1] and own[i] < theirs[j + 1]}
             ops.append(NanoOp(name, i, unit_of[name], tuple(sorted(waits))))
-    units = ("compute",) if one_unit else ("compute", "memory")
+    units = ("compute",) if one_unit else tuple(u for u in ("compute", "memory", "network") if u in unit_of.values()
+                                               or u != "network")
     schedule = Schedule(boundaries[-1], tuple(splits.items()), tuple(groups), units, tuple(ops))
     validate(schedule)
     return schedule
@@ -296,7 +304,7 @@ class ProgramRunner:
         if timer is not None:
             timer.mark(None)
         for piece in self.program.pieces:
-            if piece.kind == "dense":
+            if piece.call is None:  # (a dense or collective piece)
                 outs = piece.fn(*(env[i] for i in piece.inputs))  # type: ignore[misc]
                 env.update(zip(piece.outputs, outs))
             else:
@@ -370,7 +378,7 @@ class ProgramRunner:
             for out, value in zip(piece.outputs, outs):
                 state.whole[out] = value
             return
-        if piece.kind == "dense":
+        if piece.call is None:
             outs = piece.fn(*(state.part(n, i) for n in piece.inputs))  # type: ignore[misc]
             for out, value in zip(piece.outputs, outs):
                 state.put(out, i, value)
