@@ -133,6 +133,9 @@ def test_replicas_given_different_prompts_raise_on_every_rank(world: tuple[Worke
     prompts = [[5, 6, 7], [8, 9, 10, 11]]
     errors = workers.run(_task_diverge, prompts)
     assert all("different prompts" in e and "ranks [2]" in e for e in errors), errors
-    # and the world still works afterwards
+    # and the world still works afterwards, also with fewer prompts than replicas (replica 1 runs none)
     outs = workers.run(_task_generate_batch, prompts, 3)
     assert all(o["results"] == outs[0]["results"] and len(o["results"]) == 2 for o in outs)
+    outs = workers.run(_task_generate_batch, prompts[1:], 3)
+    assert [list(o["results"]) for o in outs] == [["req_0"]] * DP * TP
+    assert [o["finished"] for o in outs] == [1, 1, 0, 0]
