@@ -326,3 +326,19 @@ def test_a_failure_after_the_weights_left_the_gpu_brings_them_back() -> None:
     assert not fp8_modules(model)
     after = model.state_dict()
     assert all(after[k].device.type == "cuda" and torch.equal(after[k], before[k]) for k in before)
+
+
+def test_the_fp8_gemm_probe_asks_for_a_shape_scaled_mm_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fp8_gemm_error` tries one token row (the shape cuBLASLt refused with fp32 out) against a weight whose N and
+    K are multiples of 16 (`torch._scaled_mm` refuses others on CUDA: a probe of N=1 called every GPU unable)."""
+    from nanoflow_fx.ops import fp8
+
+    shapes = []
+
+    def record(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, *args: object, **kwargs: object) -> None:
+        shapes.append((tuple(x_q.shape), tuple(weight.shape)))
+
+    monkeypatch.setattr(fp8, "scaled_linear", record)
+    assert fp8.fp8_gemm_error(torch.device("cpu"), torch.bfloat16) == ""
+    [(x, w)] = shapes
+    assert x[0] == 1 and w[0] % 16 == 0 and w[1] % 16 == 0 and x[1] == w[1]

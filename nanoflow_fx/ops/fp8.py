@@ -58,13 +58,15 @@ def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
 
 
 def fp8_gemm_error(device: torch.device, dtype: torch.dtype) -> str:
-    """Why `scaled_linear` cannot run on `device` with `dtype` output (empty if it can): tried on a 16x16 GEMM."""
+    """Why `scaled_linear` cannot run on `device` with `dtype` output (empty if it can): tried on one token row
+    times a 16x16 weight (a decode's shape)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
         return f"FP8 GEMMs need a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper), not {name}"
     try:
-        q, scale = quantize_rows(torch.ones(1, 16, device=device))
-        scaled_linear(q, scale, q, scale, None, dtype, use_fast_accum=False)
+        x, x_scale = quantize_rows(torch.ones(1, 16, device=device))
+        w, w_scale = quantize_rows(torch.ones(16, 16, device=device))
+        scaled_linear(x, x_scale, w, w_scale, None, dtype, use_fast_accum=False)
     except (RuntimeError, NotImplementedError, ValueError) as e:
         return f"this torch build has no FP8 GEMM (torch._scaled_mm) for {dtype} on {device.type} ({e})"
     return ""
