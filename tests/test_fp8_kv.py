@@ -577,12 +577,46 @@ def test_gpu_memory_sizing_fits_twice_the_pages_of_fp8(monkeypatch: pytest.Monke
         for name, fake in (("empty_cache", lambda: None), ("synchronize", lambda device=None: None),
                            ("reset_peak_memory_stats", lambda device=None: None),
                            ("max_memory_allocated", lambda device=None, c=cache: weights + c.num_bytes),
+                           ("memory_allocated", lambda device=None, c=cache: weights + c.num_bytes),
                            ("memory_reserved", lambda device=None, c=cache: weights + c.num_bytes),
                            ("mem_get_info", lambda device=None, c=cache: (total - weights - c.num_bytes, total))):
             monkeypatch.setattr(torch.cuda, name, fake)
         pages[dtype] = pages_from_memory(ProfileRunner(cache), config, 128)
         assert pages[dtype] == (total // 2 - weights) // page_bytes(layers, 16, dtype)
     assert pages[E4M3] == 2 * pages[torch.bfloat16]
+
+
+def test_gpu_memory_sizing_takes_no_more_than_the_driver_can_hand_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in 80 GiB device with 40 GiB of weights whose allocator keeps 20 GiB of freed blocks (reserved, not
+    allocated: fragments the cache's large tensors cannot use): the fraction 0.9 would give the cache 32 GiB, the
+    driver has 20 GiB free, so the cache takes 19 (1 GiB of headroom kept for CUDA graphs' pools)."""
+    from nanoflow_fx.runtime.kv_cache import PagedKVCache, page_bytes, pages_from_memory
+
+    gib = 2**30
+    total, weights, kept = 80 * gib, 40 * gib, 20 * gib
+    config = nanoflow_fx.NanoFlowConfig(max_batch_size=4, max_seq_len=256, max_num_tokens=64,
+                                        kv_cache_memory_fraction=0.9)
+    layers = [AttentionConfig(32, 8, 128, 128**-0.5, 0, 0.0)] * 4
+    cache = PagedKVCache(layers, 20, 16, torch.bfloat16, torch.device("cpu"))
+
+    class ProfileRunner:
+        kv_cache = cache
+
+        def run_prompts(self, prompts: Any) -> torch.Tensor:
+            return torch.zeros(len(prompts), 8)
+
+    used = weights + cache.num_bytes
+    for name, fake in (("empty_cache", lambda: None), ("synchronize", lambda device=None: None),
+                       ("reset_peak_memory_stats", lambda device=None: None),
+                       ("max_memory_allocated", lambda device=None: used),
+                       ("memory_allocated", lambda device=None: used),
+                       ("memory_reserved", lambda device=None: used + kept),
+                       ("mem_get_info", lambda device=None: (total - used - kept, total))):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    per_page = page_bytes(layers, 16, torch.bfloat16)
+    pages = pages_from_memory(ProfileRunner(), config, 128)
+    assert pages == (19 * gib) // per_page
+    assert (int(0.9 * total) - used + cache.num_bytes) // per_page > pages  # (the fraction alone: 32 GiB)
 
 
 def test_the_cache_dtype_keys_the_saved_step(monkeypatch: pytest.MonkeyPatch) -> None:
