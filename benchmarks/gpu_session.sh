@@ -72,9 +72,15 @@ for step in ${STEPS:-tests example}; do
         run "offline_${pair%%|*}" ${OFFLINE_S:-130} python3 -m benchmarks.bench_offline --workloads 1024x512 \
           --requests ${REQUESTS:-256} --no-static --config "${pair#*|}" --out "$OUT/offline_${pair%%|*}.json"
       done ;;
-    seventy) # the 70B shape, FP8 linears made directly, FP8 KV: whole on an H200, its first 60 layers on an H100
+    prefix_offload) # more conversations than the device cache holds: evicted histories come back from host memory
+      run bench_prefix_offload ${PREFIX_S:-300} python3 -m benchmarks.bench_prefix --workloads rounds \
+        --conversations 128 --rounds 4 --config '{"num_pages": 4096}' --offload-gib 16 \
+        --out "$OUT/bench_prefix_offload.json" ;;
+    serve) run bench_serve ${SERVE_S:-300} python3 -m benchmarks.bench_serve ${SERVE_ARGS:-} --out "$OUT/bench_serve.json" ;;
+    seventy) # the 70B shape, FP8 linears made directly, FP8 KV: whole on an H200, its first 60 layers on an H100.
+      # Triton attention: FlashInfer 0.3.1's decode plan died (segfault) capturing graphs for e4m3 at group size 8.
       LAYERS=$(python3 -c "import torch; print('' if torch.cuda.get_device_properties(0).total_memory > 100e9 else '--layers 60')")
-      [ -n "${CFG70:-}" ] || CFG70='{"kv_cache_dtype": "fp8_e4m3", "linear_dtype": "fp8_e4m3"}'
+      [ -n "${CFG70:-}" ] || CFG70='{"kv_cache_dtype": "fp8_e4m3", "linear_dtype": "fp8_e4m3", "attention_backend": "triton"}'
       run offline_70b ${S70:-400} python3 -m benchmarks.bench_offline --shape llama3-70b --fp8-build $LAYERS \
         --workloads 1024x512 --requests ${REQUESTS:-256} --no-static --config "$CFG70" --out "$OUT/offline_70b.json" ;;
     *.py) module=${step%.py}; run "$(basename "$step" .py)" 300 python3 -m "${module//\//.}" ;;  # a script path
