@@ -88,6 +88,17 @@ def _task_diverge(prompts: list[list[int]]) -> str:
     return "no error"
 
 
+def _task_bad_inputs() -> str:
+    """The drivers pass a prompt that is not token ids: every rank raises, none hangs."""
+    from nanoflow_fx.errors import InvalidInputError
+
+    try:
+        STATE["model"].generate_batch([[5, 6], ["seven"]], max_new_tokens=2)
+    except InvalidInputError as err:
+        return str(err)
+    return "no error"
+
+
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Workers, list[dict[str, Any]]]]:
@@ -139,3 +150,9 @@ def test_replicas_given_different_prompts_raise_on_every_rank(world: tuple[Worke
     outs = workers.run(_task_generate_batch, prompts[1:], 3)
     assert [list(o["results"]) for o in outs] == [["req_0"]] * DP * TP
     assert [o["finished"] for o in outs] == [1, 1, 0, 0]
+
+
+def test_inputs_that_are_not_token_ids_raise_on_every_rank(world: tuple[Workers, list[dict[str, Any]]]) -> None:
+    workers, _ = world
+    errors = workers.run(_task_bad_inputs)
+    assert all("must be lists of token ids" in e for e in errors), errors

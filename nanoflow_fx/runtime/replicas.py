@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from nanoflow_fx.errors import NanoFlowError, RankDivergenceError
+from nanoflow_fx.errors import InvalidInputError, NanoFlowError, RankDivergenceError
 
 __all__ = ["Replicas", "deal"]
 
@@ -75,9 +75,18 @@ class Replicas:
         """Every result of `inputs` (the drivers' prompts; the followers' are not read), each replica running
         its share: on a driver, `run(prompts, request_ids)`; on a follower, `follow()` (its driver's steps).
         Raises on every rank if the drivers' prompts differ, or if any rank's part failed."""
-        digest = (hashlib.blake2b(pickle.dumps([list(map(int, p)) for p in inputs]), digest_size=16).hexdigest()
-                  if self.is_driver else None)
-        digests = {i: d for i, d in enumerate(self._gather(digest)) if d is not None}
+        digest = problem = None
+        if self.is_driver:
+            try:
+                ids = pickle.dumps([[int(t) for t in p] for p in inputs])
+                digest = hashlib.blake2b(ids, digest_size=16).hexdigest()
+            except (TypeError, ValueError) as err:  # (every rank must reach the gather below, or the others hang)
+                problem = f"generate_batch's inputs must be lists of token ids ({type(err).__name__}: {err})"
+        gathered = self._gather((digest, problem))
+        problems = [(rank, message) for rank, (_, message) in enumerate(gathered) if message is not None]
+        if problems:
+            raise InvalidInputError(f"rank {problems[0][0]}: {problems[0][1]}")
+        digests = {i: d for i, (d, _) in enumerate(gathered) if d is not None}
         if len(set(digests.values())) > 1:
             first = min(digests)
             differ = [r for r, d in digests.items() if d != digests[first]]
