@@ -42,18 +42,17 @@ def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
                   bias: torch.Tensor | None, out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:
     """`x_q` [T, K] e4m3 (scales [T, 1]) times `weight` [N, K] e4m3 (scales [N, 1]) transposed -> [T, N]
     `out_dtype`, plus `bias`. K and N must be multiples of 16 (`torch._scaled_mm`)."""
-    if out_dtype == torch.float32 and x_q.is_cuda:
-        # Row-wise scales with fp32 out run on cuBLASLt, which refuses a single row (CUBLAS_STATUS_NOT_SUPPORTED at
-        # M=1 on an H100, torch 2.11): zero rows of scale 1 make M >= 16 whatever it was, so no shape is guarded.
-        # (fp32 models only: their pieces then mix tokens for `passes.annotate`, so they are not nano-batched.)
-        rows = x_q.shape[0]
+    # Row-wise scales with fp32 out run on cuBLASLt, which refuses a single row (CUBLAS_STATUS_NOT_SUPPORTED at M=1):
+    # zero rows of scale 1 make M >= 16 whatever it was, so no shape is guarded. (fp32 models only: their pieces
+    # then mix tokens for `passes.annotate`, so they are not nano-batched.)
+    rows, pad = x_q.shape[0], out_dtype == torch.float32 and x_q.is_cuda
+    if pad:
         x_q = torch.cat([x_q, x_q.new_zeros(_PAD_ROWS, x_q.shape[1])])
         x_scale = torch.cat([x_scale, x_scale.new_ones(_PAD_ROWS, 1)])
-        out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=out_dtype,
-                               use_fast_accum=use_fast_accum)[:rows]
-    else:
-        out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=out_dtype,
-                               use_fast_accum=use_fast_accum)
+    out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=out_dtype,
+                           use_fast_accum=use_fast_accum)
+    if pad:
+        out = out[:rows]
     return out if bias is None else out + bias
 
 

@@ -480,15 +480,18 @@ class _PrefixCache:
                                                    req.token_slice(i * size, (i + 1) * size)))
         return hashes[:count]
 
+    def _matchable(self, req: Request) -> list[bytes]:
+        """The hashes of `req`'s full pages a match may cover: at most its tokens - 1 (one is always computed)."""
+        return self.hashes(req, (req.num_tokens - 1) // self.page_size)
+
     def match(self, req: Request) -> list[int]:
-        return self.allocator.match(self.hashes(req, (req.num_tokens - 1) // self.page_size))
+        return self.allocator.match(self._matchable(req))
 
     def host_match(self, req: Request, after: int) -> int:
-        """How many of `req`'s full pages after its first `after` (cached ones) host memory holds, in a chain (at
-        most its tokens - 1 in all, as `match`)."""
+        """How many of `req`'s full pages after its first `after` (cached ones) host memory holds, in a chain."""
         if self.host is None:
             return 0
-        return self.host.count(self.hashes(req, (req.num_tokens - 1) // self.page_size)[after:])
+        return self.host.count(self._matchable(req)[after:])
 
     def register(self, req: Request) -> None:
         """Register `req`'s full pages whose K/V are computed and whose tokens are known (none PENDING)."""

@@ -421,26 +421,24 @@ def pages_from_memory(runner: Any, cfg: Any, vocab_size: int) -> int:
     free, total = torch.cuda.mem_get_info(device)
     others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
     budget = cfg.kv_cache_memory_fraction * total - others - peak + cache.num_bytes
-    per_page = page_bytes(cache.layers, cfg.page_size, cache.dtype)
-    pages = int(budget // per_page)
     # The cache's tensors (a layer's pages each) are fresh allocations: the driver must hand them out. The blocks
     # the allocator keeps (reserved, unallocated: e.g. the measured step's activations, freed into blocks of their
-    # sizes, in segments other tensors still use) serve later steps' activations, not tensors larger than they are:
-    # an H200 holding 21 GiB so could not allocate a 70B cache's 664 MiB tensors (2026-12-06). So the cache also
-    # takes at most the driver's free memory, less the headroom the fraction leaves beyond what the allocator keeps
-    # (at least 1 GiB: CUDA graphs' pools are fresh allocations too); the measured step's small cache counted as
-    # in `budget`.
+    # sizes, in segments other tensors still use) serve later steps' activations, not tensors larger than they are
+    # (a large model's per-layer tensors of hundreds of MiB). So the cache also takes at most the driver's free
+    # memory, less the headroom the fraction leaves beyond what the allocator keeps (at least 1 GiB: CUDA graphs'
+    # pools are fresh allocations too); the measured step's small cache counted as above.
     del logits
     gc.collect()
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     kept = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     headroom = max((1 - cfg.kv_cache_memory_fraction) * total - kept, float(2**30))
-    fits = int((free - headroom + cache.num_bytes) // per_page)
-    if fits < pages:
-        log.info("nanoflow_fx: KV cache capped at %d pages (of %d) by the GPU's free memory (%s free, %s kept by "
-                 "torch's allocator in blocks it cannot hand to the cache)", fits, pages, _gib(free), _gib(kept))
-        pages = fits
+    if free - headroom + cache.num_bytes < budget:
+        log.info("nanoflow_fx: KV cache capped by the GPU's free memory (%s free, %s kept by torch's allocator in "
+                 "blocks it cannot hand to the cache)", _gib(free), _gib(kept))
+        budget = free - headroom + cache.num_bytes
+    per_page = page_bytes(cache.layers, cfg.page_size, cache.dtype)
+    pages = int(budget // per_page)
     need = -(-cfg.max_seq_len // cfg.page_size)
     if pages < need:
         raise KVCacheExhaustedError(

@@ -246,8 +246,8 @@ def _build_schedule(kinds: tuple[tuple[str, str, bool, tuple[str, ...]], ...], b
                 waits |= {(dep, j) for j in range(len(theirs) - 1)
                           if theirs[j] < own[i + 1] and own[i] < theirs[j + 1]}
             ops.append(NanoOp(name, i, unit_of[name], tuple(sorted(waits))))
-    units = ("compute",) if one_unit else tuple(u for u in ("compute", "memory", "network") if u in unit_of.values()
-                                               or u != "network")
+    network = ("network",) if "network" in unit_of.values() else ()
+    units = ("compute",) if one_unit else ("compute", "memory", *network)
     schedule = Schedule(boundaries[-1], tuple(splits.items()), tuple(groups), units, tuple(ops))
     validate(schedule)
     return schedule

@@ -213,7 +213,6 @@ class _Planner:
             # a waiting request caches nothing but what it shares, and what host memory gives back to its first
             # new pages: those are copied in under this step, and the request's chunk runs from the next one
             loads = self.prefix.host_match(req, len(hits)) if self.prefix is not None else 0
-            start = (len(hits) + loads) * limits.page_size
             if hits:
                 self.hits.append((req, hits))
                 for page in hits:
@@ -221,6 +220,7 @@ class _Planner:
             if loads:
                 self.loads.append((req, loads))
                 continue
+            start = len(hits) * limits.page_size
             n = min(req.num_tokens - start, self.budget)
             self.chunks.append(Chunk(req, n, start))
             self.budget -= n
