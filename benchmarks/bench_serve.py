@@ -3,14 +3,17 @@ weights), against offline `generate_batch` on the same requests, in ONE process 
 
     python3 -m benchmarks.bench_serve --out bench_serve.json
     python3 -m benchmarks.bench_serve --clients 1 16 256 --prompt 512 --new 256 --min-requests 8
+    python3 -m benchmarks.bench_serve --clients 256 --http-processes 0 1 2   # the HTTP side's processes compared
 
 Needs the server's packages (`pip install -e ".[serve]"`) and httpx. Per concurrency level C: max(C,
 `--min-requests`) streamed /v1/completions requests (prompt as token ids, greedy, `ignore_eos`: every request
 generates exactly `--new` tokens) from C clients, each sending its share one after another (so at 256 clients all
 256 requests run at once, as in `generate_batch`), from `--client-procs` processes of their own (so the clients'
-parsing does not share the server's interpreter). The server is `nanoflow_fx.server.make_app` under
-uvicorn on a thread of this process, with a word-level tokenizer of the model's vocabulary (built in code: its
-detokenization is what a real tokenizer's costs, roughly). Then the same requests through `model.generate_batch`.
+parsing does not share the server's interpreter). The server runs as `nanoflow_fx.serve` runs it: the engine in
+this process, the HTTP side in `--http-processes` processes of its own (`HTTPProcesses`; 0: uvicorn on
+`make_app`, on a thread of this process), with a word-level tokenizer of the model's vocabulary (built in code: its
+detokenization is what a real tokenizer's costs, roughly). Then the same requests through `model.generate_batch`
+(once per level, shared by the HTTP-process counts).
 
 Per level: wall time from the first request sent to the last token received; total (prompt + generated) and
 output tokens/s; the ratio to `generate_batch`; time to first token (TTFT) and inter-token latency (ITL: the gaps
@@ -21,12 +24,14 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import socket
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +47,31 @@ GREEDY_NO_EOS = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=
 
 
 # ------------------------------------------------------------------------------------------------- server
-def start_server(model: Any, tokenizer: Any) -> tuple[str, Any, threading.Thread]:
+@contextlib.contextmanager
+def running_server(model: Any, tokenizer: Any, http_processes: int) -> Iterator[str]:
+    """The server's URL while it runs: HTTP in processes of its own, or (0) on a thread of this process."""
     import uvicorn
 
     from nanoflow_fx.server import make_app
+    from nanoflow_fx.server.launch import HTTPProcesses
 
+    if http_processes:
+        with HTTPProcesses(model, tokenizer, "llama3-8b", port=0, processes=http_processes,
+                           log_level="warning") as server:
+            yield server.url
+        return
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(make_app(model, tokenizer, "llama3-8b"), log_level="warning",
-                                           backlog=4096))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    uv = uvicorn.Server(uvicorn.Config(make_app(model, tokenizer, "llama3-8b"), log_level="warning", backlog=4096))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    while not server.started:
+    while not uv.started:
         time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        uv.should_exit = True
+        thread.join(60)
 
 
 def _sync() -> None:
@@ -82,7 +98,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def level(model: Any, url: str, clients: int, args: argparse.Namespace, vocab: int) -> dict:
+def level(model: Any, url: str, clients: int, args: argparse.Namespace, vocab: int, http_processes: int,
+          offline_s: dict[int, float]) -> dict:
     gen = torch.Generator().manual_seed(clients)
     prompts = [torch.randint(8, vocab, (args.prompt,), generator=gen).tolist()
                for _ in range(max(clients, args.min_requests))]
@@ -90,16 +107,18 @@ def level(model: Any, url: str, clients: int, args: argparse.Namespace, vocab: i
     procs = args.client_procs or max(1, min(16, clients // 32))
     seconds, records = run_clients(url, "llama3-8b", per_client, args.new, procs)
     errors = [r["error"] for r in records if r["error"]]
-    offline_s = offline(model, prompts, args.new)
+    if clients not in offline_s:  # (the same prompts for every HTTP-process count)
+        offline_s[clients] = offline(model, prompts, args.new)
     total = len(prompts) * (args.prompt + args.new)
     ttft = [r["ttft"] * 1e3 for r in records if r["ttft"] is not None]
     itl = [g * 1e3 for r in records for g in r["itl"]]
     tpot = [(r["latency"] - r["ttft"]) * 1e3 / (r["tokens"] - 1) for r in records
             if r["ttft"] is not None and r["tokens"] > 1]
-    row = dict(clients=clients, requests=len(prompts), client_procs=procs, prompt=args.prompt, new=args.new,
+    row = dict(http_processes=http_processes, clients=clients, requests=len(prompts), client_procs=procs,
+               prompt=args.prompt, new=args.new,
                seconds=seconds, total_tok_s=total / seconds, output_tok_s=len(prompts) * args.new / seconds,
-               offline_seconds=offline_s, offline_total_tok_s=total / offline_s,
-               server_over_offline=offline_s / seconds, ttft_ms_p50=percentile(ttft, 50),
+               offline_seconds=offline_s[clients], offline_total_tok_s=total / offline_s[clients],
+               server_over_offline=offline_s[clients] / seconds, ttft_ms_p50=percentile(ttft, 50),
                ttft_ms_p99=percentile(ttft, 99), itl_ms_p50=percentile(itl, 50), itl_ms_p99=percentile(itl, 99),
                tpot_ms_p50=statistics.median(tpot) if tpot else float("nan"), errors=len(errors),
                first_errors=errors[:3])
@@ -114,6 +133,9 @@ def main() -> None:
                         help="requests per level: one per client, at least this many (1 client: one after another)")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per request")
     parser.add_argument("--new", type=int, default=256, help="generated tokens per request")
+    parser.add_argument("--http-processes", type=int, nargs="+", default=[1],
+                        help="HTTP processes beside the engine's, one server per value (0: HTTP on a thread of the "
+                        "engine's process)")
     parser.add_argument("--client-procs", type=int, default=0, help="client processes (0: one per 32 clients)")
     parser.add_argument("--config", default="{}", help="NanoFlowConfig fields as JSON (defaults otherwise)")
     parser.add_argument("--shape", default="llama3-8b", help="benchmarks.common.SHAPES (tiny: a smoke run)")
@@ -133,16 +155,14 @@ def main() -> None:
                 transformers=transformers.__version__, shape=args.shape, config=model.nanoflow.config.to_dict(),
                 attention=model.nanoflow.attention_backend.name, args=vars(args))
     print(f"[meta] {meta}", flush=True)
-    url, server, thread = start_server(model, tokenizer)
     rows: list[dict] = []
-    try:
-        run_clients(url, "llama3-8b", [[list(range(8, 8 + args.prompt))]], 8, 1)  # warm-up: a first request
-        for clients in args.clients:
-            rows.append(level(model, url, clients, args, vocab))
-            Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    offline_s: dict[int, float] = {}
+    for http_processes in args.http_processes:
+        with running_server(model, tokenizer, http_processes) as url:
+            run_clients(url, "llama3-8b", [[list(range(8, 8 + args.prompt))]], 8, 1)  # warm-up: a first request
+            for clients in args.clients:
+                rows.append(level(model, url, clients, args, vocab, http_processes, offline_s))
+                Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print_table(meta, rows)
 
 
@@ -150,7 +170,8 @@ def print_table(meta: dict, rows: list[dict]) -> None:
     print(f"\n{meta['device']}, {meta['date']}, torch {meta['torch']}, transformers {meta['transformers']}, "
           f"{meta['shape']}, attention {meta['attention']}")
     print_markdown_table([
-        ("clients", lambda r: f"{r['clients']}"), ("requests", lambda r: f"{r['requests']}"),
+        ("HTTP processes", lambda r: f"{r.get('http_processes', 0)}"), ("clients", lambda r: f"{r['clients']}"),
+        ("requests", lambda r: f"{r['requests']}"),
         ("prompt / new", lambda r: f"{r['prompt']} / {r['new']}"),
         ("server total tok/s", lambda r: f"{r['total_tok_s']:,.0f}"),
         ("generate_batch total tok/s", lambda r: f"{r['offline_total_tok_s']:,.0f}"),

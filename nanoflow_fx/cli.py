@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                        "MODEL_OR_PATH)")
     serve.add_argument("--config", default=None, help="NanoFlowConfig fields as JSON, e.g. "
                        "'{\"max_batch_size\": 256}'")
+    serve.add_argument("--http-processes", type=int, default=1, help="processes answering HTTP, beside the "
+                       "engine's (default: %(default)s; 0: HTTP on a thread of the engine's process)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -47,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as err:
         raise SystemExit(str(err)) from None
     serve(args.model, host=args.host, port=args.port, model_name=args.served_model_name, config=config,
-          dtype=args.dtype, device=args.device, log_level=args.log_level)
+          dtype=args.dtype, device=args.device, log_level=args.log_level, http_processes=args.http_processes)
     return 0
 
 

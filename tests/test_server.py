@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import socket
 import threading
 import time
@@ -25,8 +26,9 @@ from hypothesis import strategies as st
 import nanoflow_fx
 import nanoflow_fx.server
 from nanoflow_fx.server import make_app
-from nanoflow_fx.server.app import _ChatFormat, _CompletionFormat
-from nanoflow_fx.server.generation import Piece
+from nanoflow_fx.server.app import _ChatFormat, _CompletionFormat, build_app
+from nanoflow_fx.server.bridge import EngineBridge, RemoteBackend
+from nanoflow_fx.server.generation import EngineRequests, Generations, Piece
 from tests.helpers import assert_nothing_held, hf_greedy
 from tests.tiny_models import VOCAB, build, word_tokenizer
 
@@ -47,10 +49,21 @@ class Served:
 
 
 @contextlib.contextmanager
-def _running(model: Any) -> Iterator[Served]:
-    """`model` served as "tiny" on a free localhost port by uvicorn, on a thread of this process."""
+def _running(model: Any, bridged: bool = False) -> Iterator[Served]:
+    """`model` served as "tiny" on a free localhost port by uvicorn, on a thread of this process: on `make_app`
+    (the engine behind the app), or `bridged`: the app's requests through a pipe to an `EngineBridge` on the
+    engine's side, as `serve` runs them in HTTP processes of their own (here a thread, so the tests can look in)."""
     tokenizer = word_tokenizer()
-    app = make_app(model, tokenizer, "tiny")
+    bridge = None
+    if bridged:
+        requests = EngineRequests(model, tokenizer.eos_token_id)
+        ours, theirs = multiprocessing.Pipe()
+        bridge = EngineBridge(requests, [theirs])
+        requests.start()
+        bridge.start()
+        app = build_app(Generations(RemoteBackend(ours), tokenizer), tokenizer, "tiny")
+    else:
+        app = make_app(model, tokenizer, "tiny")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -65,11 +78,15 @@ def _running(model: Any) -> Iterator[Served]:
     finally:
         server.should_exit = True
         thread.join(30)
+        if bridge is not None:
+            bridge.close()
+            bridge.requests.stop()
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
-    with _running(nanoflow_fx.optimize(build("llama"), CONFIG)) as served:  # tests.helpers.reference's weights
+@pytest.fixture(scope="module", params=["in_process", "bridged"])
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    model = nanoflow_fx.optimize(build("llama"), CONFIG)  # tests.helpers.reference's weights
+    with _running(model, bridged=request.param == "bridged") as served:
         yield served
 
 
@@ -376,7 +393,8 @@ def test_the_openai_client_raises_its_own_errors(served: Served) -> None:
         client.with_options(base_url=f"{served.url}/v2").completions.create(model="tiny", prompt="w1")
 
 
-def test_an_engine_that_died_is_reported_not_hung_on(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bridged", [False, True])
+def test_an_engine_that_died_is_reported_not_hung_on(monkeypatch: pytest.MonkeyPatch, bridged: bool) -> None:
     # A step that raises ends the engine's loop: the request in it fails (500), later ones are refused (503), and
     # /health says so; no client waits forever.
     model = nanoflow_fx.optimize(build("llama"), CONFIG)
@@ -385,7 +403,7 @@ def test_an_engine_that_died_is_reported_not_hung_on(monkeypatch: pytest.MonkeyP
         raise RuntimeError("the device fell off the bus")
 
     monkeypatch.setattr(model.nanoflow.engine.runner, "run", broken)
-    with _running(model) as served:
+    with _running(model, bridged) as served:
         client = served.client(timeout=60)
         with pytest.raises(openai.InternalServerError, match="fell off the bus"):
             client.completions.create(model="tiny", prompt="w1 w2", max_tokens=4, temperature=0)

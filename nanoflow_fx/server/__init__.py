@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server on an optimized model (`pip install 'nanoflow-fx[serve]'`).
 
     nanoflow-fx serve MODEL_OR_PATH --port 8000          # the console script (nanoflow_fx.cli)
-    nanoflow_fx.serve(model, tokenizer, port=8000)       # the same from Python
+    nanoflow_fx.serve(model, tokenizer, port=8000)       # the same from Python (HTTP in a process of its own)
     app = nanoflow_fx.server.make_app(model, tokenizer)  # the FastAPI app, to run under any ASGI server
 
 `/v1/completions` and `/v1/chat/completions` (streamed or not), `/v1/models`, `/health`: docs/serving.md.
@@ -17,6 +17,6 @@ except ImportError as err:  # (the package itself needs neither: only the server
                       "pip install 'nanoflow-fx[serve]'") from err
 
 from nanoflow_fx.server.app import make_app
-from nanoflow_fx.server.launch import load, serve
+from nanoflow_fx.server.launch import HTTPProcesses, load, serve
 
-__all__ = ["load", "make_app", "serve"]
+__all__ = ["HTTPProcesses", "load", "make_app", "serve"]

@@ -23,32 +23,38 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from nanoflow_fx.server.generation import Generations, Piece
+from nanoflow_fx.server.generation import EngineRequests, Generations, LocalBackend, Piece, Reply
 from nanoflow_fx.server.protocol import APIError, ChatRequest, CompletionRequest, parse_chat, parse_completion
 
-__all__ = ["make_app"]
+__all__ = ["build_app", "make_app"]
 
 log = logging.getLogger(__name__)
 
 
 def make_app(model: Any, tokenizer: Any, model_name: str | None = None) -> FastAPI:
     """The app serving `model` (optimized by `nanoflow_fx.optimize`) under `model_name` (default: the model's
-    `name_or_path`). Requests run on the model's engine once the app has started (its lifespan starts the
-    continuous-batching managers; its end waits for their requests). The chat endpoint needs the tokenizer's
-    chat template."""
+    `name_or_path`), its engine in this process (the app's event loop shares the engine's interpreter:
+    `nanoflow_fx.serve` puts the HTTP side in processes of its own). Requests run on the model's engine once the
+    app has started (its lifespan starts the continuous-batching managers; its end waits for their requests). The
+    chat endpoint needs the tokenizer's chat template."""
     if "nanoflow" not in getattr(model, "__dict__", {}):
         raise TypeError(f"make_app needs a model optimized by nanoflow_fx.optimize(), got a {type(model).__name__} "
                         "without a runtime; call nanoflow_fx.optimize(model) first")
     name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
-    generations = Generations(model, tokenizer)
+    backend = LocalBackend(EngineRequests(model, tokenizer.eos_token_id))
+    return build_app(Generations(backend, tokenizer), tokenizer, name)
+
+
+def build_app(generations: Generations, tokenizer: Any, name: str) -> FastAPI:
+    """The app on `generations` (its backend: the engine here, or in another process), serving `name`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        generations.start()
+        generations.backend.start()
         try:
             yield
         finally:
-            generations.stop()
+            generations.backend.stop()
 
     app = FastAPI(title="nanoflow_fx", lifespan=lifespan)
     app.state.generations = generations
@@ -118,25 +124,24 @@ def _chat_prompt(tokenizer: Any, body: ChatRequest) -> list[int]:
 async def _respond(request: Request, generations: Generations, body: CompletionRequest | ChatRequest,
                    prompt: list[int], name: str, fmt: type[_Format]) -> Response:
     prompt_param = "prompt" if isinstance(body, CompletionRequest) else "messages"
-    plan = generations.prepare(list(prompt), body.sampling, prompt_param)
+    reply = await generations.open(list(prompt), body.sampling, prompt_param)
     out = fmt(f"{fmt.prefix}-{uuid.uuid4().hex}", name, len(prompt))
-    pieces = generations.stream(plan)
     if body.stream:
-        return _EventStream(_events(pieces, out, body.include_usage), media_type="text/event-stream")
-    collect = asyncio.ensure_future(_collect(pieces))
+        return _EventStream(_events(reply, out, body.include_usage), reply.close, media_type="text/event-stream")
+    collect = asyncio.ensure_future(_collect(reply))
     if not await _unless_disconnected(request, collect):
         return Response(status_code=499)  # (nobody reads it: the client left, and its request was cancelled)
     text, last = collect.result()
     return JSONResponse(out.whole(text, last))
 
 
-async def _collect(pieces: AsyncIterator[Piece]) -> tuple[str, Piece]:
+async def _collect(reply: Reply) -> tuple[str, Piece]:
     texts, piece = [], None
     try:
-        async for piece in pieces:
+        async for piece in reply.pieces():
             texts.append(piece.text)
     finally:
-        await pieces.aclose()  # type: ignore[attr-defined]  # (an async generator)
+        reply.close()
     assert piece is not None and piece.finish_reason is not None
     return "".join(texts), piece
 
@@ -160,14 +165,14 @@ async def _unless_disconnected(request: Request, work: asyncio.Future[Any]) -> b
     return False
 
 
-async def _events(pieces: AsyncIterator[Piece], out: _Format, include_usage: bool) -> AsyncIterator[str]:
+async def _events(reply: Reply, out: _Format, include_usage: bool) -> AsyncIterator[str]:
     """The server-sent events of a streamed reply, ending with `[DONE]`; an error after the stream started is an
     event with OpenAI's error object (the status, 200, was already sent)."""
     try:
         opening = out.opening()
         if opening is not None:
             yield _sse(opening)
-        async for piece in pieces:
+        async for piece in reply.pieces():
             if piece.finish_reason is not None:
                 yield _sse(out.chunk(piece))
             elif piece.text:
@@ -181,7 +186,7 @@ async def _events(pieces: AsyncIterator[Piece], out: _Format, include_usage: boo
         yield _sse(APIError(500, f"the server failed on this request: {type(err).__name__}: {err}",
                             type="server_error").body())
     finally:
-        await pieces.aclose()  # type: ignore[attr-defined]  # (an async generator)
+        reply.close()
     yield "data: [DONE]\n\n"
 
 
@@ -191,7 +196,12 @@ def _sse(payload: dict[str, Any]) -> str:
 
 class _EventStream(StreamingResponse):
     """A streamed reply that stops (cancelling its request) as soon as the client disconnects, whatever the ASGI
-    server's spec version (Starlette's own notices it on the next write only, under ASGI 2.4)."""
+    server's spec version (Starlette's own notices it on the next write only, under ASGI 2.4). `on_close` runs
+    at the end in any case (the reply's `close`: a stream never started still ends its request)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.ensure_future(self.stream_response(send))
@@ -204,6 +214,7 @@ class _EventStream(StreamingResponse):
                 stream.cancel()
             await asyncio.gather(stream, gone, return_exceptions=True)
             await self.body_iterator.aclose()  # type: ignore[attr-defined]  # (`_events`: ends its request now)
+            self._on_close()
         if not stream.cancelled() and stream.exception() is not None and not isinstance(stream.exception(),
                                                                                        OSError):
             raise stream.exception()  # type: ignore[misc]

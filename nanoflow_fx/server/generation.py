@@ -1,18 +1,23 @@
-"""`Generations`: the server's requests on the optimized model's engine, as async streams of text.
+"""The server's requests on the optimized model's engine, in two halves, so the HTTP side may run in processes of
+its own (`bridge`):
 
-Requests go through transformers' continuous-batching contract (`model.init_continuous_batching()`, nanoflow's
-manager): two managers share the model's one engine, one greedy and one sampling (the manager takes temperature,
-top-k and top-p per request, but greedy or not from its GenerationConfig). Results come back on the asyncio loop
-(`register_result_handler`); text and stop strings are `TextStream`'s.
+- `EngineRequests`, where the model is: checks a request against the model (a 400 `APIError` if it cannot run) and
+  runs it through transformers' continuous-batching contract (`model.init_continuous_batching()`, nanoflow's
+  manager). Two managers share the model's one engine, one greedy and one sampling (the manager takes temperature,
+  top-k and top-p per request, but greedy or not from its GenerationConfig).
+- `Generations`, where the HTTP app is: a request's tokens as text (`TextStream`: detokenization, stop strings),
+  from a `Backend`: `LocalBackend` (the engine in this process; results come back on the asyncio loop through
+  `register_result_handler`) or `bridge.RemoteBackend` (the engine in another process).
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import GenerationConfig
@@ -21,7 +26,8 @@ from nanoflow_fx.errors import InvalidInputError, KVCacheExhaustedError, Request
 from nanoflow_fx.server.protocol import APIError, Sampling
 from nanoflow_fx.server.text import TextStream
 
-__all__ = ["Generations", "Piece", "ServerStats"]
+__all__ = ["Backend", "EngineRequests", "Generations", "LocalBackend", "Piece", "Plan", "Reply", "ServerStats",
+           "Submitted", "engine_dead"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,7 @@ class ServerStats:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """One request as the engine runs it."""
 
     prompt: list[int]
@@ -58,54 +64,48 @@ class _Plan:
     greedy: bool
     sampling: dict[str, Any]  # temperature, top_k, top_p (sampled requests)
     eos_token_id: int | list[int]
-    stop: tuple[str, ...]
 
 
-class Generations:
-    """The server's bridge to the engine: `prepare` checks a request against the model (a 400 `APIError` if it
-    cannot run), `stream` runs it and yields `Piece`s on the caller's asyncio loop. A request whose consumer stops
-    (a client that left, a stop string) is cancelled on the engine at once, freeing its KV pages."""
+# ------------------------------------------------------------------------------------------ the engine's side
+class EngineRequests:
+    """The engine's side of the server: `plan` checks a request against the model, `add` runs it, `cancel` drops
+    it; results are read from the managers (`managers`) by whoever added the request."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.engine = model.nanoflow.engine
+    def __init__(self, model: Any, eos_token_id: int | list[int] | None = None) -> None:
+        """`eos_token_id`: where the model's generation config names none (e.g. the tokenizer's)."""
+        self.model, self.engine = model, model.nanoflow.engine
         defaults = model.generation_config
-        eos = defaults.eos_token_id if defaults.eos_token_id is not None else tokenizer.eos_token_id
+        eos = defaults.eos_token_id if defaults.eos_token_id is not None else eos_token_id
         self.eos_token_id: int | list[int] = -1 if eos is None else eos  # -1: no EOS (transformers' convention)
         # A request that gives no temperature follows the model's generation config (greedy unless it samples).
         self.default_temperature = float(defaults.temperature or 1.0) if defaults.do_sample else 0.0
         self.default_top_p = float(defaults.top_p) if defaults.do_sample and defaults.top_p is not None else 1.0
         self.default_top_k = int(defaults.top_k or 0) if defaults.do_sample else 0
         base = dict(eos_token_id=self.eos_token_id, pad_token_id=defaults.pad_token_id)
-        self._greedy = model.init_continuous_batching(GenerationConfig(do_sample=False, **base))
-        self._sampled = model.init_continuous_batching(GenerationConfig(do_sample=True, **base))
-        self._ids = itertools.count()
-        self.stats = ServerStats()
+        self.greedy = model.init_continuous_batching(GenerationConfig(do_sample=False, **base))
+        self.sampled = model.init_continuous_batching(GenerationConfig(do_sample=True, **base))
+        self.managers = (self.greedy, self.sampled)
         self.max_len = min(self.engine.config.max_seq_len,
                            self.engine.kv_cache.allocator.num_pages * self.engine.kv_cache.page_size)
 
     def start(self) -> None:
-        self._greedy.start()
-        self._sampled.start()
+        for manager in self.managers:
+            manager.start()
 
     def stop(self) -> None:
         """Stop the managers once their requests are done (the server has drained its connections by then)."""
-        self._greedy.stop(block=True)
-        self._sampled.stop(block=True)
+        for manager in self.managers:
+            manager.stop(block=True)
 
     @property
     def fatal_error(self) -> BaseException | None:
-        return self._greedy.fatal_error or self._sampled.fatal_error
+        return self.greedy.fatal_error or self.sampled.fatal_error
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def prepare(self, prompt: list[int], sampling: Sampling, prompt_param: str) -> _Plan:
-        """The request as the engine runs it; `APIError` (400) if it cannot: too long a prompt (for
-        `prompt_param`), token ids outside the vocabulary, a seed for a sampled request."""
+    def plan(self, prompt: list[int], sampling: Sampling, prompt_param: str) -> Plan:
+        """The request as the engine runs it; `APIError` if it cannot: the engine failed (503), too long a prompt
+        (400, for `prompt_param`), token ids outside the vocabulary, a seed for a sampled request."""
         if self.fatal_error is not None:
-            raise APIError(503, f"the engine failed and takes no requests: {self.fatal_error}", type="server_error",
-                           code="engine_dead")
+            raise engine_dead(self.fatal_error)
         if len(prompt) >= self.max_len:
             raise APIError(400, f"This model's maximum context length is {self.max_len} tokens; the prompt has "
                            f"{len(prompt)} tokens, which leaves none to generate. Shorten the prompt.",
@@ -127,74 +127,183 @@ class Generations:
             raise APIError(400, str(err), param=prompt_param, code="invalid_value") from None
         top_p = self.default_top_p if sampling.top_p is None else sampling.top_p
         top_k = self.default_top_k if sampling.top_k is None else sampling.top_k
-        return _Plan(prompt, max_new, greedy, {} if greedy else dict(temperature=temperature, top_p=top_p,
-                                                                         top_k=top_k),
-                     -1 if sampling.ignore_eos else self.eos_token_id, sampling.stop)
+        return Plan(prompt, max_new, greedy, {} if greedy else dict(temperature=temperature, top_p=top_p,
+                                                                        top_k=top_k),
+                    -1 if sampling.ignore_eos else self.eos_token_id)
 
-    async def stream(self, plan: _Plan) -> AsyncIterator[Piece]:
-        """Run `plan` on the engine: its text as it comes (pieces with text, then a last one with the finish
-        reason). An engine failure raises `APIError` (500). Leaving the iteration early (a client that left)
-        cancels the request on the engine."""
-        manager = self._greedy if plan.greedy else self._sampled
-        request_id = f"srv-{next(self._ids)}"
-        results: asyncio.Queue[Any] = asyncio.Queue()
+    def add(self, plan: Plan, request_id: str) -> Any:
+        """Queue `plan` as a streamed request `request_id`; returns its manager (`APIError` 503 if it takes none)."""
+        manager = self.greedy if plan.greedy else self.sampled
         added = manager.add_request(plan.prompt, request_id=request_id, max_new_tokens=plan.max_new_tokens,
                                     streaming=True, eos_token_id=plan.eos_token_id, **plan.sampling)
         if added is None:
             if manager.fatal_error is not None:
-                raise APIError(503, f"the engine failed and takes no requests: {manager.fatal_error}",
-                               type="server_error", code="engine_dead")
+                raise engine_dead(manager.fatal_error)
             raise APIError(503, "the server is shutting down and takes no new requests", type="server_error",
                            code="server_shutting_down")
-        manager.register_result_handler(request_id, results.put_nowait)
-        text = TextStream(self.decode, plan.prompt, plan.stop)
-        self.stats.running += 1
-        outcome = "cancelled"
+        return manager
+
+    def cancel(self, request_id: str) -> None:
+        """Drop the request (from either manager: the other has no request of that id). Waits for the engine's
+        lock, held for a whole step: never call it on an event loop."""
+        for manager in self.managers:
+            manager.cancel_request(request_id)
+
+
+def engine_dead(error: BaseException | str) -> APIError:
+    """The 503 for a request after the engine's loop failed."""
+    return APIError(503, f"the engine failed and takes no requests: {error}", type="server_error",
+                    code="engine_dead")
+
+
+# -------------------------------------------------------------------------------------------- the HTTP side
+@dataclass
+class Submitted:
+    """A request on the engine as the HTTP side follows it: the tokens generated so far, whether it ended, its
+    error. `changed` is set at every update (its one reader clears it); an update may stand for several steps."""
+
+    request_id: str
+    max_new_tokens: int
+    eos_token_id: int | list[int]
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def update(self, start: int, tokens: Sequence[int], finished: bool, error: str | None) -> None:
+        """The generated tokens from index `start` on are `tokens` (on the loop)."""
+        del self.tokens[start:]
+        self.tokens.extend(tokens)
+        self.finished, self.error = finished or error is not None, error
+        self.changed.set()
+
+
+class Backend(abc.ABC):
+    """Where `Generations` runs its requests (every method on the asyncio loop of the HTTP app)."""
+
+    @property
+    @abc.abstractmethod
+    def fatal_error(self) -> BaseException | str | None:
+        """Why the engine takes no more requests, or None while it runs."""
+
+    @abc.abstractmethod
+    async def submit(self, prompt: list[int], sampling: Sampling, prompt_param: str) -> Submitted:
+        """Check and queue a streamed request (`APIError` if it cannot run); its updates reach the `Submitted`."""
+
+    @abc.abstractmethod
+    def cancel(self, request: Submitted) -> None:
+        """Drop the request on the engine (no waiting on the loop); no more updates reach it."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Called as the app starts (on its loop)."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Called as the app ends, once its connections are drained."""
+
+
+class LocalBackend(Backend):
+    """The engine in this process: requests go to `EngineRequests`, updates come back on the loop through the
+    managers' `register_result_handler`."""
+
+    def __init__(self, requests: EngineRequests) -> None:
+        self.requests = requests
+        self._ids = itertools.count()
+
+    @property
+    def fatal_error(self) -> BaseException | None:
+        return self.requests.fatal_error
+
+    async def submit(self, prompt: list[int], sampling: Sampling, prompt_param: str) -> Submitted:
+        plan = self.requests.plan(prompt, sampling, prompt_param)
+        request = Submitted(f"srv-{next(self._ids)}", plan.max_new_tokens, plan.eos_token_id)
+        manager = self.requests.add(plan, request.request_id)
+        manager.register_result_handler(request.request_id, lambda out: request.update(
+            0, out.generated_tokens, out.is_finished(), None if out.error is None else str(out.error)))
+        return request
+
+    def cancel(self, request: Submitted) -> None:
+        try:  # on a worker thread: cancelling waits for the engine's lock, held for a whole step
+            asyncio.get_running_loop().run_in_executor(None, self.requests.cancel, request.request_id)
+        except RuntimeError:  # no running loop (the reply was collected after the loop closed)
+            self.requests.cancel(request.request_id)
+
+    def start(self) -> None:
+        self.requests.start()
+
+    def stop(self) -> None:
+        self.requests.stop()
+
+
+class Generations:
+    """The HTTP app's requests: `open` checks and queues one on the `backend` and returns its `Reply`."""
+
+    def __init__(self, backend: Backend, tokenizer: Any) -> None:
+        self.backend, self.tokenizer = backend, tokenizer
+        self.stats = ServerStats()
+
+    @property
+    def fatal_error(self) -> BaseException | str | None:
+        return self.backend.fatal_error
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    async def open(self, prompt: list[int], sampling: Sampling, prompt_param: str) -> Reply:
+        """Queue the request (`APIError` if it cannot run: nothing was queued then)."""
+        request = await self.backend.submit(prompt, sampling, prompt_param)
+        return Reply(self, request, TextStream(self.decode, prompt, sampling.stop))
+
+
+class Reply:
+    """One request's text as it comes (`pieces`). `close()` (always, once done with it) counts how it ended and
+    cancels it on the engine unless it ended there: a client that left, a stop string, a failure."""
+
+    def __init__(self, generations: Generations, request: Submitted, text: TextStream) -> None:
+        self._generations, self.request, self.text = generations, request, text
+        self._outcome = "cancelled"
+        self._open = True
+        generations.stats.running += 1
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """Pieces with text, then a last one with the finish reason; an engine failure raises `APIError` (500)."""
+        request, text, seen = self.request, self.text, 0
         try:
-            async for piece in self._pieces(results, text, plan):
-                if piece.finish_reason is not None:
-                    outcome = "finished"
-                yield piece
+            while True:
+                await request.changed.wait()
+                request.changed.clear()
+                if request.error is not None:
+                    raise APIError(500, f"the request failed in the engine: {request.error}", type="server_error",
+                                   code="engine_error")
+                tokens = request.tokens
+                new = "".join(text.push(t) for t in tokens[seen:])
+                seen = len(tokens)
+                if text.stopped or request.finished:
+                    new += text.finish()
+                    self._outcome = "finished"
+                    yield Piece(new, text.num_tokens, self._finish_reason())
+                    return
+                if new:
+                    yield Piece(new, text.num_tokens)
         except Exception:
-            outcome = "failed"
+            self._outcome = "failed"
             raise
-        finally:
-            self.stats.running -= 1
-            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-            if outcome != "finished" or text.stopped:  # (a request that ended on the engine has nothing to free)
-                self._cancel(manager, request_id)
 
-    async def _pieces(self, results: asyncio.Queue[Any], text: TextStream, plan: _Plan) -> AsyncIterator[Piece]:
-        seen = 0
-        while True:
-            output = await results.get()
-            while not results.empty():  # each update extends the one before: the latest has every token
-                output = results.get_nowait()
-            if output.error is not None:
-                raise APIError(500, f"the request failed in the engine: {output.error}", type="server_error",
-                               code="engine_error")
-            tokens = output.generated_tokens
-            new = "".join(text.push(t) for t in tokens[seen:])
-            seen = len(tokens)
-            if text.stopped or output.is_finished():
-                new += text.finish()
-                yield Piece(new, text.num_tokens, self._finish_reason(text, tokens, plan))
-                return
-            if new:
-                yield Piece(new, text.num_tokens)
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        stats = self._generations.stats
+        stats.running -= 1
+        setattr(stats, self._outcome, getattr(stats, self._outcome) + 1)
+        if self._outcome != "finished" or self.text.stopped:  # (a request that ended on the engine holds nothing)
+            self._generations.backend.cancel(self.request)
 
-    @staticmethod
-    def _finish_reason(text: TextStream, tokens: Sequence[int], plan: _Plan) -> str:
+    def _finish_reason(self) -> str:
         """"stop" at a stop string or an EOS (even as the last token allowed), else "length"."""
-        eos = {plan.eos_token_id} if isinstance(plan.eos_token_id, int) else set(plan.eos_token_id)
-        ended = text.stopped or (tokens and tokens[-1] in eos) or len(tokens) < plan.max_new_tokens
+        request, tokens = self.request, self.request.tokens
+        eos = {request.eos_token_id} if isinstance(request.eos_token_id, int) else set(request.eos_token_id)
+        ended = self.text.stopped or (tokens and tokens[-1] in eos) or len(tokens) < request.max_new_tokens
         return "stop" if ended else "length"
 
-    @staticmethod
-    def _cancel(manager: Any, request_id: str) -> None:
-        """Cancel on a worker thread: the manager takes the engine's lock, held for a whole step, and the event loop
-        must not wait for it."""
-        try:
-            asyncio.get_running_loop().run_in_executor(None, manager.cancel_request, request_id)
-        except RuntimeError:  # no running loop (the stream was collected after the loop closed)
-            manager.cancel_request(request_id)

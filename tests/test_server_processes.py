@@ -1,0 +1,84 @@
+"""`HTTPProcesses`, the server as `serve` runs it: the engine in this process, the HTTP side in processes of its own
+(`python -m nanoflow_fx.server.frontend`) sharing one socket. Replies equal HF's greedy `generate()` however the
+streams spread over the HTTP processes; an HTTP process that dies, or an engine whose pipes close, stops the
+server instead of leaving a half of it running."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+import nanoflow_fx
+from nanoflow_fx.server.launch import HTTPProcesses
+from tests.helpers import assert_nothing_held, hf_greedy
+from tests.tiny_models import build, word_tokenizer
+
+EOS = 2
+CONFIG = nanoflow_fx.NanoFlowConfig(max_batch_size=4, max_seq_len=256, page_size=4, num_pages=256)
+
+
+def _served(processes: int) -> HTTPProcesses:
+    return HTTPProcesses(nanoflow_fx.optimize(build("llama"), CONFIG), word_tokenizer(), "tiny", port=0,
+                         processes=processes, log_level="warning", start_timeout=120)
+
+
+def test_streams_over_two_http_processes_each_equal_generate() -> None:
+    tokenizer = word_tokenizer()
+    prompts = [" ".join(f"w{(5 * i + 3 * j) % 80}" for j in range(2 + i)) for i in range(8)]
+    wants = []
+    for i, prompt in enumerate(prompts):  # (the references first: building a reference model seeds torch's RNG)
+        ids = tokenizer(prompt)["input_ids"]
+        new = hf_greedy("llama", tuple(ids), 6 + i, EOS)
+        wants.append(tokenizer.decode(ids + list(new), skip_special_tokens=True)[len(prompt):])
+    with _served(2) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+        def one(i: int) -> str:
+            if i % 2:
+                reply = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=6 + i, temperature=0)
+                return reply.choices[0].text
+            stream = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=6 + i, temperature=0,
+                                               stream=True)
+            return "".join(chunk.choices[0].text for chunk in stream)
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(one, range(8))) == wants
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):  # refused by the engine's side
+            client.completions.create(model="tiny", prompt=" ".join(["w1"] * 300), max_tokens=4, stream=True)
+        deadline = time.monotonic() + 10
+        while True:  # every request ended on the engine: nothing left holding pages or slots
+            try:
+                assert_nothing_held(server.requests.engine)
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def test_an_http_process_that_dies_stops_the_server() -> None:
+    with _served(2) as server:
+        server.children[0].send_signal(signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=f"HTTP process of the server exited \\(status {-signal.SIGKILL}\\)"):
+            server.wait()
+    assert all(child.poll() is not None for child in server.children)  # the other one was stopped too
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/health", timeout=2)
+
+
+def test_http_processes_leave_when_the_engine_side_goes() -> None:
+    server = _served(1)
+    try:
+        assert server.bridge is not None
+        server.bridge.close()  # as if the engine's process had died: the HTTP process's pipe ends
+        deadline = time.monotonic() + 30
+        while server.children[0].poll() is None:
+            assert time.monotonic() < deadline, "the HTTP process outlived its engine"
+            time.sleep(0.1)
+    finally:
+        server.close()
