@@ -10,7 +10,7 @@ L2: each call reads its bytes from memory as a distinct layer's would). Kernels,
   - triton: nanoflow_fx's Triton kernel, its default launch (64-token blocks for bf16, 128 for e4m3) and variants:
     block_n=64 and block_n=128 on both caches, and pv_precision=half (P rounded to bf16 for P @ V, V fed to the MMA
     as bf16, as FlashInfer does; the default converts V to fp32 for a tf32 MMA); with --sweep, every launch of
-    block_n x num_warps x num_stages over the e4m3 cache too (the fastest first);
+    block_n x num_warps x num_stages x pv_precision over the e4m3 cache too (the fastest first);
   - flashinfer: FlashInfer's decode wrapper planned as nanoflow_fx plans it (tensor cores for this GQA shape; an
     e4m3 cache with kv_data_type=e4m3, k_scale folded into q and v_scale into the output on the device);
   - flashinfer-cuda-cores: its CUDA-core decode kernel (use_tensor_cores=False), scales as FlashInfer's own floats.
@@ -163,13 +163,13 @@ def main() -> None:
 
 
 def sweep(b: dict[str, Any], layers: int, reps: int, bf16_ms: float | None) -> list[dict[str, Any]]:
-    """Every Triton launch (block_n x num_warps x num_stages) over the e4m3 cache, fastest first."""
+    """Every Triton launch (block_n x num_warps x num_stages x pv_precision) over the e4m3 cache, fastest first."""
     triton = get("triton")
     meta = (b["qo"], b["kvp"], b["idx"], b["last"])
-    rows = []
+    rows: list[dict[str, Any]] = []
     print("## Triton launches over the e4m3 cache", flush=True)
-    for block_n, warps, stages in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4, 5)):
-        launch = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+    for block_n, warps, stages, pv in itertools.product((64, 128, 256), (4, 8), (2, 3, 4), ("tf32", "half")):
+        launch = dict(block_n=block_n, num_warps=warps, num_stages=stages, pv_precision=pv)
 
         def step(launch: dict[str, int] = launch) -> None:
             for _ in range(layers):

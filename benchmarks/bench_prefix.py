@@ -62,6 +62,8 @@ def run(model: Any, name: str, args: argparse.Namespace, gen: torch.Generator) -
 
     stats = model.nanoflow.engine.stats
     hit0, look0, host0 = stats.prefix_hit_tokens, stats.prefix_lookup_tokens, stats.prefix_host_hit_tokens
+    host = model.nanoflow.engine.host_pages
+    saved0, loaded0 = (host.saved, host.loaded) if host else (0, 0)
     seconds = processed = reusable = 0.0
     if name in ("none", "shared"):
         system = tokens(768)
@@ -78,10 +80,11 @@ def run(model: Any, name: str, args: argparse.Namespace, gen: torch.Generator) -
             if r + 1 < args.rounds:  # the next round's reusable history: this round's prompt and reply, whole pages
                 reusable += sum((len(p) - 128) // page * page for p in prompts)
     hits, lookups = stats.prefix_hit_tokens - hit0, stats.prefix_lookup_tokens - look0
-    host = model.nanoflow.engine.host_pages
     row = dict(workload=name, prefix_caching=model.nanoflow.config.prefix_caching,
                offload_gib=model.nanoflow.config.prefix_offload_gib, host_pages_used=host.num_used if host else 0,
-               host_hit_tokens=stats.prefix_host_hit_tokens - host0, seconds=seconds,
+               host_hit_tokens=stats.prefix_host_hit_tokens - host0,
+               host_pages_saved=host.saved - saved0 if host else 0,
+               host_pages_loaded=host.loaded - loaded0 if host else 0, seconds=seconds,
                total_tok_s=processed / seconds, prefill_hit_tokens=hits, prefill_lookup_tokens=lookups,
                hit_rate=hits / max(lookups, 1), **({"reusable_hit_rate": hits / reusable} if reusable else {}))
     print(f"[measured] {row}", flush=True)

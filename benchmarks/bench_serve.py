@@ -133,7 +133,7 @@ def main() -> None:
                         help="requests per level: one per client, at least this many (1 client: one after another)")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per request")
     parser.add_argument("--new", type=int, default=256, help="generated tokens per request")
-    parser.add_argument("--http-processes", type=int, nargs="+", default=[1],
+    parser.add_argument("--http-processes", type=int, nargs="+", default=[2],
                         help="HTTP processes beside the engine's, one server per value (0: HTTP on a thread of the "
                         "engine's process)")
     parser.add_argument("--client-procs", type=int, default=0, help="client processes (0: one per 32 clients)")

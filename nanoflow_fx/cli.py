@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                        "MODEL_OR_PATH)")
     serve.add_argument("--config", default=None, help="NanoFlowConfig fields as JSON, e.g. "
                        "'{\"max_batch_size\": 256}'")
-    serve.add_argument("--http-processes", type=int, default=1, help="processes answering HTTP, beside the "
+    serve.add_argument("--http-processes", type=int, default=2, help="processes answering HTTP, beside the "
                        "engine's (default: %(default)s; 0: HTTP on a thread of the engine's process)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser

@@ -5,6 +5,8 @@ server instead of leaving a half of it running."""
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,10 @@ import openai
 import pytest
 
 import nanoflow_fx
+from nanoflow_fx.server.bridge import RemoteBackend
+from nanoflow_fx.server.generation import Generations, Piece
 from nanoflow_fx.server.launch import HTTPProcesses
+from nanoflow_fx.server.protocol import Sampling
 from tests.helpers import assert_nothing_held, hf_greedy
 from tests.tiny_models import build, word_tokenizer
 
@@ -82,3 +87,27 @@ def test_http_processes_leave_when_the_engine_side_goes() -> None:
             time.sleep(0.1)
     finally:
         server.close()
+
+
+def test_a_reply_whose_last_tokens_come_before_its_acceptance_ends_as_it_should() -> None:
+    # The engine's side may send a request's updates, even its last, before "accepted" (two threads send): the
+    # request's limits (max tokens, EOS), which its finish reason needs, still come from "accepted".
+    async def main() -> list[Piece]:
+        ours, theirs = multiprocessing.Pipe()
+        backend = RemoteBackend(ours)
+        backend.start()
+        generations = Generations(backend, word_tokenizer())
+        opening = asyncio.ensure_future(generations.open([5, 6], Sampling(4, 0.0, None, None), "prompt"))
+        message = await asyncio.to_thread(theirs.recv)
+        assert message[0] == "add"
+        theirs.send(("updates", [(message[1], 0, [7, EOS], True, None)]))
+        theirs.send(("accepted", message[1], 4, EOS))
+        reply = await opening
+        pieces = [piece async for piece in reply.pieces()]
+        reply.close()
+        theirs.close()
+        backend.stop()
+        return pieces
+
+    pieces = asyncio.run(main())
+    assert pieces[-1].finish_reason == "stop" and pieces[-1].num_tokens == 2  # (at EOS, not "length")

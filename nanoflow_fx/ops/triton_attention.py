@@ -163,12 +163,15 @@ def launch_config(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | Non
     beside GEMMs; off by default (`python3 -m benchmarks.research.probe_corun` found no gain from it:
     benchmarks/RESULTS.md). An e4m3 cache gets blocks of twice the tokens (128; 64 for heads wider than 128), so a
     tile holds as many bytes as a half cache's: faster than half-size tiles over e4m3 (`python3 -m
-    benchmarks.bench_kv_dtype`, benchmarks/RESULTS.md; the wider heads' choice is by analogy)."""
+    benchmarks.bench_kv_dtype`, benchmarks/RESULTS.md; the wider heads' choice is by analogy), and P @ V in "half"
+    for half models (V converted from e4m3 to the query's half type, exact, P rounded to it, as FlashInfer's e4m3
+    kernels do): faster over e4m3 than the fp32 copy of V a tf32 MMA takes (`--sweep` of the same benchmark)."""
     tokens = 64 if head_dim <= 128 else 32
+    pv = "ieee" if dtype == torch.float32 else "tf32"
     if kv_dtype is not None and kv_quant.is_fp8(kv_dtype):
         tokens *= 2
-    return dict(block_n=tokens, num_warps=4, num_stages=3,
-                pv_precision="ieee" if dtype == torch.float32 else "tf32", kv_eviction="")
+        pv = "half" if dtype in (torch.float16, torch.bfloat16) else pv
+    return dict(block_n=tokens, num_warps=4, num_stages=3, pv_precision=pv, kv_eviction="")
 
 
 class TritonBackend(AttentionBackend):

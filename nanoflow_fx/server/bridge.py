@@ -182,7 +182,7 @@ class RemoteBackend(Backend):
         self.conn, self.prefix, self.on_gone = conn, prefix, on_gone
         self._ids = itertools.count()
         self._requests: dict[str, Submitted] = {}
-        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._waiting: dict[str, tuple[asyncio.Future[None], Submitted]] = {}  # added, not yet accepted or refused
         self._inbox: list[tuple[Any, ...]] = []
         self._inbox_lock = threading.Lock()
         self._scheduled = False
@@ -216,7 +216,7 @@ class RemoteBackend(Backend):
         request_id = f"{self.prefix}-{next(self._ids)}"
         request = Submitted(request_id, 0, -1)  # (its limits come with "accepted")
         accepted = asyncio.get_running_loop().create_future()
-        self._requests[request_id], self._waiting[request_id] = request, accepted
+        self._requests[request_id], self._waiting[request_id] = request, (accepted, request)
         try:
             self.conn.send(("add", request_id, prompt, sampling, prompt_param))
             await accepted
@@ -264,11 +264,11 @@ class RemoteBackend(Backend):
                         request.update(start, tokens, finished, error)
                         if request.finished:
                             del self._requests[request_id]
-            elif kind == "accepted":
+            elif kind == "accepted":  # (its updates may have come first, even its last)
                 _, request_id, max_new_tokens, eos_token_id = message
-                request = self._requests.get(request_id)
-                if request is not None:
-                    request.max_new_tokens, request.eos_token_id = max_new_tokens, eos_token_id
+                if request_id in self._waiting:
+                    self._waiting[request_id][1].max_new_tokens = max_new_tokens
+                    self._waiting[request_id][1].eos_token_id = eos_token_id
                 self._settle(request_id, None)
             elif kind == "refused":
                 _, request_id, status, text, type_, param, code = message
@@ -281,11 +281,11 @@ class RemoteBackend(Backend):
 
     def _settle(self, request_id: str, error: APIError | None) -> None:
         waiting = self._waiting.pop(request_id, None)
-        if waiting is not None and not waiting.done():
+        if waiting is not None and not waiting[0].done():
             if error is None:
-                waiting.set_result(None)
+                waiting[0].set_result(None)
             else:
-                waiting.set_exception(error)
+                waiting[0].set_exception(error)
 
     def _engine_gone(self) -> None:
         """The engine's process ended: every request fails, every new one is refused, the server should exit."""

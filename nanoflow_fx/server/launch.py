@@ -57,7 +57,7 @@ def load(name_or_path: str, dtype: str = "auto", device: str | None = None,
 
 def serve(model: Any, tokenizer: Any = None, *, host: str = "127.0.0.1", port: int = 8000,
           model_name: str | None = None, config: NanoFlowConfig | dict[str, Any] | None = None,
-          dtype: str = "auto", device: str | None = None, log_level: str = "info", http_processes: int = 1) -> None:
+          dtype: str = "auto", device: str | None = None, log_level: str = "info", http_processes: int = 2) -> None:
     """Serve `model` with OpenAI's API on `host`:`port` until SIGTERM or Ctrl-C, which stop taking connections,
     let the requests in flight finish, and return.
 
