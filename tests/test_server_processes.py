@@ -32,7 +32,7 @@ def _served(processes: int) -> HTTPProcesses:
                          processes=processes, log_level="warning", start_timeout=120)
 
 
-def test_streams_over_two_http_processes_each_equal_generate() -> None:
+def test_streams_over_two_http_processes_each_equal_generate_and_a_dying_one_stops_the_server() -> None:
     tokenizer = word_tokenizer()
     prompts = [" ".join(f"w{(5 * i + 3 * j) % 80}" for j in range(2 + i)) for i in range(8)]
     wants = []
@@ -64,11 +64,7 @@ def test_streams_over_two_http_processes_each_equal_generate() -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-
-
-def test_an_http_process_that_dies_stops_the_server() -> None:
-    with _served(2) as server:
-        server.children[0].send_signal(signal.SIGKILL)
+        server.children[0].send_signal(signal.SIGKILL)  # an HTTP process dies: the server stops, not half of it
         with pytest.raises(RuntimeError, match=f"HTTP process of the server exited \\(status {-signal.SIGKILL}\\)"):
             server.wait()
     assert all(child.poll() is not None for child in server.children)  # the other one was stopped too
