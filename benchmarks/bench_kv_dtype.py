@@ -9,7 +9,8 @@ over one layer's cache of 32 query / 8 KV heads of 128, pages of 16 shuffled (a 
 L2: each call reads its bytes from memory as a distinct layer's would). Kernels, as nanoflow_fx runs them:
   - triton: nanoflow_fx's Triton kernel, its default launch (64-token blocks for bf16, 128 for e4m3) and variants:
     block_n=64 and block_n=128 on both caches, and pv_precision=half (P rounded to bf16 for P @ V, V fed to the MMA
-    as bf16, as FlashInfer does; the default converts V to fp32 for a tf32 MMA); with --sweep, every launch of
+    as bf16, as FlashInfer does; the default converts V to fp32 for a tf32 MMA); over e4m3 also dots=fp16 (Q, K, V
+    and P in fp16 for both dots, compared with the bf16 cache's default launch); with --sweep, every launch of
     block_n x num_warps x num_stages x pv_precision over the e4m3 cache too (the fastest first);
   - flashinfer: FlashInfer's decode wrapper planned as nanoflow_fx plans it (tensor cores for this GQA shape; an
     e4m3 cache with kv_data_type=e4m3, k_scale folded into q and v_scale into the output on the device);
@@ -77,6 +78,10 @@ def kernels(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tenso
     for name, launch in (("triton", {}), ("triton block_n=64", {"block_n": 64}),
                          ("triton block_n=128", {"block_n": 128}), ("triton pv=half", {"pv_precision": "half"})):
         out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
+    if dtype == "e4m3":  # (fp16 dots: for a bf16 query over an e4m3 cache only)
+        for name, launch in (("triton dots=fp16", {"pv_precision": "half", "dots": "fp16"}),
+                             ("triton dots=fp16 stages=2", {"pv_precision": "half", "dots": "fp16", "num_stages": 2})):
+            out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
     try:
         import flashinfer
     except ImportError:
@@ -149,7 +154,8 @@ def main() -> None:
             ms = time_on(step, stream, args.reps)
             if dtype == "bf16":
                 bf16_ms[name] = ms
-            ratio = ms / bf16_ms[name] if dtype == "e4m3" and name in bf16_ms else None
+            base = bf16_ms.get(name, bf16_ms.get("triton"))  # (a launch for e4m3 only: against bf16's default)
+            ratio = ms / base if dtype == "e4m3" and base is not None else None
             row = {"kernel": name, "kv_dtype": dtype, "ms": round(ms, 3), "tb_s": round(kv_bytes / ms / 1e9, 3),
                    "time_vs_bf16": round(ratio, 3) if ratio is not None else None, **accurate}
             result["rows"].append(row)

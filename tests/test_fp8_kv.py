@@ -213,6 +213,33 @@ def test_triton_fp8_attention_with_a_half_query_is_within_its_rounding(pv_precis
         paged_attention_triton(q.float(), stored, *meta, 0.125, 0, 0.0, kv_scale, pv_precision="half")
 
 
+@needs_triton
+@pytest.mark.parametrize("q_size", [1.0, 3e5])
+def test_triton_fp8_attention_with_fp16_dots_is_within_a_bf16_querys_rounding(q_size: float) -> None:
+    """A bf16 query over an e4m3 cache with `dots="fp16"` (Q, K, V and P in fp16: e4m3 converts to fp16 more cheaply
+    than to bf16): within a few bf16 roundings of fp32 attention over the dequantised cache, as the bf16 dots are,
+    also for a query beyond fp16's range (3e5: scaled by a power of two into it, unscaled in the softmax scale)."""
+    from nanoflow_fx.ops.reference import paged_attention_reference
+    from nanoflow_fx.ops.triton_attention import paged_attention_triton
+
+    gen = torch.Generator().manual_seed(1)
+    cache, k, v, (kvp, kvi, last) = _paged_kv(gen, 16, 2, 64, [37, 1, 70])
+    kv_scale = torch.tensor([0.02, 0.015])
+    stored, dequantised = _to_fp8(cache, kv_scale)
+    qo = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    q = (torch.randn(3, 8, 64, generator=gen) * q_size).bfloat16()
+    meta, scaling = (qo, kvp, kvi, last), 0.125 / q_size
+    want = paged_attention_reference(q.float(), dequantised, *meta, scaling, 0, 0.0)
+    got = paged_attention_triton(q, stored, *meta, scaling, 0, 0.0, kv_scale, pv_precision="half", dots="fp16",
+                                 block_n=32)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert (got.float() - want).abs().max().item() <= 4 * 2**-8 * want.abs().max().item()
+    bf16_dots = paged_attention_triton(q, stored, *meta, scaling, 0, 0.0, kv_scale, pv_precision="half", block_n=32)
+    assert not torch.equal(got, bf16_dots)  # (the fp16 dots ran: P rounds finer in fp16 than in bf16)
+    with pytest.raises(ValueError, match="dots='fp16'"):  # (P @ V in tf32 keeps V in fp32: nothing to gain)
+        paged_attention_triton(q, stored, *meta, scaling, 0, 0.0, kv_scale, pv_precision="tf32", dots="fp16")
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_k_outliers_fail_the_loose_check_at_scale_one_and_pass_calibrated(backend: str, dim: int) -> None:

@@ -35,7 +35,7 @@ def _paged_attention_kernel(
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr, KV_EVICTION: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, FP16_DOTS: tl.constexpr,
 ):
     t = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -59,6 +59,11 @@ def _paged_attention_kernel(
     qk_scale = scaling
     if KV_FP8:  # (Q @ (K8 * k_scale)^T * scaling = (Q @ K8^T) * (scaling * k_scale))
         qk_scale = scaling * tl.load(scale_ptr)
+    if FP16_DOTS:  # Q in fp16, scaled by a power of two that keeps it in fp16's range (exact), unscaled in qk_scale
+        q_max = tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0)
+        shift = tl.maximum(tl.ceil(tl.log2(tl.maximum(q_max, 1.0) / 16384.0)), 0.0)
+        q = (q.to(tl.float32) * tl.exp2(-shift)).to(tl.float16)
+        qk_scale = qk_scale * tl.exp2(shift)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
@@ -74,7 +79,7 @@ def _paged_attention_kernel(
         v = tl.load(cache_ptr + stride_ckv + base[:, None] + d[None, :], mask=kv_mask, other=0.0,
                     eviction_policy=KV_EVICTION)
         if KV_FP8:
-            k = k.to(q.dtype)
+            k = k.to(q.dtype)  # (e4m3 -> fp16: one conversion per pair of values; to bf16 it takes more)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
         if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh through exp (no libdevice needed)
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
@@ -116,7 +121,9 @@ def paged_attention_triton(
     **launch: Any,
 ) -> torch.Tensor:  # [T, H, D]
     """`launch` overrides `launch_config`'s choices (block_n, num_warps, num_stages, pv_precision, kv_eviction:
-    benchmarks)."""
+    benchmarks), and `dots="fp16"` (a bf16 query over an e4m3 cache, pv_precision "half"): both dots in fp16, the
+    query scaled by a power of two into fp16's range (exact; unscaled in the softmax scale), K and V converted from
+    e4m3 to fp16 (exact, and cheaper than to bf16), P rounded to fp16 (finer than bf16)."""
     num_tokens, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = kv_cache.shape
     if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
@@ -130,6 +137,9 @@ def paged_attention_triton(
     if config["pv_precision"] == "half" and half not in (torch.float16, torch.bfloat16):
         raise ValueError(f"pv_precision='half' rounds P to the cache's half type; this cache is {kv_cache.dtype}"
                          + (f" for a {q.dtype} query" if fp8 else ""))
+    fp16_dots = config.get("dots") == "fp16"
+    if fp16_dots and not (fp8 and q.dtype == torch.bfloat16 and config["pv_precision"] == "half"):
+        raise ValueError("dots='fp16' is for a bf16 query over an e4m3 cache with pv_precision='half'")
     if fp8 and kv_scale is None:
         kv_scale = torch.ones(2, dtype=torch.float32, device=q.device)
     _paged_attention_kernel[(num_tokens, num_kv_heads)](
@@ -142,7 +152,7 @@ def paged_attention_triton(
         D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=config["block_n"],
         R_PAD=max(16, triton.next_power_of_2(num_requests)), HAS_SOFTCAP=softcap > 0, HAS_WINDOW=sliding_window > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PV_PRECISION=config["pv_precision"],
-        KV_EVICTION=config["kv_eviction"], KV_FP8=fp8,
+        KV_EVICTION=config["kv_eviction"], KV_FP8=fp8, FP16_DOTS=fp16_dots,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
