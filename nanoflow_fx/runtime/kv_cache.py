@@ -171,12 +171,15 @@ class HostPages:
 
     def __init__(self, caches: Sequence[torch.Tensor], num_pages: int) -> None:
         self.caches, self.num_pages = tuple(caches), num_pages
-        self.data: tuple[torch.Tensor, ...] = ()  # per layer [num_pages, ...a page's shape], made at the first save
+        device = self.caches[0].device
+        # Per layer [num_pages, ...a page's shape]. Made here, not at the first eviction: pinning gigabytes takes
+        # seconds, which a first eviction in the middle of serving would stall the engine for.
+        self.data = tuple(torch.empty((num_pages, *c.shape[1:]), dtype=c.dtype, pin_memory=device.type == "cuda")
+                          for c in self.caches)
         self._free = list(range(num_pages - 1, -1, -1))
         self._slot_of: OrderedDict[bytes, int] = OrderedDict()  # hash -> slot, least recently used first
         self._held: set[bytes] = set()
         self._saves: list[tuple[int, int]] = []  # (page, slot) evicted this step, not yet copied out
-        device = self.caches[0].device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._loaded: Any = None  # (a GPU) the event after the last loads, until the step stream waits for it
         self.saved = self.loaded = 0  # pages copied out, pages copied back
@@ -191,10 +194,6 @@ class HostPages:
         if page_hash in self._slot_of:  # (its K/V are here already: a page is only cached once computed)
             self._slot_of.move_to_end(page_hash)
             return
-        if not self.data:  # (pinning takes a while: only an engine that evicts pays it)
-            pin = self.stream is not None
-            self.data = tuple(torch.empty((self.num_pages, *c.shape[1:]), dtype=c.dtype, pin_memory=pin)
-                              for c in self.caches)
         if self._free:
             slot = self._free.pop()
         else:
