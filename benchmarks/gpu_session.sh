@@ -76,6 +76,13 @@ for step in ${STEPS:-tests example}; do
       run bench_prefix_offload ${PREFIX_S:-300} python3 -m benchmarks.bench_prefix --workloads rounds \
         --conversations 128 --rounds 4 --config '{"num_pages": 4096}' --offload-gib 16 \
         --out "$OUT/bench_prefix_offload.json" ;;
+    kv_dtype) run kv_dtype ${KV_S:-200} python3 -m benchmarks.bench_kv_dtype ${KV_ARGS:-} --out "$OUT/kv_dtype.json" ;;
+    step_kernels) # where the FP8-KV step's GPU time goes against bf16's: kernels by class, one process per config
+      for pair in 'bf16|{}' 'fp8_kv|{"kv_cache_dtype": "fp8_e4m3"}' \
+                  'fp8_kv_triton|{"kv_cache_dtype": "fp8_e4m3", "attention_backend": "triton"}'; do
+        run "step_kernels_${pair%%|*}" ${KERNELS_S:-150} python3 -m benchmarks.research.probe_step_kernels \
+          --config "${pair#*|}" --out "$OUT/step_kernels_${pair%%|*}.json"
+      done ;;
     serve) run bench_serve ${SERVE_S:-300} python3 -m benchmarks.bench_serve ${SERVE_ARGS:-} --out "$OUT/bench_serve.json" ;;
     seventy) # the 70B shape, FP8 linears made directly, FP8 KV: whole on an H200, its first 60 layers on an H100.
       # Triton attention: FlashInfer 0.3.1's decode plan died (segfault) capturing graphs for e4m3 at group size 8.
