@@ -10,6 +10,7 @@ import multiprocessing
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import openai
@@ -107,3 +108,22 @@ def test_a_reply_whose_last_tokens_come_before_its_acceptance_ends_as_it_should(
 
     pieces = asyncio.run(main())
     assert pieces[-1].finish_reason == "stop" and pieces[-1].num_tokens == 2  # (at EOS, not "length")
+
+
+def test_a_client_that_leaves_while_its_request_is_added_cancels_it_on_the_engine() -> None:
+    async def main() -> tuple[Any, Any]:
+        ours, theirs = multiprocessing.Pipe()
+        backend = RemoteBackend(ours)
+        backend.start()
+        adding = asyncio.ensure_future(backend.submit([5, 6], Sampling(4, 0.0, None, None), "prompt"))
+        added = await asyncio.to_thread(theirs.recv)
+        adding.cancel()  # (the client disconnected before the engine's side answered)
+        with pytest.raises(asyncio.CancelledError):
+            await adding
+        then = await asyncio.to_thread(lambda: theirs.recv() if theirs.poll(10) else None)
+        theirs.close()
+        backend.stop()
+        return added, then
+
+    added, then = asyncio.run(main())
+    assert added[0] == "add" and then == ("cancel", added[1])

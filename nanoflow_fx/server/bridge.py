@@ -217,12 +217,16 @@ class RemoteBackend(Backend):
         request = Submitted(request_id, 0, -1)  # (its limits come with "accepted")
         accepted = asyncio.get_running_loop().create_future()
         self._requests[request_id], self._waiting[request_id] = request, (accepted, request)
+        sent = False
         try:
             self.conn.send(("add", request_id, prompt, sampling, prompt_param))
+            sent = True
             await accepted
         except BaseException:
-            self._requests.pop(request_id, None)
             self._waiting.pop(request_id, None)
+            if sent and not (accepted.done() and not accepted.cancelled() and accepted.exception() is not None):
+                self.cancel(request)  # (the client left while it was being added: the engine drops it)
+            self._requests.pop(request_id, None)
             raise
         return request
 
