@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-__all__ = ["SHAPES", "build_model", "print_markdown_table"]
+__all__ = ["SHAPES", "build_model", "engine_with_requests", "print_markdown_table"]
 
 # Llama shapes by name: "llama3-8b" is Llama-3-8B's (8.03 B parameters), "tiny" a small one for smoke runs.
 SHAPES: dict[str, dict[str, int | float]] = {
@@ -83,6 +83,28 @@ def _build_fp8(config: LlamaConfig, device: str, dtype: torch.dtype) -> LlamaFor
             setattr(m, name, torch.nn.Parameter(data, requires_grad=False))
     with torch.device(device):  # (its inv_freq buffer computed on the device)
         model.model.rotary_emb = LlamaRotaryEmbedding(config)
+    return model
+
+
+def engine_with_requests(shape: str, device: str, config: str, requests: int, prompt: int = 1024,
+                         new: int = 512) -> Any:
+    """`shape` (random weights; bf16 on CUDA, fp32 on the CPU) optimized with `config` (NanoFlowConfig fields as
+    JSON), its attention backend ready, and its engine holding `requests` greedy requests of `prompt` random tokens
+    and `new` to generate, no step run yet: the model (`model.nanoflow.engine` steps them)."""
+    import json
+
+    import nanoflow_fx
+    from nanoflow_fx.runtime.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    model: Any = build_model(shape, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig.from_dict(json.loads(config)))
+    model.nanoflow.wait_until_ready()  # time the chosen attention backend, not the interim kernel
+    greedy = SamplingParams(False, 1.0, 0, 1.0, (), 0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(requests):
+        model.nanoflow.engine.add_request(torch.randint(3, model.config.vocab_size, (prompt,), generator=gen).tolist(),
+                                          greedy, new)
     return model
 
 

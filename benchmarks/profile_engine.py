@@ -9,16 +9,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import time
 from pathlib import Path
 
 import torch
 
-import nanoflow_fx
-from benchmarks.common import build_model
-from nanoflow_fx.runtime.sampling import SamplingParams
+from benchmarks.common import engine_with_requests
 
 
 def main() -> None:
@@ -29,15 +26,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default="profile_engine.txt")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model = build_model("llama3-8b", "cuda", torch.bfloat16)
-    nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig.from_dict(json.loads(args.config)))
-    model.nanoflow.wait_until_ready()  # time the chosen attention backend, not the interim kernel
+    model = engine_with_requests("llama3-8b", "cuda", args.config, args.requests)
     engine = model.nanoflow.engine
-    params = SamplingParams(False, 1.0, 0, 1.0, (), 0)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(args.requests):
-        engine.add_request(torch.randint(3, 128000, (1024,), generator=gen).tolist(), params, 512)
     for _ in range(args.warmup):
         engine.step()
     torch.cuda.synchronize()

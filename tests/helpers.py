@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -93,6 +94,19 @@ def assert_nothing_held(engine: Engine) -> None:
     assert allocator.num_free == allocator.num_pages, f"{allocator.num_pages - allocator.num_free} pages held"
     assert sorted(engine.free_slots) == list(range(engine.runner.num_slots)), "slots held"
     assert not engine.running and not engine.waiting and not engine._inbox
+
+
+def wait_until_nothing_held(engine: Engine, timeout: float = 10.0) -> None:
+    """`assert_nothing_held`, once it holds (requests another thread ends, e.g. a server's), within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            assert_nothing_held(engine)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class BatchMixingLlama(tf.LlamaForCausalLM):

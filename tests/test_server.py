@@ -29,7 +29,7 @@ from nanoflow_fx.server import make_app
 from nanoflow_fx.server.app import _ChatFormat, _CompletionFormat, build_app
 from nanoflow_fx.server.bridge import EngineBridge, RemoteBackend
 from nanoflow_fx.server.generation import EngineRequests, Generations, Piece
-from tests.helpers import assert_nothing_held, hf_greedy
+from tests.helpers import hf_greedy, wait_until_nothing_held
 from tests.tiny_models import VOCAB, build, word_tokenizer
 
 EOS = 2
@@ -56,12 +56,12 @@ def _running(model: Any, bridged: bool = False) -> Iterator[Served]:
     tokenizer = word_tokenizer()
     bridge = None
     if bridged:
-        requests = EngineRequests(model, tokenizer.eos_token_id)
+        requests = EngineRequests(model, tokenizer.eos_token_id, "tiny")
         ours, theirs = multiprocessing.Pipe()
         bridge = EngineBridge(requests, [theirs])
         requests.start()
         bridge.start()
-        app = build_app(Generations(RemoteBackend(ours), tokenizer), tokenizer, "tiny")
+        app = build_app(Generations(RemoteBackend(ours), tokenizer), "tiny")
     else:
         app = make_app(model, tokenizer, "tiny")
     sock = socket.socket()
@@ -102,17 +102,9 @@ def _chat_ids(served: Served, messages: list[dict[str, str]]) -> list[int]:
     return served.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _idle(served: Served, timeout: float = 10.0) -> None:
+def _idle(served: Served) -> None:
     """Wait until the engine holds nothing (no request queued or running, every page free)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            assert_nothing_held(served.model.nanoflow.engine)
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    wait_until_nothing_held(served.model.nanoflow.engine)
 
 
 def _prompt(served: Served, seed: int, length: int) -> tuple[str, list[int]]:

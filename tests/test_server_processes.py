@@ -21,7 +21,7 @@ from nanoflow_fx.server.bridge import RemoteBackend
 from nanoflow_fx.server.generation import Generations, Piece
 from nanoflow_fx.server.launch import HTTPProcesses
 from nanoflow_fx.server.protocol import Sampling
-from tests.helpers import assert_nothing_held, hf_greedy
+from tests.helpers import hf_greedy, wait_until_nothing_held
 from tests.tiny_models import build, word_tokenizer
 
 EOS = 2
@@ -56,15 +56,7 @@ def test_streams_over_two_http_processes_each_equal_generate_and_a_dying_one_sto
             assert list(pool.map(one, range(8))) == wants
         with pytest.raises(openai.BadRequestError, match="maximum context length"):  # refused by the engine's side
             client.completions.create(model="tiny", prompt=" ".join(["w1"] * 300), max_tokens=4, stream=True)
-        deadline = time.monotonic() + 10
-        while True:  # every request ended on the engine: nothing left holding pages or slots
-            try:
-                assert_nothing_held(server.requests.engine)
-                break
-            except AssertionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_until_nothing_held(server.requests.engine)  # every request ended on the engine
         server.children[0].send_signal(signal.SIGKILL)  # an HTTP process dies: the server stops, not half of it
         with pytest.raises(RuntimeError, match=f"HTTP process of the server exited \\(status {-signal.SIGKILL}\\)"):
             server.wait()

@@ -20,9 +20,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import nanoflow_fx
-from benchmarks.common import build_model
-from nanoflow_fx.runtime.sampling import SamplingParams
+from benchmarks.common import engine_with_requests
 
 CLASSES = (("attention", re.compile(r"attention|flashinfer|paged|decode|prefill|fmha|flash", re.I)),
            ("kv write", re.compile(r"kv_write|write_kv|append|quantize_kv", re.I)),
@@ -67,15 +65,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda (cpu: a smoke run, no kernels)")
     parser.add_argument("--out", default="probe_step_kernels.json")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model = build_model(args.shape, args.device, torch.bfloat16 if args.device == "cuda" else torch.float32)
-    nanoflow_fx.optimize(model, nanoflow_fx.NanoFlowConfig.from_dict(json.loads(args.config)))
-    model.nanoflow.wait_until_ready()
+    model = engine_with_requests(args.shape, args.device, args.config, args.requests)
     engine = model.nanoflow.engine
-    params = SamplingParams(False, 1.0, 0, 1.0, (), 0)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(args.requests):
-        engine.add_request(torch.randint(3, model.config.vocab_size, (1024,), generator=gen).tolist(), params, 512)
     result: dict[str, Any] = dict(config=json.loads(args.config), attention=model.nanoflow.attention_backend.name)
     for _ in range(args.mixed_at):
         engine.step()

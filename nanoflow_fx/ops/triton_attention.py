@@ -60,9 +60,10 @@ def _paged_attention_kernel(
     if KV_FP8:  # (Q @ (K8 * k_scale)^T * scaling = (Q @ K8^T) * (scaling * k_scale))
         qk_scale = scaling * tl.load(scale_ptr)
     if FP16_DOTS:  # Q in fp16, scaled by a power of two that keeps it in fp16's range (exact), unscaled in qk_scale
-        q_max = tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0)
+        q32 = q.to(tl.float32)
+        q_max = tl.max(tl.max(tl.abs(q32), axis=1), axis=0)
         shift = tl.maximum(tl.ceil(tl.log2(tl.maximum(q_max, 1.0) / 16384.0)), 0.0)
-        q = (q.to(tl.float32) * tl.exp2(-shift)).to(tl.float16)
+        q = (q32 * tl.exp2(-shift)).to(tl.float16)
         qk_scale = qk_scale * tl.exp2(shift)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)

@@ -37,16 +37,13 @@ def make_app(model: Any, tokenizer: Any, model_name: str | None = None) -> FastA
     `nanoflow_fx.serve` puts the HTTP side in processes of its own). Requests run on the model's engine once the
     app has started (its lifespan starts the continuous-batching managers; its end waits for their requests). The
     chat endpoint needs the tokenizer's chat template."""
-    if "nanoflow" not in getattr(model, "__dict__", {}):
-        raise TypeError(f"make_app needs a model optimized by nanoflow_fx.optimize(), got a {type(model).__name__} "
-                        "without a runtime; call nanoflow_fx.optimize(model) first")
-    name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
-    backend = LocalBackend(EngineRequests(model, tokenizer.eos_token_id))
-    return build_app(Generations(backend, tokenizer), tokenizer, name)
+    requests = EngineRequests(model, tokenizer.eos_token_id, model_name)
+    return build_app(Generations(LocalBackend(requests), tokenizer), requests.name)
 
 
-def build_app(generations: Generations, tokenizer: Any, name: str) -> FastAPI:
+def build_app(generations: Generations, name: str) -> FastAPI:
     """The app on `generations` (its backend: the engine here, or in another process), serving `name`."""
+    tokenizer = generations.tokenizer
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

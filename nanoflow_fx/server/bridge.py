@@ -102,18 +102,15 @@ class EngineBridge:
             plan = self.requests.plan(prompt, sampling, prompt_param)
             with self._lock:  # (routed before it is added: its first result may come at once)
                 self._routes[request_id] = [pipe, 0]
-            try:
-                self.requests.add(plan, request_id)
-            except BaseException:
-                with self._lock:
-                    self._routes.pop(request_id, None)
-                raise
-        except APIError as err:
+            self.requests.add(plan, request_id)
+        except Exception as err:  # noqa: BLE001 (a refusal, or the server's own failure: this request's alone)
+            with self._lock:
+                self._routes.pop(request_id, None)
+            if not isinstance(err, APIError):
+                log.error("nanoflow_fx server: adding a request failed", exc_info=err)
+                err = APIError(500, f"the server failed on this request: {type(err).__name__}: {err}",
+                               type="server_error")
             self._send(pipe, ("refused", request_id, err.status, err.message, err.type, err.param, err.code))
-        except Exception as err:  # noqa: BLE001 (the server's own failure: this request's, not the server's)
-            log.error("nanoflow_fx server: adding a request failed", exc_info=err)
-            self._send(pipe, ("refused", request_id, 500, f"the server failed on this request: "
-                              f"{type(err).__name__}: {err}", "server_error", None, None))
         else:
             self._send(pipe, ("accepted", request_id, plan.max_new_tokens, plan.eos_token_id))
 
@@ -217,16 +214,19 @@ class RemoteBackend(Backend):
         request = Submitted(request_id, 0, -1)  # (its limits come with "accepted")
         accepted = asyncio.get_running_loop().create_future()
         self._requests[request_id], self._waiting[request_id] = request, (accepted, request)
-        sent = False
         try:
             self.conn.send(("add", request_id, prompt, sampling, prompt_param))
-            sent = True
-            await accepted
         except BaseException:
-            self._waiting.pop(request_id, None)
-            if sent and not (accepted.done() and not accepted.cancelled() and accepted.exception() is not None):
-                self.cancel(request)  # (the client left while it was being added: the engine drops it)
             self._requests.pop(request_id, None)
+            self._waiting.pop(request_id, None)
+            raise
+        try:
+            await accepted
+        except APIError:  # refused (nothing was added), or the engine's process is gone: `_dispatch` forgot it
+            raise
+        except BaseException:  # the client left while it was being added: the engine drops it
+            self._waiting.pop(request_id, None)
+            self.cancel(request)
             raise
         return request
 
@@ -270,9 +270,9 @@ class RemoteBackend(Backend):
                             del self._requests[request_id]
             elif kind == "accepted":  # (its updates may have come first, even its last)
                 _, request_id, max_new_tokens, eos_token_id = message
-                if request_id in self._waiting:
-                    self._waiting[request_id][1].max_new_tokens = max_new_tokens
-                    self._waiting[request_id][1].eos_token_id = eos_token_id
+                pending = self._waiting.get(request_id)
+                if pending is not None:
+                    pending[1].max_new_tokens, pending[1].eos_token_id = max_new_tokens, eos_token_id
                 self._settle(request_id, None)
             elif kind == "refused":
                 _, request_id, status, text, type_, param, code = message

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1  # the engine's process left before it could send the setup
     logging.basicConfig(level=setup["log_level"].upper(), format="%(levelname)s %(name)s: %(message)s")
     backend = RemoteBackend(conn, prefix=f"srv{setup['index']}")
-    app = build_app(Generations(backend, setup["tokenizer"]), setup["tokenizer"], setup["name"])
+    app = build_app(Generations(backend, setup["tokenizer"]), setup["name"])
     # No limit on the graceful shutdown: SIGTERM waits for every request in flight (a second signal forces it).
     server = uvicorn.Server(uvicorn.Config(app, log_level=setup["log_level"], timeout_graceful_shutdown=None,
                                            backlog=setup["backlog"]))

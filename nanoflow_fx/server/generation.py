@@ -71,8 +71,13 @@ class EngineRequests:
     """The engine's side of the server: `plan` checks a request against the model, `add` runs it, `cancel` drops
     it; results are read from the managers (`managers`) by whoever added the request."""
 
-    def __init__(self, model: Any, eos_token_id: int | list[int] | None = None) -> None:
-        """`eos_token_id`: where the model's generation config names none (e.g. the tokenizer's)."""
+    def __init__(self, model: Any, eos_token_id: int | list[int] | None = None, model_name: str | None = None) -> None:
+        """`eos_token_id`: where the model's generation config names none (e.g. the tokenizer's); `model_name`: the
+        name clients give as `model` (`name`; default: the model's `name_or_path`, else its class name)."""
+        if "nanoflow" not in getattr(model, "__dict__", {}):
+            raise TypeError(f"the server needs a model optimized by nanoflow_fx.optimize(), got a "
+                            f"{type(model).__name__} without a runtime; call nanoflow_fx.optimize(model) first")
+        self.name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
         self.model, self.engine = model, model.nanoflow.engine
         defaults = model.generation_config
         eos = defaults.eos_token_id if defaults.eos_token_id is not None else eos_token_id
@@ -219,8 +224,12 @@ class LocalBackend(Backend):
         plan = self.requests.plan(prompt, sampling, prompt_param)
         request = Submitted(f"srv-{next(self._ids)}", plan.max_new_tokens, plan.eos_token_id)
         manager = self.requests.add(plan, request.request_id)
-        manager.register_result_handler(request.request_id, lambda out: request.update(
-            0, out.generated_tokens, out.is_finished(), None if out.error is None else str(out.error)))
+        def on_result(out: Any) -> None:  # (each result has every token so far: only the new ones are taken)
+            seen = len(request.tokens)
+            request.update(seen, out.generated_tokens[seen:], out.is_finished(),
+                           None if out.error is None else str(out.error))
+
+        manager.register_result_handler(request.request_id, on_result)
         return request
 
     def cancel(self, request: Submitted) -> None:

@@ -99,13 +99,10 @@ class HTTPProcesses:
 
     def __init__(self, model: Any, tokenizer: Any, model_name: str | None = None, *, host: str = "127.0.0.1",
                  port: int = 8000, processes: int = 1, log_level: str = "info", start_timeout: float = 300.0) -> None:
-        if "nanoflow" not in getattr(model, "__dict__", {}):
-            raise TypeError(f"HTTPProcesses needs a model optimized by nanoflow_fx.optimize(), got a "
-                            f"{type(model).__name__} without a runtime; call nanoflow_fx.optimize(model) first")
         if processes < 1:
             raise ValueError(f"processes={processes}: an HTTP side needs at least one process")
-        self.name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
-        self.requests = EngineRequests(model, tokenizer.eos_token_id)
+        self.requests = EngineRequests(model, tokenizer.eos_token_id, model_name)
+        self.name = self.requests.name
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family, backlog=_BACKLOG)
         bound = sock.getsockname()
@@ -145,13 +142,15 @@ class HTTPProcesses:
             if dead:
                 raise RuntimeError(f"an HTTP process of the server exited while starting (status {dead[0]}); its "
                                    "output above says why")
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
             try:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
                 conn.request("GET", "/health")
                 if conn.getresponse().status == 200:
                     return
             except OSError:
                 pass
+            finally:
+                conn.close()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server's HTTP processes did not answer /health within {timeout:.0f} s")
             time.sleep(0.1)
