@@ -118,9 +118,8 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float, fp8: 
         runtime.kv_scales = calibrate(model, probe_prompts(model, cfg.max_batch_size), len(runtime.layers))
     runtime.use_cache(runtime.new_cache(pages))
     start = time.perf_counter()
-    # (under tensor parallelism each rank would measure its own schedule, and the ranks' cuts must agree: the
-    # search is not run there; steps stay whole)
-    search = cfg.num_nanobatches == "auto" and runtime.device.type == "cuda" and runtime.plane is None
+    # (under tensor parallelism every rank searches together, on the times of the slowest rank: `cost.autotune`)
+    search = cfg.num_nanobatches == "auto" and runtime.device.type == "cuda"
     with tqdm(total=4 + search, desc="nanoflow_fx.optimize", unit="phase", delay=3.0, leave=False,
               disable=None) as bar:
         # The step is traced (or loaded) for the probe's inputs without running it while the attention backend

@@ -149,6 +149,46 @@ def _task_diverge(key: str, prompt: list[int]) -> str:
     return "no error"
 
 
+def _task_search(key: str, cost_root: str) -> dict[str, Any]:
+    """The schedule search (`num_nanobatches="auto"`'s, run here on the CPU) with each rank's replays skewed the
+    other way: rank 0 finds every cut 20x slower than measured, rank 1 the unsplit step, so each alone would pick
+    differently; rank 1 also cannot replay its first cut (it raises). Returns the rank's own (skewed) replays, the
+    search's tunings and its cost table."""
+    from unittest import mock
+
+    from nanoflow_fx.cost import measure
+    from nanoflow_fx.cost.autotune import search_schedules
+    from nanoflow_fx.cost.measure import StepHarness
+    from tests.tp_workers import rank
+
+    model, me = STATE[key], rank()
+    own: list[tuple[bool, float]] = []  # (unsplit, ms) per replay, as this rank measured it
+    original, make_policy = StepHarness.time, measure.policy_for
+    refused: list[str] = []
+
+    def skewed(self: StepHarness, policy: Any, reps: int = 6, rounds: int = 3) -> float:
+        unsplit = policy(self.shape.tokens, self.shape.decodes) is None
+        ms = original(self, policy, reps, rounds) * (20.0 if unsplit == (me == 1) else 1.0)
+        own.append((unsplit, ms))
+        return ms
+
+    def policy_for(candidate: Any, make_units: Any) -> Any:  # rank 1 cannot make the units of "streams" cuts
+        if me == 1 and candidate.units == "streams":
+            refused.append(candidate.label())
+            raise RuntimeError("rank 1 cannot make these units")
+        return make_policy(candidate, make_units)
+
+    cost_dir = Path(cost_root) / f"rank{me}"
+    with mock.patch.object(StepHarness, "time", skewed), mock.patch.object(measure, "policy_for", policy_for):
+        search_schedules(model, model.nanoflow, str(cost_dir))
+    runtime = model.nanoflow
+    saved = sorted(p.name for p in cost_dir.rglob("*.json")) if cost_dir.exists() else []
+    return dict(own=own, refused=refused, saved=saved,
+                tunings=[(t.shape, [(c.label(), ms) for c, ms in t.measured], t.chosen.label())
+                         for t in runtime.tunings],
+                table=runtime.cost_table.to_json())
+
+
 def _task_drop(key: str) -> None:
     STATE.pop(key, None)
 
@@ -296,6 +336,44 @@ def test_tp2_ranks_fed_different_requests_raise_not_hang(workers: Workers, check
         workers.run(_task_drop, "llama/diverge")
     for message in messages:
         assert "ranks [1] planned step" in message and "stray" in message
+
+
+def test_tp2_schedule_search_agrees_on_the_slowest_ranks_times(workers: Workers, checkpoints: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    """Under TP every rank searches together and must pick the same cuts, or their steps' collectives would not
+    meet. Each rank's replays are skewed so that alone they would pick differently (rank 0: unsplit, rank 1: a
+    cut); agreed, every time is the slowest rank's, every rank keeps the same tunings and cost table, a cut whose
+    units one rank cannot make is skipped by both, only the driver writes the table, and the tuned engine still
+    gives HF's tokens."""
+    from nanoflow_fx.cost.model import UNSPLIT
+
+    key = "llama/search"
+    workers.run(_task_load, checkpoints["llama"], key, {"max_num_tokens": 48})
+    ids, mask = left_padded_batch([5, 11, 8])
+    try:
+        got = workers.run(_task_search, key, str(tmp_path), timeout=240)
+        tokens = workers.run(_task_generate, key, ids.tolist(), mask.tolist(), 8, timeout=120)
+    finally:
+        workers.run(_task_drop, key)
+    assert tokens[0] == tokens[1] == _hf_generate(checkpoints["llama"], ids, mask, 8)
+    assert got[0]["tunings"] == got[1]["tunings"] and got[0]["tunings"]
+    assert got[0]["table"] == got[1]["table"]
+    assert got[0]["saved"] and not got[1]["saved"]  # (the driver keeps the table)
+    own0, own1 = got[0]["own"], got[1]["own"]
+    assert [u for u, _ in own0] == [u for u, _ in own1]  # every replay on both ranks, together
+    # Each agreed time is the slowest rank's, replay by replay (a shape's measured times are in replay order).
+    agreed = [ms for _, measured, _ in got[0]["tunings"] for _, ms in measured]
+    assert agreed == [max(a, b) for (_, a), (_, b) in zip(own0, own1, strict=True)]
+    unsplit, start = UNSPLIT.label(), 0
+    for shape, measured, _ in got[0]["tunings"]:  # alone, rank 0 would keep each step whole, rank 1 would cut it
+        labels, mine = [label for label, _ in measured], own0[start:start + len(measured)]
+        theirs, start = own1[start:start + len(measured)], start + len(measured)
+        assert len(labels) > 1, shape
+        assert labels[min(range(len(mine)), key=lambda i: mine[i][1])] == unsplit
+        assert labels[min(range(len(theirs)), key=lambda i: theirs[i][1])] != unsplit
+    # The cuts on streams, whose units rank 1 could not make, were replayed by neither rank.
+    assert got[1]["refused"] and not got[0]["refused"]
+    assert not any(label in got[1]["refused"] for _, measured, _ in got[0]["tunings"] for label, _ in measured)
 
 
 def test_tp2_mixtral_runs_or_is_refused_by_its_plan(workers: Workers, checkpoints: dict[str, str]) -> None:

@@ -87,10 +87,11 @@ def test_fake_process_group_traces_one_rank_of_tp8_70b_shape() -> None:
     assert [kind for kind, _ in got["pieces"]][:4] == ["dense", "collective", "dense", "attention"]
 
 
-def _task_world_of_one_on_nccl(family: str, network_unit: bool = False) -> dict[str, Any]:
+def _task_world_of_one_on_nccl(family: str, network_unit: bool = False, search: bool = False) -> dict[str, Any]:
     """A tiny model sharded over a world of 1 on NCCL (every collective a real NCCL call), optimized with CUDA
     graphs; greedy generate() against HF's eager generate() of the same weights. With `network_unit`, prefill
-    steps are cut in 2 nano-batches on execution units: the all-reduces run on the network unit's stream."""
+    steps are cut in 2 nano-batches on execution units: the all-reduces run on the network unit's stream. With
+    `search`, num_nanobatches="auto": the schedule search runs under TP (its times agreed over the world)."""
     import dataclasses
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -105,6 +106,8 @@ def _task_world_of_one_on_nccl(family: str, network_unit: bool = False) -> dict[
     if network_unit:
         config = dataclasses.replace(config, num_nanobatches=2,
                                      experimental=nanoflow_fx.ExperimentalConfig(sm_partition="streams"))
+    if search:
+        config = dataclasses.replace(config, num_nanobatches="auto")
     nanoflow_fx.optimize(model, config)
     ids, mask = (t.cuda() for t in left_padded_batch([5, 11, 8, 3]))
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
@@ -117,7 +120,7 @@ def _task_world_of_one_on_nccl(family: str, network_unit: bool = False) -> dict[
     schedule = schedules[0] if schedules else None
     return dict(equal=bool(torch.equal(got, want)), graphs=runner.cuda_graphs is not None,
                 graph_steps=runner.stats["graph_steps"], tp=model.nanoflow.tensor_parallel is not None,
-                plane=model.nanoflow.plane is not None,
+                plane=model.nanoflow.plane is not None, tunings=len(model.nanoflow.tunings),
                 units=schedule.units if schedule is not None else None,
                 network_ops=sum(op.unit == "network" for op in schedule.ops) if schedule is not None else 0)
 
@@ -144,4 +147,16 @@ def test_world_of_one_on_nccl_runs_all_reduces_on_the_network_unit() -> None:
     finally:
         workers.close()
     assert got["units"] == ("compute", "memory", "network") and got["network_ops"] > 0
+    assert got["equal"]
+
+
+@pytest.mark.cuda
+def test_world_of_one_on_nccl_searches_schedules() -> None:
+    """num_nanobatches="auto" under TP: the search runs (every time agreed over the TP group), tokens unchanged."""
+    workers = Workers(1, backend="nccl")
+    try:
+        [got] = workers.run(_task_world_of_one_on_nccl, "llama", False, True, timeout=600)
+    finally:
+        workers.close()
+    assert got["tp"] and got["plane"] and got["tunings"] > 0
     assert got["equal"]

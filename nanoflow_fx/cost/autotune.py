@@ -4,6 +4,11 @@ It glues the cost model to a built runtime: which dense step shapes are tuned (`
 kept on disk for this model, lowering, device and library versions (`cost.model`), the memory unit's decode
 kernels and the GEMMs' carve-out measured on the device (`cost.measure`), then the predicted search with its
 replays (`cost.measure.tune`), whose picks become the step runner's split policy (`cost.model.TunedPolicy`).
+
+Under tensor parallelism every rank searches together: the driver's cost table (the key names the TP world size)
+is every rank's, each time measured is the slowest rank's (`cost.measure.agreed`), so every rank replays the same
+candidates (their collectives meet) and picks the same cuts; collective pieces run on the network unit in the
+multi-unit candidates (NanoFlow's network overlap). The driver keeps the table on disk.
 """
 
 from __future__ import annotations
@@ -84,7 +89,8 @@ def search_schedules(model: PreTrainedModel, runtime: NanoFlowRuntime, cost_dir:
     tunings = tune(runtime, vocab_size, shapes, space, make_units, table=table)
     runtime.tunings, runtime.cost_table = tunings, table
     try:
-        save_table(cost_dir, table)
+        if runtime.plane is None or runtime.plane.is_driver:
+            save_table(cost_dir, table)
     except OSError as err:
         log.warning("nanoflow_fx: could not keep the cost table (%s); the next optimize() measures it again", err)
     runtime.split_policy = TunedPolicy({t.shape: t.chosen for t in tunings}, make_units)
@@ -115,7 +121,8 @@ def _measure_carveout(runtime: NanoFlowRuntime, vocab_size: int, table: CostTabl
 
 
 def _cost_table(model: PreTrainedModel, runtime: NanoFlowRuntime, cost_dir: str) -> CostTable:
-    """The cost table kept for this model, lowering, device and versions, or a new empty one."""
+    """The cost table kept for this model, lowering, device and versions, or a new empty one (under TP: the
+    driver's, on every rank)."""
     import transformers
     import triton
 
@@ -127,21 +134,32 @@ def _cost_table(model: PreTrainedModel, runtime: NanoFlowRuntime, cost_dir: str)
         flashinfer = version("flashinfer-python")
     except Exception:  # noqa: BLE001 - not installed
         flashinfer = None
-    cfg, props = runtime.config, torch.cuda.get_device_properties(runtime.device)
-    key = table_key({"model": model.config.to_dict(), "dtype": str(runtime.dtype), "device": props.name,
-                     "sms": props.multi_processor_count, "torch": torch.__version__,
+    cfg = runtime.config
+    if runtime.device.type == "cuda":
+        props = torch.cuda.get_device_properties(runtime.device)
+        device, sms = props.name, props.multi_processor_count
+    else:  # (the search runs on CUDA in optimize(); elsewhere only when called, e.g. in tests)
+        device, sms = runtime.device.type, torch.get_num_threads()
+    tp = runtime.tensor_parallel
+    key = table_key({"model": model.config.to_dict(), "dtype": str(runtime.dtype), "device": device,
+                     "sms": sms, "tensor_parallel": tp.world_size if tp is not None else 1,
+                     "torch": torch.__version__,
                      "transformers": transformers.__version__, "triton": triton.__version__,
                      "flashinfer": flashinfer, "nanoflow_fx": nanoflow_version,
                      # what the pieces' times depend on of the configuration: the lowering (its passes and
                      # Inductor: one key, the saved step's too), the attention backend and the page size
                      "lowering": [runtime.lowering.key, runtime.attention_backend.name, cfg.page_size],
                      "kv_cache": str(runtime.kv_cache.dtype)})
-    table = load_table(cost_dir, key)
-    if table is not None:
-        log.info("nanoflow_fx: cost table %s loaded (%d nano-batch shapes measured)", key, len(table.pieces))
-        return table
-    program = runtime.step_fn.program
-    return CostTable(key, program.schedule_key, props.multi_processor_count)
+
+    def kept_or_new() -> CostTable:
+        table = load_table(cost_dir, key)
+        if table is not None:
+            log.info("nanoflow_fx: cost table %s loaded (%d nano-batch shapes measured)", key, len(table.pieces))
+            return table
+        return CostTable(key, runtime.step_fn.program.schedule_key, sms)
+
+    # (under TP the driver's: the ranks' keys differ by their lowering, which bakes in the rank's shard)
+    return kept_or_new() if runtime.plane is None else runtime.plane.share(kept_or_new)
 
 
 # The Triton kernel's launch the memory unit is tried with: 128-token tiles, P rounded to the half type for P @ V

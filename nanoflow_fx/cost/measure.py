@@ -13,6 +13,10 @@ attention per SM share and kernel). `predict_candidates` measures what a table l
 every candidate; `tune` replays the candidates `cost.model.search_shape` names and picks per shape. `issue_ms`
 (the host's issue time) and `time_on` (CUDA events on a stream) are the clocks they share.
 
+Under tensor parallelism every rank runs the search together (each replay's collectives must meet): every time
+measured passes through `agreed`, which gives each rank the slowest rank's time (and raises on every rank if any
+rank failed), so the ranks' decisions, made from the same numbers, are the same.
+
 This module imports the pure model (`cost.model`); the model never imports it.
 """
 
@@ -25,9 +29,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nanoflow_fx.cost.model import (
     Candidate,
@@ -39,6 +44,7 @@ from nanoflow_fx.cost.model import (
     search_shape,
     shape_key,
 )
+from nanoflow_fx.errors import NanoFlowError, RankDivergenceError
 from nanoflow_fx.ops.backend import DecodeKernel
 from nanoflow_fx.runtime.batch import Chunk, build_step
 from nanoflow_fx.runtime.program_runner import PieceTimer, Units, make_units, sm_carveout
@@ -47,9 +53,52 @@ from nanoflow_fx.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALL_REDUCE_SIZES", "TRITON_DECODE_VARIANTS", "DecodeRows", "StepHarness", "decode_kernel_timings",
+__all__ = ["ALL_REDUCE_SIZES", "TRITON_DECODE_VARIANTS", "DecodeRows", "StepHarness", "agreed", "decode_kernel_timings",
            "decode_rows", "issue_ms", "measure_all_reduce", "measure_carveout", "measure_shape", "measure_split_host",
            "predict_candidates", "time_on", "tune"]
+
+
+T = TypeVar("T")
+
+
+def agreed(runtime: Any, measure: Callable[[], T]) -> T:
+    """`measure()`, its times agreed across tensor-parallel ranks (`runtime.plane`; without one: as measured).
+    Every rank calls it at the same point of the search: each float of the result (a float, or lists, tuples and
+    dicts of them; pytree leaves) becomes the largest any rank measured (a step is as slow as its slowest rank);
+    the rest of the result must be equal on every rank. If `measure()` raised on any rank it raises on every rank
+    (the same exception where it raised, a `MeasurementError` naming the rank elsewhere), so the callers' fallbacks
+    are taken everywhere alike."""
+    plane = getattr(runtime, "plane", None)
+    if plane is None:
+        return measure()
+    value: Any = None
+    try:
+        value, error = measure(), None
+    except Exception as err:  # noqa: BLE001 - raised on every rank below
+        error = err
+    leaves, spec = tree_flatten(value)
+    floats = [i for i, x in enumerate(leaves) if isinstance(x, float)]
+    rest = [x for x in leaves if not isinstance(x, float)]
+    mine = (None if error is None else f"{type(error).__name__}: {error}", repr((spec, rest)),
+            [leaves[i] for i in floats])
+    every = plane.gather(mine)
+    failed = [r for r, (message, _, _) in enumerate(every) if message is not None]
+    if failed:
+        if error is not None:
+            raise error
+        raise MeasurementError(f"tensor-parallel rank {failed[0]} failed a measurement every rank makes: "
+                               f"{every[failed[0]][0]}")
+    differ = [r for r, (_, shape, _) in enumerate(every) if shape != mine[1]]
+    if differ:
+        raise RankDivergenceError(f"tensor-parallel ranks measured different things (rank {plane.rank}: {mine[1]}; "
+                                  f"rank {differ[0]}: {every[differ[0]][1]}); every rank must search the same way")
+    for i, slowest in zip(floats, map(max, zip(*(times for _, _, times in every), strict=True)), strict=True):
+        leaves[i] = slowest
+    return tree_unflatten(leaves, spec)
+
+
+class MeasurementError(NanoFlowError):
+    """Another tensor-parallel rank failed a measurement this rank made (`agreed`)."""
 
 
 _GREEDY = SamplingParams(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), min_new_tokens=0)
@@ -99,21 +148,29 @@ class StepHarness:
         self.requests = []
 
     def time(self, policy: Any, reps: int = 6, rounds: int = 3) -> float:
-        """ms per step under `policy` (the median over `rounds` of `reps` back-to-back steps). `host_ms`: the host's
-        time to issue one step (median; time its planners waited for the GPU excluded)."""
+        """ms per step under `policy` (the median over `rounds` of `reps` back-to-back steps; CUDA events on CUDA,
+        the host's clock elsewhere, where steps run synchronously). `host_ms`: the host's time to issue one step
+        (median; time its planners waited for the GPU excluded)."""
         runner = self.runtime.runner
+        cuda = self.runtime.device.type == "cuda"
         for _ in range(3):
             runner.run(self.chunks, split=policy)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         times, host = [], []
         for _ in range(rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            began = time.perf_counter()
             for _ in range(reps):
                 host.append(issue_ms(runner, lambda: runner.run(self.chunks, split=policy)))
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / reps)
+            if cuda:
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / reps)
+            else:
+                times.append((time.perf_counter() - began) * 1e3 / reps)
         self.host_ms = statistics.median(host)
         return statistics.median(times)
 
@@ -151,9 +208,13 @@ def time_on(fn: Callable[[], Any], stream: Any, reps: int) -> float:
 # -- the cost table's times -------------------------------------------------------------------------------------------
 def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3) -> tuple[dict[str, float], float]:
     """Each piece's ms on a whole eager step of `shape` (median over `reps`), and the host's ms to issue the step
-    (`_issue_behind_sleep`; the fastest of `reps`: the host's noise only ever adds).
+    (`_issue_behind_sleep`; the fastest of `reps`: the host's noise only ever adds); `agreed` across TP ranks.
     On CUDA a sleep kernel queued first lets the host issue the whole step before the GPU reaches it, so the
     events between pieces time the GPU's work alone."""
+    return agreed(runtime, lambda: _measure_shape(runtime, vocab_size, shape, reps))
+
+
+def _measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int) -> tuple[dict[str, float], float]:
     samples: dict[str, list[float]] = {}
     host = []
     with _requests(runtime, vocab_size, shape, None) as step:
@@ -169,10 +230,13 @@ def measure_shape(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3
 
 def measure_split_host(runtime: Any, vocab_size: int, shape: StepShape, reps: int = 3) -> float:
     """The host's ms to issue `shape`'s step cut in two halves on one stream (`host_split_ms`; the fastest of
-    `reps` after one warm-up, as `measure_shape` times the unsplit step's)."""
-    with _requests(runtime, vocab_size, shape, policy_for(Candidate((0.5,)), make_units)) as step:
-        step()
-        return min(_issue_behind_sleep(runtime, step) for _ in range(reps))
+    `reps` after one warm-up, as `measure_shape` times the unsplit step's; `agreed` across TP ranks)."""
+    def measure() -> float:
+        with _requests(runtime, vocab_size, shape, policy_for(Candidate((0.5,)), make_units)) as step:
+            step()
+            return min(_issue_behind_sleep(runtime, step) for _ in range(reps))
+
+    return agreed(runtime, measure)
 
 
 @contextmanager
@@ -310,20 +374,26 @@ def decode_kernel_timings(runtime: Any, vocab_size: int, shape: StepShape, share
 
     streams = streams or (lambda sms: split_sms(sms)[0].stream)
     backend, cache = runtime.attention_backend, runtime.kv_cache
+    every = [(sms, kernel) for sms in shares for kernel in (None, *kernels)]
     with decode_rows(runtime, vocab_size, shape) as rows:
         host, metadata = rows.host, rows.metadata
-        planner = cache.make_planner(backend, runtime.attention_configs)
-        plan = planner.plan_tables(host[0], host[1], host[3], metadata[2]) if planner is not None else None
-        timings = []
-        for sms in shares:
-            stream = streams(sms) if sms else torch.cuda.current_stream()
-            for kernel in (None, *kernels):
-                def attend(k: DecodeKernel | None = kernel) -> torch.Tensor:
-                    return backend.run_planned(plan, rows.config, rows.q, rows.layer, metadata, k, rows.kv_scale)
 
-                ms = time_on(attend, stream, reps)
-                timings.append(DecodeTiming(sms, kernel, ms, rows.kv_bytes / ms / 1e9))
-        return timings
+        def measure() -> list[float]:
+            planner = cache.make_planner(backend, runtime.attention_configs)
+            plan = planner.plan_tables(host[0], host[1], host[3], metadata[2]) if planner is not None else None
+            times = []
+            for sms in shares:
+                stream = streams(sms) if sms else torch.cuda.current_stream()
+                for kernel in (None, *kernels):
+                    def attend(k: DecodeKernel | None = kernel) -> torch.Tensor:
+                        return backend.run_planned(plan, rows.config, rows.q, rows.layer, metadata, k, rows.kv_scale)
+
+                    times.append(time_on(attend, stream, reps))
+            return times
+
+        times = agreed(runtime, measure)  # (under TP: the slowest rank's)
+        return [DecodeTiming(sms, kernel, ms, rows.kv_bytes / ms / 1e9)
+                for (sms, kernel), ms in zip(every, times, strict=True)]
 
 
 # -- the search on the device -----------------------------------------------------------------------------------------
@@ -376,7 +446,12 @@ def tune(runtime: Any, vocab_size: int, shapes: Sequence[StepShape], space: Sequ
         predictions = predict_candidates(runtime, vocab_size, table, shape, runnable) if table is not None else None
         harness = StepHarness(runtime, shape, vocab_size)
         def replay(c: Candidate, h: StepHarness = harness) -> float:
-            return h.time(policy_for(c, make_units), reps, rounds)
+            # Under TP in two agreements: the candidate's units first (one a rank cannot make, e.g. a partition,
+            # is skipped by every rank), then the replay's time (the slowest rank's). A rank failing inside the
+            # step itself would leave the others waiting in its collectives; making the units is what fails.
+            made: list[Any] = []
+            agreed(runtime, lambda: made.append(policy_for(c, make_units)))
+            return agreed(runtime, lambda: h.time(made[0], reps, rounds))
 
         try:
             measured = search_shape(runnable, replay, table, predictions, top, shape)

@@ -14,6 +14,9 @@ the same steps. So every decision a rank makes must be the same on every rank:
 - Tokens are read back at a fixed lag (never "when ready", which depends on each rank's timing), so EOS ends a
   request at the same step everywhere; the logits are all-gathered (identical on every rank) and sampling draws
   from a generator seeded by the driver (`seed`).
+- The schedule search (`num_nanobatches="auto"`) replays the same candidates in the same order on every rank (their
+  steps' collectives meet), and every time it measures is the slowest rank's (`cost.measure.agreed`: a step is as
+  slow as its slowest rank), so every rank prices, ranks and picks the same cuts; the driver's cost table is used.
 - With `NanoFlowConfig.check_plans`, each step's plan is compared across ranks before it runs (one all-gather
   of a digest); ranks that differ raise `RankDivergenceError` naming the difference instead of hanging in the
   step's collectives.
@@ -93,6 +96,12 @@ class ControlPlane:
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (picklable), in rank order, on every rank."""
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, value, group=self.group)
+        return every
 
     def seed(self) -> int:
         """A sampling seed drawn on the driver, the same on every rank."""
