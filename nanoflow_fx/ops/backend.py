@@ -114,10 +114,12 @@ class AttentionBackend:
 
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                      device: torch.device, decode_batch: int | None = None, max_pages: int = 0,
-                     kv_dtype: torch.dtype | None = None) -> Planner | None:
+                     kv_dtype: torch.dtype | None = None,
+                     scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None) -> Planner | None:
         """The planner of eager steps, or (with `decode_batch`) of one CUDA-graph bucket of `decode_batch`
         one-token requests over at most `max_pages` page ids; `dtype` is the query's, `kv_dtype` the cache's (None:
-        the same). None: nothing to plan."""
+        the same); `scale_values`: an FP8 cache's host values of a layer's scale tensor
+        (`PagedKVCache.scale_values_of`). None: nothing to plan."""
         return None
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,

@@ -16,9 +16,11 @@ plans all have the same shape (bucket-many one-token requests), so the graph sta
 FlashInfer's NHD layout.
 
 An FP8 (e4m3) cache is planned with `kv_data_type=torch.float8_e4m3fn`. FlashInfer takes the layer's scales as host
-floats at run (k_scale multiplied into its softmax scale, then `out *= v_scale`); nanoflow_fx keeps them on the
-device (no host sync, and a CUDA graph's replays read their current values), so it applies them the same way with
-device tensors: q * k_scale before the kernel (in fp32, rounded to the query's dtype once), out * v_scale after.
+floats at run: k_scale multiplied into its softmax scale (free), then `out *= v_scale` (one pass over the output);
+eager steps pass them so (the cache's host copy, `PagedKVCache.scale_values_of`; a scale of 1.0, the default, is
+not applied at all). A CUDA graph must read the scales' current values at each replay (`PagedKVCache.set_scales`
+changes them in place), so captured steps apply the device tensors instead: q * k_scale before the kernel and
+out * v_scale after (each in fp32, rounded to the query's dtype once).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ class _Plans:
     decode: Any
     prefill: Any
     num_decode: int = 0
+    scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None  # an FP8 cache's host scales
 
 
 _float_workspaces: dict[torch.device, torch.Tensor] = {}
@@ -84,8 +87,9 @@ class FlashInferBackend(AttentionBackend):
 
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                      device: torch.device, decode_batch: int | None = None, max_pages: int = 0,
-                     kv_dtype: torch.dtype | None = None) -> FlashInferPlanner:
-        return FlashInferPlanner(configs, page_size, dtype, device, decode_batch, max_pages, kv_dtype)
+                     kv_dtype: torch.dtype | None = None,
+                     scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None) -> FlashInferPlanner:
+        return FlashInferPlanner(configs, page_size, dtype, device, decode_batch, max_pages, kv_dtype, scale_values)
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                 device: torch.device, kv_dtype: torch.dtype | None = None) -> Preparation:
@@ -137,7 +141,7 @@ def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Seque
 
     def attend_decode(rows_q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if decode is None:
-            return _wrapper_run(plans.decode, rows_q, kv_cache, kv_scale, out)
+            return _wrapper_run(plans.decode, rows_q, kv_cache, kv_scale, out, plans.scale_values)
         assert metadata is not None and config is not None
         qo, kv_ptr, kv_indices, last = metadata
         rows = (qo[: num_decode + 1], kv_ptr[: num_decode + 1], kv_indices, last[:num_decode])
@@ -147,25 +151,28 @@ def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Seque
     if plans.prefill is None or num_decode == q.shape[0]:
         return attend_decode(q)
     if num_decode == 0:
-        return _wrapper_run(plans.prefill, q, kv_cache, kv_scale)
+        return _wrapper_run(plans.prefill, q, kv_cache, kv_scale, scale_values=plans.scale_values)
     out = q.new_empty(q.shape[0], q.shape[1], kv_cache.shape[-1])
     attend_decode(q[:num_decode], out[:num_decode])
-    _wrapper_run(plans.prefill, q[num_decode:], kv_cache, kv_scale, out[num_decode:])
+    _wrapper_run(plans.prefill, q[num_decode:], kv_cache, kv_scale, out[num_decode:], plans.scale_values)
     return out
 
 
 def _wrapper_run(wrapper: Any, q: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torch.Tensor | None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None,
+                 scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None) -> torch.Tensor:
     """A planned FlashInfer wrapper's run (`out` only when given, as FlashInfer's own callers pass it); over an FP8
-    cache, with k_scale folded into q and v_scale into the output, each in fp32 (see the module docstring)."""
-    fp8 = kv_scale is not None and kv_quant.is_fp8(kv_cache.dtype)
-    if fp8:
-        assert kv_scale is not None  # (for mypy)
-        q = (q.float() * kv_scale[0]).to(q.dtype)
-    result = wrapper.run(q, kv_cache) if out is None else wrapper.run(q, kv_cache, out=out)
-    if fp8:
-        assert kv_scale is not None
-        result.copy_(result.float() * kv_scale[1])
+    cache with its scales: as host floats given `scale_values` outside CUDA-graph capture, else as device tensors,
+    k_scale folded into q and v_scale into the output, each in fp32 (see the module docstring)."""
+    given = {} if out is None else {"out": out}
+    if kv_scale is None or not kv_quant.is_fp8(kv_cache.dtype):
+        return wrapper.run(q, kv_cache, **given)
+    if scale_values is not None and not torch.cuda.is_current_stream_capturing():
+        k_scale, v_scale = scale_values(kv_scale)
+        return wrapper.run(q, kv_cache, k_scale=None if k_scale == 1.0 else k_scale,
+                           v_scale=None if v_scale == 1.0 else v_scale, **given)
+    result = wrapper.run((q.float() * kv_scale[0]).to(q.dtype), kv_cache, **given)
+    result.copy_(result.float() * kv_scale[1])
     return result
 
 
@@ -218,11 +225,13 @@ class FlashInferPlanner:
         decode_batch: int | None = None,
         max_pages: int = 0,
         kv_dtype: torch.dtype | None = None,
+        scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None,
     ) -> None:
         """With `decode_batch` (and `max_pages`, the bucket's page-list length) the planner serves a captured
         decode graph: every step it plans has exactly `decode_batch` requests of one query token each, so the
         launch FlashInfer captured (its grid is sized by the batch) stays valid when re-planned. `dtype` is the
-        query's, `kv_dtype` the cache's (None: the same; FlashInfer builds its kernels per pair)."""
+        query's, `kv_dtype` the cache's (None: the same; FlashInfer builds its kernels per pair); `scale_values`: an
+        FP8 cache's host values of a layer's scale tensor (eager runs pass them to FlashInfer: module docstring)."""
         import flashinfer
 
         _load_built_modules()
@@ -234,7 +243,8 @@ class FlashInferPlanner:
         for config in dict.fromkeys(configs):
             prefill = None if self.graph else flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 _workspace(device), "NHD", backend="fa2")
-            self.plans[config] = _Plans(_decode_wrapper(config, device, decode_batch, max_pages), prefill)
+            self.plans[config] = _Plans(_decode_wrapper(config, device, decode_batch, max_pages), prefill,
+                                        scale_values=scale_values)
 
     def plan(self, host: AttentionMetadata, kv_indices: torch.Tensor) -> dict[AttentionConfig, _Plans]:
         """Plan every configuration for this step; returns the plans, by configuration, that the captured op runs

@@ -316,6 +316,7 @@ class PagedKVCache:
         if kv_quant.is_fp8(dtype):
             self.scales = tuple(torch.ones(2, dtype=torch.float32, device=device) for _ in layers)
             self.scale_values = [(1.0, 1.0)] * len(self.layers)
+            self._scale_layer = {t.data_ptr(): i for i, t in enumerate(self.scales)}  # (`scale_values_of`)
             if kv_scales is not None:
                 self.set_scales(kv_scales)
         elif kv_scales is not None:
@@ -358,7 +359,11 @@ class PagedKVCache:
         """`backend`'s planner for steps over this cache (queries in `model_dtype`, pages of `dtype`); with
         `decode_batch`, a CUDA-graph bucket's (`AttentionBackend.make_planner`)."""
         return backend.make_planner(configs, self.page_size, self.model_dtype, self.device, decode_batch, max_pages,
-                                    kv_dtype=self.dtype)
+                                    kv_dtype=self.dtype, scale_values=self.scale_values_of if self.scales else None)
+
+    def scale_values_of(self, scale: torch.Tensor) -> tuple[float, float]:
+        """The host values (k_scale, v_scale) of one of `scales` (a layer's tensor, as a step passes it on)."""
+        return self.scale_values[self._scale_layer[scale.data_ptr()]]
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
