@@ -99,3 +99,40 @@ def test_the_captured_op_runs_the_plans_of_its_own_thread() -> None:
         t.join()
     assert ran["a"] == "a"
     assert "no FlashInfer plan is active" in ran["b"]  # not model a's plan
+
+
+def test_an_fp8_cache_gives_flashinfer_its_layers_scales_as_host_floats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager steps pass FlashInfer each layer's own scales as floats (its API: k_scale into the softmax scale, v_scale
+    on the output; a scale of 1.0 not at all) and the query untouched; inside a CUDA-graph capture, where floats
+    would be frozen, the device tensors scale the query and the output instead. `set_scales` reaches both."""
+    from nanoflow_fx.ops.backend import AttentionConfig
+    from nanoflow_fx.runtime.kv_cache import PagedKVCache
+
+    layers = [AttentionConfig(4, 2, 8, 0.35, 0, 0.0)] * 2
+    cache = PagedKVCache(layers, 4, 2, torch.float8_e4m3fn, torch.device("cpu"), model_dtype=torch.bfloat16)
+    cache.set_scales([(0.5, 3.0), (1.0, 1.0)])
+    calls: list[tuple[torch.Tensor, dict[str, object]]] = []
+
+    class Wrapper:
+        def run(self, q: torch.Tensor, kv_cache: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            calls.append((q, kwargs))
+            return q.clone()
+
+    q = torch.randn(3, 4, 8, dtype=torch.bfloat16)
+    run = flashinfer_attention._wrapper_run
+    out = run(Wrapper(), q, cache.caches[0], cache.scales[0], scale_values=cache.scale_values_of)
+    assert calls[-1][0] is q and calls[-1][1] == {"k_scale": 0.5, "v_scale": 3.0} and torch.equal(out, q)
+    run(Wrapper(), q, cache.caches[1], cache.scales[1], scale_values=cache.scale_values_of)
+    assert calls[-1][0] is q and calls[-1][1] == {"k_scale": None, "v_scale": None}  # (1.0: nothing applied)
+    cache.set_scales([(0.25, 1.0), (2.0, 0.125)])
+    run(Wrapper(), q, cache.caches[1], cache.scales[1], scale_values=cache.scale_values_of)
+    assert calls[-1][1] == {"k_scale": 2.0, "v_scale": 0.125}
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # (the capture check is CUDA's)
+    given = torch.empty_like(q)
+    out = run(Wrapper(), q, cache.caches[1], cache.scales[1], out=given, scale_values=cache.scale_values_of)
+    sent, kwargs = calls[-1]
+    assert kwargs == {"out": given}
+    assert torch.equal(sent, (q.float() * 2.0).to(q.dtype))
+    assert torch.equal(out, (sent.float() * 0.125).to(q.dtype))

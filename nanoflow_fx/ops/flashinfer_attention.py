@@ -167,7 +167,7 @@ def _wrapper_run(wrapper: Any, q: torch.Tensor, kv_cache: torch.Tensor, kv_scale
     given = {} if out is None else {"out": out}
     if kv_scale is None or not kv_quant.is_fp8(kv_cache.dtype):
         return wrapper.run(q, kv_cache, **given)
-    if scale_values is not None and not torch.cuda.is_current_stream_capturing():
+    if scale_values is not None and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         k_scale, v_scale = scale_values(kv_scale)
         return wrapper.run(q, kv_cache, k_scale=None if k_scale == 1.0 else k_scale,
                            v_scale=None if v_scale == 1.0 else v_scale, **given)
