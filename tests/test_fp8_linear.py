@@ -342,3 +342,17 @@ def test_the_fp8_gemm_probe_asks_for_a_shape_scaled_mm_takes(monkeypatch: pytest
     assert fp8.fp8_gemm_error(torch.device("cpu"), torch.bfloat16) == ""
     [(x, w)] = shapes
     assert x[0] == 1 and w[0] % 16 == 0 and w[1] % 16 == 0 and x[1] == w[1]
+
+
+def test_the_scale_alignment_check_needs_no_address_while_traced() -> None:
+    """`scaled_linear` copies a scale vector that does not start on 16 bytes (cuBLASLt refuses one, as on an H100:
+    a row slice's); traced (fake tensors, as the step's capture runs it) there is no address, and none is asked."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nanoflow_fx.ops.fp8 import _unaligned
+
+    scales = torch.ones(8, 1)
+    assert not _unaligned(scales[0:1]) and _unaligned(scales[1:2]) and not _unaligned(scales[4:5])
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(scales)[1:2]
+        assert not _unaligned(fake)  # (data_ptr() would raise here)

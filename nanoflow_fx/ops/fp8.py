@@ -45,9 +45,9 @@ def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
     # Row-wise scales with fp32 out run on cuBLASLt, which refuses a single row (CUBLAS_STATUS_NOT_SUPPORTED at M=1):
     # zero rows of scale 1 make M >= 16 whatever it was, so no shape is guarded. (fp32 models only: their pieces
     # then mix tokens for `passes.annotate`, so they are not nano-batched.)
-    # cuBLASLt also refuses a scale vector that does not start on 16 bytes, as a row slice of one may not (a
-    # nano-batch's rows of a quantised activation): such a slice is copied (a few bytes).
-    if x_q.is_cuda and x_scale.data_ptr() % 16:
+    # cuBLASLt also refuses a scale vector that does not start on 16 bytes, as a row slice of one may not: such a
+    # slice is copied (a few bytes). Eager calls only: a traced call (the captured step's) has no address to check.
+    if x_q.is_cuda and _unaligned(x_scale):
         x_scale = x_scale.clone()
     rows, pad = x_q.shape[0], out_dtype == torch.float32 and x_q.is_cuda
     if pad:
@@ -58,6 +58,13 @@ def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
     if pad:
         out = out[:rows]
     return out if bias is None else out + bias
+
+
+def _unaligned(t: torch.Tensor) -> bool:
+    """Whether `t` (a real tensor; a traced one has no address) does not start on 16 bytes."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t) and t.data_ptr() % 16 != 0
 
 
 def fp8_gemm_error(device: torch.device, dtype: torch.dtype) -> str:
