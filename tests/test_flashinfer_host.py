@@ -101,10 +101,10 @@ def test_the_captured_op_runs_the_plans_of_its_own_thread() -> None:
     assert "no FlashInfer plan is active" in ran["b"]  # not model a's plan
 
 
-def test_an_fp8_cache_gives_flashinfer_its_layers_scales_as_host_floats(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Eager steps pass FlashInfer each layer's own scales as floats (its API: k_scale into the softmax scale, v_scale
-    on the output; a scale of 1.0 not at all) and the query untouched; inside a CUDA-graph capture, where floats
-    would be frozen, the device tensors scale the query and the output instead. `set_scales` reaches both."""
+def test_an_fp8_cache_gives_flashinfer_its_layers_scales_as_host_floats() -> None:
+    """Steps pass FlashInfer each layer's own scales as floats (its API: k_scale into the softmax scale, v_scale on
+    the output; a scale of 1.0 not at all) and the query untouched; `set_scales` reaches them; without the cache's
+    host copy the device tensors scale the query and the output instead."""
     from nanoflow_fx.ops.backend import AttentionConfig
     from nanoflow_fx.runtime.kv_cache import PagedKVCache
 
@@ -128,11 +128,10 @@ def test_an_fp8_cache_gives_flashinfer_its_layers_scales_as_host_floats(monkeypa
     run(Wrapper(), q, cache.caches[1], cache.scales[1], scale_values=cache.scale_values_of)
     assert calls[-1][1] == {"k_scale": 2.0, "v_scale": 0.125}
 
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # (the capture check is CUDA's)
-    given = torch.empty_like(q)
-    out = run(Wrapper(), q, cache.caches[1], cache.scales[1], out=given, scale_values=cache.scale_values_of)
+    given = torch.empty_like(q)  # (a planner without the host copy: the device tensors)
+    out = run(Wrapper(), q, cache.caches[1], cache.scales[1], out=given)
     sent, kwargs = calls[-1]
     assert kwargs == {"out": given}
     assert torch.equal(sent, (q.float() * 2.0).to(q.dtype))
     assert torch.equal(out, (sent.float() * 0.125).to(q.dtype))
+    assert cache.scales_version == 2  # (each set_scales: what makes CUDA graphs that took host floats recapture)

@@ -110,7 +110,8 @@ def test_backend_matches_reference_in_every_bucket(family: str, backend: str) ->
 def test_fp8_kv_cache_backend_matches_reference_in_every_bucket(family: str, backend: str) -> None:
     """Over an FP8 (e4m3) cache: the backend (CUDA graphs on, every decode bucket hit) against the torch reference
     (graphs off), both reading the same e4m3 values (the same fused write) with the same non-trivial scales, set
-    after the graphs were captured (a replay reads the scales' current values): within the bf16 tolerance above."""
+    after the graphs were captured (a Triton replay reads the scales' current values; FlashInfer's graphs, which took
+them as host floats, are captured again): within the bf16 tolerance above."""
     if backend == "flashinfer" and not _flashinfer_available():
         pytest.skip("flashinfer is not installed")
     ref = _model(family, "torch", graphs=False, kv_cache_dtype="fp8_e4m3")

@@ -17,10 +17,11 @@ FlashInfer's NHD layout.
 
 An FP8 (e4m3) cache is planned with `kv_data_type=torch.float8_e4m3fn`. FlashInfer takes the layer's scales as host
 floats at run: k_scale multiplied into its softmax scale (free), then `out *= v_scale` (one pass over the output);
-eager steps pass them so (the cache's host copy, `PagedKVCache.scale_values_of`; a scale of 1.0, the default, is
-not applied at all). A CUDA graph must read the scales' current values at each replay (`PagedKVCache.set_scales`
-changes them in place), so captured steps apply the device tensors instead: q * k_scale before the kernel and
-out * v_scale after (each in fp32, rounded to the query's dtype once).
+steps pass them so, from the cache's host copy (`PagedKVCache.scale_values_of`; a scale of 1.0, the default, is not
+applied at all). A CUDA graph freezes them: `PagedKVCache.set_scales` after a capture makes the graph runner capture
+again (`CudaGraphRunner.recapture`). Without the host copy (a planner made without it) the device tensors are
+applied instead: q * k_scale before the kernel and out * v_scale after (each in fp32, rounded to the query's dtype
+once).
 """
 
 from __future__ import annotations
@@ -162,12 +163,12 @@ def _wrapper_run(wrapper: Any, q: torch.Tensor, kv_cache: torch.Tensor, kv_scale
                  out: torch.Tensor | None = None,
                  scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None) -> torch.Tensor:
     """A planned FlashInfer wrapper's run (`out` only when given, as FlashInfer's own callers pass it); over an FP8
-    cache with its scales: as host floats given `scale_values` outside CUDA-graph capture, else as device tensors,
-    k_scale folded into q and v_scale into the output, each in fp32 (see the module docstring)."""
+    cache with its scales: as host floats given `scale_values`, else as device tensors, k_scale folded into q and
+    v_scale into the output, each in fp32 (see the module docstring)."""
     given = {} if out is None else {"out": out}
     if kv_scale is None or not kv_quant.is_fp8(kv_cache.dtype):
         return wrapper.run(q, kv_cache, **given)
-    if scale_values is not None and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if scale_values is not None:
         k_scale, v_scale = scale_values(kv_scale)
         return wrapper.run(q, kv_cache, k_scale=None if k_scale == 1.0 else k_scale,
                            v_scale=None if v_scale == 1.0 else v_scale, **given)

@@ -92,6 +92,9 @@ class CudaGraphRunner:
         self.capture_seconds = 0.0
         self.replay_ms: dict[int, float] = {}  # each bucket's graph replayed on its capture inputs
         self.route: dict[int, int] = {}  # bucket -> the larger bucket its steps replay in, where that is faster
+        # A backend that plans on the host (FlashInfer) takes an FP8 cache's scales as host floats, which a capture
+        # freezes: a graph captured before `PagedKVCache.set_scales` is captured again before its next replay.
+        self.scales_version = kv_cache.scales_version
 
     @property
     def decode_only(self) -> bool:
@@ -113,19 +116,30 @@ class CudaGraphRunner:
         """The static shape of `bucket`'s graph."""
         return StepShape(bucket, bucket, self.kv_cache.allocator.num_pages + bucket, bucket)
 
-    def capture_all(self) -> None:
-        """Capture every bucket, largest first (later, smaller graphs reuse the pool's blocks)."""
+    def capture_all(self, measure: bool = True) -> None:
+        """Capture every bucket, largest first (later, smaller graphs reuse the pool's blocks); then, with `measure`,
+        time them and route buckets (`_measure_buckets`)."""
         start = time.perf_counter()
+        self.scales_version = self.kv_cache.scales_version
         pool = None
         for bucket in reversed(self.buckets):
             shape = self._shape(bucket)
             self.graphs[shape] = self._capture(shape, pool)
             pool = self.graphs[shape].graph.pool()
         torch.cuda.synchronize()
-        self._measure_buckets()
+        if measure:
+            self._measure_buckets()
         self.capture_seconds = time.perf_counter() - start
         log.info("nanoflow_fx: captured %d CUDA graphs (buckets %s; steps of bucket -> replayed in %s) in %.1f s",
                  len(self.graphs), self.buckets, self.route or "their own", self.capture_seconds)
+
+    def recapture(self) -> None:
+        """Capture every bucket again (the KV scales changed since: see `scales_version`), keeping the routes (under
+        tensor parallelism every rank's, agreed when first captured)."""
+        log.info("nanoflow_fx: the FP8 KV scales changed: capturing the CUDA graphs again")
+        self.graphs.clear()
+        torch.cuda.synchronize()
+        self.capture_all(measure=False)
 
     def _measure_buckets(self, replays: int = 3) -> None:
         """Time each bucket's graph (its capture inputs: one-token padding requests, so mostly the GEMMs and the
@@ -194,6 +208,8 @@ class CudaGraphRunner:
 
     def run(self, chunks: Sequence[Chunk], shape: StepShape, all_logits: bool) -> torch.Tensor:
         """Fill the bucket's static inputs from the host, replay, and return the real logits rows."""
+        if self.backend.plans_on_host and self.scales_version != self.kv_cache.scales_version:
+            self.recapture()
         cache, entry = self.kv_cache, self.graphs[shape]
         host = build_step(chunks, cache.caches, cache.page_size, cache.scratch_page, torch.device("cpu"),
                           all_logits, backend=self.backend.name, shape=shape, pin=True, staging=self.staging,

@@ -290,7 +290,8 @@ class PagedKVCache:
     one, `scratch_page`, takes the padding tokens' writes. `dtype` is the pages' element type; `model_dtype` the
     dtype the model computes K/V (and queries) in (None: `dtype`). An FP8 cache (`dtype` torch.float8_e4m3fn) has
     `scales`: per layer a [2] fp32 tensor (k_scale, v_scale) on the device, 1.0 unless `kv_scales` gives them
-    (`set_scales` changes them in place: captured CUDA graphs read the new values).
+    (`set_scales` changes them in place: captured CUDA graphs read the new values, or, where a backend took them as
+    host floats, are captured again: `scales_version`).
     """
 
     def __init__(
@@ -313,6 +314,7 @@ class PagedKVCache:
         )
         self.scales: tuple[torch.Tensor, ...] = ()
         self.scale_values: list[tuple[float, float]] = []  # `scales` on the host
+        self.scales_version = 0  # counts `set_scales` calls (what captured host values were taken from)
         if kv_quant.is_fp8(dtype):
             self.scales = tuple(torch.ones(2, dtype=torch.float32, device=device) for _ in layers)
             self.scale_values = [(1.0, 1.0)] * len(self.layers)
@@ -336,6 +338,7 @@ class PagedKVCache:
         for tensor, pair in zip(self.scales, host):
             tensor.copy_(pair)
         self.scale_values = [(float(pair[0]), float(pair[1])) for pair in host]  # (fp32: what the kernels read)
+        self.scales_version += 1
 
     @property
     def quantized(self) -> bool:
