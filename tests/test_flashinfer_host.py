@@ -103,8 +103,8 @@ def test_the_captured_op_runs_the_plans_of_its_own_thread() -> None:
 
 def test_an_fp8_cache_gives_flashinfer_its_layers_scales_as_host_floats() -> None:
     """Steps pass FlashInfer each layer's own scales as floats (its API: k_scale into the softmax scale, v_scale on
-    the output; a scale of 1.0 not at all) and the query untouched; `set_scales` reaches them; without the cache's
-    host copy the device tensors scale the query and the output instead."""
+    the output; a scale of 1.0 not at all) and the query untouched; `set_scales` reaches them; for a scale tensor
+    the cache does not know, the device tensors scale the query and the output instead."""
     from nanoflow_fx.ops.backend import AttentionConfig
     from nanoflow_fx.runtime.kv_cache import PagedKVCache
 
@@ -128,8 +128,8 @@ def test_an_fp8_cache_gives_flashinfer_its_layers_scales_as_host_floats() -> Non
     run(Wrapper(), q, cache.caches[1], cache.scales[1], scale_values=cache.scale_values_of)
     assert calls[-1][1] == {"k_scale": 2.0, "v_scale": 0.125}
 
-    given = torch.empty_like(q)  # (a planner without the host copy: the device tensors)
-    out = run(Wrapper(), q, cache.caches[1], cache.scales[1], out=given)
+    given = torch.empty_like(q)  # (a scale tensor the cache does not know: the device tensors)
+    out = run(Wrapper(), q, cache.caches[1], cache.scales[1].clone(), out=given, scale_values=cache.scale_values_of)
     sent, kwargs = calls[-1]
     assert kwargs == {"out": given}
     assert torch.equal(sent, (q.float() * 2.0).to(q.dtype))

@@ -26,8 +26,12 @@ import torch
 from nanoflow_fx.context import current
 from nanoflow_fx.errors import NanoFlowError
 
-__all__ = ["AttentionBackend", "AttentionConfig", "DecodeKernel", "Planner", "Preparation", "BACKEND_NAMES", "choose",
-           "get", "register", "resolve", "stand_in"]
+__all__ = ["AttentionBackend", "AttentionConfig", "DecodeKernel", "Planner", "Preparation", "ScaleValues",
+           "BACKEND_NAMES", "choose", "get", "register", "resolve", "stand_in"]
+
+# An FP8 cache's host values (k_scale, v_scale) of a layer's scale tensor, None for a tensor it does not know
+# (`PagedKVCache.scale_values_of`).
+ScaleValues = Callable[[torch.Tensor], "tuple[float, float] | None"]
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ class AttentionBackend:
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                      device: torch.device, decode_batch: int | None = None, max_pages: int = 0,
                      kv_dtype: torch.dtype | None = None,
-                     scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None) -> Planner | None:
+                     scale_values: ScaleValues | None = None) -> Planner | None:
         """The planner of eager steps, or (with `decode_batch`) of one CUDA-graph bucket of `decode_batch`
         one-token requests over at most `max_pages` page ids; `dtype` is the query's, `kv_dtype` the cache's (None:
         the same); `scale_values`: an FP8 cache's host values of a layer's scale tensor

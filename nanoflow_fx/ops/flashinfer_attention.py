@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,14 @@ import torch
 
 from nanoflow_fx.context import current
 from nanoflow_fx.ops import kv_quant
-from nanoflow_fx.ops.backend import AttentionBackend, AttentionConfig, DecodeKernel, Preparation, register
+from nanoflow_fx.ops.backend import (
+    AttentionBackend,
+    AttentionConfig,
+    DecodeKernel,
+    Preparation,
+    ScaleValues,
+    register,
+)
 from nanoflow_fx.ops.metadata import AttentionMetadata
 
 __all__ = ["FlashInferBackend", "FlashInferPlanner"]
@@ -60,7 +67,7 @@ class _Plans:
     decode: Any
     prefill: Any
     num_decode: int = 0
-    scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None  # an FP8 cache's host scales
+    scale_values: ScaleValues | None = None  # an FP8 cache's host scales
 
 
 _float_workspaces: dict[torch.device, torch.Tensor] = {}
@@ -89,7 +96,7 @@ class FlashInferBackend(AttentionBackend):
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                      device: torch.device, decode_batch: int | None = None, max_pages: int = 0,
                      kv_dtype: torch.dtype | None = None,
-                     scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None) -> FlashInferPlanner:
+                     scale_values: ScaleValues | None = None) -> FlashInferPlanner:
         return FlashInferPlanner(configs, page_size, dtype, device, decode_batch, max_pages, kv_dtype, scale_values)
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
@@ -161,15 +168,16 @@ def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Seque
 
 def _wrapper_run(wrapper: Any, q: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torch.Tensor | None,
                  out: torch.Tensor | None = None,
-                 scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None) -> torch.Tensor:
+                 scale_values: ScaleValues | None = None) -> torch.Tensor:
     """A planned FlashInfer wrapper's run (`out` only when given, as FlashInfer's own callers pass it); over an FP8
-    cache with its scales: as host floats given `scale_values`, else as device tensors, k_scale folded into q and
-    v_scale into the output, each in fp32 (see the module docstring)."""
+    cache with its scales: as host floats where `scale_values` has them, else as device tensors, k_scale folded into q
+    and v_scale into the output, each in fp32 (see the module docstring)."""
     given = {} if out is None else {"out": out}
     if kv_scale is None or not kv_quant.is_fp8(kv_cache.dtype):
         return wrapper.run(q, kv_cache, **given)
-    if scale_values is not None:
-        k_scale, v_scale = scale_values(kv_scale)
+    values = scale_values(kv_scale) if scale_values is not None else None
+    if values is not None:
+        k_scale, v_scale = values
         return wrapper.run(q, kv_cache, k_scale=None if k_scale == 1.0 else k_scale,
                            v_scale=None if v_scale == 1.0 else v_scale, **given)
     result = wrapper.run((q.float() * kv_scale[0]).to(q.dtype), kv_cache, **given)
@@ -226,7 +234,7 @@ class FlashInferPlanner:
         decode_batch: int | None = None,
         max_pages: int = 0,
         kv_dtype: torch.dtype | None = None,
-        scale_values: Callable[[torch.Tensor], tuple[float, float]] | None = None,
+        scale_values: ScaleValues | None = None,
     ) -> None:
         """With `decode_batch` (and `max_pages`, the bucket's page-list length) the planner serves a captured
         decode graph: every step it plans has exactly `decode_batch` requests of one query token each, so the

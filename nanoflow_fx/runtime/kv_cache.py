@@ -364,9 +364,11 @@ class PagedKVCache:
         return backend.make_planner(configs, self.page_size, self.model_dtype, self.device, decode_batch, max_pages,
                                     kv_dtype=self.dtype, scale_values=self.scale_values_of if self.scales else None)
 
-    def scale_values_of(self, scale: torch.Tensor) -> tuple[float, float]:
-        """The host values (k_scale, v_scale) of one of `scales` (a layer's tensor, as a step passes it on)."""
-        return self.scale_values[self._scale_layer[scale.data_ptr()]]
+    def scale_values_of(self, scale: torch.Tensor) -> tuple[float, float] | None:
+        """The host values (k_scale, v_scale) of one of `scales` (a layer's tensor, as a step passes it on); None
+        for another tensor."""
+        layer = self._scale_layer.get(scale.data_ptr())
+        return self.scale_values[layer] if layer is not None else None
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
