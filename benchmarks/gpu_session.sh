@@ -47,6 +47,11 @@ for step in ${STEPS:-tests example}; do
     profile_fused) run profile_fused ${PROFILE_S:-240} python3 -m benchmarks.profile_decode --batch-size ${PROFILE_B:-64} --context 1024 --backends flashinfer --inductor off on --kernels --out "$OUT/profile_fused.json" ;;
     bench64) run bench64 ${BENCH_S:-420} python3 $B --batch-sizes 64 --backends flashinfer triton --inductor on --nanobatches 1 2 --out "$OUT/bench64.json" ;;
     bench256x) run bench256x ${BENCH_S:-420} python3 $B --batch-sizes 256 --backends flashinfer triton --inductor on --nanobatches 1 2 --out "$OUT/bench256x.json" ;;
+    tests_fp8) # the FP8 CUDA tests (GEMM, linears in the engine, FP8 KV on every backend and CUDA-graph bucket), the
+      # TP search on a world of one; -rA names every test (xdist prints dots)
+      run pytest_fp8 ${TESTS_S:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rA $XDIST tests/test_fp8_linear.py \
+        tests/test_fp8_kv.py tests/test_fp8_checkpoints.py tests/test_gpu_backends.py \
+        tests/test_tensor_parallel_fake.py::test_world_of_one_on_nccl_searches_schedules -k "fp8 or searches_schedules" ;;
     tests_streams) run pytest_streams ${TESTS_S:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rfE --durations=25 $XDIST tests/test_streams.py tests/test_gpu_runtime.py tests/test_triton_attention.py ;;
     bench256y) run bench256y ${BENCH_S:-420} python3 $B --batch-sizes 256 --backends flashinfer triton --inductor on --out "$OUT/bench256y.json" ;;
     ttft64) export FLASHINFER_JIT_VERBOSE=1  # its log shows whether ninja rebuilds anything
