@@ -13,7 +13,7 @@ L2: each call reads its bytes from memory as a distinct layer's would). Kernels,
     and P in fp16 for both dots, compared with the bf16 cache's default launch); with --sweep, every launch of
     block_n x num_warps x num_stages x pv_precision over the e4m3 cache too (the fastest first);
   - flashinfer: FlashInfer's decode wrapper planned as nanoflow_fx plans it (tensor cores for this GQA shape; an
-    e4m3 cache with kv_data_type=e4m3, k_scale folded into q and v_scale into the output on the device);
+    e4m3 cache with kv_data_type=e4m3, the scales as host floats, as the engine's cache gives them);
   - flashinfer-cuda-cores: its CUDA-core decode kernel (use_tensor_cores=False), scales as FlashInfer's own floats.
 Per row: ms per step, TB/s (KV bytes read once), and for e4m3 the ratio to the same kernel and launch over bf16;
 accuracy of the first `--check` requests against fp32 attention (torch reference) over the dequantised cache (max
@@ -87,7 +87,9 @@ def kernels(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tenso
     except ImportError:
         return out
     backend = get("flashinfer")
-    planner = backend.make_planner([CONFIG], PAGE, torch.bfloat16, cache.device, kv_dtype=cache.dtype)
+    host = (float(b["scales"][0]), float(b["scales"][1]))  # (the engine's cache passes its host copy so)
+    planner = backend.make_planner([CONFIG], PAGE, torch.bfloat16, cache.device, kv_dtype=cache.dtype,
+                                   scale_values=(lambda _: host) if dtype == "e4m3" else None)
     plan = planner.plan_tables(b["host"]["qo"], b["host"]["kvp"], b["host"]["last"], b["idx"])
     out["flashinfer"] = lambda: backend.run_planned(plan, CONFIG, b["q"], cache, meta, None, scale)
     from nanoflow_fx.ops.flashinfer_attention import _workspace
@@ -96,7 +98,7 @@ def kernels(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tenso
                                                                use_tensor_cores=False)
     cuda_cores.plan(b["kvp"], b["idx"], b["last"], HEADS, KV_HEADS, HEAD_DIM, PAGE, q_data_type=torch.bfloat16,
                     kv_data_type=cache.dtype, sm_scale=SCALE)
-    floats = {"k_scale": b["scales"][0].item(), "v_scale": b["scales"][1].item()} if dtype == "e4m3" else {}
+    floats = {"k_scale": host[0], "v_scale": host[1]} if dtype == "e4m3" else {}
     out["flashinfer-cuda-cores"] = lambda: cuda_cores.run(b["q"], cache, **floats)
     return out
 

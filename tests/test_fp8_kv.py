@@ -274,8 +274,9 @@ def test_k_outliers_fail_the_loose_check_at_scale_one_and_pass_calibrated(backen
 def test_gpu_fp8_attention_is_within_bf16_rounding_of_the_dequantised_cache(backend: str, dim: int, window: int,
                                                                            softcap: float) -> None:
     """bf16 queries over an e4m3 cache on the GPU, decode rows and prefill rows in one step (FlashInfer: its decode
-    and prefill wrappers, planned with kv_data_type=e4m3): within a few bf16 roundings (2^-6 of the largest
-    output) of fp32 attention over the dequantised cache, and within the loose bound of the original values."""
+    and prefill wrappers, planned with kv_data_type=e4m3, the scales given as host floats and as device tensors):
+    within a few bf16 roundings (2^-6 of the largest output) of fp32 attention over the dequantised cache, and
+    within the loose bound of the original values."""
     import importlib.util
 
     from nanoflow_fx.ops.backend import get
@@ -299,15 +300,19 @@ def test_gpu_fp8_attention_is_within_bf16_rounding_of_the_dequantised_cache(back
     q16, stored, kv_scale = q.to(cuda, torch.bfloat16), stored.to(cuda), kv_scale.to(cuda)
     kernel = get(backend)
     if backend == "triton":
-        got = kernel.run(q16, stored, *meta, scaling, window, softcap, kv_scale)
-    else:
+        outputs = [kernel.run(q16, stored, *meta, scaling, window, softcap, kv_scale)]
+    else:  # the scales as host floats (as the engine's cache gives them), then as device tensors (the fallback)
         config = AttentionConfig(heads_kv * group, heads_kv, dim, scaling, window, softcap)
-        planner = kernel.make_planner([config], page, torch.bfloat16, cuda, kv_dtype=E4M3)
-        plan = planner.plan_tables(qo.pin_memory(), kvp.pin_memory(), last.pin_memory(), meta[2])
-        got = kernel.run_planned(plan, config, q16, stored, meta, None, kv_scale)
-    got = got.float().cpu()
-    assert (got - want).abs().max().item() <= 2**-6 * want.abs().max().item()
-    assert _rms_rel(got, original) <= LOOSE_RMS
+        host = (float(kv_scale[0]), float(kv_scale[1]))
+        outputs = []
+        for scale_values in (lambda _: host, None):
+            planner = kernel.make_planner([config], page, torch.bfloat16, cuda, kv_dtype=E4M3,
+                                          scale_values=scale_values)
+            plan = planner.plan_tables(qo.pin_memory(), kvp.pin_memory(), last.pin_memory(), meta[2])
+            outputs.append(kernel.run_planned(plan, config, q16, stored, meta, None, kv_scale))
+    for got in (out.float().cpu() for out in outputs):
+        assert (got - want).abs().max().item() <= 2**-6 * want.abs().max().item()
+        assert _rms_rel(got, original) <= LOOSE_RMS
 
 
 # -------------------------------------------------------------------------------------------------------- engine

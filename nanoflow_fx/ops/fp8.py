@@ -18,6 +18,7 @@ Then `x @ w.T ~= (q_x * s_x) @ (q_w * s_w).T = s_x * (q_x @ q_w.T) * s_w.T`: one
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from nanoflow_fx.ops.kv_quant import E4M3_MAX as FP8_MAX
 from nanoflow_fx.ops.kv_quant import FP8_KV_DTYPE as FP8_DTYPE
@@ -62,8 +63,6 @@ def scaled_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
 
 def _unaligned(t: torch.Tensor) -> bool:
     """Whether `t` (a real tensor; a traced one has no address) does not start on 16 bytes."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return not is_fake(t) and t.data_ptr() % 16 != 0
 
 
