@@ -9,9 +9,11 @@ over one layer's cache of 32 query / 8 KV heads of 128, pages of 16 shuffled (a 
 L2: each call reads its bytes from memory as a distinct layer's would). Kernels, as nanoflow_fx runs them:
   - triton: nanoflow_fx's Triton kernel, its default launch (64-token blocks for bf16, 128 for e4m3) and variants:
     block_n=64 and block_n=128 on both caches, and pv_precision=half (P rounded to bf16 for P @ V, V fed to the MMA
-    as bf16, as FlashInfer does; the default converts V to fp32 for a tf32 MMA); over e4m3 also dots=fp16 (Q, K, V
-    and P in fp16 for both dots, compared with the bf16 cache's default launch); with --sweep, every launch of
-    block_n x num_warps x num_stages x pv_precision over the e4m3 cache too (the fastest first);
+    as bf16, as FlashInfer does; the default converts V to fp32 for a tf32 MMA), heads_adjacent (a token's KV heads
+    launched side by side, so a page's rows are read together) alone and with pv=half; over e4m3 also dots=fp16 (Q,
+    K, V and P in fp16 for both dots, compared with the bf16 cache's default launch), with and without
+    heads_adjacent; with --sweep, every launch of block_n x num_warps x num_stages x pv_precision over the e4m3
+    cache too (the fastest first);
   - flashinfer: FlashInfer's decode wrapper planned as nanoflow_fx plans it (tensor cores for this GQA shape; an
     e4m3 cache with kv_data_type=e4m3, the scales as host floats, as the engine's cache gives them);
   - flashinfer-cuda-cores: its CUDA-core decode kernel (use_tensor_cores=False), scales as FlashInfer's own floats.
@@ -76,11 +78,15 @@ def kernels(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tenso
     triton = get("triton")
     out: dict[str, Callable[[], torch.Tensor]] = {}
     for name, launch in (("triton", {}), ("triton block_n=64", {"block_n": 64}),
-                         ("triton block_n=128", {"block_n": 128}), ("triton pv=half", {"pv_precision": "half"})):
+                         ("triton block_n=128", {"block_n": 128}), ("triton pv=half", {"pv_precision": "half"}),
+                         ("triton heads_adjacent", {"heads_adjacent": True}),
+                         ("triton pv=half heads_adjacent", {"pv_precision": "half", "heads_adjacent": True})):
         out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
     if dtype == "e4m3":  # (fp16 dots: for a bf16 query over an e4m3 cache only)
         for name, launch in (("triton dots=fp16", {"pv_precision": "half", "dots": "fp16"}),
-                             ("triton dots=fp16 stages=2", {"pv_precision": "half", "dots": "fp16", "num_stages": 2})):
+                             ("triton dots=fp16 stages=2", {"pv_precision": "half", "dots": "fp16", "num_stages": 2}),
+                             ("triton dots=fp16 heads_adjacent",
+                              {"pv_precision": "half", "dots": "fp16", "heads_adjacent": True})):
             out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
     try:
         import flashinfer

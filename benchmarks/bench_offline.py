@@ -24,6 +24,7 @@ import argparse
 import datetime
 import gc
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -199,8 +200,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="the shape's first N layers (all by default)")
     parser.add_argument("--fp8-build", action="store_true",
                         help="make the linears FP8 directly (no full-precision model ever: a 70B shape fits an H200)")
+    parser.add_argument("--log-level", default="WARNING", help="nanoflow_fx's log level (INFO: the KV cache's sizing)")
     parser.add_argument("--out", default="bench_offline.json")
     args = parser.parse_args()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("nanoflow_fx").setLevel(args.log_level.upper())
     torch.manual_seed(0)
     start = time.perf_counter()
     model = build_model(args.shape, "cuda", torch.bfloat16, fp8_linears=args.fp8_build, num_layers=args.layers)
@@ -238,7 +242,9 @@ def main() -> None:
                 cuda_graphs_off_reason=model.nanoflow.runner.cuda_graphs_off_reason,
                 schedule_search=[dict(shape=vars(t.shape), chosen=t.chosen.label(), seconds=round(t.seconds, 1),
                                       measured_ms={c.label(): round(ms, 3) for c, ms in t.measured})
-                                 for t in model.nanoflow.tunings])
+                                 for t in model.nanoflow.tunings],
+                memory=memory_use(model))
+    print(f"[memory] {meta['memory']}", flush=True)
     print(f"[optimized] {meta['optimize_s']:.1f} s {meta['timings']} config {meta['config']}", flush=True)
     for name, requests in loads.items():
         if not args.no_static:
@@ -255,6 +261,19 @@ def main() -> None:
     print(f"[steady] {meta['steady_state']}", flush=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print_table(meta, rows)
+
+
+def memory_use(model: Any) -> dict[str, float]:
+    """GiB of the GPU's memory once optimized: the model's own tensors (its parameters and buffers: a fused
+    linear's weights may be held by the step instead), the KV cache, what torch's allocator holds (allocated,
+    reserved) and what the driver reports used, of its total."""
+    gib = 2**30
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+               if t.is_cuda}
+    free, total = torch.cuda.mem_get_info()
+    return dict(model_tensors=sum(tensors.values()) / gib, kv_cache=model.nanoflow.kv_cache.num_bytes / gib,
+                allocated=torch.cuda.memory_allocated() / gib, reserved=torch.cuda.memory_reserved() / gib,
+                driver_used=(total - free) / gib, total=total / gib)
 
 
 def _copy(stats: Any) -> Any:

@@ -54,6 +54,9 @@ def test_triton_kernel_equals_reference(device: str, case) -> None:  # type: ign
     meta = [torch.tensor(x, dtype=torch.int32, device=device) for x in pad]
     got = paged_attention_triton(q, cache, *meta, 0.3, window, softcap)
     assert (got - want).abs().max().item() <= 1e-5  # fp32, "ieee" dots: rounding only
+    # a token's KV heads launched side by side: each program still finds its own (token, head), computes the same
+    adjacent = paged_attention_triton(q, cache, *meta, 0.3, window, softcap, heads_adjacent=True)
+    assert torch.equal(adjacent, got)
 
 
 def test_generate_with_triton_backend_equals_torch_backend() -> None:

@@ -29,16 +29,20 @@ __all__ = ["paged_attention_triton", "TritonBackend"]
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, cache_ptr, out_ptr, qo_ptr, kvp_ptr, kvi_ptr, last_ptr, scale_ptr,
-    num_requests, stride_qt, stride_qh, stride_ot, stride_oh,
+    num_requests, num_kv_heads, stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_ckv, stride_cs, stride_ch,
     scaling, softcap, sliding_window,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr, KV_EVICTION: tl.constexpr,
-    KV_FP8: tl.constexpr, FP16_DOTS: tl.constexpr,
+    KV_FP8: tl.constexpr, FP16_DOTS: tl.constexpr, HEADS_ADJACENT: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_ADJACENT:  # one row of programs: a token's KV heads side by side (launched, and so reading, together)
+        t = tl.program_id(0) // num_kv_heads
+        kvh = tl.program_id(0) % num_kv_heads
+    else:
+        t = tl.program_id(0)
+        kvh = tl.program_id(1)
     r_idx = tl.arange(0, R_PAD)
     ends = tl.load(qo_ptr + 1 + r_idx, mask=r_idx < num_requests, other=2147483647)
     r = tl.sum((ends <= t).to(tl.int32), axis=0)  # the request whose rows contain t
@@ -121,10 +125,10 @@ def paged_attention_triton(
     kv_scale: torch.Tensor | None = None,  # [2] fp32 (k_scale, v_scale) of an FP8 cache; None: 1.0
     **launch: Any,
 ) -> torch.Tensor:  # [T, H, D]
-    """`launch` overrides `launch_config`'s choices (block_n, num_warps, num_stages, pv_precision, kv_eviction:
-    benchmarks), and `dots="fp16"` (a bf16 query over an e4m3 cache, pv_precision "half"): both dots in fp16, the
-    query scaled by a power of two into fp16's range (exact; unscaled in the softmax scale), K and V converted from
-    e4m3 to fp16 (exact, and cheaper than to bf16), P rounded to fp16 (finer than bf16)."""
+    """`launch` overrides `launch_config`'s choices (block_n, num_warps, num_stages, pv_precision, kv_eviction,
+    heads_adjacent: benchmarks), and `dots="fp16"` (a bf16 query over an e4m3 cache, pv_precision "half"): both dots
+    in fp16, the query scaled by a power of two into fp16's range (exact; unscaled in the softmax scale), K and V
+    converted from e4m3 to fp16 (exact, and cheaper than to bf16), P rounded to fp16 (finer than bf16)."""
     num_tokens, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = kv_cache.shape
     if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
@@ -143,17 +147,19 @@ def paged_attention_triton(
         raise ValueError("dots='fp16' is for a bf16 query over an e4m3 cache with pv_precision='half'")
     if fp8 and kv_scale is None:
         kv_scale = torch.ones(2, dtype=torch.float32, device=q.device)
-    _paged_attention_kernel[(num_tokens, num_kv_heads)](
+    adjacent = bool(config.get("heads_adjacent", False))
+    grid = (num_tokens * num_kv_heads,) if adjacent else (num_tokens, num_kv_heads)
+    _paged_attention_kernel[grid](
         q, kv_cache, out, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
         kv_scale if fp8 else kv_last_page_len,  # (unread unless the cache is FP8)
-        num_requests, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        num_requests, num_kv_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         scaling, softcap if softcap > 0 else 1.0, sliding_window,
         PAGE_SIZE=page_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=config["block_n"],
         R_PAD=max(16, triton.next_power_of_2(num_requests)), HAS_SOFTCAP=softcap > 0, HAS_WINDOW=sliding_window > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PV_PRECISION=config["pv_precision"],
-        KV_EVICTION=config["kv_eviction"], KV_FP8=fp8, FP16_DOTS=fp16_dots,
+        KV_EVICTION=config["kv_eviction"], KV_FP8=fp8, FP16_DOTS=fp16_dots, HEADS_ADJACENT=adjacent,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
@@ -176,13 +182,16 @@ def launch_config(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | Non
     tile holds as many bytes as a half cache's: faster than half-size tiles over e4m3 (`python3 -m
     benchmarks.bench_kv_dtype`, benchmarks/RESULTS.md; the wider heads' choice is by analogy), and P @ V in "half"
     for half models (V converted from e4m3 to the query's half type, exact, P rounded to it, as FlashInfer's e4m3
-    kernels do): faster over e4m3 than the fp32 copy of V a tf32 MMA takes (`--sweep` of the same benchmark)."""
+    kernels do): faster over e4m3 than the fp32 copy of V a tf32 MMA takes (`--sweep` of the same benchmark).
+    `heads_adjacent`: the programs of one token's KV heads launched side by side (one grid row, head fastest), so
+    the rows of a page that they read (a token's heads are adjacent in the cache) are read at about the same time,
+    instead of one head's programs over every token first."""
     tokens = 64 if head_dim <= 128 else 32
     pv = "ieee" if dtype == torch.float32 else "tf32"
     if kv_dtype is not None and kv_quant.is_fp8(kv_dtype):
         tokens *= 2
         pv = "half" if dtype in (torch.float16, torch.bfloat16) else pv
-    return dict(block_n=tokens, num_warps=4, num_stages=3, pv_precision=pv, kv_eviction="")
+    return dict(block_n=tokens, num_warps=4, num_stages=3, pv_precision=pv, kv_eviction="", heads_adjacent=False)
 
 
 class TritonBackend(AttentionBackend):
