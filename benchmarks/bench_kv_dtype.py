@@ -16,7 +16,12 @@ L2: each call reads its bytes from memory as a distinct layer's would). Kernels,
     cache too (the fastest first);
   - flashinfer: FlashInfer's decode wrapper planned as nanoflow_fx plans it (tensor cores for this GQA shape; an
     e4m3 cache with kv_data_type=e4m3, the scales as host floats, as the engine's cache gives them);
+    over e4m3 also with the query in fp16 (FlashInfer converts e4m3 to fp16 with one instruction per two values, to
+    bf16 in software);
   - flashinfer-cuda-cores: its CUDA-core decode kernel (use_tensor_cores=False), scales as FlashInfer's own floats.
+With `--prefill REQUESTS CHUNK PREFIX`, prefill chunks as well (causal, after PREFIX cached tokens), Triton and
+FlashInfer (over e4m3 also with an fp16 query, without and with the conversions to fp16 and back); `--no-decode`
+skips the decode rows.
 Per row: ms per step, TB/s (KV bytes read once), and for e4m3 the ratio to the same kernel and launch over bf16;
 accuracy of the first `--check` requests against fp32 attention (torch reference) over the dequantised cache (max
 |diff| relative to the largest output) and over the bf16 values it was quantised from (relative RMS). JSON (--out).
@@ -98,6 +103,12 @@ def kernels(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tenso
                                    scale_values=(lambda _: host) if dtype == "e4m3" else None)
     plan = planner.plan_tables(b["host"]["qo"], b["host"]["kvp"], b["host"]["last"], b["idx"])
     out["flashinfer"] = lambda: backend.run_planned(plan, CONFIG, b["q"], cache, meta, None, scale)
+    if dtype == "e4m3":  # the query in fp16: FlashInfer converts e4m3 to fp16 in hardware, to bf16 in software
+        planner16 = backend.make_planner([CONFIG], PAGE, torch.float16, cache.device, kv_dtype=cache.dtype,
+                                         scale_values=lambda _: host)
+        plan16 = planner16.plan_tables(b["host"]["qo"], b["host"]["kvp"], b["host"]["last"], b["idx"])
+        q16 = b["q"].half()
+        out["flashinfer q=fp16"] = lambda: backend.run_planned(plan16, CONFIG, q16, cache, meta, None, scale)
     from nanoflow_fx.ops.flashinfer_attention import _workspace
 
     cuda_cores = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(cache.device), "NHD",
@@ -131,6 +142,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="steps timed per row")
     parser.add_argument("--check", type=int, default=16, help="requests checked against the fp32 reference")
     parser.add_argument("--sweep", action="store_true", help="also every Triton launch over the e4m3 cache")
+    parser.add_argument("--prefill", type=int, nargs=3, metavar=("REQUESTS", "CHUNK", "PREFIX"), default=None,
+                        help="also prefill chunks: REQUESTS requests of CHUNK new tokens after PREFIX cached ones")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     args = parser.parse_args()
     import transformers
     import triton
@@ -150,7 +164,7 @@ def main() -> None:
     print(f"## decode attention, {args.requests} decodes @ {args.context}, {args.layers} layers "
           f"({torch.cuda.get_device_name()})", flush=True)
     bf16_ms: dict[str, float] = {}
-    for dtype in ("bf16", "e4m3"):
+    for dtype in () if args.no_decode else ("bf16", "e4m3"):
         kv_bytes = b["tokens"] * 2 * KV_HEADS * HEAD_DIM * b["caches"][dtype].element_size() * args.layers
         for name, fn in kernels(b, dtype).items():
             accurate = accuracy(b, dtype, fn(), args.check)
@@ -173,7 +187,79 @@ def main() -> None:
                     f"{accurate['rms_rel_vs_bf16_values']:.2e})", flush=True)
     if args.sweep:
         result["sweep"] = sweep(b, args.layers, args.reps, bf16_ms.get("triton"))
+    if args.prefill:
+        del b
+        result["prefill"] = prefill_rows(*args.prefill, args.layers, args.reps)
     Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def prefill_rows(requests: int, chunk: int, prefix: int, layers: int, reps: int) -> list[dict[str, Any]]:
+    """Prefill chunks (`requests` x `chunk` new tokens, each after `prefix` cached ones, causal) as a mixed step's
+    prefill rows attend, per backend and cache dtype; over e4m3 FlashInfer also with the query in fp16 (FlashInfer
+    converts e4m3 to fp16 with the hardware's instruction, to bf16 in software), that row's time without and with
+    the query's conversion to fp16 and the output's back to bf16 (one kernel each, as an eager step would add)."""
+    b = make_batch(requests, prefix + chunk, seed=1)  # (one request's pages and table per request, as for decodes)
+    per = -(-(prefix + chunk) // PAGE)
+    i32: dict[str, Any] = dict(dtype=torch.int32)
+    qo = torch.arange(requests + 1, **i32) * chunk
+    kvp = torch.arange(requests + 1, **i32) * per
+    last = torch.full((requests,), prefix + chunk - (per - 1) * PAGE, **i32)
+    host = [t.pin_memory() for t in (qo, kvp, last)]
+    meta = (qo.cuda(), kvp.cuda(), b["idx"], last.cuda())
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(requests * chunk, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    want = {dtype: paged_attention_reference(q.float(), b["caches"][dtype], *meta, SCALE, 0, 0.0,
+                                             b["scales"] if dtype == "e4m3" else None) for dtype in ("bf16", "e4m3")}
+    rows: list[dict[str, Any]] = []
+    print(f"## prefill: {requests} x {chunk} new tokens after {prefix} cached, {layers} layers", flush=True)
+    triton = get("triton")
+    cases: list[tuple[str, str, Callable[[], torch.Tensor]]] = []
+    for dtype in ("bf16", "e4m3"):
+        cache, scale = b["caches"][dtype], (b["scales"] if dtype == "e4m3" else None)
+        cases.append(("triton", dtype, lambda cache=cache, scale=scale: triton.run(q, cache, *meta, SCALE, 0, 0.0,
+                                                                                    scale)))
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        flashinfer = None
+    if flashinfer is not None:
+        backend = get("flashinfer")
+        host_scales = (float(b["scales"][0]), float(b["scales"][1]))
+        q16 = q.half()
+        for dtype, q_dtype in (("bf16", torch.bfloat16), ("e4m3", torch.bfloat16), ("e4m3", torch.float16)):
+            cache = b["caches"][dtype]
+            fp8 = dtype == "e4m3"
+            planner = backend.make_planner([CONFIG], PAGE, q_dtype, cache.device, kv_dtype=cache.dtype,
+                                           scale_values=(lambda _: host_scales) if fp8 else None)
+            plan = planner.plan_tables(*host[:2], host[2], b["idx"])
+            scale = b["scales"] if fp8 else None
+            query = q16 if q_dtype == torch.float16 else q
+            name = "flashinfer" + (" q=fp16" if q_dtype == torch.float16 else "")
+            cases.append((name, dtype, lambda plan=plan, query=query, cache=cache, scale=scale:
+                          backend.run_planned(plan, CONFIG, query, cache, meta, None, scale)))
+            if q_dtype == torch.float16:
+                cases.append((name + " with conversions", dtype,
+                              lambda plan=plan, cache=cache, scale=scale:
+                              backend.run_planned(plan, CONFIG, q.half(), cache, meta, None, scale).bfloat16()))
+    base: dict[str, float] = {}
+    for name, dtype, fn in cases:
+        got = fn().float()
+        err = ((got - want[dtype]).abs().max() / want[dtype].abs().max()).item()
+
+        def step(fn: Callable[[], torch.Tensor] = fn) -> None:
+            for _ in range(layers):
+                fn()
+
+        ms = time_on(step, torch.cuda.current_stream(), reps)
+        kernel = name.split(" ")[0]
+        if dtype == "bf16":
+            base[kernel] = ms
+        ratio = ms / base[kernel] if dtype == "e4m3" and kernel in base else None
+        rows.append({"kernel": name, "kv_dtype": dtype, "ms": round(ms, 3),
+                     "time_vs_bf16": round(ratio, 3) if ratio is not None else None, "max_rel_diff_vs_stored": err})
+        print(f"  {dtype:5s} {name:34s} {ms:8.3f} ms" + (f"  {ratio:.3f}x the bf16 time" if ratio else "")
+              + f"  (max rel diff vs stored {err:.2e})", flush=True)
+    return rows
 
 
 def sweep(b: dict[str, Any], layers: int, reps: int, bf16_ms: float | None) -> list[dict[str, Any]]:
