@@ -14,10 +14,10 @@ L2: each call reads its bytes from memory as a distinct layer's would). Kernels,
     K, V and P in fp16 for both dots, compared with the bf16 cache's default launch), with and without
     heads_adjacent; with --sweep, every launch of block_n x num_warps x num_stages x pv_precision over the e4m3
     cache too (the fastest first);
-  - flashinfer: FlashInfer's decode wrapper planned as nanoflow_fx plans it (tensor cores for this GQA shape; an
-    e4m3 cache with kv_data_type=e4m3, the scales as host floats, as the engine's cache gives them);
-    over e4m3 also with the query in fp16 (FlashInfer converts e4m3 to fp16 with one instruction per two values, to
-    bf16 in software);
+  - flashinfer: FlashInfer's decode wrapper (tensor cores for this GQA shape; an e4m3 cache with kv_data_type=e4m3,
+    the scales as host floats, as the engine's cache gives them) with the bf16 query; over e4m3 also with the query
+    in fp16 ("q=fp16": FlashInfer converts e4m3 to fp16 with one instruction per two values, to bf16 in software),
+    as the engine runs a bf16 model over e4m3 (`kv_quant.query_dtype`; its step converts the query);
   - flashinfer-cuda-cores: its CUDA-core decode kernel (use_tensor_cores=False), scales as FlashInfer's own floats.
 With `--prefill REQUESTS CHUNK PREFIX`, prefill chunks as well (causal, after PREFIX cached tokens), Triton and
 FlashInfer (over e4m3 also with an fp16 query, without and with the conversions to fp16 and back); `--no-decode`

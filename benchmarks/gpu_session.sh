@@ -94,7 +94,8 @@ for step in ${STEPS:-tests example}; do
       LAYERS=$(python3 -c "import torch; print('' if torch.cuda.get_device_properties(0).total_memory > 100e9 else '--layers 60')")
       [ -n "${CFG70:-}" ] || CFG70='{"kv_cache_dtype": "fp8_e4m3", "linear_dtype": "fp8_e4m3", "attention_backend": "triton"}'
       run offline_70b ${S70:-400} python3 -m benchmarks.bench_offline --shape llama3-70b --fp8-build $LAYERS \
-        --workloads 1024x512 --requests ${REQUESTS:-256} --no-static --config "$CFG70" --out "$OUT/offline_70b.json" ;;
+        --workloads 1024x512 --requests ${REQUESTS:-256} --no-static --log-level INFO --config "$CFG70" \
+        --out "$OUT/offline_70b.json" ;;
     *.py) module=${step%.py}; run "$(basename "$step" .py)" 300 python3 -m "${module//\//.}" ;;  # a script path
     *) run "$step" 300 python3 -m "$step" ;;  # a module name, e.g. benchmarks.research.probe_gemm_cuts
   esac

@@ -68,7 +68,8 @@ class NanoFlowRuntime:
         # machine, the longest part of a fresh optimize()), while the weights are laid out and the step traced;
         # `_build` waits for them. So it starts first, as soon as the layers' shapes are known.
         self.attention_ready = self.attention_backend.prepare(self.attention_configs, config.page_size,
-                                                              self.dtype, self.device, self.kv_dtype)
+                                                              kv_quant.query_dtype(self.dtype, self.kv_dtype),
+                                                              self.device, self.kv_dtype)
         self.attention_started = time.perf_counter()
         # the check's prompts, eager logits (and over plain K/V, for an FP8 cache): `check_probe`'s arguments
         self.probe: tuple[list[list[int]], torch.Tensor, torch.Tensor | None] | None = None

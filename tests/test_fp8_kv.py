@@ -551,6 +551,92 @@ def test_cache_scales_are_checked_and_set_in_place() -> None:
         PagedKVCache(layers, 4, 4, torch.float32, torch.device("cpu"), kv_scales=[(1.0, 1.0)] * 2)
 
 
+def test_a_bf16_models_v_scale_must_keep_an_fp16_output_finite() -> None:
+    """A bf16 model attends over e4m3 with its query and output in fp16 (`kv_quant.query_dtype`): values up to
+    448 x v_scale must stay within fp16's 65504, so a larger v_scale is refused with the fix named; an fp32 model's
+    cache (query in fp32) takes it."""
+    from nanoflow_fx.ops import kv_quant
+    from nanoflow_fx.runtime.kv_cache import PagedKVCache
+
+    layers = [AttentionConfig(4, 2, 8, 0.35, 0, 0.0)] * 2
+    cache = PagedKVCache(layers, 4, 4, E4M3, torch.device("cpu"), model_dtype=torch.bfloat16)
+    assert cache.query_dtype == torch.float16
+    limit = kv_quant.FP16_MAX / kv_quant.E4M3_MAX  # 146.2
+    cache.set_scales([(1000.0, 128.0), (1.0, limit)])  # (k_scale joins the softmax scale in fp32: any is fine)
+    with pytest.raises(ValueError, match=r"layers \[1\].*kv_cache_dtype='auto'"):
+        cache.set_scales([(1.0, 1.0), (1.0, 256.0)])
+    assert cache.scale_values[1] == (1.0, pytest.approx(limit))  # the refused scales are not set
+    full = PagedKVCache(layers, 4, 4, E4M3, torch.device("cpu"), model_dtype=torch.float32)
+    assert full.query_dtype == torch.float32
+    full.set_scales([(1.0, 256.0)] * 2)
+    assert PagedKVCache(layers, 4, 4, torch.bfloat16, torch.device("cpu")).query_dtype == torch.bfloat16
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=16))
+def test_the_fp16_query_is_the_bf16_query_within_fp16s_range_and_saturates_beyond(values: list[float]) -> None:
+    """`to_query` for fp16: a bf16 value of fp16's normal range converts exactly (fp16 has 3 more significand bits
+    than bf16); smaller ones round to fp16's subnormal step (2^-24, far below bf16's own rounding of anything that
+    moves a softmax); past +-65504 they saturate there, never inf."""
+    from nanoflow_fx.ops import kv_quant
+
+    q = torch.tensor(values).bfloat16()
+    got = kv_quant.to_query(q, torch.float16)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    want = q.float().clamp(-kv_quant.FP16_MAX, kv_quant.FP16_MAX)
+    normal = want.abs() >= 2.0**-14
+    assert torch.equal(got.float()[normal], want[normal])
+    assert (got.float() - want).abs().max().item() <= 2.0**-25
+    assert kv_quant.to_query(q, torch.bfloat16) is q
+
+
+def test_a_bf16_models_step_attends_over_e4m3_with_an_fp16_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The captured step of a bf16 model over an e4m3 cache hands attention an fp16 query (converted in the step, not
+    by the kernel) and gets an fp16 output it converts back; the model over a bf16 cache keeps bf16 throughout; the
+    step's logits are as close to the fp32 eager model over the same fake-quantised K/V as the bf16 eager model's
+    are."""
+    from nanoflow_fx.ops import backend as backends
+
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    real = backends.resolve
+
+    def recording(name: str) -> Any:
+        chosen = real(name)
+
+        class Recorder:
+            def run(self, q: torch.Tensor, kv_cache: torch.Tensor, *args: Any) -> torch.Tensor:
+                seen.append((q.dtype, kv_cache.dtype))
+                out = chosen.run(q, kv_cache, *args)
+                assert out.dtype == q.dtype
+                return out
+
+        return Recorder()
+
+    monkeypatch.setattr("nanoflow_fx.ops.attention.resolve", recording)
+    for kv_cache_dtype, query in (("fp8_e4m3", torch.float16), ("auto", torch.bfloat16)):
+        torch.manual_seed(0)
+        config = dataclasses.replace(DEFAULT_CONFIG, kv_cache_dtype=kv_cache_dtype, save_step=False)
+        model = nanoflow_fx.optimize(build("llama", dtype=torch.bfloat16), config)
+        seen.clear()
+        ids, mask = left_padded_batch([3, 9, 5])
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, eos_token_id=NO_EOS,
+                             pad_token_id=PAD)
+        assert out.shape == (3, ids.shape[1] + 3) and seen
+        assert set(seen) == {(query, model.nanoflow.kv_cache.dtype)}
+    torch.manual_seed(0)
+    model = nanoflow_fx.optimize(build("llama", dtype=torch.bfloat16), FP8)
+    prompts = [ids[0, -3:].tolist(), ids[1].tolist()]
+    logits = model.nanoflow.runner.run_prompts(prompts, all_logits=True).float()
+    want = {}  # the eager model over the same fake-quantised K/V, in fp32 and in bf16
+    for dtype in (torch.float32, torch.bfloat16):
+        reference = build("llama", dtype=dtype)
+        with torch.no_grad(), fp8_kv_attention(reference, model.nanoflow.kv_cache.scale_values):
+            want[dtype] = torch.cat([reference(torch.tensor([p])).logits[0] for p in prompts]).float()
+    # the step is as close to the fp32 result as the eager bf16 model is (1.02x of its distance when written)
+    bf16_distance = (want[torch.bfloat16] - want[torch.float32]).abs().max().item()
+    assert 0 < (logits - want[torch.float32]).abs().max().item() <= 1.5 * bf16_distance
+
+
 # ------------------------------------------------------------------------------------------- config and sizing
 @pytest.mark.parametrize(("values", "match"), [
     ({"kv_cache_dtype": "fp8"}, r"kv_cache_dtype='fp8' is not one of \('auto', 'fp8_e4m3'\)"),

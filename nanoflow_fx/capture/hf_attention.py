@@ -133,13 +133,17 @@ def nanoflow_attention(
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     if not isinstance(meta, AttentionMetadata):
         raise TypeError(f"{METADATA_KWARG} must be an AttentionMetadata, got {type(meta).__name__}")
+    cache = meta.kv_caches[layer_idx]
+    # (a bf16 model over an e4m3 cache attends with its query in fp16, converted here, inside the kernels Inductor
+    # fuses before attention, and the output back: `kv_quant.query_dtype`)
+    q = kv_quant.to_query(query[0].transpose(0, 1), kv_quant.query_dtype(query.dtype, cache.dtype))  # [T, H, D]
     out = paged_attention(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),  # [T, heads, D]
-        meta.kv_caches[layer_idx], *meta.tensors(),
+        q, key[0].transpose(0, 1), value[0].transpose(0, 1),  # [T, heads, D]
+        cache, *meta.tensors(),
         scale, spec.sliding_window, spec.softcap, meta.backend,
         meta.kv_scales[layer_idx] if meta.kv_scales else None,
     )
-    return out.unsqueeze(0), None  # [1, T, H, D], as HF's attention functions return
+    return out.to(query.dtype).unsqueeze(0), None  # [1, T, H, D], as HF's attention functions return
 
 
 def _layer_spec(

@@ -355,7 +355,7 @@ def decode_rows(runtime: Any, vocab_size: int, shape: StepShape) -> Iterator[Dec
         host = tuple(t.pin_memory() for t in step.metadata.tensors()[:4])
         metadata = tuple(t.to(cache.device) for t in host)
         config = runtime.attention_configs[0]
-        q = torch.randn(metadata[0].shape[0] - 1, config.num_qo_heads, config.head_dim, dtype=cache.model_dtype,
+        q = torch.randn(metadata[0].shape[0] - 1, config.num_qo_heads, config.head_dim, dtype=cache.query_dtype,
                         device=cache.device)
         kv_bytes = shape.decodes * shape.context * config.num_kv_heads * config.head_dim * 2 * cache.dtype.itemsize
         yield DecodeRows(host, metadata, q, cache.caches[0], config, kv_bytes,

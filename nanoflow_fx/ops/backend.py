@@ -121,15 +121,16 @@ class AttentionBackend:
                      kv_dtype: torch.dtype | None = None,
                      scale_values: ScaleValues | None = None) -> Planner | None:
         """The planner of eager steps, or (with `decode_batch`) of one CUDA-graph bucket of `decode_batch`
-        one-token requests over at most `max_pages` page ids; `dtype` is the query's, `kv_dtype` the cache's (None:
-        the same); `scale_values`: an FP8 cache's host values of a layer's scale tensor
-        (`PagedKVCache.scale_values_of`). None: nothing to plan."""
+        one-token requests over at most `max_pages` page ids; `dtype` is the query's (`kv_quant.query_dtype`: fp16
+        for a bf16 model over e4m3), `kv_dtype` the cache's (None: the same); `scale_values`: an FP8 cache's host
+        values of a layer's scale tensor (`PagedKVCache.scale_values_of`). None: nothing to plan."""
         return None
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                 device: torch.device, kv_dtype: torch.dtype | None = None) -> Preparation | None:
-        """Start getting this backend's kernels ready (build, load) in the background while the step is traced;
-        returns the `Preparation` under way, or None if there is nothing to get ready."""
+        """Start getting this backend's kernels ready (build, load) in the background while the step is traced (for
+        queries of `dtype` over pages of `kv_dtype`, as `make_planner`); returns the `Preparation` under way, or None
+        if there is nothing to get ready."""
         return None
 
     # A backend whose kernel computes this backend's steps (same inputs, no plan) while `prepare` is under way:

@@ -335,6 +335,7 @@ class PagedKVCache:
         if bad:
             raise ValueError(f"KV scales must be positive and finite; layers {bad} have {[values[i] for i in bad]}")
         host = [torch.tensor(pair, dtype=torch.float32) for pair in values]
+        kv_quant.check_query_range(self.query_dtype, [(float(k), float(v)) for k, v in host])
         for tensor, pair in zip(self.scales, host):
             tensor.copy_(pair)
         self.scale_values = [(float(pair[0]), float(pair[1])) for pair in host]  # (fp32: what the kernels read)
@@ -350,6 +351,12 @@ class PagedKVCache:
         return self.caches[0].dtype
 
     @property
+    def query_dtype(self) -> torch.dtype:
+        """What attention over this cache takes its query in (`kv_quant.query_dtype`: fp16 for a bf16 model over
+        e4m3)."""
+        return kv_quant.query_dtype(self.model_dtype, self.dtype)
+
+    @property
     def device(self) -> torch.device:
         return self.caches[0].device
 
@@ -359,9 +366,9 @@ class PagedKVCache:
 
     def make_planner(self, backend: AttentionBackend, configs: Sequence[AttentionConfig],
                      decode_batch: int | None = None, max_pages: int = 0) -> Planner | None:
-        """`backend`'s planner for steps over this cache (queries in `model_dtype`, pages of `dtype`); with
+        """`backend`'s planner for steps over this cache (queries in `query_dtype`, pages of `dtype`); with
         `decode_batch`, a CUDA-graph bucket's (`AttentionBackend.make_planner`)."""
-        return backend.make_planner(configs, self.page_size, self.model_dtype, self.device, decode_batch, max_pages,
+        return backend.make_planner(configs, self.page_size, self.query_dtype, self.device, decode_batch, max_pages,
                                     kv_dtype=self.dtype, scale_values=self.scale_values_of if self.scales else None)
 
     def scale_values_of(self, scale: torch.Tensor) -> tuple[float, float] | None:
