@@ -290,6 +290,8 @@ class ProgramRunner:
         self._streams: dict[str, Any] = {}
         self._sizes: dict[tuple[Any, ...], int] = {}  # symbolic sizes evaluated per nano-batch (`_Values.part`)
         self.last_schedule: Schedule | None = None
+        self._drops: tuple[tuple[str, ...], ...] | None = None  # (`run_whole`: `drops_after`, per program)
+        self._drops_of: StepProgram | None = None
 
     def __call__(self, *args: Any) -> Any:
         context = current()
@@ -300,10 +302,15 @@ class ProgramRunner:
 
     # -- whole -------------------------------------------------------------------------------------------------
     def run_whole(self, args: Sequence[Any], timer: PieceTimer | None = None) -> Any:
+        """The pieces in order, each value dropped after the last piece that reads it (`drops_after`): a step holds
+        what is still to be read, not every layer's activations until it returns."""
+        if self._drops_of is not self.program:
+            self._drops, self._drops_of = drops_after(self.program), self.program
+        assert self._drops is not None
         env: dict[str, Any] = dict(zip(self.program.placeholders, args))
         if timer is not None:
             timer.mark(None)
-        for piece in self.program.pieces:
+        for piece, drops in zip(self.program.pieces, self._drops, strict=True):
             if piece.call is None:  # (a dense or collective piece)
                 outs = piece.fn(*(env[i] for i in piece.inputs))  # type: ignore[misc]
                 env.update(zip(piece.outputs, outs))
@@ -314,6 +321,8 @@ class ProgramRunner:
                     env[call.q], env[call.k], env[call.v], env[call.cache], *(env[m] for m in call.metadata),
                     env[call.slot_mapping], call.scaling, call.sliding_window, call.softcap, call.backend,
                     call.scale_of(env))
+            for name in drops:
+                del env[name]
             if timer is not None:
                 timer.mark(piece.name)
         return _map_names(self.program.output, env)
@@ -476,6 +485,35 @@ class _Values:
             value = torch.cat(parts, dim=dim)
         self.whole[name] = value
         return value
+
+
+def drops_after(program: StepProgram) -> tuple[tuple[str, ...], ...]:
+    """Per piece of `program`, the values no later piece reads and the output does not name (inputs included: the
+    caller holds its own): a whole step can drop them once the piece has run."""
+    keep = set(_names(program.output))
+    last: dict[str, int] = {name: -1 for name in program.placeholders}
+    for j, piece in enumerate(program.pieces):
+        call = piece.call
+        reads = piece.inputs if call is None else (*piece.inputs, call.q, call.k, call.v, call.cache,
+                                                   *call.metadata, call.slot_mapping,
+                                                   *((call.kv_scale,) if call.kv_scale is not None else ()))
+        for name in reads:
+            last[name] = j
+        for name in piece.outputs:
+            last.setdefault(name, j)  # (a value nothing reads: dropped where it is made)
+    drops: list[list[str]] = [[] for _ in program.pieces]
+    for name, j in last.items():
+        if name not in keep and j >= 0:
+            drops[j].append(name)
+    return tuple(tuple(d) for d in drops)
+
+
+def _names(structure: Any) -> Iterator[str]:
+    if isinstance(structure, str):
+        yield structure
+    elif isinstance(structure, (list, tuple)):
+        for s in structure:
+            yield from _names(s)
 
 
 def _map_names(structure: Any, env: Any) -> Any:
