@@ -208,6 +208,7 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     model = build_model(args.shape, "cuda", torch.bfloat16, fp8_linears=args.fp8_build, num_layers=args.layers)
+    built = dict(allocated=torch.cuda.memory_allocated() / 2**30, reserved=torch.cuda.memory_reserved() / 2**30)
     params = sum(p.numel() for p in model.parameters())
     fp8 = args.fp8_build or json.loads(args.config).get("linear_dtype") == "fp8_e4m3"
     rate = gemm_rate(model, fp8=fp8)  # (the optimum: the rate of the GEMMs the step runs)
@@ -217,7 +218,7 @@ def main() -> None:
     meta = dict(device=device, date=str(datetime.date.today()), torch=torch.__version__,
                 transformers=transformers.__version__, shape=args.shape, layers=model.config.num_hidden_layers,
                 params=params, gemm_tflops=rate / 1e12, gemm_dtype="fp8_e4m3" if fp8 else "bfloat16",
-                optimum_tok_s=optimum, args=vars(args))
+                optimum_tok_s=optimum, memory_after_build=built, args=vars(args))
     print(f"[meta] {meta}", flush=True)
     rows: list[dict] = []
     loads = {name: workload(name, args.requests, model.config.vocab_size) for name in args.workloads}

@@ -10,9 +10,9 @@ use these rules, so they agree to the bit where their arithmetic does.
 
 A bf16 model's attention reads an e4m3 cache with its query in fp16 (`query_dtype`): GPUs of compute capability
 8.9+ convert e4m3 to fp16 in one instruction per two values, to bf16 only in software (several per value), and
-FlashInfer converts each K/V tile to its query's type in its inner loop. Measured on an H100 (benchmarks/RESULTS.md,
-`python3 -m benchmarks.bench_kv_dtype`): its decode over e4m3 took 0.60x the time over bf16 with an fp16 query,
-0.72x with a bf16 one; its prefill 1.59x against 2.07x. The captured step converts the query (`to_query`) inside
+FlashInfer converts each K/V tile to its query's type in its inner loop. Measured (`python3 -m
+benchmarks.bench_kv_dtype`, benchmarks/RESULTS.md): its decode over e4m3 took 0.60x the time over bf16 with an fp16
+query, 0.72x with a bf16 one; its prefill 1.59x against 2.07x. The captured step converts the query (`to_query`) inside
 the kernels Inductor fuses before attention, and the output back. fp16 holds every e4m3 value exactly and a query
 to 11 significant bits (bf16: 8) up to 65504; beyond that the query saturates (`to_query` clamps), and an output up
 to 448 x v_scale must stay below 65504 too (`check_query_range`: v_scale <= 146).
