@@ -572,6 +572,22 @@ def test_a_bf16_models_v_scale_must_keep_an_fp16_output_finite() -> None:
     assert PagedKVCache(layers, 4, 4, torch.bfloat16, torch.device("cpu")).query_dtype == torch.bfloat16
 
 
+def test_calibrating_values_an_fp16_output_cannot_hold_fails_optimize_naming_the_fix() -> None:
+    """A bf16 model whose values calibrate v_scale past 146 (v_proj scaled up a million times) is refused by
+    optimize() with the fix named, and left as it was: no runtime, its plain forward unchanged."""
+    model = build("llama", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.mul_(1e6)
+        ids = torch.tensor([[5, 6, 7, 8]])
+        before = model(ids).logits
+    with pytest.raises(ValueError, match=r"v_scale \d+ .* past 65504.*kv_cache_dtype='auto'"):
+        nanoflow_fx.optimize(model, dataclasses.replace(FP8, calibrate_kv_scales=True))
+    assert not hasattr(model, "nanoflow")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
 @settings(max_examples=200, deadline=None)
 @given(values=st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=16))
 def test_the_fp16_query_is_the_bf16_query_within_fp16s_range_and_saturates_beyond(values: list[float]) -> None:
