@@ -15,7 +15,7 @@ from nanoflow_fx.ops.split_metadata import split_attention_metadata
 from nanoflow_fx.passes import info
 from nanoflow_fx.runtime.program_runner import NanobatchStep, ProgramRunner, drops_after, program_schedule
 from nanoflow_fx.schedule import ScheduleError, validate
-from tests.conftest import optimized
+from tests.conftest import DEFAULT_CONFIG, optimized
 from tests.test_generate_parity import _left_padded_batch
 from tests.toy_graph import capture_toy, toy_inputs
 
@@ -85,6 +85,47 @@ def test_a_whole_step_holds_no_layers_values_past_their_last_reader(monkeypatch:
     assert seen[0][-1] and not any(seen[0][:-1]), f"attention outputs alive at the last piece: {seen[0]}"
     assert torch.equal(got, want)
 
+
+def test_a_nanobatched_step_holds_no_layers_values_past_their_last_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same of a step cut in two nano-batches run on one stream: when the (whole) LM-head piece runs, no earlier
+    layer's attention output is alive in either nano-batch, and the logits are unchanged (a nano-batched step that
+    kept every value would peak above the whole step the KV cache was sized by)."""
+    import weakref
+
+    from nanoflow_fx.ops.backend import get
+    from tests.steps import program_runners
+
+    model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
+    runner = program_runners(model)[0]
+    program = runner.program
+    prompts = [[5, 6, 7, 8, 9, 10], [9, 10, 11, 12, 13]]
+    want = model.nanoflow.runner.run_prompts(prompts, all_logits=True)
+    made: list[weakref.ref] = []  # type: ignore[type-arg]
+    backend = get("torch")
+    real_run = backend.run_planned
+
+    def recording_run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real_run(*args, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    seen: list[list[bool]] = []
+    last = program.pieces[-1]
+    assert last.call is None and last.fn is not None and last.whole
+
+    def checking_last(*values: object) -> object:
+        seen.append([ref() is not None for ref in made])
+        return last.fn(*values)  # type: ignore[misc]
+
+    monkeypatch.setattr(backend, "run_planned", recording_run)
+    pieces = (*program.pieces[:-1], dataclasses.replace(last, fn=checking_last))
+    monkeypatch.setattr(runner, "program", dataclasses.replace(program, pieces=pieces))
+    monkeypatch.setattr(runner, "_pieces", {p.name: p for p in pieces})
+    got = model.nanoflow.runner.run_prompts(prompts, all_logits=True)
+    layers = model.config.num_hidden_layers
+    assert len(seen) == 1 and len(seen[0]) == 2 * layers  # (each layer's attention ran per nano-batch)
+    assert not any(seen[0][:-2]), f"attention outputs alive at the LM head: {seen[0]}"
+    assert torch.equal(got, want)
 
 @pytest.mark.parametrize("boundaries", [(0, 6), (0, 2, 6), (0, 1, 2, 3, 4, 5, 6), (0, 4, 5, 6)])
 def test_toy_program_cut_computes_the_unsplit_result(boundaries: tuple[int, ...]) -> None:

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from nanoflow_fx.capture.program import StepProgram
+from nanoflow_fx.capture.program import Piece, StepProgram
 from nanoflow_fx.context import current
 from nanoflow_fx.ops.backend import AttentionConfig, DecodeKernel, get
 from nanoflow_fx.ops.kv_write import write_kv
@@ -292,6 +292,7 @@ class ProgramRunner:
         self.last_schedule: Schedule | None = None
         self._drops: tuple[tuple[str, ...], ...] | None = None  # (`run_whole`: `drops_after`, per program)
         self._drops_of: StepProgram | None = None
+        self._schedule_drops: dict[int, tuple[Schedule, tuple[tuple[str, ...], ...]]] = {}
 
     def __call__(self, *args: Any) -> Any:
         context = current()
@@ -338,15 +339,29 @@ class ProgramRunner:
         self.last_schedule = schedule
         with _partitioned_gemms(units.gemm_sms if units is not None else 0):  # (every matmul of the step: on the
             # GPU those are the compute unit's GEMMs; the attention kernels are not matmuls)
-            if not use_units:
-                for op in schedule.ops:
+            if not use_units:  # (one stream: a value dropped after its last reader is free for the next op)
+                for op, drops in zip(schedule.ops, self._nanobatch_drops(schedule), strict=True):
                     self._run_op(op.group, op.nanobatch, state, record)
+                    for name in drops:
+                        state.drop(name)
             else:
                 self._run_on_units(schedule, actions, state, record)
-        return _map_names(program.output, state.joined)  # (`state` kept every value alive until the join)
+        return _map_names(program.output, state.joined)
+
+    def _nanobatch_drops(self, schedule: Schedule) -> tuple[tuple[str, ...], ...]:
+        """`drops_after` for `schedule`'s nano-ops in order (kept per schedule: `_planned` reuses them)."""
+        found = self._schedule_drops.get(id(schedule))
+        if found is None or found[0] is not schedule:
+            if len(self._schedule_drops) > 256:
+                self._schedule_drops.clear()
+            order = [self._pieces[op.group] for op in schedule.ops]
+            found = self._schedule_drops[id(schedule)] = (schedule, drops_after(self.program, order))
+        return found[1]
 
     def _run_on_units(self, schedule: Schedule, actions: Sequence[StreamAction], state: _Values,
                       record: NanobatchStep) -> None:
+        # (values stay alive until the step ends here: a tensor freed on one unit's stream while another's queued
+        # kernels still read it would be handed out again too early)
         units = record.units
         streams = self._unit_streams(schedule.units, units)  # type: ignore[arg-type]
         main = torch.cuda.current_stream()
@@ -434,6 +449,13 @@ class _Values:
         self.split_parts[split][i][name] = value
         self.made_in[name] = split
 
+    def drop(self, name: str) -> None:
+        """Forget every form of `name` (whole, joined, each nano-batch's part or slice): no later op reads it."""
+        self.whole.pop(name, None)
+        for parts in self.split_parts.values():
+            for part in parts:
+                part.pop(name, None)
+
     def part(self, name: str, i: int, split: str = SPLIT) -> Any:
         cache = self.split_parts[split][i]
         if name in cache:
@@ -487,12 +509,13 @@ class _Values:
         return value
 
 
-def drops_after(program: StepProgram) -> tuple[tuple[str, ...], ...]:
-    """Per piece of `program`, the values no later piece reads and the output does not name (inputs included: the
-    caller holds its own): a whole step can drop them once the piece has run."""
+def drops_after(program: StepProgram, order: Sequence[Piece] | None = None) -> tuple[tuple[str, ...], ...]:
+    """Per piece run in `order` (`program`'s pieces by default; a nano-batched step's: the piece of each of its
+    nano-ops, a piece once per nano-batch), the values no later one reads and the output does not name (inputs
+    included: the caller holds its own): a step run in that order can drop them once that piece has run."""
     keep = set(_names(program.output))
     last: dict[str, int] = {name: -1 for name in program.placeholders}
-    for j, piece in enumerate(program.pieces):
+    for j, piece in enumerate(program.pieces if order is None else order):
         call = piece.call
         reads = piece.inputs if call is None else (*piece.inputs, call.q, call.k, call.v, call.cache,
                                                    *call.metadata, call.slot_mapping,
@@ -501,7 +524,7 @@ def drops_after(program: StepProgram) -> tuple[tuple[str, ...], ...]:
             last[name] = j
         for name in piece.outputs:
             last.setdefault(name, j)  # (a value nothing reads: dropped where it is made)
-    drops: list[list[str]] = [[] for _ in program.pieces]
+    drops: list[list[str]] = [[] for _ in (program.pieces if order is None else order)]
     for name, j in last.items():
         if name not in keep and j >= 0:
             drops[j].append(name)
