@@ -135,3 +135,8 @@ def test_an_fp8_cache_gives_flashinfer_its_layers_scales_as_host_floats() -> Non
     assert torch.equal(sent, (q.float() * 2.0).to(q.dtype))
     assert torch.equal(out, (sent.float() * 0.125).to(q.dtype))
     assert cache.scales_version == 2  # (each set_scales: what makes CUDA graphs that took host floats recapture)
+    # an fp16 query (a bf16 model's over e4m3) times a large k_scale saturates at fp16's range instead of inf
+    q16 = torch.full((3, 4, 8), 3e4, dtype=torch.float16)
+    cache.set_scales([(0.25, 1.0), (8.0, 1.0)])
+    run(Wrapper(), q16, cache.caches[1], cache.scales[1].clone(), scale_values=cache.scale_values_of)
+    assert torch.equal(calls[-1][0], torch.full_like(q16, 65504.0))

@@ -180,7 +180,8 @@ def _wrapper_run(wrapper: Any, q: torch.Tensor, kv_cache: torch.Tensor, kv_scale
         k_scale, v_scale = values
         return wrapper.run(q, kv_cache, k_scale=None if k_scale == 1.0 else k_scale,
                            v_scale=None if v_scale == 1.0 else v_scale, **given)
-    result = wrapper.run((q.float() * kv_scale[0]).to(q.dtype), kv_cache, **given)
+    # (an fp16 query times a large k_scale saturates at fp16's range instead of overflowing: `kv_quant.to_query`)
+    result = wrapper.run(kv_quant.to_query(q.float() * kv_scale[0], q.dtype), kv_cache, **given)
     result.copy_(result.float() * kv_scale[1])
     return result
 
