@@ -21,7 +21,7 @@ steps pass them so, from the cache's host copy (`PagedKVCache.scale_values_of`; 
 applied at all). A CUDA graph freezes them: `PagedKVCache.set_scales` after a capture makes the graph runner capture
 again (`CudaGraphRunner.recapture`). Without the host copy (a planner made without it) the device tensors are
 applied instead: q * k_scale before the kernel and out * v_scale after (each in fp32, rounded to the query's dtype
-once).
+once; an fp16 query, a bf16 model's over e4m3 (`kv_quant.query_dtype`), saturating at fp16's range).
 """
 
 from __future__ import annotations
