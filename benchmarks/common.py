@@ -73,7 +73,15 @@ def _build_fp8(config: LlamaConfig, device: str, dtype: torch.dtype) -> LlamaFor
             if not p.is_meta:
                 continue
             if type(m) is torch.nn.Linear and m is not head and name == "weight":
-                q, scale = quantize_rows(torch.empty(p.shape, device=device, dtype=dtype).normal_(0, std))
+                # The e4m3 weight is allocated first, with the last linear's temporaries given back to the driver:
+                # it gets a segment of its own, not the part of a temporary's that nothing else could use after
+                # (such leftovers stay reserved and shrink the KV cache sized after them)
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+                q = torch.empty(p.shape, device=device, dtype=torch.float8_e4m3fn)
+                values, scale = quantize_rows(torch.empty(p.shape, device=device, dtype=dtype).normal_(0, std))
+                q.copy_(values)
+                del values
                 m.weight = torch.nn.Parameter(q, requires_grad=False)
                 m.register_buffer("weight_scale", scale)
                 m.__class__ = Fp8Linear
