@@ -335,10 +335,11 @@ class PagedKVCache:
         if bad:
             raise ValueError(f"KV scales must be positive and finite; layers {bad} have {[values[i] for i in bad]}")
         host = [torch.tensor(pair, dtype=torch.float32) for pair in values]
-        kv_quant.check_query_range(self.query_dtype, [(float(k), float(v)) for k, v in host])
+        read = [(float(k), float(v)) for k, v in host]  # (fp32: what the kernels read)
+        kv_quant.check_query_range(self.query_dtype, read)
         for tensor, pair in zip(self.scales, host):
             tensor.copy_(pair)
-        self.scale_values = [(float(pair[0]), float(pair[1])) for pair in host]  # (fp32: what the kernels read)
+        self.scale_values = read
         self.scales_version += 1
 
     @property

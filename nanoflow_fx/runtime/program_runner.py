@@ -43,6 +43,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from nanoflow_fx.capture.program import Piece, StepProgram
 from nanoflow_fx.context import current
@@ -290,9 +291,8 @@ class ProgramRunner:
         self._streams: dict[str, Any] = {}
         self._sizes: dict[tuple[Any, ...], int] = {}  # symbolic sizes evaluated per nano-batch (`_Values.part`)
         self.last_schedule: Schedule | None = None
-        self._drops: tuple[tuple[str, ...], ...] | None = None  # (`run_whole`: `drops_after`, per program)
-        self._drops_of: StepProgram | None = None
-        self._schedule_drops: dict[int, tuple[Schedule, tuple[tuple[str, ...], ...]]] = {}
+        self._drops = drops_after(program)  # (`run_whole`'s)
+        self._nanobatch_drops: dict[tuple[Any, ...], tuple[tuple[str, ...], ...]] = {}  # (one stream's, per cut)
 
     def __call__(self, *args: Any) -> Any:
         context = current()
@@ -305,9 +305,6 @@ class ProgramRunner:
     def run_whole(self, args: Sequence[Any], timer: PieceTimer | None = None) -> Any:
         """The pieces in order, each value dropped after the last piece that reads it (`drops_after`): a step holds
         what is still to be read, not every layer's activations until it returns."""
-        if self._drops_of is not self.program:
-            self._drops, self._drops_of = drops_after(self.program), self.program
-        assert self._drops is not None
         env: dict[str, Any] = dict(zip(self.program.placeholders, args))
         if timer is not None:
             timer.mark(None)
@@ -340,23 +337,18 @@ class ProgramRunner:
         with _partitioned_gemms(units.gemm_sms if units is not None else 0):  # (every matmul of the step: on the
             # GPU those are the compute unit's GEMMs; the attention kernels are not matmuls)
             if not use_units:  # (one stream: a value dropped after its last reader is free for the next op)
-                for op, drops in zip(schedule.ops, self._nanobatch_drops(schedule), strict=True):
+                key = (record.boundaries, attention)
+                if key not in self._nanobatch_drops:
+                    if len(self._nanobatch_drops) >= 256:  # (cuts repeat; a stream of new ones must not grow it)
+                        self._nanobatch_drops.clear()
+                    self._nanobatch_drops[key] = drops_after(program, [self._pieces[op.group] for op in schedule.ops])
+                for op, drops in zip(schedule.ops, self._nanobatch_drops[key], strict=True):
                     self._run_op(op.group, op.nanobatch, state, record)
                     for name in drops:
                         state.drop(name)
             else:
                 self._run_on_units(schedule, actions, state, record)
         return _map_names(program.output, state.joined)
-
-    def _nanobatch_drops(self, schedule: Schedule) -> tuple[tuple[str, ...], ...]:
-        """`drops_after` for `schedule`'s nano-ops in order (kept per schedule: `_planned` reuses them)."""
-        found = self._schedule_drops.get(id(schedule))
-        if found is None or found[0] is not schedule:
-            if len(self._schedule_drops) > 256:
-                self._schedule_drops.clear()
-            order = [self._pieces[op.group] for op in schedule.ops]
-            found = self._schedule_drops[id(schedule)] = (schedule, drops_after(self.program, order))
-        return found[1]
 
     def _run_on_units(self, schedule: Schedule, actions: Sequence[StreamAction], state: _Values,
                       record: NanobatchStep) -> None:
@@ -512,31 +504,21 @@ class _Values:
 def drops_after(program: StepProgram, order: Sequence[Piece] | None = None) -> tuple[tuple[str, ...], ...]:
     """Per piece run in `order` (`program`'s pieces by default; a nano-batched step's: the piece of each of its
     nano-ops, a piece once per nano-batch), the values no later one reads and the output does not name (inputs
-    included: the caller holds its own): a step run in that order can drop them once that piece has run."""
-    keep = set(_names(program.output))
+    included: the caller holds its own): a step run in that order can drop them once that piece has run. (An
+    attention piece's inputs are every value its call reads.)"""
+    pieces = program.pieces if order is None else order
+    keep = {name for name in tree_leaves(program.output) if isinstance(name, str)}
     last: dict[str, int] = {name: -1 for name in program.placeholders}
-    for j, piece in enumerate(program.pieces if order is None else order):
-        call = piece.call
-        reads = piece.inputs if call is None else (*piece.inputs, call.q, call.k, call.v, call.cache,
-                                                   *call.metadata, call.slot_mapping,
-                                                   *((call.kv_scale,) if call.kv_scale is not None else ()))
-        for name in reads:
+    for j, piece in enumerate(pieces):
+        for name in piece.inputs:
             last[name] = j
         for name in piece.outputs:
             last.setdefault(name, j)  # (a value nothing reads: dropped where it is made)
-    drops: list[list[str]] = [[] for _ in (program.pieces if order is None else order)]
+    drops: list[list[str]] = [[] for _ in pieces]
     for name, j in last.items():
         if name not in keep and j >= 0:
             drops[j].append(name)
     return tuple(tuple(d) for d in drops)
-
-
-def _names(structure: Any) -> Iterator[str]:
-    if isinstance(structure, str):
-        yield structure
-    elif isinstance(structure, (list, tuple)):
-        for s in structure:
-            yield from _names(s)
 
 
 def _map_names(structure: Any, env: Any) -> Any:
