@@ -26,6 +26,7 @@ import gc
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,8 @@ def main() -> None:
     meta = dict(device=device, date=str(datetime.date.today()), torch=torch.__version__,
                 transformers=transformers.__version__, shape=args.shape, layers=model.config.num_hidden_layers,
                 params=params, gemm_tflops=rate / 1e12, gemm_dtype="fp8_e4m3" if fp8 else "bfloat16",
-                optimum_tok_s=optimum, memory_after_build=built, args=vars(args))
+                optimum_tok_s=optimum, memory_after_build=built, args=vars(args),
+                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
     print(f"[meta] {meta}", flush=True)
     rows: list[dict] = []
     loads = {name: workload(name, args.requests, model.config.vocab_size) for name in args.workloads}
