@@ -4,6 +4,7 @@ the captured step, the KV cache, the step runner and the engine), and the interi
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -110,6 +111,15 @@ class NanoFlowRuntime:
         return PagedKVCache(self.layers, num_pages, page_size or self.config.page_size, self.kv_dtype, self.device,
                             model_dtype=self.dtype, kv_scales=self.kv_scales if kv_quant.is_fp8(self.kv_dtype)
                             else None)
+
+    def replace_cache(self, num_pages: int) -> None:
+        """Run on a new cache of `num_pages` pages, the current one's memory given back before the new one is
+        allocated (the sizing counted it as free; on a GPU filled to its fraction both would not fit at once)."""
+        self.kv_cache.release()
+        gc.collect()  # (Dynamo's tracing leaves reference cycles that hold the traced step's inputs: these pages)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # (their blocks back to the driver: the new pages are tensors of other sizes)
+        self.use_cache(self.new_cache(num_pages))
 
     def use_cache(self, kv_cache: PagedKVCache) -> None:
         """Run on `kv_cache` from now on (a new step runner and engine; the captured step is kept)."""

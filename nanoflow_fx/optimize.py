@@ -155,7 +155,7 @@ def _build(model: PreTrainedModel, runtime: NanoFlowRuntime, begin: float, fp8: 
             pages = pages_from_memory(runtime.runner, cfg, vocab_size(model))
             if runtime.plane is not None:  # (every rank's scheduler must see the same cache)
                 pages = runtime.plane.agree_min(pages)
-            runtime.use_cache(runtime.new_cache(pages))
+            runtime.replace_cache(pages)
         sized = time.perf_counter()
         bar.update()
         bar.set_postfix_str("capture CUDA graphs")

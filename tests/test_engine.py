@@ -31,7 +31,10 @@ from tests.echo_runner import ChunkRecord, EchoRunner, echo_continuation, late_r
 from tests.helpers import (
     CORE_FAMILIES,
     DEFAULT_CONFIG,
+    NO_EOS,
+    PAD,
     assert_nothing_held,
+    fresh,
     greedy,
     hf_greedy,
     left_padded_batch,
@@ -247,6 +250,42 @@ class _Recording:
     def __call__(self, chunks: Any, *args: Any, **kwargs: Any) -> Any:
         self.chunks += [ChunkRecord.of(c) for c in chunks]
         return self.real(chunks, *args, **kwargs)
+
+
+def test_a_replaced_cache_gives_its_memory_back_before_the_new_one_is_allocated(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, optimize() sizes the cache from the memory left, counting the measured step's small cache as free,
+    then replaces it (`replace_cache`). The small cache's pages are freed before the new cache is allocated (both
+    at once did not fit an H100 holding the 70B shape's 80 layers), nothing else keeps them alive, and the model
+    generates HF's tokens on the new cache."""
+    import weakref
+
+    from nanoflow_fx.runtime.kv_cache import PagedKVCache
+
+    model = fresh("llama")
+    runtime = model.nanoflow
+    old = runtime.kv_cache
+    pages, layers = old.allocator.num_pages, len(old.caches)
+    prompt = (5, 9, 17, 4, 33, 8, 21)
+    before = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=NO_EOS,
+                            pad_token_id=PAD)[0, len(prompt):].tolist()
+    assert tuple(before) == hf_greedy("llama", prompt, 6)
+    pages_alive = [weakref.ref(c) for c in old.caches]
+    del old
+    alive_at_allocation = []
+    allocate = PagedKVCache.__init__
+
+    def recording_init(self: PagedKVCache, *args: Any, **kwargs: Any) -> None:
+        alive_at_allocation.append(sum(ref() is not None for ref in pages_alive))
+        allocate(self, *args, **kwargs)
+
+    monkeypatch.setattr(PagedKVCache, "__init__", recording_init)
+    runtime.replace_cache(pages)
+    assert alive_at_allocation == [0], f"{alive_at_allocation} of {layers} layers' pages alive at the allocation"
+    assert runtime.kv_cache.allocator.num_pages == pages and runtime.engine.kv_cache is runtime.kv_cache
+    after = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=NO_EOS,
+                           pad_token_id=PAD)[0, len(prompt):].tolist()
+    assert after == before
 
 
 @pytest.mark.parametrize("family", CORE_FAMILIES)

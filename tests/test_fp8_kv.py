@@ -720,10 +720,12 @@ def test_gpu_memory_sizing_fits_twice_the_pages_of_fp8(monkeypatch: pytest.Monke
     assert pages[E4M3] == 2 * pages[torch.bfloat16]
 
 
-def test_gpu_memory_sizing_takes_no_more_than_the_driver_can_hand_out(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_memory_sizing_takes_no_more_than_the_driver_can_hand_out(monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """A stand-in 80 GiB device with 40 GiB of weights whose allocator keeps 20 GiB of freed blocks (reserved, not
     allocated: fragments the cache's large tensors cannot use): the fraction 0.9 would give the cache 32 GiB, the
-    driver has 20 GiB free, so the cache takes 19 (1 GiB of headroom kept for CUDA graphs' pools)."""
+    driver has 20 GiB free, so the cache takes 19 (1 GiB of headroom kept for CUDA graphs' pools), and a warning
+    names the allocator setting that returns such blocks."""
     from nanoflow_fx.runtime.kv_cache import PagedKVCache, page_bytes, pages_from_memory
 
     gib = 2**30
@@ -748,8 +750,11 @@ def test_gpu_memory_sizing_takes_no_more_than_the_driver_can_hand_out(monkeypatc
                        ("mem_get_info", lambda device=None: (total - used - kept, total))):
         monkeypatch.setattr(torch.cuda, name, fake)
     per_page = page_bytes(layers, 16, torch.bfloat16)
-    pages = pages_from_memory(ProfileRunner(), config, 128)
+    with caplog.at_level(logging.WARNING, logger="nanoflow_fx"):
+        pages = pages_from_memory(ProfileRunner(), config, 128)
     assert pages == (19 * gib) // per_page
+    assert any("20.0 GiB kept" in r.getMessage() and "expandable_segments:True" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING), caplog.text
     assert (int(0.9 * total) - used + cache.num_bytes) // per_page > pages  # (the fraction alone: 32 GiB)
 
 

@@ -342,6 +342,13 @@ class PagedKVCache:
         self.scale_values = read
         self.scales_version += 1
 
+    def release(self) -> None:
+        """Give the pages' memory back: the cache holds no page after (not to be stepped on again). A cache sized
+        to replace this one counts its bytes as free (`pages_from_memory`), so it is released before the new one is
+        allocated: both at once may not fit."""
+        self.caches = tuple(torch.empty((0, *c.shape[1:]), dtype=c.dtype, device=c.device) for c in self.caches)
+        self.allocator = PageAllocator(0)
+
     @property
     def quantized(self) -> bool:
         """Whether the pages hold FP8 values (read back as value * scale)."""
@@ -451,8 +458,10 @@ def pages_from_memory(runner: Any, cfg: Any, vocab_size: int) -> int:
     kept = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     headroom = max((1 - cfg.kv_cache_memory_fraction) * total - kept, float(2**30))
     if free - headroom + cache.num_bytes < budget:
-        log.info("nanoflow_fx: KV cache capped by the GPU's free memory (%s free, %s kept by torch's allocator in "
-                 "blocks it cannot hand to the cache)", _gib(free), _gib(kept))
+        log.log(logging.WARNING if kept >= 2**30 else logging.INFO,
+                "nanoflow_fx: KV cache capped by the GPU's free memory (%s free, %s kept by torch's allocator in "
+                "blocks it cannot hand to the cache); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, set before "
+                "the process first uses CUDA, lets torch give such blocks back", _gib(free), _gib(kept))
         budget = free - headroom + cache.num_bytes
     per_page = page_bytes(cache.layers, cfg.page_size, cache.dtype)
     pages = int(budget // per_page)
