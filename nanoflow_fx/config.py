@@ -79,7 +79,8 @@ class NanoFlowConfig:
 
     kv_cache_memory_fraction: float = 0.9
     """On CUDA with `num_pages=None`: the share of the GPU's total memory nanoflow_fx may fill (weights,
-    activations and the KV cache together; the rest stays free for CUDA graphs and other users)."""
+    activations, the KV cache and the free blocks torch's allocator keeps, together; the rest stays free for CUDA
+    graphs, libraries' workspaces and other users)."""
 
     max_num_tokens: int | Literal["auto"] = "auto"
     """Token budget of one step (NanoFlow's dense batch: decode tokens first, then prefill chunks fill the rest;

@@ -444,25 +444,29 @@ def pages_from_memory(runner: Any, cfg: Any, vocab_size: int) -> int:
     peak = torch.cuda.max_memory_allocated(device)
     free, total = torch.cuda.mem_get_info(device)
     others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
-    budget = cfg.kv_cache_memory_fraction * total - others - peak + cache.num_bytes
-    # The cache's tensors (a layer's pages each) are fresh allocations: the driver must hand them out. The blocks
-    # the allocator keeps (reserved, unallocated: e.g. the measured step's activations, freed into blocks of their
-    # sizes, in segments other tensors still use) serve later steps' activations, not tensors larger than they are
-    # (a large model's per-layer tensors of hundreds of MiB). So the cache also takes at most the driver's free
-    # memory, less the headroom the fraction leaves beyond what the allocator keeps (at least 1 GiB: CUDA graphs'
-    # pools are fresh allocations too); the measured step's small cache counted as above.
     del logits
     gc.collect()
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    kept = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    headroom = max((1 - cfg.kv_cache_memory_fraction) * total - kept, float(2**30))
-    if free - headroom + cache.num_bytes < budget:
-        log.log(logging.WARNING if kept >= 2**30 else logging.INFO,
-                "nanoflow_fx: KV cache capped by the GPU's free memory (%s free, %s kept by torch's allocator in "
-                "blocks it cannot hand to the cache); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, set before "
-                "the process first uses CUDA, lets torch give such blocks back", _gib(free), _gib(kept))
-        budget = free - headroom + cache.num_bytes
+    reserved = torch.cuda.memory_reserved(device)
+    # What torch's allocator keeps reserved counts against the fraction like what is allocated. Its kept blocks
+    # (free, in segments other tensors still use: the measured step's activations freed into blocks of their
+    # sizes, weights replaced by fused or quantised ones) serve later steps' activations, which the peak already
+    # counts, but not the cache's tensors (fresh allocations of a layer's pages each: hundreds of MiB on a large
+    # model), nor CUDA graphs' private pools and libraries' workspaces (a thread's cuBLAS handle), which need the
+    # fraction's remainder. (Counted as usable, 2.3 GiB of kept blocks left an 80-layer 70B shape at fraction 0.96
+    # on an H100 without memory for its graphs and its engine thread's cuBLAS handle.) At least 1 GiB stays free.
+    # The measured step's small cache is freed before the sized one is allocated: its bytes count as free.
+    budget = min(cfg.kv_cache_memory_fraction * total - others - max(peak, reserved),
+                 free - float(2**30)) + cache.num_bytes
+    lost = reserved - peak
+    if lost > 0:
+        log.log(logging.WARNING if lost >= 2**30 else logging.INFO,
+                "nanoflow_fx: the KV cache is %s smaller for the blocks torch's allocator keeps (%s reserved beyond "
+                "the %s a step peaks at; free blocks in segments still in use); "
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, set before the process first uses CUDA, lets "
+                "torch give such blocks back", _gib(lost), _gib(reserved - torch.cuda.memory_allocated(device)),
+                _gib(peak))
     per_page = page_bytes(cache.layers, cfg.page_size, cache.dtype)
     pages = int(budget // per_page)
     need = -(-cfg.max_seq_len // cfg.page_size)
