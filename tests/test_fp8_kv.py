@@ -732,7 +732,7 @@ def test_gpu_memory_sizing_counts_what_the_allocator_keeps(monkeypatch: pytest.M
     whose allocator then keeps `kept` GiB of free blocks (reserved, not allocated: fragments neither the cache's
     per-layer tensors nor CUDA graphs' pools can use). Reserved memory counts against the fraction like allocated
     memory, so the fraction's remainder stays free for graphs and libraries (an 80-layer 70B shape on an H100 at
-    fraction 0.96 ran its graphs and a cuBLAS handle out of memory when 2.3 GiB of kept blocks were counted as
+    fraction 0.96 ran its graphs and a cuBLAS handle out of memory when ~2.5 GiB of kept blocks were counted as
     usable); at least 1 GiB always stays free; a warning names the allocator setting that gives such blocks back
     where they cost the cache 1 GiB or more."""
     from nanoflow_fx.runtime.kv_cache import PagedKVCache, page_bytes, pages_from_memory

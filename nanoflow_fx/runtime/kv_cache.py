@@ -454,7 +454,7 @@ def pages_from_memory(runner: Any, cfg: Any, vocab_size: int) -> int:
     # sizes, weights replaced by fused or quantised ones) serve later steps' activations, which the peak already
     # counts, but not the cache's tensors (fresh allocations of a layer's pages each: hundreds of MiB on a large
     # model), nor CUDA graphs' private pools and libraries' workspaces (a thread's cuBLAS handle), which need the
-    # fraction's remainder. (Counted as usable, 2.3 GiB of kept blocks left an 80-layer 70B shape at fraction 0.96
+    # fraction's remainder. (Counted as usable, ~2.5 GiB of kept blocks left an 80-layer 70B shape at fraction 0.96
     # on an H100 without memory for its graphs and its engine thread's cuBLAS handle.) At least 1 GiB stays free.
     # The measured step's small cache is freed before the sized one is allocated: its bytes count as free.
     budget = min(cfg.kv_cache_memory_fraction * total - others - max(peak, reserved),
