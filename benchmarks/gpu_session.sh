@@ -82,9 +82,12 @@ for step in ${STEPS:-tests example}; do
         --conversations 128 --rounds 4 --config '{"num_pages": 4096}' --offload-gib 16 \
         --out "$OUT/bench_prefix_offload.json" ;;
     kv_dtype) run kv_dtype ${KV_S:-200} python3 -m benchmarks.bench_kv_dtype ${KV_ARGS:-} --out "$OUT/kv_dtype.json" ;;
-    step_kernels) # where the FP8-KV step's GPU time goes against bf16's: kernels by class, one process per config
+    step_kernels) # where the FP8 steps' GPU time goes against bf16's: kernels by class, one process per config
+      # (KERNEL_CONFIGS: a subset of the names)
       for pair in 'bf16|{}' 'fp8_kv|{"kv_cache_dtype": "fp8_e4m3"}' \
+                  'fp8_both|{"kv_cache_dtype": "fp8_e4m3", "linear_dtype": "fp8_e4m3"}' \
                   'fp8_kv_triton|{"kv_cache_dtype": "fp8_e4m3", "attention_backend": "triton"}'; do
+        [[ " ${KERNEL_CONFIGS:-bf16 fp8_kv fp8_both fp8_kv_triton} " == *" ${pair%%|*} "* ]] || continue
         run "step_kernels_${pair%%|*}" ${KERNELS_S:-150} python3 -m benchmarks.research.probe_step_kernels \
           --config "${pair#*|}" --out "$OUT/step_kernels_${pair%%|*}.json"
       done ;;
