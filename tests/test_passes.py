@@ -242,7 +242,8 @@ def test_lowering_a_32_layer_8b_shaped_graph() -> None:
     for piece in program.pieces:
         call = piece.call
         if call is not None:
-            assert {call.q, call.k, call.v, call.cache, *call.metadata, call.slot_mapping} <= set(piece.inputs)
+            reads = {call.q, call.k, call.v, call.cache, *call.metadata, call.slot_mapping}
+            assert reads | ({call.kv_scale} if call.kv_scale is not None else set()) <= set(piece.inputs)
     live: set[str] = set()
     peak = 0
     for j, (piece, dropped) in enumerate(zip(program.pieces, drops_after(program), strict=True)):
