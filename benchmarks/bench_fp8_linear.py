@@ -18,9 +18,10 @@ of its teacher-forced logits.
    bf16): what quantising the activations adds beyond the GEMMs, once fused.
    Also the relative error of each GEMM shape (one layer) against fp32, with and without fast accumulation.
 2. Accuracy: the Llama-3-8B-shaped model (random bf16 weights, seed 0), teacher-forced through `optimize()`'s step
-   on --prompts random prompts of --prompt-len tokens: its logits in bf16, then with FP8 linears (the same weights
-   quantised), with fast accumulation and without: per-token cosine similarity (mean, min), KL(bf16 || fp8) per
-   token (mean, max) and top-1 agreement. (Random weights give flat logits: these figures bound the arithmetic's
+   on --prompts random prompts of --prompt-len tokens: its logits in bf16 against, in this order, an FP8 KV cache,
+   the same weights in fp32 (bf16's own error on these weights), FP8 linears (the same weights quantised) with fast
+   accumulation and without, and both FP8 options: per-token cosine similarity (mean, min), KL(reference || other)
+   per token (mean, max) and top-1 agreement. (Random weights give flat logits: these figures bound the arithmetic's
    error; the trained model of tests/test_fp8_accuracy.py measures what it costs in perplexity.)
 """
 
@@ -192,6 +193,8 @@ def compare(want: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
 
 
 def bench_accuracy(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
+    """Teacher-forced logits of the FP8 configurations against the model's dtype, and that dtype's own error (its
+    logits against the same weights in fp32: what any rounding moves on these weights)."""
     torch.manual_seed(0)
     model = build_model(args.shape, args.device, dtype)
     vocab = model.config.vocab_size
@@ -202,13 +205,25 @@ def bench_accuracy(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, An
                                   save_step=False, max_num_tokens=4 * args.prompt_len)
     want = teacher_forced(model, prompts, config)
     results = {}
+
+    def row(name: str, got: torch.Tensor, against: torch.Tensor = want) -> None:
+        results[name] = compare(against, got)
+        print(f"teacher-forced logits, {name}:", {k: round(v, 5) for k, v in results[name].items()})
+
+    fp8_kv, base = {"kv_cache_dtype": "fp8_e4m3"}, str(dtype).removeprefix("torch.")
+    row(f"FP8 KV cache vs {base}", teacher_forced(model, prompts, {**config, **fp8_kv}))
+    if dtype != torch.float32:  # the model's dtype against fp32 (exact casts both ways: the weights stay the same)
+        model.float()
+        full = teacher_forced(model, prompts, config)
+        model.to(dtype)
+        row(f"{base} vs fp32", want, against=full)
     for fast in (True, False):
         lowering.FP8_FAST_ACCUM = fast  # (read by lowering_for: a lowering of its own, a key of its own)
         got = teacher_forced(model, prompts, {**config, "linear_dtype": "fp8_e4m3"})  # (quantised once, then kept)
-        results[f"fast_accum={fast}"] = compare(want, got)
-        print(f"teacher-forced logits, FP8 linears (fast accumulation {fast}) vs bf16:",
-              {k: round(v, 5) for k, v in results[f"fast_accum={fast}"].items()})
+        row(f"FP8 linears (fast accumulation {fast}) vs {base}", got)
     lowering.FP8_FAST_ACCUM = True
+    row(f"FP8 KV cache + FP8 linears vs {base}",
+        teacher_forced(model, prompts, {**config, **fp8_kv, "linear_dtype": "fp8_e4m3"}))
     return results
 
 

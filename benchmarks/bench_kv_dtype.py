@@ -38,6 +38,7 @@ import argparse
 import datetime
 import itertools
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,29 +55,33 @@ SCALE = HEAD_DIM**-0.5
 CONFIG = AttentionConfig(HEADS, KV_HEADS, HEAD_DIM, SCALE, 0, 0.0)
 
 
-def make_batch(requests: int, context: int, seed: int = 0) -> dict[str, Any]:
-    """Decode rows of `requests` at `context` over one layer's paged cache: the bf16 cache and its e4m3 copy
-    (scales from the values' range, as calibration sets them), the tables on the device and in pinned memory."""
+def make_batch(requests: int, context: int, seed: int = 0, spread: int = 0) -> dict[str, Any]:
+    """Decode rows of `requests` at `context` (with `spread`, request i at context + i * spread // requests, as an
+    engine's running requests differ) over one layer's paged cache: the bf16 cache and its e4m3 copy (scales from
+    the values' range, as calibration sets them), the tables on the device and in pinned memory."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    per = -(-context // PAGE)
-    pages = requests * per
+    lengths = torch.tensor([context + i * spread // requests for i in range(requests)], dtype=torch.int32)
+    per = (lengths + PAGE - 1) // PAGE
+    pages = int(per.sum())
     cache = torch.randn(pages + 1, 2, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
     scales = torch.tensor([kv_quant.scale_from_amax(cache[:, i].abs().max().item()) for i in (0, 1)],
                           device="cuda")
     fp8 = torch.stack([kv_quant.quantize(cache[:, i], scales[i]) for i in (0, 1)], dim=1)
     i32: dict[str, Any] = dict(dtype=torch.int32)
-    host = dict(qo=torch.arange(requests + 1, **i32), kvp=torch.arange(requests + 1, **i32) * per,
-                last=torch.full((requests,), context - (per - 1) * PAGE, **i32))
+    host = dict(qo=torch.arange(requests + 1, **i32), kvp=torch.cat([torch.zeros(1, **i32), per.cumsum(0).to(**i32)]),
+                last=(lengths - (per - 1) * PAGE).to(**i32))
     return dict(
         q=torch.randn(requests, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen),
         caches={"bf16": cache, "e4m3": fp8}, scales=scales,
         host={k: v.pin_memory() for k, v in host.items()}, **{k: v.cuda() for k, v in host.items()},
         idx=torch.randperm(pages, device="cuda", generator=gen).to(torch.int32),
-        tokens=requests * context)
+        tokens=int(lengths.sum()))
 
 
-def kernels(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tensor]]:
-    """name -> one decode attention call over `b`'s `dtype` cache, as nanoflow_fx runs it."""
+def kernels(b: dict[str, Any], dtype: str,
+            keep: Callable[[str], bool] = lambda _: True) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> one decode attention call over `b`'s `dtype` cache, as nanoflow_fx runs it; those whose
+    "dtype name" `keep` accepts."""
     cache = b["caches"][dtype]
     scale = b["scales"] if dtype == "e4m3" else None
     meta = (b["qo"], b["kvp"], b["idx"], b["last"])
@@ -86,37 +91,51 @@ def kernels(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tenso
                          ("triton block_n=128", {"block_n": 128}), ("triton pv=half", {"pv_precision": "half"}),
                          ("triton heads_adjacent", {"heads_adjacent": True}),
                          ("triton pv=half heads_adjacent", {"pv_precision": "half", "heads_adjacent": True})):
-        out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
+        if keep(f"{dtype} {name}"):
+            out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
     if dtype == "e4m3":  # (fp16 dots: for a bf16 query over an e4m3 cache only)
         for name, launch in (("triton dots=fp16", {"pv_precision": "half", "dots": "fp16"}),
                              ("triton dots=fp16 stages=2", {"pv_precision": "half", "dots": "fp16", "num_stages": 2}),
                              ("triton dots=fp16 heads_adjacent",
                               {"pv_precision": "half", "dots": "fp16", "heads_adjacent": True})):
-            out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
+            if keep(f"{dtype} {name}"):
+                out[name] = lambda launch=launch: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale, **launch)
     try:
         import flashinfer
     except ImportError:
         return out
     backend = get("flashinfer")
     host = (float(b["scales"][0]), float(b["scales"][1]))  # (the engine's cache passes its host copy so)
-    planner = backend.make_planner([CONFIG], PAGE, torch.bfloat16, cache.device, kv_dtype=cache.dtype,
-                                   scale_values=(lambda _: host) if dtype == "e4m3" else None)
-    plan = planner.plan_tables(b["host"]["qo"], b["host"]["kvp"], b["host"]["last"], b["idx"])
-    out["flashinfer"] = lambda: backend.run_planned(plan, CONFIG, b["q"], cache, meta, None, scale)
-    if dtype == "e4m3":  # the query in fp16: FlashInfer converts e4m3 to fp16 in hardware, to bf16 in software
-        planner16 = backend.make_planner([CONFIG], PAGE, torch.float16, cache.device, kv_dtype=cache.dtype,
-                                         scale_values=lambda _: host)
-        plan16 = planner16.plan_tables(b["host"]["qo"], b["host"]["kvp"], b["host"]["last"], b["idx"])
-        q16 = b["q"].half()
-        out["flashinfer q=fp16"] = lambda: backend.run_planned(plan16, CONFIG, q16, cache, meta, None, scale)
-    from nanoflow_fx.ops.flashinfer_attention import _workspace
+    requests = b["host"]["last"].shape[0]
 
-    cuda_cores = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(cache.device), "NHD",
-                                                               use_tensor_cores=False)
-    cuda_cores.plan(b["kvp"], b["idx"], b["last"], HEADS, KV_HEADS, HEAD_DIM, PAGE, q_data_type=torch.bfloat16,
-                    kv_data_type=cache.dtype, sm_scale=SCALE)
-    floats = {"k_scale": host[0], "v_scale": host[1]} if dtype == "e4m3" else {}
-    out["flashinfer-cuda-cores"] = lambda: cuda_cores.run(b["q"], cache, **floats)
+    def planned(q: torch.Tensor, graph: bool) -> Callable[[], torch.Tensor]:
+        """The engine's FlashInfer decode: its planner for a query of q's dtype, eager, or as a CUDA-graph decode
+        bucket plans it (fixed buffers: FlashInfer then always takes its split-KV path, the partial outputs merged
+        by a kernel of its own)."""
+        planner = backend.make_planner([CONFIG], PAGE, q.dtype, cache.device, decode_batch=requests if graph else None,
+                                       max_pages=b["idx"].shape[0] if graph else 0, kv_dtype=cache.dtype,
+                                       scale_values=(lambda _: host) if dtype == "e4m3" else None)
+        plan = planner.plan_tables(b["host"]["qo"], b["host"]["kvp"], b["host"]["last"], b["idx"])
+        return lambda: backend.run_planned(plan, CONFIG, q, cache, meta, None, scale)
+
+    # (over e4m3 also the query in fp16: FlashInfer converts e4m3 to fp16 in hardware, to bf16 in software; the
+    # engine runs a bf16 model's query over e4m3 in fp16, `kv_quant.query_dtype`)
+    q16 = b["q"].half()
+    variants = [("flashinfer", b["q"], False), ("flashinfer graph", b["q"], True)]
+    if dtype == "e4m3":
+        variants += [("flashinfer q=fp16", q16, False), ("flashinfer graph q=fp16", q16, True)]
+    for name, q, graph in variants:
+        if keep(f"{dtype} {name}"):
+            out[name] = planned(q, graph)
+    if keep(f"{dtype} flashinfer-cuda-cores"):
+        from nanoflow_fx.ops.flashinfer_attention import _workspace
+
+        cuda_cores = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(cache.device), "NHD",
+                                                                   use_tensor_cores=False)
+        cuda_cores.plan(b["kvp"], b["idx"], b["last"], HEADS, KV_HEADS, HEAD_DIM, PAGE, q_data_type=torch.bfloat16,
+                        kv_data_type=cache.dtype, sm_scale=SCALE)
+        floats = {"k_scale": host[0], "v_scale": host[1]} if dtype == "e4m3" else {}
+        out["flashinfer-cuda-cores"] = lambda: cuda_cores.run(b["q"], cache, **floats)
     return out
 
 
@@ -138,6 +157,7 @@ def main() -> None:
     parser.add_argument("--out", default="kv_dtype.json")
     parser.add_argument("--requests", type=int, default=288)
     parser.add_argument("--context", type=int, default=1280)
+    parser.add_argument("--spread", type=int, default=0, help="request i at context + i * spread // requests")
     parser.add_argument("--layers", type=int, default=32, help="kernel calls per step (one per layer)")
     parser.add_argument("--reps", type=int, default=10, help="steps timed per row")
     parser.add_argument("--check", type=int, default=16, help="requests checked against the fp32 reference")
@@ -145,6 +165,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs=3, metavar=("REQUESTS", "CHUNK", "PREFIX"), default=None,
                         help="also prefill chunks: REQUESTS requests of CHUNK new tokens after PREFIX cached ones")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode rows")
+    parser.add_argument("--only", default=None, help="decode rows whose 'dtype kernel' (e.g. 'e4m3 flashinfer graph "
+                        "q=fp16') this regular expression matches (re.search), all by default")
     args = parser.parse_args()
     import transformers
     import triton
@@ -158,15 +180,17 @@ def main() -> None:
     result: dict[str, Any] = {
         "date": str(datetime.date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "transformers": transformers.__version__, "flashinfer": flashinfer_version,
-        "requests": args.requests, "context": args.context, "layers": args.layers, "page_size": PAGE, "rows": []}
-    b = make_batch(args.requests, args.context)
+        "requests": args.requests, "context": args.context, "spread": args.spread, "layers": args.layers,
+        "page_size": PAGE, "rows": []}
+    b = make_batch(args.requests, args.context, spread=args.spread)
     stream = torch.cuda.current_stream()
-    print(f"## decode attention, {args.requests} decodes @ {args.context}, {args.layers} layers "
-          f"({torch.cuda.get_device_name()})", flush=True)
+    print(f"## decode attention, {args.requests} decodes @ {args.context} (+ up to {args.spread}), {args.layers} "
+          f"layers ({torch.cuda.get_device_name()})", flush=True)
     bf16_ms: dict[str, float] = {}
     for dtype in () if args.no_decode else ("bf16", "e4m3"):
         kv_bytes = b["tokens"] * 2 * KV_HEADS * HEAD_DIM * b["caches"][dtype].element_size() * args.layers
-        for name, fn in kernels(b, dtype).items():
+        keep = (lambda row: re.search(args.only, row) is not None) if args.only else (lambda _: True)
+        for name, fn in kernels(b, dtype, keep).items():
             accurate = accuracy(b, dtype, fn(), args.check)
 
             def step(fn: Callable[[], torch.Tensor] = fn) -> None:
@@ -176,7 +200,8 @@ def main() -> None:
             ms = time_on(step, stream, args.reps)
             if dtype == "bf16":
                 bf16_ms[name] = ms
-            base = bf16_ms.get(name, bf16_ms.get("triton"))  # (a launch for e4m3 only: against bf16's default)
+            # (a launch for e4m3 only: against bf16's, the query's dtype aside, else bf16's Triton default)
+            base = bf16_ms.get(name, bf16_ms.get(name.removesuffix(" q=fp16"), bf16_ms.get("triton")))
             ratio = ms / base if dtype == "e4m3" and base is not None else None
             row = {"kernel": name, "kv_dtype": dtype, "ms": round(ms, 3), "tb_s": round(kv_bytes / ms / 1e9, 3),
                    "time_vs_bf16": round(ratio, 3) if ratio is not None else None, **accurate}

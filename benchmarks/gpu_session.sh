@@ -81,6 +81,8 @@ for step in ${STEPS:-tests example}; do
       run bench_prefix_offload ${PREFIX_S:-300} python3 -m benchmarks.bench_prefix --workloads rounds \
         --conversations 128 --rounds 4 --config '{"num_pages": 4096}' --offload-gib 16 \
         --out "$OUT/bench_prefix_offload.json" ;;
+    fp8_accuracy) # the 8B shape's teacher-forced logits: FP8 KV, bf16 against fp32, FP8 linears, both (vs bf16)
+      run fp8_accuracy ${ACC_S:-300} python3 -m benchmarks.bench_fp8_linear --skip gemms --out "$OUT/fp8_accuracy.json" ;;
     kv_dtype) run kv_dtype ${KV_S:-200} python3 -m benchmarks.bench_kv_dtype ${KV_ARGS:-} --out "$OUT/kv_dtype.json" ;;
     step_kernels) # where the FP8 steps' GPU time goes against bf16's: kernels by class, one process per config
       # (KERNEL_CONFIGS: a subset of the names)
