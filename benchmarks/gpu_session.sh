@@ -103,6 +103,7 @@ for step in ${STEPS:-tests example}; do
       PYTORCH_CUDA_ALLOC_CONF=${ALLOC70:-expandable_segments:True} run offline_70b ${S70:-400} python3 -m \
         benchmarks.bench_offline --shape llama3-70b --fp8-build ${LAYERS70:+--layers $LAYERS70} --workloads 1024x512 \
         --requests ${REQUESTS70:-256} --no-static --log-level INFO --config "$CFG70" --out "$OUT/offline_70b.json" ;;
+    setup) ;;  # the wheels and env.txt only
     *.py) module=${step%.py}; run "$(basename "$step" .py)" 300 python3 -m "${module//\//.}" ;;  # a script path
     *) run "$step" 300 python3 -m "$step" ;;  # a module name, e.g. benchmarks.research.probe_gemm_cuts
   esac
