@@ -119,6 +119,15 @@ class NanoFlowConfig:
     instead of the model's own scales or 1.0. Keys or values beyond 448 x their scale are clamped: a model whose
     K/V exceed that range needs it."""
 
+    fp8_attention: bool = False
+    """With kv_cache_dtype="fp8_e4m3": attend the decode rows with FlashInfer's XQA kernel, which computes in FP8 (on
+    Hopper, wgmma over e4m3: the query and the softmax probabilities are rounded to e4m3 as well, not only K and V).
+    It reads the e4m3 cache at about the bandwidth a bf16 decode reaches: decode attention in ~0.5x the bf16 time,
+    where the default (16-bit arithmetic over the dequantised cache) takes ~0.65x at the engine's shapes
+    (docs/runtime.md). Needs FlashInfer >= 0.5 (`pip install 'flashinfer-python>=0.5'`), a compute capability
+    9.x GPU, the "flashinfer" (or "auto") attention backend and no logit soft-capping; optimize() says which is
+    missing. Prefill rows stay on FlashInfer's 16-bit kernels."""
+
     interim_attention: bool = True
     """While the attention backend's kernels are still being built when the step is ready (FlashInfer's JIT build
     on a fresh machine), run the first steps on Triton's kernel (the same captured step; checked against the
@@ -228,6 +237,11 @@ class NanoFlowConfig:
                              "('auto': the model's dtype)")
         if self.calibrate_kv_scales is True and self.kv_cache_dtype == "auto":
             raise ValueError("NanoFlowConfig.calibrate_kv_scales=True calibrates FP8 KV-cache scales: it needs "
+                             "kv_cache_dtype='fp8_e4m3'")
+        if not isinstance(self.fp8_attention, bool):
+            raise ValueError(f"NanoFlowConfig.fp8_attention must be True or False, not {self.fp8_attention!r}")
+        if self.fp8_attention and self.kv_cache_dtype != "fp8_e4m3":
+            raise ValueError("NanoFlowConfig.fp8_attention=True attends over an FP8 KV cache: it needs "
                              "kv_cache_dtype='fp8_e4m3'")
         if self.linear_dtype not in LINEAR_DTYPES:
             raise ValueError(f"NanoFlowConfig.linear_dtype={self.linear_dtype!r} is not one of {LINEAR_DTYPES} "

@@ -28,10 +28,10 @@ from nanoflow_fx.capture.tensor_parallel import tensor_parallel_of
 from nanoflow_fx.config import NanoFlowConfig, cache_root, resolve
 from nanoflow_fx.cost.autotune import search_schedules
 from nanoflow_fx.cost.model import CostTable, DecodeTiming
-from nanoflow_fx.errors import CaptureMismatchError
+from nanoflow_fx.errors import CaptureMismatchError, NanoFlowError
 from nanoflow_fx.hf_methods import model_follower
 from nanoflow_fx.ops import backend as attention_backends
-from nanoflow_fx.ops import kv_quant
+from nanoflow_fx.ops import kv_quant, xqa
 from nanoflow_fx.runtime.control_plane import ControlPlane
 from nanoflow_fx.runtime.engine import Engine
 from nanoflow_fx.runtime.kv_cache import PagedKVCache
@@ -68,9 +68,16 @@ class NanoFlowRuntime:
         # The attention backend readies its kernels from here on (FlashInfer: a JIT build of ~26 s on a fresh
         # machine, the longest part of a fresh optimize()), while the weights are laid out and the step traced;
         # `_build` waits for them. So it starts first, as soon as the layers' shapes are known.
+        if config.fp8_attention:  # (decode rows on XQA: the backend must take it, and XQA run here)
+            blocker = (self.attention_backend.xqa_blocker()
+                       or xqa.unavailable_reason(self.attention_configs, config.page_size, self.device, self.kv_dtype))
+            if blocker:
+                raise NanoFlowError(f"NanoFlowConfig.fp8_attention=True cannot run here: {blocker}; or leave "
+                                    "fp8_attention off (decode attention over the FP8 cache then computes in 16 bits)")
         self.attention_ready = self.attention_backend.prepare(self.attention_configs, config.page_size,
                                                               kv_quant.query_dtype(self.dtype, self.kv_dtype),
-                                                              self.device, self.kv_dtype)
+                                                              self.device, self.kv_dtype,
+                                                              *((True,) if config.fp8_attention else ()))
         self.attention_started = time.perf_counter()
         # the check's prompts, eager logits (and over plain K/V, for an FP8 cache): `check_probe`'s arguments
         self.probe: tuple[list[list[int]], torch.Tensor, torch.Tensor | None] | None = None
@@ -108,9 +115,12 @@ class NanoFlowRuntime:
     def new_cache(self, num_pages: int, page_size: int | None = None) -> PagedKVCache:
         """A KV cache of `num_pages` pages for this model (its page size unless given): the configured element type
         and, for an FP8 cache, the runtime's scales."""
-        return PagedKVCache(self.layers, num_pages, page_size or self.config.page_size, self.kv_dtype, self.device,
+        page_size = page_size or self.config.page_size
+        return PagedKVCache(self.layers, num_pages, page_size, self.kv_dtype, self.device,
                             model_dtype=self.dtype, kv_scales=self.kv_scales if kv_quant.is_fp8(self.kv_dtype)
-                            else None)
+                            else None,
+                            xqa_width=-(-(self.config.max_seq_len or 0) // page_size) if self.config.fp8_attention
+                            else 0)  # (resolved: max_seq_len is set)
 
     def replace_cache(self, num_pages: int) -> None:
         """Run on a new cache of `num_pages` pages, the current one's memory given back before the new one is

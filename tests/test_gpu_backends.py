@@ -46,13 +46,13 @@ def _flashinfer_available() -> bool:
 
 
 def _model(family: str, backend: str, graphs: bool, inductor: bool = False,
-           kv_cache_dtype: str = "auto") -> torch.nn.Module:
+           kv_cache_dtype: str = "auto", fp8_attention: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = CONFIGS[family]().to(device="cuda", dtype=torch.bfloat16).eval()
     config = nanoflow_fx.NanoFlowConfig(max_batch_size=16, max_seq_len=160, page_size=16, max_num_tokens=256,
                                         num_pages=256, attention_backend=backend, cuda_graphs=graphs,
                                         inductor=inductor, interim_attention=False,  # these test the backend
-                                        kv_cache_dtype=kv_cache_dtype)
+                                        kv_cache_dtype=kv_cache_dtype, fp8_attention=fp8_attention)
     return nanoflow_fx.optimize(model, config)
 
 

@@ -118,19 +118,26 @@ class AttentionBackend:
 
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                      device: torch.device, decode_batch: int | None = None, max_pages: int = 0,
-                     kv_dtype: torch.dtype | None = None,
-                     scale_values: ScaleValues | None = None) -> Planner | None:
+                     kv_dtype: torch.dtype | None = None, scale_values: ScaleValues | None = None,
+                     xqa_width: int = 0) -> Planner | None:
         """The planner of eager steps, or (with `decode_batch`) of one CUDA-graph bucket of `decode_batch`
         one-token requests over at most `max_pages` page ids; `dtype` is the query's (`kv_quant.query_dtype`: fp16
         for a bf16 model over e4m3), `kv_dtype` the cache's (None: the same); `scale_values`: an FP8 cache's host
-        values of a layer's scale tensor (`PagedKVCache.scale_values_of`). None: nothing to plan."""
+        values of a layer's scale tensor (`PagedKVCache.scale_values_of`); `xqa_width`: decode rows on XQA with
+        page tables that wide (`NanoFlowConfig.fp8_attention`; a backend that takes it says so in
+        `xqa_blocker`). None: nothing to plan."""
         return None
 
+    def xqa_blocker(self) -> str:
+        """Why this backend cannot run its decode rows on XQA (`NanoFlowConfig.fp8_attention`; "" if it can)."""
+        return f"the {self.name!r} attention backend computes its decode rows itself; fp8_attention needs 'flashinfer'"
+
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
-                device: torch.device, kv_dtype: torch.dtype | None = None) -> Preparation | None:
+                device: torch.device, kv_dtype: torch.dtype | None = None,
+                fp8_attention: bool = False) -> Preparation | None:
         """Start getting this backend's kernels ready (build, load) in the background while the step is traced (for
-        queries of `dtype` over pages of `kv_dtype`, as `make_planner`); returns the `Preparation` under way, or None
-        if there is nothing to get ready."""
+        queries of `dtype` over pages of `kv_dtype`, as `make_planner`; with `fp8_attention`, XQA's too); returns
+        the `Preparation` under way, or None if there is nothing to get ready."""
         return None
 
     # A backend whose kernel computes this backend's steps (same inputs, no plan) while `prepare` is under way:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from nanoflow_fx.context import current
-from nanoflow_fx.ops import kv_quant
+from nanoflow_fx.ops import kv_quant, xqa
 from nanoflow_fx.ops.backend import (
     AttentionBackend,
     AttentionConfig,
@@ -48,6 +48,7 @@ from nanoflow_fx.ops.backend import (
     register,
 )
 from nanoflow_fx.ops.metadata import AttentionMetadata
+from nanoflow_fx.ops.xqa import XqaTables
 
 __all__ = ["FlashInferBackend", "FlashInferPlanner"]
 
@@ -68,6 +69,8 @@ class _Plans:
     prefill: Any
     num_decode: int = 0
     scale_values: ScaleValues | None = None  # an FP8 cache's host scales
+    xqa: XqaTables | None = None  # decode rows on XQA (`fp8_attention`) with these tables, not on `decode`
+    config: AttentionConfig | None = None  # (what XQA's launch takes: scaling, window)
 
 
 _float_workspaces: dict[torch.device, torch.Tensor] = {}
@@ -95,12 +98,17 @@ class FlashInferBackend(AttentionBackend):
 
     def make_planner(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                      device: torch.device, decode_batch: int | None = None, max_pages: int = 0,
-                     kv_dtype: torch.dtype | None = None,
-                     scale_values: ScaleValues | None = None) -> FlashInferPlanner:
-        return FlashInferPlanner(configs, page_size, dtype, device, decode_batch, max_pages, kv_dtype, scale_values)
+                     kv_dtype: torch.dtype | None = None, scale_values: ScaleValues | None = None,
+                     xqa_width: int = 0) -> FlashInferPlanner:
+        return FlashInferPlanner(configs, page_size, dtype, device, decode_batch, max_pages, kv_dtype, scale_values,
+                                 xqa_width)
+
+    def xqa_blocker(self) -> str:
+        return ""
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
-                device: torch.device, kv_dtype: torch.dtype | None = None) -> Preparation:
+                device: torch.device, kv_dtype: torch.dtype | None = None,
+                fp8_attention: bool = False) -> Preparation:
         """FlashInfer builds (JIT, slow on a fresh machine, where nothing is built yet) and loads its modules when a
         wrapper is first planned. Plan a one-decode, one-prefill table in a thread (the build runs in ninja
         subprocesses, so the GIL is free for Dynamo's trace meanwhile). A failure here is only logged (by
@@ -116,6 +124,8 @@ class FlashInferBackend(AttentionBackend):
                 kv_ptr = torch.tensor([0, 1, 2], **host).pin_memory()
                 last = torch.tensor([1, 2], **host).pin_memory()
                 planner.plan_tables(qo, kv_ptr, last, torch.zeros(2, dtype=torch.int32, device=device))
+                if fp8_attention and kv_dtype is not None:  # (XQA's module: a JIT build of its own)
+                    xqa.build(configs, dtype, kv_dtype, page_size)
                 torch.cuda.current_stream(device).synchronize()
 
         return Preparation(build, "flashinfer")
@@ -148,6 +158,9 @@ def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Seque
     num_decode = plans.num_decode
 
     def attend_decode(rows_q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if decode is None and plans.xqa is not None:
+            assert plans.config is not None
+            return xqa.run(plans.xqa, plans.config, rows_q, kv_cache, kv_scale, out, plans.scale_values)
         if decode is None:
             return _wrapper_run(plans.decode, rows_q, kv_cache, kv_scale, out, plans.scale_values)
         assert metadata is not None and config is not None
@@ -236,12 +249,15 @@ class FlashInferPlanner:
         max_pages: int = 0,
         kv_dtype: torch.dtype | None = None,
         scale_values: ScaleValues | None = None,
+        xqa_width: int = 0,
     ) -> None:
         """With `decode_batch` (and `max_pages`, the bucket's page-list length) the planner serves a captured
         decode graph: every step it plans has exactly `decode_batch` requests of one query token each, so the
         launch FlashInfer captured (its grid is sized by the batch) stays valid when re-planned. `dtype` is the
         query's, `kv_dtype` the cache's (None: the same; FlashInfer builds its kernels per pair); `scale_values`: an
-        FP8 cache's host values of a layer's scale tensor (eager runs pass them to FlashInfer: module docstring)."""
+        FP8 cache's host values of a layer's scale tensor (eager runs pass them to FlashInfer: module docstring).
+        With `xqa_width` (`NanoFlowConfig.fp8_attention`: an FP8 cache) the decode rows run on XQA (`ops.xqa`)
+        with page tables that wide, instead of FlashInfer's decode wrappers."""
         import flashinfer
 
         _load_built_modules()
@@ -249,12 +265,15 @@ class FlashInferPlanner:
         self.kv_dtype = kv_dtype if kv_dtype is not None else dtype
         self._planned: torch.cuda.Event | None = None  # when the last plan's host-to-device copies have run
         self.wait_s = 0.0  # host time spent waiting for that
+        self.xqa_width, self.device = xqa_width, device
         self.plans: dict[AttentionConfig, _Plans] = {}
         for config in dict.fromkeys(configs):
             prefill = None if self.graph else flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 _workspace(device), "NHD", backend="fa2")
-            self.plans[config] = _Plans(_decode_wrapper(config, device, decode_batch, max_pages), prefill,
-                                        scale_values=scale_values)
+            decode = None if xqa_width else _decode_wrapper(config, device, decode_batch, max_pages)
+            tables = (xqa.XqaTables(decode_batch, xqa_width, page_size, device)
+                      if xqa_width and decode_batch is not None else None)
+            self.plans[config] = _Plans(decode, prefill, scale_values=scale_values, xqa=tables, config=config)
 
     def plan(self, host: AttentionMetadata, kv_indices: torch.Tensor) -> dict[AttentionConfig, _Plans]:
         """Plan every configuration for this step; returns the plans, by configuration, that the captured op runs
@@ -298,7 +317,12 @@ class FlashInferPlanner:
             )
             heads = (config.num_qo_heads, config.num_kv_heads, config.head_dim, self.page_size)
             plans.num_decode = num_decode
-            if num_decode:
+            if num_decode and self.xqa_width:  # (eager steps: tables of their own decode rows)
+                if not self.graph:
+                    plans.xqa = xqa.XqaTables(num_decode, self.xqa_width, self.page_size, self.device)
+                assert plans.xqa is not None
+                plans.xqa.fill(decode_part[0], decode_part[2], decode_part[1])
+            elif num_decode:
                 indptr, indices, last_len, lens = decode_part
                 plans.decode.plan(indptr, indices, last_len, *heads, seq_lens=lens, **common)
             if prefill_part is not None:

@@ -288,10 +288,11 @@ class PagedKVCache:
 
     `layers[i]` is layer i's attention configuration. Pages 0..num_pages-1 belong to the allocator; the last
     one, `scratch_page`, takes the padding tokens' writes. `dtype` is the pages' element type; `model_dtype` the
-    dtype the model computes K/V (and queries) in (None: `dtype`). An FP8 cache (`dtype` torch.float8_e4m3fn) has
-    `scales`: per layer a [2] fp32 tensor (k_scale, v_scale) on the device, 1.0 unless `kv_scales` gives them
-    (`set_scales` changes them in place: captured CUDA graphs read the new values, or, where a backend took them as
-    host floats, are captured again: `scales_version`).
+    dtype the model computes K/V (and queries) in (None: `dtype`). `xqa_width` > 0: planners run decode rows on
+    XQA (`ops.xqa`, `NanoFlowConfig.fp8_attention`) with page tables of that many pages. An FP8 cache (`dtype`
+    torch.float8_e4m3fn) has `scales`: per layer a [2] fp32 tensor (k_scale, v_scale) on the device, 1.0 unless
+    `kv_scales` gives them (`set_scales` changes them in place: captured CUDA graphs read the new values, or, where
+    a backend took them as host floats, are captured again: `scales_version`).
     """
 
     def __init__(
@@ -303,8 +304,10 @@ class PagedKVCache:
         device: torch.device,
         model_dtype: torch.dtype | None = None,
         kv_scales: Sequence[tuple[float, float]] | None = None,
+        xqa_width: int = 0,
     ) -> None:
         self.page_size, self.layers = page_size, tuple(layers)
+        self.xqa_width = xqa_width  # decode rows on XQA with page tables this wide (`fp8_attention`); 0: off
         self.model_dtype = model_dtype if model_dtype is not None else dtype
         self.allocator = PageAllocator(num_pages)
         self.scratch_page = num_pages
@@ -377,7 +380,8 @@ class PagedKVCache:
         """`backend`'s planner for steps over this cache (queries in `query_dtype`, pages of `dtype`); with
         `decode_batch`, a CUDA-graph bucket's (`AttentionBackend.make_planner`)."""
         return backend.make_planner(configs, self.page_size, self.query_dtype, self.device, decode_batch, max_pages,
-                                    kv_dtype=self.dtype, scale_values=self.scale_values_of if self.scales else None)
+                                    kv_dtype=self.dtype, scale_values=self.scale_values_of if self.scales else None,
+                                    **({"xqa_width": self.xqa_width} if self.xqa_width else {}))
 
     def scale_values_of(self, scale: torch.Tensor) -> tuple[float, float] | None:
         """The host values (k_scale, v_scale) of one of `scales` (a layer's tensor, as a step passes it on); None
