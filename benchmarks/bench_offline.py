@@ -188,6 +188,15 @@ def steady_state(model: Any, requests: list[tuple[list[int], int]], steps: int =
                 steady_running=running, wall_over_gpu_pct=100 * (wall_ms / gpu_ms - 1))
 
 
+def _flashinfer_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("flashinfer-python")
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["1024x512", "512x512", "chat"])
@@ -221,7 +230,7 @@ def main() -> None:
                 transformers=transformers.__version__, shape=args.shape, layers=model.config.num_hidden_layers,
                 params=params, gemm_tflops=rate / 1e12, gemm_dtype="fp8_e4m3" if fp8 else "bfloat16",
                 optimum_tok_s=optimum, memory_after_build=built, args=vars(args),
-                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
+                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), flashinfer=_flashinfer_version())
     print(f"[meta] {meta}", flush=True)
     rows: list[dict] = []
     loads = {name: workload(name, args.requests, model.config.vocab_size) for name in args.workloads}
