@@ -14,6 +14,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # installed once per machine (a reinstal
     --target /tmp/site .whl/*.whl
   [ -d /tmp/site ] && export PYTHONPATH=$PWD:/tmp/site
 fi
+# FlashInfer >= 0.5 (fp8_attention's XQA) as wheels in .whl5 (flashinfer-python, apache-tvm-ffi): installed apart,
+# in /tmp/site5; the xqa_* steps run on it, every other step on .whl's
+if ls .whl5/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site5/flashinfer ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site5 .whl5/*.whl
+fi
+FI5=$PWD:/tmp/site5
 if ls .ficache/ficache.tgz.part* >/dev/null 2>&1; then
   mkdir -p ~/.cache && cat .ficache/ficache.tgz.part* | tar xzf - -C ~/.cache
 fi
@@ -103,6 +109,15 @@ for step in ${STEPS:-tests example}; do
       PYTORCH_CUDA_ALLOC_CONF=${ALLOC70:-expandable_segments:True} run offline_70b ${S70:-400} python3 -m \
         benchmarks.bench_offline --shape llama3-70b --fp8-build ${LAYERS70:+--layers $LAYERS70} --workloads 1024x512 \
         --requests ${REQUESTS70:-256} --no-static --log-level INFO --config "$CFG70" --out "$OUT/offline_70b.json" ;;
+    xqa_tests) PYTHONPATH=$FI5 run pytest_xqa ${TESTS_S:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rA tests/test_xqa.py ;;
+    xqa_probe) PYTHONPATH=$FI5 run xqa ${XQA_S:-220} python3 -m benchmarks.research.probe_xqa --out "$OUT/xqa.json" ;;
+    xqa_engine) # the engine with fp8_attention (FlashInfer 0.5.3) against bf16 (.whl's FlashInfer), one process each
+      for pair in 'bf16|{}' 'fp8_kv_xqa|{"kv_cache_dtype": "fp8_e4m3", "fp8_attention": true}' \
+                  'fp8_both_xqa|{"kv_cache_dtype": "fp8_e4m3", "fp8_attention": true, "linear_dtype": "fp8_e4m3"}'; do
+        path=$PYTHONPATH; [ "${pair%%|*}" = bf16 ] || path=$FI5
+        PYTHONPATH=$path run "offline_${pair%%|*}" ${OFFLINE_S:-150} python3 -m benchmarks.bench_offline \
+          --workloads 1024x512 --requests ${REQUESTS:-256} --no-static --config "${pair#*|}" --out "$OUT/offline_${pair%%|*}.json"
+      done ;;
     setup) ;;  # the wheels and env.txt only
     *.py) module=${step%.py}; run "$(basename "$step" .py)" 300 python3 -m "${module//\//.}" ;;  # a script path
     *) run "$step" 300 python3 -m "$step" ;;  # a module name, e.g. benchmarks.research.probe_gemm_cuts
