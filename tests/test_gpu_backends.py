@@ -117,6 +117,13 @@ them as host floats, are captured again): within the bf16 tolerance above."""
     ref = _model(family, "torch", graphs=False, kv_cache_dtype="fp8_e4m3")
     fast = _model(family, backend, graphs=True, kv_cache_dtype="fp8_e4m3")
     assert fast.nanoflow.kv_cache.dtype == torch.float8_e4m3fn and fast.nanoflow.attention_backend.name == backend
+    assert_fp8_streams_agree(ref, fast)
+
+
+def assert_fp8_streams_agree(ref: torch.nn.Module, fast: torch.nn.Module) -> None:
+    """Two engines over FP8 caches (`fast` with CUDA graphs): the same non-trivial scales set in both after the
+    graphs were captured, then the same token streams at every batch size, logits within TOLERANCE step by step, and
+    `fast`'s decode steps replayed graphs."""
     assert fast.nanoflow.runner.cuda_graphs is not None, fast.nanoflow.runner.cuda_graphs_off_reason
     layers = len(fast.nanoflow.layers)
     scales = [(0.01 * (1 + i), 0.02 / (1 + i)) for i in range(layers)]  # (a value clamped is clamped in both)

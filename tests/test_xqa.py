@@ -238,27 +238,15 @@ def test_gpu_engine_with_xqa_replays_graphs_equal_to_its_eager_steps(monkeypatch
     """An engine with fp8_attention (CUDA graphs on, every decode bucket hit, the scales set after capture: its
     graphs are captured again) against the same engine with graphs off: within bf16 rounding step by step (both
     run XQA; graph steps are padded to their buckets), and XQA ran."""
-    from tests.test_gpu_backends import BATCH_SIZES, TOLERANCE, _model, _run_stream
+    from tests.test_gpu_backends import _model, assert_fp8_streams_agree
 
     launches = []
     run = xqa.run
     monkeypatch.setattr(xqa, "run", lambda *a, **kw: launches.append(1) or run(*a, **kw))
-    models = [_model("llama", "flashinfer", graphs=graphs, kv_cache_dtype="fp8_e4m3", fp8_attention=True)
-              for graphs in (False, True)]
-    eager, fast = models
-    assert fast.nanoflow.runner.cuda_graphs is not None, fast.nanoflow.runner.cuda_graphs_off_reason
-    scales = [(0.01 * (1 + i), 0.02 / (1 + i)) for i in range(len(fast.nanoflow.layers))]
-    for model in models:
-        model.nanoflow.kv_cache.set_scales(scales)
-    graph_steps = fast.nanoflow.runner.stats["graph_steps"]
-    for batch in BATCH_SIZES:
-        want, fed = _run_stream(eager, batch, None)
-        got, _ = _run_stream(fast, batch, fed)
-        for step, (w, g) in enumerate(zip(want, got)):
-            if w.numel():
-                diff, scale = (w - g).abs().max().item(), w.abs().max().item()
-                assert diff <= TOLERANCE * scale, f"batch {batch} step {step}: max |diff| {diff:.4g}, scale {scale:.4g}"
-    assert fast.nanoflow.runner.stats["graph_steps"] > graph_steps and launches
+    eager, fast = [_model("llama", "flashinfer", graphs=graphs, kv_cache_dtype="fp8_e4m3", fp8_attention=True)
+                   for graphs in (False, True)]
+    assert_fp8_streams_agree(eager, fast)
+    assert launches
 
 
 def _decode_perplexity(model: torch.nn.Module, windows: list[list[int]], prefix: int) -> tuple[float, torch.Tensor]:
