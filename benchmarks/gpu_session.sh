@@ -104,9 +104,16 @@ for step in ${STEPS:-tests example}; do
       # GiB: kv_cache_memory_fraction 0.96 and expandable segments (no free blocks kept in used segments) give the
       # cache the most (LAYERS70: fewer layers). Triton attention: FlashInfer 0.3.1's decode plan died (segfault)
       # capturing graphs for e4m3 at group size 8.
+      # XQA70=1: FlashInfer >= 0.5 (.whl5) with fp8_attention instead: decode rows on XQA (no FlashInfer decode plan).
       [ -n "${CFG70:-}" ] || CFG70='{"kv_cache_dtype": "fp8_e4m3", "linear_dtype": "fp8_e4m3", "attention_backend":
         "triton", "kv_cache_memory_fraction": 0.96}'
-      PYTORCH_CUDA_ALLOC_CONF=${ALLOC70:-expandable_segments:True} run offline_70b ${S70:-400} python3 -m \
+      path70=$PYTHONPATH
+      if [ "${XQA70:-0}" = 1 ]; then
+        path70=$FI5
+        CFG70='{"kv_cache_dtype": "fp8_e4m3", "linear_dtype": "fp8_e4m3", "attention_backend": "flashinfer",
+          "fp8_attention": true, "kv_cache_memory_fraction": 0.96}'
+      fi
+      PYTHONPATH=$path70 PYTORCH_CUDA_ALLOC_CONF=${ALLOC70:-expandable_segments:True} run offline_70b ${S70:-400} python3 -m \
         benchmarks.bench_offline --shape llama3-70b --fp8-build ${LAYERS70:+--layers $LAYERS70} --workloads 1024x512 \
         --requests ${REQUESTS70:-256} --no-static --log-level INFO --config "$CFG70" --out "$OUT/offline_70b.json" ;;
     xqa_tests) PYTHONPATH=$FI5 run pytest_xqa ${TESTS_S:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rA tests/test_xqa.py ;;
