@@ -152,6 +152,33 @@ def accuracy(b: dict[str, Any], dtype: str, got: torch.Tensor, rows: int) -> dic
             "rms_rel_vs_bf16_values": ((got - original).pow(2).mean().sqrt() / original.pow(2).mean().sqrt()).item()}
 
 
+def time_row(b: dict[str, Any], dtype: str, name: str, fn: Callable[[], torch.Tensor], layers: int, reps: int,
+             check: int, bf16_ms: dict[str, float]) -> dict[str, Any]:
+    """One printed row: `fn`'s ms per step of `layers` calls over `b`'s `dtype` cache, its TB/s and accuracy
+    (`accuracy`, the first `check` requests). A bf16 row's time goes into `bf16_ms`; an e4m3 row's ratio is to the
+    bf16 row of its name, of its name with the query's dtype aside, else to bf16's Triton default."""
+    accurate = accuracy(b, dtype, fn(), check)
+
+    def step() -> None:
+        for _ in range(layers):
+            fn()
+
+    ms = time_on(step, torch.cuda.current_stream(), reps)
+    if dtype == "bf16":
+        bf16_ms[name] = ms
+    bases = (name, name.removesuffix(" q=fp16"), name.replace("q=fp16", "q=bf16"), "triton")
+    base = next((bf16_ms[n] for n in bases if n in bf16_ms), None)
+    ratio = ms / base if dtype == "e4m3" and base is not None else None
+    kv_bytes = b["tokens"] * 2 * KV_HEADS * HEAD_DIM * b["caches"][dtype].element_size() * layers
+    row = {"kernel": name, "kv_dtype": dtype, "ms": round(ms, 3), "tb_s": round(kv_bytes / ms / 1e9, 3),
+           "time_vs_bf16": round(ratio, 3) if ratio is not None else None, **accurate}
+    print(f"  {dtype:5s} {name:24s} {ms:8.3f} ms {row['tb_s']:6.3f} TB/s"
+          + (f"  {ratio:.3f}x the bf16 time" if ratio is not None else "")
+          + f"  (max rel diff vs stored {accurate['max_rel_diff_vs_stored']:.2e}, rms rel vs bf16 values "
+            f"{accurate['rms_rel_vs_bf16_values']:.2e})", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="kv_dtype.json")
@@ -183,33 +210,13 @@ def main() -> None:
         "requests": args.requests, "context": args.context, "spread": args.spread, "layers": args.layers,
         "page_size": PAGE, "rows": []}
     b = make_batch(args.requests, args.context, spread=args.spread)
-    stream = torch.cuda.current_stream()
     print(f"## decode attention, {args.requests} decodes @ {args.context} (+ up to {args.spread}), {args.layers} "
           f"layers ({torch.cuda.get_device_name()})", flush=True)
     bf16_ms: dict[str, float] = {}
     for dtype in () if args.no_decode else ("bf16", "e4m3"):
-        kv_bytes = b["tokens"] * 2 * KV_HEADS * HEAD_DIM * b["caches"][dtype].element_size() * args.layers
         keep = (lambda row: re.search(args.only, row) is not None) if args.only else (lambda _: True)
         for name, fn in kernels(b, dtype, keep).items():
-            accurate = accuracy(b, dtype, fn(), args.check)
-
-            def step(fn: Callable[[], torch.Tensor] = fn) -> None:
-                for _ in range(args.layers):
-                    fn()
-
-            ms = time_on(step, stream, args.reps)
-            if dtype == "bf16":
-                bf16_ms[name] = ms
-            # (a launch for e4m3 only: against bf16's, the query's dtype aside, else bf16's Triton default)
-            base = bf16_ms.get(name, bf16_ms.get(name.removesuffix(" q=fp16"), bf16_ms.get("triton")))
-            ratio = ms / base if dtype == "e4m3" and base is not None else None
-            row = {"kernel": name, "kv_dtype": dtype, "ms": round(ms, 3), "tb_s": round(kv_bytes / ms / 1e9, 3),
-                   "time_vs_bf16": round(ratio, 3) if ratio is not None else None, **accurate}
-            result["rows"].append(row)
-            print(f"  {dtype:5s} {name:24s} {ms:8.3f} ms {row['tb_s']:6.3f} TB/s"
-                  + (f"  {ratio:.3f}x the bf16 time" if ratio is not None else "")
-                  + f"  (max rel diff vs stored {accurate['max_rel_diff_vs_stored']:.2e}, rms rel vs bf16 values "
-                    f"{accurate['rms_rel_vs_bf16_values']:.2e})", flush=True)
+            result["rows"].append(time_row(b, dtype, name, fn, args.layers, args.reps, args.check, bf16_ms))
     if args.sweep:
         result["sweep"] = sweep(b, args.layers, args.reps, bf16_ms.get("triton"))
     if args.prefill:

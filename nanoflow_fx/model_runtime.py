@@ -69,15 +69,14 @@ class NanoFlowRuntime:
         # machine, the longest part of a fresh optimize()), while the weights are laid out and the step traced;
         # `_build` waits for them. So it starts first, as soon as the layers' shapes are known.
         if config.fp8_attention:  # (decode rows on XQA: the backend must take it, and XQA run here)
-            blocker = (self.attention_backend.xqa_blocker()
-                       or xqa.unavailable_reason(self.attention_configs, config.page_size, self.device, self.kv_dtype))
+            blocker = xqa.unavailable_reason(self.attention_backend.name, self.attention_configs, config.page_size,
+                                             self.device, self.kv_dtype)
             if blocker:
                 raise NanoFlowError(f"NanoFlowConfig.fp8_attention=True cannot run here: {blocker}; or leave "
                                     "fp8_attention off (decode attention over the FP8 cache then computes in 16 bits)")
         self.attention_ready = self.attention_backend.prepare(self.attention_configs, config.page_size,
                                                               kv_quant.query_dtype(self.dtype, self.kv_dtype),
-                                                              self.device, self.kv_dtype,
-                                                              *((True,) if config.fp8_attention else ()))
+                                                              self.device, self.kv_dtype, config.fp8_attention)
         self.attention_started = time.perf_counter()
         # the check's prompts, eager logits (and over plain K/V, for an FP8 cache): `check_probe`'s arguments
         self.probe: tuple[list[list[int]], torch.Tensor, torch.Tensor | None] | None = None

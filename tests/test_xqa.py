@@ -122,8 +122,9 @@ class _Wrapper:
 def test_a_planner_with_xqa_sends_decode_rows_to_xqa_and_prefill_rows_to_flashinfer(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An eager step of two decode rows and a prefill chunk: XQA gets the two rows (their pages and lengths in its
-    table), the prefill wrapper the chunk; no decode wrapper is made. A CUDA-graph bucket's planner fills its fixed
-    table in place for every step."""
+    table), the prefill wrapper the chunk; no decode wrapper is made. Later eager steps refill those tables (new ones
+    only for more decode rows than they hold); a CUDA-graph bucket's planner fills its fixed table in place for every
+    step."""
     from nanoflow_fx.ops import flashinfer_attention
     from nanoflow_fx.ops.flashinfer_attention import FlashInferPlanner, _run
 
@@ -153,9 +154,18 @@ def test_a_planner_with_xqa_sends_decode_rows_to_xqa_and_prefill_rows_to_flashin
     assert plans.xqa.table[:, :3].tolist() == [[11, 4, 7], [2, 0, 0]] and plans.xqa.lengths.tolist() == [37, 16]
     prefill = _Wrapper.made[0]
     assert len(prefill.plans) == 1 and prefill.plans[0][2].tolist() == [9, 3]  # the chunk's pages
-    out = _run(plans, torch.full((7, 8, 64), 2.0, dtype=torch.float16), torch.zeros(12, 2, 16, 2, 64, dtype=E4M3))
+    out = _run(plans, torch.full((7, 8, 64), 2.0, dtype=torch.float16), torch.zeros(12, 2, 16, 2, 64, dtype=E4M3),
+               config=config)
     assert len(calls) == 1 and calls[0]["query"].shape[0] == 2 and prefill.runs == 1
     assert not out[:2].any() and bool((out[2:] == 1).all())  # (XQA's stand-in wrote zeros, the wrapper ones)
+    tables = plans.xqa  # a later eager step with one decode row reuses them, one with three grows them
+    plans = planner.plan_tables(torch.tensor([0, 1, 5], **i32), torch.tensor([0, 2, 4], **i32),
+                                torch.tensor([7, 9], **i32), torch.tensor([8, 1, 9, 3], **i32)).plans[config]
+    assert plans.xqa is tables and tables.table[0, :3].tolist() == [8, 1, 0] and int(tables.lengths[0]) == 23
+    plans = planner.plan_tables(torch.arange(4, **i32), torch.tensor([0, 1, 2, 3], **i32),
+                                torch.tensor([2, 3, 4], **i32), torch.tensor([5, 6, 7], **i32)).plans[config]
+    assert plans.xqa is not None and plans.xqa.rows == 3 and plans.xqa.table[:, 0].tolist() == [5, 6, 7]
+    assert plans.xqa.lengths.tolist() == [2, 3, 4]
 
     graph = FlashInferPlanner([config], 16, torch.float16, cpu, decode_batch=3, max_pages=8, kv_dtype=E4M3,
                               xqa_width=6)
@@ -180,14 +190,16 @@ def test_fp8_attention_needs_an_fp8_cache_and_says_where_it_cannot_run() -> None
         nanoflow_fx.optimize(model, config)
     assert not hasattr(model, "nanoflow")
     configs = [AttentionConfig(8, 2, 64, 0.125, 0, 0.0)]
-    assert "kv_cache_dtype='fp8_e4m3'" in xqa.unavailable_reason(configs, 16, torch.device("cpu"), torch.bfloat16)
-    assert "runs on CUDA" in xqa.unavailable_reason(configs, 16, torch.device("cpu"), E4M3)
+    cpu = torch.device("cpu")
+    assert "fp8_attention needs 'flashinfer'" in xqa.unavailable_reason("triton", configs, 16, cpu, E4M3)
+    assert "kv_cache_dtype='fp8_e4m3'" in xqa.unavailable_reason("flashinfer", configs, 16, cpu, torch.bfloat16)
+    assert "runs on CUDA" in xqa.unavailable_reason("flashinfer", configs, 16, cpu, E4M3)
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU
 def _xqa_runs() -> bool:
     return torch.cuda.is_available() and not xqa.unavailable_reason(
-        [AttentionConfig(4, 2, 64, 0.125, 0, 0.0)], 16, torch.device("cuda"), E4M3)
+        "flashinfer", [AttentionConfig(4, 2, 64, 0.125, 0, 0.0)], 16, torch.device("cuda"), E4M3)
 
 
 needs_xqa = pytest.mark.skipif(not _xqa_runs(), reason="needs FlashInfer >= 0.5 (XQA) on a Hopper GPU")

@@ -9,9 +9,9 @@ PYTHONPATH:
 
 Per shape ("REQUESTSxCONTEXT[+SPREAD]": request i at CONTEXT + i * SPREAD // REQUESTS) and row: ms per step of
 --layers calls (CUDA events), TB/s of KV read, the e4m3 row's time against the same kernel over bf16, and accuracy
-against fp32 attention over the stored cache (bench_kv_dtype's `accuracy`). XQA takes a dense page table
-[requests, max pages] and uint32 lengths (made once per shape here; the engine keeps CSR page lists) and one scale
-pair: bmm1 = k_scale * softmax scale, bmm2 = v_scale. JSON (--out).
+against fp32 attention over the stored cache and over the bf16 values (bench_kv_dtype's `time_row`). XQA runs
+as `fp8_attention` runs it (`nanoflow_fx.ops.xqa`: its dense page tables filled from the CSR table once per shape,
+the layer's scales as host floats). JSON (--out).
 """
 
 from __future__ import annotations
@@ -26,38 +26,28 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_kv_dtype import HEAD_DIM, KV_HEADS, PAGE, SCALE, accuracy, make_batch
-from nanoflow_fx.cost.measure import time_on
+from benchmarks.bench_kv_dtype import CONFIG, PAGE, SCALE, make_batch, time_row
+from nanoflow_fx.ops import xqa
 from nanoflow_fx.ops.backend import get
 
 
-def dense_tables(b: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """XQA's page table [requests, max pages] (int32, unused entries 0), lengths (uint32) and max length."""
-    kvp, last = b["host"]["kvp"].tolist(), b["host"]["last"]
-    per = [kvp[i + 1] - kvp[i] for i in range(len(kvp) - 1)]
-    table = torch.zeros(len(per), max(per), dtype=torch.int32, device="cuda")
-    for i, n in enumerate(per):
-        table[i, :n] = b["idx"][kvp[i]: kvp[i + 1]]
-    lengths = (torch.tensor(per, dtype=torch.int32) - 1) * PAGE + last
-    return table, lengths.cuda().view(torch.uint32), max(per) * PAGE
-
-
-def rows_for(b: dict[str, Any], dtype: str, workspace: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
-    from flashinfer.decode import xqa_batch_decode_with_kv_cache
-
+def rows_for(b: dict[str, Any], dtype: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """Triton's decode and XQA's as `fp8_attention` runs it (`nanoflow_fx.ops.xqa`: its tables filled once here,
+    the scales as host floats) over `b`'s `dtype` cache; over e4m3 with a bf16 and an fp16 query."""
     cache = b["caches"][dtype]
     scale = b["scales"] if dtype == "e4m3" else None
     meta = (b["qo"], b["kvp"], b["idx"], b["last"])
     triton = get("triton")
-    table, lengths, max_len = dense_tables(b)
-    k_scale, v_scale = (float(b["scales"][0]), float(b["scales"][1])) if dtype == "e4m3" else (1.0, 1.0)
+    kvp, last = b["host"]["kvp"], b["host"]["last"]
+    tables = xqa.XqaTables(last.shape[0], int((kvp[1:] - kvp[:-1]).max()), PAGE, cache.device)
+    tables.fill(kvp, last, b["idx"])
+    host = (float(b["scales"][0]), float(b["scales"][1]))
     out: dict[str, Callable[[], torch.Tensor]] = {
         "triton": lambda: triton.run(b["q"], cache, *meta, SCALE, 0, 0.0, scale)}
     for name, q in (("xqa q=bf16", b["q"]), ("xqa q=fp16", b["q"].half())):
         if dtype == "bf16" and q.dtype != torch.bfloat16:
             continue
-        out[name] = lambda q=q: xqa_batch_decode_with_kv_cache(
-            q, cache, workspace, table, lengths, max_len, bmm1_scale=k_scale * SCALE, bmm2_scale=v_scale)
+        out[name] = lambda q=q: xqa.run(tables, CONFIG, q, cache, scale, scale_values=lambda _: host)
     return out
 
 
@@ -73,8 +63,6 @@ def main() -> None:
 
     result: dict[str, Any] = {"date": str(datetime.date.today()), "device": torch.cuda.get_device_name(),
                               "torch": torch.__version__, "flashinfer": flashinfer.__version__, "rows": []}
-    workspace = torch.zeros(512 * 2**20, dtype=torch.uint8, device="cuda")  # (XQA: zeroed before first use)
-    stream = torch.cuda.current_stream()
     for shape in args.shapes:
         match = re.fullmatch(r"(\d+)x(\d+)(?:\+(\d+))?", shape)
         if match is None:
@@ -85,30 +73,13 @@ def main() -> None:
               f"({torch.cuda.get_device_name()}, FlashInfer {flashinfer.__version__})", flush=True)
         bf16_ms: dict[str, float] = {}
         for dtype in ("bf16", "e4m3"):
-            kv_bytes = b["tokens"] * 2 * KV_HEADS * HEAD_DIM * b["caches"][dtype].element_size() * args.layers
-            for name, fn in rows_for(b, dtype, workspace).items():
+            for name, fn in rows_for(b, dtype).items():
                 try:
-                    accurate = accuracy(b, dtype, fn(), args.check)
+                    row = time_row(b, dtype, name, fn, args.layers, args.reps, args.check, bf16_ms)
                 except Exception as e:  # noqa: BLE001 - a kernel that does not build or run here is reported
                     print(f"  {dtype:5s} {name:12s} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
-
-                def step(fn: Callable[[], torch.Tensor] = fn) -> None:
-                    for _ in range(args.layers):
-                        fn()
-
-                ms = time_on(step, stream, args.reps)
-                if dtype == "bf16":
-                    bf16_ms[name] = ms
-                base = bf16_ms.get(name, bf16_ms.get(name.replace("q=fp16", "q=bf16")))
-                ratio = ms / base if dtype == "e4m3" and base else None
-                row = {"shape": shape, "kernel": name, "kv_dtype": dtype, "ms": round(ms, 3),
-                       "tb_s": round(kv_bytes / ms / 1e9, 3), "time_vs_bf16": round(ratio, 3) if ratio else None,
-                       **accurate}
-                result["rows"].append(row)
-                print(f"  {dtype:5s} {name:12s} {ms:8.3f} ms {row['tb_s']:6.3f} TB/s"
-                      + (f"  {ratio:.3f}x the bf16 time" if ratio else "")
-                      + f"  (max rel diff vs stored {accurate['max_rel_diff_vs_stored']:.2e})", flush=True)
+                result["rows"].append({"shape": shape, **row})
         del b
     Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -124,13 +124,9 @@ class AttentionBackend:
         one-token requests over at most `max_pages` page ids; `dtype` is the query's (`kv_quant.query_dtype`: fp16
         for a bf16 model over e4m3), `kv_dtype` the cache's (None: the same); `scale_values`: an FP8 cache's host
         values of a layer's scale tensor (`PagedKVCache.scale_values_of`); `xqa_width`: decode rows on XQA with
-        page tables that wide (`NanoFlowConfig.fp8_attention`; a backend that takes it says so in
-        `xqa_blocker`). None: nothing to plan."""
+        page tables that wide (`NanoFlowConfig.fp8_attention`: FlashInfer's planner only, `ops.xqa`). None: nothing
+        to plan."""
         return None
-
-    def xqa_blocker(self) -> str:
-        """Why this backend cannot run its decode rows on XQA (`NanoFlowConfig.fp8_attention`; "" if it can)."""
-        return f"the {self.name!r} attention backend computes its decode rows itself; fp8_attention needs 'flashinfer'"
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                 device: torch.device, kv_dtype: torch.dtype | None = None,

@@ -48,7 +48,6 @@ from nanoflow_fx.ops.backend import (
     register,
 )
 from nanoflow_fx.ops.metadata import AttentionMetadata
-from nanoflow_fx.ops.xqa import XqaTables
 
 __all__ = ["FlashInferBackend", "FlashInferPlanner"]
 
@@ -69,8 +68,7 @@ class _Plans:
     prefill: Any
     num_decode: int = 0
     scale_values: ScaleValues | None = None  # an FP8 cache's host scales
-    xqa: XqaTables | None = None  # decode rows on XQA (`fp8_attention`) with these tables, not on `decode`
-    config: AttentionConfig | None = None  # (what XQA's launch takes: scaling, window)
+    xqa: xqa.XqaTables | None = None  # decode rows on XQA (`fp8_attention`) with these tables, not on `decode`
 
 
 _float_workspaces: dict[torch.device, torch.Tensor] = {}
@@ -102,9 +100,6 @@ class FlashInferBackend(AttentionBackend):
                      xqa_width: int = 0) -> FlashInferPlanner:
         return FlashInferPlanner(configs, page_size, dtype, device, decode_batch, max_pages, kv_dtype, scale_values,
                                  xqa_width)
-
-    def xqa_blocker(self) -> str:
-        return ""
 
     def prepare(self, configs: Sequence[AttentionConfig], page_size: int, dtype: torch.dtype,
                 device: torch.device, kv_dtype: torch.dtype | None = None,
@@ -140,7 +135,7 @@ class FlashInferBackend(AttentionBackend):
         if plans is None:
             raise RuntimeError(f"no FlashInfer plan is active for {config}: the step runner plans every step before "
                                "it runs (the 'flashinfer' backend runs only inside nanoflow_fx's runtime)")
-        return _run(plans, q, kv_cache, kv_scale=kv_scale)
+        return _run(plans, q, kv_cache, config=config, kv_scale=kv_scale)
 
     def run_planned(self, plan: Any, config: AttentionConfig, q: torch.Tensor, kv_cache: torch.Tensor,
                     metadata: Sequence[torch.Tensor], decode: DecodeKernel | None = None,
@@ -154,13 +149,14 @@ def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Seque
          kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Run one configuration's planned wrappers: leading one-token rows on the decode kernel (or on `decode`, given
     the nano-batch's `metadata`: its tables cut to those rows are views), the rest on the prefill kernel (one
-    output, written in two slices). `kv_scale`: an FP8 cache's scales (`_wrapper_run`; `decode` takes them)."""
+    output, written in two slices). `kv_scale`: an FP8 cache's scales (`_wrapper_run`; `decode` takes them);
+    `config` the plans' configuration (what `decode` and XQA launch with)."""
     num_decode = plans.num_decode
 
     def attend_decode(rows_q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if decode is None and plans.xqa is not None:
-            assert plans.config is not None
-            return xqa.run(plans.xqa, plans.config, rows_q, kv_cache, kv_scale, out, plans.scale_values)
+            assert config is not None
+            return xqa.run(plans.xqa, config, rows_q, kv_cache, kv_scale, out, plans.scale_values)
         if decode is None:
             return _wrapper_run(plans.decode, rows_q, kv_cache, kv_scale, out, plans.scale_values)
         assert metadata is not None and config is not None
@@ -273,7 +269,7 @@ class FlashInferPlanner:
             decode = None if xqa_width else _decode_wrapper(config, device, decode_batch, max_pages)
             tables = (xqa.XqaTables(decode_batch, xqa_width, page_size, device)
                       if xqa_width and decode_batch is not None else None)
-            self.plans[config] = _Plans(decode, prefill, scale_values=scale_values, xqa=tables, config=config)
+            self.plans[config] = _Plans(decode, prefill, scale_values=scale_values, xqa=tables)
 
     def plan(self, host: AttentionMetadata, kv_indices: torch.Tensor) -> dict[AttentionConfig, _Plans]:
         """Plan every configuration for this step; returns the plans, by configuration, that the captured op runs
@@ -317,10 +313,10 @@ class FlashInferPlanner:
             )
             heads = (config.num_qo_heads, config.num_kv_heads, config.head_dim, self.page_size)
             plans.num_decode = num_decode
-            if num_decode and self.xqa_width:  # (eager steps: tables of their own decode rows)
-                if not self.graph:
+            if num_decode and self.xqa_width:  # (an eager planner's tables grow with its steps' decode rows)
+                if plans.xqa is None or plans.xqa.rows < num_decode:
+                    assert not self.graph  # (a bucket's tables hold its rows from the start)
                     plans.xqa = xqa.XqaTables(num_decode, self.xqa_width, self.page_size, self.device)
-                assert plans.xqa is not None
                 plans.xqa.fill(decode_part[0], decode_part[2], decode_part[1])
             elif num_decode:
                 indptr, indices, last_len, lens = decode_part

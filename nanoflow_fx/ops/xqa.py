@@ -35,9 +35,11 @@ _WORKSPACE_BYTES = _SEMAPHORE_BYTES + 56 * 2**20
 _workspaces: dict[torch.device, torch.Tensor] = {}
 
 
-def unavailable_reason(configs: Sequence[AttentionConfig], page_size: int, device: torch.device,
+def unavailable_reason(backend: str, configs: Sequence[AttentionConfig], page_size: int, device: torch.device,
                        kv_dtype: torch.dtype | None) -> str:
-    """Why XQA cannot attend these layers' decode rows here ("" if it can)."""
+    """Why XQA cannot attend these layers' decode rows here, the step's attention on `backend` ("" if it can)."""
+    if backend != "flashinfer":  # (XQA takes the decode rows of FlashInfer's planned steps)
+        return f"the {backend!r} attention backend computes its decode rows itself; fp8_attention needs 'flashinfer'"
     if kv_dtype is None or not kv_quant.is_fp8(kv_dtype):
         return "it reads an FP8 KV cache: set kv_cache_dtype='fp8_e4m3'"
     if device.type != "cuda":

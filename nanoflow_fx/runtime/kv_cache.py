@@ -381,7 +381,7 @@ class PagedKVCache:
         `decode_batch`, a CUDA-graph bucket's (`AttentionBackend.make_planner`)."""
         return backend.make_planner(configs, self.page_size, self.query_dtype, self.device, decode_batch, max_pages,
                                     kv_dtype=self.dtype, scale_values=self.scale_values_of if self.scales else None,
-                                    **({"xqa_width": self.xqa_width} if self.xqa_width else {}))
+                                    xqa_width=self.xqa_width)
 
     def scale_values_of(self, scale: torch.Tensor) -> tuple[float, float] | None:
         """The host values (k_scale, v_scale) of one of `scales` (a layer's tensor, as a step passes it on); None
