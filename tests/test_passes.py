@@ -45,6 +45,31 @@ def test_toy_graph_lowers_to_dense_attention_dense() -> None:
     assert capture.passes[0].changed == 1  # one node mixes tokens: the cumsum
 
 
+def _check_at_last_pieces(monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module, made: list[Any],
+                          whole: bool = False) -> list[list[bool]]:
+    """Give every program runner of `model`'s step a last piece (the LM head) that first records which of the values
+    `made` refers to are alive; returns those records. Every runner: a model shared with other tests may hold
+    several captured graphs (Dynamo specialises some shapes), and which one a step runs depends on what ran before.
+    `whole`: the last piece must run once for the whole step (a nano-batched step's LM head)."""
+    from tests.steps import program_runners
+
+    seen: list[list[bool]] = []
+    for runner in program_runners(model):
+        program = runner.program
+        last = program.pieces[-1]
+        assert last.call is None and last.fn is not None and (last.whole or not whole)
+        assert sum(p.call is not None for p in program.pieces) == model.config.num_hidden_layers
+
+        def checking_last(*values: object, fn: Any = last.fn) -> object:
+            seen.append([ref() is not None for ref in made])
+            return fn(*values)
+
+        pieces = (*program.pieces[:-1], dataclasses.replace(last, fn=checking_last))
+        monkeypatch.setattr(runner, "program", dataclasses.replace(program, pieces=pieces))
+        monkeypatch.setattr(runner, "_pieces", {p.name: p for p in pieces})
+    return seen
+
+
 def test_a_whole_step_holds_no_layers_values_past_their_last_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole step drops each value after the last piece that reads it (`ProgramRunner.run_whole`): by its last
     piece, no earlier layer's attention output is alive (a step that kept every value until it returned peaked at
@@ -52,11 +77,8 @@ def test_a_whole_step_holds_no_layers_values_past_their_last_reader(monkeypatch:
     import weakref
 
     from nanoflow_fx.runtime import program_runner
-    from tests.steps import program_runners
 
     model = optimized("llama")
-    runner = program_runners(model)[0]
-    program = runner.program
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     want = model.nanoflow.runner.run_prompts(prompts, all_logits=True)
     made: list[weakref.ref] = []  # type: ignore[type-arg]
@@ -67,20 +89,11 @@ def test_a_whole_step_holds_no_layers_values_past_their_last_reader(monkeypatch:
         made.append(weakref.ref(out))
         return out
 
-    seen: list[list[bool]] = []
-    last = program.pieces[-1]
-    assert last.call is None and last.fn is not None
-
-    def checking_last(*values: object) -> object:
-        seen.append([ref() is not None for ref in made])
-        return last.fn(*values)  # type: ignore[misc]
-
     monkeypatch.setattr(program_runner, "ATTENTION_OP", recording_op)
-    monkeypatch.setattr(runner, "program", dataclasses.replace(
-        program, pieces=(*program.pieces[:-1], dataclasses.replace(last, fn=checking_last))))
+    seen = _check_at_last_pieces(monkeypatch, model, made)
     got = model.nanoflow.runner.run_prompts(prompts, all_logits=True)
-    layers = sum(p.call is not None for p in program.pieces)
-    assert layers == model.config.num_hidden_layers >= 2 and len(seen) == 1 and len(seen[0]) == layers
+    layers = model.config.num_hidden_layers
+    assert layers >= 2 and len(seen) == 1 and len(seen[0]) == layers
     # (the last layer's is the last piece's input)
     assert seen[0][-1] and not any(seen[0][:-1]), f"attention outputs alive at the last piece: {seen[0]}"
     assert torch.equal(got, want)
@@ -93,11 +106,8 @@ def test_a_nanobatched_step_holds_no_layers_values_past_their_last_reader(monkey
     import weakref
 
     from nanoflow_fx.ops.backend import get
-    from tests.steps import program_runners
 
     model = optimized("llama", dataclasses.replace(DEFAULT_CONFIG, num_nanobatches=2))
-    runner = program_runners(model)[0]
-    program = runner.program
     prompts = [[5, 6, 7, 8, 9, 10], [9, 10, 11, 12, 13]]
     want = model.nanoflow.runner.run_prompts(prompts, all_logits=True)
     made: list[weakref.ref] = []  # type: ignore[type-arg]
@@ -109,18 +119,8 @@ def test_a_nanobatched_step_holds_no_layers_values_past_their_last_reader(monkey
         made.append(weakref.ref(out))
         return out
 
-    seen: list[list[bool]] = []
-    last = program.pieces[-1]
-    assert last.call is None and last.fn is not None and last.whole
-
-    def checking_last(*values: object) -> object:
-        seen.append([ref() is not None for ref in made])
-        return last.fn(*values)  # type: ignore[misc]
-
     monkeypatch.setattr(backend, "run_planned", recording_run)
-    pieces = (*program.pieces[:-1], dataclasses.replace(last, fn=checking_last))
-    monkeypatch.setattr(runner, "program", dataclasses.replace(program, pieces=pieces))
-    monkeypatch.setattr(runner, "_pieces", {p.name: p for p in pieces})
+    seen = _check_at_last_pieces(monkeypatch, model, made, whole=True)
     got = model.nanoflow.runner.run_prompts(prompts, all_logits=True)
     layers = model.config.num_hidden_layers
     assert len(seen) == 1 and len(seen[0]) == 2 * layers  # (each layer's attention ran per nano-batch)
