@@ -102,8 +102,8 @@ for step in ${STEPS:-tests example}; do
     serve) run bench_serve ${SERVE_S:-300} python3 -m benchmarks.bench_serve ${SERVE_ARGS:-} --out "$OUT/bench_serve.json" ;;
     seventy) # the 70B shape, all 80 layers, FP8 linears made directly, FP8 KV. On an H100 80GB the weights leave ~7
       # GiB: kv_cache_memory_fraction 0.96 and expandable segments (no free blocks kept in used segments) give the
-      # cache the most (LAYERS70: fewer layers). Triton attention: FlashInfer 0.3.1's decode plan died (segfault)
-      # capturing graphs for e4m3 at group size 8.
+      # cache the most (LAYERS70: fewer layers); on an H200 the cache takes ~65 GiB. Triton attention: FlashInfer
+      # 0.3.1's decode plan died (segfault) capturing graphs for e4m3 at group size 8.
       # XQA70=1: FlashInfer >= 0.5 (.whl5) with fp8_attention instead: decode rows on XQA (no FlashInfer decode plan).
       [ -n "${CFG70:-}" ] || CFG70='{"kv_cache_dtype": "fp8_e4m3", "linear_dtype": "fp8_e4m3", "attention_backend":
         "triton", "kv_cache_memory_fraction": 0.96}'
