@@ -125,6 +125,15 @@ for step in ${STEPS:-tests example}; do
         PYTHONPATH=$path run "offline_${pair%%|*}" ${OFFLINE_S:-150} python3 -m benchmarks.bench_offline \
           --workloads 1024x512 --requests ${REQUESTS:-256} --no-static --config "${pair#*|}" --out "$OUT/offline_${pair%%|*}.json"
       done ;;
+    budget) # the engine at step budgets (BUDGETS: "auto" and token counts), 1024/512, REQUESTS (1,000 by default), one
+      # process each: on an H200 "auto" is 1,024 and bounds the running batch while prompts wait (RESULTS, seventh
+      # session); NF_CONFIG's other fields apply to every row
+      for budget in ${BUDGETS:-auto 2048 4096}; do
+        cfg=$(python3 -c "import json, sys; c = json.loads(sys.argv[1]); b = sys.argv[2]
+c['max_num_tokens'] = b if b == 'auto' else int(b); print(json.dumps(c))" "$NF_CONFIG" "$budget")
+        run "offline_budget_$budget" ${OFFLINE_S:-130} python3 -m benchmarks.bench_offline --workloads 1024x512 \
+          --requests ${REQUESTS:-1000} --no-static --config "$cfg" --out "$OUT/offline_budget_$budget.json"
+      done ;;
     setup) ;;  # the wheels and env.txt only
     *.py) module=${step%.py}; run "$(basename "$step" .py)" 300 python3 -m "${module//\//.}" ;;  # a script path
     *) run "$step" 300 python3 -m "$step" ;;  # a module name, e.g. benchmarks.research.probe_gemm_cuts
