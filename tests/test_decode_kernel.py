@@ -87,7 +87,7 @@ def test_flashinfer_gives_a_decode_kernel_the_decode_rows_only(num_decode: int, 
 
     config = AttentionConfig(4, 2, 8, 0.35, 0, 0.0)
     q = torch.zeros(tokens, 4, 8)
-    out = _run(plans, q, torch.zeros(3, 2, 16, 2, 8), (qo, kv_ptr, kv_indices, last), Kernel("k"), config)
+    out = _run(plans, config, q, torch.zeros(3, 2, 16, 2, 8), (qo, kv_ptr, kv_indices, last), Kernel("k"))
     expect = torch.tensor([3.0] * num_decode + [2.0] * (tokens - num_decode))
     assert torch.equal(out[:, 0, 0], expect)
     if num_decode:

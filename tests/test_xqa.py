@@ -154,8 +154,8 @@ def test_a_planner_with_xqa_sends_decode_rows_to_xqa_and_prefill_rows_to_flashin
     assert plans.xqa.table[:, :3].tolist() == [[11, 4, 7], [2, 0, 0]] and plans.xqa.lengths.tolist() == [37, 16]
     prefill = _Wrapper.made[0]
     assert len(prefill.plans) == 1 and prefill.plans[0][2].tolist() == [9, 3]  # the chunk's pages
-    out = _run(plans, torch.full((7, 8, 64), 2.0, dtype=torch.float16), torch.zeros(12, 2, 16, 2, 64, dtype=E4M3),
-               config=config)
+    out = _run(plans, config, torch.full((7, 8, 64), 2.0, dtype=torch.float16),
+               torch.zeros(12, 2, 16, 2, 64, dtype=E4M3))
     assert len(calls) == 1 and calls[0]["query"].shape[0] == 2 and prefill.runs == 1
     assert not out[:2].any() and bool((out[2:] == 1).all())  # (XQA's stand-in wrote zeros, the wrapper ones)
     tables = plans.xqa  # a later eager step with one decode row reuses them, one with three grows them
@@ -177,6 +177,45 @@ def test_a_planner_with_xqa_sends_decode_rows_to_xqa_and_prefill_rows_to_flashin
         assert graph.plans[config].xqa is tables  # (the captured launch's buffers)
         assert tables.lengths.tolist() == [16 * (n - 1) + 3 for n in step]
 
+
+def test_every_configuration_of_a_planner_reads_one_xqa_table_filled_once_per_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tables hold the step's pages, which every layer's configuration shares: a model with sliding-window and
+    global layers fills one table per step, not one per configuration (eager and CUDA-graph planners alike)."""
+    from nanoflow_fx.ops import flashinfer_attention
+    from nanoflow_fx.ops.flashinfer_attention import FlashInferPlanner
+
+    class _Event:
+        def record(self) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(flashinfer_attention, "_built_modules_patched", True)
+    _stand_in_xqa(monkeypatch)
+    package = sys.modules["flashinfer"]
+    package.BatchPrefillWithPagedKVCacheWrapper = _Wrapper  # type: ignore[attr-defined]
+    package.BatchDecodeWithPagedKVCacheWrapper = _Wrapper  # type: ignore[attr-defined]
+    fills: list[xqa.XqaTables] = []
+    fill = xqa.XqaTables.fill
+    monkeypatch.setattr(xqa.XqaTables, "fill", lambda self, *a: (fills.append(self), fill(self, *a))[1])
+    configs = [AttentionConfig(8, 2, 64, 0.125, 0, 0.0), AttentionConfig(8, 2, 64, 0.125, 24, 0.0)]
+    cpu, i32 = torch.device("cpu"), torch.int32
+    eager = FlashInferPlanner(configs, 16, torch.float16, cpu, kv_dtype=E4M3, xqa_width=6)
+    graph = FlashInferPlanner(configs, 16, torch.float16, cpu, decode_batch=2, max_pages=8, kv_dtype=E4M3,
+                              xqa_width=6)
+    for planner, qo in ((eager, [0, 1, 2, 7]), (graph, [0, 1, 2])):
+        rows = len(qo) - 1
+        for _ in range(2):
+            fills.clear()
+            planner.plan_tables(torch.tensor(qo, dtype=i32), torch.tensor([0, 3, 4, 6][:rows + 1], dtype=i32),
+                                torch.tensor([5, 16, 9][:rows], dtype=i32),
+                                torch.tensor([11, 4, 7, 2, 9, 3], dtype=i32))
+            tables = [planner.plans[c].xqa for c in configs]
+            assert tables[0] is not None and tables[0] is tables[1] and fills == [tables[0]]
+            assert tables[0].table[:2, :3].tolist() == [[11, 4, 7], [2, 0, 0]]
 
 def test_fp8_attention_needs_an_fp8_cache_and_says_where_it_cannot_run() -> None:
     with pytest.raises(ValueError, match="needs kv_cache_dtype='fp8_e4m3'"):

@@ -68,7 +68,8 @@ class _Plans:
     prefill: Any
     num_decode: int = 0
     scale_values: ScaleValues | None = None  # an FP8 cache's host scales
-    xqa: xqa.XqaTables | None = None  # decode rows on XQA (`fp8_attention`) with these tables, not on `decode`
+    xqa: xqa.XqaTables | None = None  # decode rows on XQA (`fp8_attention`) with these tables (the planner's, one
+    # for every configuration), not on `decode`
 
 
 _float_workspaces: dict[torch.device, torch.Tensor] = {}
@@ -135,31 +136,30 @@ class FlashInferBackend(AttentionBackend):
         if plans is None:
             raise RuntimeError(f"no FlashInfer plan is active for {config}: the step runner plans every step before "
                                "it runs (the 'flashinfer' backend runs only inside nanoflow_fx's runtime)")
-        return _run(plans, q, kv_cache, config=config, kv_scale=kv_scale)
+        return _run(plans, config, q, kv_cache, kv_scale=kv_scale)
 
     def run_planned(self, plan: Any, config: AttentionConfig, q: torch.Tensor, kv_cache: torch.Tensor,
                     metadata: Sequence[torch.Tensor], decode: DecodeKernel | None = None,
                     kv_scale: torch.Tensor | None = None) -> torch.Tensor:
-        return _run(plan.plans[config], q, kv_cache, metadata if decode is not None else None, decode, config,
+        return _run(plan.plans[config], config, q, kv_cache, metadata if decode is not None else None, decode,
                     kv_scale)
 
 
-def _run(plans: _Plans, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Sequence[torch.Tensor] | None = None,
-         decode: DecodeKernel | None = None, config: AttentionConfig | None = None,
+def _run(plans: _Plans, config: AttentionConfig, q: torch.Tensor, kv_cache: torch.Tensor,
+         metadata: Sequence[torch.Tensor] | None = None, decode: DecodeKernel | None = None,
          kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Run one configuration's planned wrappers: leading one-token rows on the decode kernel (or on `decode`, given
     the nano-batch's `metadata`: its tables cut to those rows are views), the rest on the prefill kernel (one
-    output, written in two slices). `kv_scale`: an FP8 cache's scales (`_wrapper_run`; `decode` takes them);
-    `config` the plans' configuration (what `decode` and XQA launch with)."""
+    output, written in two slices). `config` is the plans' configuration (what `decode` and XQA launch with);
+    `kv_scale` an FP8 cache's scales (`_wrapper_run`; `decode` takes them)."""
     num_decode = plans.num_decode
 
     def attend_decode(rows_q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if decode is None and plans.xqa is not None:
-            assert config is not None
             return xqa.run(plans.xqa, config, rows_q, kv_cache, kv_scale, out, plans.scale_values)
         if decode is None:
             return _wrapper_run(plans.decode, rows_q, kv_cache, kv_scale, out, plans.scale_values)
-        assert metadata is not None and config is not None
+        assert metadata is not None
         qo, kv_ptr, kv_indices, last = metadata
         rows = (qo[: num_decode + 1], kv_ptr[: num_decode + 1], kv_indices, last[:num_decode])
         result = decode.run(rows_q, kv_cache, rows, config, kv_scale)
@@ -262,14 +262,16 @@ class FlashInferPlanner:
         self._planned: torch.cuda.Event | None = None  # when the last plan's host-to-device copies have run
         self.wait_s = 0.0  # host time spent waiting for that
         self.xqa_width, self.device = xqa_width, device
+        # XQA's tables hold the step's pages, the same for every configuration: one, filled once per step (a
+        # bucket's from the start: its captured launches read them; an eager planner's made for its steps' rows)
+        self.xqa_tables = (xqa.XqaTables(decode_batch, xqa_width, page_size, device)
+                           if xqa_width and decode_batch is not None else None)
         self.plans: dict[AttentionConfig, _Plans] = {}
         for config in dict.fromkeys(configs):
             prefill = None if self.graph else flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 _workspace(device), "NHD", backend="fa2")
             decode = None if xqa_width else _decode_wrapper(config, device, decode_batch, max_pages)
-            tables = (xqa.XqaTables(decode_batch, xqa_width, page_size, device)
-                      if xqa_width and decode_batch is not None else None)
-            self.plans[config] = _Plans(decode, prefill, scale_values=scale_values, xqa=tables)
+            self.plans[config] = _Plans(decode, prefill, scale_values=scale_values, xqa=self.xqa_tables)
 
     def plan(self, host: AttentionMetadata, kv_indices: torch.Tensor) -> dict[AttentionConfig, _Plans]:
         """Plan every configuration for this step; returns the plans, by configuration, that the captured op runs
@@ -305,6 +307,11 @@ class FlashInferPlanner:
             prefill_part = (_pinned(qo[num_decode:] - qo[num_decode], pin),
                             _pinned(kv_ptr[num_decode:] - split, pin), kv_indices[split:],
                             _pinned(last[num_decode:], pin), _pinned(seq_lens[num_decode:], pin))
+        if num_decode and self.xqa_width:  # (an eager planner's tables grow with its steps' decode rows)
+            if self.xqa_tables is None or self.xqa_tables.rows < num_decode:
+                assert not self.graph  # (a bucket's tables hold its rows from the start)
+                self.xqa_tables = xqa.XqaTables(num_decode, self.xqa_width, self.page_size, self.device)
+            self.xqa_tables.fill(decode_part[0], decode_part[2], decode_part[1])
         for config, plans in self.plans.items():
             common = dict(
                 window_left=config.sliding_window - 1 if config.sliding_window > 0 else -1,
@@ -312,13 +319,8 @@ class FlashInferPlanner:
                 q_data_type=self.dtype, kv_data_type=self.kv_dtype, non_blocking=True,
             )
             heads = (config.num_qo_heads, config.num_kv_heads, config.head_dim, self.page_size)
-            plans.num_decode = num_decode
-            if num_decode and self.xqa_width:  # (an eager planner's tables grow with its steps' decode rows)
-                if plans.xqa is None or plans.xqa.rows < num_decode:
-                    assert not self.graph  # (a bucket's tables hold its rows from the start)
-                    plans.xqa = xqa.XqaTables(num_decode, self.xqa_width, self.page_size, self.device)
-                plans.xqa.fill(decode_part[0], decode_part[2], decode_part[1])
-            elif num_decode:
+            plans.num_decode, plans.xqa = num_decode, self.xqa_tables
+            if num_decode and not self.xqa_width:
                 indptr, indices, last_len, lens = decode_part
                 plans.decode.plan(indptr, indices, last_len, *heads, seq_lens=lens, **common)
             if prefill_part is not None:
